@@ -1,1 +1,225 @@
-//! Tidegate.
+//! Tidegate: an edge traffic-governance gateway.
+//!
+//! A reverse proxy (hyper on tokio; HTTP/1.1, h2c and TLS with ALPN h2) that classifies every
+//! request by app, interface and user and applies operator rules from a JSON file. The rules
+//! themselves live in the pure `rules` crate; this crate owns sockets, TLS, forwarding, the
+//! admin port, metrics and the embedded grab backend.
+//!
+//! # Layout
+//! - [`config`]: reading the config file from disk (size limits, TLS file checks).
+//! - [`server`]: accept loops and per-connection tasks (limits, idle timeout, shutdown).
+//! - [`tls`]: rustls server config from PEM files.
+//! - [`gateway`]: the per-request path: classify → route → forward → record.
+//! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
+//! - [`respond`]: the gateway's own answers (stable JSON error codes).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`embedded`]: hosting the grab backend in-process.
+//!
+//! Tests and the binary start a gateway with [`start`], which binds everything (port 0 is
+//! fine) and returns a [`Server`] that reports its addresses and shuts down gracefully.
+
+pub mod admin;
+pub mod config;
+pub mod embedded;
+pub mod forward;
+pub mod gateway;
+pub mod metrics;
+pub mod respond;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rules::Loaded;
+use rules::model::UpstreamKind;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminState;
+use crate::embedded::Embedded;
+use crate::gateway::{Gateway, Runtime, Settings};
+use crate::metrics::Metrics;
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Server {
+    /// Bound address of each traffic listener, in config order.
+    pub listen_addrs: Vec<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// The request path (its live runtime can be inspected or replaced).
+    pub gateway: Arc<Gateway>,
+    /// Addresses of embedded upstreams by name.
+    pub embedded_addrs: Vec<(String, SocketAddr)>,
+    shutdown: watch::Sender<bool>,
+    stop_embedded: watch::Sender<bool>,
+    embedded: Vec<Embedded>,
+    tasks: Vec<JoinHandle<()>>,
+    conn_permits: Arc<Semaphore>,
+    max_connections: u32,
+    grace: Duration,
+    admin: Arc<AdminState>,
+}
+
+/// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
+/// the admin port, and begin serving. Returns once everything is bound.
+pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
+    let Loaded { config, snapshot } = loaded;
+    let server_cfg = &config.server;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (stop_embedded_tx, stop_embedded_rx) = watch::channel(false);
+
+    let mut embedded = Vec::new();
+    for (name, spec) in snapshot.upstreams.iter().map(|u| (u.name.to_string(), u)) {
+        if spec.kind == UpstreamKind::Embedded {
+            let dir = spec
+                .data_dir
+                .as_deref()
+                .unwrap_or(rules::DEFAULT_EMBEDDED_DATA_DIR);
+            let e = embedded::start(&name, dir, &config.identity.user, stop_embedded_rx.clone())
+                .await
+                .with_context(|| format!("starting embedded upstream {name:?}"))?;
+            tracing::info!(upstream = %name, addr = %e.addr, data_dir = dir, "embedded grab backend started");
+            embedded.push(e);
+        }
+    }
+    let embedded_addrs: Vec<(String, SocketAddr)> =
+        embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
+    let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
+    let runtime = Runtime::build(snapshot, &lookup).map_err(anyhow::Error::msg)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let gateway = Arc::new(Gateway::new(
+        runtime,
+        metrics.clone(),
+        Settings {
+            max_body_bytes: server_cfg.limits.max_body_bytes,
+            access_log: server_cfg.access_log.enabled,
+        },
+    ));
+
+    let limits = &server_cfg.limits;
+    let conn_permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let shared = server::Shared {
+        gateway: gateway.clone(),
+        builder: Arc::new(server::builder(limits)),
+        conn_permits: conn_permits.clone(),
+        idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+        handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+        shutdown: shutdown_rx.clone(),
+    };
+
+    let mut tasks = Vec::new();
+    let mut listen_addrs = Vec::new();
+    for l in &server_cfg.listeners {
+        let (listener, addr) = server::bind(&l.address).await?;
+        let acceptor = match &l.tls {
+            Some(t) => Some(tls::acceptor(tls::server_config(
+                &t.cert_path,
+                &t.key_path,
+            )?)),
+            None => None,
+        };
+        let name: Arc<str> = l.name.clone().unwrap_or_else(|| l.address.clone()).into();
+        tracing::info!(listener = %name, %addr, tls = acceptor.is_some(), "listening");
+        listen_addrs.push(addr);
+        tasks.push(tokio::spawn(server::accept_loop(
+            listener,
+            acceptor,
+            shared.clone(),
+            name,
+        )));
+    }
+
+    let (admin_listener, admin_addr) = server::bind(&server_cfg.admin.address).await?;
+    let admin = Arc::new(AdminState {
+        metrics,
+        ready: true.into(),
+    });
+    tracing::info!(addr = %admin_addr, "admin listening");
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin.clone(),
+        shutdown_rx,
+    )));
+
+    Ok(Server {
+        listen_addrs,
+        admin_addr,
+        gateway,
+        embedded_addrs,
+        shutdown: shutdown_tx,
+        stop_embedded: stop_embedded_tx,
+        embedded,
+        tasks,
+        conn_permits,
+        max_connections: limits.max_connections,
+        grace: Duration::from_millis(server_cfg.shutdown_grace_ms),
+        admin,
+    })
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Graceful shutdown: stop accepting, let in-flight requests finish (up to the grace
+    /// period), then stop embedded upstreams. Returns whether every connection drained in
+    /// time.
+    pub async fn shutdown(self) -> bool {
+        self.admin.ready.store(false, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // Every open connection holds a permit; all of them back means all are closed.
+        let drained = tokio::time::timeout(
+            self.grace,
+            self.conn_permits.acquire_many(self.max_connections),
+        )
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(
+                grace_ms = self.grace.as_millis() as u64,
+                "shutdown grace period over; closing the rest"
+            );
+        }
+        self.conn_permits.close();
+        let _ = self.stop_embedded.send(true);
+        for e in self.embedded {
+            match e.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(upstream = %e.name, error = %err, "embedded backend failed")
+                }
+                Err(err) => {
+                    tracing::error!(upstream = %e.name, error = %err, "embedded backend panicked")
+                }
+            }
+        }
+        drained
+    }
+}
+
+/// Resolve on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

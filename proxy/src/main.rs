@@ -1,1 +1,110 @@
-fn main() {}
+//! The `tidegate` binary: parse arguments, set up logging, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tidegate: an edge traffic-governance gateway.
+///
+/// Classifies every request by app, interface and user, and routes, limits, degrades or
+/// sheds it by rules in a JSON file.
+#[derive(Debug, Parser)]
+#[command(name = "tidegate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The config file.
+        #[arg(long, short, default_value = "config/tidegate.json")]
+        config: PathBuf,
+    },
+    /// Check a config file, like `nginx -t`: exit 0 with a summary, or 1 with every error.
+    Check {
+        /// The config file.
+        #[arg(long, short, default_value = "config/tidegate.json")]
+        config: PathBuf,
+    },
+    /// Print the JSON Schema of the config file.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match tidegate::config::read_config(&config) {
+            Ok(loaded) => {
+                println!("{}", tidegate::config::summary(&config, &loaded));
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{}: {} error(s)", config.display(), errors.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Schema => {
+            let schema = schemars::schema_for!(rules::Config);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).expect("a schema serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            let loaded = match tidegate::config::read_config(&config) {
+                Ok(l) => l,
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_tracing(loaded.config.server.access_log.format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("building the tokio runtime");
+            match rt.block_on(run(loaded)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "tidegate failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(loaded: rules::Loaded) -> anyhow::Result<()> {
+    let server = tidegate::start(loaded).await?;
+    tidegate::shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let drained = server.shutdown().await;
+    tracing::info!(drained, "stopped");
+    Ok(())
+}
+
+fn init_tracing(format: rules::model::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match format {
+        rules::model::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        rules::model::LogFormat::Text => builder.init(),
+    }
+}

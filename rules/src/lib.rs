@@ -1,1 +1,72 @@
-//! Rules.
+//! Tidegate's rules engine: the config model, its validation, and the decisions made from
+//! it. Pure by design: no sockets, no files, no clocks it is not handed. That keeps every
+//! decision unit-testable, fuzzable and benchmarkable, and lets `tidegate check` and
+//! `tidegate explain` run exactly the code the gateway runs.
+//!
+//! # Layout
+//! - [`model`]: the config file's serde types (what operators write), with defaults and units.
+//! - [`source`]: bytes → [`model::Config`]: size, encoding, syntax, types, duplicate keys,
+//!   and positions for errors.
+//! - [`validate`]: ranges, formats, references and ambiguity; reports every problem at once.
+//! - [`snapshot`]: the compiled, indexed rules the request path reads.
+//! - [`classify`]: interface, app and user of a request.
+//! - [`error`]: located errors (`file:line:col path: message`).
+//!
+//! The entry point is [`load`]: parse → validate → compile, returning either a [`Loaded`]
+//! config or every error, located.
+
+pub mod classify;
+pub mod error;
+pub mod model;
+pub mod snapshot;
+pub mod source;
+pub mod validate;
+
+pub use classify::{Classified, RequestParts};
+pub use error::{ConfigError, ConfigErrors, JsonPath};
+pub use model::Config;
+pub use snapshot::{InterfaceId, Snapshot, UpstreamId};
+
+/// Data directory of an `embedded` upstream that does not name one.
+pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "data/grab";
+
+/// A config that parsed, validated and compiled.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The config as written (bootstrap settings are read from here).
+    pub config: Config,
+    /// The compiled rules.
+    pub snapshot: Snapshot,
+}
+
+/// Parse, validate and compile a config file's bytes. `file` names the file in errors.
+pub fn load(file: &str, bytes: &[u8]) -> Result<Loaded, ConfigErrors> {
+    let config = source::parse(file, bytes)?;
+    let issues = validate::validate(&config);
+    if !issues.is_empty() {
+        // parse() succeeded, so the bytes are UTF-8.
+        let text = std::str::from_utf8(bytes).unwrap_or_default();
+        return Err(locate_all(file, text, issues));
+    }
+    let snapshot = Snapshot::compile(&config);
+    Ok(Loaded { config, snapshot })
+}
+
+/// Attach file positions to validation issues.
+pub fn locate_all(file: &str, text: &str, issues: Vec<validate::Issue>) -> ConfigErrors {
+    ConfigErrors(
+        issues
+            .into_iter()
+            .map(|i| {
+                let (line, column) = source::locate(text, &i.path);
+                ConfigError {
+                    file: file.to_owned(),
+                    line,
+                    column,
+                    path: i.path,
+                    message: i.message,
+                }
+            })
+            .collect(),
+    )
+}

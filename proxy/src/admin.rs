@@ -1,0 +1,98 @@
+//! The admin listener: `/healthz` (the process is up), `/readyz` (listeners bound, embedded
+//! upstreams started, not shutting down) and `/metrics` (Prometheus text).
+//!
+//! Kept apart from traffic listeners so probes and scrapes work even when traffic
+//! listeners are saturated, and so it can be bound to a private address.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::respond::json;
+
+/// State the admin endpoints report.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Metrics to expose.
+    pub metrics: Arc<Metrics>,
+    /// Set once everything is started; cleared when shutdown begins.
+    pub ready: AtomicBool,
+}
+
+/// Serve the admin endpoints until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut shutdown) => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from_static(br#"{"error":"method_not_allowed"}"#),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+        "/readyz" => {
+            if state.ready.load(Ordering::Relaxed) {
+                json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from_static(br#"{"status":"not_ready"}"#),
+                )
+            }
+        }
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"error":"not_found"}"#),
+        ),
+    }
+}

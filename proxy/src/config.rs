@@ -1,0 +1,100 @@
+//! Reading a config file from disk: the I/O half of loading that `rules` (pure) cannot do.
+//!
+//! Refuses directories, unreadable files and files over [`rules::source::MAX_CONFIG_BYTES`]
+//! before reading them whole, then runs `rules::load` and adds the checks that need the file
+//! system (do the TLS certificate and key load?), located like every other error.
+
+use std::io::Read;
+use std::path::Path;
+
+use rules::error::{ConfigError, ConfigErrors, JsonPath};
+use rules::source::MAX_CONFIG_BYTES;
+use rules::{Loaded, validate::Issue};
+
+/// Read, parse, validate and compile the config at `path`, and check its TLS files.
+pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let name = path.display().to_string();
+    let bytes = read_bounded(path).map_err(|message| ConfigError {
+        file: name.clone(),
+        line: 0,
+        column: 0,
+        path: JsonPath::root(),
+        message,
+    })?;
+    let loaded = rules::load(&name, &bytes)?;
+    let mut issues = Vec::new();
+    for (i, l) in loaded.config.server.listeners.iter().enumerate() {
+        if let Some(tls) = &l.tls {
+            if let Err(e) = crate::tls::server_config(&tls.cert_path, &tls.key_path) {
+                let field = match e {
+                    crate::tls::TlsError::Key { .. } => "key_path",
+                    _ => "cert_path",
+                };
+                issues.push(Issue {
+                    path: JsonPath::root()
+                        .key("server")
+                        .key("listeners")
+                        .index(i)
+                        .key("tls")
+                        .key(field),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if !issues.is_empty() {
+        let text = String::from_utf8_lossy(&bytes);
+        return Err(rules::locate_all(&name, &text, issues));
+    }
+    Ok(loaded)
+}
+
+/// Read a file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on failure.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(path) {
+            Ok(_) => "the file is a dangling symbolic link".to_owned(),
+            Err(_) => "the file does not exist".to_owned(),
+        },
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => format!("cannot read the file: {e}"),
+    })?;
+    if meta.is_dir() {
+        return Err("the path is a directory, not a config file".into());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "config is {} bytes, more than the limit of {MAX_CONFIG_BYTES}",
+            meta.len()
+        ));
+    }
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => format!("cannot open the file: {e}"),
+    })?;
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    // Bounded even if the file grows between stat and read.
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "config is larger than the limit of {MAX_CONFIG_BYTES} bytes"
+        ));
+    }
+    Ok(buf)
+}
+
+/// The one-line summary `tidegate check` prints for a good file.
+pub fn summary(path: &Path, loaded: &Loaded) -> String {
+    let c = &loaded.config;
+    let plural = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{}: ok ({}, {}, {}, {})",
+        path.display(),
+        plural(c.server.listeners.len(), "listener"),
+        plural(c.interfaces.len(), "interface"),
+        plural(c.upstreams.len(), "upstream"),
+        plural(c.routes.len(), "route"),
+    )
+}

@@ -1,0 +1,439 @@
+//! Forwarding to upstream clusters: endpoint choice, pooled keep-alive connections, timeouts,
+//! one retry on connect failure, and header hygiene.
+//!
+//! An [`Upstream`] is built once per config load from a validated [`UpstreamSpec`]: endpoint
+//! names are resolved and their URI authorities parsed here, so the request path never parses
+//! an address. Bodies stream both ways; nothing is buffered whole.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rules::model::{Balance, UpstreamKind};
+use rules::snapshot::UpstreamSpec;
+
+use crate::metrics::Name;
+use crate::respond::GatewayError;
+
+/// A runtime upstream cluster.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Its name, for metrics and logs.
+    pub name: Name,
+    /// Its endpoints, resolved.
+    pub endpoints: Vec<Endpoint>,
+    balance: Balance,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    request_timeout: Duration,
+    /// One pooled client per upstream, so pool sizes and connect timeouts are per upstream.
+    client: Client<HttpConnector, UpBody>,
+}
+
+/// One endpoint of an upstream.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Its resolved address.
+    pub addr: SocketAddr,
+    authority: Authority,
+    /// Requests in flight to it (for least-outstanding balancing).
+    inflight: AtomicUsize,
+}
+
+/// The request body sent upstream: the client's body, with the size limit enforced while it
+/// streams, and kept retrievable until the client first polls it, so a request whose
+/// connection could not be established can be sent again to the next endpoint.
+#[derive(Debug)]
+pub struct UpBody {
+    state: BodyState,
+    remaining: u64,
+    hint: SizeHint,
+}
+
+#[derive(Debug)]
+enum BodyState {
+    Empty,
+    /// Not yet polled; shared with the forwarder, which takes it back for a retry.
+    Parked(Arc<Mutex<Option<Incoming>>>),
+    Streaming(Incoming),
+    Done,
+}
+
+/// Errors of [`UpBody`].
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body grew past `max_body_bytes`.
+    #[error("request body larger than the limit")]
+    TooLarge,
+    /// Reading from the client failed.
+    #[error("reading the request body: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+/// Per-connection facts the forwarder adds to each request.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The client's IP, preformatted for `X-Forwarded-For`.
+    pub remote_ip: HeaderValue,
+    /// `http` or `https`.
+    pub proto: HeaderValue,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Build from a validated spec. `embedded` is the address of the in-process backend for an
+    /// `embedded` upstream.
+    pub fn build(spec: &UpstreamSpec, embedded: Option<SocketAddr>) -> Result<Self, String> {
+        let addrs: Vec<SocketAddr> = match spec.kind {
+            UpstreamKind::Embedded => vec![embedded.ok_or_else(|| {
+                format!(
+                    "embedded upstream {:?} is not running (adding one needs a restart)",
+                    spec.name
+                )
+            })?],
+            UpstreamKind::Static => {
+                let mut v = Vec::new();
+                for e in &spec.endpoints {
+                    v.push(resolve(e)?);
+                }
+                v
+            }
+        };
+        let endpoints = addrs
+            .into_iter()
+            .map(|addr| Endpoint {
+                addr,
+                authority: Authority::try_from(addr.to_string())
+                    .expect("a socket address is an authority"),
+                inflight: AtomicUsize::new(0),
+            })
+            .collect();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(spec.connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(spec.pool_max_idle_per_endpoint)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(Self {
+            name: Name(spec.name.as_ref().into()),
+            endpoints,
+            balance: spec.balance,
+            next: AtomicUsize::new(0),
+            request_timeout: spec.request_timeout,
+            client,
+        })
+    }
+
+    /// Choose an endpoint, avoiding `avoid` when there is another.
+    fn pick(&self, avoid: Option<usize>) -> usize {
+        let n = self.endpoints.len();
+        if n == 1 {
+            return 0;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let i = match self.balance {
+            Balance::RoundRobin => start,
+            Balance::LeastOutstanding => (0..n)
+                .map(|k| (start + k) % n)
+                .min_by_key(|&i| self.endpoints[i].inflight.load(Ordering::Relaxed))
+                .unwrap_or(start),
+        };
+        match avoid {
+            Some(a) if a == i => (i + 1) % n,
+            _ => i,
+        }
+    }
+
+    /// Send a request upstream and return its response head (the body streams on).
+    ///
+    /// A connect failure is tried once more on another endpoint when the cluster has one;
+    /// nothing else is retried, because the upstream may have acted on the request.
+    pub async fn forward(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        max_body: u64,
+    ) -> Result<(Response<Incoming>, Duration), GatewayError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let slot = if body.is_end_stream() {
+            None
+        } else {
+            Some(Arc::new(Mutex::new(Some(body))))
+        };
+        let hint = match &slot {
+            Some(s) => s
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .map(Body::size_hint)
+                .unwrap_or_default(),
+            None => SizeHint::with_exact(0),
+        };
+        // Only a cluster with another endpoint to try keeps a copy for the retry.
+        let mut spare =
+            (self.endpoints.len() > 1).then(|| (parts.method.clone(), parts.headers.clone()));
+        let mut head = Some(parts);
+        let mut avoid = None;
+        loop {
+            let ep_idx = self.pick(avoid);
+            let ep = &self.endpoints[ep_idx];
+            let body = UpBody {
+                state: match &slot {
+                    None => BodyState::Empty,
+                    Some(s) => BodyState::Parked(s.clone()),
+                },
+                remaining: max_body,
+                hint: hint.clone(),
+            };
+            let mut req = match head.take() {
+                Some(p) => Request::from_parts(p, body),
+                None => {
+                    let (method, headers) = spare.take().expect("retried at most once");
+                    let mut r = Request::new(body);
+                    *r.method_mut() = method;
+                    *r.headers_mut() = headers;
+                    r
+                }
+            };
+            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = Uri::from_parts({
+                let mut p = http::uri::Parts::default();
+                p.scheme = Some(Scheme::HTTP);
+                p.authority = Some(ep.authority.clone());
+                p.path_and_query = Some(path.clone());
+                p
+            })
+            .expect("scheme, authority and path make a URI");
+
+            ep.inflight.fetch_add(1, Ordering::Relaxed);
+            let res = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+            ep.inflight.fetch_sub(1, Ordering::Relaxed);
+            match res {
+                Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Ok(resp)) => return Ok((resp, started.elapsed())),
+                Ok(Err(e)) => {
+                    let body_still_here = slot
+                        .as_ref()
+                        .is_none_or(|s| s.lock().expect("not poisoned").is_some());
+                    if e.is_connect() && spare.is_some() && body_still_here {
+                        avoid = Some(ep_idx);
+                        continue;
+                    }
+                    return Err(classify_error(&e));
+                }
+            }
+        }
+    }
+}
+
+/// Map a client error to the answer: our own body limit, a timeout, a connect failure, or
+/// anything else the upstream did (reset, garbage, early close).
+fn classify_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyError>() {
+            return match b {
+                BodyError::TooLarge => GatewayError::BodyTooLarge,
+                BodyError::Client(_) => GatewayError::BadRequest,
+            };
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return GatewayError::UpstreamTimeout;
+            }
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        GatewayError::UpstreamUnavailable
+    } else {
+        GatewayError::UpstreamReset
+    }
+}
+
+/// Resolve `host:port` once, at load time.
+fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    endpoint
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {endpoint:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{endpoint:?} resolved to no address"))
+}
+
+// === impl UpBody ===
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                BodyState::Empty | BodyState::Done => return Poll::Ready(None),
+                BodyState::Parked(slot) => {
+                    let taken = slot.lock().expect("not poisoned").take();
+                    this.state = match taken {
+                        Some(b) => BodyState::Streaming(b),
+                        None => BodyState::Done,
+                    };
+                }
+                BodyState::Streaming(b) => {
+                    return match Pin::new(b).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(d) = frame.data_ref() {
+                                let n = d.len() as u64;
+                                if n > this.remaining {
+                                    this.state = BodyState::Done;
+                                    return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                                }
+                                this.remaining -= n;
+                            }
+                            Poll::Ready(Some(Ok(frame)))
+                        }
+                        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                        Poll::Ready(None) => {
+                            this.state = BodyState::Done;
+                            Poll::Ready(None)
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Empty | BodyState::Done => true,
+            BodyState::Streaming(b) => b.is_end_stream(),
+            BodyState::Parked(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Streaming(b) => b.size_hint(),
+            _ => self.hint.clone(),
+        }
+    }
+}
+
+// === header hygiene ===
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, the headers it names, and the
+/// fixed set that only ever describes one connection.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION) {
+        // Rare path: only when a client names extra headers.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(std::iter::once(conn))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+}
+
+/// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
+pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
+    match h.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + conn.remote_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.remote_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
+        }
+    }
+    h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Headers named in `Connection` go, and so do the fixed hop-by-hop ones; others stay.
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    /// An existing X-Forwarded-For is appended to, not replaced.
+    #[test]
+    fn forwarded_appends() {
+        let info = ConnInfo {
+            remote: "10.0.0.9:1234".parse().unwrap(),
+            remote_ip: HeaderValue::from_static("10.0.0.9"),
+            proto: HeaderValue::from_static("https"),
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        add_forwarded(&mut h, &info);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

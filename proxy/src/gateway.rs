@@ -1,0 +1,275 @@
+//! The per-request path: classify → decide → act → record.
+//!
+//! One [`Gateway`] serves every listener. Each request loads the current [`Runtime`] once
+//! (an arc-swap load, no lock), classifies and routes against it synchronously, clones the
+//! `Arc` of the chosen upstream and drops the guard before the first `.await`, so a reload
+//! never waits for, and never disturbs, requests in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use rules::{RequestParts, Snapshot};
+
+use crate::forward::{ConnInfo, Upstream, add_forwarded, strip_hop_by_hop};
+use crate::metrics::{
+    Metrics, Name, RequestLabels, UpstreamErrorLabels, UpstreamLabels, status_class,
+};
+use crate::respond::GatewayError;
+
+/// The response body: the upstream's, streamed, or one the gateway made.
+pub type RespBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything a request needs from the current config, published as one unit.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The compiled rules.
+    pub snapshot: Snapshot,
+    /// Runtime upstreams, indexed like `snapshot.upstreams`.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Interface names as metric labels, indexed like `snapshot.interfaces`.
+    pub interface_names: Vec<Name>,
+}
+
+/// Settings of the request path that come from bootstrap config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest request body forwarded.
+    pub max_body_bytes: u64,
+    /// Write one access log line per request.
+    pub access_log: bool,
+}
+
+/// The gateway service shared by all connections.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The live rules; replaced whole by a reload.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    settings: Settings,
+    /// Request-ID generator: a per-process random prefix and a counter.
+    id_prefix: u64,
+    id_counter: AtomicU64,
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn none_label() -> Name {
+    static NONE: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
+    NONE.get_or_init(|| Name("none".into())).clone()
+}
+
+// === impl Runtime ===
+
+impl Runtime {
+    /// Build the runtime for a compiled snapshot. `embedded` gives the address of each
+    /// running embedded upstream by name.
+    pub fn build(
+        snapshot: Snapshot,
+        embedded: &dyn Fn(&str) -> Option<std::net::SocketAddr>,
+    ) -> Result<Self, String> {
+        let upstreams = snapshot
+            .upstreams
+            .iter()
+            .map(|spec| Upstream::build(spec, embedded(&spec.name)).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let interface_names = snapshot
+            .interfaces
+            .iter()
+            .map(|i| Name(i.name.as_ref().into()))
+            .collect();
+        Ok(Self {
+            snapshot,
+            upstreams,
+            interface_names,
+        })
+    }
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// A gateway serving `runtime`.
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        let id_prefix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            settings,
+            id_prefix,
+            id_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Serve one request.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<RespBody> {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+
+        let request_id = match parts.headers.get(&X_REQUEST_ID) {
+            Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
+            _ => {
+                let v = self.next_request_id();
+                parts.headers.insert(&X_REQUEST_ID, v.clone());
+                v
+            }
+        };
+
+        // Decide, synchronously, on one snapshot; keep only Arcs past this block.
+        let decision = {
+            let rt = self.runtime.load();
+            let c = rt.snapshot.classify(RequestParts {
+                method: &parts.method,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            });
+            let route = rt.snapshot.route(
+                c.app.as_deref(),
+                c.interface,
+                c.user.as_deref(),
+                &parts.headers,
+            );
+            let iface = c
+                .interface
+                .map(|i| rt.interface_names[i.0 as usize].clone());
+            let who = self.settings.access_log.then(|| {
+                (
+                    c.app.as_deref().map(str::to_owned),
+                    c.user.as_deref().map(str::to_owned),
+                    route.map(|r| r.name.to_string()),
+                )
+            });
+            let upstream = route.map(|r| rt.upstreams[r.upstream.0 as usize].clone());
+            (iface, upstream, who)
+        };
+        let (iface, upstream, who) = decision;
+
+        let declared_len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+
+        let outcome: Result<(Response<Incoming>, std::time::Duration), GatewayError> =
+            match &upstream {
+                _ if declared_len.is_some_and(|n| n > self.settings.max_body_bytes) => {
+                    Err(GatewayError::BodyTooLarge)
+                }
+                None => Err(GatewayError::NoRoute),
+                Some(up) => {
+                    strip_hop_by_hop(&mut parts.headers);
+                    add_forwarded(&mut parts.headers, conn);
+                    up.forward(parts, body, self.settings.max_body_bytes).await
+                }
+            };
+
+        let upstream_label = upstream.as_ref().map(|u| u.name.clone());
+        let mut resp = match outcome {
+            Ok((resp, latency)) => {
+                if let Some(u) = &upstream_label {
+                    self.metrics
+                        .upstream_latency
+                        .get_or_create(&UpstreamLabels {
+                            upstream: u.clone(),
+                        })
+                        .observe(latency.as_secs_f64());
+                }
+                let (mut rp, rb) = resp.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                Response::from_parts(rp, Either::Left(rb))
+            }
+            Err(e) => {
+                if let (
+                    Some(u),
+                    GatewayError::UpstreamTimeout
+                    | GatewayError::UpstreamUnavailable
+                    | GatewayError::UpstreamReset,
+                ) = (&upstream_label, e)
+                {
+                    self.metrics
+                        .upstream_errors
+                        .get_or_create(&UpstreamErrorLabels {
+                            upstream: u.clone(),
+                            error: e.code(),
+                        })
+                        .inc();
+                }
+                e.response().map(Either::Right)
+            }
+        };
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+
+        let status = resp.status();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                interface: iface.clone().unwrap_or_else(none_label),
+                upstream: upstream_label.clone().unwrap_or_else(none_label),
+                status: status_class(status),
+            })
+            .inc();
+
+        if let Some((app, user, route)) = who {
+            tracing::info!(
+                target: "tidegate::access",
+                request_id = request_id.to_str().unwrap_or("-"),
+                client = %conn.remote,
+                app = app.as_deref().unwrap_or("none"),
+                interface = iface.as_ref().map(|n| &*n.0).unwrap_or("none"),
+                user = user.as_deref().unwrap_or("none"),
+                route = route.as_deref().unwrap_or("none"),
+                upstream = upstream_label.as_ref().map(|n| &*n.0).unwrap_or("none"),
+                status = status.as_u16(),
+                duration_us = started.elapsed().as_micros() as u64,
+                "request"
+            );
+        }
+        resp
+    }
+
+    fn next_request_id(&self) -> HeaderValue {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 33];
+        let s = format_hex(self.id_prefix, n, &mut buf);
+        HeaderValue::from_str(s).expect("hex is a valid header value")
+    }
+}
+
+/// `{prefix:016x}-{n:016x}` into `buf`, without allocating.
+fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in buf[..16].iter_mut().enumerate() {
+        *b = HEX[((prefix >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    buf[16] = b'-';
+    for (i, b) in buf[17..].iter_mut().enumerate() {
+        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    std::str::from_utf8(buf).expect("ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Request IDs are fixed-width hex and distinct.
+    #[test]
+    fn request_id_format() {
+        let mut a = [0u8; 33];
+        assert_eq!(
+            format_hex(0xabc, 1, &mut a),
+            "0000000000000abc-0000000000000001"
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! Accepting and serving downstream connections.
+//!
+//! One accept loop per listener. A connection first takes a permit from the shared
+//! `max_connections` semaphore (beyond the cap, new connections wait in the kernel's accept
+//! queue instead of exhausting file descriptors), then runs in its own task: the TLS
+//! handshake (bounded by the header timeout, never in the accept loop), then hyper's
+//! auto-detecting HTTP/1.1 + HTTP/2 server. The same task enforces the idle timeout and, on
+//! shutdown, asks hyper to finish in-flight requests and close.
+//!
+//! Shutdown flows through a `watch` channel: accept loops stop at once; connections finish
+//! what they are doing. The caller waits for every permit to come back (all connections
+//! closed) or for the grace period to run out.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rules::model::ConnLimits;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::forward::ConnInfo;
+use crate::gateway::Gateway;
+
+/// What every connection of every listener shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// The request path.
+    pub gateway: Arc<Gateway>,
+    /// hyper's server settings (timeouts, sizes, h2 limits), built once.
+    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    /// One permit per open connection.
+    pub conn_permits: Arc<Semaphore>,
+    /// Close idle keep-alive connections after this long.
+    pub idle_timeout: Duration,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Flips to `true` on shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// hyper's server builder with Tidegate's protective limits.
+pub fn builder(l: &ConnLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // An absolute deadline for the whole head, started when hyper begins reading it
+        // (including while a keep-alive connection waits for its next request).
+        .header_read_timeout(Duration::from_millis(l.header_read_timeout_ms))
+        .max_buf_size((l.max_header_bytes as usize).max(8192))
+        .max_headers(l.max_headers as usize)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(l.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(l.h2_max_pending_reset_streams as usize)
+        .max_local_error_reset_streams(Some(1024))
+        .max_header_list_size(l.max_header_bytes)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+/// Accept connections on `listener` until shutdown.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Shared,
+    name: Arc<str>,
+) {
+    let mut shutdown = shared.shutdown.clone();
+    let proto = HeaderValue::from_static(if tls.is_some() { "https" } else { "http" });
+    loop {
+        let permit = tokio::select! {
+            p = shared.conn_permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // semaphore closed: shutting down
+            },
+            _ = crate::server::stopped(&mut shutdown) => return,
+        };
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut shutdown) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            remote,
+            remote_ip: HeaderValue::from_str(&remote.ip().to_string())
+                .expect("an IP is a valid header value"),
+            proto: proto.clone(),
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            shared.gateway.metrics.connections.inc();
+            shared.gateway.metrics.connections_accepted.inc();
+            match tls {
+                None => serve_io(stream, info, &shared).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => serve_io(s, info, &shared).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %remote, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(client = %remote, "TLS handshake timed out"),
+                    }
+                }
+            }
+            shared.gateway.metrics.connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Serve one connection to completion.
+async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let remote = info.remote;
+    let activity = Arc::new(Activity::new());
+    let io = Tracked {
+        io,
+        activity: activity.clone(),
+    };
+    let gateway = shared.gateway.clone();
+    let act = activity.clone();
+    let svc = service_fn(move |req| {
+        let gateway = gateway.clone();
+        let info = info.clone();
+        let act = act.clone();
+        async move {
+            act.inflight.fetch_add(1, Ordering::Relaxed);
+            let resp = gateway.handle(req, &info).await;
+            act.inflight.fetch_sub(1, Ordering::Relaxed);
+            act.touch();
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut shutdown = shared.shutdown.clone();
+    let mut closing = false;
+    loop {
+        let idle_for = activity.idle_for();
+        let wait = shared.idle_timeout.saturating_sub(idle_for);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(client = %remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(wait), if !closing => {
+                if activity.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= shared.idle_timeout {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = crate::server::stopped(&mut shutdown), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// When a connection last moved bytes, and how many requests it has in flight.
+struct Activity {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch` of the last read or write.
+    last_ms: AtomicU64,
+    inflight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// An IO that records activity on every successful read or write.
+struct Tracked<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Bind a listener address.
+pub async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}
+
+/// Resolve once `rx` reads `true` (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here, inside.
+    let _ = rx.wait_for(|s| *s).await;
+}

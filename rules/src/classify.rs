@@ -1,0 +1,172 @@
+//! Classification: who is calling what. Each request gets an interface (method + path
+//! template, found by a router, not a scan), an app ID and a user ID, read by the extractors
+//! the config names.
+//!
+//! Values borrow from the request wherever they can; only a percent-encoded query value is
+//! decoded into a new string. An absent or empty value is `None`, never `""`, so "no user"
+//! can never collide with a user whose ID is empty.
+
+use std::borrow::Cow;
+
+use http::{HeaderMap, Method, header};
+
+use crate::snapshot::{CompiledExtractor, InterfaceId, Snapshot};
+
+/// The classified identity of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Classified<'a> {
+    /// The interface whose method and path template match, if any.
+    pub interface: Option<InterfaceId>,
+    /// The app ID, if present.
+    pub app: Option<Cow<'a, str>>,
+    /// The user ID, if present.
+    pub user: Option<Cow<'a, str>>,
+}
+
+/// The parts of a request classification reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+}
+
+// === impl Snapshot (classification) ===
+
+impl Snapshot {
+    /// Classify a request.
+    pub fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
+        let mut out = Classified::default();
+        let mut params: Option<matchit::Params<'_, 'a>> = None;
+        if let Ok(m) = self.router.at(req.path) {
+            let hit = m
+                .value
+                .iter()
+                .find(|(method, _)| method.as_ref().is_none_or(|x| x == req.method));
+            if let Some((_, id)) = hit {
+                out.interface = Some(*id);
+                params = Some(m.params);
+            }
+        }
+        out.app = extract(&self.identity.app, &req, params.as_ref());
+        out.user = extract(&self.identity.user, &req, params.as_ref());
+        out
+    }
+
+    /// The name of an interface.
+    pub fn interface_name(&self, id: InterfaceId) -> &str {
+        &self.interfaces[id.0 as usize].name
+    }
+}
+
+fn extract<'a>(
+    e: &CompiledExtractor,
+    req: &RequestParts<'a>,
+    params: Option<&matchit::Params<'_, 'a>>,
+) -> Option<Cow<'a, str>> {
+    let v: Cow<'a, str> = match e {
+        CompiledExtractor::Header(name) => Cow::Borrowed(
+            std::str::from_utf8(req.headers.get(name)?.as_bytes())
+                .ok()?
+                .trim(),
+        ),
+        CompiledExtractor::Query(name) => query_param(req.query?, name)?,
+        CompiledExtractor::Cookie(name) => Cow::Borrowed(cookie(req.headers, name)?),
+        CompiledExtractor::PathParam(name) => Cow::Borrowed(params?.get(&**name)?),
+    };
+    (!v.is_empty()).then_some(v)
+}
+
+/// The first value of `name` in a query string, percent-decoded (`+` is a space).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(k).as_deref() == Some(name))
+            .then(|| decode(v))
+            .flatten()
+    })
+}
+
+/// Percent-decode; `None` when the result is not UTF-8.
+fn decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Some(Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The value of cookie `name` from the request's `Cookie` header(s).
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(header::COOKIE).iter().find_map(|h| {
+        std::str::from_utf8(h.as_bytes())
+            .ok()?
+            .split(';')
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k.trim() == name).then(|| {
+                    let v = v.trim();
+                    v.strip_prefix('"')
+                        .and_then(|x| x.strip_suffix('"'))
+                        .unwrap_or(v)
+                })
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Percent-decoding handles `+`, `%XX`, and leaves a stray `%` alone.
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            query_param("a=1&uid=al%20ice", "uid").as_deref(),
+            Some("al ice")
+        );
+        assert_eq!(query_param("uid=a+b", "uid").as_deref(), Some("a b"));
+        assert_eq!(query_param("uid=100%", "uid").as_deref(), Some("100%"));
+        assert_eq!(query_param("x=1", "uid"), None);
+        assert_eq!(query_param("uid=%ff", "uid"), None, "not UTF-8");
+    }
+
+    /// Cookies are found among several, quoted values unquoted.
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; uid=\"bob\"; c=3".parse().unwrap());
+        assert_eq!(cookie(&h, "uid"), Some("bob"));
+        assert_eq!(cookie(&h, "zz"), None);
+    }
+}

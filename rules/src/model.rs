@@ -1,0 +1,401 @@
+//! The config file as written by operators: plain serde types, one per JSON object.
+//!
+//! Every struct rejects unknown fields (a typo must fail the load, not silently switch a rule
+//! off) and documents its unit and default. Nothing here is trusted yet: [`crate::validate`]
+//! checks ranges and references and reports every problem at once, and [`crate::compile`]
+//! turns a valid config into the indexed [`crate::Snapshot`] the request path reads.
+//!
+//! The file has two halves. `server` is *bootstrap*: listeners, TLS files, the admin address
+//! and connection limits, read once at start-up (a change needs a restart). Everything else
+//! (`identity`, `interfaces`, `upstreams`, `routes`) is *rules*, which later reloads replace as
+//! one snapshot.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The only `schema_version` this build understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole Tidegate config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Format version of this file. Must be `1`; a file written for a newer Tidegate is
+    /// refused rather than half-understood.
+    pub schema_version: u32,
+    /// Bootstrap settings: read at start-up only.
+    #[serde(default)]
+    pub server: Server,
+    /// Where the app ID and user ID of each request come from.
+    #[serde(default)]
+    pub identity: Identity,
+    /// Named interfaces: a method and a path template each (`POST /envelopes/{id}/grab` is
+    /// `grab`). Requests matching none are classified with no interface.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    /// Upstream clusters by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Route rules: which upstream a request goes to. Required; an empty list is refused
+    /// unless `allow_empty_routes` is set, because "no rules" is far more often a broken
+    /// edit than an intention.
+    pub routes: Vec<Route>,
+    /// Accept an empty `routes` list (every request then answers 404 `no_route`).
+    /// Default: false.
+    #[serde(default)]
+    pub allow_empty_routes: bool,
+}
+
+/// Bootstrap settings (not hot-reloadable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Traffic listeners. Default: one plain listener on `127.0.0.1:8080`.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<Listener>,
+    /// The admin listener (health, readiness, metrics). Default: `127.0.0.1:9901`.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Protective limits applied to every downstream connection.
+    #[serde(default)]
+    pub limits: ConnLimits,
+    /// How long a graceful shutdown (SIGTERM/SIGINT) waits for in-flight requests, in
+    /// milliseconds. Default: 10000. Range: 0..=600000.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// The per-request access log.
+    #[serde(default)]
+    pub access_log: AccessLog,
+}
+
+/// One traffic listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// A name for logs and metrics. Default: the address.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `IP:port` to bind, for example `0.0.0.0:8443`. Port 0 picks a free port.
+    pub address: String,
+    /// Serve TLS (rustls; ALPN h2 and http/1.1; TLS 1.2 minimum). Absent: plain HTTP/1.1
+    /// and prior-knowledge HTTP/2 (h2c) on the same port.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+/// TLS certificate and key files for a listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_path: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: String,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `IP:port` to bind. Keep it on loopback or a private network: it is unauthenticated.
+    /// Default: `127.0.0.1:9901`.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+/// Limits that protect the gateway from slow, large or numerous clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnLimits {
+    /// Time a client has to send the complete request head, in milliseconds, measured from
+    /// the first byte (an absolute deadline, not reset by each byte). Default: 10000.
+    /// Range: 100..=300000.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Most bytes of request head (request line + headers) accepted. Default: 65536.
+    /// Range: 4096..=1048576.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// Most request header fields accepted. Default: 100. Range: 8..=1000.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: u32,
+    /// Largest request body forwarded, in bytes; larger ones answer 413. Default: 67108864
+    /// (64 MiB). Range: 0..=17179869184.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// HTTP/2 streams a client may have open at once. Default: 256. Range: 1..=10000.
+    #[serde(default = "default_h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client but not yet processed before the connection is
+    /// closed (rapid-reset protection). Default: 32. Range: 1..=10000.
+    #[serde(default = "default_h2_max_pending_reset_streams")]
+    pub h2_max_pending_reset_streams: u32,
+    /// A keep-alive connection with no request in flight is closed after this many
+    /// milliseconds. Default: 60000. Range: 100..=3600000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Most downstream connections open at once over all listeners; beyond it new
+    /// connections wait in the kernel's accept queue. Default: 10000. Range: 1..=1000000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// Write one line per request. Default: false (the hot path then skips formatting).
+    #[serde(default)]
+    pub enabled: bool,
+    /// `json` (one JSON object per line) or `text`. Default: `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// Access log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable `key=value` text.
+    Text,
+}
+
+/// Where each part of a request's identity is read from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// The app ID. Default: header `x-app-id`.
+    #[serde(default = "default_app_extractor")]
+    pub app: Extractor,
+    /// The user ID. Default: header `x-user-id` (the header the grab backend reads).
+    #[serde(default = "default_user_extractor")]
+    pub user: Extractor,
+}
+
+/// Where one value is taken from. Exactly one key: `{"header": "x-app-id"}`,
+/// `{"query": "uid"}`, `{"cookie": "uid"}` or `{"path_param": "app"}`. A missing value is
+/// "none", never an empty string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Extractor {
+    /// A request header (case-insensitive name).
+    Header(String),
+    /// A query-string parameter (exact name; the value is percent-decoded).
+    Query(String),
+    /// A cookie from the `Cookie` header (exact name).
+    Cookie(String),
+    /// A `{name}` parameter of the matched interface's path template.
+    PathParam(String),
+}
+
+/// A named interface: method + path template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Unique name, used in rules, metrics and logs (`grab`).
+    pub name: String,
+    /// HTTP method (`GET`, `POST`, ...), or `*` for any.
+    pub method: String,
+    /// Path template: literal segments and `{param}` segments, for example
+    /// `/envelopes/{id}/grab`. Must start with `/`.
+    pub path: String,
+}
+
+/// An upstream cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `static` (the default: the `endpoints` listed) or `embedded` (the bundled grab
+    /// backend, hosted in-process on a loopback port the gateway picks).
+    #[serde(default)]
+    pub kind: UpstreamKind,
+    /// `IP:port` or `host:port` of each endpoint (`static` only). Names are resolved once
+    /// at load time, never per request.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// How requests are spread over endpoints. Default: `round_robin`.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Time to establish a TCP connection, in milliseconds; a failure tries the next
+    /// endpoint once, then answers 502. Default: 1000. Range: 1..=60000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time from sending the request to receiving the response head, in milliseconds;
+    /// beyond it the client gets 504. Default: 30000. Range: 1..=3600000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections kept per endpoint. Default: 256. Range: 0..=100000.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_endpoint: u32,
+    /// Data directory of an `embedded` upstream. Default: `data/grab`.
+    #[serde(default)]
+    pub data_dir: Option<String>,
+}
+
+/// Kind of upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamKind {
+    /// Endpoints listed in `endpoints`.
+    #[default]
+    Static,
+    /// The bundled grab backend, run inside the gateway process.
+    Embedded,
+}
+
+/// Load-balancing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest requests in flight (ties: the next in turn).
+    LeastOutstanding,
+}
+
+/// A route rule: which requests it matches and where they go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique rule name (logs, metrics, `explain`).
+    pub name: String,
+    /// What the request must look like. Absent or `{}`: every request (the default route).
+    #[serde(default, rename = "match")]
+    pub matcher: Match,
+    /// The upstream requests go to.
+    pub upstream: String,
+}
+
+/// Conditions of a rule; all given conditions must hold. Precedence when several rules
+/// match: a rule constraining `users` beats one that does not, then `headers`, then
+/// `interfaces`, then `apps` (compared as a whole, most significant first). Two rules with
+/// the same constrained dimensions that can match the same request are a validation error.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// App IDs (any of). Absent: any app, including none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps: Option<Vec<String>>,
+    /// Interface names (any of), from `interfaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<Vec<String>>,
+    /// User IDs (any of).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+    /// Header values that must all be present, exactly (name → value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+// === defaults ===
+
+fn default_listeners() -> Vec<Listener> {
+    vec![Listener {
+        name: None,
+        address: "127.0.0.1:8080".to_owned(),
+        tls: None,
+    }]
+}
+fn default_admin_address() -> String {
+    "127.0.0.1:9901".to_owned()
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_header_bytes() -> u32 {
+    65_536
+}
+fn default_max_headers() -> u32 {
+    100
+}
+fn default_max_body_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_h2_max_concurrent_streams() -> u32 {
+    256
+}
+fn default_h2_max_pending_reset_streams() -> u32 {
+    32
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_app_extractor() -> Extractor {
+    Extractor::Header("x-app-id".to_owned())
+}
+fn default_user_extractor() -> Extractor {
+    Extractor::Header("x-user-id".to_owned())
+}
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_pool_max_idle() -> u32 {
+    256
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listeners: default_listeners(),
+            admin: Admin::default(),
+            limits: ConnLimits::default(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            access_log: AccessLog::default(),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_body_bytes: default_max_body_bytes(),
+            h2_max_concurrent_streams: default_h2_max_concurrent_streams(),
+            h2_max_pending_reset_streams: default_h2_max_pending_reset_streams(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            format: LogFormat::Json,
+        }
+    }
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            app: default_app_extractor(),
+            user: default_user_extractor(),
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! Semantic checks of a parsed [`Config`]: ranges, formats, references and ambiguity.
+//!
+//! Validation never stops at the first problem: it returns every [`Issue`] it finds, each with
+//! the JSON path of the offending value, so one `tidegate check` run lists everything an
+//! operator has to fix. Checks that need the file system (do the TLS files exist?) belong to
+//! the proxy; this module is pure.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+
+use http::{HeaderName, Method};
+
+use crate::error::{JsonPath, did_you_mean};
+use crate::model::SCHEMA_VERSION;
+use crate::model::{Config, Extractor, Match, UpstreamKind};
+
+/// Most route rules in one config.
+pub const MAX_ROUTES: usize = 200_000;
+/// Most interfaces in one config.
+pub const MAX_INTERFACES: usize = 10_000;
+/// Longest name (rule, interface, upstream), in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// One validation problem, not yet located in the source text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Where the offending value is.
+    pub path: JsonPath,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Check everything checkable without I/O. An empty result means the config compiles.
+pub fn validate(c: &Config) -> Vec<Issue> {
+    let mut v = Validator { issues: Vec::new() };
+    v.config(c);
+    v.issues
+}
+
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn err(&mut self, path: JsonPath, message: impl Into<String>) {
+        self.issues.push(Issue {
+            path,
+            message: message.into(),
+        });
+    }
+
+    fn range(&mut self, path: JsonPath, value: u64, lo: u64, hi: u64) {
+        if value < lo || value > hi {
+            self.err(
+                path,
+                format!("{value} is out of range; allowed {lo}..={hi}"),
+            );
+        }
+    }
+
+    fn name(&mut self, path: JsonPath, name: &str) {
+        if name.is_empty() {
+            self.err(path, "name must not be empty");
+        } else if name.len() > MAX_NAME_BYTES {
+            self.err(path, format!("name is longer than {MAX_NAME_BYTES} bytes"));
+        } else if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            self.err(
+                path,
+                format!("{name:?} contains whitespace or control characters"),
+            );
+        }
+    }
+
+    fn config(&mut self, c: &Config) {
+        let root = JsonPath::root();
+        if c.schema_version != SCHEMA_VERSION {
+            self.err(
+                root.key("schema_version"),
+                format!(
+                    "unsupported schema_version {}; this build reads version {SCHEMA_VERSION}",
+                    c.schema_version
+                ),
+            );
+        }
+        self.server(c);
+        let interfaces = self.interfaces(c);
+        self.identity(c);
+        self.upstreams(c);
+        self.routes(c, &interfaces);
+    }
+
+    fn server(&mut self, c: &Config) {
+        let p = JsonPath::root().key("server");
+        let s = &c.server;
+        if s.listeners.is_empty() {
+            self.err(p.key("listeners"), "at least one listener is required");
+        }
+        let mut seen_addr: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut seen_name = HashSet::new();
+        for (i, l) in s.listeners.iter().enumerate() {
+            let lp = p.key("listeners").index(i);
+            if let Some(addr) = self.socket_addr(lp.key("address"), &l.address) {
+                if addr.port() != 0 {
+                    if let Some(prev) = seen_addr.insert(addr, i) {
+                        self.err(
+                            lp.key("address"),
+                            format!("{addr} is already used by listeners[{prev}]"),
+                        );
+                    }
+                }
+            }
+            if let Some(name) = &l.name {
+                self.name(lp.key("name"), name);
+                if !seen_name.insert(name.as_str()) {
+                    self.err(lp.key("name"), format!("duplicate listener name {name:?}"));
+                }
+            }
+            if let Some(tls) = &l.tls {
+                if tls.cert_path.trim().is_empty() {
+                    self.err(lp.key("tls").key("cert_path"), "path must not be empty");
+                }
+                if tls.key_path.trim().is_empty() {
+                    self.err(lp.key("tls").key("key_path"), "path must not be empty");
+                }
+            }
+        }
+        if let Some(addr) = self.socket_addr(p.key("admin").key("address"), &s.admin.address) {
+            if addr.port() != 0 {
+                if let Some(i) = seen_addr.get(&addr) {
+                    self.err(
+                        p.key("admin").key("address"),
+                        format!("{addr} is already used by listeners[{i}]"),
+                    );
+                }
+            }
+        }
+        let l = &s.limits;
+        let lp = p.key("limits");
+        self.range(
+            lp.key("header_read_timeout_ms"),
+            l.header_read_timeout_ms,
+            100,
+            300_000,
+        );
+        self.range(
+            lp.key("max_header_bytes"),
+            l.max_header_bytes.into(),
+            4096,
+            1 << 20,
+        );
+        self.range(lp.key("max_headers"), l.max_headers.into(), 8, 1000);
+        self.range(lp.key("max_body_bytes"), l.max_body_bytes, 0, 16 << 30);
+        self.range(
+            lp.key("h2_max_concurrent_streams"),
+            l.h2_max_concurrent_streams.into(),
+            1,
+            10_000,
+        );
+        self.range(
+            lp.key("h2_max_pending_reset_streams"),
+            l.h2_max_pending_reset_streams.into(),
+            1,
+            10_000,
+        );
+        self.range(lp.key("idle_timeout_ms"), l.idle_timeout_ms, 100, 3_600_000);
+        self.range(
+            lp.key("max_connections"),
+            l.max_connections.into(),
+            1,
+            1_000_000,
+        );
+        self.range(p.key("shutdown_grace_ms"), s.shutdown_grace_ms, 0, 600_000);
+    }
+
+    /// `IP:port`, with messages for the usual mistakes.
+    fn socket_addr(&mut self, path: JsonPath, s: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let msg = if s.is_empty() {
+                    "address must not be empty".to_owned()
+                } else if s.contains("://") {
+                    format!("{s:?} must be IP:port, without a scheme")
+                } else if s.parse::<std::net::IpAddr>().is_ok() {
+                    format!("{s:?} has no port")
+                } else {
+                    format!("{s:?} is not an IP:port address")
+                };
+                self.err(path, msg);
+                None
+            }
+        }
+    }
+
+    fn interfaces(&mut self, c: &Config) -> HashSet<String> {
+        let p = JsonPath::root().key("interfaces");
+        if c.interfaces.len() > MAX_INTERFACES {
+            self.err(
+                p.clone(),
+                format!(
+                    "{} interfaces; at most {MAX_INTERFACES} are allowed",
+                    c.interfaces.len()
+                ),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        let mut by_route: HashMap<(String, &str), usize> = HashMap::new();
+        let mut router = matchit::Router::new();
+        let mut templates: HashMap<&str, usize> = HashMap::new();
+        for (i, itf) in c.interfaces.iter().enumerate() {
+            let ip = p.index(i);
+            self.name(ip.key("name"), &itf.name);
+            if let Some(prev) = by_name.insert(itf.name.as_str(), i) {
+                self.err(
+                    ip.key("name"),
+                    format!(
+                        "duplicate interface {:?} (also interfaces[{prev}])",
+                        itf.name
+                    ),
+                );
+            }
+            names.insert(itf.name.clone());
+            let method_ok = itf.method == "*"
+                || (Method::from_bytes(itf.method.as_bytes()).is_ok()
+                    && itf.method.bytes().all(|b| b.is_ascii_uppercase()));
+            if !method_ok {
+                self.err(
+                    ip.key("method"),
+                    format!(
+                        "{:?} is not an HTTP method in upper case (or `*`)",
+                        itf.method
+                    ),
+                );
+            }
+            if let Err(msg) = check_path_template(&itf.path) {
+                self.err(ip.key("path"), msg);
+                continue;
+            }
+            let key = (itf.method.clone(), itf.path.as_str());
+            if let Some(prev) = by_route.insert(key, i) {
+                self.err(
+                    ip.clone(),
+                    format!(
+                        "duplicate interface: {} {} is already interfaces[{prev}]",
+                        itf.method, itf.path
+                    ),
+                );
+            }
+            if !templates.contains_key(itf.path.as_str()) {
+                match router.insert(itf.path.as_str(), i) {
+                    Ok(()) => {
+                        templates.insert(itf.path.as_str(), i);
+                    }
+                    Err(e) => self.err(ip.key("path"), format!("path template: {e}")),
+                }
+            }
+        }
+        names
+    }
+
+    fn identity(&mut self, c: &Config) {
+        let p = JsonPath::root().key("identity");
+        for (field, ex) in [("app", &c.identity.app), ("user", &c.identity.user)] {
+            let ep = p.key(field);
+            match ex {
+                Extractor::Header(h) => {
+                    self.header_name(ep.key("header"), h);
+                }
+                Extractor::Query(q) | Extractor::Cookie(q) if q.is_empty() => {
+                    let k = if matches!(ex, Extractor::Query(_)) {
+                        "query"
+                    } else {
+                        "cookie"
+                    };
+                    self.err(ep.key(k), "name must not be empty");
+                }
+                Extractor::PathParam(name) => {
+                    let declared = c
+                        .interfaces
+                        .iter()
+                        .any(|i| i.path.split('/').any(|s| s == format!("{{{name}}}")));
+                    if !declared {
+                        self.err(
+                            ep.key("path_param"),
+                            format!("no interface path template has a `{{{name}}}` parameter"),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn header_name(&mut self, path: JsonPath, h: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(h.as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.err(path, format!("{h:?} is not a valid HTTP header name"));
+                None
+            }
+        }
+    }
+
+    fn upstreams(&mut self, c: &Config) {
+        let p = JsonPath::root().key("upstreams");
+        if c.upstreams.is_empty() {
+            self.err(p.clone(), "at least one upstream is required");
+        }
+        let mut data_dirs: HashMap<&str, &str> = HashMap::new();
+        for (name, u) in &c.upstreams {
+            let up = p.key(name.clone());
+            self.name(up.clone(), name);
+            match u.kind {
+                UpstreamKind::Static => {
+                    if u.endpoints.is_empty() {
+                        self.err(
+                            up.key("endpoints"),
+                            "a static upstream needs at least one endpoint",
+                        );
+                    }
+                    for (i, e) in u.endpoints.iter().enumerate() {
+                        if let Err(msg) = check_endpoint(e) {
+                            self.err(up.key("endpoints").index(i), msg);
+                        }
+                    }
+                    if u.data_dir.is_some() {
+                        self.err(
+                            up.key("data_dir"),
+                            "data_dir is only for `embedded` upstreams",
+                        );
+                    }
+                }
+                UpstreamKind::Embedded => {
+                    if !u.endpoints.is_empty() {
+                        self.err(
+                            up.key("endpoints"),
+                            "an embedded upstream has no endpoints: the gateway picks a loopback port",
+                        );
+                    }
+                    let dir = u
+                        .data_dir
+                        .as_deref()
+                        .unwrap_or(crate::DEFAULT_EMBEDDED_DATA_DIR);
+                    if dir.trim().is_empty() {
+                        self.err(up.key("data_dir"), "path must not be empty");
+                    }
+                    if let Some(other) = data_dirs.insert(dir, name) {
+                        self.err(
+                            up.key("data_dir"),
+                            format!("data_dir {dir:?} is already used by upstream {other:?}"),
+                        );
+                    }
+                }
+            }
+            self.range(
+                up.key("connect_timeout_ms"),
+                u.connect_timeout_ms,
+                1,
+                60_000,
+            );
+            self.range(
+                up.key("request_timeout_ms"),
+                u.request_timeout_ms,
+                1,
+                3_600_000,
+            );
+            self.range(
+                up.key("pool_max_idle_per_endpoint"),
+                u.pool_max_idle_per_endpoint.into(),
+                0,
+                100_000,
+            );
+        }
+    }
+
+    fn routes(&mut self, c: &Config, interfaces: &HashSet<String>) {
+        let p = JsonPath::root().key("routes");
+        if c.routes.is_empty() && !c.allow_empty_routes {
+            self.err(
+                p.clone(),
+                "no route rules: every request would fail; add a route, or set \"allow_empty_routes\": true if that is meant",
+            );
+        }
+        if c.routes.len() > MAX_ROUTES {
+            self.err(
+                p.clone(),
+                format!(
+                    "{} routes; at most {MAX_ROUTES} are allowed",
+                    c.routes.len()
+                ),
+            );
+            return;
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in c.routes.iter().enumerate() {
+            let rp = p.index(i);
+            self.name(rp.key("name"), &r.name);
+            if let Some(prev) = names.insert(r.name.as_str(), i) {
+                self.err(
+                    rp.key("name"),
+                    format!("duplicate rule name {:?} (also routes[{prev}])", r.name),
+                );
+            }
+            if !c.upstreams.contains_key(&r.upstream) {
+                let hint = did_you_mean(&r.upstream, c.upstreams.keys().map(String::as_str))
+                    .map(|m| format!("; did you mean {m:?}?"))
+                    .unwrap_or_default();
+                self.err(
+                    rp.key("upstream"),
+                    format!("unknown upstream {:?}{hint}", r.upstream),
+                );
+            }
+            self.matcher(rp.key("match"), &r.matcher, interfaces);
+        }
+        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| &r.matcher)) {
+            self.err(
+                p.index(b),
+                format!(
+                    "rules {:?} (routes[{a}]) and {:?} (routes[{b}]) can match the same request with the same specificity; make one more specific",
+                    c.routes[a].name, c.routes[b].name
+                ),
+            );
+        }
+    }
+
+    fn matcher(&mut self, p: JsonPath, m: &Match, interfaces: &HashSet<String>) {
+        for (field, list) in [("apps", &m.apps), ("users", &m.users)] {
+            if let Some(list) = list {
+                if list.is_empty() {
+                    self.err(
+                        p.key(field),
+                        "list must not be empty (omit the field to match any)",
+                    );
+                }
+                self.no_dupes(p.key(field), list);
+            }
+        }
+        if let Some(list) = &m.interfaces {
+            if list.is_empty() {
+                self.err(
+                    p.key("interfaces"),
+                    "list must not be empty (omit the field to match any)",
+                );
+            }
+            self.no_dupes(p.key("interfaces"), list);
+            for (i, name) in list.iter().enumerate() {
+                if !interfaces.contains(name) {
+                    let hint = did_you_mean(name, interfaces.iter().map(String::as_str))
+                        .map(|m| format!("; did you mean {m:?}?"))
+                        .unwrap_or_default();
+                    self.err(
+                        p.key("interfaces").index(i),
+                        format!("unknown interface {name:?}{hint}"),
+                    );
+                }
+            }
+        }
+        if let Some(headers) = &m.headers {
+            if headers.is_empty() {
+                self.err(
+                    p.key("headers"),
+                    "map must not be empty (omit the field to match any)",
+                );
+            }
+            let mut lower = HashSet::new();
+            for (k, v) in headers {
+                self.header_name(p.key("headers").key(k.clone()), k);
+                if !lower.insert(k.to_ascii_lowercase()) {
+                    self.err(
+                        p.key("headers").key(k.clone()),
+                        format!("header {k:?} is given twice (names are case-insensitive)"),
+                    );
+                }
+                if http::HeaderValue::from_str(v).is_err() {
+                    self.err(
+                        p.key("headers").key(k.clone()),
+                        format!("{v:?} is not a valid header value"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn no_dupes(&mut self, p: JsonPath, list: &[String]) {
+        let mut seen = HashSet::new();
+        for (i, v) in list.iter().enumerate() {
+            if !seen.insert(v) {
+                self.err(p.index(i), format!("{v:?} is listed twice"));
+            }
+        }
+    }
+}
+
+/// Which dimensions a matcher constrains, as a precedence number: users (8) > headers (4) >
+/// interfaces (2) > apps (1). Higher wins.
+pub(crate) fn specificity(m: &Match) -> u8 {
+    (m.users.is_some() as u8) << 3
+        | (m.headers.is_some() as u8) << 2
+        | (m.interfaces.is_some() as u8) << 1
+        | (m.apps.is_some() as u8)
+}
+
+fn lists_overlap(a: &Option<Vec<String>>, b: &Option<Vec<String>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let set: HashSet<&String> = a.iter().collect();
+            b.iter().any(|x| set.contains(x))
+        }
+        _ => true,
+    }
+}
+
+fn headers_overlap(
+    a: &Option<BTreeMap<String, String>>,
+    b: &Option<BTreeMap<String, String>>,
+) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            // Disjoint only if some header is required with different values by the two.
+            let b_lower: HashMap<String, &String> =
+                b.iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+            a.iter().all(|(k, v)| {
+                b_lower
+                    .get(&k.to_ascii_lowercase())
+                    .is_none_or(|bv| *bv == v)
+            })
+        }
+        _ => true,
+    }
+}
+
+fn overlap(a: &Match, b: &Match) -> bool {
+    lists_overlap(&a.apps, &b.apps)
+        && lists_overlap(&a.interfaces, &b.interfaces)
+        && lists_overlap(&a.users, &b.users)
+        && headers_overlap(&a.headers, &b.headers)
+}
+
+/// Pairs `(earlier, later)` of rules with equal specificity that can match one request.
+///
+/// Rules are grouped by specificity and then by the values of their most significant list
+/// dimension, so only rules sharing a value are compared: linear in the number of rules for
+/// the usual configs (one rule per app or interface), not quadratic.
+pub(crate) fn ambiguous_pairs<'a>(
+    matchers: impl Iterator<Item = &'a Match>,
+) -> Vec<(usize, usize)> {
+    let all: Vec<&Match> = matchers.collect();
+    let mut groups: HashMap<(u8, Option<&str>), Vec<usize>> = HashMap::new();
+    for (i, m) in all.iter().enumerate() {
+        let spec = specificity(m);
+        let primary = m
+            .users
+            .as_ref()
+            .or(m.interfaces.as_ref())
+            .or(m.apps.as_ref());
+        match primary {
+            Some(values) => {
+                let mut uniq: Vec<&str> = values.iter().map(String::as_str).collect();
+                uniq.sort_unstable();
+                uniq.dedup();
+                for v in uniq {
+                    groups.entry((spec, Some(v))).or_default().push(i);
+                }
+            }
+            None => groups.entry((spec, None)).or_default().push(i),
+        }
+    }
+    let mut pairs = HashSet::new();
+    for members in groups.values() {
+        for (x, &a) in members.iter().enumerate() {
+            for &b in &members[x + 1..] {
+                if overlap(all[a], all[b]) {
+                    pairs.insert((a, b));
+                }
+            }
+        }
+    }
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+/// A path template: starts with `/`, no `..` segment, no encoded slash, no control
+/// characters or whitespace; `{param}` segments are whole segments with a plain name.
+fn check_path_template(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with `/`"));
+    }
+    if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{path:?} contains whitespace or control characters"
+        ));
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return Err(format!("{path:?} contains an encoded `/`, `\\` or NUL"));
+    }
+    for seg in path.split('/').skip(1) {
+        if seg == ".." || seg == "." {
+            return Err(format!("{path:?} contains a `{seg}` segment"));
+        }
+        if seg.contains('{') || seg.contains('}') {
+            let name = seg
+                .strip_prefix('{')
+                .and_then(|s| s.strip_suffix('}'))
+                .ok_or_else(|| {
+                    format!("{path:?}: a parameter must be a whole segment, like `{{id}}`")
+                })?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "{path:?}: parameter name {name:?} must be letters, digits or `_`"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` with a port in 1..=65535; no scheme, no path.
+fn check_endpoint(e: &str) -> Result<(), String> {
+    if e.is_empty() {
+        return Err("endpoint must not be empty".into());
+    }
+    if e.contains("://") {
+        return Err(format!("{e:?} must be host:port, without a scheme"));
+    }
+    if e.contains('/') {
+        return Err(format!("{e:?} must be host:port, without a path"));
+    }
+    if e.parse::<SocketAddr>().is_ok() {
+        return match e.rsplit_once(':') {
+            Some((_, "0")) => Err(format!("{e:?}: port 0 is not a valid upstream port")),
+            _ => Ok(()),
+        };
+    }
+    if e.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("{e:?} has no port"));
+    }
+    let (host, port) = e
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{e:?} has no port"))?;
+    if host.is_empty() {
+        return Err(format!("{e:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{e:?}: port {port:?} is not in 1..=65535")),
+        Ok(_) => {
+            let ok = host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{e:?}: {host:?} is not a valid host name"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -130,13 +130,16 @@ impl Snapshot {
                 path: i.path.as_str().into(),
             })
             .collect();
+        // Path template → interfaces on it, in first-seen order of templates.
         let mut per_template: Vec<(&str, Vec<(Option<Method>, InterfaceId)>)> = Vec::new();
+        let mut template_slot: HashMap<&str, usize> = HashMap::new();
         for (i, itf) in interfaces.iter().enumerate() {
             let entry = (itf.method.clone(), InterfaceId(i as u32));
-            match per_template.iter_mut().find(|(p, _)| *p == &*itf.path) {
-                Some((_, v)) => v.push(entry),
-                None => per_template.push((&itf.path, vec![entry])),
-            }
+            let slot = *template_slot.entry(&itf.path).or_insert_with(|| {
+                per_template.push((&itf.path, Vec::new()));
+                per_template.len() - 1
+            });
+            per_template[slot].1.push(entry);
         }
         let mut router = matchit::Router::new();
         for (path, mut list) in per_template {

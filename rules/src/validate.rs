@@ -539,39 +539,54 @@ fn overlap(a: &Match, b: &Match) -> bool {
 
 /// Pairs `(earlier, later)` of rules with equal specificity that can match one request.
 ///
-/// Rules are grouped by specificity and then by the values of their most significant list
-/// dimension, so only rules sharing a value are compared: linear in the number of rules for
-/// the usual configs (one rule per app or interface), not quadratic.
+/// Two such rules constrain the same dimensions, so they can only overlap if they share a
+/// value in every listed dimension. Rules are grouped by specificity, then by the values of
+/// the listed dimension with the most distinct values in that group, and only rules sharing
+/// a value are compared: linear for the usual configs (one rule per app or per interface),
+/// not quadratic.
 pub(crate) fn ambiguous_pairs<'a>(
     matchers: impl Iterator<Item = &'a Match>,
 ) -> Vec<(usize, usize)> {
+    type Dim = fn(&Match) -> Option<&Vec<String>>;
+    const DIMS: [Dim; 3] = [
+        |m| m.users.as_ref(),
+        |m| m.interfaces.as_ref(),
+        |m| m.apps.as_ref(),
+    ];
     let all: Vec<&Match> = matchers.collect();
-    let mut groups: HashMap<(u8, Option<&str>), Vec<usize>> = HashMap::new();
+    let mut by_spec: HashMap<u8, Vec<usize>> = HashMap::new();
     for (i, m) in all.iter().enumerate() {
-        let spec = specificity(m);
-        let primary = m
-            .users
-            .as_ref()
-            .or(m.interfaces.as_ref())
-            .or(m.apps.as_ref());
-        match primary {
-            Some(values) => {
-                let mut uniq: Vec<&str> = values.iter().map(String::as_str).collect();
-                uniq.sort_unstable();
-                uniq.dedup();
-                for v in uniq {
-                    groups.entry((spec, Some(v))).or_default().push(i);
-                }
-            }
-            None => groups.entry((spec, None)).or_default().push(i),
-        }
+        by_spec.entry(specificity(m)).or_default().push(i);
     }
     let mut pairs = HashSet::new();
-    for members in groups.values() {
-        for (x, &a) in members.iter().enumerate() {
-            for &b in &members[x + 1..] {
-                if overlap(all[a], all[b]) {
-                    pairs.insert((a, b));
+    for members in by_spec.values() {
+        let first = all[members[0]];
+        // The most selective listed dimension of this group, if it lists any.
+        let dim = DIMS.iter().filter(|d| d(first).is_some()).max_by_key(|d| {
+            members
+                .iter()
+                .flat_map(|&i| d(all[i]).into_iter().flatten())
+                .collect::<HashSet<_>>()
+                .len()
+        });
+        let mut groups: HashMap<Option<&str>, Vec<usize>> = HashMap::new();
+        for &i in members {
+            match dim.and_then(|d| d(all[i])) {
+                Some(values) => {
+                    let uniq: HashSet<&str> = values.iter().map(String::as_str).collect();
+                    for v in uniq {
+                        groups.entry(Some(v)).or_default().push(i);
+                    }
+                }
+                None => groups.entry(None).or_default().push(i),
+            }
+        }
+        for g in groups.values() {
+            for (x, &a) in g.iter().enumerate() {
+                for &b in &g[x + 1..] {
+                    if overlap(all[a], all[b]) {
+                        pairs.insert((a, b));
+                    }
                 }
             }
         }

@@ -1,1 +1,211 @@
 use super::*;
+use crate::source::parse;
+
+fn cfg(routes: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"{{
+  "schema_version": 1,
+  "interfaces": [
+    {{ "name": "grab", "method": "POST", "path": "/envelopes/{{id}}/grab" }},
+    {{ "name": "open", "method": "GET", "path": "/envelopes/{{id}}" }}
+  ],
+  "upstreams": {{ "v1": {{ "endpoints": ["127.0.0.1:9000"] }}, "v2": {{ "endpoints": ["127.0.0.1:9001"] }} }},
+  "routes": {routes}{extra}
+}}"#
+    );
+    parse("t.json", text.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn messages(c: &Config) -> Vec<String> {
+    validate(c)
+        .into_iter()
+        .map(|i| format!("{}: {}", i.path, i.message))
+        .collect()
+}
+
+/// A good config has no issues.
+#[test]
+fn good_config_is_clean() {
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v1"}, {"name": "g", "match": {"interfaces": ["grab"]}, "upstream": "v2"}]"#,
+        "",
+    );
+    assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+/// Every problem is reported, not just the first.
+#[test]
+fn reports_all() {
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v3"}, {"name": "d", "match": {"interfaces": ["grb"]}, "upstream": "v1"}]"#,
+        r#", "server": {"limits": {"max_headers": 0}, "admin": {"address": "127.0.0.1"}}"#,
+    );
+    let m = messages(&c);
+    assert_eq!(m.len(), 5, "{m:#?}");
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("routes[0].upstream: unknown upstream \"v3\""))
+    );
+    assert!(m.iter().any(|x| x.contains(
+        "routes[1].match.interfaces[0]: unknown interface \"grb\"; did you mean \"grab\"?"
+    )));
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("routes[1].name: duplicate rule name"))
+    );
+    assert!(
+        m.iter()
+            .any(|x| x == "server.limits.max_headers: 0 is out of range; allowed 8..=1000")
+    );
+    assert!(
+        m.iter()
+            .any(|x| x == "server.admin.address: \"127.0.0.1\" has no port")
+    );
+}
+
+/// No routes is refused unless explicitly allowed.
+#[test]
+fn empty_routes() {
+    assert!(messages(&cfg("[]", ""))[0].contains("no route rules"));
+    assert!(messages(&cfg("[]", r#", "allow_empty_routes": true"#)).is_empty());
+}
+
+/// Two rules constraining the same dimensions with overlapping values are ambiguous; a
+/// more specific rule, or disjoint values, are fine.
+#[test]
+fn ambiguity() {
+    let amb = cfg(
+        r#"[{"name": "a", "match": {"apps": ["x", "y"]}, "upstream": "v1"},
+            {"name": "b", "match": {"apps": ["y"]}, "upstream": "v2"}]"#,
+        "",
+    );
+    let m = messages(&amb);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(
+        m[0].contains("rules \"a\" (routes[0]) and \"b\" (routes[1])"),
+        "{m:?}"
+    );
+
+    let two_defaults = cfg(
+        r#"[{"name": "a", "upstream": "v1"}, {"name": "b", "upstream": "v2"}]"#,
+        "",
+    );
+    assert_eq!(messages(&two_defaults).len(), 1);
+
+    let ok = cfg(
+        r#"[{"name": "a", "match": {"apps": ["x"]}, "upstream": "v1"},
+            {"name": "b", "match": {"apps": ["y"]}, "upstream": "v2"},
+            {"name": "c", "match": {"apps": ["x"], "interfaces": ["grab"]}, "upstream": "v2"},
+            {"name": "d", "match": {"headers": {"x-canary": "v2"}}, "upstream": "v2"},
+            {"name": "e", "match": {"headers": {"x-canary": "v3"}}, "upstream": "v1"}]"#,
+        "",
+    );
+    assert!(messages(&ok).is_empty(), "{:?}", messages(&ok));
+
+    let hdr = cfg(
+        r#"[{"name": "d", "match": {"headers": {"x-canary": "v2"}}, "upstream": "v2"},
+            {"name": "e", "match": {"headers": {"X-Canary": "v2", "x-other": "1"}}, "upstream": "v1"}]"#,
+        "",
+    );
+    assert_eq!(messages(&hdr).len(), 1, "same header value overlaps");
+}
+
+/// Path templates that could bypass rules by normalisation are refused.
+#[test]
+fn bad_templates() {
+    for (path, want) in [
+        ("envelopes", "must start with `/`"),
+        ("/a/../b", "`..` segment"),
+        ("/a%2Fb", "encoded"),
+        ("/a/{id", "whole segment"),
+        ("/a/{}", "parameter name"),
+        ("/a b", "whitespace"),
+    ] {
+        let text = format!(
+            r#"{{"schema_version": 1, "interfaces": [{{"name": "x", "method": "GET", "path": {path:?}}}],
+               "upstreams": {{"u": {{"endpoints": ["127.0.0.1:1"]}}}}, "routes": [{{"name": "d", "upstream": "u"}}]}}"#
+        );
+        let c = parse("t.json", text.as_bytes()).unwrap();
+        let m = messages(&c);
+        assert!(m.iter().any(|x| x.contains(want)), "{path}: {m:?}");
+    }
+}
+
+/// Endpoints must be host:port with a real port, without scheme or path.
+#[test]
+fn endpoints() {
+    for (e, ok) in [
+        ("127.0.0.1:80", true),
+        ("[::1]:80", true),
+        ("backend.internal:8080", true),
+        ("127.0.0.1", false),
+        ("localhost:99999", false),
+        ("http://x:1", false),
+        ("x:1/path", false),
+        ("", false),
+        ("127.0.0.1:0", false),
+        (":80", false),
+    ] {
+        assert_eq!(
+            check_endpoint(e).is_ok(),
+            ok,
+            "{e}: {:?}",
+            check_endpoint(e)
+        );
+    }
+}
+
+/// Duplicate interfaces (same method and path) and bad methods are refused.
+#[test]
+fn interfaces() {
+    let text = r#"{"schema_version": 1, "interfaces": [
+        {"name": "a", "method": "GET", "path": "/x"},
+        {"name": "b", "method": "GET", "path": "/x"},
+        {"name": "a", "method": "get", "path": "/y"}],
+        "upstreams": {"u": {"endpoints": ["127.0.0.1:1"]}}, "routes": [{"name": "d", "upstream": "u"}]}"#;
+    let m = messages(&parse("t.json", text.as_bytes()).unwrap());
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("interfaces[1]: duplicate interface: GET /x")),
+        "{m:?}"
+    );
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("interfaces[2].name: duplicate interface \"a\"")),
+        "{m:?}"
+    );
+    assert!(
+        m.iter().any(|x| x.starts_with("interfaces[2].method")),
+        "{m:?}"
+    );
+}
+
+/// Header names in extractors and matchers must be valid.
+#[test]
+fn header_names() {
+    let c = cfg(
+        r#"[{"name": "d", "match": {"headers": {"x user": "1"}}, "upstream": "v1"}]"#,
+        r#", "identity": {"user": {"header": "bad header"}}"#,
+    );
+    let m = messages(&c);
+    assert!(
+        m.iter().any(|x| x.starts_with("identity.user.header")),
+        "{m:?}"
+    );
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("routes[0].match.headers[\"x user\"]")),
+        "{m:?}"
+    );
+}
+
+/// Unsupported schema versions are refused with the supported one named.
+#[test]
+fn schema_version() {
+    let mut c = cfg(r#"[{"name": "d", "upstream": "v1"}]"#, "");
+    c.schema_version = 99;
+    assert_eq!(
+        messages(&c),
+        ["schema_version: unsupported schema_version 99; this build reads version 1"]
+    );
+}

@@ -1,73 +1,95 @@
-//! Grab backend: the bundled red-envelope service (contract stub; the real
-//! store lands behind this API).
+//! Grab backend: the bundled red-envelope service Tidegate protects.
+//!
+//! Senders create envelopes (`POST /envelopes`); users grab shares
+//! (`POST /envelopes/{id}/grab`, user from a header) split by the
+//! double-mean rule; wallets are credited asynchronously by a settlement
+//! worker that reads the log. A create or grab is acknowledged only once it
+//! is in the write-ahead log on disk (group commit), and recovery after
+//! `kill -9` restores every acknowledged grab. See `docs/grab-backend.md`.
+//!
+//! Run it with [`serve`] (the standalone binary and the gateway's embedded
+//! upstream both do), or build the router over any [`Store`] with [`router`].
+//!
+//! # Layout
+//! - [`config`]: bootstrap settings ([`Config`], [`FsyncMode`], [`Limits`]).
+//! - [`split`]: the double-mean share draw (pure).
+//! - `model`: ids, log records, envelope state and the settled ledger.
+//! - `wal`: log framing, the group-commit writer, segment scanning.
+//! - `snapshot`: atomic snapshots of the ledger; log truncation.
+//! - `settle`: the settlement worker (wallet credits, snapshots).
+//! - [`store`]: the [`Store`] trait and the types crossing it.
+//! - `embedded`: [`EmbeddedStore`], the single-node implementation.
+//! - `http`: the axum routes over a [`Store`].
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::sync::Arc;
 
-/// How the write-ahead log reaches the disk before an acknowledgement.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FsyncMode {
-    /// Acknowledge only after the record is fsynced (group commit). Default.
-    #[default]
-    Always,
-    /// Acknowledge after `write(2)`; fsync on a short timer.
-    Batch,
-    /// Acknowledge after `write(2)`; never fsync on the request path.
-    Never,
-}
+use anyhow::Context;
 
-/// Request validation limits.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Largest number of shares in one envelope. Default 10,000.
-    pub max_count: u32,
-    /// Largest envelope total, in cents. Default 20,000,000.
-    pub max_total_cents: u64,
-}
+pub mod config;
+mod embedded;
+mod http;
+mod model;
+mod settle;
+mod snapshot;
+pub mod split;
+pub mod store;
+mod wal;
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_count: 10_000,
-            max_total_cents: 20_000_000,
-        }
-    }
-}
-
-/// Bootstrap configuration of the grab backend.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Directory holding the log segments and the snapshot. Default `data/grab`.
-    pub data_dir: PathBuf,
-    /// Durability mode of acknowledgements. Default [`FsyncMode::Always`].
-    pub fsync: FsyncMode,
-    /// Header carrying the user id of a grab. Default `x-user-id`.
-    pub user_header: String,
-    /// Request validation limits.
-    pub limits: Limits,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("data/grab"),
-            fsync: FsyncMode::Always,
-            user_header: "x-user-id".to_owned(),
-            limits: Limits::default(),
-        }
-    }
-}
+pub use config::{Config, FsyncMode, Limits};
+pub use embedded::EmbeddedStore;
+pub use http::router;
+pub use model::{Credit, CreditKind, EnvelopeId, EnvelopeState};
+pub use store::{
+    CreateRequest, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health,
+    InvalidRequest, NewEnvelope, Store, StoreError, Totals, WalletView,
+};
 
 /// Serve the grab API on `listener` until `shutdown` resolves.
+///
+/// Opens and recovers the store in `config.data_dir` (creating it), starts
+/// the log writer, the settlement worker and the expiry sweeper, and serves
+/// HTTP/1.1 and h2c. When `shutdown` resolves it stops accepting, lets
+/// in-flight requests finish, commits the log, lets settlement catch up and
+/// writes a final snapshot before returning.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
-    axum::serve(listener, app)
+    let open_config = config.clone();
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&open_config))
+        .await
+        .context("store recovery panicked")??;
+    let store = Arc::new(store);
+    let app = router(store.clone(), &config)?;
+
+    let sweeper = {
+        let store = store.clone();
+        let every = config.expiry_sweep_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.refund_expired().await {
+                    tracing::warn!(error = %e, "expiry sweep failed");
+                }
+            }
+        })
+    };
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, "grab backend serving");
+    }
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    sweeper.abort();
+    let _ = sweeper.await;
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .context("store close panicked")?;
+    served.context("serving grab API")?;
     Ok(())
 }

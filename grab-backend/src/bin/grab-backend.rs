@@ -1,0 +1,91 @@
+//! `grab-backend`: the red-envelope service, standalone.
+//!
+//! Prints `listening on ADDR` on stdout once it accepts connections (tests
+//! and scripts read the port from it when binding port 0), and exits 0 after
+//! draining on SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use grab_backend::{Config, FsyncMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "grab-backend",
+    version,
+    about = "Red-envelope grab service with a durable log"
+)]
+struct Args {
+    /// Directory for the log and snapshots (created if missing).
+    #[arg(long, default_value = "data/grab")]
+    data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: String,
+    /// always: ack after fsync (grouped); batch: ack after write, fsync every 10 ms;
+    /// never: ack after write, fsync only at segment close, snapshot and shutdown.
+    #[arg(long, value_enum, default_value_t = FsyncMode::Always)]
+    fsync: FsyncMode,
+    /// Header carrying the user id of a grab.
+    #[arg(long, default_value = "x-user-id")]
+    user_header: String,
+    /// Sync once per record instead of sharing syncs (benchmark baseline).
+    #[arg(long)]
+    no_group_commit: bool,
+    /// Largest number of shares per envelope.
+    #[arg(long, default_value_t = 10_000)]
+    max_count: u32,
+    /// Largest envelope total, in cents.
+    #[arg(long, default_value_t = 20_000_000)]
+    max_total_cents: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = Config {
+        data_dir: args.data_dir,
+        fsync: args.fsync,
+        user_header: args.user_header,
+        group_commit: !args.no_group_commit,
+        ..Config::default()
+    };
+    config.limits.max_count = args.max_count;
+    config.limits.max_total_cents = args.max_total_cents;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        println!("listening on {addr}");
+        grab_backend::serve(listener, config, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received; draining");
+}

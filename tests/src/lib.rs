@@ -1,1 +1,647 @@
-//! End-to-end test support.
+//! End-to-end test support: config fixtures, upstream test servers, clients, certificates
+//! and the gateway as a real child process.
+//!
+//! Everything binds `127.0.0.1:0`; nothing here uses a fixed port. Every network wait is
+//! bounded by [`TIMEOUT`], and everything started here stops when its handle is dropped
+//! (upstream tasks are aborted, child processes killed, temp dirs removed).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client as LegacyClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Upper bound for any single network exchange in a test.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Body type of requests sent by test clients (a whole buffer or a stream).
+pub type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+/// A pooled client for plain HTTP (HTTP/1.1 or prior-knowledge h2c).
+pub type Client = LegacyClient<HttpConnector, ReqBody>;
+
+// === config fixtures ===
+
+/// A complete config: one plain listener and the admin port on `127.0.0.1:0`, the example
+/// interfaces, and one static upstream `up` with the given endpoints behind the default
+/// route. Tests adjust it with [`set`].
+pub fn config(endpoints: &[SocketAddr]) -> Value {
+    let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+    json!({
+        "schema_version": 1,
+        "server": {
+            "listeners": [{ "name": "public", "address": "127.0.0.1:0" }],
+            "admin": { "address": "127.0.0.1:0" },
+            "limits": {},
+            "shutdown_grace_ms": 5000,
+            "access_log": { "enabled": false, "format": "json" }
+        },
+        "interfaces": [
+            { "name": "create", "method": "POST", "path": "/envelopes" },
+            { "name": "grab",   "method": "POST", "path": "/envelopes/{id}/grab" },
+            { "name": "open",   "method": "GET",  "path": "/envelopes/{id}" },
+            { "name": "health", "method": "GET",  "path": "/healthz" }
+        ],
+        "upstreams": {
+            "up": {
+                "endpoints": endpoints,
+                "connect_timeout_ms": 1000,
+                "request_timeout_ms": 5000
+            }
+        },
+        "routes": [{ "name": "default", "upstream": "up" }]
+    })
+}
+
+/// Set the value at a `/`-separated path (`server/limits/max_body_bytes`,
+/// `server/listeners/0/tls`), creating objects on the way.
+pub fn set(config: &mut Value, path: &str, value: Value) {
+    let mut at = config;
+    for key in path.split('/') {
+        at = match at {
+            Value::Array(items) => key
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| items.get_mut(i))
+                .unwrap_or_else(|| panic!("{path}: no element {key:?}")),
+            Value::Object(map) => map.entry(key).or_insert_with(|| json!({})),
+            _ => panic!("{path}: {key:?} is not inside an object or array"),
+        };
+    }
+    *at = value;
+}
+
+/// Load `config` and start an in-process gateway; panics with the located errors if the
+/// config is refused.
+pub async fn start_gateway(config: &Value) -> tidegate::Server {
+    let bytes = serde_json::to_vec_pretty(config).expect("a Value serializes");
+    let loaded = rules::load("test.json", &bytes).unwrap_or_else(|e| panic!("config:\n{e}"));
+    tokio::time::timeout(TIMEOUT, tidegate::start(loaded))
+        .await
+        .expect("the gateway starts in time")
+        .expect("the gateway starts")
+}
+
+/// An address that was bound and then closed: connecting to it is refused.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    l.local_addr().expect("a bound address")
+}
+
+// === upstream test server ===
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The request method.
+    pub method: http::Method,
+    /// Path and query.
+    pub path: String,
+    /// HTTP version on the upstream connection.
+    pub version: Version,
+    /// Every header as received.
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    seen: Mutex<Vec<Seen>>,
+    body_bytes: AtomicU64,
+}
+
+/// A test upstream on `127.0.0.1:0` (HTTP/1.1 and h2c). It records every request head as
+/// it arrives and answers by query parameters, so one server covers every scenario:
+///
+/// - `sleep_ms=N`: wait N ms before reading the body and answering;
+/// - `download=N`: answer with N bytes streamed in 64 KiB chunks;
+/// - `hop=1`: answer with hop-by-hop headers (`Connection: x-up-secret`, `x-up-secret`,
+///   `Keep-Alive`) that a proxy must strip;
+/// - otherwise: read the body (counting, never buffering it) and answer 200 with JSON
+///   `{"method", "path", "version", "body_len", "headers": {name: value}}`.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: Arc<Log>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Start one.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("a bound address");
+        let log = Arc::new(Log::default());
+        let l = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = l.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(upstream_answer(req, &log).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, log, task }
+    }
+
+    /// Request heads seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.log.seen.lock().expect("not poisoned").clone()
+    }
+
+    /// Number of requests that reached this upstream.
+    pub fn hits(&self) -> usize {
+        self.log.seen.lock().expect("not poisoned").len()
+    }
+
+    /// Request body bytes received over all requests.
+    pub fn body_bytes(&self) -> u64 {
+        self.log.body_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+async fn upstream_answer(req: Request<Incoming>, log: &Log) -> Response<UpBody> {
+    let (parts, mut body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    log.seen.lock().expect("not poisoned").push(Seen {
+        method: parts.method.clone(),
+        path: path.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let query: BTreeMap<&str, &str> = parts
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let num = |k: &str| query.get(k).and_then(|v| v.parse::<u64>().ok());
+
+    if let Some(ms) = num("sleep_ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(d) = frame.data_ref() {
+            body_len += d.len() as u64;
+            log.body_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    if let Some(n) = num("download") {
+        return Response::new(streamed_body(n).map_err(|e| match e {}).boxed());
+    }
+    let headers: BTreeMap<&str, &str> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>")))
+        .collect();
+    let answer = json!({
+        "method": parts.method.as_str(),
+        "path": path,
+        "version": format!("{:?}", parts.version),
+        "body_len": body_len,
+        "headers": headers,
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::from(answer.to_string()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().expect("valid"));
+    if num("hop") == Some(1) {
+        let h = resp.headers_mut();
+        h.insert("connection", "x-up-secret".parse().expect("valid"));
+        h.insert("x-up-secret", "1".parse().expect("valid"));
+        h.insert("keep-alive", "timeout=5".parse().expect("valid"));
+        h.insert("x-up-visible", "1".parse().expect("valid"));
+    }
+    resp
+}
+
+/// `n` bytes of `b'x'`, streamed in 64 KiB chunks that share one buffer.
+pub fn streamed_body(
+    n: u64,
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let frames = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(n - i * CHUNK) as usize;
+        Ok(Frame::data(chunk.slice(..len)))
+    });
+    StreamBody::new(futures_util::stream::iter(frames))
+}
+
+// === clients ===
+
+/// An HTTP/1.1 client.
+pub fn h1_client() -> Client {
+    LegacyClient::builder(TokioExecutor::new()).build_http()
+}
+
+/// A prior-knowledge HTTP/2 (h2c) client.
+pub fn h2c_client() -> Client {
+    LegacyClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A whole request body.
+pub fn full(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A streamed request body of `n` bytes.
+pub fn streamed(n: u64) -> ReqBody {
+    streamed_body(n).map_err(|e| match e {}).boxed()
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// HTTP version of the downstream connection.
+    pub version: Version,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON; panics with the body text when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Read a response whole, within [`TIMEOUT`].
+pub async fn read_reply<B>(resp: Response<B>) -> Reply
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(TIMEOUT, body.collect())
+        .await
+        .expect("the body arrives in time")
+        .expect("the body reads")
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Send a request and read the response whole, within [`TIMEOUT`].
+pub async fn send(client: &Client, req: Request<ReqBody>) -> Reply {
+    let resp = tokio::time::timeout(TIMEOUT, client.request(req))
+        .await
+        .expect("the response head arrives in time")
+        .expect("the request is answered");
+    read_reply(resp).await
+}
+
+/// `GET http://{addr}{path}`.
+pub async fn get(client: &Client, addr: SocketAddr, path: &str) -> Reply {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(full(Bytes::new()))
+        .expect("a valid request");
+    send(client, req).await
+}
+
+/// `POST http://{addr}{path}` with a body.
+pub async fn post(client: &Client, addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> Reply {
+    let req = Request::post(format!("http://{addr}{path}"))
+        .body(full(body))
+        .expect("a valid request");
+    send(client, req).await
+}
+
+// === TLS ===
+
+/// A self-signed certificate for `localhost`, written as PEM files into a temp dir.
+#[derive(Debug)]
+pub struct TestCert {
+    /// The certificate, DER, to trust in clients.
+    pub der: CertificateDer<'static>,
+    /// The certificate PEM file.
+    pub cert_path: PathBuf,
+    /// The private key PEM file.
+    pub key_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Generate a certificate for `localhost` and write it out.
+pub fn test_cert() -> TestCert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("generating a certificate");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, ck.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key_path, ck.key_pair.serialize_pem()).expect("writing the key");
+    TestCert {
+        der: ck.cert.der().clone(),
+        cert_path,
+        key_path,
+        _dir: dir,
+    }
+}
+
+/// A client config trusting only `cert`, offering `alpn` and the given TLS versions.
+pub fn tls_client(
+    cert: &TestCert,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).expect("a valid certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("supported versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// What a TLS exchange negotiated, and the answer.
+#[derive(Debug)]
+pub struct TlsReply {
+    /// The ALPN protocol the server chose.
+    pub alpn: Option<Vec<u8>>,
+    /// The TLS version.
+    pub tls_version: Option<rustls::ProtocolVersion>,
+    /// The response.
+    pub reply: Reply,
+}
+
+/// `GET https://localhost{path}` on `addr` over one new TLS connection, speaking h2 if the
+/// server chose it by ALPN and HTTP/1.1 otherwise.
+pub async fn tls_get(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, path: &str) -> TlsReply {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await.expect("connecting");
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").expect("a DNS name"), tcp)
+            .await
+            .expect("the TLS handshake succeeds");
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let tls_version = tls.get_ref().1.protocol_version();
+        let io = TokioIo::new(tls);
+        let resp = if alpn.as_deref() == Some(b"h2") {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("the h2 handshake succeeds");
+            tokio::spawn(conn);
+            let req = Request::get(format!("https://localhost{path}"))
+                .body(Full::new(Bytes::new()))
+                .expect("a valid request");
+            send.send_request(req).await.expect("an h2 answer")
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("the h1 handshake succeeds");
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .expect("a valid request");
+            send.send_request(req).await.expect("an h1 answer")
+        };
+        TlsReply {
+            alpn,
+            tls_version,
+            reply: read_reply(resp).await,
+        }
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .expect("the TLS exchange finishes in time")
+}
+
+// === the gateway as a child process ===
+
+/// The `tidegate` binary of this build profile, built on first use.
+pub fn tidegate_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // The test executable is `<target>/<profile>/deps/<name>`; the binary sits in
+        // `<target>/<profile>/`.
+        let exe = std::env::current_exe().expect("the test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable is in <target>/<profile>/deps")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "tidegate", "--bin", "tidegate"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p tidegate failed");
+        let bin = profile_dir.join("tidegate");
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A `tidegate run` child process serving a config written to a temp dir. Killed on drop.
+#[derive(Debug)]
+pub struct ChildGateway {
+    child: Child,
+    /// The traffic listener's bound address, read from the `listening` log line.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildGateway {
+    /// Write `config` to a temp file and run the gateway on it; returns once it logs its
+    /// listening address. Its stdout is drained on a thread for the rest of its life.
+    pub fn spawn(config: &Value) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("tidegate.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(config).expect("serializes"),
+        )
+        .expect("writing the config");
+        let mut child = Command::new(tidegate_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting tidegate");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v["message"] == "listening" {
+                    if let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr: SocketAddr = match rx.recv_timeout(TIMEOUT) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tidegate did not log its listening address: {e}");
+            }
+        };
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Resident set size now, in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.child.id())
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `VmRSS` of process `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    try_rss_bytes(pid).unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
+}
+
+fn try_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some(kib * 1024)
+}
+
+/// Samples a process's RSS on a thread until dropped, keeping the peak.
+#[derive(Debug)]
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    /// Sample `pid` every 10 ms.
+    pub fn start(pid: u32) -> Self {
+        let peak = Arc::new(AtomicU64::new(rss_bytes(pid)));
+        let stop = Arc::new(AtomicUsize::new(0));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while s.load(Ordering::Relaxed) == 0 {
+                if let Some(rss) = try_rss_bytes(pid) {
+                    p.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The highest RSS seen so far, in bytes.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(1, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Forwarding behaviour: header hygiene, request IDs, upstream timeouts and failures,
+//! connect-failure retry, and the request body limit.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use serde_json::{Value, json};
+use tidegate_tests::{
+    Upstream, config, dead_addr, full, get, h1_client, post, send, set, start_gateway, streamed,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Send raw HTTP/1.1 bytes (which must ask for `Connection: close`) and return the status
+/// line, the header block and the body.
+async fn raw_exchange(addr: SocketAddr, request: &str) -> (String, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the gateway answers and closes in time")
+        .unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+    (
+        status.to_owned(),
+        headers.to_ascii_lowercase(),
+        buf[split + 4..].to_vec(),
+    )
+}
+
+/// Headers named by `Connection`, and `Keep-Alive`, `TE`, `Proxy-Connection`, do not reach
+/// the upstream; other headers do, and `X-Forwarded-For`/`-Proto` are set.
+#[tokio::test]
+async fn hop_by_hop_request_headers_are_stripped() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let (status, _, _) = raw_exchange(
+        gw.listen_addrs[0],
+        "GET /hop HTTP/1.1\r\nHost: example.test\r\nConnection: close, x-secret\r\n\
+         x-secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+         Proxy-Connection: keep-alive\r\nx-keep: yes\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    for gone in ["x-secret", "keep-alive", "te", "proxy-connection"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h:?}");
+    }
+    // hyper's client may add its own `connection` header, but never the client's tokens.
+    for v in h.get_all("connection") {
+        assert!(!v.to_str().unwrap().contains("x-secret"), "{h:?}");
+    }
+    assert_eq!(h["x-keep"], "yes");
+    assert_eq!(h["host"], "example.test");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(gw.shutdown().await);
+}
+
+/// Hop-by-hop headers in the upstream's response do not reach the client.
+#[tokio::test]
+async fn hop_by_hop_response_headers_are_stripped() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let r = get(&h1_client(), gw.listen_addrs[0], "/x?hop=1").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-up-visible"], "1");
+    assert!(r.headers.get("x-up-secret").is_none(), "{:?}", r.headers);
+    assert!(r.headers.get("keep-alive").is_none(), "{:?}", r.headers);
+    assert!(gw.shutdown().await);
+}
+
+/// An existing `X-Forwarded-For` is appended to, not replaced.
+#[tokio::test]
+async fn forwarded_for_is_appended() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let req = Request::get(format!("http://{}/xff", gw.listen_addrs[0]))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .body(full(""))
+        .unwrap();
+    let r = send(&h1_client(), req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let h = &up.seen()[0].headers;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    // The proto describes the gateway's own listener; a client cannot claim https.
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(gw.shutdown().await);
+}
+
+/// A client's `X-Request-Id` reaches the upstream and comes back unchanged; without one,
+/// the gateway generates a distinct ID per request and returns it.
+#[tokio::test]
+async fn request_id_kept_or_generated() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let client = h1_client();
+    let addr = gw.listen_addrs[0];
+
+    let req = Request::get(format!("http://{addr}/rid"))
+        .header("x-request-id", "client-chosen-42")
+        .body(full(""))
+        .unwrap();
+    let r = send(&client, req).await;
+    assert_eq!(r.headers["x-request-id"], "client-chosen-42");
+    assert_eq!(up.seen()[0].headers["x-request-id"], "client-chosen-42");
+
+    let a = get(&client, addr, "/rid").await;
+    let b = get(&client, addr, "/rid").await;
+    let (ida, idb) = (&a.headers["x-request-id"], &b.headers["x-request-id"]);
+    assert!(!ida.is_empty());
+    assert_ne!(ida, idb, "generated IDs are distinct");
+    let seen = up.seen();
+    assert_eq!(&seen[1].headers["x-request-id"], ida);
+    assert_eq!(&seen[2].headers["x-request-id"], idb);
+    assert!(gw.shutdown().await);
+}
+
+/// An upstream slower than `request_timeout_ms` gives 504 `upstream_timeout`, on time.
+#[tokio::test]
+async fn slow_upstream_times_out() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(&mut cfg, "upstreams/up/request_timeout_ms", json!(300));
+    let gw = start_gateway(&cfg).await;
+    let started = Instant::now();
+    let r = get(&h1_client(), gw.listen_addrs[0], "/slow?sleep_ms=5000").await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json(), json!({"error": "upstream_timeout"}));
+    assert!(
+        took >= Duration::from_millis(290),
+        "answered early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1300),
+        "answered late: {took:?}"
+    );
+    assert_eq!(up.hits(), 1);
+    assert!(gw.shutdown().await);
+}
+
+/// An upstream whose only endpoint refuses connections gives 502 `upstream_unavailable`,
+/// and the failure is counted in metrics.
+#[tokio::test]
+async fn dead_upstream_is_502() {
+    let gw = start_gateway(&config(&[dead_addr()])).await;
+    let client = h1_client();
+    let r = get(&client, gw.listen_addrs[0], "/x").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json(), json!({"error": "upstream_unavailable"}));
+    let m = get(&client, gw.admin_addr, "/metrics").await.text();
+    assert!(
+        m.contains(
+            r#"tidegate_upstream_errors_total{upstream="up",error="upstream_unavailable"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(gw.shutdown().await);
+}
+
+/// With one dead and one live endpoint, every request succeeds (a connect failure is
+/// retried on the other endpoint), request bodies included.
+#[tokio::test]
+async fn connect_failure_retries_next_endpoint() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[dead_addr(), up.addr])).await;
+    let client = h1_client();
+    for i in 0..10 {
+        let r = if i % 2 == 0 {
+            get(&client, gw.listen_addrs[0], &format!("/r/{i}")).await
+        } else {
+            post(
+                &client,
+                gw.listen_addrs[0],
+                &format!("/r/{i}"),
+                vec![b'b'; 1000],
+            )
+            .await
+        };
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+        let body: Value = r.json();
+        assert_eq!(body["path"], format!("/r/{i}"));
+        assert_eq!(
+            body["body_len"],
+            if i % 2 == 0 { 0 } else { 1000 },
+            "request {i}"
+        );
+    }
+    assert_eq!(up.hits(), 10);
+    assert!(gw.shutdown().await);
+}
+
+/// A declared `Content-Length` above `max_body_bytes` gives 413 and the upstream sees
+/// nothing; a body exactly at the limit passes.
+#[tokio::test]
+async fn declared_body_over_limit_is_413() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(&mut cfg, "server/limits/max_body_bytes", json!(1024));
+    let gw = start_gateway(&cfg).await;
+    let client = h1_client();
+    let r = post(&client, gw.listen_addrs[0], "/upload", vec![b'a'; 4096]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.json(), json!({"error": "body_too_large"}));
+    assert_eq!(up.hits(), 0, "the upstream saw the refused request");
+
+    let r = post(&client, gw.listen_addrs[0], "/upload", vec![b'a'; 1024]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["body_len"], 1024);
+    assert_eq!(up.hits(), 1);
+    assert!(gw.shutdown().await);
+}
+
+/// A chunked body (no declared length) that grows past `max_body_bytes` gives 413, and
+/// the upstream never receives the bytes over the limit.
+#[tokio::test]
+async fn streamed_body_over_limit_is_413() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(&mut cfg, "server/limits/max_body_bytes", json!(100_000));
+    let gw = start_gateway(&cfg).await;
+    let req = Request::post(format!("http://{}/upload", gw.listen_addrs[0]))
+        .body(streamed(1_000_000))
+        .unwrap();
+    let r = send(&h1_client(), req).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(r.json(), json!({"error": "body_too_large"}));
+    assert!(
+        up.body_bytes() <= 100_000,
+        "upstream got {} bytes",
+        up.body_bytes()
+    );
+    assert!(gw.shutdown().await);
+}

@@ -244,6 +244,16 @@ impl Wal {
         Commit(Some(rx))
     }
 
+    /// Highest sequence number handed out (appended, maybe not committed).
+    pub(crate) fn appended_lsn(&self) -> u64 {
+        self.shared
+            .queue
+            .lock()
+            .expect("wal queue poisoned")
+            .next_lsn
+            - 1
+    }
+
     /// Highest committed sequence number.
     pub(crate) fn committed_lsn(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)

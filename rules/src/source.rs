@@ -12,7 +12,7 @@ use crate::model::Config;
 
 /// Largest config file accepted, in bytes. Callers reading from disk should refuse larger
 /// files before reading them whole.
-pub const MAX_CONFIG_BYTES: u64 = 8 * 1024 * 1024;
+pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Parse a config file's bytes. `file` is only used to name the file in errors.
 ///

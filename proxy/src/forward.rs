@@ -386,19 +386,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
 pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
-    match h.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + conn.remote_ip.len());
+    if h.contains_key(&X_FORWARDED_FOR) {
+        // Several header lines are one comma-separated list (RFC 9110 §5.3): keep every
+        // hop, in order, not just the first line.
+        let mut v = Vec::with_capacity(64);
+        for prev in h.get_all(&X_FORWARDED_FOR) {
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(conn.remote_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(&X_FORWARDED_FOR, v);
-            }
         }
-        None => {
-            h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
+        v.extend_from_slice(conn.remote_ip.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&v) {
+            h.insert(&X_FORWARDED_FOR, v);
         }
+    } else {
+        h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
     }
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
 }

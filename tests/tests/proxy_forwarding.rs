@@ -97,6 +97,29 @@ async fn forwarded_for_is_appended() {
     assert!(gw.shutdown().await);
 }
 
+/// `X-Forwarded-For` sent as several header lines keeps every hop, in order, before the
+/// client's address.
+#[tokio::test]
+async fn forwarded_for_keeps_every_line() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let (status, _, _) = raw_exchange(
+        gw.listen_addrs[0],
+        "GET /xff HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\
+         X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2, 198.51.100.3\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let h = &up.seen()[0].headers;
+    let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(
+        all,
+        ["198.51.100.1, 198.51.100.2, 198.51.100.3, 127.0.0.1"],
+        "{h:?}"
+    );
+    assert!(gw.shutdown().await);
+}
+
 /// A client's `X-Request-Id` reaches the upstream and comes back unchanged; without one,
 /// the gateway generates a distinct ID per request and returns it.
 #[tokio::test]

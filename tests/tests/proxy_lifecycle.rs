@@ -40,8 +40,14 @@ async fn graceful_shutdown_drains_in_flight() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(refused, "new connections still accepted after shutdown began");
-    assert!(!h1.is_finished() && !h2.is_finished(), "requests ended early");
+    assert!(
+        refused,
+        "new connections still accepted after shutdown began"
+    );
+    assert!(
+        !h1.is_finished() && !h2.is_finished(),
+        "requests ended early"
+    );
 
     for (name, task) in [("h1", h1), ("h2c", h2)] {
         let r = tokio::time::timeout(Duration::from_secs(5), task)
@@ -68,8 +74,14 @@ async fn shutdown_closes_idle_connections_promptly() {
     set(&mut cfg, "server/shutdown_grace_ms", json!(10_000));
     let gw = start_gateway(&cfg).await;
     let (c1, c2) = (h1_client(), h2c_client());
-    assert_eq!(get(&c1, gw.listen_addrs[0], "/a").await.status, StatusCode::OK);
-    assert_eq!(get(&c2, gw.listen_addrs[0], "/b").await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c1, gw.listen_addrs[0], "/a").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&c2, gw.listen_addrs[0], "/b").await.status,
+        StatusCode::OK
+    );
     let started = Instant::now();
     let drained = gw.shutdown().await;
     assert!(drained);
@@ -105,10 +117,19 @@ async fn admin_and_metrics_by_interface() {
         let r = post(&client, addr, &format!("/envelopes/{id}/grab"), "").await;
         assert_eq!(r.status, StatusCode::OK);
     }
-    assert_eq!(post(&client, addr, "/envelopes", "{}").await.status, StatusCode::OK);
-    assert_eq!(get(&client, addr, "/unclassified").await.status, StatusCode::OK);
+    assert_eq!(
+        post(&client, addr, "/envelopes", "{}").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, addr, "/unclassified").await.status,
+        StatusCode::OK
+    );
     // A method the interface does not name is not that interface.
-    assert_eq!(get(&client, addr, "/envelopes/e1/grab").await.status, StatusCode::OK);
+    assert_eq!(
+        get(&client, addr, "/envelopes/e1/grab").await.status,
+        StatusCode::OK
+    );
 
     let m = get(&client, gw.admin_addr, "/metrics").await;
     assert_eq!(m.status, StatusCode::OK);
@@ -157,7 +178,11 @@ fn embedded_config(data_dir: &std::path::Path) -> serde_json::Value {
             }
         }),
     );
-    set(&mut cfg, "routes", json!([{ "name": "default", "upstream": "grab" }]));
+    set(
+        &mut cfg,
+        "routes",
+        json!([{ "name": "default", "upstream": "grab" }]),
+    );
     cfg
 }
 
@@ -212,5 +237,35 @@ async fn embedded_backend_create_and_grab() {
     assert_eq!(g["remaining_count"], 2, "{g}");
     assert_eq!(g["remaining_cents"].as_u64(), Some(1000 - amount), "{g}");
     assert_eq!(g["user"], "bob", "{g}");
+    assert!(gw.shutdown().await);
+}
+
+/// CPU time (user + system, in clock ticks) used so far by the calling thread.
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A request in flight longer than `idle_timeout_ms` is neither cut off nor makes its
+/// connection task spin while it waits: it answers 200, and the thread running the gateway
+/// stays nearly idle.
+#[tokio::test]
+async fn idle_timeout_spares_in_flight_request_without_spinning() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(&mut cfg, "server/limits/idle_timeout_ms", json!(100));
+    let gw = start_gateway(&cfg).await;
+    // The test runtime is single-threaded: the gateway's tasks run on this thread.
+    let before = thread_cpu_ticks();
+    let r = get(&h1_client(), gw.listen_addrs[0], "/slow?sleep_ms=1000").await;
+    let used = thread_cpu_ticks() - before;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        used < 30,
+        "the thread used {used} ticks of CPU over a 1 s wait"
+    );
     assert!(gw.shutdown().await);
 }

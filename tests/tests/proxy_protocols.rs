@@ -39,6 +39,9 @@ async fn h2c_is_proxied() {
         let body = r.json();
         assert_eq!(body["path"], format!("/h2/{i}"));
         assert_eq!(body["version"], "HTTP/1.1");
+        // The authority the client addressed reaches the upstream as `Host`, as it does
+        // for HTTP/1.1 clients.
+        assert_eq!(body["headers"]["host"], gw.listen_addrs[0].to_string());
     }
     assert_eq!(up.hits(), 3);
     drop(client);
@@ -108,6 +111,7 @@ async fn tls_alpn_h2_and_http11() {
         let body = r.reply.json();
         assert_eq!(body["path"], "/secure", "{label}");
         assert_eq!(body["headers"]["x-forwarded-proto"], "https", "{label}");
+        assert_eq!(body["headers"]["host"], "localhost", "{label}");
     }
     assert_eq!(up.hits(), 4);
     assert!(gw.shutdown().await);

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use rules::{RequestParts, Snapshot};
+use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
 use crate::forward::{ConnInfo, Upstream, add_forwarded, strip_hop_by_hop};
 use crate::metrics::{
@@ -56,6 +56,8 @@ pub struct Gateway {
     /// Request-ID generator: a per-process random prefix and a counter.
     id_prefix: u64,
     id_counter: AtomicU64,
+    /// Counter behind [`Gateway::next_random`].
+    rand_counter: AtomicU64,
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -108,6 +110,7 @@ impl Gateway {
             settings,
             id_prefix,
             id_counter: AtomicU64::new(0),
+            rand_counter: AtomicU64::new(0),
         }
     }
 
@@ -134,12 +137,16 @@ impl Gateway {
                 query: parts.uri.query(),
                 headers: &parts.headers,
             });
-            let route = rt.snapshot.route(
-                c.app.as_deref(),
-                c.interface,
-                c.user.as_deref(),
-                &parts.headers,
-            );
+            let route = rt.snapshot.route(&RouteInput {
+                m: MatchInput {
+                    app: c.app.as_deref(),
+                    interface: c.interface,
+                    user: c.user.as_deref(),
+                    headers: &parts.headers,
+                },
+                client_ip: Some(conn.remote.ip()),
+                random: self.next_random(),
+            });
             let iface = c
                 .interface
                 .map(|i| rt.interface_names[i.0 as usize].clone());
@@ -147,7 +154,7 @@ impl Gateway {
                 (
                     c.app.as_deref().map(str::to_owned),
                     c.user.as_deref().map(str::to_owned),
-                    route.map(|r| r.name.to_string()),
+                    route.map(|r| r.rule.name.to_string()),
                 )
             });
             let upstream = route.map(|r| rt.upstreams[r.upstream.0 as usize].clone());
@@ -236,6 +243,19 @@ impl Gateway {
             );
         }
         resp
+    }
+
+    /// A uniformly distributed number for decisions that need a random draw (splitmix64 over
+    /// a counter: cheap, lock-free, and plenty for spreading requests over buckets).
+    fn next_random(&self) -> u64 {
+        let mut z = self
+            .rand_counter
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(self.id_prefix)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     fn next_request_id(&self) -> HeaderValue {

@@ -9,22 +9,30 @@
 //!   and positions for errors.
 //! - [`validate`]: ranges, formats, references and ambiguity; reports every problem at once.
 //! - [`snapshot`]: the compiled, indexed rules the request path reads.
+//! - [`matcher`]: rule conditions and the (app, interface) index shared by all rule kinds.
+//! - [`route`]: routing: direct, weighted splits, whitelists, override header.
+//! - [`bucket`]: the stable user-bucket hash and weight parsing.
 //! - [`classify`]: interface, app and user of a request.
 //! - [`error`]: located errors (`file:line:col path: message`).
 //!
 //! The entry point is [`load`]: parse → validate → compile, returning either a [`Loaded`]
 //! config or every error, located.
 
+pub mod bucket;
 pub mod classify;
 pub mod error;
+pub mod matcher;
 pub mod model;
+pub mod route;
 pub mod snapshot;
 pub mod source;
 pub mod validate;
 
 pub use classify::{Classified, RequestParts};
 pub use error::{ConfigError, ConfigErrors, JsonPath};
+pub use matcher::MatchInput;
 pub use model::Config;
+pub use route::{RouteDecision, RouteInput, Via};
 pub use snapshot::{InterfaceId, Snapshot, UpstreamId};
 
 /// Data directory of an `embedded` upstream that does not name one.

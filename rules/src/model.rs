@@ -259,6 +259,11 @@ pub enum Balance {
 }
 
 /// A route rule: which requests it matches and where they go.
+///
+/// Exactly one of `upstream` (all matching requests go there) or `split` (weighted, sticky
+/// per user) is given. For a split, the order of decisions is: the `override_header` (when
+/// enabled and naming one of the split's targets), then the `whitelist`, then the user's
+/// bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
@@ -267,8 +272,81 @@ pub struct Route {
     /// What the request must look like. Absent or `{}`: every request (the default route).
     #[serde(default, rename = "match")]
     pub matcher: Match,
-    /// The upstream requests go to.
+    /// The upstream requests go to (when there is no `split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// A weighted split: targets take contiguous ranges of the 1,000,000 user buckets in the
+    /// order listed. Weights must sum to exactly 100%, or one target says `"rest"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Vec<SplitTarget>>,
+    /// Salt of this rule's user buckets. Default: the rule name, so independent rules place
+    /// users independently. Keep it when renaming a rule, or users move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// Users and apps pinned to a target, before the split (internal gray release).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub whitelist: Vec<Pin>,
+    /// A request header whose value, when it names one of the split's targets, sends the
+    /// request there (for testers: `"x-canary"` with `x-canary: grab-v2`). Default: none
+    /// (disabled), because anyone can send a header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_header: Option<String>,
+    /// What a request without a user ID is bucketed by: `"client_ip"` (the default),
+    /// `"random"` (a fresh draw per request), or `{"header": "x-device-id"}` (falling back
+    /// to the client IP when that header is absent). Never one shared bucket.
+    #[serde(default)]
+    pub no_user_key: NoUserKey,
+}
+
+/// One target of a weighted split. Give exactly one of `weight` or `weight_ppm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SplitTarget {
+    /// The upstream.
     pub upstream: String,
+    /// A percentage with up to four decimals (`"0.0125%"`, `"5%"`), or `"rest"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<String>,
+    /// The weight in parts per million (0..=1000000): `125` is 0.0125%.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_ppm: Option<u32>,
+}
+
+/// Users and apps pinned to one upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// The upstream they go to.
+    pub upstream: String,
+    /// User IDs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// App IDs (all of an app's traffic).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<String>,
+}
+
+/// What a request with no user ID is bucketed by.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NoUserKey {
+    /// The client's IP address.
+    #[default]
+    ClientIp,
+    /// A random draw per request.
+    Random,
+    /// A request header (the client IP when it is absent).
+    Header(String),
+}
+
+/// A range of user buckets, `[from_ppm, to_ppm)` out of 1,000,000, under the rule's salt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BucketRangeSpec {
+    /// First bucket in the range (0..=1000000).
+    pub from_ppm: u32,
+    /// First bucket after the range (from_ppm..=1000000).
+    pub to_ppm: u32,
 }
 
 /// Conditions of a rule; all given conditions must hold. Precedence when several rules
@@ -287,6 +365,10 @@ pub struct Match {
     /// User IDs (any of).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
+    /// Users whose bucket (under the rule's salt) falls in this range. Counts as a `users`
+    /// condition for precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_buckets: Option<BucketRangeSpec>,
     /// Header values that must all be present, exactly (name → value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,

@@ -6,13 +6,14 @@
 //! a `matchit` router, and route rules bucketed by (app, interface) so the cost of a decision
 //! does not grow with the number of rules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 
+use crate::matcher::MatchIndex;
 use crate::model::{Balance, Config, Extractor, UpstreamKind};
-use crate::validate::specificity;
+use crate::route::CompiledRoute;
 
 /// Index of an interface in [`Snapshot::interfaces`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +35,7 @@ pub struct Snapshot {
     pub upstreams: Vec<UpstreamSpec>,
     /// Route rules in config order.
     pub routes: Vec<CompiledRoute>,
-    pub(crate) route_index: RouteIndex,
+    pub(crate) route_index: MatchIndex,
 }
 
 /// An interface, compiled.
@@ -69,19 +70,6 @@ pub struct UpstreamSpec {
     pub data_dir: Option<Box<str>>,
 }
 
-/// A route rule, compiled.
-#[derive(Debug)]
-pub struct CompiledRoute {
-    /// Its name.
-    pub name: Box<str>,
-    /// Where matching requests go.
-    pub upstream: UpstreamId,
-    /// Precedence among matching rules (see [`crate::model::Match`]).
-    pub specificity: u8,
-    pub(crate) users: Option<HashSet<Box<str>>>,
-    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
-}
-
 #[derive(Debug)]
 pub(crate) struct CompiledIdentity {
     pub(crate) app: CompiledExtractor,
@@ -94,21 +82,6 @@ pub(crate) enum CompiledExtractor {
     Query(Box<str>),
     Cookie(Box<str>),
     PathParam(Box<str>),
-}
-
-/// Route rules bucketed by the app and interface they constrain. Within a bucket rules are
-/// sorted by specificity, most specific first, so the first one whose remaining conditions
-/// (users, headers) hold is the bucket's best.
-#[derive(Debug, Default)]
-pub(crate) struct RouteIndex {
-    by_app: HashMap<Box<str>, IfaceTable>,
-    any_app: IfaceTable,
-}
-
-#[derive(Debug, Default)]
-struct IfaceTable {
-    by_iface: HashMap<u32, Vec<u32>>,
-    any_iface: Vec<u32>,
 }
 
 // === impl Snapshot ===
@@ -181,56 +154,12 @@ impl Snapshot {
             .map(|(i, u)| (&*u.name, i as u32))
             .collect();
 
-        let mut routes = Vec::with_capacity(c.routes.len());
-        let mut index = RouteIndex::default();
-        for (ri, r) in c.routes.iter().enumerate() {
-            let m = &r.matcher;
-            routes.push(CompiledRoute {
-                name: r.name.as_str().into(),
-                upstream: UpstreamId(upstream_ids[r.upstream.as_str()]),
-                specificity: specificity(m),
-                users: m
-                    .users
-                    .as_ref()
-                    .map(|u| u.iter().map(|s| s.as_str().into()).collect()),
-                headers: m
-                    .headers
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| {
-                        (
-                            HeaderName::from_bytes(k.as_bytes()).expect("validated"),
-                            HeaderValue::from_str(v).expect("validated"),
-                        )
-                    })
-                    .collect(),
-            });
-            match &m.apps {
-                None => push_rule(
-                    &mut index.any_app,
-                    m.interfaces.as_deref(),
-                    &iface_ids,
-                    ri as u32,
-                ),
-                Some(apps) => {
-                    for a in apps {
-                        let t = index.by_app.entry(a.as_str().into()).or_default();
-                        push_rule(t, m.interfaces.as_deref(), &iface_ids, ri as u32);
-                    }
-                }
-            }
-        }
-        let spec = |i: &u32| std::cmp::Reverse(routes[*i as usize].specificity);
-        for t in index
-            .by_app
-            .values_mut()
-            .chain(std::iter::once(&mut index.any_app))
-        {
-            t.any_iface.sort_by_key(spec);
-            for v in t.by_iface.values_mut() {
-                v.sort_by_key(spec);
-            }
-        }
+        let routes: Vec<CompiledRoute> = c
+            .routes
+            .iter()
+            .map(|r| CompiledRoute::compile(r, &iface_ids, &upstream_ids))
+            .collect();
+        let route_index = MatchIndex::build(c.routes.iter().map(|r| &r.matcher), &iface_ids);
 
         Self {
             identity: CompiledIdentity {
@@ -241,7 +170,7 @@ impl Snapshot {
             router,
             upstreams,
             routes,
-            route_index: index,
+            route_index,
         }
     }
 
@@ -251,52 +180,6 @@ impl Snapshot {
             .iter()
             .position(|u| &*u.name == name)
             .map(|i| UpstreamId(i as u32))
-    }
-
-    /// The route for a classified request: the most specific rule whose conditions all hold.
-    ///
-    /// Looks in at most four buckets ((app, interface), (app, any), (any, interface),
-    /// (any, any)); validation guarantees that two matching rules never share a
-    /// specificity, so the answer does not depend on rule order.
-    pub fn route(
-        &self,
-        app: Option<&str>,
-        interface: Option<InterfaceId>,
-        user: Option<&str>,
-        headers: &HeaderMap,
-    ) -> Option<&CompiledRoute> {
-        let mut best: Option<&CompiledRoute> = None;
-        let app_table = app.and_then(|a| self.route_index.by_app.get(a));
-        for table in [app_table, Some(&self.route_index.any_app)]
-            .into_iter()
-            .flatten()
-        {
-            let by_iface = interface.and_then(|i| table.by_iface.get(&i.0));
-            for list in [by_iface, Some(&table.any_iface)].into_iter().flatten() {
-                for &ri in list {
-                    let r = &self.routes[ri as usize];
-                    if best.is_some_and(|b| b.specificity >= r.specificity) {
-                        break; // sorted: nothing further in this list can beat `best`
-                    }
-                    if r.conditions_hold(user, headers) {
-                        best = Some(r);
-                        break;
-                    }
-                }
-            }
-        }
-        best
-    }
-}
-
-fn push_rule(t: &mut IfaceTable, ifaces: Option<&[String]>, ids: &HashMap<&str, u32>, rule: u32) {
-    match ifaces {
-        None => t.any_iface.push(rule),
-        Some(list) => {
-            for name in list {
-                t.by_iface.entry(ids[name.as_str()]).or_default().push(rule);
-            }
-        }
     }
 }
 
@@ -308,20 +191,6 @@ fn compile_extractor(e: &Extractor) -> CompiledExtractor {
         Extractor::Query(q) => CompiledExtractor::Query(q.as_str().into()),
         Extractor::Cookie(c) => CompiledExtractor::Cookie(c.as_str().into()),
         Extractor::PathParam(p) => CompiledExtractor::PathParam(p.as_str().into()),
-    }
-}
-
-// === impl CompiledRoute ===
-
-impl CompiledRoute {
-    fn conditions_hold(&self, user: Option<&str>, headers: &HeaderMap) -> bool {
-        if let Some(users) = &self.users {
-            match user {
-                Some(u) if users.contains(u) => {}
-                _ => return false,
-            }
-        }
-        self.headers.iter().all(|(k, v)| headers.get(k) == Some(v))
     }
 }
 

@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 
 use http::{HeaderName, Method};
 
+use crate::bucket::{BUCKETS, Weight, parse_percent};
 use crate::error::{JsonPath, did_you_mean};
 use crate::model::SCHEMA_VERSION;
-use crate::model::{Config, Extractor, Match, UpstreamKind};
+use crate::model::{Config, Extractor, Match, NoUserKey, Route, SplitTarget, UpstreamKind};
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -402,18 +403,10 @@ impl Validator {
                     format!("duplicate rule name {:?} (also routes[{prev}])", r.name),
                 );
             }
-            if !c.upstreams.contains_key(&r.upstream) {
-                let hint = did_you_mean(&r.upstream, c.upstreams.keys().map(String::as_str))
-                    .map(|m| format!("; did you mean {m:?}?"))
-                    .unwrap_or_default();
-                self.err(
-                    rp.key("upstream"),
-                    format!("unknown upstream {:?}{hint}", r.upstream),
-                );
-            }
+            self.route_target(c, &rp, r);
             self.matcher(rp.key("match"), &r.matcher, interfaces);
         }
-        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| &r.matcher)) {
+        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, rule_salt(r)))) {
             self.err(
                 p.index(b),
                 format!(
@@ -421,6 +414,134 @@ impl Validator {
                     c.routes[a].name, c.routes[b].name
                 ),
             );
+        }
+    }
+
+    fn upstream_ref(&mut self, c: &Config, p: JsonPath, name: &str) {
+        if !c.upstreams.contains_key(name) {
+            let hint = did_you_mean(name, c.upstreams.keys().map(String::as_str))
+                .map(|m| format!("; did you mean {m:?}?"))
+                .unwrap_or_default();
+            self.err(p, format!("unknown upstream {name:?}{hint}"));
+        }
+    }
+
+    /// `upstream` or `split` (exactly one), the split's weights, pins and the override.
+    fn route_target(&mut self, c: &Config, rp: &JsonPath, r: &Route) {
+        match (&r.upstream, &r.split) {
+            (Some(_), Some(_)) => self.err(
+                rp.key("split"),
+                "give either `upstream` or `split`, not both",
+            ),
+            (None, None) => self.err(rp.clone(), "missing field `upstream` (or `split`)"),
+            (Some(u), None) => self.upstream_ref(c, rp.key("upstream"), u),
+            (None, Some(targets)) => self.split(c, &rp.key("split"), targets),
+        }
+        if r.salt.as_deref() == Some("") {
+            self.err(
+                rp.key("salt"),
+                "salt must not be empty (omit it to use the rule name)",
+            );
+        }
+        let mut pinned: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, pin) in r.whitelist.iter().enumerate() {
+            let pp = rp.key("whitelist").index(i);
+            self.upstream_ref(c, pp.key("upstream"), &pin.upstream);
+            if pin.users.is_empty() && pin.apps.is_empty() {
+                self.err(pp.clone(), "a whitelist entry needs `users` or `apps`");
+            }
+            for (field, list) in [("users", &pin.users), ("apps", &pin.apps)] {
+                for (j, v) in list.iter().enumerate() {
+                    if let Some(prev) = pinned.insert((field, v.as_str()), i) {
+                        self.err(
+                            pp.key(field).index(j),
+                            format!("{v:?} is already pinned by whitelist[{prev}]"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(h) = &r.override_header {
+            self.header_name(rp.key("override_header"), h);
+            if r.split.is_none() {
+                self.err(
+                    rp.key("override_header"),
+                    "override_header only applies to a `split`",
+                );
+            }
+        }
+        if let NoUserKey::Header(h) = &r.no_user_key {
+            self.header_name(rp.key("no_user_key").key("header"), h);
+        }
+        if let Some(b) = &r.matcher.user_buckets {
+            let bp = rp.key("match").key("user_buckets");
+            if b.to_ppm > BUCKETS {
+                self.err(
+                    bp.key("to_ppm"),
+                    format!("{} is out of range; allowed 0..={BUCKETS}", b.to_ppm),
+                );
+            } else if b.from_ppm >= b.to_ppm {
+                self.err(
+                    bp.key("from_ppm"),
+                    format!(
+                        "empty range: from_ppm {} is not below to_ppm {}",
+                        b.from_ppm, b.to_ppm
+                    ),
+                );
+            }
+        }
+    }
+
+    fn split(&mut self, c: &Config, sp: &JsonPath, targets: &[SplitTarget]) {
+        if targets.is_empty() {
+            self.err(sp.clone(), "a split needs at least one target");
+            return;
+        }
+        let mut total: u64 = 0;
+        let mut rest = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut all_parsed = true;
+        for (i, t) in targets.iter().enumerate() {
+            let tp = sp.index(i);
+            self.upstream_ref(c, tp.key("upstream"), &t.upstream);
+            if let Some(prev) = seen.insert(t.upstream.as_str(), i) {
+                self.err(
+                    tp.key("upstream"),
+                    format!("{:?} is already split[{prev}]", t.upstream),
+                );
+            }
+            match target_weight(t) {
+                Ok(Weight::Ppm(p)) => total += u64::from(p),
+                Ok(Weight::Rest) => rest.push(i),
+                Err((field, msg)) => {
+                    all_parsed = false;
+                    self.err(if field.is_empty() { tp } else { tp.key(field) }, msg);
+                }
+            }
+        }
+        if !all_parsed {
+            return;
+        }
+        let pct = |ppm: u64| format!("{}.{:04}%", ppm / 10_000, ppm % 10_000);
+        match rest.as_slice() {
+            [] if total != u64::from(BUCKETS) => self.err(
+                sp.clone(),
+                format!(
+                    "weights sum to {total} ppm ({}), not 1000000 (100%); fix them or mark one target \"rest\"",
+                    pct(total)
+                ),
+            ),
+            [_] if total > u64::from(BUCKETS) => self.err(
+                sp.clone(),
+                format!(
+                    "weights other than \"rest\" sum to {total} ppm ({}), more than 100%",
+                    pct(total)
+                ),
+            ),
+            [_, second, ..] => {
+                self.err(sp.index(*second).key("weight"), "only one target may be \"rest\"")
+            }
+            _ => {}
         }
     }
 
@@ -492,10 +613,32 @@ impl Validator {
     }
 }
 
+/// The bucket salt of a route: its `salt`, or its name.
+pub(crate) fn rule_salt(r: &Route) -> &str {
+    r.salt.as_deref().unwrap_or(&r.name)
+}
+
+/// A split target's weight, or the field at fault (empty: the target itself) and why.
+pub(crate) fn target_weight(t: &SplitTarget) -> Result<Weight, (&'static str, String)> {
+    match (&t.weight, t.weight_ppm) {
+        (Some(_), Some(_)) => Err((
+            "weight_ppm",
+            "give either `weight` or `weight_ppm`, not both".into(),
+        )),
+        (None, None) => Err(("", "missing field `weight` (or `weight_ppm`)".into())),
+        (Some(w), None) => parse_percent(w).map_err(|m| ("weight", m)),
+        (None, Some(p)) if p > BUCKETS => Err((
+            "weight_ppm",
+            format!("{p} is out of range; allowed 0..={BUCKETS}"),
+        )),
+        (None, Some(p)) => Ok(Weight::Ppm(p)),
+    }
+}
+
 /// Which dimensions a matcher constrains, as a precedence number: users (8) > headers (4) >
 /// interfaces (2) > apps (1). Higher wins.
 pub(crate) fn specificity(m: &Match) -> u8 {
-    (m.users.is_some() as u8) << 3
+    ((m.users.is_some() || m.user_buckets.is_some()) as u8) << 3
         | (m.headers.is_some() as u8) << 2
         | (m.interfaces.is_some() as u8) << 1
         | (m.apps.is_some() as u8)
@@ -530,8 +673,18 @@ fn headers_overlap(
     }
 }
 
-fn overlap(a: &Match, b: &Match) -> bool {
-    lists_overlap(&a.apps, &b.apps)
+/// Whether two matchers (with their rules' bucket salts) can match one request.
+fn overlap((a, salt_a): (&Match, &str), (b, salt_b): (&Match, &str)) -> bool {
+    let buckets = match (&a.user_buckets, &b.user_buckets) {
+        // Same salt: a user has the same bucket under both rules, so disjoint ranges mean
+        // disjoint users. Different salts: anything can overlap.
+        (Some(ra), Some(rb)) => {
+            salt_a != salt_b || (ra.from_ppm < rb.to_ppm && rb.from_ppm < ra.to_ppm)
+        }
+        _ => true,
+    };
+    buckets
+        && lists_overlap(&a.apps, &b.apps)
         && lists_overlap(&a.interfaces, &b.interfaces)
         && lists_overlap(&a.users, &b.users)
         && headers_overlap(&a.headers, &b.headers)
@@ -545,7 +698,7 @@ fn overlap(a: &Match, b: &Match) -> bool {
 /// a value are compared: linear for the usual configs (one rule per app or per interface),
 /// not quadratic.
 pub(crate) fn ambiguous_pairs<'a>(
-    matchers: impl Iterator<Item = &'a Match>,
+    matchers: impl Iterator<Item = (&'a Match, &'a str)>,
 ) -> Vec<(usize, usize)> {
     type Dim = fn(&Match) -> Option<&Vec<String>>;
     const DIMS: [Dim; 3] = [
@@ -553,25 +706,29 @@ pub(crate) fn ambiguous_pairs<'a>(
         |m| m.interfaces.as_ref(),
         |m| m.apps.as_ref(),
     ];
-    let all: Vec<&Match> = matchers.collect();
+    let all: Vec<(&Match, &str)> = matchers.collect();
     let mut by_spec: HashMap<u8, Vec<usize>> = HashMap::new();
-    for (i, m) in all.iter().enumerate() {
+    for (i, (m, _)) in all.iter().enumerate() {
         by_spec.entry(specificity(m)).or_default().push(i);
     }
     let mut pairs = HashSet::new();
     for members in by_spec.values() {
-        let first = all[members[0]];
-        // The most selective listed dimension of this group, if it lists any.
-        let dim = DIMS.iter().filter(|d| d(first).is_some()).max_by_key(|d| {
-            members
-                .iter()
-                .flat_map(|&i| d(all[i]).into_iter().flatten())
-                .collect::<HashSet<_>>()
-                .len()
-        });
+        // The most selective dimension that every rule of the group lists, if any. (Rules of
+        // one specificity constrain the same dimensions, but `users` may be a list in one and
+        // a bucket range in another.)
+        let dim = DIMS
+            .iter()
+            .filter(|d| members.iter().all(|&i| d(all[i].0).is_some()))
+            .max_by_key(|d| {
+                members
+                    .iter()
+                    .flat_map(|&i| d(all[i].0).into_iter().flatten())
+                    .collect::<HashSet<_>>()
+                    .len()
+            });
         let mut groups: HashMap<Option<&str>, Vec<usize>> = HashMap::new();
         for &i in members {
-            match dim.and_then(|d| d(all[i])) {
+            match dim.and_then(|d| d(all[i].0)) {
                 Some(values) => {
                     let uniq: HashSet<&str> = values.iter().map(String::as_str).collect();
                     for v in uniq {

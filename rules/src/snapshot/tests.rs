@@ -1,4 +1,4 @@
-use http::Method;
+use http::{HeaderMap, Method};
 
 use super::*;
 use crate::RequestParts;
@@ -37,11 +37,19 @@ fn route_name<'s>(
     user: Option<&str>,
     h: &HeaderMap,
 ) -> &'s str {
-    let id =
+    let interface =
         iface.map(|n| InterfaceId(s.interfaces.iter().position(|i| &*i.name == n).unwrap() as u32));
-    &s.route(app, id, user, h)
-        .expect("a default route exists")
-        .name
+    let input = crate::RouteInput {
+        m: crate::MatchInput {
+            app,
+            interface,
+            user,
+            headers: h,
+        },
+        client_ip: None,
+        random: 0,
+    };
+    &s.route(&input).expect("a default route exists").rule.name
 }
 
 /// The most specific matching rule wins: user over header over interface over app.

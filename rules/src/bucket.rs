@@ -1,0 +1,146 @@
+//! User buckets and weights: how a user is placed at one-in-a-million precision.
+//!
+//! `bucket(salt, key) = XXH3-64(seed 0, salt ‖ 0x00 ‖ key) mod 1_000_000`, over the exact UTF-8
+//! bytes of the salt and key. The algorithm, the seed and the byte layout are part of
+//! Tidegate's contract: golden vectors in the tests pin them, so no upgrade can silently move
+//! users between targets. (XXH3 is specified and stable across versions and platforms; Rust's
+//! `Hash` trait is not.) The modulo bias is below 2^-44 per bucket and irrelevant here.
+//!
+//! Weights are parts per million. A split's targets take contiguous bucket ranges in the
+//! order they are listed, so growing one target's weight at the cost of a `rest` target next
+//! to it only ever adds users to it: ramps are monotone.
+
+use std::net::IpAddr;
+
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
+
+/// Buckets per split: one-in-a-million precision.
+pub const BUCKETS: u32 = 1_000_000;
+/// The XXH3 seed. Changing it reshuffles every user: never do.
+const SEED: u64 = 0;
+
+/// A half-open range of buckets, `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRange {
+    /// First bucket in the range.
+    pub from: u32,
+    /// First bucket after the range.
+    pub to: u32,
+}
+
+/// A parsed weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// Parts per million.
+    Ppm(u32),
+    /// Whatever the other targets leave.
+    Rest,
+}
+
+// === impl BucketRange ===
+
+impl BucketRange {
+    /// Whether `b` is in the range.
+    pub fn contains(&self, b: u32) -> bool {
+        self.from <= b && b < self.to
+    }
+}
+
+impl From<&crate::model::BucketRangeSpec> for BucketRange {
+    fn from(s: &crate::model::BucketRangeSpec) -> Self {
+        Self {
+            from: s.from_ppm,
+            to: s.to_ppm,
+        }
+    }
+}
+
+/// The bucket of `key` under `salt`.
+pub fn bucket(salt: &str, key: &str) -> u32 {
+    bucket_bytes(salt, key.as_bytes())
+}
+
+/// The bucket of a client IP under `salt` (for requests with no user): the 16-byte IPv6
+/// form, so an IPv4 client and its IPv4-mapped IPv6 form share a bucket.
+pub fn bucket_ip(salt: &str, ip: IpAddr) -> u32 {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    bucket_bytes(salt, &v6.octets())
+}
+
+pub(crate) fn bucket_bytes(salt: &str, key: &[u8]) -> u32 {
+    let len = salt.len() + 1 + key.len();
+    let h = if len <= 256 {
+        // Common case: hash one contiguous stack buffer, no allocation.
+        let mut buf = [0u8; 256];
+        buf[..salt.len()].copy_from_slice(salt.as_bytes());
+        buf[salt.len() + 1..len].copy_from_slice(key);
+        xxh3_64_with_seed(&buf[..len], SEED)
+    } else {
+        let mut s = Xxh3::with_seed(SEED);
+        s.update(salt.as_bytes());
+        s.update(&[0]);
+        s.update(key);
+        s.digest()
+    };
+    (h % u64::from(BUCKETS)) as u32
+}
+
+/// Parse a weight: `"rest"`, or a percentage with up to four decimals (`"0.0125%"`,
+/// `"5%"`, `"100%"`), exactly, with no rounding.
+pub fn parse_percent(s: &str) -> Result<Weight, String> {
+    let t = s.trim();
+    if t == "rest" {
+        return Ok(Weight::Rest);
+    }
+    let num = t.strip_suffix('%').ok_or_else(|| {
+        format!("{s:?} is not a weight: write a percentage like \"0.0125%\", or \"rest\"")
+    })?;
+    let (int, frac) = num.split_once('.').unwrap_or((num, "0"));
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) {
+        return Err(format!("{s:?} is not a percentage"));
+    }
+    if frac.len() > 4 {
+        return Err(format!(
+            "{s:?} has more than four decimals (the precision is 0.0001%, one in a million)"
+        ));
+    }
+    let int: u64 = int
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
+    let frac_ppm: u64 = format!("{frac:0<4}").parse().expect("four digits");
+    let ppm = int.saturating_mul(10_000).saturating_add(frac_ppm);
+    if ppm > u64::from(BUCKETS) {
+        return Err(format!("{s:?} is more than 100%"));
+    }
+    Ok(Weight::Ppm(ppm as u32))
+}
+
+/// Turn weights into contiguous ranges in order: the upper edge (exclusive) of each target.
+/// `Rest` takes `BUCKETS` minus the sum of the others. The caller has validated the sum.
+pub fn edges(weights: &[Weight]) -> Vec<u32> {
+    let fixed: u32 = weights
+        .iter()
+        .map(|w| match w {
+            Weight::Ppm(p) => *p,
+            Weight::Rest => 0,
+        })
+        .sum();
+    let mut edge = 0;
+    weights
+        .iter()
+        .map(|w| {
+            edge += match w {
+                Weight::Ppm(p) => *p,
+                Weight::Rest => BUCKETS - fixed,
+            };
+            edge
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+//! Matching requests to rules, shared by every rule kind (routes, limits, fallbacks).
+//!
+//! A [`CompiledMatch`] is one rule's conditions with everything precomputed; a [`MatchIndex`]
+//! buckets rules by the app and interface they constrain so that finding the rules that can
+//! apply to a request costs at most four hash lookups, whatever the number of rules. Within a
+//! bucket rules are sorted most specific first.
+
+use std::collections::{HashMap, HashSet};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::bucket::{BucketRange, bucket};
+use crate::model::Match;
+use crate::snapshot::InterfaceId;
+use crate::validate::specificity;
+
+/// What matching reads of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchInput<'a> {
+    /// App ID, if any.
+    pub app: Option<&'a str>,
+    /// Interface, if any.
+    pub interface: Option<InterfaceId>,
+    /// User ID, if any.
+    pub user: Option<&'a str>,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// One rule's conditions, compiled.
+#[derive(Debug)]
+pub struct CompiledMatch {
+    /// Precedence (see [`crate::model::Match`]); higher wins.
+    pub specificity: u8,
+    apps: Option<Vec<Box<str>>>,
+    interfaces: Option<Vec<InterfaceId>>,
+    users: Option<HashSet<Box<str>>>,
+    user_buckets: Option<(Box<str>, BucketRange)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Why a rule did not match, for `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatch {
+    /// The app is not listed.
+    App,
+    /// The interface is not listed.
+    Interface,
+    /// The user is not listed (or there is no user).
+    User,
+    /// The user's bucket is outside the range (or there is no user).
+    UserBucket,
+    /// A required header is missing or has another value.
+    Header,
+}
+
+/// Rules bucketed by (app, interface). Rule IDs are indices into the caller's rule list.
+#[derive(Debug, Default)]
+pub struct MatchIndex {
+    by_app: HashMap<Box<str>, IfaceTable>,
+    any_app: IfaceTable,
+}
+
+#[derive(Debug, Default)]
+struct IfaceTable {
+    by_iface: HashMap<u32, Vec<u32>>,
+    any_iface: Vec<u32>,
+}
+
+// === impl CompiledMatch ===
+
+impl CompiledMatch {
+    /// Compile a validated matcher. `salt` is the rule's bucket salt (used by `user_buckets`);
+    /// `iface_ids` maps interface names to IDs.
+    pub fn compile(m: &Match, salt: &str, iface_ids: &HashMap<&str, u32>) -> Self {
+        Self {
+            specificity: specificity(m),
+            apps: m
+                .apps
+                .as_ref()
+                .map(|a| a.iter().map(|s| s.as_str().into()).collect()),
+            interfaces: m.interfaces.as_ref().map(|l| {
+                l.iter()
+                    .map(|n| InterfaceId(iface_ids[n.as_str()]))
+                    .collect()
+            }),
+            users: m
+                .users
+                .as_ref()
+                .map(|u| u.iter().map(|s| s.as_str().into()).collect()),
+            user_buckets: m
+                .user_buckets
+                .as_ref()
+                .map(|r| (salt.into(), BucketRange::from(r))),
+            headers: m
+                .headers
+                .iter()
+                .flatten()
+                .map(|(k, v)| {
+                    (
+                        HeaderName::from_bytes(k.as_bytes()).expect("validated"),
+                        HeaderValue::from_str(v).expect("validated"),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether every condition holds, or the first that does not.
+    pub fn check(&self, r: &MatchInput<'_>) -> Result<(), Mismatch> {
+        if let Some(apps) = &self.apps {
+            if !r.app.is_some_and(|a| apps.iter().any(|x| &**x == a)) {
+                return Err(Mismatch::App);
+            }
+        }
+        if let Some(ifaces) = &self.interfaces {
+            if !r.interface.is_some_and(|i| ifaces.contains(&i)) {
+                return Err(Mismatch::Interface);
+            }
+        }
+        if let Some(users) = &self.users {
+            if !r.user.is_some_and(|u| users.contains(u)) {
+                return Err(Mismatch::User);
+            }
+        }
+        if let Some((salt, range)) = &self.user_buckets {
+            if !r.user.is_some_and(|u| range.contains(bucket(salt, u))) {
+                return Err(Mismatch::UserBucket);
+            }
+        }
+        if !self
+            .headers
+            .iter()
+            .all(|(k, v)| r.headers.get(k) == Some(v))
+        {
+            return Err(Mismatch::Header);
+        }
+        Ok(())
+    }
+
+    /// Whether every condition holds.
+    pub fn holds(&self, r: &MatchInput<'_>) -> bool {
+        self.check(r).is_ok()
+    }
+}
+
+// === impl MatchIndex ===
+
+impl MatchIndex {
+    /// Index rules; `rules` yields each rule's matcher (app and interface lists) in rule-ID
+    /// order, and `specificity` gives each rule's precedence for sorting.
+    pub fn build<'a>(
+        rules: impl Iterator<Item = &'a Match>,
+        iface_ids: &HashMap<&str, u32>,
+    ) -> Self {
+        let mut index = Self::default();
+        let mut spec = Vec::new();
+        for (ri, m) in rules.enumerate() {
+            spec.push(specificity(m));
+            let ri = ri as u32;
+            match &m.apps {
+                None => push_rule(&mut index.any_app, m.interfaces.as_deref(), iface_ids, ri),
+                Some(apps) => {
+                    let uniq: HashSet<&str> = apps.iter().map(String::as_str).collect();
+                    for a in uniq {
+                        let t = index.by_app.entry(a.into()).or_default();
+                        push_rule(t, m.interfaces.as_deref(), iface_ids, ri);
+                    }
+                }
+            }
+        }
+        let key = |i: &u32| (std::cmp::Reverse(spec[*i as usize]), *i);
+        for t in index
+            .by_app
+            .values_mut()
+            .chain(std::iter::once(&mut index.any_app))
+        {
+            t.any_iface.sort_by_key(key);
+            for v in t.by_iface.values_mut() {
+                v.sort_by_key(key);
+                v.dedup();
+            }
+        }
+        index
+    }
+
+    /// The (at most four) candidate lists for a request: rules for (app, interface),
+    /// (app, any), (any, interface), (any, any). Each list is sorted most specific first,
+    /// then by rule ID.
+    pub fn candidates(&self, app: Option<&str>, interface: Option<InterfaceId>) -> [&[u32]; 4] {
+        fn list(t: Option<&IfaceTable>, interface: Option<InterfaceId>, by_iface: bool) -> &[u32] {
+            match (t, by_iface) {
+                (None, _) => &[],
+                (Some(t), true) => interface
+                    .and_then(|i| t.by_iface.get(&i.0))
+                    .map_or(&[], Vec::as_slice),
+                (Some(t), false) => &t.any_iface,
+            }
+        }
+        let app_table = app.and_then(|a| self.by_app.get(a));
+        [
+            list(app_table, interface, true),
+            list(app_table, interface, false),
+            list(Some(&self.any_app), interface, true),
+            list(Some(&self.any_app), interface, false),
+        ]
+    }
+
+    /// The most specific rule whose conditions hold. Validation guarantees that two matching
+    /// rules never share a specificity, so the answer does not depend on rule order.
+    pub fn best<'m>(
+        &self,
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+    ) -> Option<u32> {
+        let mut best: Option<(u8, u32)> = None;
+        for list in self.candidates(r.app, r.interface) {
+            for &ri in list {
+                let m = matcher(ri);
+                if best.is_some_and(|(s, _)| s >= m.specificity) {
+                    break; // sorted: nothing further in this list can beat `best`
+                }
+                if m.holds(r) {
+                    best = Some((m.specificity, ri));
+                    break;
+                }
+            }
+        }
+        best.map(|(_, ri)| ri)
+    }
+
+    /// Every rule whose conditions hold, in rule-ID order, written into `out` (cleared
+    /// first). For rule kinds where all matching rules apply (limits).
+    pub fn all<'m>(
+        &self,
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+        out: &mut Vec<u32>,
+    ) {
+        out.clear();
+        for list in self.candidates(r.app, r.interface) {
+            out.extend(list.iter().copied().filter(|&ri| matcher(ri).holds(r)));
+        }
+        out.sort_unstable();
+        out.dedup();
+    }
+}
+
+fn push_rule(t: &mut IfaceTable, ifaces: Option<&[String]>, ids: &HashMap<&str, u32>, rule: u32) {
+    match ifaces {
+        None => t.any_iface.push(rule),
+        Some(list) => {
+            for name in list {
+                t.by_iface.entry(ids[name.as_str()]).or_default().push(rule);
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Routing: which upstream a request goes to.
+//!
+//! The most specific matching route rule (see [`crate::matcher`]) decides. A rule names one
+//! upstream, or a weighted split. For a split, in order: the override header (when enabled
+//! and naming one of the split's targets), the whitelist (users, then apps), then the bucket
+//! of the user ID, or for requests with none, of the rule's `no_user_key`.
+//!
+//! Nothing here allocates on the request path: the decision borrows from the snapshot.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use http::HeaderName;
+
+use crate::bucket::{Weight, bucket, bucket_ip, edges};
+use crate::matcher::{CompiledMatch, MatchInput};
+use crate::model::{NoUserKey, Route};
+use crate::snapshot::{Snapshot, UpstreamId};
+use crate::validate::{rule_salt, target_weight};
+
+/// A route rule, compiled.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    /// Its name.
+    pub name: Box<str>,
+    /// Its conditions.
+    pub matcher: CompiledMatch,
+    /// Where matching requests go.
+    pub action: RouteAction,
+    /// Salt of its user buckets.
+    pub salt: Box<str>,
+    pinned_users: HashMap<Box<str>, UpstreamId>,
+    pinned_apps: HashMap<Box<str>, UpstreamId>,
+    override_header: Option<HeaderName>,
+    no_user_key: CompiledNoUserKey,
+}
+
+/// What a route rule does with a request.
+#[derive(Debug)]
+pub enum RouteAction {
+    /// Send it to one upstream.
+    Upstream(UpstreamId),
+    /// Send it by bucket: each target owns the buckets below its edge and at or above the
+    /// previous target's edge.
+    Split(Vec<SplitEdge>),
+}
+
+/// One target of a compiled split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitEdge {
+    /// The target.
+    pub upstream: UpstreamId,
+    /// Its weight in parts per million.
+    pub ppm: u32,
+    /// First bucket after its range.
+    pub edge: u32,
+}
+
+#[derive(Debug)]
+enum CompiledNoUserKey {
+    ClientIp,
+    Random,
+    Header(HeaderName),
+}
+
+/// A request as routing sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInput<'a> {
+    /// The classified request and its headers.
+    pub m: MatchInput<'a>,
+    /// The client's IP (bucket key for requests without a user).
+    pub client_ip: Option<IpAddr>,
+    /// A random number drawn for this request (for `no_user_key: random`). The caller draws
+    /// it, so this crate stays free of hidden randomness.
+    pub random: u64,
+}
+
+/// The outcome of routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteDecision<'s> {
+    /// The rule that decided.
+    pub rule: &'s CompiledRoute,
+    /// Index of the rule in [`Snapshot::routes`].
+    pub rule_id: u32,
+    /// The upstream chosen.
+    pub upstream: UpstreamId,
+    /// How it was chosen.
+    pub via: Via,
+}
+
+/// How a route rule chose its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The rule names one upstream.
+    Direct,
+    /// The override header named a target.
+    Override,
+    /// The user is pinned by the whitelist.
+    WhitelistUser,
+    /// The app is pinned by the whitelist.
+    WhitelistApp,
+    /// The split placed the request by bucket.
+    Split {
+        /// The bucket, 0..1,000,000.
+        bucket: u32,
+        /// What was hashed.
+        key: BucketKey,
+    },
+}
+
+/// What a split's bucket was computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketKey {
+    /// The user ID.
+    User,
+    /// The `no_user_key` header.
+    Header,
+    /// The client IP.
+    ClientIp,
+    /// A random draw.
+    Random,
+}
+
+impl PartialEq for CompiledRoute {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for CompiledRoute {}
+
+// === impl CompiledRoute ===
+
+impl CompiledRoute {
+    /// Compile a validated route.
+    pub(crate) fn compile(
+        r: &Route,
+        iface_ids: &HashMap<&str, u32>,
+        upstream_ids: &HashMap<&str, u32>,
+    ) -> Self {
+        let up = |n: &str| UpstreamId(upstream_ids[n]);
+        let salt = rule_salt(r);
+        let action = match (&r.upstream, &r.split) {
+            (Some(u), _) => RouteAction::Upstream(up(u)),
+            (None, Some(targets)) => {
+                let weights: Vec<Weight> = targets
+                    .iter()
+                    .map(|t| target_weight(t).expect("validated"))
+                    .collect();
+                let edges = edges(&weights);
+                let mut prev = 0;
+                RouteAction::Split(
+                    targets
+                        .iter()
+                        .zip(edges)
+                        .map(|(t, edge)| {
+                            let e = SplitEdge {
+                                upstream: up(&t.upstream),
+                                ppm: edge - prev,
+                                edge,
+                            };
+                            prev = edge;
+                            e
+                        })
+                        .collect(),
+                )
+            }
+            (None, None) => unreachable!("validated: upstream or split"),
+        };
+        let mut pinned_users = HashMap::new();
+        let mut pinned_apps = HashMap::new();
+        for pin in &r.whitelist {
+            for u in &pin.users {
+                pinned_users.insert(u.as_str().into(), up(&pin.upstream));
+            }
+            for a in &pin.apps {
+                pinned_apps.insert(a.as_str().into(), up(&pin.upstream));
+            }
+        }
+        Self {
+            name: r.name.as_str().into(),
+            matcher: CompiledMatch::compile(&r.matcher, salt, iface_ids),
+            action,
+            salt: salt.into(),
+            pinned_users,
+            pinned_apps,
+            override_header: r
+                .override_header
+                .as_ref()
+                .map(|h| HeaderName::from_bytes(h.as_bytes()).expect("validated")),
+            no_user_key: match &r.no_user_key {
+                NoUserKey::ClientIp => CompiledNoUserKey::ClientIp,
+                NoUserKey::Random => CompiledNoUserKey::Random,
+                NoUserKey::Header(h) => CompiledNoUserKey::Header(
+                    HeaderName::from_bytes(h.as_bytes()).expect("validated"),
+                ),
+            },
+        }
+    }
+
+    /// Choose the upstream for a request this rule matched.
+    pub fn choose(&self, snap: &Snapshot, r: &RouteInput<'_>) -> (UpstreamId, Via) {
+        let targets = match &self.action {
+            RouteAction::Upstream(u) => return (*u, Via::Direct),
+            RouteAction::Split(t) => t,
+        };
+        if let Some(h) = &self.override_header {
+            if let Some(v) = r.m.headers.get(h) {
+                let named = targets.iter().find(|t| {
+                    snap.upstreams[t.upstream.0 as usize].name.as_bytes() == v.as_bytes()
+                });
+                if let Some(t) = named {
+                    return (t.upstream, Via::Override);
+                }
+            }
+        }
+        if let Some(u) = r.m.user.and_then(|u| self.pinned_users.get(u)) {
+            return (*u, Via::WhitelistUser);
+        }
+        if let Some(u) = r.m.app.and_then(|a| self.pinned_apps.get(a)) {
+            return (*u, Via::WhitelistApp);
+        }
+        let (b, key) = self.bucket_of(r);
+        let t = targets
+            .iter()
+            .find(|t| b < t.edge)
+            .expect("the last edge is 1,000,000 and buckets are below it");
+        (t.upstream, Via::Split { bucket: b, key })
+    }
+
+    /// The request's bucket under this rule's salt, and what it was computed from.
+    pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
+        if let Some(u) = r.m.user {
+            return (bucket(&self.salt, u), BucketKey::User);
+        }
+        let by_ip = |ip: Option<IpAddr>| match ip {
+            Some(ip) => (bucket_ip(&self.salt, ip), BucketKey::ClientIp),
+            None => (
+                (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
+                BucketKey::Random,
+            ),
+        };
+        match &self.no_user_key {
+            CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
+            CompiledNoUserKey::Random => (
+                (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
+                BucketKey::Random,
+            ),
+            CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
+                Some(v) => (
+                    crate::bucket::bucket_bytes(&self.salt, v.as_bytes()),
+                    BucketKey::Header,
+                ),
+                None => by_ip(r.client_ip),
+            },
+        }
+    }
+}
+
+// === impl Snapshot (routing) ===
+
+impl Snapshot {
+    /// Route a request: the most specific matching rule, and its choice.
+    pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
+        let rule_id = self
+            .route_index
+            .best(&r.m, |i| &self.routes[i as usize].matcher)?;
+        let rule = &self.routes[rule_id as usize];
+        let (upstream, via) = rule.choose(self, r);
+        Some(RouteDecision {
+            rule,
+            rule_id,
+            upstream,
+            via,
+        })
+    }
+}

@@ -2,7 +2,11 @@
 //! one connection, an in-process server on port 0, and the standalone binary
 //! as a child process that is killed on drop.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "shared by several test binaries, each using a different subset"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

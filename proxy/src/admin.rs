@@ -2,7 +2,8 @@
 //! upstreams started, not shutting down) and `/metrics` (Prometheus text).
 //!
 //! Kept apart from traffic listeners so probes and scrapes work even when traffic
-//! listeners are saturated, and so it can be bound to a private address.
+//! listeners are saturated, and so it can be bound to a private address. `/admin/explain`
+//! explains a routing decision against the live rules (see [`crate::explain`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once everything is started; cleared when shutdown begins.
     pub ready: AtomicBool,
+    /// The gateway, for `/admin/explain`.
+    pub gateway: Arc<crate::gateway::Gateway>,
 }
 
 /// Serve the admin endpoints until shutdown.
@@ -89,6 +92,22 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             );
             r
+        }
+        "/admin/explain" => {
+            let q = crate::explain::query_from_url(req.uri().query().unwrap_or(""));
+            let rt = state.gateway.runtime.load();
+            match q.and_then(|q| crate::explain::explain(&rt.snapshot, &q)) {
+                Ok(e) => json(
+                    StatusCode::OK,
+                    Bytes::from(serde_json::to_vec_pretty(&e).expect("an explanation serializes")),
+                ),
+                Err(msg) => json(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from(
+                        serde_json::json!({ "error": "bad_request", "message": msg }).to_string(),
+                    ),
+                ),
+            }
         }
         _ => json(
             StatusCode::NOT_FOUND,

@@ -12,7 +12,8 @@
 //! - [`gateway`]: the per-request path: classify → route → forward → record.
 //! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
 //! - [`respond`]: the gateway's own answers (stable JSON error codes).
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/admin/explain`.
+//! - [`explain`]: the query behind `tidegate explain` and `/admin/explain`.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`embedded`]: hosting the grab backend in-process.
 //!
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod config;
 pub mod embedded;
+pub mod explain;
 pub mod forward;
 pub mod gateway;
 pub mod metrics;
@@ -140,6 +142,7 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
     let admin = Arc::new(AdminState {
         metrics,
         ready: true.into(),
+        gateway: gateway.clone(),
     });
     tracing::info!(addr = %admin_addr, "admin listening");
     tasks.push(tokio::spawn(admin::serve(

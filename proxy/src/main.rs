@@ -32,6 +32,34 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Explain where a request would go under a config: its classification, every rule
+    /// considered and why it did or did not match, the bucket, and the final upstream.
+    Explain {
+        /// The config file.
+        #[arg(long, short, default_value = "config/tidegate.json")]
+        config: PathBuf,
+        /// App ID (default: what the app extractor finds in the request).
+        #[arg(long)]
+        app: Option<String>,
+        /// User ID (default: what the user extractor finds in the request).
+        #[arg(long)]
+        user: Option<String>,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request path, optionally with `?query`.
+        #[arg(long)]
+        path: String,
+        /// A request header as `name:value`; repeatable.
+        #[arg(long = "header", value_parser = tidegate::explain::parse_header)]
+        headers: Vec<(String, String)>,
+        /// Client IP (the bucket key of requests without a user).
+        #[arg(long)]
+        client_ip: Option<std::net::IpAddr>,
+        /// Print JSON (the same document `GET /admin/explain` returns).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +85,48 @@ fn main() -> ExitCode {
                 serde_json::to_string_pretty(&schema).expect("a schema serializes")
             );
             ExitCode::SUCCESS
+        }
+        Command::Explain {
+            config,
+            app,
+            user,
+            method,
+            path,
+            headers,
+            client_ip,
+            json,
+        } => {
+            let loaded = match tidegate::config::read_config(&config) {
+                Ok(l) => l,
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            let q = tidegate::explain::ExplainQuery {
+                method: Some(method),
+                path,
+                headers,
+                app,
+                user,
+                client_ip,
+            };
+            match tidegate::explain::explain(&loaded.snapshot, &q) {
+                Ok(e) if json => {
+                    println!("{}", serde_json::to_string_pretty(&e).expect("serializes"));
+                    ExitCode::SUCCESS
+                }
+                Ok(e) => {
+                    println!("{e}");
+                    ExitCode::SUCCESS
+                }
+                Err(msg) => {
+                    eprintln!("explain: {msg}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Run { config } => {
             let loaded = match tidegate::config::read_config(&config) {

@@ -12,6 +12,7 @@
 //! - [`matcher`]: rule conditions and the (app, interface) index shared by all rule kinds.
 //! - [`route`]: routing: direct, weighted splits, whitelists, override header.
 //! - [`bucket`]: the stable user-bucket hash and weight parsing.
+//! - [`explain`]: a routing decision with every rule considered and why.
 //! - [`classify`]: interface, app and user of a request.
 //! - [`error`]: located errors (`file:line:col path: message`).
 //!
@@ -21,6 +22,7 @@
 pub mod bucket;
 pub mod classify;
 pub mod error;
+pub mod explain;
 pub mod matcher;
 pub mod model;
 pub mod route;

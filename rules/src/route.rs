@@ -274,3 +274,6 @@ impl Snapshot {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ mod routing {
 
     use criterion::{BenchmarkId, Criterion, Throughput};
     use http::{HeaderMap, Method};
-    use rules::RequestParts;
+    use rules::{MatchInput, RequestParts, RouteInput};
     use tidegate_benches::synthetic_config;
 
     /// One classify + route decision against configs of 10, 1,000 and 100,000 rules spread
@@ -32,7 +32,16 @@ mod routing {
                         query: None,
                         headers: &headers,
                     });
-                    let r = snap.route(c.app.as_deref(), c.interface, c.user.as_deref(), &headers);
+                    let r = snap.route(&RouteInput {
+                        m: MatchInput {
+                            app: c.app.as_deref(),
+                            interface: c.interface,
+                            user: c.user.as_deref(),
+                            headers: &headers,
+                        },
+                        client_ip: None,
+                        random: 0,
+                    });
                     black_box(r.map(|r| r.upstream))
                 })
             });

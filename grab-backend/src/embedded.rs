@@ -392,6 +392,7 @@ impl Store for EmbeddedStore {
             settlement_lag_records: committed_lsn.saturating_sub(settled_lsn),
             snapshot_lsn: self.settle.snapshot_lsn.load(Ordering::Acquire),
             envelopes,
+            log_syncs: self.wal.syncs(),
         }
     }
 

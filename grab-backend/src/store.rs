@@ -196,6 +196,8 @@ pub struct Health {
     pub snapshot_lsn: u64,
     /// Envelopes held.
     pub envelopes: u64,
+    /// Log syncs since start; committed records per sync is the group size.
+    pub log_syncs: u64,
 }
 
 /// `GET /stats`: money totals. Once `settled` is true and no request is in

@@ -108,6 +108,8 @@ struct Shared {
     /// Highest sequence number committed (written, and synced in `always`).
     committed: AtomicU64,
     failed: AtomicBool,
+    /// Syncs issued, for `/healthz` (records per sync = group size).
+    syncs: AtomicU64,
 }
 
 struct Queue {
@@ -173,6 +175,7 @@ impl Wal {
             wake: Condvar::new(),
             committed: AtomicU64::new(next_lsn - 1),
             failed: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -257,6 +260,11 @@ impl Wal {
     /// Highest committed sequence number.
     pub(crate) fn committed_lsn(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// Syncs issued since start.
+    pub(crate) fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
     }
 
     /// Whether a write or sync has failed (the log is read-only from then on).
@@ -389,7 +397,7 @@ impl Writer {
                 if q.records.is_empty() && q.waiters.is_empty() {
                     q.state = QueueState::Closed;
                     drop(q);
-                    if let Err(e) = self.segment.sync() {
+                    if let Err(e) = self.sync() {
                         tracing::error!(error = %e, "final log sync failed");
                     }
                     return;
@@ -412,7 +420,7 @@ impl Writer {
                 && *dirty
                 && last_sync.elapsed() >= self.opts.batch_interval
             {
-                self.segment.sync()?;
+                self.sync()?;
                 *dirty = false;
                 *last_sync = Instant::now();
             }
@@ -428,7 +436,7 @@ impl Writer {
                 buf.clear();
                 encode_frame(buf, lsn, record);
                 self.segment.write(buf)?;
-                self.segment.sync()?;
+                self.sync()?;
                 self.shared.committed.store(lsn, Ordering::Release);
                 while let Some((_, tx)) = pending.next_if(|w| w.0 <= lsn) {
                     let _ = tx.send(Ok(()));
@@ -443,11 +451,11 @@ impl Writer {
         }
         self.segment.write(buf)?;
         match self.opts.mode {
-            FsyncMode::Always => self.segment.sync()?,
+            FsyncMode::Always => self.sync()?,
             FsyncMode::Batch => {
                 *dirty = true;
                 if last_sync.elapsed() >= self.opts.batch_interval {
-                    self.segment.sync()?;
+                    self.sync()?;
                     *dirty = false;
                     *last_sync = Instant::now();
                 }
@@ -463,9 +471,14 @@ impl Writer {
         Ok(())
     }
 
+    fn sync(&self) -> io::Result<()> {
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.segment.sync()
+    }
+
     /// Sync and close the current segment, then start one at `next_lsn`.
     fn rotate(&mut self, next_lsn: u64) -> io::Result<()> {
-        self.segment.sync()?;
+        self.sync()?;
         self.segment = Segment::create(&self.segment.dir.clone(), next_lsn)?;
         tracing::debug!(next_lsn, "log segment rotated");
         Ok(())

@@ -21,7 +21,8 @@ mod routing {
                 rules::load("bench.json", text.as_bytes()).expect("synthetic config is valid");
             let snap = loaded.snapshot;
             let mut headers = HeaderMap::new();
-            headers.insert("x-app-id", format!("app{}", n / 2).parse().unwrap());
+            // Rule 5k+1 (a split) is (app k, grab): the request below hits a split.
+            headers.insert("x-app-id", format!("app{}", n / 10).parse().unwrap());
             headers.insert("x-user-id", "user-12345".parse().unwrap());
             let method = Method::POST;
             g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {

@@ -2,7 +2,7 @@
 
 /// A valid config (compact: 100,000 rules fit the 16 MiB file limit) with `n`
 /// route rules spread over apps and interfaces (one rule per (app,
-/// interface) pair, 5 interfaces), plus a default route.
+/// interface) pair, 5 interfaces; odd rules are 5% splits), plus a default route.
 pub fn synthetic_config(n: usize) -> String {
     const IFACES: [(&str, &str, &str); 5] = [
         ("create", "POST", "/envelopes"),
@@ -19,10 +19,17 @@ pub fn synthetic_config(n: usize) -> String {
     for i in 0..n {
         let app = i / IFACES.len();
         let iface = IFACES[i % IFACES.len()].0;
-        let up = if i % 2 == 0 { "v1" } else { "v2" };
-        routes.push(format!(
-            r#"{{"name":"r{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"upstream":"{up}"}}"#
-        ));
+        // Odd rules are 5% canary splits (the request the bench sends hits one), even
+        // rules direct routes.
+        routes.push(if i % 2 == 1 {
+            format!(
+                r#"{{"name":"r{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"split":[{{"upstream":"v2","weight":"5%"}},{{"upstream":"v1","weight":"rest"}}]}}"#
+            )
+        } else {
+            format!(
+                r#"{{"name":"r{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"upstream":"v1"}}"#
+            )
+        });
     }
     format!(
         r#"{{"schema_version": 1,

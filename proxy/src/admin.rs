@@ -3,7 +3,8 @@
 //!
 //! Kept apart from traffic listeners so probes and scrapes work even when traffic
 //! listeners are saturated, and so it can be bound to a private address. `/admin/explain`
-//! explains a routing decision against the live rules (see [`crate::explain`]).
+//! explains a routing decision against the live rules (see [`crate::explain`]);
+//! `/admin/config` shows the live config's generation, hash, load time and last reload error.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The gateway, for `/admin/explain`.
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// The reloader, for `/admin/config` (absent when not started from a file).
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// Serve the admin endpoints until shutdown.
@@ -93,6 +96,16 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        "/admin/config" => match &state.reloader {
+            Some(r) => json(
+                StatusCode::OK,
+                Bytes::from(serde_json::to_vec_pretty(&r.status()).expect("status serializes")),
+            ),
+            None => json(
+                StatusCode::OK,
+                Bytes::from_static(br#"{"file":null,"generation":1,"reload":"disabled"}"#),
+            ),
+        },
         "/admin/explain" => {
             let q = crate::explain::query_from_url(req.uri().query().unwrap_or(""));
             let rt = state.gateway.runtime.load();

@@ -13,6 +13,12 @@ use rules::{Loaded, validate::Issue};
 
 /// Read, parse, validate and compile the config at `path`, and check its TLS files.
 pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
+    read_config_hashed(path).map(|(loaded, _)| loaded)
+}
+
+/// [`read_config`], also returning the XXH3-64 hash of the file's bytes (the content
+/// version shown on the admin port; equal hashes mean a reload has nothing to do).
+pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
     let name = path.display().to_string();
     let bytes = read_bounded(path).map_err(|message| ConfigError {
         file: name.clone(),
@@ -21,6 +27,7 @@ pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
         path: JsonPath::root(),
         message,
     })?;
+    let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
     let loaded = rules::load(&name, &bytes)?;
     let mut issues = Vec::new();
     for (i, l) in loaded.config.server.listeners.iter().enumerate() {
@@ -46,7 +53,7 @@ pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
         let text = String::from_utf8_lossy(&bytes);
         return Err(rules::locate_all(&name, &text, issues));
     }
-    Ok(loaded)
+    Ok((loaded, hash))
 }
 
 /// Read a file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on failure.

@@ -39,6 +39,9 @@ pub struct Upstream {
     request_timeout: Duration,
     /// One pooled client per upstream, so pool sizes and connect timeouts are per upstream.
     client: Client<HttpConnector, UpBody>,
+    /// What it was built from, to tell whether a reload changed it.
+    spec: UpstreamSpec,
+    embedded: Option<SocketAddr>,
 }
 
 /// One endpoint of an upstream.
@@ -144,7 +147,14 @@ impl Upstream {
             next: AtomicUsize::new(0),
             request_timeout: spec.request_timeout,
             client,
+            spec: spec.clone(),
+            embedded,
         })
+    }
+
+    /// Whether `spec` (with this embedded address) describes this very upstream.
+    pub fn same_definition(&self, spec: &UpstreamSpec, embedded: Option<SocketAddr>) -> bool {
+        self.spec == *spec && self.embedded == embedded
     }
 
     /// Choose an endpoint, avoiding `avoid` when there is another.

@@ -72,14 +72,27 @@ fn none_label() -> Name {
 impl Runtime {
     /// Build the runtime for a compiled snapshot. `embedded` gives the address of each
     /// running embedded upstream by name.
+    ///
+    /// State worth keeping moves over from `previous` (the runtime being replaced by a
+    /// reload): an upstream whose definition did not change keeps its client, so its pooled
+    /// connections stay warm instead of every reload causing a reconnect storm.
     pub fn build(
         snapshot: Snapshot,
         embedded: &dyn Fn(&str) -> Option<std::net::SocketAddr>,
+        previous: Option<&Runtime>,
     ) -> Result<Self, String> {
         let upstreams = snapshot
             .upstreams
             .iter()
-            .map(|spec| Upstream::build(spec, embedded(&spec.name)).map(Arc::new))
+            .map(|spec| {
+                let addr = embedded(&spec.name);
+                let kept = previous
+                    .and_then(|p| p.upstreams.iter().find(|u| u.same_definition(spec, addr)));
+                match kept {
+                    Some(u) => Ok(u.clone()),
+                    None => Upstream::build(spec, addr).map(Arc::new),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let interface_names = snapshot
             .interfaces

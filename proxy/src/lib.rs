@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`config`]: reading the config file from disk (size limits, TLS file checks).
+//! - [`reload`]: watching the file and swapping in validated rules without a restart.
 //! - [`server`]: accept loops and per-connection tasks (limits, idle timeout, shutdown).
 //! - [`tls`]: rustls server config from PEM files.
 //! - [`gateway`]: the per-request path: classify → route → forward → record.
@@ -27,6 +28,7 @@ pub mod explain;
 pub mod forward;
 pub mod gateway;
 pub mod metrics;
+pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod tls;
@@ -58,6 +60,8 @@ pub struct Server {
     pub gateway: Arc<Gateway>,
     /// Addresses of embedded upstreams by name.
     pub embedded_addrs: Vec<(String, SocketAddr)>,
+    /// The reloader, for a gateway started from a file.
+    pub reloader: Option<Arc<reload::Reloader>>,
     shutdown: watch::Sender<bool>,
     stop_embedded: watch::Sender<bool>,
     embedded: Vec<Embedded>,
@@ -71,6 +75,20 @@ pub struct Server {
 /// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
 /// the admin port, and begin serving. Returns once everything is bound.
 pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
+    start_inner(loaded, None).await
+}
+
+/// Start a gateway from a config file, and keep it in step with the file: edits (and
+/// SIGHUP) reload the rules without a restart (see [`reload`]).
+pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
+    let (loaded, hash) = config::read_config_hashed(path)?;
+    start_inner(loaded, Some((path.to_path_buf(), hash))).await
+}
+
+async fn start_inner(
+    loaded: Loaded,
+    file: Option<(std::path::PathBuf, u64)>,
+) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
     let server_cfg = &config.server;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -93,7 +111,7 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
     let embedded_addrs: Vec<(String, SocketAddr)> =
         embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
-    let runtime = Runtime::build(snapshot, &lookup).map_err(anyhow::Error::msg)?;
+    let runtime = Runtime::build(snapshot, &lookup, None).map_err(anyhow::Error::msg)?;
 
     let metrics = Arc::new(Metrics::new());
     let gateway = Arc::new(Gateway::new(
@@ -138,11 +156,26 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
         )));
     }
 
+    let reloader = file.map(|(path, hash)| {
+        Arc::new(reload::Reloader::new(
+            path,
+            hash,
+            gateway.clone(),
+            metrics.clone(),
+            embedded_addrs.clone(),
+            server_cfg.clone(),
+        ))
+    });
+    if let Some(r) = &reloader {
+        tasks.push(tokio::spawn(reload::watch(r.clone(), shutdown_rx.clone())));
+    }
+
     let (admin_listener, admin_addr) = server::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {
         metrics,
         ready: true.into(),
         gateway: gateway.clone(),
+        reloader: reloader.clone(),
     });
     tracing::info!(addr = %admin_addr, "admin listening");
     tasks.push(tokio::spawn(admin::serve(
@@ -164,6 +197,7 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
         max_connections: limits.max_connections,
         grace: Duration::from_millis(server_cfg.shutdown_grace_ms),
         admin,
+        reloader,
     })
 }
 

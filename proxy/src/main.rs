@@ -139,11 +139,12 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(loaded.config.server.access_log.format);
+            drop(loaded);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .expect("building the tokio runtime");
-            match rt.block_on(run(loaded)) {
+            match rt.block_on(run(&config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "tidegate failed");
@@ -154,8 +155,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(loaded: rules::Loaded) -> anyhow::Result<()> {
-    let server = tidegate::start(loaded).await?;
+async fn run(config: &std::path::Path) -> anyhow::Result<()> {
+    let server = tidegate::start_from_file(config).await?;
     tidegate::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     let drained = server.shutdown().await;

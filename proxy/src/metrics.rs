@@ -44,6 +44,13 @@ pub struct UpstreamErrorLabels {
     pub error: &'static str,
 }
 
+/// Labels of `tidegate_config_reloads_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `applied`, `unchanged` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -58,6 +65,12 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Downstream connections accepted since start.
     pub connections_accepted: Counter,
+    /// Config reload attempts by outcome.
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Time from the triggering file event (or signal) to the reload's end.
+    pub config_reload_seconds: Histogram,
+    /// Generation of the live config (1 at start, +1 per applied reload).
+    pub config_generation: Gauge,
 }
 
 // === impl Name ===
@@ -114,8 +127,30 @@ impl Metrics {
             "Downstream connections accepted",
             connections_accepted.clone(),
         );
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reload attempts, by outcome",
+            config_reloads.clone(),
+        );
+        // 1 ms .. ~8 s
+        let config_reload_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "config_reload_seconds",
+            "Time from the triggering file event or signal to the end of the reload",
+            config_reload_seconds.clone(),
+        );
+        let config_generation = Gauge::default();
+        registry.register(
+            "config_generation",
+            "Generation of the live config (1 at start, +1 per applied reload)",
+            config_generation.clone(),
+        );
         Self {
             registry,
+            config_reloads,
+            config_reload_seconds,
+            config_generation,
             requests,
             upstream_latency,
             upstream_errors,

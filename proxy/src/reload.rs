@@ -1,0 +1,316 @@
+//! Hot reload: watch the config, validate the whole new snapshot off the request path, and
+//! publish it with one atomic store.
+//!
+//! The watcher only signals; one reloader task owns every reload (file events, SIGHUP and a
+//! slow poll all end up in [`Reloader::reload`], one at a time). A reload reads the file,
+//! parses, validates and compiles it, builds the runtime (carrying over state of rules whose
+//! definition did not change) and stores it. Requests in flight finish on the runtime they
+//! loaded; new requests see the new one. On any error the old runtime stays live, and the
+//! error (file, line, column, JSON path) is logged, counted and shown on the admin port until
+//! the next good load clears it.
+//!
+//! The config file's *directory* is watched, not the file: editors save by renaming a new
+//! file over the old one, Kubernetes ConfigMaps swap a `..data` symlink, and `cp` truncates
+//! then writes. A briefly empty or half-written file fails validation and is simply not
+//! applied; the event that completes the write triggers the next attempt.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::read_config_hashed;
+use crate::gateway::{Gateway, Runtime};
+use crate::metrics::Metrics;
+
+/// How long the watcher waits for a burst of file events to settle. Short, because an edit
+/// should be in force within a quarter of a second; a half-written file costs only one failed
+/// attempt, never a wrong config.
+const DEBOUNCE: Duration = Duration::from_millis(40);
+/// Safety net for missed events (a watcher that died, a network file system): the file's
+/// size and modification time are compared this often.
+const POLL: Duration = Duration::from_secs(2);
+
+/// What the admin port reports about the live config.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// The config file.
+    pub file: String,
+    /// Increments with every applied config; 1 is the config loaded at start.
+    pub generation: u64,
+    /// XXH3-64 of the applied file's bytes, hex.
+    pub hash: String,
+    /// When the live config was applied (Unix milliseconds).
+    pub loaded_at_ms: u64,
+    /// The last failed attempt's errors, one per line; cleared by the next good load.
+    pub last_error: Option<String>,
+    /// When that failure happened (Unix milliseconds).
+    pub last_error_at_ms: Option<u64>,
+    /// Set when the applied file changed bootstrap settings (`server`), which need a restart.
+    pub restart_needed: Option<String>,
+}
+
+/// The result of one reload attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new config is live.
+    Applied,
+    /// The file's content is what is already live.
+    Unchanged,
+    /// The file was refused; the old config stays live.
+    Failed,
+}
+
+/// Owns every reload of one gateway.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    embedded: Vec<(String, SocketAddr)>,
+    /// The bootstrap settings the process started with.
+    bootstrap: rules::model::Server,
+    /// Written only by `reload` (under `serial`), read by the admin port.
+    status: Mutex<ReloadStatus>,
+    hash: Mutex<u64>,
+    /// One reload at a time.
+    serial: tokio::sync::Mutex<()>,
+}
+
+// === impl Reloader ===
+
+impl Reloader {
+    /// A reloader for a gateway started from `path` with content hash `hash`.
+    pub fn new(
+        path: PathBuf,
+        hash: u64,
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        embedded: Vec<(String, SocketAddr)>,
+        bootstrap: rules::model::Server,
+    ) -> Self {
+        metrics.config_generation.set(1);
+        Self {
+            status: Mutex::new(ReloadStatus {
+                file: path.display().to_string(),
+                generation: 1,
+                hash: format!("{hash:016x}"),
+                loaded_at_ms: unix_ms(SystemTime::now()),
+                last_error: None,
+                last_error_at_ms: None,
+                restart_needed: None,
+            }),
+            hash: Mutex::new(hash),
+            path,
+            gateway,
+            metrics,
+            embedded,
+            bootstrap,
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The live config's status.
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().expect("not poisoned").clone()
+    }
+
+    /// Try to apply the file now. `since` is when the triggering event happened (for the
+    /// event-to-swap latency metric).
+    pub async fn reload(self: &Arc<Self>, trigger: &'static str, since: Instant) -> ReloadOutcome {
+        let _one_at_a_time = self.serial.lock().await;
+        let this = self.clone();
+        // Reading, parsing, validating, compiling and resolving endpoint names all block;
+        // keep them off the request-serving threads.
+        let built = tokio::task::spawn_blocking(move || this.build()).await;
+        let outcome = match built {
+            Ok(Ok(None)) => ReloadOutcome::Unchanged,
+            Ok(Ok(Some((runtime, hash, server)))) => {
+                self.gateway.runtime.store(Arc::new(runtime));
+                let mut st = self.status.lock().expect("not poisoned");
+                *self.hash.lock().expect("not poisoned") = hash;
+                st.generation += 1;
+                st.hash = format!("{hash:016x}");
+                st.loaded_at_ms = unix_ms(SystemTime::now());
+                st.last_error = None;
+                st.last_error_at_ms = None;
+                st.restart_needed = (server != self.bootstrap).then(|| {
+                    "the `server` section differs from the running one; restart to apply it"
+                        .to_owned()
+                });
+                if let Some(why) = &st.restart_needed {
+                    tracing::warn!(file = %st.file, "{why}");
+                }
+                self.metrics.config_generation.set(st.generation as i64);
+                tracing::info!(
+                    file = %st.file,
+                    generation = st.generation,
+                    hash = %st.hash,
+                    trigger,
+                    elapsed_ms = since.elapsed().as_secs_f64() * 1e3,
+                    "config applied"
+                );
+                ReloadOutcome::Applied
+            }
+            Ok(Err(message)) => {
+                let mut st = self.status.lock().expect("not poisoned");
+                tracing::error!(file = %st.file, trigger, errors = %message, "config refused; the previous config stays live");
+                st.last_error = Some(message);
+                st.last_error_at_ms = Some(unix_ms(SystemTime::now()));
+                ReloadOutcome::Failed
+            }
+            Err(join) => {
+                let mut st = self.status.lock().expect("not poisoned");
+                let message = format!("reload task failed: {join}");
+                tracing::error!(file = %st.file, "{message}");
+                st.last_error = Some(message);
+                st.last_error_at_ms = Some(unix_ms(SystemTime::now()));
+                ReloadOutcome::Failed
+            }
+        };
+        let label = match outcome {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Failed => "failed",
+        };
+        self.metrics
+            .config_reloads
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome: label })
+            .inc();
+        self.metrics
+            .config_reload_seconds
+            .observe(since.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Read and build; `Ok(None)` when the content is what is live already.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a private helper's one-off return type"
+    )]
+    fn build(&self) -> Result<Option<(Runtime, u64, rules::model::Server)>, String> {
+        let (loaded, hash) = read_config_hashed(&self.path).map_err(|e| e.to_string())?;
+        if hash == *self.hash.lock().expect("not poisoned") {
+            return Ok(None);
+        }
+        let lookup = |n: &str| self.embedded.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
+        let previous = self.gateway.runtime.load_full();
+        let server = loaded.config.server.clone();
+        let runtime = Runtime::build(loaded.snapshot, &lookup, Some(&previous))
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        Ok(Some((runtime, hash, server)))
+    }
+}
+
+/// Run the reloader: file events, SIGHUP and the poll, until shutdown.
+pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>) {
+    let (tx, mut rx) = mpsc::channel::<Instant>(16);
+    let dir = reloader
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let file_name = reloader.path.file_name().map(|n| n.to_os_string());
+    // The debouncer runs its own thread; it only signals (try_send: a full channel already
+    // holds a pending reload, which will read the newest content anyway).
+    let watcher = {
+        let tx = tx.clone();
+        let file_name = file_name.clone();
+        new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
+            Ok(events) => {
+                let relevant = events.iter().any(|e| {
+                    // Our own reads of the file raise access events: ignore them, or every
+                    // reload would trigger the next.
+                    !matches!(e.kind, EventKind::Access(_))
+                        && e.paths.iter().any(|p| {
+                            let name = p.file_name();
+                            name == file_name.as_deref()
+                            // Kubernetes ConfigMap updates swap `..data` and friends.
+                            || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                        })
+                });
+                if relevant {
+                    let first = events
+                        .iter()
+                        .map(|e| e.time)
+                        .min()
+                        .unwrap_or_else(Instant::now);
+                    let _ = tx.try_send(first);
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!(error = %e, "config watcher error");
+                }
+            }
+        })
+    };
+    let _watcher = match watcher {
+        Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot watch the config directory; relying on SIGHUP and polling");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the config watcher; relying on SIGHUP and polling");
+            None
+        }
+    };
+
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fingerprint = file_fingerprint(&reloader.path);
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<()>();
+        tokio::select! {
+            Some(since) = rx.recv() => {
+                reloader.reload("file event", since).await;
+                fingerprint = file_fingerprint(&reloader.path);
+            }
+            _ = sighup => {
+                reloader.reload("SIGHUP", Instant::now()).await;
+                fingerprint = file_fingerprint(&reloader.path);
+            }
+            _ = poll.tick() => {
+                let now = file_fingerprint(&reloader.path);
+                if now != fingerprint {
+                    fingerprint = now;
+                    reloader.reload("poll", Instant::now()).await;
+                }
+            }
+            _ = crate::server::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Size and modification time of the file behind `path` (following symlinks).
+fn file_fingerprint(path: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

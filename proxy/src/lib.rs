@@ -11,6 +11,7 @@
 //! - [`server`]: accept loops and per-connection tasks (limits, idle timeout, shutdown).
 //! - [`tls`]: rustls server config from PEM files.
 //! - [`gateway`]: the per-request path: classify → route → forward → record.
+//! - [`limit`]: rate limit enforcement: keyed GCRA limiters (governor), eviction.
 //! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
 //! - [`respond`]: the gateway's own answers (stable JSON error codes).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/admin/explain`.
@@ -27,6 +28,7 @@ pub mod embedded;
 pub mod explain;
 pub mod forward;
 pub mod gateway;
+pub mod limit;
 pub mod metrics;
 pub mod reload;
 pub mod respond;

@@ -12,6 +12,10 @@
 //! - [`matcher`]: rule conditions and the (app, interface) index shared by all rule kinds.
 //! - [`route`]: routing: direct, weighted splits, whitelists, override header.
 //! - [`bucket`]: the stable user-bucket hash and weight parsing.
+//! - [`govern`]: limits, fallbacks and breakers in force, compiled as one unit.
+//! - [`limit`]: rate limits: which apply, which quota, the hashed key (counting is the proxy's).
+//! - [`degrade`]: fallback rules and circuit breaker definitions, with canned answers.
+//! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
 //! - [`explain`]: a routing decision with every rule considered and why.
 //! - [`classify`]: interface, app and user of a request.
 //! - [`error`]: located errors (`file:line:col path: message`).
@@ -21,10 +25,14 @@
 
 pub mod bucket;
 pub mod classify;
+pub mod degrade;
 pub mod error;
 pub mod explain;
+pub mod govern;
+pub mod limit;
 pub mod matcher;
 pub mod model;
+pub(crate) mod plan;
 pub mod route;
 pub mod snapshot;
 pub mod source;

@@ -15,6 +15,10 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod govern;
+
+pub use govern::{Breaker, Fallback, KeyPart, Limit, LimitMode, LocalResponse, Plan, WhenMissing};
+
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -45,6 +49,21 @@ pub struct Config {
     /// Default: false.
     #[serde(default)]
     pub allow_empty_routes: bool,
+    /// Rate limit rules; every matching one applies. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// Fallback rules: answer matching requests locally. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<Fallback>,
+    /// Emergency plans by name: sets of limit and fallback overrides. Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plans: BTreeMap<String, Plan>,
+    /// The plans in force, applied in order (`["peak"]`). Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active_plans: Vec<String>,
+    /// Circuit breakers on upstreams. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<Breaker>,
 }
 
 /// Bootstrap settings (not hot-reloadable).

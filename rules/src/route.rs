@@ -57,7 +57,7 @@ pub struct SplitEdge {
 }
 
 #[derive(Debug)]
-enum CompiledNoUserKey {
+pub(crate) enum CompiledNoUserKey {
     ClientIp,
     Random,
     Header(HeaderName),
@@ -187,13 +187,7 @@ impl CompiledRoute {
                 .override_header
                 .as_ref()
                 .map(|h| HeaderName::from_bytes(h.as_bytes()).expect("validated")),
-            no_user_key: match &r.no_user_key {
-                NoUserKey::ClientIp => CompiledNoUserKey::ClientIp,
-                NoUserKey::Random => CompiledNoUserKey::Random,
-                NoUserKey::Header(h) => CompiledNoUserKey::Header(
-                    HeaderName::from_bytes(h.as_bytes()).expect("validated"),
-                ),
-            },
+            no_user_key: CompiledNoUserKey::compile(&r.no_user_key),
         }
     }
 
@@ -229,30 +223,54 @@ impl CompiledRoute {
 
     /// The request's bucket under this rule's salt, and what it was computed from.
     pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
-        if let Some(u) = r.m.user {
-            return (bucket(&self.salt, u), BucketKey::User);
+        bucket_of(&self.salt, &self.no_user_key, r)
+    }
+}
+
+// === impl CompiledNoUserKey ===
+
+impl CompiledNoUserKey {
+    pub(crate) fn compile(k: &NoUserKey) -> Self {
+        match k {
+            NoUserKey::ClientIp => Self::ClientIp,
+            NoUserKey::Random => Self::Random,
+            NoUserKey::Header(h) => {
+                Self::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated"))
+            }
         }
-        let by_ip = |ip: Option<IpAddr>| match ip {
-            Some(ip) => (bucket_ip(&self.salt, ip), BucketKey::ClientIp),
-            None => (
-                (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-                BucketKey::Random,
+    }
+}
+
+/// A request's bucket under `salt`: its user's, or for requests with none, that of
+/// `no_user_key`. Shared by splits and fallback fractions.
+pub(crate) fn bucket_of(
+    salt: &str,
+    no_user_key: &CompiledNoUserKey,
+    r: &RouteInput<'_>,
+) -> (u32, BucketKey) {
+    if let Some(u) = r.m.user {
+        return (bucket(salt, u), BucketKey::User);
+    }
+    let by_ip = |ip: Option<IpAddr>| match ip {
+        Some(ip) => (bucket_ip(salt, ip), BucketKey::ClientIp),
+        None => (
+            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
+            BucketKey::Random,
+        ),
+    };
+    match no_user_key {
+        CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
+        CompiledNoUserKey::Random => (
+            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
+            BucketKey::Random,
+        ),
+        CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
+            Some(v) => (
+                crate::bucket::bucket_bytes(salt, v.as_bytes()),
+                BucketKey::Header,
             ),
-        };
-        match &self.no_user_key {
-            CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
-            CompiledNoUserKey::Random => (
-                (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-                BucketKey::Random,
-            ),
-            CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
-                Some(v) => (
-                    crate::bucket::bucket_bytes(&self.salt, v.as_bytes()),
-                    BucketKey::Header,
-                ),
-                None => by_ip(r.client_ip),
-            },
-        }
+            None => by_ip(r.client_ip),
+        },
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use crate::govern::Governance;
 use crate::matcher::MatchIndex;
 use crate::model::{Balance, Config, Extractor, UpstreamKind};
 use crate::route::CompiledRoute;
@@ -36,7 +37,12 @@ pub struct Snapshot {
     /// Route rules in config order.
     pub routes: Vec<CompiledRoute>,
     pub(crate) route_index: MatchIndex,
+    /// Limits, fallbacks and breakers in force (active plans applied).
+    pub governance: Governance,
 }
+
+/// The interfaces declared on one path template.
+type MethodTable = Vec<(Option<Method>, InterfaceId)>;
 
 /// An interface, compiled.
 #[derive(Debug)]
@@ -104,7 +110,7 @@ impl Snapshot {
             })
             .collect();
         // Path template → interfaces on it, in first-seen order of templates.
-        let mut per_template: Vec<(&str, Vec<(Option<Method>, InterfaceId)>)> = Vec::new();
+        let mut per_template: Vec<(&str, MethodTable)> = Vec::new();
         let mut template_slot: HashMap<&str, usize> = HashMap::new();
         for (i, itf) in interfaces.iter().enumerate() {
             let entry = (itf.method.clone(), InterfaceId(i as u32));
@@ -160,6 +166,7 @@ impl Snapshot {
             .map(|r| CompiledRoute::compile(r, &iface_ids, &upstream_ids))
             .collect();
         let route_index = MatchIndex::build(c.routes.iter().map(|r| &r.matcher), &iface_ids);
+        let governance = Governance::compile(c, &iface_ids, &upstream_ids);
 
         Self {
             identity: CompiledIdentity {
@@ -171,6 +178,7 @@ impl Snapshot {
             upstreams,
             routes,
             route_index,
+            governance,
         }
     }
 

@@ -15,6 +15,10 @@ use crate::error::{JsonPath, did_you_mean};
 use crate::model::SCHEMA_VERSION;
 use crate::model::{Config, Extractor, Match, NoUserKey, Route, SplitTarget, UpstreamKind};
 
+mod govern;
+
+pub use govern::MAX_GOVERN_RULES;
+
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
 /// Most interfaces in one config.
@@ -88,6 +92,7 @@ impl Validator {
         self.identity(c);
         self.upstreams(c);
         self.routes(c, &interfaces);
+        self.govern(c, &interfaces);
     }
 
     fn server(&mut self, c: &Config) {

@@ -1,0 +1,423 @@
+//! Rate limit enforcement: one keyed GCRA limiter (governor) per limit rule and quota.
+//!
+//! The rules crate says which limits apply to a request, under which quota, and hands over a
+//! 64-bit key; this module counts. Each quota of each rule is one governor `RateLimiter`
+//! over a [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
+//! theoretical arrival time, another `u64`), so a tracked key costs about 16 bytes of table
+//! plus hash-table slack, whatever the length of the user ID. Keys whose state has become
+//! indistinguishable from a fresh one are dropped by [`Limiters::retain_recent`], which a
+//! housekeeping task runs periodically, so memory follows the active users, not every user
+//! ever seen.
+//!
+//! Limits apply in rule order; the first enforced limit that refuses rejects the request and
+//! the limits after it are not consulted, so they spend no quota on a request that will not
+//! reach the upstream. A `dry_run` limit that refuses is reported and passed over.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::HeaderValue;
+use rules::limit::{CompiledLimit, LimitQuota};
+use rules::model::LimitMode;
+use rules::{RouteInput, Snapshot};
+
+use crate::metrics::Name;
+
+/// Shards of a [`KeyStore`]: enough that two cores (or sixteen) rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// Keyed GCRA state: `u64` key → theoretical arrival time (nanoseconds since the limiter's
+/// start), sharded by the key's top bits, each shard under its own mutex.
+///
+/// A `std` mutex rather than atomics per entry: the critical section is one hash probe and
+/// one store (tens of nanoseconds), and a plain `u64` value keeps entries at 16 bytes.
+#[derive(Debug)]
+pub struct KeyStore {
+    shards: Box<[Mutex<Table>]>,
+}
+
+type Table = HashMap<u64, u64, BuildHasherDefault<MixHasher>>;
+
+/// Hasher for keys that are already XXH3 hashes: one multiply, so both the low bits (bucket
+/// position) and the top bits (hashbrown's tag) vary, although the top 6 bits of every key
+/// in one shard are equal.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MixHasher(u64);
+
+/// A keyed GCRA limiter over a [`KeyStore`].
+pub type KeyedLimiter<C = DefaultClock> = RateLimiter<u64, KeyStore, C, StateInformationMiddleware>;
+
+/// The runtime limiter of one limit rule.
+#[derive(Debug)]
+pub struct RuleLimiter<C: Clock = DefaultClock> {
+    /// Rule name (metric label, logs).
+    pub name: Name,
+    /// Definition hash from the snapshot: state is carried over a reload only when it is
+    /// unchanged.
+    pub fingerprint: u64,
+    /// Enforce or dry run.
+    pub mode: LimitMode,
+    /// One per quota, indexed like [`CompiledLimit::quotas`].
+    quotas: Vec<QuotaLimiter<C>>,
+    /// `{"error":"rate_limited","rule":"NAME"` (the rest is added per answer).
+    body_prefix: Bytes,
+    /// `"NAME"` as a structured-field string, for the `RateLimit` header.
+    sf_name: Box<str>,
+}
+
+#[derive(Debug)]
+struct QuotaLimiter<C: Clock> {
+    limiter: KeyedLimiter<C>,
+    /// `RateLimit-Policy` for this quota, built once.
+    policy: HeaderValue,
+}
+
+/// The limiters of every limit rule in force, indexed like the snapshot's limits.
+#[derive(Debug)]
+pub struct Limiters<C: Clock = DefaultClock> {
+    /// One per limit rule.
+    pub rules: Vec<Arc<RuleLimiter<C>>>,
+}
+
+/// What one limit did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted (quota spent).
+    Allowed,
+    /// Refused by an enforced limit: the request is rejected.
+    Limited,
+    /// Refused by a dry-run limit: counted, logged, and let through.
+    DryRunLimited,
+}
+
+/// A rejected request: which rule refused it and when to retry.
+#[derive(Debug, Clone)]
+pub struct Rejection<C: Clock = DefaultClock> {
+    /// The refusing rule's limiter.
+    pub rule: Arc<RuleLimiter<C>>,
+    /// Which of its quotas refused.
+    pub quota: u16,
+    /// Time until the key conforms again.
+    pub retry_after: Duration,
+}
+
+thread_local! {
+    /// Reused list of the limits applying to the current request (no allocation per request).
+    static SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+// === impl Outcome ===
+
+impl Outcome {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Limited => "limited",
+            Self::DryRunLimited => "dry_run_limited",
+        }
+    }
+}
+
+// === impl MixHasher ===
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed; keep a correct fallback anyway.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+// === impl KeyStore ===
+
+impl KeyStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+        }
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<Table> {
+        &self.shards[(key >> 58) as usize % SHARDS]
+    }
+
+    fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave a half-written u64 behind.
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StateStore for KeyStore {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut table = Self::lock(self.shard(*key));
+        match table.entry(*key) {
+            Entry::Occupied(mut e) => {
+                let (out, tat) = f(Some(Nanos::from(*e.get())))?;
+                *e.get_mut() = tat.into();
+                Ok(out)
+            }
+            // A refused request never creates an entry.
+            Entry::Vacant(e) => {
+                let (out, tat) = f(None)?;
+                e.insert(tat.into());
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for KeyStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let drop_below: u64 = drop_below.into();
+        for shard in &*self.shards {
+            // One shard at a time: requests wait for at most one shard's sweep.
+            let mut t = Self::lock(shard);
+            t.retain(|_, tat| *tat > drop_below);
+            // Give memory back once the table is mostly empty (not on every sweep: regrowing
+            // costs more than the slack).
+            if t.capacity() > 64 && t.len() * 4 < t.capacity() {
+                let keep = t.len() * 2;
+                t.shrink_to(keep);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| Self::lock(s).len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shards.iter().all(|s| Self::lock(s).is_empty())
+    }
+}
+
+// === impl RuleLimiter ===
+
+impl<C: Clock + Clone> RuleLimiter<C> {
+    /// The limiter of a compiled limit rule, reading time from `clock`.
+    pub fn build(rule: &CompiledLimit, clock: &C) -> Self {
+        let quotas = rule
+            .quotas
+            .iter()
+            .map(|q| QuotaLimiter {
+                limiter: KeyedLimiter::<C>::new(governor_quota(q), KeyStore::new(), clock.clone()),
+                policy: policy_header(&rule.name, q),
+            })
+            .collect();
+        let mut body_prefix = br#"{"error":"rate_limited","rule":"#.to_vec();
+        serde_json::to_writer(&mut body_prefix, &*rule.name).expect("writing to a Vec");
+        Self {
+            name: Name(rule.name.as_ref().into()),
+            fingerprint: rule.fingerprint,
+            mode: rule.mode,
+            quotas,
+            body_prefix: body_prefix.into(),
+            sf_name: sf_string(&rule.name).into(),
+        }
+    }
+
+    /// Count one request under `quota` and `key`: `Ok(())` if admitted, or the time until
+    /// it would be.
+    pub fn check(&self, quota: u16, key: u64) -> Result<(), Duration> {
+        let q = &self.quotas[quota as usize].limiter;
+        match q.check_key(&key) {
+            Ok(_) => Ok(()),
+            Err(not_until) => Err(not_until.wait_time_from(q.clock().now())),
+        }
+    }
+
+    /// Keys tracked over all quotas.
+    pub fn tracked_keys(&self) -> usize {
+        self.quotas.iter().map(|q| q.limiter.len()).sum()
+    }
+
+    /// Drop keys whose state is indistinguishable from a fresh one.
+    pub fn retain_recent(&self) {
+        for q in &self.quotas {
+            q.limiter.retain_recent();
+        }
+    }
+
+    /// The `RateLimit-Policy` header value of a quota.
+    pub fn policy(&self, quota: u16) -> &HeaderValue {
+        &self.quotas[quota as usize].policy
+    }
+
+    /// The 429 body: `{"error":"rate_limited","rule":NAME,"retry_after_ms":N}`.
+    pub fn body(&self, retry_after: Duration) -> Bytes {
+        let mut b = Vec::with_capacity(self.body_prefix.len() + 32);
+        b.extend_from_slice(&self.body_prefix);
+        b.extend_from_slice(
+            format!(",\"retry_after_ms\":{}}}", retry_after.as_millis().max(1)).as_bytes(),
+        );
+        b.into()
+    }
+
+    /// The `RateLimit` header of a refused request: nothing remaining, reset in `t` seconds.
+    pub fn rate_limit_header(&self, retry_after: Duration) -> HeaderValue {
+        HeaderValue::from_str(&format!(
+            "{};r=0;t={}",
+            self.sf_name,
+            ceil_secs(retry_after)
+        ))
+        .expect("ASCII without control characters")
+    }
+}
+
+/// Whole seconds, rounded up, at least 1 (`Retry-After: 0` invites a retry storm).
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000).max(1) as u64
+}
+
+fn governor_quota(q: &LimitQuota) -> Quota {
+    Quota::with_period(q.rate.interval())
+        .expect("validated: the interval is at least 1ns")
+        .allow_burst(NonZeroU32::new(q.burst).expect("validated: burst ≥ 1"))
+}
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09): `"NAME";q=QUOTA;w=WINDOW`,
+/// the window in whole seconds. Sub-second periods are stated per second.
+fn policy_header(name: &str, q: &LimitQuota) -> HeaderValue {
+    let period_ns = q.rate.period.as_nanos();
+    let (quota, window) = if period_ns % 1_000_000_000 == 0 {
+        (u128::from(q.rate.count), period_ns / 1_000_000_000)
+    } else {
+        (u128::from(q.rate.count) * 1_000_000_000 / period_ns, 1)
+    };
+    HeaderValue::from_str(&format!("{};q={quota};w={window}", sf_string(name)))
+        .expect("ASCII without control characters")
+}
+
+/// A structured-field string (RFC 8941 §3.3.3): quoted, with `"` and `\` escaped. Rule names
+/// are validated free of whitespace and control characters; anything non-ASCII is replaced.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_ascii_graphic() => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+// === impl Limiters ===
+
+impl<C: Clock + Clone> Limiters<C> {
+    /// Limiters for every limit in `snap`. A rule whose name and definition are unchanged
+    /// from `previous` (the runtime a reload replaces) keeps its limiter, and so every key's
+    /// state: an edit elsewhere must not reset everybody's buckets.
+    pub fn build(snap: &Snapshot, clock: &C, previous: Option<&Self>) -> Self {
+        let kept: HashMap<(&str, u64), &Arc<RuleLimiter<C>>> = previous
+            .map(|p| {
+                p.rules
+                    .iter()
+                    .map(|r| ((&*r.name.0, r.fingerprint), r))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rules = snap
+            .governance
+            .limits
+            .iter()
+            .map(|l| match kept.get(&(&*l.name, l.fingerprint)) {
+                Some(r) => Arc::clone(r),
+                None => Arc::new(RuleLimiter::build(l, clock)),
+            })
+            .collect();
+        Self { rules }
+    }
+
+    /// Check every limit that applies to a request, in order, until one enforced limit
+    /// refuses. `observe` hears each limit's outcome (for metrics and logs).
+    pub fn check(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+    ) -> Option<Rejection<C>> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        SCRATCH.with(|s| {
+            let mut ids = s.borrow_mut();
+            snap.limits_for(&r.m, &mut ids);
+            for &i in ids.iter() {
+                let rule = &snap.governance.limits[i as usize];
+                let Some(key) = rule.key_of(snap, r) else {
+                    continue;
+                };
+                let lim = &self.rules[i as usize];
+                match lim.check(key.quota, key.hash) {
+                    Ok(()) => observe(lim, Outcome::Allowed, Duration::ZERO),
+                    Err(wait) if lim.mode == LimitMode::DryRun => {
+                        observe(lim, Outcome::DryRunLimited, wait)
+                    }
+                    Err(wait) => {
+                        observe(lim, Outcome::Limited, wait);
+                        return Some(Rejection {
+                            rule: Arc::clone(lim),
+                            quota: key.quota,
+                            retry_after: wait,
+                        });
+                    }
+                }
+            }
+            None
+        })
+    }
+
+    /// Drop idle keys from every limiter; returns the keys still tracked.
+    pub fn retain_recent(&self) -> usize {
+        self.rules
+            .iter()
+            .map(|r| {
+                r.retain_recent();
+                r.tracked_keys()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+use std::net::IpAddr;
+
+use governor::clock::FakeRelativeClock;
+use http::HeaderMap;
+use rules::MatchInput;
+
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn snapshot(limits: &str) -> Snapshot {
+    let text = format!(
+        r#"{{
+  "schema_version": 1,
+  "interfaces": [ {{ "name": "grab", "method": "POST", "path": "/envelopes/{{id}}/grab" }} ],
+  "upstreams": {{ "up": {{ "endpoints": ["127.0.0.1:9000"] }} }},
+  "routes": [ {{ "name": "default", "upstream": "up" }} ],
+  "limits": {limits}
+}}"#
+    );
+    rules::load("t.json", text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .snapshot
+}
+
+struct Rig {
+    snap: Snapshot,
+    clock: FakeRelativeClock,
+    lim: Limiters<FakeRelativeClock>,
+    headers: HeaderMap,
+}
+
+impl Rig {
+    fn new(limits: &str) -> Self {
+        let snap = snapshot(limits);
+        let clock = FakeRelativeClock::default();
+        let lim = Limiters::build(&snap, &clock, None);
+        Self {
+            snap,
+            clock,
+            lim,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// One request; the refusing rule's name, and every outcome seen, in order.
+    fn send(&self, app: &str, user: Option<&str>) -> (Option<String>, Vec<(String, Outcome)>) {
+        let mut seen = Vec::new();
+        let input = RouteInput {
+            m: MatchInput {
+                app: Some(app),
+                interface: self
+                    .snap
+                    .classify(rules::RequestParts {
+                        method: &http::Method::POST,
+                        path: "/envelopes/1/grab",
+                        query: None,
+                        headers: &self.headers,
+                    })
+                    .interface,
+                user,
+                headers: &self.headers,
+            },
+            client_ip: Some(IpAddr::from([10, 0, 0, 1])),
+            random: 0,
+        };
+        let rej = self.lim.check(&self.snap, &input, |r, o, _| {
+            seen.push((r.name.0.to_string(), o))
+        });
+        (rej.map(|r| r.rule.name.0.to_string()), seen)
+    }
+
+    fn admitted(&self, app: &str, user: &str) -> bool {
+        self.send(app, Some(user)).0.is_none()
+    }
+}
+
+/// The GCRA virtual-scheduling algorithm, written out as the reference: admit at `t` if
+/// `t ≥ tat − τ`, then `tat = max(tat, t) + T`.
+fn reference(arrivals_ns: &[u64], t_ns: u64, burst: u64) -> Vec<bool> {
+    let tau = t_ns * (burst - 1);
+    let mut tat: Option<u64> = None;
+    arrivals_ns
+        .iter()
+        .map(|&t| {
+            let cur = tat.unwrap_or(t);
+            if t + tau >= cur {
+                tat = Some(cur.max(t) + t_ns);
+                true
+            } else {
+                false
+            }
+        })
+        .collect()
+}
+
+/// 10/s with burst 5: five at once, then one every 100 ms, exactly; the refusal says when.
+#[test]
+fn gcra_sequence_10_per_s_burst_5() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
+    let got: Vec<bool> = (0..7).map(|_| rig.admitted("a", "u")).collect();
+    assert_eq!(got, [true, true, true, true, true, false, false]);
+    let lim = &rig.lim.rules[0];
+    let key = rig.snap.governance.limits[0]
+        .key_of(
+            &rig.snap,
+            &RouteInput {
+                m: MatchInput {
+                    app: None,
+                    interface: None,
+                    user: Some("u"),
+                    headers: &rig.headers,
+                },
+                client_ip: None,
+                random: 0,
+            },
+        )
+        .unwrap();
+    assert_eq!(lim.check(key.quota, key.hash), Err(100 * MS));
+    rig.clock.advance(99 * MS);
+    assert!(!rig.admitted("a", "u"), "not yet at 99 ms");
+    rig.clock.advance(MS);
+    assert!(rig.admitted("a", "u"), "one more at 100 ms");
+    assert!(!rig.admitted("a", "u"));
+    rig.clock.advance(1000 * MS);
+    let refill: usize = (0..10).filter(|_| rig.admitted("a", "u")).count();
+    assert_eq!(
+        refill, 5,
+        "a full bucket holds the burst, not a second's worth"
+    );
+}
+
+/// Against the reference algorithm over 2,000 irregular arrivals, decision by decision.
+#[test]
+fn gcra_matches_reference() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
+    // Deterministic irregular gaps of 0..60 ms (a linear congruential sequence).
+    let mut x: u64 = 12345;
+    let mut now = 0u64;
+    let mut arrivals = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..2000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let gap = (x >> 33) % 60_000_000;
+        rig.clock.advance(Duration::from_nanos(gap));
+        now += gap;
+        arrivals.push(now);
+        got.push(rig.admitted("a", "u"));
+    }
+    let want = reference(&arrivals, 100_000_000, 5);
+    assert_eq!(got, want);
+    let admitted = got.iter().filter(|&&a| a).count();
+    assert!(admitted > 500 && admitted < 2000, "{admitted}");
+}
+
+/// A VIP user and an internal app get their own quotas; a user exception beats an app one.
+#[test]
+fn exceptions_get_their_quota() {
+    let rig = Rig::new(
+        r#"[{"name": "per-user", "key": ["user"], "rate": "2/s",
+             "exceptions": {"user:alice": "50/s", "app:internal": "10/s"}}]"#,
+    );
+    let count = |app: &str, user: &str| (0..100).filter(|_| rig.admitted(app, user)).count();
+    assert_eq!(count("a", "bob"), 2);
+    assert_eq!(count("a", "alice"), 50);
+    assert_eq!(count("internal", "carol"), 10);
+    assert_eq!(
+        count("internal", "alice2"),
+        10,
+        "each internal user has their own"
+    );
+    // alice under the internal app: the user exception wins, and it is the same key as
+    // alice's other requests, whose quota is spent.
+    assert_eq!(count("internal", "alice"), 0);
+    rig.clock.advance(1000 * MS);
+    assert_eq!(count("internal", "alice"), 50);
+}
+
+/// A dry-run limit never rejects, but reports every would-be rejection.
+#[test]
+fn dry_run_counts_but_never_rejects() {
+    let rig =
+        Rig::new(r#"[{"name": "try-me", "key": ["user"], "rate": "3/s", "mode": "dry_run"}]"#);
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        let (rej, seen) = rig.send("a", Some("u"));
+        assert_eq!(rej, None);
+        outcomes.extend(seen.into_iter().map(|(_, o)| o));
+    }
+    let n = |o| outcomes.iter().filter(|&&x| x == o).count();
+    assert_eq!(n(Outcome::Allowed), 3);
+    assert_eq!(n(Outcome::DryRunLimited), 7);
+    assert_eq!(n(Outcome::Limited), 0);
+}
+
+/// Per-user, then per-app, then global: the per-app limit refuses the third request, and the
+/// global limit after it spent quota only on the two requests that got that far.
+#[test]
+fn later_limits_spend_nothing_after_a_refusal() {
+    let rig = Rig::new(
+        r#"[{"name": "per-user", "key": ["user"], "rate": "100/s"},
+            {"name": "per-app", "key": ["app"], "rate": "2/s"},
+            {"name": "global", "rate": "3/s"}]"#,
+    );
+    let mut last = Vec::new();
+    for i in 0..5 {
+        let (rej, seen) = rig.send("a", Some("u"));
+        assert_eq!(rej.as_deref(), if i < 2 { None } else { Some("per-app") });
+        last = seen;
+    }
+    assert_eq!(
+        last,
+        [
+            ("per-user".to_owned(), Outcome::Allowed),
+            ("per-app".to_owned(), Outcome::Limited)
+        ],
+        "the global limit was not consulted"
+    );
+    // The global bucket (3) lost only 2: one request of another app still passes all three.
+    assert_eq!(rig.send("b", Some("v")).0, None);
+    assert_eq!(rig.send("c", Some("w")).0.as_deref(), Some("global"));
+    // The per-user bucket did spend on all 5 (it ran before the refusal) plus none more.
+    let per_user_left = (0..200).filter(|_| rig.rules_admit(0, "u")).count();
+    assert_eq!(per_user_left, 95);
+}
+
+impl Rig {
+    /// Check rule `i` alone for user `u` (default quota).
+    fn rules_admit(&self, i: usize, u: &str) -> bool {
+        let key = self.snap.governance.limits[i]
+            .key_of(
+                &self.snap,
+                &RouteInput {
+                    m: MatchInput {
+                        app: None,
+                        interface: None,
+                        user: Some(u),
+                        headers: &self.headers,
+                    },
+                    client_ip: None,
+                    random: 0,
+                },
+            )
+            .unwrap();
+        self.lim.rules[i].check(key.quota, key.hash).is_ok()
+    }
+}
+
+/// A limit keyed by user with no user: the client IP stands in by default; `skip` exempts;
+/// `shared` puts all such requests in one bucket.
+#[test]
+fn missing_key_parts() {
+    let rig = Rig::new(
+        r#"[{"name": "ip", "key": ["user"], "rate": "1/s"},
+            {"name": "skip", "key": ["user"], "rate": "1/s", "when_missing": "skip",
+             "match": {"apps": ["s"]}}]"#,
+    );
+    assert_eq!(rig.send("a", None).0, None);
+    assert_eq!(rig.send("a", None).0.as_deref(), Some("ip"));
+    assert_eq!(rig.send("a", Some("u")).0, None, "a user is its own key");
+    // App `s`: the `ip` limit still applies (and is spent), `skip` does not.
+    rig.clock.advance(1000 * MS);
+    let (rej, seen) = rig.send("s", None);
+    assert_eq!(rej, None);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+/// Keys seen once are evicted once their state is fresh again; memory follows active keys.
+#[test]
+fn idle_keys_are_evicted() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
+    for i in 0..10_000 {
+        assert!(rig.admitted("a", &format!("user-{i}")));
+    }
+    assert_eq!(
+        rig.lim.retain_recent(),
+        10_000,
+        "all still inside their first interval"
+    );
+    rig.clock.advance(50 * MS);
+    assert!(rig.admitted("a", "user-1"));
+    rig.clock.advance(200 * MS);
+    // user-1's bucket is not yet refilled to fresh (its TAT is 350 ms); all others are.
+    assert_eq!(rig.lim.retain_recent(), 1);
+    rig.clock.advance(1000 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0);
+}
+
+/// A rebuild keeps the limiter (and its state) of unchanged rules and replaces changed ones.
+#[test]
+fn state_carries_over_unchanged_rules() {
+    let a = snapshot(
+        r#"[{"name": "keep", "key": ["user"], "rate": "1/s"},
+            {"name": "edit", "key": ["user"], "rate": "1/s"}]"#,
+    );
+    let b = snapshot(
+        r#"[{"name": "new", "rate": "5/s"},
+            {"name": "keep", "key": ["user"], "rate": "1/s"},
+            {"name": "edit", "key": ["user"], "rate": "2/s"}]"#,
+    );
+    let clock = FakeRelativeClock::default();
+    let la = Limiters::build(&a, &clock, None);
+    let lb = Limiters::build(&b, &clock, Some(&la));
+    assert!(Arc::ptr_eq(&la.rules[0], &lb.rules[1]), "keep is kept");
+    assert!(!Arc::ptr_eq(&la.rules[1], &lb.rules[2]), "edit is rebuilt");
+}
+
+/// The 429 pieces: body names the rule; headers follow the IETF draft's syntax.
+#[test]
+fn rejection_headers_and_body() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "300/min", "burst": 1}]"#);
+    let r = &rig.lim.rules[0];
+    assert_eq!(r.policy(0), "\"per-user\";q=300;w=60");
+    assert_eq!(
+        r.rate_limit_header(Duration::from_millis(200)),
+        "\"per-user\";r=0;t=1"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&r.body(200 * MS)).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "rate_limited", "rule": "per-user", "retry_after_ms": 200})
+    );
+    let half = Rig::new(r#"[{"name": "h", "rate": "5/500ms"}]"#);
+    assert_eq!(half.lim.rules[0].policy(0), "\"h\";q=10;w=1");
+    assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+    assert_eq!(ceil_secs(Duration::ZERO), 1);
+}

@@ -1,0 +1,371 @@
+//! Rate limits, compiled: which limits apply to a request, which quota it falls under, and
+//! the fixed-size key it is counted by.
+//!
+//! This module decides *what* is counted; the counting itself (GCRA, per key, against a
+//! clock) is the proxy's, on governor. A request's key is the XXH3-64 hash of its key tuple,
+//! so a tracked key costs a `u64` whatever the length of the user ID, and hashing allocates
+//! nothing. Two distinct tuples share a quota only on a 64-bit hash collision: with a million
+//! active keys in one rule, about one chance in 30 million.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::HeaderName;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+use crate::matcher::{CompiledMatch, MatchInput};
+use crate::model::{KeyPart, Limit, LimitMode, WhenMissing};
+use crate::route::RouteInput;
+use crate::snapshot::{InterfaceId, Snapshot};
+
+/// Largest count in a rate.
+pub const MAX_RATE_COUNT: u32 = 1_000_000_000;
+/// Longest rate period.
+pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(30 * 86_400);
+
+/// A parsed rate: `count` requests per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per period (≥ 1).
+    pub count: u32,
+    /// The period.
+    pub period: Duration,
+}
+
+/// One quota of a limit: its base quota or one exception's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitQuota {
+    /// The sustained rate.
+    pub rate: Rate,
+    /// Bucket size: requests admitted at once after idleness (≥ 1).
+    pub burst: u32,
+    /// `default`, or the exception (`user:alice`), for logs and the `RateLimit` headers.
+    pub label: Box<str>,
+}
+
+/// A limit rule, compiled.
+#[derive(Debug)]
+pub struct CompiledLimit {
+    /// Its name.
+    pub name: Box<str>,
+    /// Its conditions.
+    pub matcher: CompiledMatch,
+    /// Enforce or dry run.
+    pub mode: LimitMode,
+    /// Its quotas: `[0]` is the base quota, then one per exception. A [`LimitKey`]'s
+    /// `quota` indexes this.
+    pub quotas: Vec<LimitQuota>,
+    /// A hash of the rule's whole definition: the proxy keeps a limiter's state across a
+    /// reload exactly when name and fingerprint are unchanged.
+    pub fingerprint: u64,
+    key: Vec<CompiledKeyPart>,
+    when_missing: WhenMissing,
+    exc_users: HashMap<Box<str>, u16>,
+    exc_apps: HashMap<Box<str>, u16>,
+    exc_interfaces: Vec<(InterfaceId, u16)>,
+}
+
+#[derive(Debug)]
+enum CompiledKeyPart {
+    App,
+    Interface,
+    User,
+    Header(HeaderName),
+}
+
+/// What a request is counted as under one limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitKey {
+    /// Index into [`CompiledLimit::quotas`].
+    pub quota: u16,
+    /// The hashed key tuple.
+    pub hash: u64,
+}
+
+// === rates ===
+
+/// Parse `"N/unit"` or `"N/Kunit"`: `5/s`, `300/min`, `100/10s`, `1000/d`. Units: `ms`, `s`
+/// (`sec`, `second`), `min` (`m`, `minute`), `h` (`hour`), `d` (`day`).
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || format!("{s:?} is not a rate: write N/unit, like \"5/s\" or \"300/min\"");
+    let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n = n.trim();
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let count: u64 = n.parse().map_err(|_| bad())?;
+    if count == 0 || count > u64::from(MAX_RATE_COUNT) {
+        return Err(format!("{s:?}: the count must be in 1..={MAX_RATE_COUNT}"));
+    }
+    let per = per.trim();
+    let split = per.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (k, unit) = per.split_at(split);
+    let k: u64 = if k.is_empty() {
+        1
+    } else {
+        k.parse().map_err(|_| bad())?
+    };
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" | "sec" | "second" => 1_000,
+        "m" | "min" | "minute" => 60_000,
+        "h" | "hour" => 3_600_000,
+        "d" | "day" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, min, h or d"
+            ));
+        }
+    };
+    let period = Duration::from_millis(k.saturating_mul(unit_ms));
+    if period.is_zero() || period > MAX_RATE_PERIOD {
+        return Err(format!("{s:?}: the period must be in 1ms..=30d"));
+    }
+    if (period.as_nanos() as u64) < count {
+        return Err(format!(
+            "{s:?}: more than one request per nanosecond cannot be timed"
+        ));
+    }
+    Ok(Rate {
+        count: count as u32,
+        period,
+    })
+}
+
+impl Rate {
+    /// Time to replenish one request: `period / count`.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count
+    }
+}
+
+// === impl CompiledLimit ===
+
+impl CompiledLimit {
+    /// Compile a validated limit rule.
+    pub(crate) fn compile(l: &Limit, iface_ids: &HashMap<&str, u32>) -> Self {
+        let rate = parse_rate(&l.rate).expect("validated");
+        let mut quotas = vec![LimitQuota {
+            rate,
+            burst: l.burst.unwrap_or(rate.count),
+            label: "default".into(),
+        }];
+        let mut exc_users = HashMap::new();
+        let mut exc_apps = HashMap::new();
+        let mut exc_interfaces = Vec::new();
+        for (k, v) in &l.exceptions {
+            let (dim, value) = k.split_once(':').expect("validated");
+            let rate = parse_rate(v).expect("validated");
+            let slot = quotas.len() as u16;
+            quotas.push(LimitQuota {
+                rate,
+                burst: rate.count,
+                label: k.as_str().into(),
+            });
+            match dim {
+                "user" => {
+                    exc_users.insert(value.into(), slot);
+                }
+                "app" => {
+                    exc_apps.insert(value.into(), slot);
+                }
+                "interface" => exc_interfaces.push((InterfaceId(iface_ids[value]), slot)),
+                _ => unreachable!("validated exception dimension"),
+            }
+        }
+        let fingerprint =
+            xxh3_64(&serde_json::to_vec(l).expect("a config value serializes to JSON"));
+        Self {
+            name: l.name.as_str().into(),
+            matcher: CompiledMatch::compile(&l.matcher, &l.name, iface_ids),
+            mode: l.mode,
+            quotas,
+            fingerprint,
+            key: l
+                .key
+                .iter()
+                .map(|p| match p {
+                    KeyPart::App => CompiledKeyPart::App,
+                    KeyPart::Interface => CompiledKeyPart::Interface,
+                    KeyPart::User => CompiledKeyPart::User,
+                    KeyPart::Header(h) => CompiledKeyPart::Header(
+                        HeaderName::from_bytes(h.as_bytes()).expect("validated"),
+                    ),
+                })
+                .collect(),
+            when_missing: l.when_missing,
+            exc_users,
+            exc_apps,
+            exc_interfaces,
+        }
+    }
+
+    /// The quota a request falls under: an exception for its user, interface or app (in
+    /// that order), else the base quota (0).
+    pub fn quota_of(&self, m: &MatchInput<'_>) -> u16 {
+        if let Some(&q) = m.user.and_then(|u| self.exc_users.get(u)) {
+            return q;
+        }
+        if let Some(i) = m.interface {
+            if let Some(&(_, q)) = self.exc_interfaces.iter().find(|(x, _)| *x == i) {
+                return q;
+            }
+        }
+        if let Some(&q) = m.app.and_then(|a| self.exc_apps.get(a)) {
+            return q;
+        }
+        0
+    }
+
+    /// What a request this rule matched is counted as, or `None` when part of the key is
+    /// missing and the rule says `skip`. `snap` names interfaces (keys hash the name, not the
+    /// ID, so they survive a reload that reorders interfaces).
+    pub fn key_of(&self, snap: &Snapshot, r: &RouteInput<'_>) -> Option<LimitKey> {
+        let mut h = KeyHasher::new();
+        for part in &self.key {
+            let value: Option<&[u8]> = match part {
+                CompiledKeyPart::App => r.m.app.map(str::as_bytes),
+                CompiledKeyPart::User => r.m.user.map(str::as_bytes),
+                CompiledKeyPart::Interface => {
+                    r.m.interface.map(|i| snap.interface_name(i).as_bytes())
+                }
+                CompiledKeyPart::Header(name) => {
+                    r.m.headers
+                        .get(name)
+                        .map(|v| v.as_bytes())
+                        .filter(|v| !v.is_empty())
+                }
+            };
+            match value {
+                Some(v) => {
+                    h.write(&[1]);
+                    h.write(&(v.len() as u32).to_le_bytes());
+                    h.write(v);
+                }
+                None => match self.when_missing {
+                    WhenMissing::Skip => return None,
+                    WhenMissing::Shared => h.write(&[2]),
+                    WhenMissing::ClientIp => match r.client_ip {
+                        Some(ip) => {
+                            h.write(&[3]);
+                            h.write(&ipv6_octets(ip));
+                        }
+                        None => h.write(&[2]),
+                    },
+                },
+            }
+        }
+        Some(LimitKey {
+            quota: self.quota_of(&r.m),
+            hash: h.finish(),
+        })
+    }
+}
+
+fn ipv6_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// XXH3 over a byte sequence written in pieces: into a stack buffer while it fits (the
+/// common case, one-shot hashing), spilling into the streaming hasher beyond.
+struct KeyHasher {
+    buf: [u8; 192],
+    len: usize,
+    spill: Option<Box<Xxh3>>,
+}
+
+impl KeyHasher {
+    fn new() -> Self {
+        Self {
+            buf: [0; 192],
+            len: 0,
+            spill: None,
+        }
+    }
+
+    fn write(&mut self, b: &[u8]) {
+        if let Some(s) = &mut self.spill {
+            s.update(b);
+        } else if self.len + b.len() <= self.buf.len() {
+            self.buf[self.len..self.len + b.len()].copy_from_slice(b);
+            self.len += b.len();
+        } else {
+            // Rare: long header values or user IDs.
+            let mut s = Box::new(Xxh3::new());
+            s.update(&self.buf[..self.len]);
+            s.update(b);
+            self.spill = Some(s);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        match &self.spill {
+            Some(s) => s.digest(),
+            None => xxh3_64(&self.buf[..self.len]),
+        }
+    }
+}
+
+// === impl Snapshot (limits) ===
+
+impl Snapshot {
+    /// The limit rules that apply to a request, in check order (config order), written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating).
+    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
+        let g = &self.governance;
+        g.limit_index.all(m, |i| &g.limits[i as usize].matcher, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rates parse with their units; nonsense is refused with a hint.
+    #[test]
+    fn rates() {
+        let r = |s| parse_rate(s).unwrap();
+        assert_eq!(
+            r("5/s"),
+            Rate {
+                count: 5,
+                period: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(r("300/min").period, Duration::from_secs(60));
+        assert_eq!(r("100/10s").period, Duration::from_secs(10));
+        assert_eq!(r(" 7 / h ").period, Duration::from_secs(3600));
+        assert_eq!(r("1000/d").interval(), Duration::from_millis(86_400));
+        assert_eq!(r("10/s").interval(), Duration::from_millis(100));
+        for bad in [
+            "5",
+            "5/",
+            "/s",
+            "0/s",
+            "-1/s",
+            "5/fortnight",
+            "5/0s",
+            "1.5/s",
+            "5/31d",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert!(parse_rate("2000000000/s").is_err());
+    }
+
+    /// The hasher gives the same answer whether or not it spilled.
+    #[test]
+    fn key_hasher_spill() {
+        let long = vec![b'x'; 500];
+        let mut a = KeyHasher::new();
+        a.write(&[1]);
+        a.write(&long);
+        let mut whole = vec![1u8];
+        whole.extend_from_slice(&long);
+        assert_eq!(a.finish(), xxh3_64(&whole));
+    }
+}

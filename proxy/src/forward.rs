@@ -394,6 +394,23 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Carry the authority the client addressed to the upstream as `Host`. An HTTP/2 request
+/// has no `Host` header, only `:authority` (in the URI), and the forwarded URI names the
+/// endpoint instead; without this an h2 client's upstream would see the endpoint address
+/// as `Host` while an HTTP/1.1 client's sees the name it used.
+pub fn keep_authority(parts: &mut http::request::Parts) {
+    if parts.headers.contains_key(header::HOST) {
+        return;
+    }
+    if let Some(a) = parts.uri.authority() {
+        // Never the (deprecated) userinfo part.
+        let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(host_port) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+}
+
 /// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
 pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
     if h.contains_key(&X_FORWARDED_FOR) {

@@ -16,7 +16,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
-use crate::forward::{ConnInfo, Upstream, add_forwarded, strip_hop_by_hop};
+use crate::forward::{ConnInfo, Upstream, add_forwarded, keep_authority, strip_hop_by_hop};
 use crate::metrics::{
     Metrics, Name, RequestLabels, UpstreamErrorLabels, UpstreamLabels, status_class,
 };
@@ -189,6 +189,7 @@ impl Gateway {
                 None => Err(GatewayError::NoRoute),
                 Some(up) => {
                     strip_hop_by_hop(&mut parts.headers);
+                    keep_authority(&mut parts);
                     add_forwarded(&mut parts.headers, conn);
                     up.forward(parts, body, self.settings.max_body_bytes).await
                 }

@@ -494,6 +494,28 @@ pub fn tidegate_bin() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "tidegate", "--bin", "tidegate"]);
+        // Cargo gives the test process the variables of *this* package. Build scripts
+        // (ring's, via cc) track some of them, so passing them on would make this build
+        // and the next ordinary one rebuild each other's dependencies every time.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&&*k)
+            {
+                cmd.env_remove(&*k);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

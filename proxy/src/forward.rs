@@ -222,7 +222,7 @@ impl Upstream {
                     Some(s) => BodyState::Parked(s.clone()),
                 },
                 remaining: max_body,
-                hint: hint.clone(),
+                hint,
             };
             let mut req = match head.take() {
                 Some(p) => Request::from_parts(p, body),
@@ -357,7 +357,7 @@ impl Body for UpBody {
     fn size_hint(&self) -> SizeHint {
         match &self.state {
             BodyState::Streaming(b) => b.size_hint(),
-            _ => self.hint.clone(),
+            _ => self.hint,
         }
     }
 }

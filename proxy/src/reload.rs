@@ -36,6 +36,9 @@ const DEBOUNCE: Duration = Duration::from_millis(40);
 /// size and modification time are compared this often.
 const POLL: Duration = Duration::from_secs(2);
 
+/// A runtime built from a file, with the file's hash and bootstrap section.
+type Built = (Runtime, u64, rules::model::Server);
+
 /// What the admin port reports about the live config.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReloadStatus {
@@ -189,11 +192,7 @@ impl Reloader {
     }
 
     /// Read and build; `Ok(None)` when the content is what is live already.
-    #[expect(
-        clippy::type_complexity,
-        reason = "a private helper's one-off return type"
-    )]
-    fn build(&self) -> Result<Option<(Runtime, u64, rules::model::Server)>, String> {
+    fn build(&self) -> Result<Option<Built>, String> {
         let (loaded, hash) = read_config_hashed(&self.path).map_err(|e| e.to_string())?;
         if hash == *self.hash.lock().expect("not poisoned") {
             return Ok(None);

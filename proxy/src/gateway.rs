@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
 use crate::forward::{ConnInfo, Upstream, add_forwarded, keep_authority, strip_hop_by_hop};
+use crate::govern::{Governors, Target, Verdict, finish_call};
 use crate::metrics::{
     Metrics, Name, RequestLabels, UpstreamErrorLabels, UpstreamLabels, status_class,
 };
@@ -34,6 +35,8 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Interface names as metric labels, indexed like `snapshot.interfaces`.
     pub interface_names: Vec<Name>,
+    /// Limiter and breaker state (carried over a reload for unchanged rules).
+    pub governors: Governors,
 }
 
 /// Settings of the request path that come from bootstrap config.
@@ -99,10 +102,12 @@ impl Runtime {
             .iter()
             .map(|i| Name(i.name.as_ref().into()))
             .collect();
+        let governors = Governors::build(&snapshot, previous.map(|p| &p.governors));
         Ok(Self {
             snapshot,
             upstreams,
             interface_names,
+            governors,
         })
     }
 }
@@ -150,7 +155,7 @@ impl Gateway {
                 query: parts.uri.query(),
                 headers: &parts.headers,
             });
-            let route = rt.snapshot.route(&RouteInput {
+            let input = RouteInput {
                 m: MatchInput {
                     app: c.app.as_deref(),
                     interface: c.interface,
@@ -159,7 +164,19 @@ impl Gateway {
                 },
                 client_ip: Some(conn.remote.ip()),
                 random: self.next_random(),
-            });
+            };
+            // Limits and fallbacks first: a refused or degraded request is answered here
+            // and never reaches routing, let alone the upstream.
+            let gov = &rt.governors;
+            let (route, target) = match gov.before_route(&rt.snapshot, &input, &self.metrics) {
+                Verdict::Local(resp) => (None, Some(Target::Local(resp))),
+                Verdict::Proceed => {
+                    let route = rt.snapshot.route(&input);
+                    let target =
+                        route.map(|r| gov.target(&rt.snapshot, &r, &rt.upstreams, &self.metrics));
+                    (route, target)
+                }
+            };
             let iface = c
                 .interface
                 .map(|i| rt.interface_names[i.0 as usize].clone());
@@ -170,10 +187,14 @@ impl Gateway {
                     route.map(|r| r.rule.name.to_string()),
                 )
             });
-            let upstream = route.map(|r| rt.upstreams[r.upstream.0 as usize].clone());
-            (iface, upstream, who)
+            (iface, target, who)
         };
-        let (iface, upstream, who) = decision;
+        let (iface, target, who) = decision;
+        let (upstream, permit, local) = match target {
+            Some(Target::Forward(up, permit)) => (Some(up), permit, None),
+            Some(Target::Local(resp)) => (None, None, Some(resp)),
+            None => (None, None, None),
+        };
 
         let declared_len = parts
             .headers
@@ -181,13 +202,15 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
 
+        // A local answer (429, fallback, open breaker) is final; otherwise forward.
         let outcome: Result<(Response<Incoming>, std::time::Duration), GatewayError> =
-            match &upstream {
+            match (&local, &upstream) {
+                (Some(_), _) => Err(GatewayError::NoRoute), // unused: `local` is answered
                 _ if declared_len.is_some_and(|n| n > self.settings.max_body_bytes) => {
                     Err(GatewayError::BodyTooLarge)
                 }
-                None => Err(GatewayError::NoRoute),
-                Some(up) => {
+                (None, None) => Err(GatewayError::NoRoute),
+                (None, Some(up)) => {
                     strip_hop_by_hop(&mut parts.headers);
                     keep_authority(&mut parts);
                     add_forwarded(&mut parts.headers, conn);
@@ -195,9 +218,18 @@ impl Gateway {
                 }
             };
 
+        if permit.is_some() {
+            let (judged, latency) = match &outcome {
+                Ok((resp, latency)) => (Ok(resp.status()), *latency),
+                Err(e) => (Err(*e), started.elapsed()),
+            };
+            finish_call(&self.metrics, permit, judged, latency);
+        }
+
         let upstream_label = upstream.as_ref().map(|u| u.name.clone());
-        let mut resp = match outcome {
-            Ok((resp, latency)) => {
+        let mut resp = match (local, outcome) {
+            (Some(resp), _) => resp.map(Either::Right),
+            (None, Ok((resp, latency))) => {
                 if let Some(u) = &upstream_label {
                     self.metrics
                         .upstream_latency
@@ -210,7 +242,7 @@ impl Gateway {
                 strip_hop_by_hop(&mut rp.headers);
                 Response::from_parts(rp, Either::Left(rb))
             }
-            Err(e) => {
+            (None, Err(e)) => {
                 if let (
                     Some(u),
                     GatewayError::UpstreamTimeout

@@ -11,6 +11,8 @@
 //! - [`server`]: accept loops and per-connection tasks (limits, idle timeout, shutdown).
 //! - [`tls`]: rustls server config from PEM files.
 //! - [`gateway`]: the per-request path: classify → route → forward → record.
+//! - [`breaker`]: circuit breaker state (closed, open, half-open) over a sliding window.
+//! - [`govern`]: the governance step: limits, then fallbacks, then the upstream's breaker.
 //! - [`limit`]: rate limit enforcement: keyed GCRA limiters (governor), eviction.
 //! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
 //! - [`respond`]: the gateway's own answers (stable JSON error codes).
@@ -23,11 +25,13 @@
 //! fine) and returns a [`Server`] that reports its addresses and shuts down gracefully.
 
 pub mod admin;
+pub mod breaker;
 pub mod config;
 pub mod embedded;
 pub mod explain;
 pub mod forward;
 pub mod gateway;
+pub mod govern;
 pub mod limit;
 pub mod metrics;
 pub mod reload;
@@ -171,6 +175,12 @@ async fn start_inner(
     if let Some(r) = &reloader {
         tasks.push(tokio::spawn(reload::watch(r.clone(), shutdown_rx.clone())));
     }
+
+    gateway.runtime.load().governors.export_states(&metrics);
+    tasks.push(tokio::spawn(govern::housekeep(
+        gateway.clone(),
+        shutdown_rx.clone(),
+    )));
 
     let (admin_listener, admin_addr) = server::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {

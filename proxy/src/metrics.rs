@@ -51,6 +51,42 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `tidegate_limit_decisions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Limit rule name.
+    pub rule: Name,
+    /// `allowed`, `limited` or `dry_run_limited`.
+    pub outcome: &'static str,
+}
+
+/// Labels of per-rule families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// Rule name.
+    pub rule: Name,
+}
+
+/// Labels of per-breaker families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// Breaker name.
+    pub breaker: Name,
+    /// The upstream it guards.
+    pub upstream: Name,
+}
+
+/// Labels of `tidegate_breaker_transitions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// Breaker name.
+    pub breaker: Name,
+    /// The upstream it guards.
+    pub upstream: Name,
+    /// The new state: `closed`, `open` or `half_open`.
+    pub to: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -71,6 +107,16 @@ pub struct Metrics {
     pub config_reload_seconds: Histogram,
     /// Generation of the live config (1 at start, +1 per applied reload).
     pub config_generation: Gauge,
+    /// Limit decisions by rule and outcome (a request checked by three limits counts three).
+    pub limit_decisions: Family<LimitLabels, Counter>,
+    /// Requests answered by a fallback rule, by rule.
+    pub fallbacks: Family<RuleLabels, Counter>,
+    /// Breaker state by breaker: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Family<BreakerLabels, Gauge>,
+    /// Breaker state changes by breaker and new state.
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
+    /// Requests an open (or probing) breaker kept from its upstream.
+    pub breaker_rejections: Family<BreakerLabels, Counter>,
 }
 
 // === impl Name ===
@@ -146,8 +192,43 @@ impl Metrics {
             "Generation of the live config (1 at start, +1 per applied reload)",
             config_generation.clone(),
         );
+        let limit_decisions = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_decisions",
+            "Rate limit decisions, by rule and outcome (allowed, limited, dry_run_limited)",
+            limit_decisions.clone(),
+        );
+        let fallbacks = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Requests answered locally by a fallback rule, by rule",
+            fallbacks.clone(),
+        );
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "breaker_transitions",
+            "Circuit breaker state changes, by breaker and new state",
+            breaker_transitions.clone(),
+        );
+        let breaker_rejections = Family::<BreakerLabels, Counter>::default();
+        registry.register(
+            "breaker_rejections",
+            "Requests an open or half-open breaker kept from its upstream",
+            breaker_rejections.clone(),
+        );
         Self {
             registry,
+            limit_decisions,
+            fallbacks,
+            breaker_state,
+            breaker_transitions,
+            breaker_rejections,
             config_reloads,
             config_reload_seconds,
             config_generation,

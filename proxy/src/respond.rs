@@ -24,6 +24,11 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The gateway is shutting down or not ready (503).
     Unavailable,
+    /// A rate limit refused the request (429). The body also names the rule; see
+    /// [`rate_limited`].
+    RateLimited,
+    /// An open circuit breaker answered (503, unless the breaker sets another answer).
+    CircuitOpen,
 }
 
 // === impl GatewayError ===
@@ -39,6 +44,8 @@ impl GatewayError {
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::CircuitOpen => "circuit_open",
         }
     }
 
@@ -50,7 +57,8 @@ impl GatewayError {
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::UpstreamUnavailable | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -63,6 +71,8 @@ impl GatewayError {
             Self::UpstreamReset => r#"{"error":"upstream_reset"}"#,
             Self::UpstreamTimeout => r#"{"error":"upstream_timeout"}"#,
             Self::Unavailable => r#"{"error":"unavailable"}"#,
+            Self::RateLimited => r#"{"error":"rate_limited"}"#,
+            Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
         }
     }
 
@@ -83,6 +93,45 @@ pub fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     r
 }
 
+/// 429 for a request a limit refused: `Retry-After` (whole seconds, rounded up),
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09), and a body
+/// naming the rule: `{"error":"rate_limited","rule":"NAME","retry_after_ms":N}`.
+pub fn rate_limited<C: governor::clock::Clock + Clone>(
+    rej: &crate::limit::Rejection<C>,
+) -> Response<Full<Bytes>> {
+    let mut r = json(
+        GatewayError::RateLimited.status(),
+        rej.rule.body(rej.retry_after),
+    );
+    let h = r.headers_mut();
+    h.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(crate::limit::ceil_secs(rej.retry_after)),
+    );
+    h.insert(RATELIMIT_POLICY.clone(), rej.rule.policy(rej.quota).clone());
+    h.insert(
+        RATELIMIT.clone(),
+        rej.rule.rate_limit_header(rej.retry_after),
+    );
+    r
+}
+
+/// A canned answer (fallback or open breaker), built at load time: cloning its body is a
+/// reference-count bump.
+pub fn canned(c: &rules::degrade::CompiledResponse) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(c.body.clone()));
+    *r.status_mut() = c.status;
+    let h = r.headers_mut();
+    h.reserve(c.headers.len());
+    for (k, v) in &c.headers {
+        h.append(k.clone(), v.clone());
+    }
+    r
+}
+
+static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +147,8 @@ mod tests {
             GatewayError::UpstreamReset,
             GatewayError::UpstreamTimeout,
             GatewayError::Unavailable,
+            GatewayError::RateLimited,
+            GatewayError::CircuitOpen,
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).unwrap();
             assert_eq!(v["error"], e.code());

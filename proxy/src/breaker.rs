@@ -1,0 +1,404 @@
+//! Circuit breakers: per upstream (or per route's use of one), closed → open → half-open.
+//!
+//! Closed, a breaker lets everything through and keeps outcome counts over a sliding window
+//! (ten buckets of a tenth of the window each). Once the window holds `min_calls` calls and
+//! the failure ratio or the slow-call ratio reaches its threshold, it opens: requests get the
+//! breaker's answer (or its alternate upstream) without touching the upstream. After
+//! `open_for` the next request half-opens it: `half_open_probes` requests go through; all
+//! succeeding closes it, any failing opens it again.
+//!
+//! Time is passed in (nanoseconds since [`epoch`]), so the state machine is tested without
+//! sleeping. The closed state is read with one atomic load, so a healthy upstream's requests
+//! never take the lock to be admitted; they take it once, briefly, to record their outcome.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use rules::Snapshot;
+use rules::degrade::CompiledBreaker;
+
+use crate::metrics::Name;
+
+/// Buckets of the sliding window.
+const BUCKETS: usize = 10;
+
+/// A breaker's state, as exported (`tidegate_breaker_state`: 0, 1, 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Requests flow; outcomes are watched.
+    Closed = 0,
+    /// Requests are answered without the upstream.
+    Open = 1,
+    /// A few probes flow; the rest are answered as when open.
+    HalfOpen = 2,
+}
+
+/// A state change, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// Before.
+    pub from: State,
+    /// After.
+    pub to: State,
+}
+
+/// How a request's call went, as the breaker judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    /// A response below 500.
+    Success,
+    /// A 5xx response, a connect failure, a reset or a timeout.
+    Failure,
+}
+
+/// The runtime state of one breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    /// Its definition.
+    pub def: CompiledBreaker,
+    /// Its name, as a metric label.
+    pub name: Name,
+    /// The guarded upstream's name, as a metric label.
+    pub upstream: Name,
+    /// The state, shared with the breaker of the same definition in the next runtime when a
+    /// reload keeps it (the definition is rebuilt: upstream IDs may move).
+    core: Arc<Core>,
+}
+
+#[derive(Debug)]
+struct Core {
+    /// Mirror of the state for the lock-free closed-state check.
+    fast: AtomicU8,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Phase,
+    window: Window,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Closed,
+    Open { until: u64 },
+    HalfOpen { issued: u32, succeeded: u32 },
+}
+
+#[derive(Debug)]
+struct Window {
+    bucket_ns: u64,
+    buckets: [Bucket; BUCKETS],
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Index of the bucket-length interval this bucket counts (`now / bucket_ns`).
+    epoch: u64,
+    calls: u32,
+    failures: u32,
+    slow: u32,
+}
+
+/// The breaker's verdict on one request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go ahead; report the outcome through the permit.
+    Pass(Permit),
+    /// Do not call the upstream.
+    Reject,
+}
+
+/// Leave to call the upstream. Report the outcome with [`Permit::finish`]; a permit dropped
+/// unreported (the client went away, the body was refused) tells the breaker nothing, and a
+/// half-open probe slot it held is given back.
+#[derive(Debug)]
+pub struct Permit {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    done: bool,
+}
+
+/// The breakers of every definition in force, indexed like the snapshot's breakers.
+#[derive(Debug, Default)]
+pub struct Breakers {
+    /// One per breaker definition.
+    pub by_id: Vec<Arc<Breaker>>,
+}
+
+/// The instant breaker time counts from (first use in this process). One epoch for all
+/// breakers, so a breaker carried over a reload keeps meaningful timestamps.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+pub fn now() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+// === impl State ===
+
+impl State {
+    /// Metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+// === impl Breaker ===
+
+impl Breaker {
+    /// A closed breaker for a definition.
+    pub fn new(def: CompiledBreaker, upstream: Name) -> Self {
+        let bucket_ns = (def.window.as_nanos() as u64 / BUCKETS as u64).max(1);
+        Self {
+            name: Name(def.name.as_ref().into()),
+            upstream,
+            def,
+            core: Arc::new(Core {
+                fast: AtomicU8::new(State::Closed as u8),
+                inner: Mutex::new(Inner {
+                    state: Phase::Closed,
+                    window: Window {
+                        bucket_ns,
+                        buckets: [Bucket::default(); BUCKETS],
+                    },
+                }),
+            }),
+        }
+    }
+
+    /// This breaker's state under a new (equal) definition, for a reload.
+    fn carried(&self, def: CompiledBreaker, upstream: Name) -> Self {
+        Self {
+            name: Name(def.name.as_ref().into()),
+            upstream,
+            def,
+            core: Arc::clone(&self.core),
+        }
+    }
+
+    /// The state now.
+    pub fn state(&self) -> State {
+        match self.core.fast.load(Ordering::Acquire) {
+            0 => State::Closed,
+            1 => State::Open,
+            _ => State::HalfOpen,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.core
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, inner: &mut Inner, to: Phase) -> Option<Transition> {
+        let from = phase_state(inner.state);
+        inner.state = to;
+        let to = phase_state(to);
+        self.core.fast.store(to as u8, Ordering::Release);
+        (from != to).then_some(Transition { from, to })
+    }
+
+    /// May a request call the upstream at `now`? Also returns the transition to half-open
+    /// when this request is the one that ends the open period.
+    pub fn admit(self: &Arc<Self>, now: u64) -> (Admission, Option<Transition>) {
+        if self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
+            return (Admission::Pass(self.permit(false)), None);
+        }
+        let mut inner = self.lock();
+        let mut transition = None;
+        if let Phase::Open { until } = inner.state {
+            if now < until {
+                return (Admission::Reject, None);
+            }
+            transition = self.set(
+                &mut inner,
+                Phase::HalfOpen {
+                    issued: 0,
+                    succeeded: 0,
+                },
+            );
+        }
+        let admission = match &mut inner.state {
+            Phase::Closed => Admission::Pass(self.permit(false)),
+            Phase::HalfOpen { issued, .. } if *issued < self.def.half_open_probes => {
+                *issued += 1;
+                Admission::Pass(self.permit(true))
+            }
+            _ => Admission::Reject,
+        };
+        (admission, transition)
+    }
+
+    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+        Permit {
+            breaker: Arc::clone(self),
+            probe,
+            done: false,
+        }
+    }
+
+    fn record(
+        &self,
+        now: u64,
+        result: CallResult,
+        latency: Duration,
+        probe: bool,
+    ) -> Option<Transition> {
+        let slow = self.def.slow_call.is_some_and(|s| latency >= s);
+        let bad = result == CallResult::Failure || slow;
+        let mut inner = self.lock();
+        match (inner.state, probe) {
+            (Phase::HalfOpen { issued, succeeded }, true) => {
+                if bad {
+                    let until = now + self.def.open_for.as_nanos() as u64;
+                    self.set(&mut inner, Phase::Open { until })
+                } else if succeeded + 1 >= self.def.half_open_probes {
+                    inner.window.clear();
+                    self.set(&mut inner, Phase::Closed)
+                } else {
+                    inner.state = Phase::HalfOpen {
+                        issued,
+                        succeeded: succeeded + 1,
+                    };
+                    None
+                }
+            }
+            (Phase::Closed, false) => {
+                let (calls, failures, slows) =
+                    inner.window.add(now, result == CallResult::Failure, slow);
+                let d = &self.def;
+                let over = |n: u32, ppm: u32| {
+                    u64::from(n) * 1_000_000 >= u64::from(ppm) * u64::from(calls)
+                };
+                let trips = calls >= d.min_calls
+                    && (over(failures, d.error_ratio_ppm)
+                        || (d.slow_call.is_some() && over(slows, d.slow_ratio_ppm)));
+                if trips {
+                    inner.window.clear();
+                    let until = now + d.open_for.as_nanos() as u64;
+                    self.set(&mut inner, Phase::Open { until })
+                } else {
+                    None
+                }
+            }
+            // A call admitted before the state changed, or a probe of a finished half-open
+            // round: it says nothing about the current state.
+            _ => None,
+        }
+    }
+
+    fn release_probe(&self) {
+        let mut inner = self.lock();
+        if let Phase::HalfOpen { issued, .. } = &mut inner.state {
+            *issued = issued.saturating_sub(1);
+        }
+    }
+}
+
+fn phase_state(p: Phase) -> State {
+    match p {
+        Phase::Closed => State::Closed,
+        Phase::Open { .. } => State::Open,
+        Phase::HalfOpen { .. } => State::HalfOpen,
+    }
+}
+
+// === impl Window ===
+
+impl Window {
+    /// Count one call at `now`; returns the window's (calls, failures, slow calls).
+    fn add(&mut self, now: u64, failure: bool, slow: bool) -> (u32, u32, u32) {
+        let epoch = now / self.bucket_ns;
+        let b = &mut self.buckets[(epoch % BUCKETS as u64) as usize];
+        if b.epoch != epoch {
+            *b = Bucket {
+                epoch,
+                ..Bucket::default()
+            };
+        }
+        b.calls += 1;
+        b.failures += u32::from(failure);
+        b.slow += u32::from(slow);
+        // Buckets of the last BUCKETS intervals, this one included.
+        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
+        self.buckets
+            .iter()
+            .filter(|b| b.epoch >= oldest && b.epoch <= epoch && b.calls > 0)
+            .fold((0, 0, 0), |(c, f, s), b| {
+                (c + b.calls, f + b.failures, s + b.slow)
+            })
+    }
+
+    fn clear(&mut self) {
+        self.buckets = [Bucket::default(); BUCKETS];
+    }
+}
+
+// === impl Permit ===
+
+impl Permit {
+    /// Whether this call is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// The breaker that issued it.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// Report how the call went; returns the state change it caused, if any.
+    pub fn finish(mut self, now: u64, result: CallResult, latency: Duration) -> Option<Transition> {
+        self.done = true;
+        self.breaker.record(now, result, latency, self.probe)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.probe && !self.done {
+            self.breaker.release_probe();
+        }
+    }
+}
+
+// === impl Breakers ===
+
+impl Breakers {
+    /// Breakers for every definition in `snap`; one whose name and definition are unchanged
+    /// from `previous` keeps its state (an open breaker stays open across a reload).
+    pub fn build(snap: &Snapshot, previous: Option<&Self>) -> Self {
+        let by_id = snap
+            .governance
+            .breakers
+            .iter()
+            .map(|def| {
+                let upstream = Name(snap.upstreams[def.upstream.0 as usize].name.as_ref().into());
+                let kept = previous.and_then(|p| {
+                    p.by_id
+                        .iter()
+                        .find(|b| b.def.name == def.name && b.def.fingerprint == def.fingerprint)
+                });
+                Arc::new(match kept {
+                    Some(b) => b.carried(def.clone(), upstream),
+                    None => Breaker::new(def.clone(), upstream),
+                })
+            })
+            .collect();
+        Self { by_id }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,198 @@
+//! Rate limits end to end: a per-user limit on `grab` (the sixth request in a second gets 429
+//! with `Retry-After` and the `RateLimit` headers, another user is unaffected, and the
+//! upstream never sees a rejected request); an app-wide limit holding its rate under three
+//! times the load for ten seconds; a dry-run limit that only counts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use serde_json::{Value, json};
+use tidegate_tests::{Client, Reply, TIMEOUT, Upstream, config, full, get, h1_client, send, set};
+
+async fn grab(client: &Client, gw: SocketAddr, app: &str, user: &str) -> Reply {
+    let req = Request::post(format!("http://{gw}/envelopes/7/grab"))
+        .header("x-app-id", app)
+        .header("x-user-id", user)
+        .body(full(Bytes::new()))
+        .unwrap();
+    send(client, req).await
+}
+
+fn with_limits(up: SocketAddr, limits: Value) -> Value {
+    let mut c = config(&[up]);
+    set(&mut c, "limits", limits);
+    c
+}
+
+/// A per-user limit of 5/s on `grab`: alice's sixth request in a burst is refused with 429,
+/// `Retry-After`, `RateLimit-Policy`, `RateLimit` and a body naming the rule; bob is not
+/// affected; the upstream saw exactly the admitted requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limit_on_grab() {
+    let up = Upstream::start().await;
+    let server = start(&with_limits(
+        up.addr,
+        json!([{ "name": "grab-per-user", "match": { "interfaces": ["grab"] },
+                 "key": ["user"], "rate": "5/s", "burst": 5 }]),
+    ))
+    .await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    // Send until the first refusal. GCRA refills one request per 200 ms, so on a machine
+    // slow enough to take longer than that over the burst, more may pass: allow exactly
+    // that many, and no more.
+    let t0 = Instant::now();
+    let mut admitted = 0;
+    let refusal = loop {
+        let r = grab(&client, gw, "app", "alice").await;
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        admitted += 1;
+        assert!(admitted <= 50, "never refused");
+    };
+    let refills = t0.elapsed().as_millis() / 200;
+    assert!(
+        admitted >= 5 && admitted <= 5 + refills as usize,
+        "admitted {admitted} in {:?}",
+        t0.elapsed()
+    );
+    let h = &refusal.headers;
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry, 1, "200 ms rounds up to one second");
+    assert_eq!(h["ratelimit-policy"], "\"grab-per-user\";q=5;w=1");
+    assert_eq!(h["ratelimit"], "\"grab-per-user\";r=0;t=1");
+    let body = refusal.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["rule"], "grab-per-user");
+    let wait = body["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=200).contains(&wait), "{wait}");
+
+    // Bob has his own bucket.
+    for _ in 0..5 {
+        assert_eq!(grab(&client, gw, "app", "bob").await.status, 200);
+    }
+    // Other interfaces are not limited.
+    for _ in 0..10 {
+        assert_eq!(get(&client, gw, "/envelopes/7").await.status, 200);
+    }
+    assert_eq!(
+        up.hits(),
+        admitted + 5 + 10,
+        "rejected requests never reached the upstream"
+    );
+
+    let metrics = get(&client, server.admin_addr, "/metrics").await.text();
+    assert!(
+        metrics.contains(
+            "tidegate_limit_decisions_total{rule=\"grab-per-user\",outcome=\"limited\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(server.shutdown().await);
+}
+
+/// An app-wide limit of 1,000/s (burst 20) under 3,000/s offered load for 10 s admits
+/// within 2% of 10,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_wide_limit_under_load() {
+    let up = Upstream::start().await;
+    let server = start(&with_limits(
+        up.addr,
+        json!([{ "name": "app-wide", "match": { "apps": ["douyin"] },
+                 "key": ["app"], "rate": "1000/s", "burst": 20 }]),
+    ))
+    .await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    // 30 workers, each one request every 10 ms (3,000/s), for 10 s. A worker that falls
+    // behind skips ticks rather than bursting.
+    let workers = 30;
+    let run_for = Duration::from_secs(10);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let start_at = tokio::time::Instant::now() + Duration::from_millis(50);
+    let deadline = start_at + run_for;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (client, sent, refused) = (client.clone(), sent.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                start_at + Duration::from_micros(333 * w),
+                Duration::from_millis(10),
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                let at = tick.tick().await;
+                if at >= deadline {
+                    break;
+                }
+                let r = grab(&client, gw, "douyin", &format!("u{w}")).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                match r.status.as_u16() {
+                    200 => {}
+                    429 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(run_for + TIMEOUT, t)
+            .await
+            .expect("load finishes")
+            .unwrap();
+    }
+    let (sent, refused, hits) = (
+        sent.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        up.hits(),
+    );
+    eprintln!("offered {sent} in 10 s, admitted {hits}, refused {refused}");
+    assert!(sent >= 20_000, "the load generator kept up: {sent}");
+    assert_eq!(hits + refused, sent, "every refusal stayed at the gateway");
+    assert!(
+        hits.abs_diff(10_000) <= 200,
+        "admitted {hits}, not within 2% of 10,000"
+    );
+    assert!(server.shutdown().await);
+}
+
+/// A dry-run limit lets everything through but counts what it would have refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_counts_only() {
+    let up = Upstream::start().await;
+    let server = start(&with_limits(
+        up.addr,
+        json!([{ "name": "trial", "match": { "interfaces": ["grab"] },
+                 "key": ["user"], "rate": "1/min", "burst": 2, "mode": "dry_run" }]),
+    ))
+    .await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+    for _ in 0..10 {
+        assert_eq!(grab(&client, gw, "app", "carol").await.status, 200);
+    }
+    assert_eq!(up.hits(), 10);
+    let metrics = get(&client, server.admin_addr, "/metrics").await.text();
+    for want in [
+        "tidegate_limit_decisions_total{rule=\"trial\",outcome=\"allowed\"} 2",
+        "tidegate_limit_decisions_total{rule=\"trial\",outcome=\"dry_run_limited\"} 8",
+    ] {
+        assert!(metrics.contains(want), "{want}\n{metrics}");
+    }
+    assert!(server.shutdown().await);
+}
+
+async fn start(c: &Value) -> tidegate::Server {
+    tidegate_tests::start_gateway(c).await
+}

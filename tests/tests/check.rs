@@ -84,8 +84,7 @@ fn empty_blank_truncated() {
     );
 }
 
-/// `{}` misses the first required field; an empty `routes` list is refused without
-/// `allow_empty_routes`.
+/// `{}` misses `schema_version`, a listener misses `address`, and empty `routes` is refused.
 #[test]
 fn missing_fields_and_empty_routes() {
     assert_fails(
@@ -174,8 +173,7 @@ fn top_level_not_an_object() {
     }
 }
 
-/// A JSON array holding the config's fields in declaration order is refused: the file
-/// must be an object (serde would otherwise accept a struct written as a sequence).
+/// A JSON array of the config fields in declaration order is refused: the file must be an object.
 #[test]
 #[ignore = "rules::source::parse accepts a positional array as a Config; needs a fix in rules/"]
 fn positional_array_is_refused() {
@@ -197,8 +195,7 @@ fn positional_array_is_refused() {
     );
 }
 
-/// Duplicate keys are refused in a struct, in the `upstreams` map and in `match.headers`,
-/// at the second occurrence.
+/// Duplicate keys are refused in a struct, in the `upstreams` map and in `match.headers`.
 #[test]
 fn duplicate_keys() {
     assert_fails(
@@ -250,8 +247,7 @@ fn unknown_field_suggests() {
     );
 }
 
-/// Wrong types, floats and exponents where integers are expected, negatives and overflow
-/// are refused by the parser, naming the field.
+/// Wrong types, floats, exponents, negatives and overflow are refused by the parser at the field.
 #[test]
 fn wrong_types_and_numbers() {
     // serde reports the end of the offending token, so the column varies by value.
@@ -318,8 +314,7 @@ fn out_of_range_values() {
     );
 }
 
-/// References and uniqueness: an unknown upstream (with a suggestion), duplicate route
-/// names, and two routes with identical matchers.
+/// An unknown upstream (with a hint), duplicate route names and identical matchers are refused.
 #[test]
 fn references_and_ambiguity() {
     assert_fails(
@@ -365,8 +360,7 @@ fn bad_path_templates() {
     }
 }
 
-/// Invalid header names and unknown enum values are refused, the latter listing the
-/// allowed values.
+/// An invalid header name and an unknown enum value (listing the allowed ones) are refused.
 #[test]
 fn bad_names_and_enums() {
     assert_fails(
@@ -427,8 +421,7 @@ fn unsupported_schema_version() {
     );
 }
 
-/// Reading from disk: a directory, a missing file and a dangling symlink are refused with
-/// the reason; a missing TLS certificate and a garbage PEM are refused at `tls.cert_path`.
+/// A directory, missing file, dangling link, missing TLS cert and garbage PEM are refused.
 #[test]
 fn files_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -478,8 +471,7 @@ fn files_on_disk() {
     }
 }
 
-/// `tidegate check --config` exits 0 with a summary on a good file, and 1 on a bad one,
-/// printing `FILE:LINE:COL PATH: message` per error and a count.
+/// `tidegate check` exits 0 with a summary on a good file and 1 with `FILE:LINE:COL PATH: message`.
 #[test]
 fn check_command() {
     let dir = tempfile::tempdir().unwrap();

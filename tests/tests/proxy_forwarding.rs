@@ -34,8 +34,7 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> (String, String, Vec<u
     )
 }
 
-/// Headers named by `Connection`, and `Keep-Alive`, `TE`, `Proxy-Connection`, do not reach
-/// the upstream; other headers do, and `X-Forwarded-For`/`-Proto` are set.
+/// Connection-named, Keep-Alive, TE, Proxy-Connection never reach the upstream; X-Forwarded-* set.
 #[tokio::test]
 async fn hop_by_hop_request_headers_are_stripped() {
     let up = Upstream::start().await;
@@ -97,8 +96,7 @@ async fn forwarded_for_is_appended() {
     assert!(gw.shutdown().await);
 }
 
-/// `X-Forwarded-For` sent as several header lines keeps every hop, in order, before the
-/// client's address.
+/// X-Forwarded-For sent as several lines keeps every hop, in order, before the client address.
 #[tokio::test]
 async fn forwarded_for_keeps_every_line() {
     let up = Upstream::start().await;
@@ -120,8 +118,7 @@ async fn forwarded_for_keeps_every_line() {
     assert!(gw.shutdown().await);
 }
 
-/// A client's `X-Request-Id` reaches the upstream and comes back unchanged; without one,
-/// the gateway generates a distinct ID per request and returns it.
+/// A client X-Request-Id is forwarded and echoed unchanged; otherwise a distinct one is generated.
 #[tokio::test]
 async fn request_id_kept_or_generated() {
     let up = Upstream::start().await;
@@ -172,8 +169,7 @@ async fn slow_upstream_times_out() {
     assert!(gw.shutdown().await);
 }
 
-/// An upstream whose only endpoint refuses connections gives 502 `upstream_unavailable`,
-/// and the failure is counted in metrics.
+/// A refused connection to the only endpoint gives 502 `upstream_unavailable`, counted in metrics.
 #[tokio::test]
 async fn dead_upstream_is_502() {
     let gw = start_gateway(&config(&[dead_addr()])).await;
@@ -191,8 +187,7 @@ async fn dead_upstream_is_502() {
     assert!(gw.shutdown().await);
 }
 
-/// With one dead and one live endpoint, every request succeeds (a connect failure is
-/// retried on the other endpoint), request bodies included.
+/// With one dead and one live endpoint, every request (bodies included) succeeds via connect retry.
 #[tokio::test]
 async fn connect_failure_retries_next_endpoint() {
     let up = Upstream::start().await;
@@ -223,8 +218,7 @@ async fn connect_failure_retries_next_endpoint() {
     assert!(gw.shutdown().await);
 }
 
-/// A declared `Content-Length` above `max_body_bytes` gives 413 and the upstream sees
-/// nothing; a body exactly at the limit passes.
+/// A Content-Length over `max_body_bytes` gives 413, upstream untouched; exactly at it passes.
 #[tokio::test]
 async fn declared_body_over_limit_is_413() {
     let up = Upstream::start().await;
@@ -244,8 +238,7 @@ async fn declared_body_over_limit_is_413() {
     assert!(gw.shutdown().await);
 }
 
-/// A chunked body (no declared length) that grows past `max_body_bytes` gives 413, and
-/// the upstream never receives the bytes over the limit.
+/// A chunked body growing past `max_body_bytes` gives 413; the upstream never gets bytes over it.
 #[tokio::test]
 async fn streamed_body_over_limit_is_413() {
     let up = Upstream::start().await;

@@ -18,8 +18,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// In-flight slow requests (HTTP/1.1 and h2c) finish with 200 while `shutdown()` runs, new
-/// connections are refused as soon as it begins, and shutdown reports a full drain.
+/// In-flight h1/h2c requests finish 200 during shutdown; new connections are refused; full drain.
 #[tokio::test]
 async fn graceful_shutdown_drains_in_flight() {
     let up = Upstream::start().await;
@@ -65,8 +64,7 @@ async fn graceful_shutdown_drains_in_flight() {
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
 
-/// Idle keep-alive connections (HTTP/1.1 and h2c) are closed at once by shutdown instead
-/// of holding it for the whole grace period.
+/// Idle keep-alive h1/h2c connections are closed at once by shutdown, not after the grace period.
 #[tokio::test]
 async fn shutdown_closes_idle_connections_promptly() {
     let up = Upstream::start().await;
@@ -93,8 +91,7 @@ async fn shutdown_closes_idle_connections_promptly() {
     drop((c1, c2));
 }
 
-/// `/healthz` and `/readyz` answer 200, and `/metrics` counts requests by interface,
-/// upstream and status class (unmatched paths as interface `none`).
+/// /healthz, /readyz answer 200; /metrics counts requests by interface, upstream, status class.
 #[tokio::test]
 async fn admin_and_metrics_by_interface() {
     let up = Upstream::start().await;
@@ -186,8 +183,7 @@ fn embedded_config(data_dir: &std::path::Path) -> serde_json::Value {
     cfg
 }
 
-/// The embedded grab backend starts on its own loopback port and answers `/healthz`
-/// through the gateway; shutdown stops it cleanly.
+/// The embedded grab backend runs on a loopback port and answers /healthz through the gateway.
 #[tokio::test]
 async fn embedded_backend_health() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,8 +196,7 @@ async fn embedded_backend_health() {
     assert!(gw.shutdown().await);
 }
 
-/// Through the gateway, creating an envelope and grabbing it once gives a share of at least
-/// one cent, with the rest left in the envelope.
+/// Through the gateway, create an envelope then grab it: a share of 1..=total, the rest left in it.
 #[tokio::test]
 async fn embedded_backend_create_and_grab() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,9 +244,7 @@ fn thread_cpu_ticks() -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// A request in flight longer than `idle_timeout_ms` is neither cut off nor makes its
-/// connection task spin while it waits: it answers 200, and the thread running the gateway
-/// stays nearly idle.
+/// A request in flight past `idle_timeout_ms` still answers 200, and the gateway thread stays idle.
 #[tokio::test]
 async fn idle_timeout_spares_in_flight_request_without_spinning() {
     let up = Upstream::start().await;

@@ -48,8 +48,7 @@ async fn h2c_is_proxied() {
     assert!(gw.shutdown().await);
 }
 
-/// Over TLS, a client offering h2 gets h2, one offering only http/1.1 gets HTTP/1.1, both
-/// with TLS 1.2 and 1.3; the upstream sees `X-Forwarded-Proto: https`.
+/// Over TLS 1.2 and 1.3, ALPN picks h2 or http/1.1 as offered; upstream sees https and the host.
 #[tokio::test]
 async fn tls_alpn_h2_and_http11() {
     let up = Upstream::start().await;

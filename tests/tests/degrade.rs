@@ -1,0 +1,394 @@
+//! Degradation end to end: a fallback answering `share` locally; a 30% fallback that picks
+//! 30% of users, always the same ones; an emergency plan switched on by one edit that changes
+//! several rules at once; a circuit breaker that opens on a failing backend, serves the
+//! fallback, and closes through half-open once the backend recovers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tidegate_tests::{
+    Client, Reply, TIMEOUT, Upstream, config, full, get, h1_client, send, set, start_gateway,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The test config plus a `share` interface.
+fn base(up: SocketAddr) -> Value {
+    let mut c = config(&[up]);
+    c["interfaces"].as_array_mut().unwrap().push(json!(
+        { "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }
+    ));
+    c
+}
+
+fn share_off(fraction: Option<&str>) -> Value {
+    let mut f = json!({
+        "name": "share-off",
+        "match": { "interfaces": ["share"] },
+        "response": { "status": 200, "headers": { "x-degraded": "share-off" },
+                      "body": { "shared": false, "degraded": true } }
+    });
+    if let Some(p) = fraction {
+        f["fraction"] = json!(p);
+    }
+    f
+}
+
+async fn post_as(client: &Client, gw: SocketAddr, path: &str, user: &str) -> Reply {
+    let req = Request::post(format!("http://{gw}{path}"))
+        .header("x-app-id", "app")
+        .header("x-user-id", user)
+        .body(full(Bytes::new()))
+        .unwrap();
+    send(client, req).await
+}
+
+fn degraded(r: &Reply) -> bool {
+    r.headers.contains_key("x-degraded")
+}
+
+/// A fallback on `share` answers locally with its status, headers and body; `grab` still
+/// reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_answers_locally() {
+    let up = Upstream::start().await;
+    let mut c = base(up.addr);
+    set(&mut c, "fallbacks", json!([share_off(None)]));
+    let server = start_gateway(&c).await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    for user in ["a", "b", "c"] {
+        let r = post_as(&client, gw, "/envelopes/7/share", user).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-degraded"], "share-off");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.json(), json!({ "shared": false, "degraded": true }));
+    }
+    assert_eq!(up.hits(), 0, "the upstream never saw a share request");
+    let r = post_as(&client, gw, "/envelopes/7/grab", "a").await;
+    assert!(!degraded(&r));
+    assert_eq!(up.hits(), 1);
+    let metrics = get(&client, server.admin_addr, "/metrics").await.text();
+    assert!(
+        metrics.contains("tidegate_fallbacks_total{rule=\"share-off\"} 3"),
+        "{metrics}"
+    );
+    assert!(server.shutdown().await);
+}
+
+/// A 30% fallback: of 5,000 users, 30% within 4σ are answered locally, and asking again
+/// gives every user the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_fraction_sticky_per_user() {
+    let up = Upstream::start().await;
+    let mut c = base(up.addr);
+    set(&mut c, "fallbacks", json!([share_off(Some("30%"))]));
+    let server = start_gateway(&c).await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    let n = 5_000usize;
+    let workers = 16;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (w..n).step_by(workers) {
+                let r = post_as(&client, gw, "/envelopes/7/share", &format!("user-{i}")).await;
+                assert_eq!(r.status, 200);
+                out.push((i, degraded(&r)));
+            }
+            out
+        }));
+    }
+    let mut first = vec![false; n];
+    for t in tasks {
+        for (i, d) in tokio::time::timeout(TIMEOUT * 4, t)
+            .await
+            .expect("load finishes")
+            .unwrap()
+        {
+            first[i] = d;
+        }
+    }
+    let hit = first.iter().filter(|&&d| d).count();
+    let (nf, p) = (n as f64, 0.3);
+    let sigma = (nf * p * (1.0 - p)).sqrt();
+    assert!(
+        (hit as f64 - nf * p).abs() <= 4.0 * sigma,
+        "{hit} of {n} degraded; expected {} ± {:.0}",
+        nf * p,
+        4.0 * sigma
+    );
+    assert_eq!(
+        up.hits(),
+        n - hit,
+        "degraded requests never reached the upstream"
+    );
+    for (i, &was) in first.iter().enumerate().take(500) {
+        let r = post_as(&client, gw, "/envelopes/7/share", &format!("user-{i}")).await;
+        assert_eq!(degraded(&r), was, "user-{i} changed sides");
+    }
+    assert!(server.shutdown().await);
+}
+
+/// One edit (`"active_plans": ["peak"]`) flips three rules at once: the grab limit tightens,
+/// a share fallback appears, and the limit on `open` is switched off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_switches_several_rules() {
+    let up = Upstream::start().await;
+    let mut c = base(up.addr);
+    set(
+        &mut c,
+        "limits",
+        json!([
+            { "name": "grab-per-user", "match": { "interfaces": ["grab"] },
+              "key": ["user"], "rate": "100/s" },
+            { "name": "open-limit", "match": { "interfaces": ["open"] }, "rate": "1/min", "burst": 1 }
+        ]),
+    );
+    set(
+        &mut c,
+        "plans",
+        json!({ "peak": {
+            "description": "red-envelope rain: protect grab, drop share, stop limiting open",
+            "limits": [ { "name": "grab-per-user", "match": { "interfaces": ["grab"] },
+                          "key": ["user"], "rate": "1/min", "burst": 1 } ],
+            "fallbacks": [ share_off(None) ],
+            "disable": ["open-limit"]
+        } }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tidegate.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let server = tidegate::start_from_file(&path).await.expect("starts");
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    // Normal posture.
+    for _ in 0..3 {
+        assert_eq!(
+            post_as(&client, gw, "/envelopes/7/grab", "u1").await.status,
+            200
+        );
+    }
+    assert!(!degraded(
+        &post_as(&client, gw, "/envelopes/7/share", "u1").await
+    ));
+    assert_eq!(get(&client, gw, "/envelopes/7").await.status, 200);
+    assert_eq!(get(&client, gw, "/envelopes/7").await.status, 429);
+
+    // The one-line edit.
+    c["active_plans"] = json!(["peak"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let reloader = server.reloader.clone().expect("started from a file");
+    assert_eq!(
+        reloader.reload("test", Instant::now()).await,
+        tidegate::reload::ReloadOutcome::Applied
+    );
+
+    let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| async {
+        post_as(&client, gw, "/envelopes/7/grab", "u2")
+            .await
+            .status
+            .as_u16()
+    }))
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 429, 429], "{statuses:?}");
+    let hits_before = up.hits();
+    assert!(degraded(
+        &post_as(&client, gw, "/envelopes/7/share", "u1").await
+    ));
+    assert_eq!(up.hits(), hits_before, "share is answered locally");
+    for _ in 0..3 {
+        assert_eq!(get(&client, gw, "/envelopes/7").await.status, 200);
+    }
+
+    // And back: the base limit on open returns (with fresh state: it is a new rule again).
+    c["active_plans"] = json!([]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    assert_eq!(
+        reloader.reload("test", Instant::now()).await,
+        tidegate::reload::ReloadOutcome::Applied
+    );
+    assert!(!degraded(
+        &post_as(&client, gw, "/envelopes/7/share", "u1").await
+    ));
+    assert!(server.shutdown().await);
+}
+
+/// An upstream that answers 500 while `failing` is set and 200 otherwise, counting requests.
+struct Switchable {
+    addr: SocketAddr,
+    failing: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Switchable {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let failing = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (f, h) = (failing.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (f, h) = (f.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let status = if f.load(Ordering::SeqCst) {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        } else {
+                            StatusCode::OK
+                        };
+                        async move {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *r.status_mut() = status;
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            failing,
+            hits,
+            task,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A backend failing 100% opens the breaker after `min_calls` (inside the window); the
+/// fallback is served without touching it; once it recovers and the cool-down passes, two
+/// probes close the breaker through half-open. Every transition is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_and_recovers() {
+    let backend = Switchable::start().await;
+    let mut c = base(backend.addr);
+    set(
+        &mut c,
+        "breakers",
+        json!([{ "name": "up-breaker", "upstream": "up", "window_ms": 10000, "min_calls": 5,
+                 "error_ratio": "50%", "open_ms": 1000, "half_open_probes": 2,
+                 "response": { "status": 503, "body": { "error": "grab_degraded" } } }]),
+    );
+    let server = start_gateway(&c).await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+    let grab = || post_as(&client, gw, "/envelopes/7/grab", "u");
+
+    backend.failing.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(
+            grab().await.status,
+            500,
+            "the backend's own answer passes through"
+        );
+    }
+    assert_eq!(backend.hits(), 5);
+    // Open: the fallback, without the backend (three requests well inside the 1 s cool-down).
+    for _ in 0..3 {
+        let r = grab().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json(), json!({ "error": "grab_degraded" }));
+    }
+    assert_eq!(backend.hits(), 5, "an open breaker spares the backend");
+
+    backend.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..2 {
+        assert_eq!(grab().await.status, 200, "probe");
+    }
+    for _ in 0..5 {
+        assert_eq!(grab().await.status, 200, "closed again");
+    }
+    assert_eq!(backend.hits(), 5 + 2 + 5);
+
+    let metrics = get(&client, server.admin_addr, "/metrics").await.text();
+    for to in ["open", "half_open", "closed"] {
+        let want = format!(
+            "tidegate_breaker_transitions_total{{breaker=\"up-breaker\",upstream=\"up\",to=\"{to}\"}} 1"
+        );
+        assert!(metrics.contains(&want), "{want}\n{metrics}");
+    }
+    assert!(
+        metrics.contains("tidegate_breaker_state{breaker=\"up-breaker\",upstream=\"up\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "tidegate_breaker_rejections_total{breaker=\"up-breaker\",upstream=\"up\"} 3"
+        ),
+        "{metrics}"
+    );
+    assert!(server.shutdown().await);
+}
+
+/// An open breaker with an alternate upstream sends traffic there instead of answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_alternate_upstream() {
+    let backend = Switchable::start().await;
+    let spare = Upstream::start().await;
+    let mut c = base(backend.addr);
+    set(
+        &mut c,
+        "upstreams/spare",
+        json!({ "endpoints": [spare.addr.to_string()] }),
+    );
+    set(
+        &mut c,
+        "breakers",
+        json!([{ "name": "to-spare", "upstream": "up", "route": "default", "min_calls": 3,
+                 "open_ms": 60000, "alternate_upstream": "spare" }]),
+    );
+    let server = start_gateway(&c).await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+    backend.failing.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(
+            post_as(&client, gw, "/envelopes/7/grab", "u").await.status,
+            500
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            post_as(&client, gw, "/envelopes/7/grab", "u").await.status,
+            200
+        );
+    }
+    assert_eq!((backend.hits(), spare.hits()), (3, 4));
+    assert!(server.shutdown().await);
+}

@@ -77,3 +77,6 @@ impl Governance {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

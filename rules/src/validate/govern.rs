@@ -131,18 +131,11 @@ impl Validator {
                     self.err(lp.key("key").index(k), "this key part is listed twice");
                 }
             }
-            let rate = match parse_rate(&l.rate) {
-                Ok(r) => Some(r),
-                Err(m) => {
-                    self.err(lp.key("rate"), m);
-                    None
-                }
-            };
+            if let Err(m) = parse_rate(&l.rate) {
+                self.err(lp.key("rate"), m);
+            }
             if let Some(b) = l.burst {
                 self.range(lp.key("burst"), b.into(), 1, MAX_RATE_COUNT.into());
-            }
-            if rate.is_some_and(|r| l.burst.unwrap_or(r.count) == 0) {
-                self.err(lp.key("burst"), "burst must be at least 1");
             }
             for (k, v) in &l.exceptions {
                 let ep = lp.key("exceptions").key(k.clone());

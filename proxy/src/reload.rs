@@ -268,7 +268,10 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A write between start-up's read and the watcher's registration would otherwise go
+    // unseen (and fool the poll's baseline): check once now that we are watching.
     let mut fingerprint = file_fingerprint(&reloader.path);
+    reloader.reload("watch start", Instant::now()).await;
     loop {
         #[cfg(unix)]
         let sighup = async {

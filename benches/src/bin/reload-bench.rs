@@ -42,7 +42,11 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 std::fs::rename(&tmp, &path)?;
                 while reloader.status().generation == generation {
-                    anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "reload did not happen");
+                    anyhow::ensure!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "reload did not happen: {:?}",
+                        reloader.status()
+                    );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 swaps.push(t.elapsed());

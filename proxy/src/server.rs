@@ -164,8 +164,13 @@ where
     let mut shutdown = shared.shutdown.clone();
     let mut closing = false;
     loop {
-        let idle_for = activity.idle_for();
-        let wait = shared.idle_timeout.saturating_sub(idle_for);
+        // While requests are in flight the connection is not idle whatever its bytes say;
+        // look again a whole timeout later rather than re-arming an expired sleep.
+        let wait = if activity.inflight.load(Ordering::Relaxed) > 0 {
+            shared.idle_timeout
+        } else {
+            shared.idle_timeout.saturating_sub(activity.idle_for())
+        };
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {

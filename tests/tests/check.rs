@@ -175,7 +175,6 @@ fn top_level_not_an_object() {
 
 /// A JSON array of the config fields in declaration order is refused: the file must be an object.
 #[test]
-#[ignore = "rules::source::parse accepts a positional array as a Config; needs a fix in rules/"]
 fn positional_array_is_refused() {
     let v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
     let positional = serde_json::json!([

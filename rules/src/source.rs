@@ -54,21 +54,13 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Config, ConfigError> {
         return Err(whole("empty config (the file has no content)".into()));
     }
     // serde would also build a struct from an array of its fields in order; a config is an
-    // object, nothing else.
-    if !body.starts_with('{') {
+    // object. (Other non-objects, and non-JSON, get serde_json's own error below.)
+    if body.starts_with('[') {
         let (line, column) = line_col(bytes, text.len() - body.len());
-        let found = match body.as_bytes()[0] {
-            b'[' => "an array",
-            b'"' => "a string",
-            b'n' => "null",
-            b't' | b'f' => "a boolean",
-            b'-' | b'0'..=b'9' => "a number",
-            _ => "something that is not JSON",
-        };
         return Err(ConfigError {
             line,
             column,
-            ..whole(format!("expected struct Config, a JSON object `{{...}}`, found {found}"))
+            ..whole("invalid type: array, expected struct Config (a JSON object)".into())
         });
     }
 

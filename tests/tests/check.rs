@@ -164,7 +164,7 @@ fn not_json() {
 #[test]
 fn top_level_not_an_object() {
     for (text, what) in [
-        ("[]", "invalid length 0"),
+        ("[]", "invalid type: array"),
         ("null", "invalid type: null"),
         ("42", "invalid type: integer `42`"),
         ("\"x\"", "invalid type: string \"x\""),

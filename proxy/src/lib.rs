@@ -76,6 +76,7 @@ pub struct Server {
     max_connections: u32,
     grace: Duration,
     admin: Arc<AdminState>,
+    admin_task: JoinHandle<()>,
 }
 
 /// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
@@ -190,11 +191,13 @@ async fn start_inner(
         reloader: reloader.clone(),
     });
     tracing::info!(addr = %admin_addr, "admin listening");
-    tasks.push(tokio::spawn(admin::serve(
+    // The admin port outlives the drain (so probes see `/readyz` answer 503 rather than a
+    // refused connection); it stops with the embedded upstreams.
+    let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         admin.clone(),
-        shutdown_rx,
-    )));
+        stop_embedded_rx.clone(),
+    ));
 
     Ok(Server {
         listen_addrs,
@@ -209,6 +212,7 @@ async fn start_inner(
         max_connections: limits.max_connections,
         grace: Duration::from_millis(server_cfg.shutdown_grace_ms),
         admin,
+        admin_task,
         reloader,
     })
 }
@@ -240,6 +244,7 @@ impl Server {
         }
         self.conn_permits.close();
         let _ = self.stop_embedded.send(true);
+        let _ = self.admin_task.await;
         for e in self.embedded {
             match e.task.await {
                 Ok(Ok(())) => {}

@@ -7,9 +7,10 @@
 use std::io::Read;
 use std::path::Path;
 
+use rules::Loaded;
 use rules::error::{ConfigError, ConfigErrors, JsonPath};
 use rules::source::MAX_CONFIG_BYTES;
-use rules::{Loaded, validate::Issue};
+use rules::validate::Issue;
 
 /// Read, parse, validate and compile the config at `path`, and check its TLS files.
 pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
@@ -27,8 +28,27 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
         path: JsonPath::root(),
         message,
     })?;
-    let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-    let loaded = rules::load(&name, &bytes)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    // The content version: XXH3-64 over the main file's bytes, then each fragment's name,
+    // a NUL and its bytes.
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&bytes);
+    let loaded = rules::include::load_with(
+        rules::include::Source {
+            name: &name,
+            bytes: &bytes,
+        },
+        |dir| {
+            let files = read_include_dir(&base.join(dir))?;
+            for (n, b) in &files {
+                hasher.update(n.as_bytes());
+                hasher.update(&[0]);
+                hasher.update(b);
+            }
+            Ok(files)
+        },
+    )?;
+    let hash = hasher.digest();
     let mut issues = Vec::new();
     for (i, l) in loaded.config.server.listeners.iter().enumerate() {
         if let Some(tls) = &l.tls {
@@ -54,6 +74,37 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
         return Err(rules::locate_all(&name, &text, issues));
     }
     Ok((loaded, hash))
+}
+
+/// The rules fragments of an include directory: every `*.json` file not starting with `.`
+/// (editors' swap and temp files are skipped), in file-name order, as `(path, bytes)`.
+fn read_include_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut paths: Vec<std::path::PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let bytes = read_bounded(&p).map_err(|m| format!("{}: {m}", p.display()))?;
+            Ok((p.display().to_string(), bytes))
+        })
+        .collect()
+}
+
+/// The directory named by a config's `include_dir`, resolved against the config's own
+/// directory (for the watcher).
+pub fn include_dir(path: &Path, loaded: &Loaded) -> Option<std::path::PathBuf> {
+    let dir = loaded.config.include_dir.as_ref()?;
+    Some(path.parent().unwrap_or(Path::new(".")).join(dir))
 }
 
 /// Read a file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on failure.

@@ -89,12 +89,13 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
 /// SIGHUP) reload the rules without a restart (see [`reload`]).
 pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     let (loaded, hash) = config::read_config_hashed(path)?;
-    start_inner(loaded, Some((path.to_path_buf(), hash))).await
+    let include = config::include_dir(path, &loaded);
+    start_inner(loaded, Some((path.to_path_buf(), include, hash))).await
 }
 
 async fn start_inner(
     loaded: Loaded,
-    file: Option<(std::path::PathBuf, u64)>,
+    file: Option<(std::path::PathBuf, Option<std::path::PathBuf>, u64)>,
 ) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
     let server_cfg = &config.server;
@@ -163,9 +164,10 @@ async fn start_inner(
         )));
     }
 
-    let reloader = file.map(|(path, hash)| {
+    let reloader = file.map(|(path, include, hash)| {
         Arc::new(reload::Reloader::new(
             path,
+            include,
             hash,
             gateway.clone(),
             metrics.clone(),

@@ -73,6 +73,8 @@ pub enum ReloadOutcome {
 #[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
+    /// The include directory named at start-up (watched alongside the file).
+    include_dir: Option<PathBuf>,
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     embedded: Vec<(String, SocketAddr)>,
@@ -91,6 +93,7 @@ impl Reloader {
     /// A reloader for a gateway started from `path` with content hash `hash`.
     pub fn new(
         path: PathBuf,
+        include_dir: Option<PathBuf>,
         hash: u64,
         gateway: Arc<Gateway>,
         metrics: Arc<Metrics>,
@@ -110,6 +113,7 @@ impl Reloader {
             }),
             hash: Mutex::new(hash),
             path,
+            include_dir,
             gateway,
             metrics,
             embedded,
@@ -216,11 +220,13 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let file_name = reloader.path.file_name().map(|n| n.to_os_string());
+    let include = reloader.include_dir.clone();
     // The debouncer runs its own thread; it only signals (try_send: a full channel already
     // holds a pending reload, which will read the newest content anyway).
     let watcher = {
         let tx = tx.clone();
         let file_name = file_name.clone();
+        let include = include.clone();
         new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
             Ok(events) => {
                 let relevant = events.iter().any(|e| {
@@ -232,6 +238,9 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                             name == file_name.as_deref()
                             // Kubernetes ConfigMap updates swap `..data` and friends.
                             || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                            // A rules fragment in the include directory.
+                            || (include.as_deref().is_some_and(|d| p.parent() == Some(d))
+                                && p.extension().is_some_and(|x| x == "json"))
                         })
                 });
                 if relevant {
@@ -252,7 +261,14 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     };
     let _watcher = match watcher {
         Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
-            Ok(()) => Some(w),
+            Ok(()) => {
+                if let Some(inc) = &include {
+                    if let Err(e) = w.watch(inc, RecursiveMode::NonRecursive) {
+                        tracing::error!(dir = %inc.display(), error = %e, "cannot watch the include directory; relying on SIGHUP and polling");
+                    }
+                }
+                Some(w)
+            }
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot watch the config directory; relying on SIGHUP and polling");
                 None
@@ -270,7 +286,7 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A write between start-up's read and the watcher's registration would otherwise go
     // unseen (and fool the poll's baseline): check once now that we are watching.
-    let mut fingerprint = file_fingerprint(&reloader.path);
+    let mut fingerprint = fingerprint_of(&reloader);
     reloader.reload("watch start", Instant::now()).await;
     loop {
         #[cfg(unix)]
@@ -287,14 +303,14 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
         tokio::select! {
             Some(since) = rx.recv() => {
                 reloader.reload("file event", since).await;
-                fingerprint = file_fingerprint(&reloader.path);
+                fingerprint = fingerprint_of(&reloader);
             }
             _ = sighup => {
                 reloader.reload("SIGHUP", Instant::now()).await;
-                fingerprint = file_fingerprint(&reloader.path);
+                fingerprint = fingerprint_of(&reloader);
             }
             _ = poll.tick() => {
-                let now = file_fingerprint(&reloader.path);
+                let now = fingerprint_of(&reloader);
                 if now != fingerprint {
                     fingerprint = now;
                     reloader.reload("poll", Instant::now()).await;
@@ -305,10 +321,23 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Size and modification time of the file behind `path` (following symlinks).
-fn file_fingerprint(path: &Path) -> Option<(u64, SystemTime)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
+/// Size and modification time of the config file (following symlinks) and of every file in
+/// the include directory.
+fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let stat = |p: PathBuf| {
+        let m = std::fs::metadata(&p).ok();
+        let (len, modified) = m.map_or((u64::MAX, None), |m| (m.len(), m.modified().ok()));
+        (p, len, modified)
+    };
+    let mut v = vec![stat(r.path.clone())];
+    if let Some(dir) = &r.include_dir {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        v.extend(files.into_iter().map(stat));
+    }
+    v
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

@@ -16,6 +16,7 @@
 //! - [`limit`]: rate limits: which apply, which quota, the hashed key (counting is the proxy's).
 //! - [`degrade`]: fallback rules and circuit breaker definitions, with canned answers.
 //! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
+//! - [`include`]: a main file plus an included rules directory, merged into one config.
 //! - [`explain`]: a routing decision with every rule considered and why.
 //! - [`classify`]: interface, app and user of a request.
 //! - [`error`]: located errors (`file:line:col path: message`).
@@ -29,6 +30,7 @@ pub mod degrade;
 pub mod error;
 pub mod explain;
 pub mod govern;
+pub mod include;
 pub mod limit;
 pub mod matcher;
 pub mod model;

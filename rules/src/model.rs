@@ -45,6 +45,11 @@ pub struct Config {
     /// unless `allow_empty_routes` is set, because "no rules" is far more often a broken
     /// edit than an intention.
     pub routes: Vec<Route>,
+    /// A directory of rules fragments (`*.json`, by file name order) merged into this config:
+    /// each may hold `interfaces`, `upstreams`, `routes`, `limits`, `fallbacks`, `plans` and
+    /// `breakers`. Relative to this file's directory. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_dir: Option<String>,
     /// Accept an empty `routes` list (every request then answers 404 `no_route`).
     /// Default: false.
     #[serde(default)]

@@ -18,6 +18,16 @@ pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 ///
 /// This is syntax and types only; [`crate::load`] also validates.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<Config, ConfigError> {
+    parse_as(file, bytes, "struct Config")
+}
+
+/// [`parse`] for any document type (a config, or a rules fragment of an included
+/// directory). `what` names the type in the message for a top-level array.
+pub fn parse_as<T: serde::de::DeserializeOwned>(
+    file: &str,
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, ConfigError> {
     let whole = |message: String| ConfigError {
         file: file.to_owned(),
         line: 0,
@@ -60,12 +70,14 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Config, ConfigError> {
         return Err(ConfigError {
             line,
             column,
-            ..whole("invalid type: array, expected struct Config (a JSON object)".into())
+            ..whole(format!(
+                "invalid type: array, expected {what} (a JSON object)"
+            ))
         });
     }
 
     let de = &mut serde_json::Deserializer::from_str(text);
-    let config: Config = match serde_path_to_error::deserialize(de) {
+    let config: T = match serde_path_to_error::deserialize(de) {
         Ok(c) => c,
         Err(e) => {
             let path = convert_path(e.path());

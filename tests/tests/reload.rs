@@ -416,3 +416,82 @@ async fn identical_rewrite_is_noop() {
     assert_eq!(r.status().generation, 1);
     assert!(server.shutdown().await);
 }
+
+/// A config split over a main file and an included rules directory reloads as one
+/// snapshot: editing a fragment applies, a broken fragment is refused with its own file and
+/// place named, and the next good edit applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn included_rules_dir_reloads_as_one() {
+    let (v1, v2) = (Upstream::start().await, Upstream::start().await);
+    let mut main = canary(v1.addr, v2.addr, 10_000);
+    // The canary rule moves to a fragment; the main file keeps the default route.
+    let canary_rule = main["routes"][1].clone();
+    main["routes"].as_array_mut().unwrap().truncate(1);
+    main["include_dir"] = json!("rules.d");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules.d")).unwrap();
+    let frag_path = dir.path().join("rules.d/20-canary.json");
+    let frag = |ppm: u32| {
+        let mut r = canary_rule.clone();
+        r["split"][0]["weight_ppm"] = json!(ppm);
+        bytes(&json!({ "routes": [r] }))
+    };
+    std::fs::write(&frag_path, frag(10_000)).unwrap();
+    // An editor's swap file in the directory is ignored.
+    std::fs::write(dir.path().join("rules.d/.20-canary.json.swp"), b"garbage").unwrap();
+    let main_path = dir.path().join("tidegate.json");
+    std::fs::write(&main_path, bytes(&main)).unwrap();
+
+    let server = tidegate::start_from_file(&main_path).await.expect("starts");
+    let (client, admin) = (h1_client(), server.admin_addr);
+    assert_eq!(live_ppm(&client, admin).await, Some(10_000));
+
+    let wait_for = |want: u64| {
+        let client = client.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while live_ppm(&client, admin).await != Some(want) {
+                assert!(Instant::now() < deadline, "ppm {want} not applied");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    std::fs::write(&frag_path, frag(70_000)).unwrap();
+    wait_for(70_000).await;
+
+    std::fs::write(
+        &frag_path,
+        b"{\n  \"routes\": [ {\"name\": \"canary\", \"upstream\": \"nope\"} ]\n}",
+    )
+    .unwrap();
+    let reloader = server.reloader.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        if let Some(e) = reloader.status().last_error {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken fragment was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        err.contains("rules.d/20-canary.json:2:46 routes[0].upstream: unknown upstream \"nope\""),
+        "{err}"
+    );
+    assert_eq!(
+        live_ppm(&client, admin).await,
+        Some(70_000),
+        "old rules still live"
+    );
+
+    std::fs::write(&frag_path, frag(90_000)).unwrap();
+    wait_for(90_000).await;
+    assert!(reloader.status().last_error.is_none());
+
+    // `tidegate check` reads the same set.
+    let loaded = tidegate::config::read_config(&main_path).expect("the set checks");
+    assert_eq!(loaded.config.routes.len(), 2);
+    assert!(server.shutdown().await);
+}

@@ -12,8 +12,15 @@ use std::time::{Duration, Instant};
 use tidegate_benches::synthetic_config;
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(10);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     println!("| rules | file bytes | rules::load median | file event → swap median | max |");
     println!("|---|---|---|---|---|");
     for n in [10usize, 1_000, 100_000] {
@@ -35,7 +42,11 @@ fn main() -> anyhow::Result<()> {
             let mut swaps = Vec::new();
             for round in 0..rounds {
                 // Alternate the default route's weight so the content really changes.
-                let changed = text.replacen("\"weight\":\"5%\"", &format!("\"weight\":\"{}%\"", 6 + round % 2), 1);
+                let changed = text.replacen(
+                    "\"weight\":\"5%\"",
+                    &format!("\"weight\":\"{}%\"", 6 + round % 2),
+                    1,
+                );
                 let tmp = dir.path().join(".tidegate.json.tmp");
                 std::fs::write(&tmp, &changed)?;
                 let generation = reloader.status().generation;

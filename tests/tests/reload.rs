@@ -495,3 +495,64 @@ async fn included_rules_dir_reloads_as_one() {
     assert_eq!(loaded.config.routes.len(), 2);
     assert!(server.shutdown().await);
 }
+
+/// A per-user limit keeps its state across a reload that changes an unrelated rule (a user
+/// at the limit stays limited, another user is unaffected); a reload that changes the limit
+/// itself gives it the new rate, fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_state_survives_unrelated_reloads() {
+    let (v1, v2) = (Upstream::start().await, Upstream::start().await);
+    let with_limit = |ppm: u32, rate: &str| {
+        let mut c = canary(v1.addr, v2.addr, ppm);
+        c["limits"] = json!([{ "name": "per-user-grab", "match": { "interfaces": ["grab"] },
+                               "key": ["user"], "rate": rate }]);
+        bytes(&c)
+    };
+    let mut dir = ConfigDir::new(Writer::Rename, &with_limit(10_000, "5/min"));
+    let server = tidegate::start_from_file(&dir.path())
+        .await
+        .expect("starts");
+    let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
+    let client = h1_client();
+    let grab = |user: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = Request::post(format!("http://{gw}/envelopes/1/grab"))
+                .header("x-user-id", user)
+                .body(full(Bytes::new()))
+                .unwrap();
+            tidegate_tests::send(&client, req).await.status
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(grab("alice").await, 200);
+    }
+    assert_eq!(grab("alice").await, 429, "alice is at her limit");
+
+    // An unrelated edit: the canary weight. Alice stays limited; bob is fresh.
+    dir.write(&with_limit(20_000, "5/min"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live_ppm(&client, admin).await != Some(20_000) {
+        assert!(Instant::now() < deadline, "edit not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        grab("alice").await,
+        429,
+        "an unrelated edit must not hand out a fresh burst"
+    );
+    assert_eq!(grab("bob").await, 200);
+
+    // Changing the limit itself: the new rate applies, from a fresh state.
+    let generation = server.reloader.as_ref().unwrap().status().generation;
+    dir.write(&with_limit(20_000, "100/min"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.reloader.as_ref().unwrap().status().generation == generation {
+        assert!(Instant::now() < deadline, "limit edit not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..20 {
+        assert_eq!(grab("alice").await, 200, "request {i} under the new rate");
+    }
+    assert!(server.shutdown().await);
+}

@@ -203,13 +203,18 @@ fn observe_limit(
     wait: Duration,
     input: &RouteInput<'_>,
 ) {
-    metrics
-        .limit_decisions
-        .get_or_create(&LimitLabels {
-            rule: lim.name.clone(),
-            outcome: outcome.label(),
+    let counters = lim.counters.get_or_init(|| {
+        Outcome::ALL.map(|o| {
+            metrics
+                .limit_decisions
+                .get_or_create(&LimitLabels {
+                    rule: lim.name.clone(),
+                    outcome: o.label(),
+                })
+                .clone()
         })
-        .inc();
+    });
+    counters[outcome as usize].inc();
     if outcome == Outcome::DryRunLimited {
         // The point of a dry run is to see who would be limited: log it (logs, unlike
         // metric labels, may carry user IDs).

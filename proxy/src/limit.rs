@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +29,7 @@ use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::HeaderValue;
+use prometheus_client::metrics::counter::Counter;
 use rules::limit::{CompiledLimit, LimitQuota};
 use rules::model::LimitMode;
 use rules::{RouteInput, Snapshot};
@@ -75,6 +76,10 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
     body_prefix: Bytes,
     /// `"NAME"` as a structured-field string, for the `RateLimit` header.
     sf_name: Box<str>,
+    /// Handles of this rule's decision counters (allowed, limited, dry-run limited), taken
+    /// from the metric family on first use so that counting a decision is one atomic add,
+    /// not a family lookup.
+    pub counters: OnceLock<[Counter; 3]>,
 }
 
 #[derive(Debug)]
@@ -121,6 +126,9 @@ thread_local! {
 // === impl Outcome ===
 
 impl Outcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [Outcome; 3] = [Self::Allowed, Self::Limited, Self::DryRunLimited];
+
     /// Metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -247,6 +255,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             quotas,
             body_prefix: body_prefix.into(),
             sf_name: sf_string(&rule.name).into(),
+            counters: OnceLock::new(),
         }
     }
 

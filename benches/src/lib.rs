@@ -1,4 +1,7 @@
-//! Shared helpers for Tidegate's benchmarks: synthetic configs of a given size.
+//! Shared helpers for Tidegate's benchmarks: synthetic configs of a given size, and the
+//! pressure-test driver ([`pressure`]).
+
+pub mod pressure;
 
 /// A valid config (compact: 100,000 rules fit the 16 MiB file limit) with `n`
 /// route rules spread over apps and interfaces (one rule per (app,

@@ -211,6 +211,9 @@ impl Snapshot {
     /// rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
         let g = &self.governance;
+        if g.fallbacks.is_empty() {
+            return None;
+        }
         let rule_id = g
             .fallback_index
             .best(&r.m, |i| &g.fallbacks[i as usize].matcher)?;
@@ -234,6 +237,9 @@ impl Snapshot {
     /// else one for the whole upstream.
     pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
         let by = &self.governance.breaker_by;
+        if by.is_empty() {
+            return None;
+        }
         route
             .and_then(|r| by.get(&(upstream.0, Some(r))))
             .or_else(|| by.get(&(upstream.0, None)))

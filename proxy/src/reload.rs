@@ -138,6 +138,9 @@ impl Reloader {
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
             Ok(Ok(Some((runtime, hash, server)))) => {
+                // Breakers new in this config get their state gauge now, not at their first
+                // transition.
+                runtime.governors.export_states(&self.metrics);
                 self.gateway.runtime.store(Arc::new(runtime));
                 let mut st = self.status.lock().expect("not poisoned");
                 *self.hash.lock().expect("not poisoned") = hash;

@@ -15,6 +15,8 @@
 //! - [`govern`]: limits, fallbacks and breakers in force, compiled as one unit.
 //! - [`limit`]: rate limits: which apply, which quota, the hashed key (counting is the proxy's).
 //! - [`degrade`]: fallback rules and circuit breaker definitions, with canned answers.
+//! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
+//!   adaptive concurrency limit, as pure controllers.
 //! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
 //! - [`include`]: a main file plus an included rules directory, merged into one config.
 //! - [`explain`]: a routing decision with every rule considered and why.
@@ -29,11 +31,14 @@ pub mod classify;
 pub mod degrade;
 pub mod error;
 pub mod explain;
+#[doc(hidden)]
+pub mod fuzz_logic;
 pub mod govern;
 pub mod include;
 pub mod limit;
 pub mod matcher;
 pub mod model;
+pub mod overload;
 pub(crate) mod plan;
 pub mod route;
 pub mod snapshot;

@@ -16,8 +16,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod govern;
+mod overload;
 
 pub use govern::{Breaker, Fallback, KeyPart, Limit, LimitMode, LocalResponse, Plan, WhenMissing};
+pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -69,6 +71,14 @@ pub struct Config {
     /// Circuit breakers on upstreams. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub breakers: Vec<Breaker>,
+    /// Overload protection: concurrency caps, adaptive limits and priority admission.
+    /// Default: off. Main file only (like `active_plans`), so switching it is a one-file edit.
+    #[serde(default, skip_serializing_if = "is_default_overload")]
+    pub overload: Overload,
+}
+
+fn is_default_overload(o: &Overload) -> bool {
+    *o == Overload::default()
 }
 
 /// Bootstrap settings (not hot-reloadable).

@@ -14,6 +14,7 @@ use http::{HeaderName, Method};
 use crate::govern::Governance;
 use crate::matcher::MatchIndex;
 use crate::model::{Balance, Config, Extractor, UpstreamKind};
+use crate::overload::CompiledOverload;
 use crate::route::CompiledRoute;
 
 /// Index of an interface in [`Snapshot::interfaces`].
@@ -39,6 +40,8 @@ pub struct Snapshot {
     pub(crate) route_index: MatchIndex,
     /// Limits, fallbacks and breakers in force (active plans applied).
     pub governance: Governance,
+    /// Overload protection.
+    pub overload: CompiledOverload,
 }
 
 /// The interfaces declared on one path template.
@@ -167,6 +170,7 @@ impl Snapshot {
             .collect();
         let route_index = MatchIndex::build(c.routes.iter().map(|r| &r.matcher), &iface_ids);
         let governance = Governance::compile(c, &iface_ids, &upstream_ids);
+        let overload = CompiledOverload::compile(c, &iface_ids, &upstream_ids);
 
         Self {
             identity: CompiledIdentity {
@@ -179,6 +183,7 @@ impl Snapshot {
             routes,
             route_index,
             governance,
+            overload,
         }
     }
 

@@ -16,8 +16,10 @@ use crate::model::SCHEMA_VERSION;
 use crate::model::{Config, Extractor, Match, NoUserKey, Route, SplitTarget, UpstreamKind};
 
 mod govern;
+mod overload;
 
 pub use govern::MAX_GOVERN_RULES;
+pub use overload::MAX_IN_FLIGHT;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -93,6 +95,7 @@ impl Validator {
         self.upstreams(c);
         self.routes(c, &interfaces);
         self.govern(c, &interfaces);
+        self.overload(c, &interfaces);
     }
 
     fn server(&mut self, c: &Config) {

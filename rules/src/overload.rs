@@ -1,0 +1,354 @@
+//! Overload protection, the pure half: the compiled `overload` section, request priorities,
+//! and the two controllers the proxy drives once per window.
+//!
+//! - [`priority`] places a request: business priority (its interface's) first, then a user
+//!   priority from a stable hash of the user ID that is re-drawn every rotation period, as
+//!   one rank in `0..4 × levels` (higher is more important).
+//! - [`LevelController`] is DAGOR's admission level: a request is admitted iff its rank is at
+//!   least the level. Each window it is raised (overloaded) or lowered (calm) using the
+//!   histogram of the window's requests by rank, so one step sheds or re-admits a chosen
+//!   share of traffic whatever the shape of the distribution.
+//! - [`Gradient`] is the adaptive concurrency limit of one upstream.
+//!
+//! Nothing here reads a clock: the proxy passes the rotation epoch and the window's figures
+//! in, so both controllers are tested with made-up windows.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::bucket::{BUCKETS, bucket, bucket_ip};
+use crate::model::{Config, Priority};
+
+mod adaptive;
+
+pub use adaptive::{Gradient, MIN_CALLS, RttWindow, TOLERANCE};
+
+/// Business priorities, one rank band each.
+pub const BUSINESS_LEVELS: u32 = 4;
+
+/// The compiled `overload` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledOverload {
+    /// Protection is on.
+    pub enabled: bool,
+    /// Global cap.
+    pub max_in_flight: Option<u32>,
+    /// Longest wait for a slot.
+    pub queue_timeout: Duration,
+    /// Most waiters per cap.
+    pub max_queue: u32,
+    /// `Retry-After` of a rejection, in seconds.
+    pub retry_after_s: u32,
+    /// Control window.
+    pub window: Duration,
+    /// Business priority of requests with no interface.
+    pub default_priority: Priority,
+    /// Per interface (indexed like the snapshot's interfaces): priority and cap.
+    pub interfaces: Vec<InterfaceSpec>,
+    /// Per upstream (indexed like the snapshot's upstreams): its cap, if any.
+    pub upstreams: Vec<Option<UpstreamCap>>,
+    /// Priority admission, when on.
+    pub admission: Option<AdmissionSpec>,
+}
+
+/// Overload settings of one interface, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterfaceSpec {
+    /// Business priority.
+    pub priority: Priority,
+    /// Cap on its requests in flight.
+    pub max_in_flight: Option<u32>,
+}
+
+/// The cap of one upstream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpstreamCap {
+    /// A fixed number of requests in flight.
+    Fixed(u32),
+    /// A limit following latency.
+    Adaptive(AdaptiveSpec),
+}
+
+/// An adaptive limit's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveSpec {
+    /// Lowest limit.
+    pub min: u32,
+    /// Highest limit.
+    pub max: u32,
+    /// Starting limit.
+    pub initial: u32,
+    /// Latency to hold; `None`: 1.5 × the lowest window mean seen.
+    pub target: Option<Duration>,
+}
+
+/// Priority admission settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionSpec {
+    /// Mean queueing delay that makes a window overloaded.
+    pub queue_delay_threshold: Duration,
+    /// User priority levels.
+    pub user_levels: u32,
+    /// Rotation period of user priorities, in seconds.
+    pub rotate_every_s: u64,
+    /// Share shed per overloaded window (0.05 for 5%).
+    pub shed: f64,
+    /// Share re-admitted per calm window.
+    pub admit: f64,
+}
+
+/// Whose priority a request carries.
+#[derive(Debug, Clone, Copy)]
+pub enum UserKey<'a> {
+    /// A user ID.
+    User(&'a str),
+    /// The client IP, for a request with no user ID.
+    Ip(IpAddr),
+    /// Neither is known: the lowest user priority.
+    Unknown,
+}
+
+/// What one window measured, for [`LevelController::adjust`].
+#[derive(Debug, Clone, Copy)]
+pub struct LevelWindow<'a> {
+    /// Requests that arrived, by rank (all of them, admitted or not); `len` is the number
+    /// of ranks.
+    pub offered: &'a [u64],
+    /// Requests that passed the level and then got every slot they needed.
+    pub admitted: u64,
+    /// Whether the window was overloaded.
+    pub overloaded: bool,
+}
+
+/// DAGOR's admission level over ranks `0..ranks`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LevelController {
+    ranks: u32,
+    level: u32,
+    shed: f64,
+    admit: f64,
+}
+
+// === impl CompiledOverload ===
+
+impl CompiledOverload {
+    /// Compile a validated config's `overload` section.
+    pub(crate) fn compile(
+        c: &Config,
+        iface_ids: &HashMap<&str, u32>,
+        upstream_ids: &HashMap<&str, u32>,
+    ) -> Self {
+        let o = &c.overload;
+        let mut interfaces = vec![
+            InterfaceSpec {
+                priority: o.default_priority,
+                max_in_flight: None,
+            };
+            iface_ids.len()
+        ];
+        for (name, i) in &o.interfaces {
+            if let Some(&id) = iface_ids.get(name.as_str()) {
+                interfaces[id as usize] = InterfaceSpec {
+                    priority: i.priority.unwrap_or(o.default_priority),
+                    max_in_flight: i.max_in_flight,
+                };
+            }
+        }
+        let mut upstreams = vec![None; upstream_ids.len()];
+        for (name, u) in &o.upstreams {
+            let Some(&id) = upstream_ids.get(name.as_str()) else {
+                continue;
+            };
+            upstreams[id as usize] = match (&u.adaptive, u.max_in_flight) {
+                (Some(a), _) => Some(UpstreamCap::Adaptive(AdaptiveSpec {
+                    min: a.min,
+                    max: a.max,
+                    initial: a.initial.unwrap_or(20).clamp(a.min, a.max),
+                    target: a.target_latency_ms.map(Duration::from_millis),
+                })),
+                (None, Some(n)) => Some(UpstreamCap::Fixed(n)),
+                (None, None) => None,
+            };
+        }
+        let a = &o.admission;
+        Self {
+            enabled: o.enabled,
+            max_in_flight: o.max_in_flight,
+            queue_timeout: Duration::from_millis(o.queue_timeout_ms),
+            max_queue: o.max_queue,
+            retry_after_s: o.retry_after_s,
+            window: Duration::from_millis(o.window_ms),
+            default_priority: o.default_priority,
+            interfaces,
+            upstreams,
+            admission: a.enabled.then(|| AdmissionSpec {
+                queue_delay_threshold: Duration::from_millis(a.queue_delay_threshold_ms),
+                user_levels: a.user_priority_levels,
+                rotate_every_s: a.rotate_every_s,
+                shed: f64::from(a.shed_percent) / 100.0,
+                admit: f64::from(a.admit_percent) / 100.0,
+            }),
+        }
+    }
+
+    /// Whether any concurrency cap is configured (admission measures queueing at caps).
+    pub fn has_caps(&self) -> bool {
+        self.max_in_flight.is_some()
+            || self.interfaces.iter().any(|i| i.max_in_flight.is_some())
+            || self.upstreams.iter().any(Option::is_some)
+    }
+}
+
+// === impl AdmissionSpec ===
+
+impl AdmissionSpec {
+    /// Number of ranks: business levels × user levels.
+    pub fn ranks(&self) -> u32 {
+        BUSINESS_LEVELS * self.user_levels
+    }
+
+    /// The rotation epoch of a Unix time in seconds: user priorities are stable within one.
+    pub fn epoch(&self, unix_secs: u64) -> u64 {
+        unix_secs / self.rotate_every_s
+    }
+}
+
+/// Business priority as a rank band: `low` 0 .. `critical` 3.
+pub fn business_rank(p: Priority) -> u32 {
+    match p {
+        Priority::Low => 0,
+        Priority::Normal => 1,
+        Priority::High => 2,
+        Priority::Critical => 3,
+    }
+}
+
+/// The business priority of a rank band (clamped to `critical`).
+pub fn business_of_rank(band: u32) -> Priority {
+    match band {
+        0 => Priority::Low,
+        1 => Priority::Normal,
+        2 => Priority::High,
+        _ => Priority::Critical,
+    }
+}
+
+/// A user's priority in `0..levels` during rotation `epoch` (higher is more important).
+///
+/// `bucket("overload:{epoch}", user) × levels / 1_000_000`: the same XXH3 bucket as route
+/// splits (see [`crate::bucket`]), under a salt naming the epoch, so it is stable within an
+/// epoch, independent between epochs, and identical on every gateway.
+pub fn user_priority(key: UserKey<'_>, epoch: u64, levels: u32) -> u32 {
+    // "overload:" + up to 20 digits, on the stack.
+    let mut buf = [0u8; 32];
+    let salt = epoch_salt(epoch, &mut buf);
+    let b = match key {
+        UserKey::User(u) => bucket(salt, u),
+        UserKey::Ip(ip) => bucket_ip(salt, ip),
+        UserKey::Unknown => return 0,
+    };
+    (u64::from(b) * u64::from(levels) / u64::from(BUCKETS)) as u32
+}
+
+fn epoch_salt(epoch: u64, buf: &mut [u8; 32]) -> &str {
+    const PREFIX: &[u8] = b"overload:";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 20];
+    let mut n = epoch;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = PREFIX.len() + digits.len() - i;
+    buf[PREFIX.len()..len].copy_from_slice(&digits[i..]);
+    std::str::from_utf8(&buf[..len]).expect("ASCII")
+}
+
+/// A request's rank: `business_rank × levels + user priority`.
+pub fn priority(business: Priority, key: UserKey<'_>, epoch: u64, levels: u32) -> u32 {
+    business_rank(business) * levels + user_priority(key, epoch, levels)
+}
+
+// === impl LevelController ===
+
+impl LevelController {
+    /// A controller over `spec`'s ranks, starting with everything admitted.
+    pub fn new(spec: &AdmissionSpec) -> Self {
+        Self {
+            ranks: spec.ranks(),
+            level: 0,
+            shed: spec.shed,
+            admit: spec.admit,
+        }
+    }
+
+    /// The current level: requests of a lower rank are refused.
+    pub fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// Whether a request of rank `rank` is admitted at `level`.
+    pub fn admits(level: u32, rank: u32) -> bool {
+        rank >= level
+    }
+
+    /// Adjust the level after a window; returns the new level.
+    ///
+    /// Overloaded: the lowest level whose traffic (in this window's histogram) is at most
+    /// `(1 - shed) × admitted`, and at least one rank up. Measuring against what got through
+    /// the caps rather than what passed the level makes the first step land at the capacity
+    /// the caps measured, instead of creeping there 5% at a time while every request waits.
+    ///
+    /// Calm: the lowest level whose traffic is at most `(1 + admit) × admitted`, and at
+    /// least one rank down. A window with no traffic at all resets the level.
+    ///
+    /// The level never exceeds the top rank, so the most important requests are always let
+    /// through to measure whether the overload has passed.
+    pub fn adjust(&mut self, w: &LevelWindow<'_>) -> u32 {
+        let top = self.ranks.saturating_sub(1);
+        let total: u64 = w.offered.iter().sum();
+        if total == 0 && !w.overloaded {
+            self.level = 0;
+            return 0;
+        }
+        if w.overloaded {
+            let target = (w.admitted as f64 * (1.0 - self.shed)).floor() as u64;
+            let l = lowest_level_within(w.offered, target);
+            self.level = l.max(self.level + 1).min(top);
+        } else if self.level > 0 {
+            let target = (w.admitted as f64 * (1.0 + self.admit)).ceil() as u64;
+            let l = lowest_level_within(w.offered, target);
+            self.level = l.min(self.level - 1);
+        }
+        self.level
+    }
+
+    /// Set the level (an operator override, or a restore).
+    pub fn set_level(&mut self, level: u32) {
+        self.level = level.min(self.ranks.saturating_sub(1));
+    }
+}
+
+/// The lowest level `l` with `sum(offered[l..]) <= target` (`offered.len()` if none).
+fn lowest_level_within(offered: &[u64], target: u64) -> u32 {
+    let mut suffix = 0u64;
+    let mut l = offered.len();
+    while l > 0 {
+        let next = suffix + offered[l - 1];
+        if next > target {
+            break;
+        }
+        suffix = next;
+        l -= 1;
+    }
+    l as u32
+}
+
+#[cfg(test)]
+mod tests;

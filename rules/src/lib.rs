@@ -17,8 +17,6 @@
 //! - [`degrade`]: fallback rules and circuit breaker definitions, with canned answers.
 //! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
 //!   adaptive concurrency limit, as pure controllers.
-//! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
-//!   adaptive concurrency limit, as pure controllers.
 //! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
 //! - [`include`]: a main file plus an included rules directory, merged into one config.
 //! - [`explain`]: a routing decision with every rule considered and why.
@@ -40,7 +38,6 @@ pub mod include;
 pub mod limit;
 pub mod matcher;
 pub mod model;
-pub mod overload;
 pub mod overload;
 pub(crate) mod plan;
 pub mod route;

@@ -144,13 +144,15 @@ async fn start_inner(
 
     let mut tasks = Vec::new();
     let mut listen_addrs = Vec::new();
+    let mut cert_stores = Vec::new();
     for l in &server_cfg.listeners {
         let (listener, addr) = server::bind(&l.address).await?;
         let acceptor = match &l.tls {
-            Some(t) => Some(tls::acceptor(tls::server_config(
-                &t.cert_path,
-                &t.key_path,
-            )?)),
+            Some(t) => {
+                let store = Arc::new(tls::CertStore::open(&t.cert_path, &t.key_path)?);
+                cert_stores.push(store.clone());
+                Some(store)
+            }
             None => None,
         };
         let name: Arc<str> = l.name.clone().unwrap_or_else(|| l.address.clone()).into();
@@ -173,6 +175,7 @@ async fn start_inner(
             metrics.clone(),
             embedded_addrs.clone(),
             server_cfg.clone(),
+            cert_stores.clone(),
         ))
     });
     if let Some(r) = &reloader {

@@ -56,6 +56,9 @@ pub struct ReloadStatus {
     pub last_error_at_ms: Option<u64>,
     /// Set when the applied file changed bootstrap settings (`server`), which need a restart.
     pub restart_needed: Option<String>,
+    /// The last refused TLS certificate/key replacement (the previous pair stays in use);
+    /// cleared when a good pair loads.
+    pub tls_last_error: Option<String>,
 }
 
 /// The result of one reload attempt.
@@ -85,6 +88,8 @@ pub struct Reloader {
     hash: Mutex<u64>,
     /// One reload at a time.
     serial: tokio::sync::Mutex<()>,
+    /// TLS certificate pairs of the listeners, reloaded on the same triggers.
+    certs: Vec<Arc<crate::tls::CertStore>>,
 }
 
 // === impl Reloader ===
@@ -99,6 +104,7 @@ impl Reloader {
         metrics: Arc<Metrics>,
         embedded: Vec<(String, SocketAddr)>,
         bootstrap: rules::model::Server,
+        certs: Vec<Arc<crate::tls::CertStore>>,
     ) -> Self {
         metrics.config_generation.set(1);
         Self {
@@ -110,6 +116,7 @@ impl Reloader {
                 last_error: None,
                 last_error_at_ms: None,
                 restart_needed: None,
+                tls_last_error: None,
             }),
             hash: Mutex::new(hash),
             path,
@@ -119,6 +126,7 @@ impl Reloader {
             embedded,
             bootstrap,
             serial: tokio::sync::Mutex::new(()),
+            certs,
         }
     }
 
@@ -131,6 +139,7 @@ impl Reloader {
     /// event-to-swap latency metric).
     pub async fn reload(self: &Arc<Self>, trigger: &'static str, since: Instant) -> ReloadOutcome {
         let _one_at_a_time = self.serial.lock().await;
+        self.reload_certs(trigger).await;
         let this = self.clone();
         // Reading, parsing, validating, compiling and resolving endpoint names all block;
         // keep them off the request-serving threads.
@@ -198,6 +207,36 @@ impl Reloader {
         outcome
     }
 
+    /// Reload listeners' certificate pairs that changed on disk; a refused pair keeps the
+    /// previous one serving and is reported on the admin port.
+    async fn reload_certs(self: &Arc<Self>, trigger: &'static str) {
+        if self.certs.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            this.certs
+                .iter()
+                .map(|c| (c.cert_path.clone(), c.reload()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (cert, r) in results {
+            match r {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::info!(cert = %cert, trigger, "TLS certificate reloaded");
+                    self.status.lock().expect("not poisoned").tls_last_error = None;
+                }
+                Err(e) => {
+                    tracing::error!(cert = %cert, trigger, error = %e, "TLS certificate refused; the previous one stays in use");
+                    self.status.lock().expect("not poisoned").tls_last_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
     /// Read and build; `Ok(None)` when the content is what is live already.
     fn build(&self) -> Result<Option<Built>, String> {
         let (loaded, hash) = read_config_hashed(&self.path).map_err(|e| e.to_string())?;
@@ -224,12 +263,19 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
         .to_path_buf();
     let file_name = reloader.path.file_name().map(|n| n.to_os_string());
     let include = reloader.include_dir.clone();
+    let cert_files: Vec<std::ffi::OsString> = reloader
+        .certs
+        .iter()
+        .flat_map(|c| [c.cert_path.clone(), c.key_path.clone()])
+        .filter_map(|p| Path::new(&p).file_name().map(|n| n.to_os_string()))
+        .collect();
     // The debouncer runs its own thread; it only signals (try_send: a full channel already
     // holds a pending reload, which will read the newest content anyway).
     let watcher = {
         let tx = tx.clone();
         let file_name = file_name.clone();
         let include = include.clone();
+        let cert_files = cert_files.clone();
         new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
             Ok(events) => {
                 let relevant = events.iter().any(|e| {
@@ -241,6 +287,8 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                             name == file_name.as_deref()
                             // Kubernetes ConfigMap updates swap `..data` and friends.
                             || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                            // A listener's certificate or key.
+                            || name.is_some_and(|n| cert_files.iter().any(|c| c == n))
                             // A rules fragment in the include directory.
                             || (include.as_deref().is_some_and(|d| p.parent() == Some(d))
                                 && p.extension().is_some_and(|x| x == "json"))
@@ -265,6 +313,15 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     let _watcher = match watcher {
         Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
             Ok(()) => {
+                let mut extra: Vec<PathBuf> =
+                    reloader.certs.iter().flat_map(|c| c.dirs()).collect();
+                extra.sort();
+                extra.dedup();
+                for d in extra.iter().filter(|d| **d != dir) {
+                    if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                        tracing::error!(dir = %d.display(), error = %e, "cannot watch a certificate directory; relying on SIGHUP and polling");
+                    }
+                }
                 if let Some(inc) = &include {
                     if let Err(e) = w.watch(inc, RecursiveMode::NonRecursive) {
                         tracing::error!(dir = %inc.display(), error = %e, "cannot watch the include directory; relying on SIGHUP and polling");
@@ -324,8 +381,8 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Size and modification time of the config file (following symlinks) and of every file in
-/// the include directory.
+/// Size and modification time of the config file (following symlinks), the listeners'
+/// certificates and keys, and every file in the include directory.
 fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let stat = |p: PathBuf| {
         let m = std::fs::metadata(&p).ok();
@@ -333,6 +390,10 @@ fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         (p, len, modified)
     };
     let mut v = vec![stat(r.path.clone())];
+    for c in &r.certs {
+        v.push(stat(PathBuf::from(&c.cert_path)));
+        v.push(stat(PathBuf::from(&c.key_path)));
+    }
     if let Some(dir) = &r.include_dir {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())

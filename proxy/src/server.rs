@@ -27,7 +27,6 @@ use rules::model::ConnLimits;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
 
 use crate::forward::ConnInfo;
 use crate::gateway::Gateway;
@@ -74,7 +73,7 @@ pub fn builder(l: &ConnLimits) -> auto::Builder<TokioExecutor> {
 /// Accept connections on `listener` until shutdown.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<crate::tls::CertStore>>,
     shared: Shared,
     name: Arc<str>,
 ) {
@@ -114,7 +113,10 @@ pub async fn accept_loop(
             shared.gateway.metrics.connections_accepted.inc();
             match tls {
                 None => serve_io(stream, info, &shared).await,
-                Some(acceptor) => {
+                Some(certs) => {
+                    // The pair current at accept time: certificates replaced on disk are
+                    // picked up by new handshakes without a restart.
+                    let acceptor = certs.acceptor();
                     match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream))
                         .await
                     {

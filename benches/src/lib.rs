@@ -44,6 +44,81 @@ pub fn synthetic_config(n: usize) -> String {
     )
 }
 
+/// The gateway config of the peer comparison (`benches/peers/run.sh`): one listener, a
+/// static upstream `v1` (and its canary twin `v2`, the same backend), access log off.
+///
+/// With `rules`, the realistic rule set: 1,000 route rules over (app, interface) pairs, every
+/// odd one a 5% canary split to `v2`; 1,000 limits, one per (app, interface) pair; a
+/// per-user limit keyed by user ID (10/s, burst 10: the comparison's 100,000 users never
+/// reach it, so every request is counted but none refused); and a fallback on `share` the
+/// load never hits. The comparison's request, `GET /envelopes/{id}` as `app7`, matches a
+/// split rule, its pair's limit and the per-user limit.
+pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> String {
+    const IFACES: [(&str, &str, &str); 5] = [
+        ("create", "POST", "/envelopes"),
+        ("grab", "POST", "/envelopes/{id}/grab"),
+        ("open", "GET", "/envelopes/{id}"),
+        ("wallet", "GET", "/users/{id}/wallet"),
+        ("share", "POST", "/envelopes/{id}/share"),
+    ];
+    let interfaces: Vec<String> = IFACES
+        .iter()
+        .map(|(n, m, p)| format!(r#"{{"name": "{n}", "method": "{m}", "path": "{p}"}}"#))
+        .collect();
+    let mut routes = vec![r#"{"name": "default", "upstream": "v1"}"#.to_owned()];
+    let mut limits = Vec::new();
+    let mut fallbacks = Vec::new();
+    if rules {
+        for i in 0..1000 {
+            let app = i / IFACES.len();
+            let iface = IFACES[i % IFACES.len()].0;
+            routes.push(if i % 2 == 1 {
+                format!(
+                    r#"{{"name":"r{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"split":[{{"upstream":"v2","weight":"5%"}},{{"upstream":"v1","weight":"rest"}}]}}"#
+                )
+            } else {
+                format!(
+                    r#"{{"name":"r{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"upstream":"v1"}}"#
+                )
+            });
+            limits.push(format!(
+                r#"{{"name":"l{i}","match":{{"apps":["app{app}"],"interfaces":["{iface}"]}},"rate":"1000000/s"}}"#
+            ));
+        }
+        limits.push(r#"{"name":"per-user","key":["user"],"rate":"10/s","burst":10}"#.to_owned());
+        fallbacks.push(
+            r#"{"name":"share-off","match":{"interfaces":["share"]},"response":{"status":200,"headers":{"x-tidegate-fallback":"1"}}}"#
+                .to_owned(),
+        );
+    }
+    format!(
+        r#"{{"schema_version": 1,
+  "server": {{"listeners": [{{"name": "public", "address": "{listen}"}}],
+             "admin": {{"address": "{admin}"}},
+             "access_log": {{"enabled": false, "format": "json"}}}},
+  "identity": {{"app": {{"header": "x-app-id"}}, "user": {{"header": "x-user-id"}}}},
+  "interfaces": [{}],
+  "upstreams": {{"v1": {{"endpoints": ["{backend}"]}}, "v2": {{"endpoints": ["{backend}"]}}}},
+  "routes": [{}],
+  "limits": [{}],
+  "fallbacks": [{}]}}
+"#,
+        interfaces.join(", "),
+        routes.join(
+            ",
+  "
+        ),
+        limits.join(
+            ",
+  "
+        ),
+        fallbacks.join(
+            ",
+  "
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     /// The synthetic configs are valid at every size the benches use.
@@ -53,6 +128,16 @@ mod tests {
             let text = super::synthetic_config(n);
             let l = rules::load("s.json", text.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(l.snapshot.routes.len(), n + 1);
+        }
+    }
+
+    /// Both peer configs load; the realistic one has its 1,001 routes.
+    #[test]
+    fn peer_configs_load() {
+        for rules in [false, true] {
+            let text = super::peer_config(rules, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:9");
+            let l = rules::load("p.json", text.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(l.snapshot.routes.len(), if rules { 1001 } else { 1 });
         }
     }
 }

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Peer comparison: the backend direct, Tidegate (no rules, realistic rules), nginx and
+# HAProxy as keep-alive reverse proxies to the same trivial backend, on one machine, in one
+# run, rounds interleaved. Same load tool (tidegate-pressure), same connections, same backend.
+#
+#   benches/peers/run.sh                 # from the repository root (or anywhere inside it)
+#
+# Environment: ROUNDS (3), SECS per measurement (5), CONNS (50), RATE for the fixed-rate
+# latency measurement (5000 req/s), PROXY_CPU (0) and LOAD_CPU (1): the proxy under test is
+# pinned to PROXY_CPU, the load tool and the backend share LOAD_CPU (one core each side, so
+# every proxy gets the same single core; on one core nginx runs one worker, HAProxy one
+# thread and Tidegate one runtime worker). OUT (target/peers): where results go.
+#
+# Installs nginx, haproxy and jq with apt-get when missing. Traffic stays on 127.0.0.1 and
+# every step is bounded in time. SKIP_BUILD=1 uses the binaries already in target/release. Not a CI test: absolute numbers depend on the machine;
+# the ratios are the point.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+ROUNDS=${ROUNDS:-3}
+SECS=${SECS:-5}
+CONNS=${CONNS:-50}
+RATE=${RATE:-5000}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+OUT=${OUT:-$ROOT/target/peers}
+BIN=$ROOT/target/release
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v jq >/dev/null || need+=(jq)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]}"
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    echo "building (release)"
+    cargo build --release -q -p tidegate -p tidegate-benches
+fi
+
+rm -rf "$OUT"; mkdir -p "$OUT"
+DIR=$(mktemp -d /tmp/tidegate-peers.XXXXXX)
+# Private copies: a concurrent build in the shared target dir cannot swap them mid-run.
+mkdir -p "$DIR/bin"
+cp "$BIN"/{tidegate,tidegate-pressure,bench-backend,bench-config} "$DIR/bin/"
+BIN=$DIR/bin
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+# A free loopback port.
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+    || echo $((20000 + RANDOM % 20000)); }
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listening on port $1; logs:" >&2
+    tail -n 5 "$DIR"/*.log >&2 || true
+    return 1
+}
+# utime + stime (clock ticks) of a process and its children (nginx's workers).
+cpu_ticks() {
+    local t=0 p
+    for p in $1 $(pgrep -P "$1" || true); do
+        t=$((t + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+TICK=$(getconf CLK_TCK)
+
+BACKEND_PORT=$(port)
+taskset -c "$LOAD_CPU" "$BIN/bench-backend" "127.0.0.1:$BACKEND_PORT" 1 >"$DIR/backend.log" 2>&1 &
+PIDS+=($!)
+wait_port "$BACKEND_PORT"
+
+declare -A PORT PID
+PORT[direct]=$BACKEND_PORT
+
+start_tidegate() { # name rules|norules
+    local p a
+    p=$(port); a=$(port)
+    "$BIN/bench-config" "$2" "127.0.0.1:$p" "127.0.0.1:$a" "127.0.0.1:$BACKEND_PORT" >"$DIR/$1.json"
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN/tidegate" run --config "$DIR/$1.json" >"$DIR/$1.log" 2>&1 &
+    PID[$1]=$!; PIDS+=($!); PORT[$1]=$p
+    wait_port "$p"
+}
+start_tidegate tidegate-norules norules
+start_tidegate tidegate-rules rules
+
+P=$(port)
+sed -e "s#@DIR@#$DIR#g" -e "s#@LISTEN@#127.0.0.1:$P#g" -e "s#@BACKEND@#127.0.0.1:$BACKEND_PORT#g" \
+    benches/peers/nginx.conf.in >"$DIR/nginx.conf"
+taskset -c "$PROXY_CPU" "$NGINX" -c "$DIR/nginx.conf" -p "$DIR" >"$DIR/nginx.log" 2>&1 &
+PID[nginx]=$!; PIDS+=($!); PORT[nginx]=$P
+wait_port "$P"
+
+P=$(port)
+sed -e "s#@DIR@#$DIR#g" -e "s#@LISTEN@#127.0.0.1:$P#g" -e "s#@BACKEND@#127.0.0.1:$BACKEND_PORT#g" \
+    benches/peers/haproxy.cfg.in >"$DIR/haproxy.cfg"
+taskset -c "$PROXY_CPU" "$HAPROXY" -f "$DIR/haproxy.cfg" -db >"$DIR/haproxy.log" 2>&1 &
+PID[haproxy]=$!; PIDS+=($!); PORT[haproxy]=$P
+wait_port "$P"
+
+TARGETS=(direct tidegate-norules tidegate-rules nginx haproxy)
+SCEN=benches/scenarios/peer-get.json
+load() { # target closed|open secs json
+    local mode=()
+    [ "$2" = closed ] && mode=(--closed-loop)
+    timeout $(( $3 + 30 )) taskset -c "$LOAD_CPU" "$BIN/tidegate-pressure" "$SCEN" \
+        --target "http://127.0.0.1:${PORT[$1]}" --connections "$CONNS" --threads 1 \
+        --time-scale "$(awk "BEGIN{print $3/5}")" --rate-scale "$(awk "BEGIN{print $RATE/10000}")" \
+        "${mode[@]}" --quiet --json "$4" >/dev/null
+}
+
+echo "rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
+echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors" | tee "$OUT/rounds.tsv"
+for r in $(seq "$ROUNDS"); do
+    for t in "${TARGETS[@]}"; do
+        load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
+        before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+        load "$t" closed "$SECS" "$DIR/max.json"
+        after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+        load "$t" open "$SECS" "$DIR/fixed.json"
+        reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
+        errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")
+        errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed.json")))
+        line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "$(( after - before ))" \
+            --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed.json" \
+            '[$r, $t, (.overall.rps|floor), .overall.latency_ms.p50, .overall.latency_ms.p99,
+              (if $reqs > 0 then ($cpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end),
+              $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs] | @tsv' "$DIR/max.json")
+        echo "$line" | tee -a "$OUT/rounds.tsv"
+    done
+done
+
+# Medians over the rounds, and ratios against the direct backend and against nginx.
+awk -F'\t' '
+    NR == 1 { next }
+    { n[$2]++; rps[$2, n[$2]] = $3; p50[$2, n[$2]] = $4; p99[$2, n[$2]] = $5; cpu[$2, n[$2]] = $6;
+      f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9 }
+    function med(a, t, k,   v, i, j, x, m) {
+        m = n[t]; for (i = 1; i <= m; i++) v[i] = a[t, i]
+        for (i = 2; i <= m; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+        return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
+    }
+    END {
+        split("direct tidegate-norules tidegate-rules nginx haproxy", order, " ")
+        for (i = 1; i <= 5; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
+        printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
+        printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        for (i = 1; i <= 5; i++) {
+            t = order[i]
+            printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
+                med(p50, t), med(p99, t), (t == "direct" ? "-" : sprintf("%.1f", C[t])),
+                (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])), med(f50, t), med(f99, t), err[t]
+        }
+        printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
+    }' "$OUT/rounds.tsv" | tee "$OUT/table.md"
+echo "medians of $ROUNDS rounds; per-round figures in $OUT/rounds.tsv, this table in $OUT/table.md"

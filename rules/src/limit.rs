@@ -201,6 +201,20 @@ impl CompiledLimit {
         }
     }
 
+    /// The key tuple, for display: `app`, `interface`, `user` or `header:NAME`; empty for
+    /// one shared quota.
+    pub fn key_parts(&self) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|p| match p {
+                CompiledKeyPart::App => "app".to_owned(),
+                CompiledKeyPart::Interface => "interface".to_owned(),
+                CompiledKeyPart::User => "user".to_owned(),
+                CompiledKeyPart::Header(h) => format!("header:{h}"),
+            })
+            .collect()
+    }
+
     /// The quota a request falls under: an exception for its user, interface or app (in
     /// that order), else the base quota (0).
     pub fn quota_of(&self, m: &MatchInput<'_>) -> u16 {

@@ -142,6 +142,22 @@ impl CompiledMatch {
     pub fn holds(&self, r: &MatchInput<'_>) -> bool {
         self.check(r).is_ok()
     }
+
+    /// The interfaces the rule is limited to; `None` when it matches any interface.
+    pub fn interfaces(&self) -> Option<&[InterfaceId]> {
+        self.interfaces.as_deref()
+    }
+
+    /// The apps the rule is limited to; `None` when it matches any app.
+    pub fn apps(&self) -> Option<&[Box<str>]> {
+        self.apps.as_deref()
+    }
+
+    /// Whether the rule also constrains users, user buckets or headers, and so covers only
+    /// part of the traffic of its apps and interfaces.
+    pub fn narrows(&self) -> bool {
+        self.users.is_some() || self.user_buckets.is_some() || !self.headers.is_empty()
+    }
 }
 
 // === impl MatchIndex ===

@@ -1,0 +1,989 @@
+//! Live per-second figures for the operator's dashboard and `GET /admin/status.json`.
+//!
+//! Prometheus counters answer "how many since start"; the on-call room needs "how many per
+//! second, now, and over the last five minutes", without a Prometheus server. This module
+//! keeps both halves apart:
+//!
+//! - On the request path, [`Counters`] (one per runtime, indexed like the snapshot, so the
+//!   label set is closed) take one relaxed atomic add per outcome, one per latency bucket and
+//!   one per canary split decision. No lock, no allocation, no lookup by name.
+//! - Once a second, [`sample`] (a background task) swaps every counter to zero, appends the
+//!   second to a ring of [`HISTORY_SECS`] buckets, and builds the whole status document,
+//!   serialized once. The admin endpoint then answers with a clone of those bytes: its cost
+//!   does not depend on the traffic or on the number of rules.
+//!
+//! Counters are carried over a reload by name (interfaces, upstreams, split targets), like
+//! limiter state, so a reload loses no counts and the swap-to-zero sampling stays exact.
+//! Limit decisions are not counted twice: the sampler reads the limit rules' Prometheus
+//! counters (already one atomic per decision) and takes differences.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::Response;
+use rules::route::RouteAction;
+use rules::{InterfaceId, RouteDecision, Snapshot};
+use serde::Serialize;
+
+use crate::forward::Upstream;
+use crate::gateway::{Gateway, RespBody};
+
+/// Seconds of history kept (and charted): five minutes.
+pub const HISTORY_SECS: usize = 300;
+/// Seconds the table's rates are averaged over.
+pub const RATE_WINDOW_SECS: usize = 10;
+/// Seconds a canary's observed share is measured over (longer than the rate window: a 1%
+/// canary needs more requests than ten seconds give to show a stable share).
+pub const SHARE_WINDOW_SECS: usize = 60;
+/// Log-scale latency buckets: four per power of two of microseconds, up to ~268 s.
+const LAT_BUCKETS: usize = 112;
+
+/// What became of a request, as the dashboard counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Answered by the upstream with a status below 500.
+    Ok = 0,
+    /// A 5xx from the upstream, or an error the gateway answered (no route, 502, 504, ...).
+    Error = 1,
+    /// Refused by a rate limit (429).
+    Limited = 2,
+    /// Shed by overload protection: a 503 the gateway made that is not a degraded answer.
+    Shed = 3,
+    /// Answered locally by a fallback or an open circuit breaker.
+    Degraded = 4,
+}
+
+/// Number of [`Class`]es.
+pub const CLASSES: usize = 5;
+
+/// Per-runtime counters, indexed like the snapshot. Built by [`Counters::build`] off the
+/// request path; read and reset by the sampler.
+#[derive(Debug)]
+pub struct Counters {
+    /// By interface (indexed like `snapshot.interfaces`), then one more for requests that
+    /// matched no interface.
+    interfaces: Vec<Arc<ClassCounts>>,
+    /// By upstream (indexed like `snapshot.upstreams`): time to the response head.
+    upstreams: Vec<Arc<Latency>>,
+    /// By route rule (indexed like `snapshot.routes`): forwarded requests per split target;
+    /// empty for a rule with one upstream.
+    splits: Vec<Vec<Arc<AtomicU64>>>,
+}
+
+/// Requests by [`Class`].
+#[derive(Debug, Default)]
+pub struct ClassCounts([AtomicU64; CLASSES]);
+
+/// A latency histogram: counts per log-scale bucket of microseconds.
+#[derive(Debug)]
+pub struct Latency([AtomicU64; LAT_BUCKETS]);
+
+/// What one request will be counted under, taken while the snapshot is loaded and recorded
+/// once its response is known.
+#[derive(Debug)]
+pub struct Tally {
+    counters: Arc<Counters>,
+    iface: u32,
+    upstream: Option<u32>,
+}
+
+/// The dashboard's published state: the latest status document, serialized.
+#[derive(Debug)]
+pub struct Stats {
+    latest: ArcSwap<Bytes>,
+}
+
+// === impl ClassCounts ===
+
+impl ClassCounts {
+    fn take(&self) -> [u64; CLASSES] {
+        std::array::from_fn(|i| self.0[i].swap(0, Ordering::Relaxed))
+    }
+}
+
+// === impl Latency ===
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl Latency {
+    fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0[lat_bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn take(&self) -> [u32; LAT_BUCKETS] {
+        std::array::from_fn(|i| self.0[i].swap(0, Ordering::Relaxed) as u32)
+    }
+}
+
+/// The bucket of a latency in microseconds: exact below 4 µs, then four buckets per power of
+/// two (each about 19% wide).
+fn lat_bucket(us: u64) -> usize {
+    if us < 4 {
+        return us as usize;
+    }
+    let msb = 63 - us.leading_zeros() as usize;
+    let sub = ((us >> (msb - 2)) & 3) as usize;
+    ((msb - 1) * 4 + sub).min(LAT_BUCKETS - 1)
+}
+
+/// The smallest latency (µs) in a bucket.
+fn lat_bucket_low(idx: usize) -> u64 {
+    if idx < 4 {
+        return idx as u64;
+    }
+    let msb = idx / 4 + 1;
+    (4 + (idx % 4) as u64) << (msb - 2)
+}
+
+/// The `q` quantile (0..1) of a histogram, in milliseconds (the bucket's midpoint), or
+/// `None` when it is empty.
+fn quantile_ms(h: &[u32; LAT_BUCKETS], q: f64) -> Option<f64> {
+    let total: u64 = h.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0u64;
+    for (i, &c) in h.iter().enumerate() {
+        seen += u64::from(c);
+        if seen >= rank {
+            let lo = lat_bucket_low(i) as f64;
+            let hi = lat_bucket_low(i + 1) as f64;
+            return Some((lo + hi) / 2.0 / 1000.0);
+        }
+    }
+    None
+}
+
+// === impl Counters ===
+
+impl Counters {
+    /// Counters for `snap`. Those of interfaces, upstreams and split targets that `previous`
+    /// (the runtime a reload replaces) also had are shared with it, so counts made by
+    /// requests still in flight on the old runtime are not lost.
+    pub fn build(snap: &Snapshot, previous: Option<(&Snapshot, &Counters)>) -> Self {
+        let old_iface = |name: &str| {
+            previous.and_then(|(s, c)| {
+                s.interfaces
+                    .iter()
+                    .position(|i| &*i.name == name)
+                    .map(|i| c.interfaces[i].clone())
+            })
+        };
+        let mut interfaces: Vec<Arc<ClassCounts>> = snap
+            .interfaces
+            .iter()
+            .map(|i| old_iface(&i.name).unwrap_or_default())
+            .collect();
+        interfaces.push(
+            previous
+                .and_then(|(_, c)| c.interfaces.last().cloned())
+                .unwrap_or_default(),
+        );
+        let upstreams = snap
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .and_then(|(s, c)| {
+                        s.upstreams
+                            .iter()
+                            .position(|x| x.name == u.name)
+                            .map(|i| c.upstreams[i].clone())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let splits = snap
+            .routes
+            .iter()
+            .map(|r| match &r.action {
+                RouteAction::Upstream(_) => Vec::new(),
+                RouteAction::Split(targets) => targets
+                    .iter()
+                    .map(|t| {
+                        let up = &snap.upstreams[t.upstream.0 as usize].name;
+                        previous
+                            .and_then(|(s, c)| {
+                                let ri = s.routes.iter().position(|x| x.name == r.name)?;
+                                let RouteAction::Split(old) = &s.routes[ri].action else {
+                                    return None;
+                                };
+                                let ti = old
+                                    .iter()
+                                    .position(|o| s.upstreams[o.upstream.0 as usize].name == *up)?;
+                                Some(c.splits[ri][ti].clone())
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            interfaces,
+            upstreams,
+            splits,
+        }
+    }
+
+    /// Start counting a request: its interface, the upstream it is forwarded to (if any),
+    /// and, for a split rule that forwards to the target it chose, that target's share.
+    pub fn tally(
+        self: &Arc<Self>,
+        interface: Option<InterfaceId>,
+        route: Option<&RouteDecision<'_>>,
+        forwarded_to: Option<&Arc<Upstream>>,
+        upstreams: &[Arc<Upstream>],
+    ) -> Tally {
+        let upstream = forwarded_to.and_then(|up| {
+            upstreams
+                .iter()
+                .position(|u| Arc::ptr_eq(u, up))
+                .map(|i| i as u32)
+        });
+        if let (Some(r), Some(u)) = (route, upstream) {
+            // Only when the split's own choice is forwarded (not a breaker's alternate).
+            if r.upstream.0 == u {
+                if let RouteAction::Split(targets) = &r.rule.action {
+                    if let Some(t) = targets.iter().position(|t| t.upstream == r.upstream) {
+                        self.splits[r.rule_id as usize][t].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        Tally {
+            counters: Arc::clone(self),
+            iface: interface.map_or(self.interfaces.len() as u32 - 1, |i| i.0),
+            upstream,
+        }
+    }
+}
+
+// === impl Tally ===
+
+impl Tally {
+    /// Count the answered request: its class (from the response's [`Class`] tag for local
+    /// answers, else from who made it and its status) and, for a forwarded request, the
+    /// time from its arrival to the response head.
+    pub fn record(&self, resp: &Response<RespBody>, elapsed: Duration) {
+        let status = resp.status();
+        let class = match resp.extensions().get::<Class>() {
+            Some(c) => *c,
+            None => match resp.body() {
+                http_body_util::Either::Left(_) if status.is_server_error() => Class::Error,
+                http_body_util::Either::Left(_) => Class::Ok,
+                // The gateway's own 503s (other than degraded answers, which are tagged) are
+                // load it turned away: overload protection or a drain.
+                http_body_util::Either::Right(_)
+                    if status == http::StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    Class::Shed
+                }
+                http_body_util::Either::Right(_) if status.as_u16() >= 400 => Class::Error,
+                http_body_util::Either::Right(_) => Class::Ok,
+            },
+        };
+        self.counters.interfaces[self.iface as usize].0[class as usize]
+            .fetch_add(1, Ordering::Relaxed);
+        // Latency of calls the upstream answered or failed; not of requests turned away
+        // before the call (a shed request may have been on its way to an upstream).
+        if let (Some(u), Class::Ok | Class::Error) = (self.upstream, class) {
+            self.counters.upstreams[u as usize].observe(elapsed);
+        }
+    }
+}
+
+// === impl Stats ===
+
+impl Stats {
+    /// Nothing sampled yet.
+    pub fn new() -> Self {
+        Self {
+            latest: ArcSwap::from_pointee(Bytes::from_static(b"{\"sampled\":false}")),
+        }
+    }
+
+    /// The latest status document (JSON), as built by the sampler.
+    pub fn latest(&self) -> Bytes {
+        Bytes::clone(&self.latest.load())
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sample the live runtime once a second until shutdown, publishing the status document
+/// into `stats` after each sample (and once at start).
+pub async fn sample(
+    stats: Arc<Stats>,
+    gateway: Arc<Gateway>,
+    reloader: Option<Arc<crate::reload::Reloader>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut history = History::new(unix_ms());
+    let publish = |h: &History| {
+        let rt = gateway.runtime.load_full();
+        let doc = h.document(&rt, reloader.as_deref());
+        let bytes = serde_json::to_vec(&doc).expect("the status document serializes");
+        stats.latest.store(Arc::new(Bytes::from(bytes)));
+    };
+    publish(&history);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::server::stopped(&mut shutdown) => return,
+        }
+        let rt = gateway.runtime.load_full();
+        history.push(&rt, unix_ms());
+        publish(&history);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// === history ===
+
+/// The sampler's rings, keyed by name so they survive reloads; every ring has one entry per
+/// second in `t_ms`. Owned by the sampler task alone: no lock.
+#[derive(Debug)]
+struct History {
+    started_ms: u64,
+    /// Start of the oldest bucket.
+    first_start_ms: u64,
+    /// End of each bucket (the sample time), oldest first.
+    t_ms: VecDeque<u64>,
+    interfaces: HashMap<Box<str>, VecDeque<[u32; CLASSES]>>,
+    unclassified: VecDeque<[u32; CLASSES]>,
+    /// Per upstream: requests, p50 and p99 (ms) of each second.
+    latency: HashMap<Box<str>, VecDeque<LatSecond>>,
+    /// Per upstream: the last [`RATE_WINDOW_SECS`] histograms, for the table's percentiles.
+    recent_hist: HashMap<Box<str>, VecDeque<[u32; LAT_BUCKETS]>>,
+    /// Per limit rule: allowed, limited and dry-run-limited decisions of each second.
+    limits: HashMap<Box<str>, VecDeque<[u32; 3]>>,
+    /// Per limit rule: the Prometheus counters' values at the previous sample.
+    limit_prev: HashMap<Box<str>, [u64; 3]>,
+    /// Per (route rule, target upstream): forwarded requests of each second.
+    splits: HashMap<(Box<str>, Box<str>), VecDeque<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LatSecond {
+    count: u32,
+    p50_ms: Option<f32>,
+    p99_ms: Option<f32>,
+}
+
+/// Append `v` to `ring` (zero-filled to `len - 1` first for a new series), keeping at most
+/// [`HISTORY_SECS`] entries.
+fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
+    while ring.len() + 1 < len {
+        ring.push_front(T::default());
+    }
+    ring.push_back(v);
+    while ring.len() > len {
+        ring.pop_front();
+    }
+}
+
+fn last_n<T>(ring: &VecDeque<T>, n: usize) -> impl Iterator<Item = &T> {
+    ring.iter().skip(ring.len().saturating_sub(n))
+}
+
+impl History {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            started_ms: now_ms,
+            first_start_ms: now_ms,
+            t_ms: VecDeque::with_capacity(HISTORY_SECS),
+            interfaces: HashMap::new(),
+            unclassified: VecDeque::with_capacity(HISTORY_SECS),
+            latency: HashMap::new(),
+            recent_hist: HashMap::new(),
+            limits: HashMap::new(),
+            limit_prev: HashMap::new(),
+            splits: HashMap::new(),
+        }
+    }
+
+    /// Take one second of counts from the live runtime.
+    fn push(&mut self, rt: &crate::gateway::Runtime, now_ms: u64) {
+        if self.t_ms.len() == HISTORY_SECS {
+            self.first_start_ms = self.t_ms.pop_front().unwrap_or(self.first_start_ms);
+        }
+        self.t_ms.push_back(now_ms);
+        let len = self.t_ms.len();
+        let snap = &rt.snapshot;
+        let c = &rt.stats;
+
+        let mut seen: HashMap<Box<str>, VecDeque<[u32; CLASSES]>> = HashMap::new();
+        for (i, itf) in snap.interfaces.iter().enumerate() {
+            let mut ring = self.interfaces.remove(&itf.name).unwrap_or_default();
+            push_ring(&mut ring, len, c.interfaces[i].take().map(|n| n as u32));
+            seen.insert(itf.name.clone(), ring);
+        }
+        self.interfaces = seen;
+        let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
+        push_ring(&mut self.unclassified, len, none);
+
+        let mut lat = HashMap::new();
+        let mut recent = HashMap::new();
+        for (i, u) in snap.upstreams.iter().enumerate() {
+            let h = c.upstreams[i].take();
+            let mut ring = self.latency.remove(&u.name).unwrap_or_default();
+            let second = LatSecond {
+                count: h.iter().sum(),
+                p50_ms: quantile_ms(&h, 0.50).map(|v| v as f32),
+                p99_ms: quantile_ms(&h, 0.99).map(|v| v as f32),
+            };
+            push_ring(&mut ring, len, second);
+            lat.insert(u.name.clone(), ring);
+            let mut hr = self.recent_hist.remove(&u.name).unwrap_or_default();
+            hr.push_back(h);
+            while hr.len() > RATE_WINDOW_SECS {
+                hr.pop_front();
+            }
+            recent.insert(u.name.clone(), hr);
+        }
+        self.latency = lat;
+        self.recent_hist = recent;
+
+        let mut limits = HashMap::new();
+        let mut prev = HashMap::new();
+        for lim in &rt.governors.limiters.rules {
+            let now: [u64; 3] = lim
+                .counters
+                .get()
+                .map_or([0; 3], |cs| std::array::from_fn(|i| cs[i].get()));
+            let name: Box<str> = lim.name.0.as_ref().into();
+            let before = self.limit_prev.get(&name).copied().unwrap_or(now);
+            let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
+            let mut ring = self.limits.remove(&name).unwrap_or_default();
+            push_ring(&mut ring, len, delta);
+            limits.insert(name.clone(), ring);
+            prev.insert(name, now);
+        }
+        self.limits = limits;
+        self.limit_prev = prev;
+
+        let mut splits = HashMap::new();
+        for (ri, r) in snap.routes.iter().enumerate() {
+            let RouteAction::Split(targets) = &r.action else {
+                continue;
+            };
+            for (ti, t) in targets.iter().enumerate() {
+                let key = (
+                    r.name.clone(),
+                    snap.upstreams[t.upstream.0 as usize].name.clone(),
+                );
+                let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
+                let mut ring = self.splits.remove(&key).unwrap_or_default();
+                push_ring(&mut ring, len, n);
+                splits.insert(key, ring);
+            }
+        }
+        self.splits = splits;
+    }
+
+    /// Seconds covered by the last `n` buckets, and that window's start and end.
+    fn window(&self, n: usize) -> (f64, u64, u64) {
+        let len = self.t_ms.len();
+        let Some(&end) = self.t_ms.back() else {
+            return (0.0, self.first_start_ms, self.first_start_ms);
+        };
+        let start = if len > n {
+            self.t_ms[len - n - 1]
+        } else {
+            self.first_start_ms
+        };
+        ((end - start) as f64 / 1000.0, start, end)
+    }
+
+    fn rates(&self, ring: &VecDeque<[u32; CLASSES]>, secs: f64) -> Rates {
+        let mut sum = [0u64; CLASSES];
+        for s in last_n(ring, RATE_WINDOW_SECS) {
+            for (a, &b) in sum.iter_mut().zip(s) {
+                *a += u64::from(b);
+            }
+        }
+        let r = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        Rates {
+            total: r(sum.iter().sum()),
+            ok: r(sum[Class::Ok as usize]),
+            error: r(sum[Class::Error as usize]),
+            limited: r(sum[Class::Limited as usize]),
+            shed: r(sum[Class::Shed as usize]),
+            degraded: r(sum[Class::Degraded as usize]),
+            count: sum.iter().sum(),
+        }
+    }
+
+    /// The status document for the live runtime.
+    fn document<'a>(
+        &'a self,
+        rt: &'a crate::gateway::Runtime,
+        reloader: Option<&crate::reload::Reloader>,
+    ) -> Document<'a> {
+        let snap = &rt.snapshot;
+        let (secs, wstart, wend) = self.window(RATE_WINDOW_SECS);
+        let per_s = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+
+        // Limits first: interfaces refer to them.
+        let limits: Vec<LimitView<'a>> = snap
+            .governance
+            .limits
+            .iter()
+            .map(|l| {
+                let ring = self.limits.get(&l.name);
+                let mut sum = [0u64; 3];
+                for s in ring.into_iter().flat_map(|r| last_n(r, RATE_WINDOW_SECS)) {
+                    for (a, &b) in sum.iter_mut().zip(s) {
+                        *a += u64::from(b);
+                    }
+                }
+                let q = &l.quotas[0];
+                let rate_per_s = f64::from(q.rate.count) / q.rate.period.as_secs_f64();
+                let key = l.key_parts();
+                let admitted = per_s(sum[0] + sum[2]);
+                LimitView {
+                    rule: &l.name,
+                    mode: match l.mode {
+                        rules::model::LimitMode::Enforce => "enforce",
+                        rules::model::LimitMode::DryRun => "dry_run",
+                    },
+                    utilisation: key.is_empty().then(|| admitted / rate_per_s),
+                    key,
+                    rate_per_s,
+                    burst: q.burst,
+                    exceptions: l.quotas.len() - 1,
+                    interfaces: l.matcher.interfaces().map(|ids| {
+                        ids.iter()
+                            .map(|&i| &*snap.interfaces[i.0 as usize].name)
+                            .collect()
+                    }),
+                    apps: l.matcher.apps().map(|a| a.iter().map(|s| &**s).collect()),
+                    partial: l.matcher.narrows(),
+                    allowed_per_s: per_s(sum[0]),
+                    limited_per_s: per_s(sum[1]),
+                    dry_run_limited_per_s: per_s(sum[2]),
+                }
+            })
+            .collect();
+
+        let empty = VecDeque::new();
+        let interfaces = snap
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, itf)| {
+                let rates = self.rates(self.interfaces.get(&itf.name).unwrap_or(&empty), secs);
+                let mine: Vec<usize> = limits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| {
+                        l.interfaces
+                            .as_ref()
+                            .is_none_or(|v| v.contains(&&*itf.name))
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                // The water level: the fullest shared (unkeyed) limit.
+                let level = mine
+                    .iter()
+                    .filter_map(|&k| limits[k].utilisation.map(|u| (k, u)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                let headroom = match level {
+                    Some((_, u)) if u >= 0.9 => "critical",
+                    Some((_, u)) if u >= 0.7 => "warning",
+                    Some(_) => "ok",
+                    None if rates.limited > 0.0 => "limiting",
+                    None if mine.is_empty() => "unlimited",
+                    None => "per_key",
+                };
+                InterfaceView {
+                    name: &itf.name,
+                    index: i,
+                    rates,
+                    limit: level.map(|(k, _)| LimitRef {
+                        rule: limits[k].rule,
+                        rate_per_s: limits[k].rate_per_s,
+                    }),
+                    utilisation: level.map(|(_, u)| u),
+                    headroom,
+                    limits: mine.iter().map(|&k| limits[k].rule).collect(),
+                }
+            })
+            .collect();
+
+        let upstreams = snap
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut h = [0u32; LAT_BUCKETS];
+                for s in self.recent_hist.get(&u.name).into_iter().flatten() {
+                    for (a, b) in h.iter_mut().zip(s) {
+                        *a += b;
+                    }
+                }
+                let n: u64 = h.iter().map(|&c| u64::from(c)).sum();
+                UpstreamView {
+                    name: &u.name,
+                    rate_per_s: per_s(n),
+                    p50_ms: quantile_ms(&h, 0.50),
+                    p99_ms: quantile_ms(&h, 0.99),
+                }
+            })
+            .collect();
+
+        let (share_secs, _, _) = self.window(SHARE_WINDOW_SECS);
+        let canaries = snap
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let RouteAction::Split(targets) = &r.action else {
+                    return None;
+                };
+                let counts: Vec<u64> = targets
+                    .iter()
+                    .map(|t| {
+                        let key = (
+                            r.name.clone(),
+                            snap.upstreams[t.upstream.0 as usize].name.clone(),
+                        );
+                        self.splits.get(&key).map_or(0, |ring| {
+                            last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
+                        })
+                    })
+                    .collect();
+                let total: u64 = counts.iter().sum();
+                Some(CanaryView {
+                    rule: &r.name,
+                    requests: total,
+                    window_s: share_secs,
+                    targets: targets
+                        .iter()
+                        .zip(&counts)
+                        .map(|(t, &n)| SplitView {
+                            upstream: &snap.upstreams[t.upstream.0 as usize].name,
+                            ppm: t.ppm,
+                            configured_share: f64::from(t.ppm) / 1e6,
+                            requests: n,
+                            observed_share: (total > 0).then(|| n as f64 / total as f64),
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+
+        let breakers = rt
+            .governors
+            .breakers
+            .by_id
+            .iter()
+            .map(|b| BreakerView {
+                name: &b.name.0,
+                upstream: &b.upstream.0,
+                state: b.state().label(),
+            })
+            .collect();
+
+        let shed: f64 = self
+            .interfaces
+            .values()
+            .chain(std::iter::once(&self.unclassified))
+            .map(|r| self.rates(r, secs).shed)
+            .sum();
+
+        let config = match reloader {
+            Some(r) => {
+                let s = r.status();
+                ConfigView {
+                    reload: "watching",
+                    file: Some(s.file),
+                    generation: s.generation,
+                    hash: Some(s.hash),
+                    loaded_at_ms: Some(s.loaded_at_ms),
+                    last_error: s.last_error,
+                    last_error_at_ms: s.last_error_at_ms,
+                    restart_needed: s.restart_needed,
+                }
+            }
+            None => ConfigView {
+                reload: "disabled",
+                file: None,
+                generation: 1,
+                hash: None,
+                loaded_at_ms: Some(self.started_ms),
+                last_error: None,
+                last_error_at_ms: None,
+                restart_needed: None,
+            },
+        };
+
+        let mut outcome_totals: Vec<[u32; CLASSES]> = vec![[0; CLASSES]; self.t_ms.len()];
+        for ring in self
+            .interfaces
+            .values()
+            .chain(std::iter::once(&self.unclassified))
+        {
+            let skip = outcome_totals.len().saturating_sub(ring.len());
+            for (acc, s) in outcome_totals.iter_mut().skip(skip).zip(ring) {
+                for (a, b) in acc.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+        }
+        let col = |ring: &[[u32; CLASSES]], c: Class| ring.iter().map(|s| s[c as usize]).collect();
+        let by_outcome = |ring: &[[u32; CLASSES]]| OutcomeSeries {
+            ok: col(ring, Class::Ok),
+            error: col(ring, Class::Error),
+            limited: col(ring, Class::Limited),
+            shed: col(ring, Class::Shed),
+            degraded: col(ring, Class::Degraded),
+        };
+        let series = SeriesView {
+            start_ms: self.first_start_ms,
+            t_ms: self.t_ms.iter().copied().collect(),
+            outcomes: by_outcome(&outcome_totals),
+            interfaces: snap
+                .interfaces
+                .iter()
+                .map(|itf| {
+                    let ring: Vec<_> = self
+                        .interfaces
+                        .get(&itf.name)
+                        .map(|r| r.iter().copied().collect())
+                        .unwrap_or_default();
+                    Named {
+                        name: &itf.name,
+                        series: by_outcome(&ring),
+                    }
+                })
+                .collect(),
+            upstreams: snap
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let ring = self.latency.get(&u.name);
+                    let it = || ring.into_iter().flatten();
+                    Named {
+                        name: &u.name,
+                        series: LatencySeries {
+                            count: it().map(|s| s.count).collect(),
+                            p50_ms: it().map(|s| s.p50_ms).collect(),
+                            p99_ms: it().map(|s| s.p99_ms).collect(),
+                        },
+                    }
+                })
+                .collect(),
+        };
+
+        Document {
+            sampled: true,
+            now_ms: self.t_ms.back().copied().unwrap_or(self.started_ms),
+            started_at_ms: self.started_ms,
+            window: WindowView {
+                seconds: secs,
+                start_ms: wstart,
+                end_ms: wend,
+            },
+            config,
+            admission: {
+                let o = rt.overload.status();
+                AdmissionView {
+                    enabled: o.enabled,
+                    level: o.admission.as_ref().map(|a| a.rank),
+                    shed_per_s: shed,
+                    overload: o,
+                }
+            },
+            active_plans: snap.governance.active_plans.iter().map(|p| &**p).collect(),
+            breakers,
+            interfaces,
+            unclassified: self.rates(&self.unclassified, secs),
+            limits,
+            upstreams,
+            canaries,
+            series,
+        }
+    }
+}
+
+// === the document ===
+
+/// `GET /admin/status.json` (documented field by field in docs/operations.md).
+#[derive(Debug, Serialize)]
+struct Document<'a> {
+    sampled: bool,
+    now_ms: u64,
+    started_at_ms: u64,
+    window: WindowView,
+    config: ConfigView,
+    admission: AdmissionView,
+    active_plans: Vec<&'a str>,
+    breakers: Vec<BreakerView<'a>>,
+    interfaces: Vec<InterfaceView<'a>>,
+    unclassified: Rates,
+    limits: Vec<LimitView<'a>>,
+    upstreams: Vec<UpstreamView<'a>>,
+    canaries: Vec<CanaryView<'a>>,
+    series: SeriesView<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WindowView {
+    seconds: f64,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ConfigView {
+    reload: &'static str,
+    file: Option<String>,
+    generation: u64,
+    hash: Option<String>,
+    loaded_at_ms: Option<u64>,
+    last_error: Option<String>,
+    last_error_at_ms: Option<u64>,
+    restart_needed: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct AdmissionView {
+    enabled: bool,
+    level: Option<u32>,
+    shed_per_s: f64,
+    overload: crate::overload::Status,
+}
+
+#[derive(Debug, Serialize)]
+struct BreakerView<'a> {
+    name: &'a str,
+    upstream: &'a str,
+    state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Rates {
+    total: f64,
+    ok: f64,
+    error: f64,
+    limited: f64,
+    shed: f64,
+    degraded: f64,
+    count: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct LimitRef<'a> {
+    rule: &'a str,
+    rate_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct InterfaceView<'a> {
+    name: &'a str,
+    index: usize,
+    rates: Rates,
+    limit: Option<LimitRef<'a>>,
+    utilisation: Option<f64>,
+    headroom: &'static str,
+    limits: Vec<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct LimitView<'a> {
+    rule: &'a str,
+    mode: &'static str,
+    key: Vec<String>,
+    rate_per_s: f64,
+    burst: u32,
+    exceptions: usize,
+    interfaces: Option<Vec<&'a str>>,
+    apps: Option<Vec<&'a str>>,
+    partial: bool,
+    allowed_per_s: f64,
+    limited_per_s: f64,
+    dry_run_limited_per_s: f64,
+    utilisation: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct UpstreamView<'a> {
+    name: &'a str,
+    rate_per_s: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CanaryView<'a> {
+    rule: &'a str,
+    requests: u64,
+    window_s: f64,
+    targets: Vec<SplitView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct SplitView<'a> {
+    upstream: &'a str,
+    ppm: u32,
+    configured_share: f64,
+    requests: u64,
+    observed_share: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SeriesView<'a> {
+    start_ms: u64,
+    t_ms: Vec<u64>,
+    outcomes: OutcomeSeries,
+    interfaces: Vec<Named<'a, OutcomeSeries>>,
+    upstreams: Vec<Named<'a, LatencySeries>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Named<'a, T> {
+    name: &'a str,
+    #[serde(flatten)]
+    series: T,
+}
+
+#[derive(Debug, Serialize)]
+struct OutcomeSeries {
+    ok: Vec<u32>,
+    error: Vec<u32>,
+    limited: Vec<u32>,
+    shed: Vec<u32>,
+    degraded: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct LatencySeries {
+    count: Vec<u32>,
+    p50_ms: Vec<Option<f32>>,
+    p99_ms: Vec<Option<f32>>,
+}
+
+#[cfg(test)]
+mod tests;

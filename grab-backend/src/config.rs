@@ -29,6 +29,27 @@ pub enum FsyncMode {
     Never,
 }
 
+/// Where envelopes, grabs and wallets are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In process, with a local write-ahead log in [`Config::data_dir`]: one node. The
+    /// default.
+    #[default]
+    Embedded,
+    /// In Redis: several backend nodes can serve the same envelopes.
+    Redis(RedisStoreConfig),
+}
+
+/// Connection settings of the Redis store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Longest wait for one Redis call (and for connecting); past it the request answers
+    /// 503 and may be retried (grabs are idempotent). Default 2 s.
+    pub timeout: Duration,
+}
+
 /// Request validation limits. Requests outside them are answered 400 with a
 /// reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +103,9 @@ pub struct Config {
     pub expiry_sweep_interval: Duration,
     /// Credits kept per wallet for `GET /users/{id}/wallet`. Default 20.
     pub wallet_recent_credits: usize,
+    /// Storage: embedded (default) or Redis. With Redis, `data_dir`, `fsync` and the log
+    /// settings are unused: durability is the Redis deployment's.
+    pub store: StoreKind,
 }
 
 // === impl FsyncMode ===
@@ -134,6 +158,18 @@ impl Default for Limits {
     }
 }
 
+// === impl RedisStoreConfig ===
+
+impl RedisStoreConfig {
+    /// Settings for `url` with the default timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
 // === impl Config ===
 
 impl Default for Config {
@@ -149,6 +185,7 @@ impl Default for Config {
             snapshot_every_records: 50_000,
             expiry_sweep_interval: Duration::from_millis(250),
             wallet_recent_credits: 20,
+            store: StoreKind::Embedded,
         }
     }
 }

@@ -19,6 +19,7 @@
 //! - `settle`: the settlement worker (wallet credits, snapshots).
 //! - [`store`]: the [`Store`] trait and the types crossing it.
 //! - `embedded`: [`EmbeddedStore`], the single-node implementation.
+//! - `redis_store`: [`RedisStore`], the multi-node implementation (Lua scripts on Redis).
 //! - `http`: the axum routes over a [`Store`].
 
 use std::future::Future;
@@ -30,16 +31,18 @@ pub mod config;
 mod embedded;
 mod http;
 mod model;
+mod redis_store;
 mod settle;
 mod snapshot;
 pub mod split;
 pub mod store;
 mod wal;
 
-pub use config::{Config, FsyncMode, Limits};
+pub use config::{Config, FsyncMode, Limits, RedisStoreConfig, StoreKind};
 pub use embedded::EmbeddedStore;
 pub use http::router;
 pub use model::{Credit, CreditKind, EnvelopeId, EnvelopeState};
+pub use redis_store::RedisStore;
 pub use store::{
     CreateRequest, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health,
     InvalidRequest, NewEnvelope, Store, StoreError, Totals, WalletView,
@@ -47,25 +50,58 @@ pub use store::{
 
 /// Serve the grab API on `listener` until `shutdown` resolves.
 ///
-/// Opens and recovers the store in `config.data_dir` (creating it), starts
-/// the log writer, the settlement worker and the expiry sweeper, and serves
-/// HTTP/1.1 and h2c. When `shutdown` resolves it stops accepting, lets
-/// in-flight requests finish, commits the log, lets settlement catch up and
-/// writes a final snapshot before returning.
+/// With the embedded store (the default) it opens and recovers the store in
+/// `config.data_dir` (creating it), starts the log writer, the settlement worker and the
+/// expiry sweeper, and serves HTTP/1.1 and h2c. When `shutdown` resolves it stops
+/// accepting, lets in-flight requests finish, commits the log, lets settlement catch up
+/// and writes a final snapshot before returning. With the Redis store it connects to
+/// Redis instead (failing if it cannot), and starts the Redis settler and the sweeper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let open_config = config.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&open_config))
-        .await
-        .context("store recovery panicked")??;
-    let store = Arc::new(store);
-    let app = router(store.clone(), &config)?;
+    match &config.store {
+        StoreKind::Embedded => {
+            let open_config = config.clone();
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&open_config))
+                .await
+                .context("store recovery panicked")??;
+            let store = Arc::new(store);
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, "grab backend serving");
+            }
+            let served = serve_store(listener, store.clone(), &config, shutdown).await;
+            tokio::task::spawn_blocking(move || store.close())
+                .await
+                .context("store close panicked")?;
+            served
+        }
+        StoreKind::Redis(redis) => {
+            let store = Arc::new(
+                RedisStore::open(redis, config.wallet_recent_credits)
+                    .await
+                    .with_context(|| format!("opening the Redis store at {}", redis.url))?,
+            );
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, redis = %redis.url, "grab backend serving (redis store)");
+            }
+            let served = serve_store(listener, store.clone(), &config, shutdown).await;
+            store.close().await;
+            served
+        }
+    }
+}
 
+/// Serve `store` until `shutdown`, with the periodic expiry sweep.
+async fn serve_store<S: Store>(
+    listener: tokio::net::TcpListener,
+    store: Arc<S>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = router(store.clone(), config)?;
     let sweeper = {
-        let store = store.clone();
         let every = config.expiry_sweep_interval;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -78,18 +114,11 @@ pub async fn serve(
             }
         })
     };
-
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, "grab backend serving");
-    }
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
     let _ = sweeper.await;
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .context("store close panicked")?;
     served.context("serving grab API")?;
     Ok(())
 }

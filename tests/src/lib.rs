@@ -30,6 +30,8 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+pub mod redis;
+
 /// Upper bound for any single network exchange in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -9,28 +9,13 @@
 
 mod grab_support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use grab_support::{Backend, Conn, Rng, wait_settled};
-use serde_json::json;
+use grab_support::{Acked, Backend, Conn, Rng, SENDERS, USERS, load, verify, wait_settled};
 
 const ROUNDS: usize = 22;
 const WORKERS: usize = 12;
-const USERS: u64 = 200;
-const SENDERS: u64 = 8;
-
-/// What clients saw acknowledged, across all rounds.
-#[derive(Default)]
-struct Acked {
-    /// id → (total_cents, count); numeric ids, so the last keys are the newest
-    envelopes: BTreeMap<u64, (u64, u64)>,
-    /// (envelope id, user) → amount
-    grabs: HashMap<(String, String), u64>,
-    /// Amounts a client saw for a grab that disagreed with an earlier ack.
-    mismatches: Vec<String>,
-}
 
 /// Every acknowledged create and grab survives 22 kill -9 / restart rounds
 /// under concurrent load, and money is conserved once settlement catches up.
@@ -128,134 +113,4 @@ async fn kill9_under_load_loses_no_acknowledged_write() {
         "too little load to mean anything: {}",
         a.grabs.len()
     );
-}
-
-/// One client: creates (10%) and grabs (90%) until the server dies or `stop`.
-/// Returns 1 if it was still running when the server died.
-async fn load(
-    addr: std::net::SocketAddr,
-    acked: Arc<Mutex<Acked>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    seed: u64,
-    worker: usize,
-) -> usize {
-    let mut rng = Rng::new(seed);
-    let Ok(mut conn) = Conn::connect(addr).await else {
-        return 0;
-    };
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let pick = {
-            let a = acked.lock().unwrap();
-            if a.envelopes.is_empty() || rng.range(0, 10) == 0 {
-                None
-            } else {
-                // Prefer recent envelopes so they fill up and go empty.
-                let n = a.envelopes.len() as u64;
-                let i = n - 1 - rng.range(0, n.min(12));
-                a.envelopes.keys().nth(i as usize).map(u64::to_string)
-            }
-        };
-        match pick {
-            None => {
-                let count = rng.range(3, 40);
-                let total = count * rng.range(1, 300);
-                // A fifth expire in a second, so refunds race the crashes too.
-                let expires = if rng.range(0, 5) == 0 { 1 } else { 3_600 };
-                let sender = format!("s{}", rng.range(0, SENDERS));
-                let body = json!({"sender": sender, "total_cents": total, "count": count, "expires_in_s": expires});
-                match conn.create(body).await {
-                    Ok((201, v)) => {
-                        let id: u64 = v["id"].as_str().unwrap().parse().unwrap();
-                        acked.lock().unwrap().envelopes.insert(id, (total, count));
-                    }
-                    Ok((status, v)) => panic!("worker {worker}: create answered {status} {v}"),
-                    Err(_) => return 1,
-                }
-            }
-            Some(id) => {
-                let user = format!("u{}", rng.range(0, USERS));
-                match conn.grab(&id, &user).await {
-                    Ok((200, v)) => {
-                        let amount = v["amount_cents"].as_u64().unwrap();
-                        let mut a = acked.lock().unwrap();
-                        let prev = *a.grabs.entry((id.clone(), user.clone())).or_insert(amount);
-                        if prev != amount {
-                            a.mismatches
-                                .push(format!("{id}/{user}: {prev} then {amount}"));
-                        }
-                    }
-                    Ok((410, _)) => {}
-                    Ok((status, v)) => panic!("worker {worker}: grab answered {status} {v}"),
-                    Err(_) => return 1,
-                }
-            }
-        }
-    }
-    0
-}
-
-/// Check the recovered server against everything acknowledged so far.
-async fn verify(addr: std::net::SocketAddr, acked: &Mutex<Acked>, round: usize) {
-    let (envelopes, grabs) = {
-        let a = acked.lock().unwrap();
-        (a.envelopes.clone(), a.grabs.clone())
-    };
-    let mut by_env: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-    for ((id, user), amount) in grabs {
-        by_env.entry(id).or_default().push((user, amount));
-    }
-    let mut conn = Conn::connect(addr).await.unwrap();
-    for (id, (total, count)) in &envelopes {
-        let id = &id.to_string();
-        let (status, env, list) = conn.envelope_all(id).await.unwrap();
-        assert_eq!(
-            status, 200,
-            "round {round}: acknowledged envelope {id} lost"
-        );
-        assert_eq!(
-            env["total_cents"].as_u64(),
-            Some(*total),
-            "round {round}: envelope {id}"
-        );
-        assert_eq!(
-            env["count"].as_u64(),
-            Some(*count),
-            "round {round}: envelope {id}"
-        );
-        let grabbed: u64 = list
-            .iter()
-            .map(|g| g["amount_cents"].as_u64().unwrap())
-            .sum();
-        let remaining = env["remaining_cents"].as_u64().unwrap();
-        let refunded = env["refunded_cents"].as_u64().unwrap_or(0);
-        assert_eq!(
-            grabbed + remaining + refunded,
-            *total,
-            "round {round}: envelope {id} leaks money: {env}"
-        );
-        assert_eq!(
-            list.len() as u64 + env["remaining_count"].as_u64().unwrap(),
-            *count,
-            "round {round}: {id}"
-        );
-        let mut seen = HashSet::new();
-        let amounts: HashMap<&str, u64> = list
-            .iter()
-            .map(|g| {
-                let u = g["user"].as_str().unwrap();
-                assert!(
-                    seen.insert(u),
-                    "round {round}: user {u} grabbed envelope {id} twice"
-                );
-                (u, g["amount_cents"].as_u64().unwrap())
-            })
-            .collect();
-        for (user, amount) in by_env.get(id).map(Vec::as_slice).unwrap_or_default() {
-            assert_eq!(
-                amounts.get(user.as_str()),
-                Some(amount),
-                "round {round}: acknowledged grab {id}/{user} of {amount} not recovered"
-            );
-        }
-    }
 }

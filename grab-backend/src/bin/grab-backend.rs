@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use grab_backend::{Config, FsyncMode};
+use grab_backend::{Config, FsyncMode, RedisStoreConfig, StoreKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +38,22 @@ struct Args {
     /// Largest envelope total, in cents.
     #[arg(long, default_value_t = 20_000_000)]
     max_total_cents: u64,
+    /// embedded: in process with a local log (one node); redis: in Redis, so several
+    /// nodes can serve the same envelopes (needs --redis-url).
+    #[arg(long, value_enum, default_value_t = StoreArg::Embedded)]
+    store: StoreArg,
+    /// Redis URL of the redis store, e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "GRAB_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Longest wait for one Redis call, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    redis_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreArg {
+    Embedded,
+    Redis,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +73,16 @@ fn main() -> anyhow::Result<()> {
     };
     config.limits.max_count = args.max_count;
     config.limits.max_total_cents = args.max_total_cents;
+    if args.store == StoreArg::Redis {
+        let url = args
+            .redis_url
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--store redis needs --redis-url"))?;
+        config.store = StoreKind::Redis(RedisStoreConfig {
+            url,
+            timeout: std::time::Duration::from_millis(args.redis_timeout_ms.max(1)),
+        });
+    }
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

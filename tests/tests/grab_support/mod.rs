@@ -8,11 +8,12 @@
     reason = "shared by several test binaries, each using a different subset"
 )]
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 /// One HTTP/1.1 keep-alive connection.
@@ -335,5 +336,153 @@ impl Rng {
     /// Uniform in `lo..hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo)
+    }
+}
+
+// === the crash workload (shared by the embedded and Redis crash tests) ===
+
+/// Users the crash workload grabs as (`u0`..).
+pub const USERS: u64 = 200;
+/// Senders the crash workload creates as (`s0`..).
+pub const SENDERS: u64 = 8;
+
+/// What clients saw acknowledged, across all rounds.
+#[derive(Default)]
+pub struct Acked {
+    /// id → (total_cents, count); numeric ids, so the last keys are the newest
+    pub envelopes: BTreeMap<u64, (u64, u64)>,
+    /// (envelope id, user) → amount
+    pub grabs: HashMap<(String, String), u64>,
+    /// Amounts a client saw for a grab that disagreed with an earlier ack.
+    pub mismatches: Vec<String>,
+}
+
+/// One client: creates (10%) and grabs (90%) until the server dies or `stop`.
+/// Returns 1 if it was still running when the server died.
+pub async fn load(
+    addr: std::net::SocketAddr,
+    acked: Arc<Mutex<Acked>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seed: u64,
+    worker: usize,
+) -> usize {
+    let mut rng = Rng::new(seed);
+    let Ok(mut conn) = Conn::connect(addr).await else {
+        return 0;
+    };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let pick = {
+            let a = acked.lock().unwrap();
+            if a.envelopes.is_empty() || rng.range(0, 10) == 0 {
+                None
+            } else {
+                // Prefer recent envelopes so they fill up and go empty.
+                let n = a.envelopes.len() as u64;
+                let i = n - 1 - rng.range(0, n.min(12));
+                a.envelopes.keys().nth(i as usize).map(u64::to_string)
+            }
+        };
+        match pick {
+            None => {
+                let count = rng.range(3, 40);
+                let total = count * rng.range(1, 300);
+                // A fifth expire in a second, so refunds race the crashes too.
+                let expires = if rng.range(0, 5) == 0 { 1 } else { 3_600 };
+                let sender = format!("s{}", rng.range(0, SENDERS));
+                let body = json!({"sender": sender, "total_cents": total, "count": count, "expires_in_s": expires});
+                match conn.create(body).await {
+                    Ok((201, v)) => {
+                        let id: u64 = v["id"].as_str().unwrap().parse().unwrap();
+                        acked.lock().unwrap().envelopes.insert(id, (total, count));
+                    }
+                    Ok((status, v)) => panic!("worker {worker}: create answered {status} {v}"),
+                    Err(_) => return 1,
+                }
+            }
+            Some(id) => {
+                let user = format!("u{}", rng.range(0, USERS));
+                match conn.grab(&id, &user).await {
+                    Ok((200, v)) => {
+                        let amount = v["amount_cents"].as_u64().unwrap();
+                        let mut a = acked.lock().unwrap();
+                        let prev = *a.grabs.entry((id.clone(), user.clone())).or_insert(amount);
+                        if prev != amount {
+                            a.mismatches
+                                .push(format!("{id}/{user}: {prev} then {amount}"));
+                        }
+                    }
+                    Ok((410, _)) => {}
+                    Ok((status, v)) => panic!("worker {worker}: grab answered {status} {v}"),
+                    Err(_) => return 1,
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Check the recovered server against everything acknowledged so far.
+pub async fn verify(addr: std::net::SocketAddr, acked: &Mutex<Acked>, round: usize) {
+    let (envelopes, grabs) = {
+        let a = acked.lock().unwrap();
+        (a.envelopes.clone(), a.grabs.clone())
+    };
+    let mut by_env: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+    for ((id, user), amount) in grabs {
+        by_env.entry(id).or_default().push((user, amount));
+    }
+    let mut conn = Conn::connect(addr).await.unwrap();
+    for (id, (total, count)) in &envelopes {
+        let id = &id.to_string();
+        let (status, env, list) = conn.envelope_all(id).await.unwrap();
+        assert_eq!(
+            status, 200,
+            "round {round}: acknowledged envelope {id} lost"
+        );
+        assert_eq!(
+            env["total_cents"].as_u64(),
+            Some(*total),
+            "round {round}: envelope {id}"
+        );
+        assert_eq!(
+            env["count"].as_u64(),
+            Some(*count),
+            "round {round}: envelope {id}"
+        );
+        let grabbed: u64 = list
+            .iter()
+            .map(|g| g["amount_cents"].as_u64().unwrap())
+            .sum();
+        let remaining = env["remaining_cents"].as_u64().unwrap();
+        let refunded = env["refunded_cents"].as_u64().unwrap_or(0);
+        assert_eq!(
+            grabbed + remaining + refunded,
+            *total,
+            "round {round}: envelope {id} leaks money: {env}"
+        );
+        assert_eq!(
+            list.len() as u64 + env["remaining_count"].as_u64().unwrap(),
+            *count,
+            "round {round}: {id}"
+        );
+        let mut seen = HashSet::new();
+        let amounts: HashMap<&str, u64> = list
+            .iter()
+            .map(|g| {
+                let u = g["user"].as_str().unwrap();
+                assert!(
+                    seen.insert(u),
+                    "round {round}: user {u} grabbed envelope {id} twice"
+                );
+                (u, g["amount_cents"].as_u64().unwrap())
+            })
+            .collect();
+        for (user, amount) in by_env.get(id).map(Vec::as_slice).unwrap_or_default() {
+            assert_eq!(
+                amounts.get(user.as_str()),
+                Some(amount),
+                "round {round}: acknowledged grab {id}/{user} of {amount} not recovered"
+            );
+        }
     }
 }

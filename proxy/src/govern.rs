@@ -13,11 +13,13 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use rules::degrade::WhenOpen;
+use rules::model::{LimitMode, OnStoreError};
 use rules::{RouteDecision, RouteInput, Snapshot, UpstreamId};
 
 use crate::breaker::{Admission, Breaker, Breakers, CallResult, Permit, Transition};
+use crate::cluster::ClusterStore;
 use crate::forward::Upstream;
-use crate::limit::{Limiters, Outcome, RuleLimiter};
+use crate::limit::{Limiters, Outcome, RemoteCheck, RuleLimiter};
 use crate::metrics::{BreakerLabels, LimitLabels, Metrics, Name, RuleLabels, TransitionLabels};
 use crate::respond::{self, GatewayError};
 
@@ -30,6 +32,17 @@ pub struct Governors {
     pub breakers: Breakers,
     /// Fallback rule names as metric labels, indexed like the snapshot's fallbacks.
     fallback_names: Vec<Name>,
+    /// The Redis of `server.redis`, for cluster-scope limits (bootstrap config: the same
+    /// store is carried over every reload).
+    pub cluster: Option<Arc<ClusterStore>>,
+}
+
+/// Cluster-scope limit checks that need Redis, set aside by the synchronous decision and
+/// made before the request is forwarded.
+#[derive(Debug)]
+pub struct ClusterPending {
+    store: Option<Arc<ClusterStore>>,
+    checks: Vec<RemoteCheck>,
 }
 
 /// What the governance step decided before any upstream is called.
@@ -53,13 +66,29 @@ pub enum Target {
 // === impl Governors ===
 
 impl Governors {
-    /// State for `snap`, carrying over what `previous` had for unchanged rules.
+    /// State for `snap`, carrying over what `previous` had for unchanged rules (and its
+    /// cluster store).
     pub fn build(snap: &Snapshot, previous: Option<&Self>) -> Self {
+        let cluster = previous.and_then(|p| p.cluster.clone());
+        Self::build_cluster(snap, previous, cluster)
+    }
+
+    /// [`Governors::build`] with the cluster store of `server.redis`.
+    pub fn build_cluster(
+        snap: &Snapshot,
+        previous: Option<&Self>,
+        cluster: Option<Arc<ClusterStore>>,
+    ) -> Self {
+        let lease = cluster
+            .as_ref()
+            .map_or(crate::limit::DEFAULT_LEASE, |c| c.lease);
         Self {
-            limiters: Limiters::build(
+            cluster,
+            limiters: Limiters::build_leased(
                 snap,
                 &governor::clock::DefaultClock::default(),
                 previous.map(|p| &p.limiters),
+                lease,
             ),
             breakers: Breakers::build(snap, previous.map(|p| &p.breakers)),
             fallback_names: snap
@@ -72,17 +101,44 @@ impl Governors {
     }
 
     /// Limits, then fallbacks: a local answer, or proceed to routing.
+    ///
+    /// For callers that cannot wait for Redis: a cluster-scope limit that would need it
+    /// admits (see [`Limiters::check`]). The gateway uses
+    /// [`Governors::before_route_cluster`].
     pub fn before_route(
         &self,
         snap: &Snapshot,
         input: &RouteInput<'_>,
         metrics: &Metrics,
     ) -> Verdict {
-        let rejection = self.limiters.check(snap, input, |lim, outcome, wait| {
-            observe_limit(metrics, lim, outcome, wait, input)
-        });
+        self.before_route_cluster(snap, input, metrics, &mut None)
+    }
+
+    /// [`Governors::before_route`], setting aside in `pending` the cluster-scope limit
+    /// checks that need Redis; the caller must [`ClusterPending::resolve`] them before
+    /// forwarding. Nothing is set aside when the request is answered locally.
+    pub fn before_route_cluster(
+        &self,
+        snap: &Snapshot,
+        input: &RouteInput<'_>,
+        metrics: &Metrics,
+        pending: &mut Option<ClusterPending>,
+    ) -> Verdict {
+        let mut remote = Vec::new();
+        let rejection = self.limiters.check_remote(
+            snap,
+            input,
+            |lim, outcome, wait| observe_limit(metrics, lim, outcome, wait, input),
+            &mut remote,
+        );
         if let Some(rej) = rejection {
             return Verdict::Local(respond::rate_limited(&rej));
+        }
+        if !remote.is_empty() {
+            *pending = Some(ClusterPending {
+                store: self.cluster.clone(),
+                checks: remote,
+            });
         }
         if let Some(fb) = snap.fallback(input) {
             metrics
@@ -164,6 +220,88 @@ pub fn finish_call(
     if let Some(t) = p.finish(crate::breaker::now(), result, latency) {
         on_transition(metrics, &b, t);
     }
+}
+
+// === impl ClusterPending ===
+
+impl ClusterPending {
+    /// Make the set-aside cluster checks, in rule order: `None` to go on, or the answer
+    /// (429, or 503 for a `fail_closed` rule whose store failed). Waits at most the store
+    /// timeout per check; background refills are started and not waited for.
+    pub async fn resolve(self, metrics: &Metrics) -> Option<Response<Full<Bytes>>> {
+        for c in self.checks {
+            let Some(cl) = &c.rule.cluster else { continue };
+            if c.refill_only {
+                if let Some(store) = self.store.clone() {
+                    let rule = Arc::clone(&c.rule);
+                    tokio::spawn(async move {
+                        if let Some(cl) = &rule.cluster {
+                            cl.refill(&store, c.quota, c.key).await;
+                        }
+                    });
+                }
+                continue;
+            }
+            let answer = match &self.store {
+                Some(store) => cl.acquire(store, c.quota, c.key).await,
+                // A reload added a cluster rule to a gateway started without server.redis.
+                None => Err(crate::cluster::StoreUnavailable),
+            };
+            let lim = &*c.rule;
+            match answer {
+                Ok(Ok(())) => count_limit(metrics, lim, Outcome::Allowed),
+                Ok(Err(wait)) if lim.mode == LimitMode::DryRun => {
+                    count_limit(metrics, lim, Outcome::DryRunLimited);
+                    tracing::info!(
+                        target: "tidegate::limit",
+                        rule = &*lim.name.0,
+                        mode = "dry_run",
+                        scope = "cluster",
+                        retry_after_ms = wait.as_millis() as u64,
+                        "limit would reject (dry run)"
+                    );
+                }
+                Ok(Err(wait)) => {
+                    count_limit(metrics, lim, Outcome::Limited);
+                    return Some(respond::rate_limited(&crate::limit::Rejection {
+                        rule: Arc::clone(&c.rule),
+                        quota: c.quota,
+                        retry_after: wait,
+                    }));
+                }
+                Err(_) => {
+                    metrics
+                        .limit_store_errors
+                        .get_or_create(&RuleLabels {
+                            rule: lim.name.clone(),
+                        })
+                        .inc();
+                    let closed = cl.on_store_error == OnStoreError::FailClosed
+                        && lim.mode == LimitMode::Enforce;
+                    if closed {
+                        return Some(respond::limit_store_unavailable(&lim.name.0));
+                    }
+                    count_limit(metrics, lim, Outcome::Allowed);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn count_limit(metrics: &Metrics, lim: &RuleLimiter, outcome: Outcome) {
+    let counters = lim.counters.get_or_init(|| {
+        Outcome::ALL.map(|o| {
+            metrics
+                .limit_decisions
+                .get_or_create(&LimitLabels {
+                    rule: lim.name.clone(),
+                    outcome: o.label(),
+                })
+                .clone()
+        })
+    });
+    counters[outcome as usize].inc();
 }
 
 fn breaker_labels(b: &Breaker) -> BreakerLabels {

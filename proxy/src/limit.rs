@@ -31,10 +31,14 @@ use governor::{Quota, RateLimiter};
 use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
 use rules::limit::{CompiledLimit, LimitQuota};
-use rules::model::LimitMode;
+use rules::model::{LimitMode, LimitScope};
 use rules::{RouteInput, Snapshot};
 
+use crate::cluster::{ClusterLimiter, Local};
 use crate::metrics::Name;
+
+/// Lease length of cluster-scope rules when `server.redis` gives none.
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(100);
 
 /// Shards of a [`KeyStore`]: enough that two cores (or sixteen) rarely meet on one lock.
 const SHARDS: usize = 64;
@@ -70,6 +74,9 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
     pub fingerprint: u64,
     /// Enforce or dry run.
     pub mode: LimitMode,
+    /// For a `scope: cluster` rule: its leases of the shared Redis quota. The governor
+    /// limiters in `quotas` then go unused except for their policy headers.
+    pub cluster: Option<ClusterLimiter>,
     /// One per quota, indexed like [`CompiledLimit::quotas`].
     quotas: Vec<QuotaLimiter<C>>,
     /// `{"error":"rate_limited","rule":"NAME"` (the rest is added per answer).
@@ -105,6 +112,20 @@ pub enum Outcome {
     Limited,
     /// Refused by a dry-run limit: counted, logged, and let through.
     DryRunLimited,
+}
+
+/// A cluster-scope check that needs Redis: made after the synchronous decision, by
+/// [`crate::govern::ClusterPending::resolve`].
+#[derive(Debug, Clone)]
+pub struct RemoteCheck<C: Clock = DefaultClock> {
+    /// The rule (its [`RuleLimiter::cluster`] is set).
+    pub rule: Arc<RuleLimiter<C>>,
+    /// Which quota.
+    pub quota: u16,
+    /// The hashed key.
+    pub key: u64,
+    /// Only a background refill of a lease running low: the request was already admitted.
+    pub refill_only: bool,
 }
 
 /// A rejected request: which rule refused it and when to retry.
@@ -236,8 +257,9 @@ impl ShrinkableKeyedStateStore<u64> for KeyStore {
 // === impl RuleLimiter ===
 
 impl<C: Clock + Clone> RuleLimiter<C> {
-    /// The limiter of a compiled limit rule, reading time from `clock`.
-    pub fn build(rule: &CompiledLimit, clock: &C) -> Self {
+    /// The limiter of a compiled limit rule, reading time from `clock`. A cluster-scope rule
+    /// leases `lease` worth of its rate at a time (`server.redis.lease_ms`).
+    pub fn build(rule: &CompiledLimit, clock: &C, lease: Duration) -> Self {
         let quotas = rule
             .quotas
             .iter()
@@ -252,6 +274,8 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             name: Name(rule.name.as_ref().into()),
             fingerprint: rule.fingerprint,
             mode: rule.mode,
+            cluster: (rule.scope == LimitScope::Cluster)
+                .then(|| ClusterLimiter::build(rule, lease)),
             quotas,
             body_prefix: body_prefix.into(),
             sf_name: sf_string(&rule.name).into(),
@@ -271,13 +295,20 @@ impl<C: Clock + Clone> RuleLimiter<C> {
 
     /// Keys tracked over all quotas.
     pub fn tracked_keys(&self) -> usize {
-        self.quotas.iter().map(|q| q.limiter.len()).sum()
+        self.quotas.iter().map(|q| q.limiter.len()).sum::<usize>()
+            + self
+                .cluster
+                .as_ref()
+                .map_or(0, ClusterLimiter::retain_recent)
     }
 
     /// Drop keys whose state is indistinguishable from a fresh one.
     pub fn retain_recent(&self) {
         for q in &self.quotas {
             q.limiter.retain_recent();
+        }
+        if let Some(c) = &self.cluster {
+            c.retain_recent();
         }
     }
 
@@ -357,6 +388,17 @@ impl<C: Clock + Clone> Limiters<C> {
     /// from `previous` (the runtime a reload replaces) keeps its limiter, and so every key's
     /// state: an edit elsewhere must not reset everybody's buckets.
     pub fn build(snap: &Snapshot, clock: &C, previous: Option<&Self>) -> Self {
+        Self::build_leased(snap, clock, previous, DEFAULT_LEASE)
+    }
+
+    /// [`Limiters::build`], with cluster-scope rules leasing `lease` worth of their rate at
+    /// a time (`server.redis.lease_ms`).
+    pub fn build_leased(
+        snap: &Snapshot,
+        clock: &C,
+        previous: Option<&Self>,
+        lease: Duration,
+    ) -> Self {
         let kept: HashMap<(&str, u64), &Arc<RuleLimiter<C>>> = previous
             .map(|p| {
                 p.rules
@@ -371,7 +413,7 @@ impl<C: Clock + Clone> Limiters<C> {
             .iter()
             .map(|l| match kept.get(&(&*l.name, l.fingerprint)) {
                 Some(r) => Arc::clone(r),
-                None => Arc::new(RuleLimiter::build(l, clock)),
+                None => Arc::new(RuleLimiter::build(l, clock, lease)),
             })
             .collect();
         Self { rules }
@@ -379,11 +421,28 @@ impl<C: Clock + Clone> Limiters<C> {
 
     /// Check every limit that applies to a request, in order, until one enforced limit
     /// refuses. `observe` hears each limit's outcome (for metrics and logs).
+    ///
+    /// For callers that cannot wait for Redis (benchmarks): a cluster-scope limit whose
+    /// key has no leased token and no remembered refusal admits. The gateway uses
+    /// [`Limiters::check_remote`].
     pub fn check(
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+    ) -> Option<Rejection<C>> {
+        self.check_remote(snap, r, observe, &mut Vec::new())
+    }
+
+    /// [`Limiters::check`], setting aside in `remote` the cluster-scope checks that need
+    /// Redis (they are neither observed nor decided here). A cluster limit set aside does
+    /// not stop the limits after it: they are checked (and spend quota) as if it admits.
+    pub fn check_remote(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
         mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        remote: &mut Vec<RemoteCheck<C>>,
     ) -> Option<Rejection<C>> {
         if self.rules.is_empty() {
             return None;
@@ -397,7 +456,33 @@ impl<C: Clock + Clone> Limiters<C> {
                     continue;
                 };
                 let lim = &self.rules[i as usize];
-                match lim.check(key.quota, key.hash) {
+                let verdict = match &lim.cluster {
+                    None => lim.check(key.quota, key.hash),
+                    Some(c) => match c.try_local(key.quota, key.hash) {
+                        Local::Admit { refill } => {
+                            if refill {
+                                remote.push(RemoteCheck {
+                                    rule: Arc::clone(lim),
+                                    quota: key.quota,
+                                    key: key.hash,
+                                    refill_only: true,
+                                });
+                            }
+                            Ok(())
+                        }
+                        Local::Limited(wait) => Err(wait),
+                        Local::Remote => {
+                            remote.push(RemoteCheck {
+                                rule: Arc::clone(lim),
+                                quota: key.quota,
+                                key: key.hash,
+                                refill_only: false,
+                            });
+                            continue;
+                        }
+                    },
+                };
+                match verdict {
                     Ok(()) => observe(lim, Outcome::Allowed, Duration::ZERO),
                     Err(wait) if lim.mode == LimitMode::DryRun => {
                         observe(lim, Outcome::DryRunLimited, wait)

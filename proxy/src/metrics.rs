@@ -5,6 +5,7 @@
 //! by the config, not by traffic.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -87,6 +88,31 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+/// Labels of `tidegate_overload_admission_level`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LevelLabels {
+    /// `business` (0 low .. 3 critical) or `user` (0 .. levels - 1).
+    pub part: &'static str,
+}
+
+/// Labels of the per-cap overload gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GateLabels {
+    /// `global`, `interface` or `upstream`.
+    pub scope: &'static str,
+    /// Interface or upstream name (`global` for the global cap).
+    pub name: Name,
+}
+
+/// Labels of `tidegate_overload_rejected_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OverloadRejectLabels {
+    /// `admission`, `queue_full` or `queue_timeout`.
+    pub reason: &'static str,
+    /// Interface name, or `none`.
+    pub interface: Name,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -109,6 +135,9 @@ pub struct Metrics {
     pub config_generation: Gauge,
     /// Limit decisions by rule and outcome (a request checked by three limits counts three).
     pub limit_decisions: Family<LimitLabels, Counter>,
+    /// Cluster-scope limit checks the limit store (Redis) failed or timed out, by rule;
+    /// each was answered by the rule's `on_store_error`.
+    pub limit_store_errors: Family<RuleLabels, Counter>,
     /// Requests answered by a fallback rule, by rule.
     pub fallbacks: Family<RuleLabels, Counter>,
     /// Breaker state by breaker: 0 closed, 1 open, 2 half-open.
@@ -117,6 +146,20 @@ pub struct Metrics {
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     /// Requests an open (or probing) breaker kept from its upstream.
     pub breaker_rejections: Family<BreakerLabels, Counter>,
+    /// The admission level: its business part and its user part.
+    pub overload_admission_level: Family<LevelLabels, Gauge>,
+    /// Current limit of each overload cap.
+    pub overload_limit: Family<GateLabels, Gauge>,
+    /// Slots in use under each overload cap.
+    pub overload_in_flight: Family<GateLabels, Gauge>,
+    /// Requests waiting at each overload cap.
+    pub overload_queue_depth: Family<GateLabels, Gauge>,
+    /// Requests refused by overload protection, by reason and interface.
+    pub overload_rejected: Family<OverloadRejectLabels, Counter>,
+    /// Mean wait for overload slots over the last window.
+    pub overload_queue_delay_seconds: Gauge<f64, AtomicU64>,
+    /// 1 if the last window was overloaded.
+    pub overload_overloaded: Gauge,
 }
 
 // === impl Name ===
@@ -198,6 +241,12 @@ impl Metrics {
             "Rate limit decisions, by rule and outcome (allowed, limited, dry_run_limited)",
             limit_decisions.clone(),
         );
+        let limit_store_errors = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "limit_store_errors",
+            "Cluster-scope limit checks whose store (Redis) failed or timed out, by rule",
+            limit_store_errors.clone(),
+        );
         let fallbacks = Family::<RuleLabels, Counter>::default();
         registry.register(
             "fallbacks",
@@ -222,9 +271,59 @@ impl Metrics {
             "Requests an open or half-open breaker kept from its upstream",
             breaker_rejections.clone(),
         );
+        let overload_admission_level = Family::<LevelLabels, Gauge>::default();
+        registry.register(
+            "overload_admission_level",
+            "Admission level: business part (0 low .. 3 critical) and user part; lower ranks are refused",
+            overload_admission_level.clone(),
+        );
+        let overload_limit = Family::<GateLabels, Gauge>::default();
+        registry.register(
+            "overload_limit",
+            "Current limit of each overload cap (adaptive ones move)",
+            overload_limit.clone(),
+        );
+        let overload_in_flight = Family::<GateLabels, Gauge>::default();
+        registry.register(
+            "overload_in_flight",
+            "Slots in use under each overload cap",
+            overload_in_flight.clone(),
+        );
+        let overload_queue_depth = Family::<GateLabels, Gauge>::default();
+        registry.register(
+            "overload_queue_depth",
+            "Requests waiting for a slot at each overload cap",
+            overload_queue_depth.clone(),
+        );
+        let overload_rejected = Family::<OverloadRejectLabels, Counter>::default();
+        registry.register(
+            "overload_rejected",
+            "Requests refused by overload protection, by reason (admission, queue_full, queue_timeout) and interface",
+            overload_rejected.clone(),
+        );
+        let overload_queue_delay_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "overload_queue_delay_seconds",
+            "Mean wait for overload slots over the last control window",
+            overload_queue_delay_seconds.clone(),
+        );
+        let overload_overloaded = Gauge::default();
+        registry.register(
+            "overload_overloaded",
+            "1 if the last control window counted as overloaded",
+            overload_overloaded.clone(),
+        );
         Self {
             registry,
+            overload_admission_level,
+            overload_limit,
+            overload_in_flight,
+            overload_queue_depth,
+            overload_rejected,
+            overload_queue_delay_seconds,
+            overload_overloaded,
             limit_decisions,
+            limit_store_errors,
             fallbacks,
             breaker_state,
             breaker_transitions,

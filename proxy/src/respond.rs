@@ -29,6 +29,12 @@ pub enum GatewayError {
     RateLimited,
     /// An open circuit breaker answered (503, unless the breaker sets another answer).
     CircuitOpen,
+    /// Overload protection refused the request (503 with `Retry-After`): below the admission
+    /// level, or no concurrency slot in time. See [`overloaded`].
+    Overloaded,
+    /// A `fail_closed` cluster-scope limit could not reach its store (Redis) in time (503).
+    /// See [`limit_store_unavailable`].
+    LimitStoreUnavailable,
 }
 
 // === impl GatewayError ===
@@ -46,6 +52,8 @@ impl GatewayError {
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
             Self::CircuitOpen => "circuit_open",
+            Self::Overloaded => "overloaded",
+            Self::LimitStoreUnavailable => "limit_store_unavailable",
         }
     }
 
@@ -57,7 +65,10 @@ impl GatewayError {
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::UpstreamUnavailable | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable
+            | Self::CircuitOpen
+            | Self::Overloaded
+            | Self::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -73,6 +84,8 @@ impl GatewayError {
             Self::Unavailable => r#"{"error":"unavailable"}"#,
             Self::RateLimited => r#"{"error":"rate_limited"}"#,
             Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
+            Self::Overloaded => r#"{"error":"overloaded"}"#,
+            Self::LimitStoreUnavailable => r#"{"error":"limit_store_unavailable"}"#,
         }
     }
 
@@ -113,6 +126,28 @@ pub fn rate_limited<C: governor::clock::Clock + Clone>(
         RATELIMIT.clone(),
         rej.rule.rate_limit_header(rej.retry_after),
     );
+    r.extensions_mut().insert(crate::stats::Class::Limited);
+    r
+}
+
+/// 503 for a `fail_closed` cluster-scope limit whose store did not answer:
+/// `{"error":"limit_store_unavailable","rule":"NAME"}` with `Retry-After: 1`.
+pub fn limit_store_unavailable(rule: &str) -> Response<Full<Bytes>> {
+    let mut body = br#"{"error":"limit_store_unavailable","rule":"#.to_vec();
+    serde_json::to_writer(&mut body, rule).expect("writing to a Vec");
+    body.push(b'}');
+    let mut r = json(GatewayError::LimitStoreUnavailable.status(), body.into());
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// 503 `{"error":"overloaded"}` with `Retry-After`: a static body and one header, so
+/// refusing costs next to nothing.
+pub fn overloaded(retry_after: &HeaderValue) -> Response<Full<Bytes>> {
+    let mut r = GatewayError::Overloaded.response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after.clone());
     r
 }
 
@@ -126,6 +161,8 @@ pub fn canned(c: &rules::degrade::CompiledResponse) -> Response<Full<Bytes>> {
     for (k, v) in &c.headers {
         h.append(k.clone(), v.clone());
     }
+    // Counted as degraded on the dashboard, whatever its status.
+    r.extensions_mut().insert(crate::stats::Class::Degraded);
     r
 }
 
@@ -149,6 +186,8 @@ mod tests {
             GatewayError::Unavailable,
             GatewayError::RateLimited,
             GatewayError::CircuitOpen,
+            GatewayError::Overloaded,
+            GatewayError::LimitStoreUnavailable,
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).unwrap();
             assert_eq!(v["error"], e.code());

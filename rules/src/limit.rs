@@ -15,7 +15,7 @@ use http::HeaderName;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::matcher::{CompiledMatch, MatchInput};
-use crate::model::{KeyPart, Limit, LimitMode, WhenMissing};
+use crate::model::{KeyPart, Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
 use crate::route::RouteInput;
 use crate::snapshot::{InterfaceId, Snapshot};
 
@@ -53,6 +53,10 @@ pub struct CompiledLimit {
     pub matcher: CompiledMatch,
     /// Enforce or dry run.
     pub mode: LimitMode,
+    /// Counted in this gateway or in Redis.
+    pub scope: LimitScope,
+    /// With cluster scope: admit or refuse while Redis is unavailable.
+    pub on_store_error: OnStoreError,
     /// Its quotas: `[0]` is the base quota, then one per exception. A [`LimitKey`]'s
     /// `quota` indexes this.
     pub quotas: Vec<LimitQuota>,
@@ -180,6 +184,8 @@ impl CompiledLimit {
             name: l.name.as_str().into(),
             matcher: CompiledMatch::compile(&l.matcher, &l.name, iface_ids),
             mode: l.mode,
+            scope: l.scope,
+            on_store_error: l.on_store_error,
             quotas,
             fingerprint,
             key: l

@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 mod govern;
 mod overload;
 
-pub use govern::{Breaker, Fallback, KeyPart, Limit, LimitMode, LocalResponse, Plan, WhenMissing};
+pub use govern::{
+    Breaker, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse, OnStoreError, Plan,
+    WhenMissing,
+};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 
 /// The only `schema_version` this build understands.
@@ -101,6 +104,38 @@ pub struct Server {
     /// The per-request access log.
     #[serde(default)]
     pub access_log: AccessLog,
+    /// The Redis that cluster-scope limits count in. Default: none (every limit must then
+    /// be `scope: local`). Bootstrap: changing it needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSettings>,
+}
+
+/// Connection to the Redis shared by every gateway (cluster-scope limits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`. TLS (`rediss://`) is not built in.
+    pub url: String,
+    /// Longest a request waits for Redis, in milliseconds; past it the limit's
+    /// `on_store_error` decides. Also the connect timeout. Default: 50. Range: 1..=5000.
+    /// Keep it small: it is added to the latency of every request that has to refill a
+    /// lease while Redis is slow.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How much of a key's rate one lease takes, in milliseconds of that rate: a gateway
+    /// asks Redis for `ceil(rate × lease_ms)` tokens at once (at least 1, at most the burst)
+    /// and spends them locally, and leased tokens it has not spent after `lease_ms` are
+    /// dropped. Larger leases mean fewer Redis calls and a coarser limit. Default: 100.
+    /// Range: 1..=10000.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    50
+}
+fn default_lease_ms() -> u64 {
+    100
 }
 
 /// One traffic listener.
@@ -471,6 +506,7 @@ impl Default for Server {
             limits: ConnLimits::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             access_log: AccessLog::default(),
+            redis: None,
         }
     }
 }

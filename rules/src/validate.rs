@@ -179,6 +179,22 @@ impl Validator {
             1_000_000,
         );
         self.range(p.key("shutdown_grace_ms"), s.shutdown_grace_ms, 0, 600_000);
+        if let Some(r) = &s.redis {
+            let rp = p.key("redis");
+            match r.url.split_once("://") {
+                Some(("redis", rest)) if !rest.is_empty() && !rest.starts_with('/') => {}
+                Some(("rediss", _)) => self.err(
+                    rp.key("url"),
+                    "TLS to Redis (rediss://) is not built in; use redis:// on a private network",
+                ),
+                _ => self.err(
+                    rp.key("url"),
+                    format!("{:?} is not a Redis URL: write redis://host:port", r.url),
+                ),
+            }
+            self.range(rp.key("timeout_ms"), r.timeout_ms, 1, 5_000);
+            self.range(rp.key("lease_ms"), r.lease_ms, 1, 10_000);
+        }
     }
 
     /// `IP:port`, with messages for the usual mistakes.

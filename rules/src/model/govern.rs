@@ -53,6 +53,47 @@ pub struct Limit {
     /// (all such requests share one quota) or `skip` (the limit does not apply to it).
     #[serde(default)]
     pub when_missing: WhenMissing,
+    /// Where the quota is counted: `local` (the default: in this gateway's memory, so N
+    /// gateways behind a balancer admit up to N times the rate) or `cluster` (in the Redis
+    /// of `server.redis`, shared by every gateway; needs `server.redis`). Cluster counting
+    /// leases tokens from Redis in small batches, see `docs/operations.md` for the accuracy
+    /// this trades.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scope: LimitScope,
+    /// With `scope: cluster`, what a request gets when Redis fails or does not answer
+    /// within `server.redis.timeout_ms`: `fail_open` (the default: admitted, and counted in
+    /// `tidegate_limit_store_errors_total`) or `fail_closed` (503
+    /// `limit_store_unavailable`). Fail open is the default because a limit protects the
+    /// upstream, and an outage of the limiter's store should not become an outage of the
+    /// service; choose fail closed where over-admission costs money.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_store_error: OnStoreError,
+}
+
+/// Where a limit's quota is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    /// In this gateway's memory.
+    #[default]
+    Local,
+    /// In Redis, shared by every gateway.
+    Cluster,
+}
+
+/// What a cluster-scope limit does when its store is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Admit the request (and count the store error).
+    #[default]
+    FailOpen,
+    /// Answer 503 `limit_store_unavailable`.
+    FailClosed,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// One dimension of a limit's key.

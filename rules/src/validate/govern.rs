@@ -11,7 +11,9 @@ use crate::bucket::BUCKETS;
 use crate::degrade::{fraction_ppm, ratio_ppm};
 use crate::error::{JsonPath, did_you_mean};
 use crate::limit::{MAX_RATE_COUNT, parse_rate};
-use crate::model::{Breaker, Config, Fallback, KeyPart, Limit, LocalResponse, Match, NoUserKey};
+use crate::model::{
+    Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, Match, NoUserKey,
+};
 use crate::plan;
 
 use super::{Validator, ambiguous_pairs};
@@ -23,6 +25,14 @@ impl Validator {
     pub(super) fn govern(&mut self, c: &Config, interfaces: &HashSet<String>) {
         let root = JsonPath::root();
         self.limit_list(root.key("limits"), &c.limits, interfaces);
+        self.cluster_scope(c, root.key("limits"), &c.limits);
+        for (name, p) in &c.plans {
+            self.cluster_scope(
+                c,
+                root.key("plans").key(name.clone()).key("limits"),
+                &p.limits,
+            );
+        }
         self.fallback_list(root.key("fallbacks"), &c.fallbacks, interfaces);
         let base_names: HashSet<&str> = c
             .limits
@@ -101,6 +111,21 @@ impl Validator {
             return false;
         }
         true
+    }
+
+    /// A cluster-scope limit needs the Redis of `server.redis`.
+    fn cluster_scope(&mut self, c: &Config, p: JsonPath, list: &[Limit]) {
+        if c.server.redis.is_some() {
+            return;
+        }
+        for (i, l) in list.iter().enumerate() {
+            if l.scope == LimitScope::Cluster {
+                self.err(
+                    p.index(i).key("scope"),
+                    "\"cluster\" needs server.redis (the Redis every gateway counts in)",
+                );
+            }
+        }
     }
 
     fn limit_list(&mut self, p: JsonPath, list: &[Limit], interfaces: &HashSet<String>) {

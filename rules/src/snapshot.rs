@@ -73,6 +73,8 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Request-to-response-head timeout.
     pub request_timeout: Duration,
+    /// Longest stall between pieces of a response body.
+    pub read_timeout: Duration,
     /// Idle pooled connections kept per endpoint.
     pub pool_max_idle_per_endpoint: usize,
     /// Data directory of an embedded upstream.
@@ -145,6 +147,7 @@ impl Snapshot {
                 balance: u.balance,
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms),
                 request_timeout: Duration::from_millis(u.request_timeout_ms),
+                read_timeout: Duration::from_millis(u.read_timeout_ms),
                 pool_max_idle_per_endpoint: u.pool_max_idle_per_endpoint as usize,
                 data_dir: match u.kind {
                     UpstreamKind::Embedded => Some(

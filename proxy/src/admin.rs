@@ -4,7 +4,9 @@
 //! Kept apart from traffic listeners so probes and scrapes work even when traffic
 //! listeners are saturated, and so it can be bound to a private address. `/admin/explain`
 //! explains a routing decision against the live rules (see [`crate::explain`]);
-//! `/admin/config` shows the live config's generation, hash, load time and last reload error.
+//! `/admin/config` shows the live config's generation, hash, load time and last reload error;
+//! `/admin/overload` shows the overload caps (limits, slots in use, queue depths) and the
+//! admission level.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -106,6 +108,16 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Bytes::from_static(br#"{"file":null,"generation":1,"reload":"disabled"}"#),
             ),
         },
+        "/admin/overload" => {
+            let rt = state.gateway.runtime.load();
+            json(
+                StatusCode::OK,
+                Bytes::from(
+                    serde_json::to_vec_pretty(&rt.overload.status())
+                        .expect("the overload status serializes"),
+                ),
+            )
+        }
         "/admin/explain" => {
             let q = crate::explain::query_from_url(req.uri().query().unwrap_or(""));
             let rt = state.gateway.runtime.load();

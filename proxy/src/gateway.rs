@@ -14,10 +14,12 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use rules::overload::UserKey;
 use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
 use crate::forward::{ConnInfo, Upstream, add_forwarded, keep_authority, strip_hop_by_hop};
 use crate::govern::{Governors, Target, Verdict, finish_call};
+use crate::overload::{Admit, Overload};
 use crate::metrics::{
     Metrics, Name, RequestLabels, UpstreamErrorLabels, UpstreamLabels, status_class,
 };
@@ -37,6 +39,8 @@ pub struct Runtime {
     pub interface_names: Vec<Name>,
     /// Limiter and breaker state (carried over a reload for unchanged rules).
     pub governors: Governors,
+    /// Overload caps and admission level (carried over a reload when unchanged).
+    pub overload: Overload,
 }
 
 /// Settings of the request path that come from bootstrap config.
@@ -103,11 +107,13 @@ impl Runtime {
             .map(|i| Name(i.name.as_ref().into()))
             .collect();
         let governors = Governors::build(&snapshot, previous.map(|p| &p.governors));
+        let overload = Overload::build(&snapshot, previous.map(|p| &p.overload));
         Ok(Self {
             snapshot,
             upstreams,
             interface_names,
             governors,
+            overload,
         })
     }
 }
@@ -165,17 +171,49 @@ impl Gateway {
                 client_ip: Some(conn.remote.ip()),
                 random: self.next_random(),
             };
-            // Limits and fallbacks first: a refused or degraded request is answered here
+            // Overload admission first: a request below the admission level spends no
+            // limit quota, is not routed, and its body is never read.
+            let user_key = match c.user.as_deref() {
+                Some(u) => UserKey::User(u),
+                None => UserKey::Ip(conn.remote.ip()),
+            };
+            let admit =
+                rt.overload
+                    .admit(c.interface, user_key, &rt.interface_names, &self.metrics);
+            // Then limits and fallbacks: a refused or degraded request is answered here
             // and never reaches routing, let alone the upstream.
             let gov = &rt.governors;
-            let (route, target) = match gov.before_route(&rt.snapshot, &input, &self.metrics) {
-                Verdict::Local(resp) => (None, Some(Target::Local(resp))),
-                Verdict::Proceed => {
-                    let route = rt.snapshot.route(&input);
-                    let target =
-                        route.map(|r| gov.target(&rt.snapshot, &r, &rt.upstreams, &self.metrics));
-                    (route, target)
-                }
+            // Cluster-scope limits that need Redis are set aside and checked below, off
+            // the snapshot guard.
+            let mut cluster = None;
+            let (route, target) = match admit {
+                Admit::Reject(resp) => (None, Some(Target::Local(resp))),
+                Admit::Pass => match gov.before_route_cluster(
+                    &rt.snapshot,
+                    &input,
+                    &self.metrics,
+                    &mut cluster,
+                ) {
+                    Verdict::Local(resp) => (None, Some(Target::Local(resp))),
+                    Verdict::Proceed => {
+                        let route = rt.snapshot.route(&input);
+                        let target = route.map(|r| {
+                            gov.target(&rt.snapshot, &r, &rt.upstreams, &self.metrics)
+                        });
+                        (route, target)
+                    }
+                },
+            };
+            // The overload slots a forwarded request must take (as Arcs, taken below).
+            let pending = match &target {
+                Some(Target::Forward(up, _)) => rt.overload.pending(
+                    c.interface,
+                    up,
+                    &rt.upstreams,
+                    &rt.interface_names,
+                    &self.metrics,
+                ),
+                _ => None,
             };
             let iface = c
                 .interface
@@ -187,28 +225,48 @@ impl Gateway {
                     route.map(|r| r.rule.name.to_string()),
                 )
             });
-            (iface, target, who)
+            (iface, target, who, pending, cluster)
         };
-        let (iface, target, who) = decision;
-        let (upstream, permit, local) = match target {
+        let (iface, target, who, pending, cluster) = decision;
+        let (mut upstream, permit, mut local) = match target {
             Some(Target::Forward(up, permit)) => (Some(up), permit, None),
             Some(Target::Local(resp)) => (None, None, Some(resp)),
             None => (None, None, None),
         };
+        // Cluster-scope limits that needed Redis (bounded by the store timeout): a refusal
+        // (429, or 503 when a fail-closed rule's store is down) is a local answer.
+        if let Some(c) = cluster {
+            if let Some(resp) = c.resolve(&self.metrics).await {
+                local = Some(resp);
+                upstream = None;
+            }
+        }
 
         let declared_len = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let too_large = declared_len.is_some_and(|n| n > self.settings.max_body_bytes);
+
+        // Overload slots, just before forwarding (a body too large is refused without one).
+        // A refusal is answered like any local answer: the upstream is never touched.
+        let mut held = None;
+        if let (Some(p), false) = (pending, too_large) {
+            match p.acquire().await {
+                Ok(h) => held = Some(h),
+                Err(resp) => {
+                    local = Some(resp);
+                    upstream = None;
+                }
+            }
+        }
 
         // A local answer (429, fallback, open breaker) is final; otherwise forward.
         let outcome: Result<(Response<Incoming>, std::time::Duration), GatewayError> =
             match (&local, &upstream) {
                 (Some(_), _) => Err(GatewayError::NoRoute), // unused: `local` is answered
-                _ if declared_len.is_some_and(|n| n > self.settings.max_body_bytes) => {
-                    Err(GatewayError::BodyTooLarge)
-                }
+                _ if too_large => Err(GatewayError::BodyTooLarge),
                 (None, None) => Err(GatewayError::NoRoute),
                 (None, Some(up)) => {
                     strip_hop_by_hop(&mut parts.headers);
@@ -218,6 +276,9 @@ impl Gateway {
                 }
             };
 
+        if let Some(h) = held {
+            h.finish(outcome.as_ref().ok().map(|(_, latency)| *latency));
+        }
         if permit.is_some() {
             let (judged, latency) = match &outcome {
                 Ok((resp, latency)) => (Ok(resp.status()), *latency),

@@ -14,6 +14,9 @@
 //! - [`breaker`]: circuit breaker state (closed, open, half-open) over a sliding window.
 //! - [`govern`]: the governance step: limits, then fallbacks, then the upstream's breaker.
 //! - [`limit`]: rate limit enforcement: keyed GCRA limiters (governor), eviction.
+//! - [`cluster`]: cluster-scope limits: GCRA in Redis, token leases spent locally.
+//! - [`overload`]: overload protection: DAGOR priority admission, concurrency caps with
+//!   bounded queues, adaptive upstream limits, and the control task that moves them.
 //! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
 //! - [`respond`]: the gateway's own answers (stable JSON error codes).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/admin/explain`.
@@ -26,6 +29,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod cluster;
 pub mod config;
 pub mod embedded;
 pub mod explain;
@@ -34,6 +38,7 @@ pub mod gateway;
 pub mod govern;
 pub mod limit;
 pub mod metrics;
+pub mod overload;
 pub mod reload;
 pub mod respond;
 pub mod server;
@@ -119,7 +124,11 @@ async fn start_inner(
     let embedded_addrs: Vec<(String, SocketAddr)> =
         embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
-    let runtime = Runtime::build(snapshot, &lookup, None).map_err(anyhow::Error::msg)?;
+    let mut runtime = Runtime::build(snapshot, &lookup, None).map_err(anyhow::Error::msg)?;
+    if let Some(redis) = &server_cfg.redis {
+        let store = cluster::ClusterStore::connect(redis).context("server.redis")?;
+        runtime.governors = govern::Governors::build_cluster(&runtime.snapshot, None, Some(store));
+    }
 
     let metrics = Arc::new(Metrics::new());
     let gateway = Arc::new(Gateway::new(
@@ -184,6 +193,10 @@ async fn start_inner(
 
     gateway.runtime.load().governors.export_states(&metrics);
     tasks.push(tokio::spawn(govern::housekeep(
+        gateway.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(overload::control(
         gateway.clone(),
         shutdown_rx.clone(),
     )));

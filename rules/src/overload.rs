@@ -96,6 +96,8 @@ pub struct AdmissionSpec {
     pub shed: f64,
     /// Share re-admitted per calm window.
     pub admit: f64,
+    /// Lowest level (an operator's floor), as a rank.
+    pub floor: u32,
 }
 
 /// Whose priority a request carries.
@@ -121,13 +123,27 @@ pub struct LevelWindow<'a> {
     pub overloaded: bool,
 }
 
+/// Weight of the newest window in the smoothed histogram and admitted count.
+pub const SMOOTHING: f64 = 0.2;
+
 /// DAGOR's admission level over ranks `0..ranks`.
+///
+/// The histogram and the admitted count it steers by are smoothed over windows (an
+/// exponentially weighted average, newest window [`SMOOTHING`]): a 100 ms window at a few
+/// thousand requests per second puts less than one request in most of its 512 ranks, and a
+/// level computed from one such window jumps by tens of ranks from noise alone, flipping
+/// users in and out. Both are smoothed alike, so their ratio, which is what places the
+/// level, is right from the first window on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LevelController {
     ranks: u32,
     level: u32,
+    floor: u32,
     shed: f64,
     admit: f64,
+    weight: f64,
+    hist: Vec<f64>,
+    admitted: f64,
 }
 
 // === impl CompiledOverload ===
@@ -188,6 +204,9 @@ impl CompiledOverload {
                 rotate_every_s: a.rotate_every_s,
                 shed: f64::from(a.shed_percent) / 100.0,
                 admit: f64::from(a.admit_percent) / 100.0,
+                floor: a
+                    .floor
+                    .map_or(0, |p| business_rank(p) * a.user_priority_levels),
             }),
         }
     }
@@ -278,14 +297,25 @@ pub fn priority(business: Priority, key: UserKey<'_>, epoch: u64, levels: u32) -
 // === impl LevelController ===
 
 impl LevelController {
-    /// A controller over `spec`'s ranks, starting with everything admitted.
+    /// A controller over `spec`'s ranks, starting with everything admitted (above the
+    /// floor).
     pub fn new(spec: &AdmissionSpec) -> Self {
         Self {
             ranks: spec.ranks(),
-            level: 0,
+            level: spec.floor,
+            floor: spec.floor,
             shed: spec.shed,
             admit: spec.admit,
+            weight: SMOOTHING,
+            hist: vec![0.0; spec.ranks() as usize],
+            admitted: 0.0,
         }
+    }
+
+    /// The same with another smoothing weight (1.0: each window alone).
+    pub fn with_smoothing(mut self, weight: f64) -> Self {
+        self.weight = weight.clamp(0.01, 1.0);
+        self
     }
 
     /// The current level: requests of a lower rank are refused.
@@ -306,7 +336,8 @@ impl LevelController {
     /// the caps measured, instead of creeping there 5% at a time while every request waits.
     ///
     /// Calm: the lowest level whose traffic is at most `(1 + admit) × admitted`, and at
-    /// least one rank down. A window with no traffic at all resets the level.
+    /// least one rank down. A window with no traffic at all resets the level. Never below
+    /// the floor.
     ///
     /// The level never exceeds the top rank, so the most important requests are always let
     /// through to measure whether the overload has passed.
@@ -314,30 +345,40 @@ impl LevelController {
         let top = self.ranks.saturating_sub(1);
         let total: u64 = w.offered.iter().sum();
         if total == 0 && !w.overloaded {
-            self.level = 0;
-            return 0;
+            self.level = self.floor;
+            self.hist.iter_mut().for_each(|h| *h = 0.0);
+            self.admitted = 0.0;
+            return self.level;
         }
+        let k = self.weight;
+        for (h, &o) in self.hist.iter_mut().zip(w.offered) {
+            *h = *h * (1.0 - k) + o as f64 * k;
+        }
+        self.admitted = self.admitted * (1.0 - k) + w.admitted as f64 * k;
         if w.overloaded {
-            let target = (w.admitted as f64 * (1.0 - self.shed)).floor() as u64;
-            let l = lowest_level_within(w.offered, target);
+            let target = self.admitted * (1.0 - self.shed);
+            let l = lowest_level_within(&self.hist, target);
             self.level = l.max(self.level + 1).min(top);
         } else if self.level > 0 {
-            let target = (w.admitted as f64 * (1.0 + self.admit)).ceil() as u64;
-            let l = lowest_level_within(w.offered, target);
+            let target = self.admitted * (1.0 + self.admit);
+            let l = lowest_level_within(&self.hist, target);
             self.level = l.min(self.level - 1);
         }
+        self.level = self.level.max(self.floor);
         self.level
     }
 
-    /// Set the level (an operator override, or a restore).
+    /// Set the level (tests; the floor still holds).
     pub fn set_level(&mut self, level: u32) {
-        self.level = level.min(self.ranks.saturating_sub(1));
+        self.level = level.min(self.ranks.saturating_sub(1)).max(self.floor);
     }
 }
 
 /// The lowest level `l` with `sum(offered[l..]) <= target` (`offered.len()` if none).
-fn lowest_level_within(offered: &[u64], target: u64) -> u32 {
-    let mut suffix = 0u64;
+fn lowest_level_within(offered: &[f64], target: f64) -> u32 {
+    // A hair of tolerance, so sums of smoothed counts that equal the target still fit.
+    let target = target * (1.0 + 1e-9);
+    let mut suffix = 0.0;
     let mut l = offered.len();
     while l > 0 {
         let next = suffix + offered[l - 1];

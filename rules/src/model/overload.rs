@@ -187,6 +187,11 @@ pub struct Admission {
     /// Default: 1. Range: 1..=50.
     #[serde(default = "default_admit_percent")]
     pub admit_percent: u32,
+    /// Refuse every request below this business priority, whatever the load: an emergency
+    /// switch (`"floor": "normal"` sheds all `low` traffic at once; put it in a plan's file
+    /// edit). The level never goes below it. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<Priority>,
 }
 
 fn default_queue_timeout_ms() -> u64 {
@@ -252,6 +257,7 @@ impl Default for Admission {
             rotate_every_s: default_rotate_every_s(),
             shed_percent: default_shed_percent(),
             admit_percent: default_admit_percent(),
+            floor: None,
         }
     }
 }

@@ -36,6 +36,7 @@ fn spec(levels: u32) -> AdmissionSpec {
         rotate_every_s: 3600,
         shed: 0.05,
         admit: 0.01,
+        floor: 0,
     }
 }
 
@@ -197,7 +198,7 @@ fn flat(ranks: u32, per: u64) -> Vec<u64> {
 #[test]
 fn overload_jumps_to_measured_capacity() {
     let s = spec(4); // 16 ranks
-    let mut c = LevelController::new(&s);
+    let mut c = LevelController::new(&s).with_smoothing(1.0);
     let offered = flat(16, 100); // 1600 offered
     // The caps let 800 through: the level must keep at most 760 = 7 ranks, from rank 9.
     let l = c.adjust(&LevelWindow {
@@ -231,7 +232,7 @@ fn overload_jumps_to_measured_capacity() {
 #[test]
 fn calm_relaxes_slowly_idle_resets() {
     let s = spec(128); // 512 ranks
-    let mut c = LevelController::new(&s);
+    let mut c = LevelController::new(&s).with_smoothing(1.0);
     c.set_level(400);
     let offered = flat(512, 10);
     // Admitted 1120 (112 ranks): 1% more is 1131.2 → 113 ranks: level 399.
@@ -376,4 +377,30 @@ fn gradient_target_and_bounds() {
         });
     }
     assert_eq!(g.limit(), 8, "floored at min");
+}
+
+/// A floor of `normal` refuses all `low` traffic whatever the load, and calm or idle
+/// windows never take the level below it.
+#[test]
+fn floor_holds() {
+    let o = r#"{"enabled": true, "max_in_flight": 10, "admission": {"floor": "normal"}}"#;
+    assert_eq!(messages(o), Vec::<String>::new());
+    let loaded = crate::load("t.json", text(o).as_bytes()).unwrap();
+    let s = loaded.snapshot.overload.admission.unwrap();
+    assert_eq!(s.floor, 128);
+    let mut c = LevelController::new(&s);
+    assert_eq!(c.level(), 128);
+    assert!(!LevelController::admits(c.level(), 127));
+    c.adjust(&LevelWindow {
+        offered: &flat(512, 1),
+        admitted: 512,
+        overloaded: false,
+    });
+    assert_eq!(c.level(), 128);
+    c.adjust(&LevelWindow {
+        offered: &[0; 512],
+        admitted: 0,
+        overloaded: false,
+    });
+    assert_eq!(c.level(), 128);
 }

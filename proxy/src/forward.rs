@@ -1,5 +1,11 @@
-//! Forwarding to upstream clusters: endpoint choice, pooled keep-alive connections, timeouts,
-//! one retry on connect failure, and header hygiene.
+//! Forwarding to upstream clusters: endpoint choice, keep-alive connections, timeouts, one
+//! retry on connect failure, and header hygiene.
+//!
+//! An HTTP/1.x downstream connection carries one request at a time, so it gets its own
+//! upstream connection ([`ConnCache`], created on its first request and reused until it
+//! closes): no shared pool to check out from and no lock on the request path. Requests of
+//! HTTP/2 downstream connections (many at once) and callers without a cache use the shared
+//! pooled client of the upstream.
 //!
 //! An [`Upstream`] is built once per config load from a validated [`UpstreamSpec`]: endpoint
 //! names are resolved and their URI authorities parsed here, so the request path never parses
@@ -42,6 +48,8 @@ pub struct Upstream {
     /// What it was built from, to tell whether a reload changed it.
     spec: UpstreamSpec,
     embedded: Option<SocketAddr>,
+    /// Unique per built upstream: what a [`ConnCache`] entry is keyed by.
+    id: u64,
 }
 
 /// One endpoint of an upstream.
@@ -94,6 +102,34 @@ pub struct ConnInfo {
     /// `http` or `https`.
     pub proto: HeaderValue,
 }
+
+/// A downstream connection's own upstream connection, reused by its requests one after the
+/// other. The server puts an `Arc<ConnCache>` in the extensions of every HTTP/1.x request.
+#[derive(Debug, Default)]
+pub struct ConnCache {
+    /// At most [`CONN_CACHE_MAX`] connections, one per (upstream, endpoint) used lately: a
+    /// canary split sends one connection's requests to two upstreams.
+    slot: Mutex<Vec<Cached>>,
+}
+
+/// Upstream connections one downstream connection keeps.
+const CONN_CACHE_MAX: usize = 4;
+
+#[derive(Debug)]
+struct Cached {
+    /// (upstream id, endpoint index).
+    key: (u64, usize),
+    send: hyper::client::conn::http1::SendRequest<UpBody>,
+}
+
+/// Why a send on a downstream connection's own upstream connection failed.
+#[derive(Debug)]
+enum DirectError {
+    Connect(std::io::Error),
+    Http(hyper::Error),
+}
+
+static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -149,6 +185,7 @@ impl Upstream {
             client,
             spec: spec.clone(),
             embedded,
+            id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
         })
     }
 
@@ -183,11 +220,12 @@ impl Upstream {
     /// nothing else is retried, because the upstream may have acted on the request.
     pub async fn forward(
         &self,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: Incoming,
         max_body: u64,
     ) -> Result<(Response<Incoming>, Duration), GatewayError> {
         let started = Instant::now();
+        let cache = parts.extensions.remove::<Arc<ConnCache>>();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let path = parts
             .uri
@@ -245,45 +283,171 @@ impl Upstream {
             .expect("scheme, authority and path make a URI");
 
             ep.inflight.fetch_add(1, Ordering::Relaxed);
-            let res = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+            let res = match &cache {
+                Some(c) => tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
+                    .await
+                    .map(|r| {
+                        r.map_err(|e| match e {
+                            DirectError::Connect(io) => (true, classify_connect(&io)),
+                            DirectError::Http(e) => (
+                                false,
+                                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
+                            ),
+                        })
+                    }),
+                None => tokio::time::timeout_at(deadline, self.client.request(req))
+                    .await
+                    .map(|r| r.map_err(|e| (e.is_connect(), classify_error(&e)))),
+            };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
                 Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
                 Ok(Ok(resp)) => return Ok((resp, started.elapsed())),
-                Ok(Err(e)) => {
+                Ok(Err((is_connect, answer))) => {
                     let body_still_here = slot
                         .as_ref()
                         .is_none_or(|s| s.lock().expect("not poisoned").is_some());
-                    if e.is_connect() && spare.is_some() && body_still_here {
+                    if is_connect && spare.is_some() && body_still_here {
                         avoid = Some(ep_idx);
                         continue;
                     }
-                    return Err(classify_error(&e));
+                    return Err(answer);
                 }
             }
         }
     }
 }
 
-/// Map a client error to the answer: our own body limit, a timeout, a connect failure, or
-/// anything else the upstream did (reset, garbage, early close).
-fn classify_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
+impl Upstream {
+    /// Send on the downstream connection's own upstream connection (opening it first when
+    /// there is none for this endpoint, or it closed). A request that a reused connection
+    /// refused unsent (it was closing) is sent once more on a fresh one.
+    async fn send_direct(
+        &self,
+        cache: &ConnCache,
+        ep_idx: usize,
+        mut req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, DirectError> {
+        let ep = &self.endpoints[ep_idx];
+        let key = (self.id, ep_idx);
+        // The connection speaks to this endpoint only: origin-form target, and a Host.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let mut fresh_only = false;
+        loop {
+            let cached = if fresh_only {
+                None
+            } else {
+                let mut v = cache.slot.lock().expect("not poisoned");
+                v.iter()
+                    .position(|c| c.key == key)
+                    .map(|i| v.swap_remove(i))
+            };
+            let mut reused = None;
+            if let Some(mut c) = cached.filter(|c| !c.send.is_closed()) {
+                // Ready once the previous exchange (whose body has been streamed by now)
+                // is over.
+                if c.send.ready().await.is_ok() {
+                    reused = Some(c.send);
+                }
+            }
+            let was_reused = reused.is_some();
+            let mut send = match reused {
+                Some(s) => s,
+                None => self.connect(ep).await.map_err(DirectError::Connect)?,
+            };
+            let fut = send.try_send_request(req);
+            // Back in the slot at once: the next request of this downstream connection
+            // comes after this response, and waits for `ready` above.
+            {
+                let mut v = cache.slot.lock().expect("not poisoned");
+                if v.len() >= CONN_CACHE_MAX {
+                    v.remove(0);
+                }
+                v.push(Cached { key, send });
+            }
+            match fut.await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if was_reused => {
+                        req = r;
+                        fresh_only = true;
+                    }
+                    _ => return Err(DirectError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Open an HTTP/1.1 connection to `ep`, its driver spawned on the runtime.
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<UpBody>> {
+        let tcp = tokio::time::timeout(
+            self.spec.connect_timeout,
+            tokio::net::TcpStream::connect(ep.addr),
+        )
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+}
+
+/// A failed connect: a timeout answers 504, anything else 502.
+fn classify_connect(e: &std::io::Error) -> GatewayError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        GatewayError::UpstreamTimeout
+    } else {
+        GatewayError::UpstreamUnavailable
+    }
+}
+
+/// Our own body limit, a client body error or an I/O timeout anywhere in an error's chain.
+fn classify_chain(e: &(dyn std::error::Error + 'static)) -> Option<GatewayError> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(b) = s.downcast_ref::<BodyError>() {
-            return match b {
+            return Some(match b {
                 BodyError::TooLarge => GatewayError::BodyTooLarge,
                 BodyError::Client(_) => GatewayError::BadRequest,
-            };
+            });
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
-                return GatewayError::UpstreamTimeout;
+                return Some(GatewayError::UpstreamTimeout);
             }
         }
         src = s.source();
     }
-    if e.is_connect() {
+    None
+}
+
+/// Map a client error to the answer: our own body limit, a timeout, a connect failure, or
+/// anything else the upstream did (reset, garbage, early close).
+fn classify_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
+    if let Some(g) = classify_chain(e) {
+        g
+    } else if e.is_connect() {
         GatewayError::UpstreamUnavailable
     } else {
         GatewayError::UpstreamReset

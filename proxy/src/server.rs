@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::forward::ConnInfo;
+use crate::forward::{ConnCache, ConnInfo};
 use crate::gateway::Gateway;
 
 /// What every connection of every listener shares.
@@ -147,10 +147,15 @@ where
     };
     let gateway = shared.gateway.clone();
     let act = activity.clone();
-    let svc = service_fn(move |req| {
+    // This connection's own upstream connection, for its HTTP/1.x requests (one at a time).
+    let upstream_conn = Arc::new(ConnCache::default());
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let gateway = gateway.clone();
         let info = info.clone();
         let act = act.clone();
+        if req.version() != http::Version::HTTP_2 {
+            req.extensions_mut().insert(upstream_conn.clone());
+        }
         async move {
             act.inflight.fetch_add(1, Ordering::Relaxed);
             let resp = gateway.handle(req, &info).await;

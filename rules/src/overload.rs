@@ -144,6 +144,8 @@ pub struct LevelController {
     weight: f64,
     hist: Vec<f64>,
     admitted: f64,
+    /// Calm windows since the level last moved: each one admits another `admit` more.
+    calm: i32,
 }
 
 // === impl CompiledOverload ===
@@ -309,6 +311,7 @@ impl LevelController {
             weight: SMOOTHING,
             hist: vec![0.0; spec.ranks() as usize],
             admitted: 0.0,
+            calm: 0,
         }
     }
 
@@ -335,9 +338,12 @@ impl LevelController {
     /// the caps rather than what passed the level makes the first step land at the capacity
     /// the caps measured, instead of creeping there 5% at a time while every request waits.
     ///
-    /// Calm: the lowest level whose traffic is at most `(1 + admit) × admitted`, and at
-    /// least one rank down. A window with no traffic at all resets the level. Never below
-    /// the floor.
+    /// Calm: the lowest level whose traffic is at most `(1 + admit)^k × admitted`, `k` the
+    /// calm windows since the level last moved: 1% more per window, compounding, so a rank
+    /// holding more than 1% of the traffic is still entered after a few calm windows, and
+    /// the level does not step down by a whole rank every window when ranks are small (which
+    /// would swing it by many ranks, flipping users in and out). A window with no traffic at
+    /// all resets the level. Never below the floor.
     ///
     /// The level never exceeds the top rank, so the most important requests are always let
     /// through to measure whether the overload has passed.
@@ -356,13 +362,18 @@ impl LevelController {
         }
         self.admitted = self.admitted * (1.0 - k) + w.admitted as f64 * k;
         if w.overloaded {
+            self.calm = 0;
             let target = self.admitted * (1.0 - self.shed);
             let l = lowest_level_within(&self.hist, target);
             self.level = l.max(self.level + 1).min(top);
-        } else if self.level > 0 {
-            let target = self.admitted * (1.0 + self.admit);
+        } else if self.level > self.floor {
+            self.calm = (self.calm + 1).min(1000);
+            let target = self.admitted * (1.0 + self.admit).powi(self.calm);
             let l = lowest_level_within(&self.hist, target);
-            self.level = l.min(self.level - 1);
+            if l < self.level {
+                self.level = l;
+                self.calm = 0;
+            }
         }
         self.level = self.level.max(self.floor);
         self.level

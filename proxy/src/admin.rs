@@ -35,6 +35,9 @@ pub struct AdminState {
     pub gateway: Arc<crate::gateway::Gateway>,
     /// The reloader, for `/admin/config` (absent when not started from a file).
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    /// The dashboard's status document, for `/admin/status.json` (built once a second by
+    /// [`crate::stats::sample`]).
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 /// Serve the admin endpoints until shutdown.
@@ -98,6 +101,24 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        "/admin/status.json" => {
+            let mut r = json(StatusCode::OK, state.stats.latest());
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        "/admin" | "/admin/" | "/admin/dashboard" => asset(
+            "text/html; charset=utf-8",
+            include_str!("admin/dashboard/index.html"),
+        ),
+        "/admin/dashboard.js" => asset(
+            "text/javascript; charset=utf-8",
+            include_str!("admin/dashboard/dashboard.js"),
+        ),
+        "/admin/dashboard.css" => asset(
+            "text/css; charset=utf-8",
+            include_str!("admin/dashboard/dashboard.css"),
+        ),
         "/admin/config" => match &state.reloader {
             Some(r) => json(
                 StatusCode::OK,
@@ -139,4 +160,14 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             Bytes::from_static(br#"{"error":"not_found"}"#),
         ),
     }
+}
+
+/// A dashboard asset, embedded in the binary (no CDN: the page works offline).
+fn asset(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Revalidate each load: a restarted gateway of a newer version serves newer assets.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }

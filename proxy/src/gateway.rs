@@ -41,6 +41,8 @@ pub struct Runtime {
     pub governors: Governors,
     /// Overload caps and admission level (carried over a reload when unchanged).
     pub overload: Overload,
+    /// Live per-second counters for the dashboard (carried over a reload by name).
+    pub stats: Arc<crate::stats::Counters>,
 }
 
 /// Settings of the request path that come from bootstrap config.
@@ -108,12 +110,17 @@ impl Runtime {
             .collect();
         let governors = Governors::build(&snapshot, previous.map(|p| &p.governors));
         let overload = Overload::build(&snapshot, previous.map(|p| &p.overload));
+        let stats = Arc::new(crate::stats::Counters::build(
+            &snapshot,
+            previous.map(|p| (&p.snapshot, &*p.stats)),
+        ));
         Ok(Self {
             snapshot,
             upstreams,
             interface_names,
             governors,
             overload,
+            stats,
         })
     }
 }
@@ -215,6 +222,13 @@ impl Gateway {
                 ),
                 _ => None,
             };
+            let forwarded = match &target {
+                Some(Target::Forward(up, _)) => Some(up),
+                _ => None,
+            };
+            let tally = rt
+                .stats
+                .tally(c.interface, route.as_ref(), forwarded, &rt.upstreams);
             let iface = c
                 .interface
                 .map(|i| rt.interface_names[i.0 as usize].clone());
@@ -225,9 +239,9 @@ impl Gateway {
                     route.map(|r| r.rule.name.to_string()),
                 )
             });
-            (iface, target, who, pending, cluster)
+            (iface, target, who, pending, tally, cluster)
         };
-        let (iface, target, who, pending, cluster) = decision;
+        let (iface, target, who, pending, tally, cluster) = decision;
         let (mut upstream, permit, mut local) = match target {
             Some(Target::Forward(up, permit)) => (Some(up), permit, None),
             Some(Target::Local(resp)) => (None, None, Some(resp)),
@@ -325,6 +339,7 @@ impl Gateway {
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
 
         let status = resp.status();
+        tally.record(&resp, started.elapsed());
         self.metrics
             .requests
             .get_or_create(&RequestLabels {

@@ -22,6 +22,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/admin/explain`.
 //! - [`explain`]: the query behind `tidegate explain` and `/admin/explain`.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`stats`]: live per-second rates and latencies for the dashboard (`/admin/`) and
+//!   `/admin/status.json`.
 //! - [`embedded`]: hosting the grab backend in-process.
 //!
 //! Tests and the binary start a gateway with [`start`], which binds everything (port 0 is
@@ -42,6 +44,7 @@ pub mod overload;
 pub mod reload;
 pub mod respond;
 pub mod server;
+pub mod stats;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -201,8 +204,17 @@ async fn start_inner(
         shutdown_rx.clone(),
     )));
 
+    let stats = Arc::new(stats::Stats::new());
+    tasks.push(tokio::spawn(stats::sample(
+        stats.clone(),
+        gateway.clone(),
+        reloader.clone(),
+        shutdown_rx.clone(),
+    )));
+
     let (admin_listener, admin_addr) = server::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {
+        stats,
         metrics,
         ready: true.into(),
         gateway: gateway.clone(),

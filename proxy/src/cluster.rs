@@ -103,8 +103,11 @@ pub struct ClusterLimiter {
     quotas: Vec<ClusterQuota>,
     /// `tg:limit:{NAME}:`: the Redis key prefix of this rule.
     prefix: Box<str>,
-    shards: Box<[Mutex<HashMap<(u16, u64), Lease>>]>,
+    shards: Box<[Mutex<LeaseTable>]>,
 }
+
+/// (quota, key) → lease.
+type LeaseTable = HashMap<(u16, u64), Lease>;
 
 #[derive(Debug)]
 struct ClusterQuota {
@@ -124,10 +127,10 @@ struct Lease {
     valid_until: u64,
     /// Redis refused until this (ns); refuse locally until then.
     denied_until: u64,
-    /// Held while a request of this key (or the background refill) asks Redis.
+    /// Held while a request of this key (or the background refill) asks Redis. Everyone
+    /// waiting for it holds a clone, so `strong_count - 1` is the queue (and a cancelled
+    /// request leaves it by dropping its clone).
     fetch: Arc<tokio::sync::Mutex<()>>,
-    /// Requests waiting for `fetch`: the fetch asks for enough tokens for them too.
-    queued: u32,
     /// A background refill is in flight.
     refilling: bool,
 }
@@ -187,13 +190,29 @@ impl ClusterStore {
         burst: u32,
         want: u32,
     ) -> Result<Grant, StoreUnavailable> {
+        self.take_within(key, interval_us, burst, want, self.timeout)
+            .await
+    }
+
+    /// [`ClusterStore::take`], within `within` (at most the timeout).
+    async fn take_within(
+        &self,
+        key: &str,
+        interval_us: f64,
+        burst: u32,
+        want: u32,
+        within: Duration,
+    ) -> Result<Grant, StoreUnavailable> {
         if !self.may_call() {
             return Err(StoreUnavailable);
         }
         let mut conn = self.conn.clone();
         let mut inv = self.script.prepare_invoke();
         inv.key(key).arg(interval_us).arg(burst).arg(want.max(1));
-        let answer = tokio::time::timeout(self.timeout, inv.invoke_async::<(i64, i64)>(&mut conn));
+        let answer = tokio::time::timeout(
+            within.min(self.timeout),
+            inv.invoke_async::<(i64, i64)>(&mut conn),
+        );
         match answer.await {
             Ok(Ok((n, _))) if n > 0 => {
                 self.down_until.store(0, Ordering::Relaxed);
@@ -281,7 +300,7 @@ impl ClusterLimiter {
         }
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<(u16, u64), Lease>> {
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, LeaseTable> {
         // The critical sections below only read and write plain fields.
         self.shards[(key >> 58) as usize % SHARDS]
             .lock()
@@ -310,55 +329,55 @@ impl ClusterLimiter {
     ) -> Result<Result<(), Duration>, StoreUnavailable> {
         let deadline = tokio::time::Instant::now() + store.timeout;
         let q = &self.quotas[quota as usize];
-        loop {
-            let fetch = {
-                let mut shard = self.shard(key);
-                let l = shard.entry((quota, key)).or_insert_with(Lease::new);
-                match l.local(now_ns(), q.lease) {
-                    Local::Admit { .. } => return Ok(Ok(())),
-                    Local::Limited(w) => return Ok(Err(w)),
-                    Local::Remote => {}
-                }
-                l.queued += 1;
-                l.fetch.clone()
-            };
-            let guard = tokio::time::timeout_at(deadline, fetch.lock_owned()).await;
-            let want = {
-                let mut shard = self.shard(key);
-                let l = shard.entry((quota, key)).or_insert_with(Lease::new);
-                l.queued = l.queued.saturating_sub(1);
-                if guard.is_err() {
-                    return Err(StoreUnavailable);
-                }
-                // Whoever held the fetch may have left tokens or a refusal.
-                match l.local(now_ns(), q.lease) {
-                    Local::Admit { .. } => return Ok(Ok(())),
-                    Local::Limited(w) => return Ok(Err(w)),
-                    Local::Remote => {}
-                }
-                q.lease.max(l.queued + 1).min(q.burst.max(1))
-            };
-            let redis_key = format!("{}{}:{key:016x}", self.prefix, q.label);
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if remaining.is_zero() {
-                return Err(StoreUnavailable);
-            }
-            let grant = store.take(&redis_key, q.interval_us, q.burst, want).await?;
-            let now = now_ns();
+        let fetch = {
             let mut shard = self.shard(key);
             let l = shard.entry((quota, key)).or_insert_with(Lease::new);
-            return Ok(match grant {
-                Grant::Tokens(n) => {
-                    l.tokens += n - 1;
-                    l.valid_until = now + store.lease.as_nanos() as u64;
-                    Ok(())
-                }
-                Grant::Denied(w) => {
-                    l.denied_until = now + w.as_nanos() as u64;
-                    Err(w)
-                }
-            });
+            match l.local(now_ns(), q.lease) {
+                Local::Admit { .. } => return Ok(Ok(())),
+                Local::Limited(w) => return Ok(Err(w)),
+                Local::Remote => {}
+            }
+            l.fetch.clone()
+        };
+        let guard = tokio::time::timeout_at(deadline, fetch.lock_owned()).await;
+        let want = {
+            let mut shard = self.shard(key);
+            let l = shard.entry((quota, key)).or_insert_with(Lease::new);
+            if guard.is_err() {
+                return Err(StoreUnavailable);
+            }
+            // Whoever held the fetch may have left tokens or a refusal.
+            match l.local(now_ns(), q.lease) {
+                Local::Admit { .. } => return Ok(Ok(())),
+                Local::Limited(w) => return Ok(Err(w)),
+                Local::Remote => {}
+            }
+            // The table and this request hold one `fetch` each; the rest are queued behind.
+            let queued = Arc::strong_count(&l.fetch).saturating_sub(2) as u32;
+            q.lease.max(queued + 1).min(q.burst.max(1))
+        };
+        let redis_key = format!("{}{}:{key:016x}", self.prefix, q.label);
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(StoreUnavailable);
         }
+        let grant = store
+            .take_within(&redis_key, q.interval_us, q.burst, want, remaining)
+            .await?;
+        let now = now_ns();
+        let mut shard = self.shard(key);
+        let l = shard.entry((quota, key)).or_insert_with(Lease::new);
+        Ok(match grant {
+            Grant::Tokens(n) => {
+                l.tokens += n - 1;
+                l.valid_until = now + store.lease.as_nanos() as u64;
+                Ok(())
+            }
+            Grant::Denied(w) => {
+                l.denied_until = now + w.as_nanos() as u64;
+                Err(w)
+            }
+        })
     }
 
     /// Top up a lease that runs low, off the request path. Errors only leave the lease to
@@ -399,7 +418,6 @@ impl ClusterLimiter {
                 t.retain(|_, l| {
                     (l.tokens > 0 && now < l.valid_until)
                         || now < l.denied_until
-                        || l.queued > 0
                         || l.refilling
                         || Arc::strong_count(&l.fetch) > 1
                 });
@@ -418,7 +436,6 @@ impl Lease {
             valid_until: 0,
             denied_until: 0,
             fetch: Arc::new(tokio::sync::Mutex::new(())),
-            queued: 0,
             refilling: false,
         }
     }
@@ -439,5 +456,60 @@ impl Lease {
             return Local::Limited(Duration::from_nanos(self.denied_until - now));
         }
         Local::Remote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(rate: &str, burst: Option<u32>, lease: Duration) -> ClusterLimiter {
+        let mut l =
+            serde_json::json!({ "name": "l", "key": ["user"], "rate": rate, "scope": "cluster" });
+        if let Some(b) = burst {
+            l["burst"] = b.into();
+        }
+        let config = serde_json::json!({
+            "schema_version": 1,
+            "server": { "redis": { "url": "redis://127.0.0.1:6379" } },
+            "upstreams": { "up": { "endpoints": ["127.0.0.1:9"] } },
+            "routes": [{ "name": "default", "upstream": "up" }],
+            "limits": [l]
+        });
+        let loaded = rules::load("t.json", &serde_json::to_vec(&config).unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        ClusterLimiter::build(&loaded.snapshot.governance.limits[0], lease)
+    }
+
+    /// A lease is `ceil(rate × lease)`, at least 1 and at most the burst.
+    #[test]
+    fn lease_sizes() {
+        let lease = Duration::from_millis(100);
+        let size = |rate, burst| limiter(rate, burst, lease).quotas[0].lease;
+        assert_eq!(size("10/s", None), 1);
+        assert_eq!(size("100/s", None), 10);
+        assert_eq!(size("1/min", None), 1);
+        assert_eq!(size("5000/s", Some(100)), 100);
+    }
+
+    /// Leased tokens are spent until they run out or expire; a remembered refusal answers
+    /// until it is due; a large lease asks for a refill once, at a quarter left.
+    #[test]
+    fn lease_spending() {
+        let mut l = Lease::new();
+        assert_eq!(l.local(0, 8), Local::Remote);
+        l.tokens = 7;
+        l.valid_until = 1_000;
+        for left in (0..7).rev() {
+            let refill = left == 2;
+            assert_eq!(l.local(10, 8), Local::Admit { refill }, "{left} left");
+        }
+        assert_eq!(l.local(10, 8), Local::Remote);
+        l.tokens = 3;
+        assert_eq!(l.local(1_000, 8), Local::Remote, "expired lease");
+        assert_eq!(l.tokens, 0, "dropped");
+        l.denied_until = 2_000;
+        assert_eq!(l.local(1_500, 8), Local::Limited(Duration::from_nanos(500)));
+        assert_eq!(l.local(2_000, 8), Local::Remote);
     }
 }

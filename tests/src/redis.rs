@@ -68,6 +68,27 @@ impl RedisServer {
         }
     }
 
+    /// `SIGSTOP` the server: connections stay open but nothing is answered, so clients
+    /// meet their timeouts rather than refused connections. Undo with
+    /// [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// `SIGCONT` a paused server.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     /// Start it again on the same port and directory (after [`RedisServer::kill`]).
     pub fn restart(&mut self) {
         self.kill();
@@ -123,6 +144,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A paused server would ignore nothing but SIGKILL anyway.
         self.kill();
     }
 }

@@ -66,7 +66,11 @@ async fn load(
             let tally = tally.clone();
             tasks.push(tokio::spawn(async move {
                 let client = h1_client();
-                let mut n = (g * 1_000_003 + w * 7919) as u64;
+                // A fresh sequence of users per call, so no phase reuses another's leases.
+                static RUNS: AtomicU64 = AtomicU64::new(1);
+                let run = RUNS.fetch_add(1, Ordering::Relaxed);
+                let mut n =
+                    (g * 1_000_003 + w * 7919) as u64 ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 while Instant::now() < deadline {
                     n = n
                         .wrapping_mul(6364136223846793005)
@@ -202,10 +206,10 @@ async fn cluster_app_limit_across_two_gateways() {
     );
 }
 
-/// Redis killed mid-load: the `fail_open` rule keeps admitting, the `fail_closed` rule
-/// answers 503 `limit_store_unavailable`, no request waits past the store timeout (plus
-/// margin), the errors are counted, and both rules count in Redis again once it restarts
-/// on the same port, without a gateway restart.
+/// Redis hanging (SIGSTOP), then killed mid-load: the `fail_open` rule keeps admitting,
+/// the `fail_closed` rule answers 503 `limit_store_unavailable`, no request waits past the
+/// store timeout (plus margin), the errors are counted, and both rules count in Redis again
+/// once it resumes or restarts on the same port, without a gateway restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fail_open_and_fail_closed_then_recover() {
     let Some(mut redis) = RedisServer::start() else {
@@ -251,9 +255,32 @@ async fn redis_down_fail_open_and_fail_closed_then_recover() {
         "{c:?}"
     );
 
+    // Redis hanging (SIGSTOP): calls meet the store timeout instead of a refused
+    // connection; after one timeout the store counts as down and requests stop waiting.
+    redis.pause();
+    let (o, c) = tokio::join!(phase("/envelopes", 1.0), phase("/envelopes/7/grab", 1.0));
+    redis.resume();
+    eprintln!("redis paused: fail_open {o:?}\nfail_closed {c:?}");
+    assert_eq!(
+        o.ok.load(Ordering::Relaxed),
+        total(&o),
+        "fail_open must admit: {o:?}"
+    );
+    assert_eq!(c.store_down.load(Ordering::Relaxed), total(&c), "{c:?}");
+    let bound_us = (TIMEOUT_MS + 150) * 1000;
+    for t in [&o, &c] {
+        let max = t.max_us.load(Ordering::Relaxed);
+        assert!(
+            max <= bound_us,
+            "a request waited {max} µs with Redis hanging"
+        );
+    }
+    let back = wait_recovered(&phase).await;
+    eprintln!("recovered {back:?} after Redis resumed");
+
     // Redis gone.
     redis.kill();
-    let (o, c) = tokio::join!(phase("/envelopes", 2.0), phase("/envelopes/7/grab", 2.0));
+    let (o, c) = tokio::join!(phase("/envelopes", 1.5), phase("/envelopes/7/grab", 1.5));
     eprintln!("redis down: fail_open {o:?}\nfail_closed {c:?}");
     assert_eq!(
         o.ok.load(Ordering::Relaxed),
@@ -291,22 +318,32 @@ async fn redis_down_fail_open_and_fail_closed_then_recover() {
 
     // Redis back on the same port: recovery without restarting the gateway.
     redis.restart();
+    let back = wait_recovered(&phase).await;
+    eprintln!("recovered {back:?} after Redis restarted");
+    let (o, c) = tokio::join!(phase("/envelopes", 1.0), phase("/envelopes/7/grab", 1.0));
+    assert_eq!(o.ok.load(Ordering::Relaxed), total(&o), "{o:?}");
+    assert_eq!(c.ok.load(Ordering::Relaxed), total(&c), "{c:?}");
+    assert!(gw.shutdown().await);
+}
+
+/// Run short load phases on the fail-closed rule until every request is admitted again;
+/// returns how long that took (at most 5 s).
+async fn wait_recovered<F, Fut>(phase: &F) -> Duration
+where
+    F: Fn(&'static str, f64) -> Fut,
+    Fut: std::future::Future<Output = Arc<Tally>>,
+{
     let back = Instant::now();
     loop {
         let c = phase("/envelopes/7/grab", 0.1).await;
         if c.ok.load(Ordering::Relaxed) > 0 && c.ok.load(Ordering::Relaxed) == total(&c) {
-            break;
+            return back.elapsed();
         }
         assert!(
             back.elapsed() < Duration::from_secs(5),
             "no recovery within 5 s: {c:?}"
         );
     }
-    eprintln!("recovered {:?} after Redis restarted", back.elapsed());
-    let (o, c) = tokio::join!(phase("/envelopes", 1.0), phase("/envelopes/7/grab", 1.0));
-    assert_eq!(o.ok.load(Ordering::Relaxed), total(&o), "{o:?}");
-    assert_eq!(c.ok.load(Ordering::Relaxed), total(&c), "{c:?}");
-    assert!(gw.shutdown().await);
 }
 
 fn total(t: &Tally) -> u64 {
@@ -323,10 +360,10 @@ fn cluster_scope_needs_server_redis() {
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let limit = json!([{ "name": "x", "key": ["user"], "rate": "5/s", "scope": "cluster" }]);
     let c = gateway_config(up, None, limit.clone());
-    let err = rules::load("t.json", &serde_json::to_vec(&c).unwrap())
-        .err()
-        .expect("refused")
-        .to_string();
+    let Err(err) = rules::load("t.json", &serde_json::to_vec(&c).unwrap()) else {
+        panic!("refused");
+    };
+    let err = err.to_string();
     assert!(
         err.contains("limits[0].scope") && err.contains("server.redis"),
         "{err}"
@@ -334,10 +371,51 @@ fn cluster_scope_needs_server_redis() {
 
     let mut c = gateway_config(up, Some("http://127.0.0.1:6379"), limit);
     set(&mut c, "server/redis/timeout_ms", json!(0));
-    let err = rules::load("t.json", &serde_json::to_vec(&c).unwrap())
-        .err()
-        .expect("refused")
-        .to_string();
+    let Err(err) = rules::load("t.json", &serde_json::to_vec(&c).unwrap()) else {
+        panic!("refused");
+    };
+    let err = err.to_string();
     assert!(err.contains("server.redis.url"), "{err}");
     assert!(err.contains("server.redis.timeout_ms"), "{err}");
+}
+
+/// The GCRA script in Redis: a fresh key grants its burst at once (a request for more gets
+/// what is there), then nothing until one emission interval has passed, with the wait
+/// reported; after the interval one more token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcra_script_grants_burst_then_one_per_interval() {
+    use tidegate::cluster::{ClusterStore, Grant};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let settings: rules::model::RedisSettings =
+        serde_json::from_value(json!({ "url": redis.url(), "timeout_ms": 1000 })).unwrap();
+    let store = ClusterStore::connect(&settings).unwrap();
+    // 10/s: a 100 ms interval, burst 5.
+    let interval_us = 100_000.0;
+    assert_eq!(
+        store.take("k", interval_us, 5, 3).await,
+        Ok(Grant::Tokens(3))
+    );
+    assert_eq!(
+        store.take("k", interval_us, 5, 3).await,
+        Ok(Grant::Tokens(2))
+    );
+    let Ok(Grant::Denied(wait)) = store.take("k", interval_us, 5, 1).await else {
+        panic!("an empty bucket must refuse");
+    };
+    assert!(
+        wait > Duration::from_millis(50) && wait <= Duration::from_millis(100),
+        "{wait:?}"
+    );
+    tokio::time::sleep(wait + Duration::from_millis(5)).await;
+    assert_eq!(
+        store.take("k", interval_us, 5, 3).await,
+        Ok(Grant::Tokens(1))
+    );
+    // Another key is independent.
+    assert_eq!(
+        store.take("other", interval_us, 5, 1).await,
+        Ok(Grant::Tokens(1))
+    );
 }

@@ -158,13 +158,13 @@ async fn redis_hot_envelope_race_through_two_backends() {
 }
 
 /// Two standalone backends on one Redis (append-only, fsync always); clients spread over
-/// both; one node is `kill -9`ed at a random moment and restarted, 8 times. Every
+/// both; one node is `kill -9`ed at a random moment and restarted, 6 times. Every
 /// acknowledged create and grab is there after each round, no user appears twice on an
 /// envelope, every envelope conserves its money, and once settled the wallets plus what is
 /// left equal all money put in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_kill9_one_of_two_backends_under_load() {
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 6;
     const WORKERS: usize = 12;
     let Some(redis) = RedisServer::start_durable() else {
         return;

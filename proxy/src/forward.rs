@@ -43,6 +43,7 @@ pub struct Upstream {
     /// Round-robin cursor.
     next: AtomicUsize,
     request_timeout: Duration,
+    read_timeout: Duration,
     /// One pooled client per upstream, so pool sizes and connect timeouts are per upstream.
     client: Client<HttpConnector, UpBody>,
     /// What it was built from, to tell whether a reload changed it.
@@ -90,6 +91,32 @@ pub enum BodyError {
     /// Reading from the client failed.
     #[error("reading the request body: {0}")]
     Client(#[from] hyper::Error),
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from upstream, streamed through, that fails if the upstream stalls
+    /// longer than the read timeout between two pieces. Failing the body makes hyper cut the
+    /// downstream response (its status is already sent) and drop the upstream connection, so
+    /// a hung upstream holds no task or socket forever.
+    #[derive(Debug)]
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: tokio::time::Sleep,
+        timeout: Duration,
+    }
+}
+
+/// Errors of [`UpstreamBody`].
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// No data for longer than the read timeout.
+    #[error("upstream response body stalled for longer than the read timeout")]
+    Stalled,
+    /// The upstream connection failed (reset, early close, bad framing).
+    #[error("upstream response body: {0}")]
+    Upstream(#[from] hyper::Error),
 }
 
 /// Per-connection facts the forwarder adds to each request.
@@ -182,6 +209,7 @@ impl Upstream {
             balance: spec.balance,
             next: AtomicUsize::new(0),
             request_timeout: spec.request_timeout,
+            read_timeout: spec.read_timeout,
             client,
             spec: spec.clone(),
             embedded,
@@ -223,7 +251,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         body: Incoming,
         max_body: u64,
-    ) -> Result<(Response<Incoming>, Duration), GatewayError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let cache = parts.extensions.remove::<Arc<ConnCache>>();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -302,7 +330,13 @@ impl Upstream {
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
                 Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
-                Ok(Ok(resp)) => return Ok((resp, started.elapsed())),
+                Ok(Ok(resp)) => {
+                    let read_timeout = self.read_timeout;
+                    return Ok((
+                        resp.map(|b| UpstreamBody::new(b, read_timeout)),
+                        started.elapsed(),
+                    ));
+                }
                 Ok(Err((is_connect, answer))) => {
                     let body_still_here = slot
                         .as_ref()
@@ -462,6 +496,52 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("resolving {endpoint:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{endpoint:?} resolved to no address"))
+}
+
+// === impl UpstreamBody ===
+
+impl UpstreamBody {
+    fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner,
+            idle: tokio::time::sleep(timeout),
+            timeout,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + *this.timeout);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.idle.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Stalled))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 // === impl UpBody ===

@@ -17,16 +17,18 @@ use hyper::body::Incoming;
 use rules::overload::UserKey;
 use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
-use crate::forward::{ConnInfo, Upstream, add_forwarded, keep_authority, strip_hop_by_hop};
+use crate::forward::{
+    ConnInfo, Upstream, UpstreamBody, add_forwarded, keep_authority, strip_hop_by_hop,
+};
 use crate::govern::{Governors, Target, Verdict, finish_call};
-use crate::overload::{Admit, Overload};
 use crate::metrics::{
     Metrics, Name, RequestLabels, UpstreamErrorLabels, UpstreamLabels, status_class,
 };
+use crate::overload::{Admit, Overload};
 use crate::respond::GatewayError;
 
 /// The response body: the upstream's, streamed, or one the gateway made.
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Everything a request needs from the current config, published as one unit.
 #[derive(Debug)]
@@ -204,9 +206,8 @@ impl Gateway {
                     Verdict::Local(resp) => (None, Some(Target::Local(resp))),
                     Verdict::Proceed => {
                         let route = rt.snapshot.route(&input);
-                        let target = route.map(|r| {
-                            gov.target(&rt.snapshot, &r, &rt.upstreams, &self.metrics)
-                        });
+                        let target = route
+                            .map(|r| gov.target(&rt.snapshot, &r, &rt.upstreams, &self.metrics));
                         (route, target)
                     }
                 },
@@ -277,7 +278,7 @@ impl Gateway {
         }
 
         // A local answer (429, fallback, open breaker) is final; otherwise forward.
-        let outcome: Result<(Response<Incoming>, std::time::Duration), GatewayError> =
+        let outcome: Result<(Response<UpstreamBody>, std::time::Duration), GatewayError> =
             match (&local, &upstream) {
                 (Some(_), _) => Err(GatewayError::NoRoute), // unused: `local` is answered
                 _ if too_large => Err(GatewayError::BodyTooLarge),

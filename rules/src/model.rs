@@ -297,6 +297,12 @@ pub struct Upstream {
     /// beyond it the client gets 504. Default: 30000. Range: 1..=3600000.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Longest wait for the next piece of a response body once its head has arrived, in
+    /// milliseconds; an upstream that stalls longer has the response aborted (the client
+    /// sees the connection cut, since the status is already sent) and its connection
+    /// closed. Default: 30000. Range: 1..=3600000.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
     /// Idle pooled connections kept per endpoint. Default: 256. Range: 0..=100000.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_endpoint: u32,
@@ -492,6 +498,9 @@ fn default_connect_timeout_ms() -> u64 {
     1_000
 }
 fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_read_timeout_ms() -> u64 {
     30_000
 }
 fn default_pool_max_idle() -> u32 {

@@ -390,6 +390,7 @@ impl Validator {
                 1,
                 3_600_000,
             );
+            self.range(up.key("read_timeout_ms"), u.read_timeout_ms, 1, 3_600_000);
             self.range(
                 up.key("pool_max_idle_per_endpoint"),
                 u.pool_max_idle_per_endpoint.into(),

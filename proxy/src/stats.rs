@@ -811,7 +811,7 @@ impl History {
                 let o = rt.overload.status();
                 AdmissionView {
                     enabled: o.enabled,
-                    level: o.admission.as_ref().map(|a| a.rank),
+                    level: o.admission.as_ref().filter(|_| o.enabled).map(|a| a.rank),
                     shed_per_s: shed,
                     overload: o,
                 }

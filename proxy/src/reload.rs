@@ -96,6 +96,10 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for a gateway started from `path` with content hash `hash`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is a distinct part of the running gateway that a reload rebuilds or checks against"
+    )]
     pub fn new(
         path: PathBuf,
         include_dir: Option<PathBuf>,

@@ -159,9 +159,8 @@ async fn smuggling_corpus() {
         ),
         (
             "space before colon",
-            format!(
-                "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\nContent-Length: 0\r\n\r\n0\r\n\r\n"
-            ),
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\nContent-Length: 0\r\n\r\n0\r\n\r\n"
+                .to_owned(),
         ),
         (
             "TE in HTTP/1.0",

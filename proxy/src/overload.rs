@@ -849,3 +849,6 @@ pub async fn control(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -84,7 +84,7 @@ pub struct Server {
     max_connections: u32,
     grace: Duration,
     admin: Arc<AdminState>,
-    admin_task: JoinHandle<()>,
+    admin_task: std::thread::JoinHandle<()>,
 }
 
 /// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
@@ -223,11 +223,26 @@ async fn start_inner(
     tracing::info!(addr = %admin_addr, "admin listening");
     // The admin port outlives the drain (so probes see `/readyz` answer 503 rather than a
     // refused connection); it stops with the embedded upstreams.
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        admin.clone(),
-        stop_embedded_rx.clone(),
-    ));
+    // It also runs on its own thread and runtime, so probes, scrapes and the dashboard are
+    // answered promptly even while traffic saturates the main runtime's workers.
+    let admin_task = {
+        let (state, stop) = (admin.clone(), stop_embedded_rx.clone());
+        let listener = admin_listener.into_std()?;
+        std::thread::Builder::new()
+            .name("tidegate-admin".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("building the admin runtime");
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => admin::serve(l, state, stop).await,
+                        Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                    }
+                });
+            })?
+    };
 
     Ok(Server {
         listen_addrs,
@@ -274,7 +289,8 @@ impl Server {
         }
         self.conn_permits.close();
         let _ = self.stop_embedded.send(true);
-        let _ = self.admin_task.await;
+        let admin = self.admin_task;
+        let _ = tokio::task::spawn_blocking(move || admin.join()).await;
         for e in self.embedded {
             match e.task.await {
                 Ok(Ok(())) => {}

@@ -498,23 +498,6 @@ impl Validator {
         if let NoUserKey::Header(h) = &r.no_user_key {
             self.header_name(rp.key("no_user_key").key("header"), h);
         }
-        if let Some(b) = &r.matcher.user_buckets {
-            let bp = rp.key("match").key("user_buckets");
-            if b.to_ppm > BUCKETS {
-                self.err(
-                    bp.key("to_ppm"),
-                    format!("{} is out of range; allowed 0..={BUCKETS}", b.to_ppm),
-                );
-            } else if b.from_ppm >= b.to_ppm {
-                self.err(
-                    bp.key("from_ppm"),
-                    format!(
-                        "empty range: from_ppm {} is not below to_ppm {}",
-                        b.from_ppm, b.to_ppm
-                    ),
-                );
-            }
-        }
     }
 
     fn split(&mut self, c: &Config, sp: &JsonPath, targets: &[SplitTarget]) {
@@ -571,6 +554,23 @@ impl Validator {
     }
 
     fn matcher(&mut self, p: JsonPath, m: &Match, interfaces: &HashSet<String>) {
+        if let Some(b) = &m.user_buckets {
+            let bp = p.key("user_buckets");
+            if b.to_ppm > BUCKETS {
+                self.err(
+                    bp.key("to_ppm"),
+                    format!("{} is out of range; allowed 0..={BUCKETS}", b.to_ppm),
+                );
+            } else if b.from_ppm >= b.to_ppm {
+                self.err(
+                    bp.key("from_ppm"),
+                    format!(
+                        "empty range: from_ppm {} is not below to_ppm {}",
+                        b.from_ppm, b.to_ppm
+                    ),
+                );
+            }
+        }
         for (field, list) in [("apps", &m.apps), ("users", &m.users)] {
             if let Some(list) = list {
                 if list.is_empty() {

@@ -7,12 +7,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::bucket::BUCKETS;
 use crate::degrade::{fraction_ppm, ratio_ppm};
 use crate::error::{JsonPath, did_you_mean};
 use crate::limit::{MAX_RATE_COUNT, parse_rate};
 use crate::model::{
-    Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, Match, NoUserKey,
+    Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, NoUserKey,
 };
 use crate::plan;
 
@@ -142,7 +141,7 @@ impl Validator {
                     format!("duplicate limit name {:?} (also [{prev}])", l.name),
                 );
             }
-            self.rule_match(lp.key("match"), &l.matcher, interfaces);
+            self.matcher(lp.key("match"), &l.matcher, interfaces);
             let mut seen = HashSet::new();
             for (k, part) in l.key.iter().enumerate() {
                 if let KeyPart::Header(h) = part {
@@ -208,7 +207,7 @@ impl Validator {
                     format!("duplicate fallback name {:?} (also [{prev}])", f.name),
                 );
             }
-            self.rule_match(fp.key("match"), &f.matcher, interfaces);
+            self.matcher(fp.key("match"), &f.matcher, interfaces);
             if let Err(m) = fraction_ppm(f) {
                 self.err(fp.key("fraction"), m);
             }
@@ -222,28 +221,6 @@ impl Validator {
                 self.header_name(fp.key("no_user_key").key("header"), h);
             }
             self.local_response(fp.key("response"), &f.response);
-        }
-    }
-
-    /// A matcher plus its bucket range (routes check the range with their target).
-    fn rule_match(&mut self, p: JsonPath, m: &Match, interfaces: &HashSet<String>) {
-        self.matcher(p.clone(), m, interfaces);
-        if let Some(b) = &m.user_buckets {
-            let bp = p.key("user_buckets");
-            if b.to_ppm > BUCKETS {
-                self.err(
-                    bp.key("to_ppm"),
-                    format!("{} is out of range; allowed 0..={BUCKETS}", b.to_ppm),
-                );
-            } else if b.from_ppm >= b.to_ppm {
-                self.err(
-                    bp.key("from_ppm"),
-                    format!(
-                        "empty range: from_ppm {} is not below to_ppm {}",
-                        b.from_ppm, b.to_ppm
-                    ),
-                );
-            }
         }
     }
 

@@ -3,9 +3,17 @@
 //! One accept loop per listener. A connection first takes a permit from the shared
 //! `max_connections` semaphore (beyond the cap, new connections wait in the kernel's accept
 //! queue instead of exhausting file descriptors), then runs in its own task: the TLS
-//! handshake (bounded by the header timeout, never in the accept loop), then hyper's
-//! auto-detecting HTTP/1.1 + HTTP/2 server. The same task enforces the idle timeout and, on
+//! handshake (never in the accept loop), then hyper's auto-detecting HTTP/1.1 + HTTP/2
+//! server. The same task enforces the first-request deadline and the idle timeout and, on
 //! shutdown, asks hyper to finish in-flight requests and close.
+//!
+//! The first-request deadline: a connection must have delivered the head of its first
+//! request within `header_read_timeout_ms` of being accepted (TLS handshake included), or it
+//! is closed. hyper's own HTTP/1 header timeout does not cover this: it starts only once
+//! hyper-util has read enough of the first bytes to tell HTTP/1 from HTTP/2, which it waits
+//! for with no timeout, and HTTP/2 has no head deadline at all. Without it a connection that
+//! sends nothing, or trickles the HTTP/2 preface a byte at a time, would be held until the
+//! idle timeout — or, trickling, forever.
 //!
 //! Shutdown flows through a `watch` channel: accept loops stop at once; connections finish
 //! what they are doing. The caller waits for every permit to come back (all connections
@@ -15,7 +23,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,7 +50,7 @@ pub struct Shared {
     pub conn_permits: Arc<Semaphore>,
     /// Close idle keep-alive connections after this long.
     pub idle_timeout: Duration,
-    /// Time allowed for a TLS handshake.
+    /// Time from accept to the first request head (TLS handshake included).
     pub handshake_timeout: Duration,
     /// Flips to `true` on shutdown.
     pub shutdown: watch::Receiver<bool>,
@@ -99,6 +107,7 @@ pub async fn accept_loop(
             },
             _ = crate::server::stopped(&mut shutdown) => return,
         };
+        let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let info = ConnInfo {
             remote,
@@ -112,15 +121,14 @@ pub async fn accept_loop(
             shared.gateway.metrics.connections.inc();
             shared.gateway.metrics.connections_accepted.inc();
             match tls {
-                None => serve_io(stream, info, &shared).await,
+                None => serve_io(stream, info, &shared, accepted).await,
                 Some(certs) => {
                     // The pair current at accept time: certificates replaced on disk are
                     // picked up by new handshakes without a restart.
                     let acceptor = certs.acceptor();
-                    match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => serve_io(s, info, &shared).await,
+                    let deadline = accepted + shared.handshake_timeout;
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_io(s, info, &shared, accepted).await,
                         Ok(Err(e)) => {
                             tracing::debug!(client = %remote, error = %e, "TLS handshake failed")
                         }
@@ -134,8 +142,8 @@ pub async fn accept_loop(
     }
 }
 
-/// Serve one connection to completion.
-async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared)
+/// Serve one connection, accepted at `accepted`, to completion.
+async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared, accepted: tokio::time::Instant)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -157,6 +165,7 @@ where
             req.extensions_mut().insert(upstream_conn.clone());
         }
         async move {
+            act.started.store(true, Ordering::Relaxed);
             act.inflight.fetch_add(1, Ordering::Relaxed);
             let resp = gateway.handle(req, &info).await;
             act.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -168,6 +177,10 @@ where
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    // One timer per connection, looked at once: the first request must have started by then.
+    let first_request = tokio::time::sleep_until(accepted + shared.handshake_timeout);
+    tokio::pin!(first_request);
+    let mut awaiting_first = true;
     let mut shutdown = shared.shutdown.clone();
     let mut closing = false;
     loop {
@@ -185,6 +198,15 @@ where
                 }
                 return;
             }
+            _ = first_request.as_mut(), if awaiting_first => {
+                awaiting_first = false;
+                if !activity.started.load(Ordering::Relaxed) {
+                    // Nothing was ever asked, so nothing is lost: close without ceremony
+                    // (a graceful HTTP/2 close would wait for a PING the peer need not send).
+                    tracing::debug!(client = %remote, "no request head before the deadline; closing");
+                    return;
+                }
+            }
             _ = tokio::time::sleep(wait), if !closing => {
                 if activity.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= shared.idle_timeout {
                     conn.as_mut().graceful_shutdown();
@@ -199,12 +221,15 @@ where
     }
 }
 
-/// When a connection last moved bytes, and how many requests it has in flight.
+/// When a connection last moved bytes, how many requests it has in flight, and whether it
+/// has made any.
 struct Activity {
     epoch: tokio::time::Instant,
     /// Milliseconds since `epoch` of the last read or write.
     last_ms: AtomicU64,
     inflight: AtomicUsize,
+    /// A request head has been received.
+    started: AtomicBool,
 }
 
 impl Activity {
@@ -213,6 +238,7 @@ impl Activity {
             epoch: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
         }
     }
 

@@ -539,6 +539,8 @@ pub struct ChildGateway {
     child: Child,
     /// The traffic listener's bound address, read from the `listening` log line.
     pub addr: SocketAddr,
+    /// The admin listener's bound address, read from the `admin listening` log line.
+    pub admin_addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -571,24 +573,34 @@ impl ChildGateway {
                 let Ok(v) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };
-                if v["message"] == "listening" {
-                    if let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                        let _ = tx.send(addr);
-                    }
+                let admin = match v["message"].as_str() {
+                    Some("listening") => false,
+                    Some("admin listening") => true,
+                    _ => continue,
+                };
+                if let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    let _ = tx.send((admin, addr));
                 }
             }
         });
-        let addr: SocketAddr = match rx.recv_timeout(TIMEOUT) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("tidegate did not log its listening address: {e}");
+        // The traffic listener is logged first, then the admin listener.
+        let mut addrs: [Option<SocketAddr>; 2] = [None, None];
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while addrs.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((admin, a)) => addrs[usize::from(admin)] = Some(a),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("tidegate did not log its listening addresses: {e}");
+                }
             }
-        };
+        }
         Self {
             child,
-            addr,
+            addr: addrs[0].expect("set above"),
+            admin_addr: addrs[1].expect("set above"),
             _dir: dir,
         }
     }
@@ -601,6 +613,11 @@ impl ChildGateway {
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// File descriptors the child has open now.
+    pub fn fd_count(&self) -> usize {
+        fd_count(self.child.id())
     }
 }
 
@@ -668,4 +685,32 @@ impl Drop for RssSampler {
             let _ = t.join();
         }
     }
+}
+
+// === file descriptors and latency figures ===
+
+/// The soft limit on open file descriptors of this process (`Max open files` in
+/// `/proc/self/limits`; child processes inherit it). `None` when unlimited or unreadable.
+pub fn fd_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// File descriptors process `pid` has open now (entries of `/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// The `p` quantile (`0.0..=1.0`, nearest rank) of `samples`, which it sorts. Zero when
+/// there are none.
+pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+    samples[rank - 1]
 }

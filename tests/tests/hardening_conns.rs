@@ -524,16 +524,27 @@ async fn stream_flood(
     (outcomes, ended)
 }
 
-/// Latencies (with when each started) of a healthy h2c client sending `GET /healthy` one
-/// at a time until `stop`. Panics on any failed or non-200 request.
-async fn healthy_h2(addr: SocketAddr, stop: Arc<AtomicBool>) -> Vec<(Instant, Duration)> {
+/// One healthy request: when it started, how long it took, and its failure if it failed.
+type Sample = (Instant, Duration, Option<String>);
+
+/// A healthy h2c client sending `GET /healthy` one at a time until `stop`.
+async fn healthy_h2(addr: SocketAddr, stop: Arc<AtomicBool>) -> Vec<Sample> {
     let client = tidegate_tests::h2c_client();
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
-        let r = tidegate_tests::get(&client, addr, "/healthy").await;
-        out.push((t, t.elapsed()));
-        assert_eq!(r.status, 200, "a healthy h2 request failed: {}", r.text());
+        let req = http::Request::get(format!("http://{addr}/healthy"))
+            .body(tidegate_tests::full(Bytes::new()))
+            .expect("a valid request");
+        let failure = match tokio::time::timeout(TIMEOUT, client.request(req)).await {
+            Err(_) => Some("timed out".to_owned()),
+            Ok(Err(e)) => Some(format!("{e}")),
+            Ok(Ok(resp)) => {
+                let r = tidegate_tests::read_reply(resp).await;
+                (r.status != 200).then(|| format!("{} {}", r.status, r.text()))
+            }
+        };
+        out.push((t, t.elapsed(), failure));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     out
@@ -625,20 +636,19 @@ fn h2_rapid_reset_and_stream_floods_are_cut_off() {
     let attack_end = Instant::now();
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
-    let samples = gw_rt
-        .block_on(healthy)
-        .expect("the healthy client succeeded throughout");
+    let samples = gw_rt.block_on(healthy).expect("the healthy client joins");
 
     let mut base: Vec<Duration> = samples
         .iter()
-        .filter(|(t, _)| *t < attack_start)
-        .map(|(_, d)| *d)
+        .filter(|(t, _, _)| *t < attack_start)
+        .map(|(_, d, _)| *d)
         .collect();
     let mut hit: Vec<Duration> = samples
         .iter()
-        .filter(|(t, _)| *t >= attack_start && *t < attack_end)
-        .map(|(_, d)| *d)
+        .filter(|(t, _, _)| *t >= attack_start && *t < attack_end)
+        .map(|(_, d, _)| *d)
         .collect();
+    let failed: Vec<&String> = samples.iter().filter_map(|(_, _, f)| f.as_ref()).collect();
     let (b, h) = (summary(&mut base), summary(&mut hit));
     let opened: Vec<usize> = resets.iter().map(|(n, _)| *n).collect();
     let calm = resets
@@ -651,7 +661,7 @@ fn h2_rapid_reset_and_stream_floods_are_cut_off() {
          {reset_hits} requests reached the upstream; flood of {FLOOD} streams: {flood:?}, \
          connection {flood_end:?}, {flood_hits} reached the upstream; oversized header list: \
          {big}, next request {after}; healthy h2 p50/p99 {:?}/{:?} baseline ({} samples), \
-         {:?}/{:?} attacked ({} samples)",
+         {:?}/{:?} attacked ({} samples), {} failed {:?}",
         resets.len(),
         opened.iter().min(),
         opened.iter().max(),
@@ -661,6 +671,8 @@ fn h2_rapid_reset_and_stream_floods_are_cut_off() {
         h.0,
         h.1,
         hit.len(),
+        failed.len(),
+        failed.first(),
     );
     eprintln!("h2: {report}");
 
@@ -703,6 +715,10 @@ fn h2_rapid_reset_and_stream_floods_are_cut_off() {
     assert_eq!(
         after, 200,
         "the connection is still usable after a refused stream"
+    );
+    assert!(
+        failed.is_empty(),
+        "healthy h2 requests failed during the attacks\n{report}"
     );
     assert!(
         h.1 <= allowed(b.1, Duration::from_millis(50)),

@@ -35,8 +35,8 @@ pub struct AdminState {
     pub gateway: Arc<crate::gateway::Gateway>,
     /// The reloader, for `/admin/config` (absent when not started from a file).
     pub reloader: Option<Arc<crate::reload::Reloader>>,
-    /// The dashboard's status document, for `/admin/status.json` (built once a second by
-    /// [`crate::stats::sample`]).
+    /// The dashboard's status document, for `/admin/status.json` (sampled once a second by
+    /// [`crate::stats::sample`], serialized when asked for).
     pub stats: Arc<crate::stats::Stats>,
 }
 

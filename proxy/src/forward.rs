@@ -51,6 +51,8 @@ pub struct Upstream {
     embedded: Option<SocketAddr>,
     /// Unique per built upstream: what a [`ConnCache`] entry is keyed by.
     id: u64,
+    /// Its `tidegate_upstream_latency_seconds` series, looked up once.
+    latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// One endpoint of an upstream.
@@ -214,6 +216,23 @@ impl Upstream {
             spec: spec.clone(),
             embedded,
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
+            latency: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Its series of `tidegate_upstream_latency_seconds` in `metrics` (the gateway's one
+    /// registry), looked up on first use.
+    pub fn latency_histogram(
+        &self,
+        metrics: &crate::metrics::Metrics,
+    ) -> &prometheus_client::metrics::histogram::Histogram {
+        self.latency.get_or_init(|| {
+            metrics
+                .upstream_latency
+                .get_or_create(&crate::metrics::UpstreamLabels {
+                    upstream: self.name.clone(),
+                })
+                .clone()
         })
     }
 
@@ -301,14 +320,20 @@ impl Upstream {
                 }
             };
             *req.version_mut() = Version::HTTP_11;
-            *req.uri_mut() = Uri::from_parts({
-                let mut p = http::uri::Parts::default();
-                p.scheme = Some(Scheme::HTTP);
-                p.authority = Some(ep.authority.clone());
-                p.path_and_query = Some(path.clone());
-                p
-            })
-            .expect("scheme, authority and path make a URI");
+            // A connection of our own speaks to this endpoint only: the origin-form target
+            // is enough. The shared pool picks its connection by the absolute URI.
+            *req.uri_mut() = if cache.is_some() {
+                Uri::from(path.clone())
+            } else {
+                Uri::from_parts({
+                    let mut p = http::uri::Parts::default();
+                    p.scheme = Some(Scheme::HTTP);
+                    p.authority = Some(ep.authority.clone());
+                    p.path_and_query = Some(path.clone());
+                    p
+                })
+                .expect("scheme, authority and path make a URI")
+            };
 
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             let res = match &cache {
@@ -364,13 +389,7 @@ impl Upstream {
     ) -> Result<Response<Incoming>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
-        // The connection speaks to this endpoint only: origin-form target, and a Host.
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
+        // The request's target is in origin form already; it still needs a Host.
         if !req.headers().contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
                 req.headers_mut().insert(header::HOST, v);
@@ -611,6 +630,11 @@ impl Body for UpBody {
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, the headers it names, and the
 /// fixed set that only ever describes one connection.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard ones compare as enum
+    // tags) is cheaper than hashing seven names for removals that find nothing.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = h.get(header::CONNECTION) {
         // Rare path: only when a client names extra headers.
         let named: Vec<HeaderName> = h
@@ -625,7 +649,15 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in [
+    for n in hop_by_hop() {
+        h.remove(n);
+    }
+}
+
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`).
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -633,9 +665,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
-    ] {
-        h.remove(n);
-    }
+    ]
+}
+
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    hop_by_hop().contains(&n)
 }
 
 /// Carry the authority the client addressed to the upstream as `Host`. An HTTP/2 request

@@ -204,11 +204,9 @@ async fn start_inner(
         shutdown_rx.clone(),
     )));
 
-    let stats = Arc::new(stats::Stats::new());
+    let stats = Arc::new(stats::Stats::new(gateway.clone(), reloader.clone()));
     tasks.push(tokio::spawn(stats::sample(
         stats.clone(),
-        gateway.clone(),
-        reloader.clone(),
         shutdown_rx.clone(),
     )));
 

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ const SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct KeyStore {
     shards: Box<[Mutex<Table>]>,
+    /// Whether a key may be tracked: set when one is inserted, cleared by a sweep that
+    /// leaves every shard empty, so sweeping a limiter nobody used costs one load (a
+    /// thousand rules with a few busy ones is the common shape).
+    used: AtomicBool,
 }
 
 type Table = HashMap<u64, u64, BuildHasherDefault<MixHasher>>;
@@ -186,6 +191,7 @@ impl KeyStore {
     pub fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -223,6 +229,9 @@ impl StateStore for KeyStore {
             Entry::Vacant(e) => {
                 let (out, tat) = f(None)?;
                 e.insert(tat.into());
+                if !self.used.load(Ordering::Relaxed) {
+                    self.used.store(true, Ordering::Relaxed);
+                }
                 Ok(out)
             }
         }
@@ -231,17 +240,26 @@ impl StateStore for KeyStore {
 
 impl ShrinkableKeyedStateStore<u64> for KeyStore {
     fn retain_recent(&self, drop_below: Nanos) {
+        // Cleared first: a key inserted while the sweep runs sets it again.
+        if !self.used.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let drop_below: u64 = drop_below.into();
+        let mut left = false;
         for shard in &*self.shards {
             // One shard at a time: requests wait for at most one shard's sweep.
             let mut t = Self::lock(shard);
             t.retain(|_, tat| *tat > drop_below);
+            left |= !t.is_empty();
             // Give memory back once the table is mostly empty (not on every sweep: regrowing
             // costs more than the slack).
             if t.capacity() > 64 && t.len() * 4 < t.capacity() {
                 let keep = t.len() * 2;
                 t.shrink_to(keep);
             }
+        }
+        if left {
+            self.used.store(true, Ordering::Relaxed);
         }
     }
 

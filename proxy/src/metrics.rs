@@ -4,8 +4,8 @@
 //! outcome classes, never request data such as user IDs, so the number of series is bounded
 //! by the config, not by traffic.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -160,6 +160,61 @@ pub struct Metrics {
     pub overload_queue_delay_seconds: Gauge<f64, AtomicU64>,
     /// 1 if the last window was overloaded.
     pub overload_overloaded: Gauge,
+}
+
+/// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
+/// status class) it has answered: looked up in the family on first use, then reused, so the
+/// request path pays one atomic add instead of hashing a label set under the family's lock.
+#[derive(Debug)]
+pub struct RequestSeries {
+    /// Upstream slots per interface: the runtime's upstreams, then `none`.
+    upstreams: usize,
+    /// Per interface (then one for `none`): `upstreams × 5` cells, allocated on first use.
+    cells: Box<[OnceLock<Box<[OnceLock<Counter>]>>]>,
+}
+
+// === impl RequestSeries ===
+
+impl RequestSeries {
+    /// Room for `interfaces` interfaces and `upstreams` upstreams (each plus `none`).
+    pub fn new(interfaces: usize, upstreams: usize) -> Self {
+        Self {
+            upstreams: upstreams + 1,
+            cells: (0..=interfaces).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The counter of interface `iface` (`None`: no interface), upstream `upstream` (`None`:
+    /// answered locally) and `status`'s class; `labels` names them on first use.
+    pub fn counter(
+        &self,
+        metrics: &Metrics,
+        iface: Option<usize>,
+        upstream: Option<usize>,
+        status: http::StatusCode,
+        labels: impl FnOnce() -> (Name, Name),
+    ) -> &Counter {
+        let row = iface
+            .unwrap_or(self.cells.len() - 1)
+            .min(self.cells.len() - 1);
+        let col = upstream
+            .unwrap_or(self.upstreams - 1)
+            .min(self.upstreams - 1);
+        let class = (usize::from(status.as_u16() / 100)).clamp(1, 5) - 1;
+        let cells = self.cells[row]
+            .get_or_init(|| (0..self.upstreams * 5).map(|_| OnceLock::new()).collect());
+        cells[col * 5 + class].get_or_init(|| {
+            let (interface, upstream) = labels();
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    interface,
+                    upstream,
+                    status: status_class(status),
+                })
+                .clone()
+        })
+    }
 }
 
 // === impl Name ===

@@ -7,22 +7,23 @@
 //! - On the request path, [`Counters`] (one per runtime, indexed like the snapshot, so the
 //!   label set is closed) take one relaxed atomic add per outcome, one per latency bucket and
 //!   one per canary split decision. No lock, no allocation, no lookup by name.
-//! - Once a second, [`sample`] (a background task) swaps every counter to zero, appends the
-//!   second to a ring of [`HISTORY_SECS`] buckets, and builds the whole status document,
-//!   serialized once. The admin endpoint then answers with a clone of those bytes: its cost
-//!   does not depend on the traffic or on the number of rules.
+//! - Once a second, [`sample`] (a background task) swaps every counter to zero and appends the
+//!   second to a ring of [`HISTORY_SECS`] buckets. The status document is built and
+//!   serialized only when asked for, at most once per second whoever asks (the admin
+//!   endpoint, on the admin thread, then answers with a clone of those bytes): a gateway with
+//!   no dashboard open spends nothing on it, and a thousand rules do not cost the request
+//!   path a JSON document a second.
 //!
 //! Counters are carried over a reload by name (interfaces, upstreams, split targets), like
 //! limiter state, so a reload loses no counts and the swap-to-zero sampling stays exact.
 //! Limit decisions are not counted twice: the sampler reads the limit rules' Prometheus
 //! counters (already one atomic per decision) and takes differences.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::Response;
 use rules::route::RouteAction;
@@ -72,6 +73,9 @@ pub struct Counters {
     /// By route rule (indexed like `snapshot.routes`): forwarded requests per split target;
     /// empty for a rule with one upstream.
     splits: Vec<Vec<Arc<AtomicU64>>>,
+    /// This runtime's `tidegate_requests_total` handles (not carried over: the family keeps
+    /// the counts, a new runtime just looks its handles up again).
+    requests: crate::metrics::RequestSeries,
 }
 
 /// Requests by [`Class`].
@@ -91,10 +95,25 @@ pub struct Tally {
     upstream: Option<u32>,
 }
 
-/// The dashboard's published state: the latest status document, serialized.
-#[derive(Debug)]
+/// The dashboard's state: the sampled history, and its status document serialized on demand
+/// (at most once per sample, whoever asks; never while nobody asks, so a gateway without a
+/// dashboard open spends nothing on it beyond the once-a-second sample).
 pub struct Stats {
-    latest: ArcSwap<Bytes>,
+    gateway: Arc<Gateway>,
+    reloader: Option<Arc<crate::reload::Reloader>>,
+    inner: Mutex<Sampled>,
+}
+
+struct Sampled {
+    history: History,
+    /// The document of the current sample, once asked for.
+    doc: Option<Bytes>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
 }
 
 // === impl ClassCounts ===
@@ -229,6 +248,10 @@ impl Counters {
             })
             .collect();
         Self {
+            requests: crate::metrics::RequestSeries::new(
+                snap.interfaces.len(),
+                snap.upstreams.len(),
+            ),
             interfaces,
             upstreams,
             splits,
@@ -271,6 +294,34 @@ impl Counters {
 // === impl Tally ===
 
 impl Tally {
+    /// Count the answered request in `tidegate_requests_total`: under its interface, the
+    /// upstream it was `forwarded` to (or `none`) and its status class. `labels` gives the
+    /// interface and upstream names the first time this runtime counts that series.
+    pub fn count_request(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        forwarded: bool,
+        status: http::StatusCode,
+        labels: impl FnOnce() -> crate::metrics::RequestLabels,
+    ) {
+        let upstream = match (forwarded, self.upstream) {
+            (false, _) => None,
+            (true, Some(u)) => Some(u as usize),
+            // Not one of this runtime's upstreams (never expected): no cell to cache in.
+            (true, None) => {
+                metrics.requests.get_or_create(&labels()).inc();
+                return;
+            }
+        };
+        self.counters
+            .requests
+            .counter(metrics, Some(self.iface as usize), upstream, status, || {
+                let l = labels();
+                (l.interface, l.upstream)
+            })
+            .inc();
+    }
+
     /// Count the answered request: its class (from the response's [`Class`] tag for local
     /// answers, else from who made it and its status) and, for a forwarded request, the
     /// time from its arrival to the response head.
@@ -306,40 +357,41 @@ impl Tally {
 
 impl Stats {
     /// Nothing sampled yet.
-    pub fn new() -> Self {
+    pub fn new(gateway: Arc<Gateway>, reloader: Option<Arc<crate::reload::Reloader>>) -> Self {
         Self {
-            latest: ArcSwap::from_pointee(Bytes::from_static(b"{\"sampled\":false}")),
+            gateway,
+            reloader,
+            inner: Mutex::new(Sampled {
+                history: History::new(unix_ms()),
+                doc: None,
+            }),
         }
     }
 
-    /// The latest status document (JSON), as built by the sampler.
+    /// The status document (JSON) of the latest sample, serialized on first request.
     pub fn latest(&self) -> Bytes {
-        Bytes::clone(&self.latest.load())
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(doc) = &s.doc {
+            return doc.clone();
+        }
+        let rt = self.gateway.runtime.load_full();
+        let doc = s.history.document(&rt, self.reloader.as_deref());
+        let bytes = Bytes::from(serde_json::to_vec(&doc).expect("the status document serializes"));
+        s.doc = Some(bytes.clone());
+        bytes
+    }
+
+    /// Take one second of counts from the live runtime.
+    fn tick(&self) {
+        let rt = self.gateway.runtime.load_full();
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.history.push(&rt, unix_ms());
+        s.doc = None;
     }
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Sample the live runtime once a second until shutdown, publishing the status document
-/// into `stats` after each sample (and once at start).
-pub async fn sample(
-    stats: Arc<Stats>,
-    gateway: Arc<Gateway>,
-    reloader: Option<Arc<crate::reload::Reloader>>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut history = History::new(unix_ms());
-    let publish = |h: &History| {
-        let rt = gateway.runtime.load_full();
-        let doc = h.document(&rt, reloader.as_deref());
-        let bytes = serde_json::to_vec(&doc).expect("the status document serializes");
-        stats.latest.store(Arc::new(Bytes::from(bytes)));
-    };
-    publish(&history);
+/// Sample the live runtime into `stats` once a second until shutdown.
+pub async fn sample(stats: Arc<Stats>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate
@@ -348,9 +400,7 @@ pub async fn sample(
             _ = tick.tick() => {}
             _ = crate::server::stopped(&mut shutdown) => return,
         }
-        let rt = gateway.runtime.load_full();
-        history.push(&rt, unix_ms());
-        publish(&history);
+        stats.tick();
     }
 }
 
@@ -382,8 +432,11 @@ struct History {
     limits: HashMap<Box<str>, VecDeque<[u32; 3]>>,
     /// Per limit rule: the Prometheus counters' values at the previous sample.
     limit_prev: HashMap<Box<str>, [u64; 3]>,
-    /// Per (route rule, target upstream): forwarded requests of each second.
-    splits: HashMap<(Box<str>, Box<str>), VecDeque<u32>>,
+    /// Per route rule, per target upstream: forwarded requests of each second.
+    splits: HashMap<Box<str>, HashMap<Box<str>, VecDeque<u32>>>,
+    /// Identity of the runtime sampled last (its counters' address): a change means a
+    /// reload, after which series of names that left the config are dropped.
+    layout: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -405,6 +458,15 @@ fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
     }
 }
 
+/// The ring of `name` in `map`, created empty (to be zero-filled by [`push_ring`]) for a new
+/// name. A lookup by `&str`: no allocation unless the name is new.
+fn ring_of<'m, T>(map: &'m mut HashMap<Box<str>, VecDeque<T>>, name: &str) -> &'m mut VecDeque<T> {
+    if !map.contains_key(name) {
+        map.insert(name.into(), VecDeque::new());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
 fn last_n<T>(ring: &VecDeque<T>, n: usize) -> impl Iterator<Item = &T> {
     ring.iter().skip(ring.len().saturating_sub(n))
 }
@@ -422,10 +484,12 @@ impl History {
             limits: HashMap::new(),
             limit_prev: HashMap::new(),
             splits: HashMap::new(),
+            layout: 0,
         }
     }
 
-    /// Take one second of counts from the live runtime.
+    /// Take one second of counts from the live runtime. Rings are updated in place; only
+    /// when the runtime changed (a reload) are series that left the config dropped.
     fn push(&mut self, rt: &crate::gateway::Runtime, now_ms: u64) {
         if self.t_ms.len() == HISTORY_SECS {
             self.first_start_ms = self.t_ms.pop_front().unwrap_or(self.first_start_ms);
@@ -434,74 +498,105 @@ impl History {
         let len = self.t_ms.len();
         let snap = &rt.snapshot;
         let c = &rt.stats;
+        let layout = Arc::as_ptr(c) as usize;
+        let reloaded = std::mem::replace(&mut self.layout, layout) != layout;
 
-        let mut seen: HashMap<Box<str>, VecDeque<[u32; CLASSES]>> = HashMap::new();
         for (i, itf) in snap.interfaces.iter().enumerate() {
-            let mut ring = self.interfaces.remove(&itf.name).unwrap_or_default();
-            push_ring(&mut ring, len, c.interfaces[i].take().map(|n| n as u32));
-            seen.insert(itf.name.clone(), ring);
+            let counts = c.interfaces[i].take().map(|n| n as u32);
+            push_ring(ring_of(&mut self.interfaces, &itf.name), len, counts);
         }
-        self.interfaces = seen;
         let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
         push_ring(&mut self.unclassified, len, none);
 
-        let mut lat = HashMap::new();
-        let mut recent = HashMap::new();
         for (i, u) in snap.upstreams.iter().enumerate() {
             let h = c.upstreams[i].take();
-            let mut ring = self.latency.remove(&u.name).unwrap_or_default();
             let second = LatSecond {
                 count: h.iter().sum(),
                 p50_ms: quantile_ms(&h, 0.50).map(|v| v as f32),
                 p99_ms: quantile_ms(&h, 0.99).map(|v| v as f32),
             };
-            push_ring(&mut ring, len, second);
-            lat.insert(u.name.clone(), ring);
-            let mut hr = self.recent_hist.remove(&u.name).unwrap_or_default();
+            push_ring(ring_of(&mut self.latency, &u.name), len, second);
+            let hr = ring_of(&mut self.recent_hist, &u.name);
             hr.push_back(h);
             while hr.len() > RATE_WINDOW_SECS {
                 hr.pop_front();
             }
-            recent.insert(u.name.clone(), hr);
         }
-        self.latency = lat;
-        self.recent_hist = recent;
 
-        let mut limits = HashMap::new();
-        let mut prev = HashMap::new();
         for lim in &rt.governors.limiters.rules {
             let now: [u64; 3] = lim
                 .counters
                 .get()
                 .map_or([0; 3], |cs| std::array::from_fn(|i| cs[i].get()));
-            let name: Box<str> = lim.name.0.as_ref().into();
-            let before = self.limit_prev.get(&name).copied().unwrap_or(now);
+            let name: &str = &lim.name.0;
+            let prev = match self.limit_prev.get_mut(name) {
+                Some(p) => p,
+                None => self.limit_prev.entry(name.into()).or_insert(now),
+            };
+            let before = std::mem::replace(prev, now);
             let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
-            let mut ring = self.limits.remove(&name).unwrap_or_default();
-            push_ring(&mut ring, len, delta);
-            limits.insert(name.clone(), ring);
-            prev.insert(name, now);
+            push_ring(ring_of(&mut self.limits, name), len, delta);
         }
-        self.limits = limits;
-        self.limit_prev = prev;
 
-        let mut splits = HashMap::new();
         for (ri, r) in snap.routes.iter().enumerate() {
             let RouteAction::Split(targets) = &r.action else {
                 continue;
             };
+            let rule = match self.splits.get_mut(&r.name) {
+                Some(m) => m,
+                None => self.splits.entry(r.name.clone()).or_default(),
+            };
             for (ti, t) in targets.iter().enumerate() {
-                let key = (
-                    r.name.clone(),
-                    snap.upstreams[t.upstream.0 as usize].name.clone(),
-                );
+                let up = &snap.upstreams[t.upstream.0 as usize].name;
                 let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
-                let mut ring = self.splits.remove(&key).unwrap_or_default();
-                push_ring(&mut ring, len, n);
-                splits.insert(key, ring);
+                push_ring(ring_of(rule, up), len, n);
             }
         }
-        self.splits = splits;
+
+        if reloaded {
+            self.prune(rt);
+        }
+    }
+
+    /// Drop the series of names the runtime no longer has.
+    fn prune(&mut self, rt: &crate::gateway::Runtime) {
+        let snap = &rt.snapshot;
+        let interfaces: HashSet<&str> = snap.interfaces.iter().map(|i| &*i.name).collect();
+        self.interfaces.retain(|k, _| interfaces.contains(&**k));
+        let upstreams: HashSet<&str> = snap.upstreams.iter().map(|u| &*u.name).collect();
+        self.latency.retain(|k, _| upstreams.contains(&**k));
+        self.recent_hist.retain(|k, _| upstreams.contains(&**k));
+        let limits: HashSet<&str> = rt
+            .governors
+            .limiters
+            .rules
+            .iter()
+            .map(|l| &*l.name.0)
+            .collect();
+        self.limits.retain(|k, _| limits.contains(&**k));
+        self.limit_prev.retain(|k, _| limits.contains(&**k));
+        let splits: HashMap<&str, HashSet<&str>> = snap
+            .routes
+            .iter()
+            .filter_map(|r| match &r.action {
+                RouteAction::Split(targets) => Some((
+                    &*r.name,
+                    targets
+                        .iter()
+                        .map(|t| &*snap.upstreams[t.upstream.0 as usize].name)
+                        .collect(),
+                )),
+                RouteAction::Upstream(_) => None,
+            })
+            .collect();
+        self.splits
+            .retain(|rule, targets| match splits.get(&**rule) {
+                Some(keep) => {
+                    targets.retain(|up, _| keep.contains(&**up));
+                    true
+                }
+                None => false,
+            });
     }
 
     /// Seconds covered by the last `n` buckets, and that window's start and end.
@@ -665,13 +760,13 @@ impl History {
                 let counts: Vec<u64> = targets
                     .iter()
                     .map(|t| {
-                        let key = (
-                            r.name.clone(),
-                            snap.upstreams[t.upstream.0 as usize].name.clone(),
-                        );
-                        self.splits.get(&key).map_or(0, |ring| {
-                            last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
-                        })
+                        let up = &*snap.upstreams[t.upstream.0 as usize].name;
+                        self.splits
+                            .get(&r.name)
+                            .and_then(|m| m.get(up))
+                            .map_or(0, |ring| {
+                                last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
+                            })
                     })
                     .collect();
                 let total: u64 = counts.iter().sum();

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# User-space instructions per request of Tidegate's request path, under callgrind: the
+# steady figure to compare code changes on a noisy machine (scheduler noise does not change
+# instruction counts). Starts bench-backend, Tidegate (bench-config rules|norules) under
+# valgrind with collection off, warms up, switches collection on for a fixed open-loop run of
+# the peer request, and prints instructions per request plus the top functions.
+#
+#   benches/peers/profile.sh [rules|norules]     # RATE (400 req/s), SECS (10), CONNS (10)
+#
+# Needs valgrind. Uses the release binaries in target/release (build them first).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+MODE=${1:-rules}
+RATE=${RATE:-400}
+SECS=${SECS:-10}
+CONNS=${CONNS:-10}
+BIN=$ROOT/target/release
+DIR=$(mktemp -d /tmp/tidegate-profile.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listening on $1" >&2; return 1
+}
+BACK=$(port); LISTEN=$(port); ADMIN=$(port)
+"$BIN/bench-backend" "127.0.0.1:$BACK" >"$DIR/backend.log" 2>&1 &
+PIDS+=($!)
+"$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
+    --callgrind-out-file="$DIR/callgrind.out" \
+    "$BIN/tidegate" run --config "$DIR/gw.json" >"$DIR/gw.log" 2>&1 &
+VG=$!
+PIDS+=($VG)
+wait_port "$BACK"; wait_port "$LISTEN"
+sed -e "s#http://127.0.0.1:8080#http://127.0.0.1:$LISTEN#" \
+    -e "s#\"from\": 10000#\"from\": $RATE#" -e "s#\"secs\": 5#\"secs\": $SECS#" \
+    "$ROOT/benches/scenarios/peer-get.json" >"$DIR/scenario.json"
+# Warm-up: connections opened, limiter keys and metric series created.
+"$BIN/tidegate-pressure" "$DIR/scenario.json" --connections "$CONNS" --threads 1 --quiet \
+    --time-scale 0.3 --seed 7 >/dev/null
+callgrind_control -i on "$VG" >/dev/null
+"$BIN/tidegate-pressure" "$DIR/scenario.json" --connections "$CONNS" --threads 1 --quiet \
+    --json "$DIR/run.json" | tee "$DIR/run.txt"
+callgrind_control -d "$VG" >/dev/null
+callgrind_control -i off "$VG" >/dev/null || true
+sleep 1
+set +o pipefail
+REQS=$(python3 -c "import json;print(json.load(open('$DIR/run.json'))['overall']['offered'])")
+OUTF=$(ls -S "$DIR"/callgrind.out* | head -1)
+IR=$(callgrind_annotate "$OUTF" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}')
+echo "mode=$MODE requests=$REQS instructions=$IR per_request=$(( REQS > 0 ? IR / REQS : 0 ))"
+callgrind_annotate --inclusive=no "$OUTF" 2>/dev/null | sed -n '/file:function/,$p' | head -45
+cp "$OUTF" "/tmp/tidegate-profile-$MODE.out"
+echo "profile kept in /tmp/tidegate-profile-$MODE.out"

@@ -312,13 +312,45 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
 }
 
+/// Connections the kernel holds for an accept loop: those beyond `max_connections`, and
+/// bursts of new connections, wait here. The usual 128 overflows under connection churn
+/// (a slowloris swarm reconnecting): the kernel then drops SYNs, or the handshake's last
+/// ACK, and clients stall for a retransmission. The kernel caps it at
+/// `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 1024;
+
 /// Bind a listener address.
 pub async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr)
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-    let local = l.local_addr()?;
-    Ok((l, local))
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?
+    {
+        match listen(sa) {
+            Ok(l) => {
+                let local = l.local_addr()?;
+                return Ok((l, local));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow::anyhow!("binding {addr}: {e}"),
+        None => anyhow::anyhow!("binding {addr}: no address"),
+    })
+}
+
+/// A listening socket on `sa` with [`ACCEPT_BACKLOG`] (and `SO_REUSEADDR`, as the standard
+/// library sets it).
+fn listen(sa: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(sa)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Resolve once `rx` reads `true` (or its sender is gone).

@@ -34,9 +34,9 @@ BACK=$(port); LISTEN=$(port); ADMIN=$(port)
 "$BIN/bench-backend" "127.0.0.1:$BACK" >"$DIR/backend.log" 2>&1 &
 PIDS+=($!)
 "$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
-TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
+valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$DIR/callgrind.out" \
-    "$BIN/tidegate" run --config "$DIR/gw.json" >"$DIR/gw.log" 2>&1 &
+    "$BIN/tidegate" run --config "$DIR/gw.json" --workers "${WORKERS:-1}" >"$DIR/gw.log" 2>&1 &
 VG=$!
 PIDS+=($VG)
 wait_port "$BACK"; wait_port "$LISTEN"

@@ -93,7 +93,7 @@ start_tidegate() { # name rules|norules
     local p a
     p=$(port); a=$(port)
     "$BIN/bench-config" "$2" "127.0.0.1:$p" "127.0.0.1:$a" "127.0.0.1:$BACKEND_PORT" >"$DIR/$1.json"
-    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN/tidegate" run --config "$DIR/$1.json" >"$DIR/$1.log" 2>&1 &
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN/tidegate" run --config "$DIR/$1.json" --workers 1 >"$DIR/$1.log" 2>&1 &
     PID[$1]=$!; PIDS+=($!); PORT[$1]=$p
     wait_port "$p"
 }

@@ -104,8 +104,11 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
-        #[pin]
-        idle: tokio::time::Sleep,
+        // Armed only when the upstream makes us wait: a body that is already there (most
+        // small responses) never touches the timer wheel.
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Whether `idle` counts from the current wait (disarmed by each piece of data).
+        armed: bool,
         timeout: Duration,
     }
 }
@@ -133,7 +136,8 @@ pub struct ConnInfo {
 }
 
 /// A downstream connection's own upstream connection, reused by its requests one after the
-/// other. The server puts an `Arc<ConnCache>` in the extensions of every HTTP/1.x request.
+/// other. The server passes it to [`crate::gateway::Gateway::handle`] with every HTTP/1.x
+/// request.
 #[derive(Debug, Default)]
 pub struct ConnCache {
     /// At most [`CONN_CACHE_MAX`] connections, one per (upstream, endpoint) used lately: a
@@ -267,12 +271,12 @@ impl Upstream {
     /// nothing else is retried, because the upstream may have acted on the request.
     pub async fn forward(
         &self,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         body: Incoming,
         max_body: u64,
+        cache: Option<&ConnCache>,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
-        let cache = parts.extensions.remove::<Arc<ConnCache>>();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let path = parts
             .uri
@@ -523,7 +527,8 @@ impl UpstreamBody {
     fn new(inner: Incoming, timeout: Duration) -> Self {
         Self {
             inner,
-            idle: tokio::time::sleep(timeout),
+            idle: None,
+            armed: false,
             timeout,
         }
     }
@@ -537,20 +542,33 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.idle
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + *this.timeout);
+                *this.armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.idle.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Stalled))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                // The stall deadline counts from the start of this wait for data.
+                let idle = match this.idle {
+                    Some(idle) if *this.armed => idle,
+                    Some(idle) => {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + *this.timeout);
+                        idle
+                    }
+                    None => this
+                        .idle
+                        .insert(Box::pin(tokio::time::sleep(*this.timeout))),
+                };
+                *this.armed = true;
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Stalled))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -691,20 +709,23 @@ pub fn keep_authority(parts: &mut http::request::Parts) {
 
 /// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
 pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
-    if h.contains_key(&X_FORWARDED_FOR) {
-        // Several header lines are one comma-separated list (RFC 9110 §5.3): keep every
-        // hop, in order, not just the first line.
-        let mut v = Vec::with_capacity(64);
-        for prev in h.get_all(&X_FORWARDED_FOR) {
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
+    match h.entry(&X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            // Several header lines are one comma-separated list (RFC 9110 §5.3): keep every
+            // hop, in order, not just the first line.
+            let mut v = Vec::with_capacity(64);
+            for prev in e.iter() {
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(conn.remote_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                e.insert(v);
+            }
         }
-        v.extend_from_slice(conn.remote_ip.as_bytes());
-        if let Ok(v) = HeaderValue::from_bytes(&v) {
-            h.insert(&X_FORWARDED_FOR, v);
+        header::Entry::Vacant(e) => {
+            e.insert(conn.remote_ip.clone());
         }
-    } else {
-        h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
     }
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
 }

@@ -18,7 +18,7 @@ use rules::overload::UserKey;
 use rules::{MatchInput, RequestParts, RouteInput, Snapshot};
 
 use crate::forward::{
-    ConnInfo, Upstream, UpstreamBody, add_forwarded, keep_authority, strip_hop_by_hop,
+    ConnCache, ConnInfo, Upstream, UpstreamBody, add_forwarded, keep_authority, strip_hop_by_hop,
 };
 use crate::govern::{Governors, Target, Verdict, finish_call};
 use crate::metrics::{Metrics, Name, RequestLabels, UpstreamErrorLabels, status_class};
@@ -145,8 +145,14 @@ impl Gateway {
         }
     }
 
-    /// Serve one request.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<RespBody> {
+    /// Serve one request. `cache` is the downstream connection's own upstream connections
+    /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        cache: Option<&ConnCache>,
+    ) -> Response<RespBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto, Host): one
@@ -288,7 +294,8 @@ impl Gateway {
                     strip_hop_by_hop(&mut parts.headers);
                     keep_authority(&mut parts);
                     add_forwarded(&mut parts.headers, conn);
-                    up.forward(parts, body, self.settings.max_body_bytes).await
+                    up.forward(parts, body, self.settings.max_body_bytes, cache)
+                        .await
                 }
             };
 
@@ -380,13 +387,13 @@ impl Gateway {
     fn next_request_id(&self) -> HeaderValue {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 33];
-        let s = format_hex(self.id_prefix, n, &mut buf);
-        HeaderValue::from_str(s).expect("hex is a valid header value")
+        HeaderValue::from_bytes(format_hex(self.id_prefix, n, &mut buf))
+            .expect("hex is a valid header value")
     }
 }
 
 /// `{prefix:016x}-{n:016x}` into `buf`, without allocating.
-fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &str {
+fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for (i, b) in buf[..16].iter_mut().enumerate() {
         *b = HEX[((prefix >> (60 - 4 * i)) & 0xf) as usize];
@@ -395,7 +402,7 @@ fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &str {
     for (i, b) in buf[17..].iter_mut().enumerate() {
         *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    std::str::from_utf8(buf).expect("ASCII")
+    buf
 }
 
 #[cfg(test)]
@@ -408,7 +415,7 @@ mod tests {
         let mut a = [0u8; 33];
         assert_eq!(
             format_hex(0xabc, 1, &mut a),
-            "0000000000000abc-0000000000000001"
+            b"0000000000000abc-0000000000000001"
         );
     }
 }

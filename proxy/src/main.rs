@@ -23,6 +23,12 @@ enum Command {
         /// The config file.
         #[arg(long, short, default_value = "config/tidegate.json")]
         config: PathBuf,
+        /// Threads serving traffic. Default: one per CPU core (or `TOKIO_WORKER_THREADS`).
+        /// `1` runs the whole request path on one thread's event loop, like one nginx
+        /// worker: the cheapest per request when the process is pinned to one core. The
+        /// admin port always has a thread of its own.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Check a config file, like `nginx -t`: exit 0 with a summary, or 1 with every error.
     Check {
@@ -128,7 +134,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
+        Command::Run { config, workers } => {
             let loaded = match tidegate::config::read_config(&config) {
                 Ok(l) => l,
                 Err(errors) => {
@@ -140,10 +146,18 @@ fn main() -> ExitCode {
             };
             init_tracing(loaded.config.server.access_log.format);
             drop(loaded);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("building the tokio runtime");
+            let rt = match workers {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(usize::from(n));
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            }
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime");
             match rt.block_on(run(&config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -170,8 +170,11 @@ pub struct RequestSeries {
     /// Upstream slots per interface: the runtime's upstreams, then `none`.
     upstreams: usize,
     /// Per interface (then one for `none`): `upstreams × 5` cells, allocated on first use.
-    cells: Box<[OnceLock<Box<[OnceLock<Counter>]>>]>,
+    cells: Box<[OnceLock<SeriesRow>]>,
 }
+
+/// One interface's request counters: by upstream (then `none`), then status class.
+type SeriesRow = Box<[OnceLock<Counter>]>;
 
 // === impl RequestSeries ===
 

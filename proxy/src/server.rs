@@ -157,17 +157,16 @@ where
     let act = activity.clone();
     // This connection's own upstream connection, for its HTTP/1.x requests (one at a time).
     let upstream_conn = Arc::new(ConnCache::default());
-    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+    let info = Arc::new(info);
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = gateway.clone();
         let info = info.clone();
         let act = act.clone();
-        if req.version() != http::Version::HTTP_2 {
-            req.extensions_mut().insert(upstream_conn.clone());
-        }
+        let cache = (req.version() != http::Version::HTTP_2).then(|| upstream_conn.clone());
         async move {
             act.started.store(true, Ordering::Relaxed);
             act.inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = gateway.handle(req, &info).await;
+            let resp = gateway.handle(req, &info, cache.as_deref()).await;
             act.inflight.fetch_sub(1, Ordering::Relaxed);
             act.touch();
             Ok::<_, Infallible>(resp)

@@ -177,9 +177,10 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnLimits {
-    /// Time a client has to send the complete request head, in milliseconds, measured from
-    /// the first byte (an absolute deadline, not reset by each byte). Default: 10000.
-    /// Range: 100..=300000.
+    /// Time a client has to send the complete request head, in milliseconds: from accept for
+    /// a connection's first request (TLS handshake and HTTP/2 preface included), from the
+    /// start of each later HTTP/1 head. An absolute deadline, not reset by each byte.
+    /// Default: 10000. Range: 100..=300000.
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     /// Most bytes of request head (request line + headers) accepted. Default: 65536.

@@ -54,16 +54,21 @@ pub enum Mismatch {
     Header,
 }
 
+/// The index's hasher: looked up several times per request (routes, limits, fallbacks), so
+/// foldhash rather than SipHash. Seeded per process; the tables are built from the config
+/// and only read with request data, so there is no insertion for a client to flood.
+type FastHash = foldhash::fast::RandomState;
+
 /// Rules bucketed by (app, interface). Rule IDs are indices into the caller's rule list.
 #[derive(Debug, Default)]
 pub struct MatchIndex {
-    by_app: HashMap<Box<str>, IfaceTable>,
+    by_app: HashMap<Box<str>, IfaceTable, FastHash>,
     any_app: IfaceTable,
 }
 
 #[derive(Debug, Default)]
 struct IfaceTable {
-    by_iface: HashMap<u32, Vec<u32>>,
+    by_iface: HashMap<u32, Vec<u32>, FastHash>,
     any_iface: Vec<u32>,
 }
 

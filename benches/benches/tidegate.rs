@@ -215,10 +215,53 @@ mod overload {
     }
 }
 
+mod reload {
+    use std::hint::black_box;
+    use std::time::Duration;
+
+    use criterion::{BenchmarkId, Criterion};
+    use tidegate::gateway::Runtime;
+    use tidegate_benches::synthetic_config;
+
+    /// The work a reload does off the request path before its swap: read the file's text
+    /// (parse → validate → compile) and build the runtime from it, carrying limiter,
+    /// breaker, overload and counter state over from the live one. The file watcher's
+    /// debounce is not in it: `reload-bench` times file event to swap end to end.
+    pub(crate) fn bench(c: &mut Criterion) {
+        let mut g = c.benchmark_group("reload/load+build");
+        for n in [10usize, 1_000, 100_000] {
+            let text = synthetic_config(n);
+            let live = Runtime::build(
+                rules::load("bench.json", text.as_bytes())
+                    .expect("synthetic config is valid")
+                    .snapshot,
+                &|_| None,
+                None,
+            )
+            .expect("runtime builds");
+            if n >= 100_000 {
+                g.sample_size(10).measurement_time(Duration::from_secs(10));
+            }
+            g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+                b.iter(|| {
+                    let loaded = rules::load("bench.json", text.as_bytes())
+                        .expect("synthetic config is valid");
+                    black_box(
+                        Runtime::build(loaded.snapshot, &|_| None, Some(&live))
+                            .expect("runtime builds"),
+                    )
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 fn all(c: &mut Criterion) {
     routing::bench(c);
     governance::bench(c);
     overload::bench(c);
+    reload::bench(c);
 }
 
 criterion_group!(benches, all);

@@ -458,6 +458,9 @@ impl Upstream {
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         tcp.set_nodelay(true)?;
         let (send, conn) = hyper::client::conn::http1::Builder::new()
+            // Head and (small) body in one buffer, one write(2): cheaper than a writev of
+            // two slices for the requests a gateway mostly carries.
+            .writev(false)
             .handshake(hyper_util::rt::TokioIo::new(tcp))
             .await
             .map_err(std::io::Error::other)?;

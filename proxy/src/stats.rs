@@ -190,13 +190,18 @@ impl Counters {
     /// (the runtime a reload replaces) also had are shared with it, so counts made by
     /// requests still in flight on the old runtime are not lost.
     pub fn build(snap: &Snapshot, previous: Option<(&Snapshot, &Counters)>) -> Self {
-        let old_iface = |name: &str| {
-            previous.and_then(|(s, c)| {
+        let old_ifaces: HashMap<&str, usize> = previous
+            .map(|(s, _)| {
                 s.interfaces
                     .iter()
-                    .position(|i| &*i.name == name)
-                    .map(|i| c.interfaces[i].clone())
+                    .enumerate()
+                    .map(|(i, itf)| (&*itf.name, i))
+                    .collect()
             })
+            .unwrap_or_default();
+        let old_iface = |name: &str| {
+            let (_, c) = previous?;
+            old_ifaces.get(name).map(|&i| c.interfaces[i].clone())
         };
         let mut interfaces: Vec<Arc<ClassCounts>> = snap
             .interfaces
@@ -222,6 +227,17 @@ impl Counters {
                     .unwrap_or_default()
             })
             .collect();
+        // Old route rules by name, looked up once per split rule (a scan per rule would make
+        // a reload of 100,000 rules quadratic).
+        let old_routes: HashMap<&str, usize> = previous
+            .map(|(s, _)| {
+                s.routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (&*r.name, i))
+                    .collect()
+            })
+            .unwrap_or_default();
         let splits = snap
             .routes
             .iter()
@@ -233,7 +249,7 @@ impl Counters {
                         let up = &snap.upstreams[t.upstream.0 as usize].name;
                         previous
                             .and_then(|(s, c)| {
-                                let ri = s.routes.iter().position(|x| x.name == r.name)?;
+                                let ri = *old_routes.get(&*r.name)?;
                                 let RouteAction::Split(old) = &s.routes[ri].action else {
                                     return None;
                                 };

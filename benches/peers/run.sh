@@ -79,6 +79,14 @@ cpu_ticks() {
     done
     echo "$t"
 }
+# utime alone (clock ticks): the user-space share of the above.
+user_ticks() {
+    local t=0 p
+    for p in $1 $(pgrep -P "$1" || true); do
+        t=$((t + $(awk '{sub(/.*\) /, ""); print $12}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
 TICK=$(getconf CLK_TCK)
 
 BACKEND_PORT=$(port)
@@ -126,22 +134,26 @@ load() { # target closed|open secs json
 }
 
 echo "rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
-echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors" | tee "$OUT/rounds.tsv"
+echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors user_us_per_req" | tee "$OUT/rounds.tsv"
 for r in $(seq "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
         load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
         before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+        ubefore=$( [ "$t" = direct ] && echo 0 || user_ticks "${PID[$t]}")
         load "$t" closed "$SECS" "$DIR/max.json"
         after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+        uafter=$( [ "$t" = direct ] && echo 0 || user_ticks "${PID[$t]}")
         load "$t" open "$SECS" "$DIR/fixed.json"
         reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
         errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")
         errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed.json")))
         line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "$(( after - before ))" \
             --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed.json" \
+            --argjson ucpu "$(( uafter - ubefore ))" \
             '[$r, $t, (.overall.rps|floor), .overall.latency_ms.p50, .overall.latency_ms.p99,
               (if $reqs > 0 then ($cpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end),
-              $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs] | @tsv' "$DIR/max.json")
+              $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs,
+              (if $reqs > 0 then ($ucpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end)] | @tsv' "$DIR/max.json")
         echo "$line" | tee -a "$OUT/rounds.tsv"
     done
 done
@@ -150,7 +162,7 @@ done
 awk -F'\t' '
     NR == 1 { next }
     { n[$2]++; rps[$2, n[$2]] = $3; p50[$2, n[$2]] = $4; p99[$2, n[$2]] = $5; cpu[$2, n[$2]] = $6;
-      f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9 }
+      f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9; usr[$2, n[$2]] = $10 }
     function med(a, t, k,   v, i, j, x, m) {
         m = n[t]; for (i = 1; i <= m; i++) v[i] = a[t, i]
         for (i = 2; i <= m; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
@@ -159,13 +171,14 @@ awk -F'\t' '
     END {
         split("direct tidegate-norules tidegate-rules nginx haproxy", order, " ")
         for (i = 1; i <= 5; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
-        printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
-        printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | of it user µs/req | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
+        printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         for (i = 1; i <= 5; i++) {
             t = order[i]
-            printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
+            printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
                 med(p50, t), med(p99, t), (t == "direct" ? "-" : sprintf("%.1f", C[t])),
-                (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])), med(f50, t), med(f99, t), err[t]
+                (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])),
+                (t == "direct" ? "-" : sprintf("%.1f", med(usr, t))), med(f50, t), med(f99, t), err[t]
         }
         printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
     }' "$OUT/rounds.tsv" | tee "$OUT/table.md"

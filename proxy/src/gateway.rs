@@ -28,6 +28,14 @@ use crate::respond::GatewayError;
 /// The response body: the upstream's, streamed, or one the gateway made.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
+/// How a request was answered: by the gateway itself (a limit, fallback, open breaker or
+/// overload refusal), or by an exchange with the upstream (or the error standing in for one:
+/// no route, body too large, upstream failure).
+enum Answer {
+    Local(Response<Full<Bytes>>),
+    Exchange(Result<(Response<UpstreamBody>, std::time::Duration), GatewayError>),
+}
+
 /// Everything a request needs from the current config, published as one unit.
 #[derive(Debug)]
 pub struct Runtime {
@@ -271,10 +279,11 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok());
         let too_large = declared_len.is_some_and(|n| n > self.settings.max_body_bytes);
 
-        // Overload slots, just before forwarding (a body too large is refused without one).
-        // A refusal is answered like any local answer: the upstream is never touched.
+        // Overload slots, just before forwarding (a body too large, or a request a cluster
+        // limit refused, is answered without one). A refusal is answered like any local
+        // answer: the upstream is never touched.
         let mut held = None;
-        if let (Some(p), false) = (pending, too_large) {
+        if let (Some(p), false, None) = (pending, too_large, &local) {
             match p.acquire().await {
                 Ok(h) => held = Some(h),
                 Err(resp) => {
@@ -285,35 +294,40 @@ impl Gateway {
         }
 
         // A local answer (429, fallback, open breaker) is final; otherwise forward.
-        let outcome: Result<(Response<UpstreamBody>, std::time::Duration), GatewayError> =
-            match (&local, &upstream) {
-                (Some(_), _) => Err(GatewayError::NoRoute), // unused: `local` is answered
-                _ if too_large => Err(GatewayError::BodyTooLarge),
-                (None, None) => Err(GatewayError::NoRoute),
-                (None, Some(up)) => {
-                    strip_hop_by_hop(&mut parts.headers);
-                    keep_authority(&mut parts);
-                    add_forwarded(&mut parts.headers, conn);
+        let answer = match (local, &upstream) {
+            (Some(resp), _) => Answer::Local(resp),
+            (None, _) if too_large => Answer::Exchange(Err(GatewayError::BodyTooLarge)),
+            (None, None) => Answer::Exchange(Err(GatewayError::NoRoute)),
+            (None, Some(up)) => {
+                strip_hop_by_hop(&mut parts.headers);
+                keep_authority(&mut parts);
+                add_forwarded(&mut parts.headers, conn);
+                Answer::Exchange(
                     up.forward(parts, body, self.settings.max_body_bytes, cache)
-                        .await
-                }
-            };
+                        .await,
+                )
+            }
+        };
 
-        if let Some(h) = held {
-            h.finish(outcome.as_ref().ok().map(|(_, latency)| *latency));
+        if let Answer::Exchange(outcome) = &answer {
+            if let Some(h) = held {
+                h.finish(outcome.as_ref().ok().map(|(_, latency)| *latency));
+            }
+            if permit.is_some() {
+                let (judged, latency) = match outcome {
+                    Ok((resp, latency)) => (Ok(resp.status()), *latency),
+                    Err(e) => (Err(*e), started.elapsed()),
+                };
+                finish_call(&self.metrics, permit, judged, latency);
+            }
         }
-        if permit.is_some() {
-            let (judged, latency) = match &outcome {
-                Ok((resp, latency)) => (Ok(resp.status()), *latency),
-                Err(e) => (Err(*e), started.elapsed()),
-            };
-            finish_call(&self.metrics, permit, judged, latency);
-        }
+        // Otherwise the overload slots and the breaker permit (a probe slot) are given back
+        // unjudged as they drop: the upstream was never asked.
 
         let upstream_label = upstream.as_ref().map(|u| u.name.clone());
-        let mut resp = match (local, outcome) {
-            (Some(resp), _) => resp.map(Either::Right),
-            (None, Ok((resp, latency))) => {
+        let mut resp = match answer {
+            Answer::Local(resp) => resp.map(Either::Right),
+            Answer::Exchange(Ok((resp, latency))) => {
                 if let Some(u) = &upstream {
                     u.latency_histogram(&self.metrics)
                         .observe(latency.as_secs_f64());
@@ -322,7 +336,7 @@ impl Gateway {
                 strip_hop_by_hop(&mut rp.headers);
                 Response::from_parts(rp, Either::Left(rb))
             }
-            (None, Err(e)) => {
+            Answer::Exchange(Err(e)) => {
                 if let (
                     Some(u),
                     GatewayError::UpstreamTimeout

@@ -71,19 +71,13 @@ wait_port() {
     tail -n 5 "$DIR"/*.log >&2 || true
     return 1
 }
-# utime + stime (clock ticks) of a process and its children (nginx's workers).
-cpu_ticks() {
-    local t=0 p
+# CPU time (clock ticks) of a process and its children (nginx's workers): utime + stime, or
+# utime alone with `user`.
+cpu_ticks() { # pid [user]
+    local t=0 p expr='$12 + $13'
+    [ "${2:-}" = user ] && expr='$12'
     for p in $1 $(pgrep -P "$1" || true); do
-        t=$((t + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$t"
-}
-# utime alone (clock ticks): the user-space share of the above.
-user_ticks() {
-    local t=0 p
-    for p in $1 $(pgrep -P "$1" || true); do
-        t=$((t + $(awk '{sub(/.*\) /, ""); print $12}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+        t=$((t + $(awk "{sub(/.*\\) /, \"\"); print $expr}" "/proc/$p/stat" 2>/dev/null || echo 0)))
     done
     echo "$t"
 }
@@ -139,10 +133,10 @@ for r in $(seq "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
         load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
         before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
-        ubefore=$( [ "$t" = direct ] && echo 0 || user_ticks "${PID[$t]}")
+        ubefore=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
         load "$t" closed "$SECS" "$DIR/max.json"
         after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
-        uafter=$( [ "$t" = direct ] && echo 0 || user_ticks "${PID[$t]}")
+        uafter=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
         load "$t" open "$SECS" "$DIR/fixed.json"
         reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
         errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")

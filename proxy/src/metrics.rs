@@ -422,3 +422,46 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cell hands out the family's series for its labels, once: the same counter for the
+    /// same (interface, upstream, class), another for another class, and `none` cells for
+    /// requests without an interface or upstream.
+    #[test]
+    fn request_series_cells_are_the_family_series() {
+        let m = Metrics::new();
+        let series = RequestSeries::new(2, 1);
+        let names = || (Name::from("grab"), Name::from("v1"));
+        let ok = http::StatusCode::OK;
+        series.counter(&m, Some(0), Some(0), ok, names).inc();
+        series
+            .counter(&m, Some(0), Some(0), http::StatusCode::CREATED, || {
+                panic!("a cached cell does not look its labels up again")
+            })
+            .inc();
+        series
+            .counter(&m, Some(0), Some(0), http::StatusCode::BAD_GATEWAY, names)
+            .inc();
+        series
+            .counter(&m, None, None, http::StatusCode::TOO_MANY_REQUESTS, || {
+                (Name::from("none"), Name::from("none"))
+            })
+            .inc();
+        let get = |i: &str, u: &str, s: &'static str| {
+            m.requests
+                .get_or_create(&RequestLabels {
+                    interface: i.into(),
+                    upstream: u.into(),
+                    status: s,
+                })
+                .get()
+        };
+        assert_eq!(get("grab", "v1", "2xx"), 2);
+        assert_eq!(get("grab", "v1", "5xx"), 1);
+        assert_eq!(get("none", "none", "4xx"), 1);
+        assert_eq!(get("grab", "v1", "4xx"), 0);
+    }
+}

@@ -3,9 +3,10 @@
 //!
 //! An HTTP/1.x downstream connection carries one request at a time, so it gets its own
 //! upstream connection ([`ConnCache`], created on its first request and reused until it
-//! closes): no shared pool to check out from and no lock on the request path. Requests of
-//! HTTP/2 downstream connections (many at once) and callers without a cache use the shared
-//! pooled client of the upstream.
+//! closes): no shared pool to check out from. A request without a body (most of a gateway's
+//! traffic) is sent by [`crate::h1`], driven by the downstream connection's own task; one with
+//! a body by a hyper client connection of its own. Requests of HTTP/2 downstream connections
+//! (many at once) and callers without a cache use the shared pooled client of the upstream.
 //!
 //! An [`Upstream`] is built once per config load from a validated [`UpstreamSpec`]: endpoint
 //! names are resolved and their URI authorities parsed here, so the request path never parses
@@ -95,22 +96,26 @@ pub enum BodyError {
     Client(#[from] hyper::Error),
 }
 
-pin_project_lite::pin_project! {
-    /// A response body from upstream, streamed through, that fails if the upstream stalls
-    /// longer than the read timeout between two pieces. Failing the body makes hyper cut the
-    /// downstream response (its status is already sent) and drop the upstream connection, so
-    /// a hung upstream holds no task or socket forever.
-    #[derive(Debug)]
-    pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        // Armed only when the upstream makes us wait: a body that is already there (most
-        // small responses) never touches the timer wheel.
-        idle: Option<Pin<Box<tokio::time::Sleep>>>,
-        // Whether `idle` counts from the current wait (disarmed by each piece of data).
-        armed: bool,
-        timeout: Duration,
-    }
+/// A response body from upstream, streamed through, that fails if the upstream stalls
+/// longer than the read timeout between two pieces. Failing the body makes hyper cut the
+/// downstream response (its status is already sent) and drop the upstream connection, so
+/// a hung upstream holds no task or socket forever.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Received,
+    // Armed only when the upstream makes us wait: a body that is already there (most
+    // small responses) never touches the timer wheel.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    // Whether `idle` counts from the current wait (disarmed by each piece of data).
+    armed: bool,
+    timeout: Duration,
+}
+
+/// Which client read the response.
+#[derive(Debug)]
+enum Received {
+    Hyper(Incoming),
+    Own(crate::h1::ResponseBody),
 }
 
 /// Errors of [`UpstreamBody`].
@@ -122,6 +127,9 @@ pub enum ResponseBodyError {
     /// The upstream connection failed (reset, early close, bad framing).
     #[error("upstream response body: {0}")]
     Upstream(#[from] hyper::Error),
+    /// The same, on a connection of [`crate::h1`].
+    #[error("upstream response body: {0}")]
+    Connection(#[from] crate::h1::Error),
 }
 
 /// Per-connection facts the forwarder adds to each request.
@@ -140,9 +148,13 @@ pub struct ConnInfo {
 /// request.
 #[derive(Debug, Default)]
 pub struct ConnCache {
-    /// At most [`CONN_CACHE_MAX`] connections, one per (upstream, endpoint) used lately: a
-    /// canary split sends one connection's requests to two upstreams.
+    /// At most [`CONN_CACHE_MAX`] hyper connections (requests with a body), one per
+    /// (upstream, endpoint) used lately: a canary split sends one connection's requests to
+    /// two upstreams.
     slot: Mutex<Vec<Cached>>,
+    /// The same for requests without a body, idle [`crate::h1`] connections. One that is
+    /// carrying a response body is owned by that body until it has been read.
+    own: Mutex<Vec<((u64, usize), crate::h1::Conn)>>,
 }
 
 /// Upstream connections one downstream connection keeps.
@@ -160,6 +172,7 @@ struct Cached {
 enum DirectError {
     Connect(std::io::Error),
     Http(hyper::Error),
+    Own(crate::h1::Error),
 }
 
 static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
@@ -274,7 +287,7 @@ impl Upstream {
         parts: http::request::Parts,
         body: Incoming,
         max_body: u64,
-        cache: Option<&ConnCache>,
+        cache: Option<&Arc<ConnCache>>,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -327,6 +340,12 @@ impl Upstream {
             // A connection of our own speaks to this endpoint only: the origin-form target
             // is enough. The shared pool picks its connection by the absolute URI.
             *req.uri_mut() = if cache.is_some() {
+                // It still needs a Host.
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
                 Uri::from(path.clone())
             } else {
                 Uri::from_parts({
@@ -340,29 +359,49 @@ impl Upstream {
             };
 
             ep.inflight.fetch_add(1, Ordering::Relaxed);
+            let read_timeout = self.read_timeout;
             let res = match &cache {
-                Some(c) => tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
-                    .await
-                    .map(|r| {
+                Some(c) => {
+                    let sent = if slot.is_none() {
+                        tokio::time::timeout_at(deadline, self.send_own(c, ep_idx, &req))
+                            .await
+                            .map(|r| {
+                                r.map(|resp| resp.map(|b| (Received::Own(b), read_timeout)))
+                            })
+                    } else {
+                        tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
+                            .await
+                            .map(|r| {
+                                r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout)))
+                            })
+                    };
+                    sent.map(|r| {
                         r.map_err(|e| match e {
                             DirectError::Connect(io) => (true, classify_connect(&io)),
                             DirectError::Http(e) => (
                                 false,
                                 classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
                             ),
+                            DirectError::Own(e) => (
+                                false,
+                                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
+                            ),
                         })
-                    }),
+                    })
+                }
                 None => tokio::time::timeout_at(deadline, self.client.request(req))
                     .await
-                    .map(|r| r.map_err(|e| (e.is_connect(), classify_error(&e)))),
+                    .map(|r| {
+                        r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout)))
+                            .map_err(|e| (e.is_connect(), classify_error(&e)))
+                    }),
             };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
                 Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
                 Ok(Ok(resp)) => {
-                    let read_timeout = self.read_timeout;
                     return Ok((
-                        resp.map(|b| UpstreamBody::new(b, read_timeout)),
+                        resp.map(|(b, t)| UpstreamBody::new(b, t)),
                         started.elapsed(),
                     ));
                 }
@@ -393,12 +432,6 @@ impl Upstream {
     ) -> Result<Response<Incoming>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
-        // The request's target is in origin form already; it still needs a Host.
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
         let mut fresh_only = false;
         loop {
             let cached = if fresh_only {
@@ -445,11 +478,58 @@ impl Upstream {
         }
     }
 
-    /// Open an HTTP/1.1 connection to `ep`, its driver spawned on the runtime.
-    async fn connect(
+    /// Send a request without a body on an idle [`crate::h1`] connection of the downstream
+    /// connection's (opening one when there is none for this endpoint, or it closed). The
+    /// connection goes back to the cache once the response body has been read. An idempotent
+    /// request on a reused connection that failed before any of its answer arrived (the
+    /// upstream closed it as it went) is sent once more on a fresh one.
+    async fn send_own(
         &self,
-        ep: &Endpoint,
-    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<UpBody>> {
+        cache: &Arc<ConnCache>,
+        ep_idx: usize,
+        req: &Request<UpBody>,
+    ) -> Result<Response<crate::h1::ResponseBody>, DirectError> {
+        let ep = &self.endpoints[ep_idx];
+        let key = (self.id, ep_idx);
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut head = Vec::new();
+        crate::h1::encode_head(req.method(), path, req.headers(), &mut head);
+        let mut fresh_only = false;
+        loop {
+            let cached = if fresh_only {
+                None
+            } else {
+                let mut v = cache.own.lock().expect("not poisoned");
+                v.iter()
+                    .position(|(k, _)| *k == key)
+                    .map(|i| v.swap_remove(i).1)
+            };
+            let (mut conn, reused) = match cached.and_then(|mut c| {
+                // A connection the upstream closed while idle is dropped here, unused.
+                c.is_idle_usable().then_some(c)
+            }) {
+                Some(c) => (c, true),
+                None => (
+                    crate::h1::Conn::new(self.connect_tcp(ep).await.map_err(DirectError::Connect)?),
+                    false,
+                ),
+            };
+            match conn.exchange(req.method(), &head).await {
+                Ok(h) => {
+                    let home = cache.clone();
+                    let body = conn.into_body(&h, move |c| home.put_own(key, c));
+                    return Ok(Response::from_parts(h.parts, body));
+                }
+                Err((_, false)) if reused && crate::h1::idempotent(req.method()) => {
+                    fresh_only = true;
+                }
+                Err((e, _)) => return Err(DirectError::Own(e)),
+            }
+        }
+    }
+
+    /// A TCP connection to `ep`, within the connect timeout.
+    async fn connect_tcp(&self, ep: &Endpoint) -> std::io::Result<tokio::net::TcpStream> {
         let tcp = tokio::time::timeout(
             self.spec.connect_timeout,
             tokio::net::TcpStream::connect(ep.addr),
@@ -457,6 +537,15 @@ impl Upstream {
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    /// Open an HTTP/1.1 connection to `ep`, its driver spawned on the runtime.
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<UpBody>> {
+        let tcp = self.connect_tcp(ep).await?;
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             // Head and (small) body in one buffer, one write(2): cheaper than a writev of
             // two slices for the requests a gateway mostly carries.
@@ -524,10 +613,23 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{endpoint:?} resolved to no address"))
 }
 
+// === impl ConnCache ===
+
+impl ConnCache {
+    /// Keep an idle [`crate::h1`] connection for the next bodiless request to `key`.
+    fn put_own(&self, key: (u64, usize), conn: crate::h1::Conn) {
+        let mut v = self.own.lock().expect("not poisoned");
+        if v.len() >= CONN_CACHE_MAX {
+            v.remove(0);
+        }
+        v.push((key, conn));
+    }
+}
+
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
+    fn new(inner: Received, timeout: Duration) -> Self {
         Self {
             inner,
             idle: None,
@@ -542,31 +644,33 @@ impl Body for UpstreamBody {
     type Error = ResponseBodyError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Received::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(ResponseBodyError::from),
+            Received::Own(b) => Pin::new(b).poll_frame(cx).map_err(ResponseBodyError::from),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                *this.armed = false;
+                this.armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 // The stall deadline counts from the start of this wait for data.
-                let idle = match this.idle {
-                    Some(idle) if *this.armed => idle,
+                let timeout = this.timeout;
+                let idle = match &mut this.idle {
+                    Some(idle) if this.armed => idle,
                     Some(idle) => {
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + *this.timeout);
+                        idle.as_mut().reset(tokio::time::Instant::now() + timeout);
                         idle
                     }
-                    None => this
-                        .idle
-                        .insert(Box::pin(tokio::time::sleep(*this.timeout))),
+                    None => this.idle.insert(Box::pin(tokio::time::sleep(timeout))),
                 };
-                *this.armed = true;
+                this.armed = true;
                 match idle.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Stalled))),
                     Poll::Pending => Poll::Pending,
@@ -576,11 +680,17 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Received::Hyper(b) => b.is_end_stream(),
+            Received::Own(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Received::Hyper(b) => b.size_hint(),
+            Received::Own(b) => b.size_hint(),
+        }
     }
 }
 

@@ -159,7 +159,7 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
-        cache: Option<&ConnCache>,
+        cache: Option<&Arc<ConnCache>>,
     ) -> Response<RespBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();

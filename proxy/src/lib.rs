@@ -37,6 +37,7 @@ pub mod embedded;
 pub mod explain;
 pub mod forward;
 pub mod gateway;
+pub mod h1;
 pub mod govern;
 pub mod limit;
 pub mod metrics;

@@ -170,7 +170,7 @@ where
         async move {
             act.started.store(true, Ordering::Relaxed);
             act.inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = gateway.handle(req, &info, cache.as_deref()).await;
+            let resp = gateway.handle(req, &info, cache.as_ref()).await;
             act.inflight.fetch_sub(1, Ordering::Relaxed);
             act.touch();
             Ok::<_, Infallible>(resp)

@@ -365,15 +365,11 @@ impl Upstream {
                     let sent = if slot.is_none() {
                         tokio::time::timeout_at(deadline, self.send_own(c, ep_idx, &req))
                             .await
-                            .map(|r| {
-                                r.map(|resp| resp.map(|b| (Received::Own(b), read_timeout)))
-                            })
+                            .map(|r| r.map(|resp| resp.map(|b| (Received::Own(b), read_timeout))))
                     } else {
                         tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
                             .await
-                            .map(|r| {
-                                r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout)))
-                            })
+                            .map(|r| r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout))))
                     };
                     sent.map(|r| {
                         r.map_err(|e| match e {

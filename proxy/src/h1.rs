@@ -104,6 +104,8 @@ struct Streaming {
     decoder: Decoder,
     keep_alive: bool,
     home: Home,
+    /// A failure held back for one poll (see [`ResponseBody::poll_frame`]).
+    failed: Option<Error>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -206,6 +208,7 @@ impl Conn {
                 decoder,
                 keep_alive: head.keep_alive,
                 home: Box::new(home),
+                failed: None,
             })),
             hint,
         }
@@ -528,6 +531,23 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
 
 // === impl ResponseBody ===
 
+impl Streaming {
+    /// Report `e` on the next poll, not this one. What the upstream sent before failing is
+    /// passed on first: hyper's server writes a response head together with the first body
+    /// data it can get, and a body that fails before that write is flushed makes it drop
+    /// both (the client would see no answer at all instead of a cut one). Yielding once lets
+    /// the write happen.
+    fn fail(
+        &mut self,
+        e: Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Error;
@@ -546,6 +566,10 @@ impl Body for ResponseBody {
             State::Done => return Poll::Ready(None),
             State::Streaming(s) => s,
         };
+        if let Some(e) = s.failed.take() {
+            this.state = State::Done;
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             match s.decoder.step(&mut s.conn.rbuf) {
                 Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
@@ -560,25 +584,16 @@ impl Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 Ok(Step::NeedMore) => {}
-                Err(e) => {
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return s.fail(e, cx),
             }
             match ready!(s.conn.poll_fill(cx)) {
                 Ok(0) if matches!(s.decoder, Decoder::Close) => {
                     this.state = State::Done;
                     return Poll::Ready(None);
                 }
-                Ok(0) => {
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(Error::Closed)));
-                }
+                Ok(0) => return s.fail(Error::Closed, cx),
                 Ok(_) => {}
-                Err(e) => {
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return s.fail(e.into(), cx),
             }
         }
     }

@@ -32,8 +32,9 @@ fn invalid(raw: &str) -> String {
 /// Status, headers (values shared with the buffer) and keep-alive from a plain answer.
 #[test]
 fn parses_a_response_head() {
-    let mut buf =
-        BytesMut::from(&b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello"[..]);
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello"[..],
+    );
     let Some(Parsed::Final(h)) = parse_head(&mut buf, &Method::GET).unwrap() else {
         panic!("complete head");
     };
@@ -49,8 +50,14 @@ fn parses_a_response_head() {
 #[test]
 fn framing_rules() {
     use Framing::*;
-    assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), (Empty, true));
-    assert_eq!(framing("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"), (Empty, true));
+    assert_eq!(
+        framing("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        (Empty, true)
+    );
+    assert_eq!(
+        framing("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"),
+        (Empty, true)
+    );
     assert_eq!(framing("HTTP/1.1 304 Not Modified\r\n\r\n"), (Empty, true));
     assert_eq!(
         framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
@@ -67,16 +74,22 @@ fn framing_rules() {
         framing("HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 1\r\n\r\n"),
         (Length(1), false)
     );
-    assert_eq!(framing("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"), (Length(1), false));
+    assert_eq!(
+        framing("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+        (Length(1), false)
+    );
     // Equal repeated lengths are one length.
     assert_eq!(
         framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"),
         (Length(3), true)
     );
     // HEAD: the length describes a body that is not sent.
-    let h = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n", &Method::HEAD)
-        .unwrap()
-        .unwrap();
+    let h = head_of(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n",
+        &Method::HEAD,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!((h.framing, h.keep_alive), (Empty, true));
     assert_eq!(h.parts.headers["content-length"], "42");
 }
@@ -126,11 +139,23 @@ fn refuses_malformed_heads() {
             "{bad:?}"
         );
     }
-    assert_eq!(invalid("SSH-2.0-OpenSSH_9.2\r\n\r\n"), "malformed response head");
-    let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-{i}: v\r\n")).collect();
-    assert_eq!(invalid(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")), "too many header fields");
+    assert_eq!(
+        invalid("SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        "malformed response head"
+    );
+    let many: String = (0..MAX_HEADERS + 1)
+        .map(|i| format!("x-{i}: v\r\n"))
+        .collect();
+    assert_eq!(
+        invalid(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")),
+        "too many header fields"
+    );
     // Incomplete is not an error.
-    assert!(head_of(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET).unwrap().is_none());
+    assert!(
+        head_of(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+            .unwrap()
+            .is_none()
+    );
 }
 
 fn decode_all(dec: &mut Decoder, input: &[u8], piece: usize) -> Result<(Vec<u8>, bool), Error> {
@@ -236,11 +261,17 @@ async fn fetch(conn: Conn, method: Method, returned: &Returned) -> Result<(u16, 
 /// after it, chunked or not; the next request goes over the same connection.
 #[tokio::test]
 async fn connection_reused_after_whole_bodies() {
-    let addr = canned(vec![
-        vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"],
-        vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"llo"],
-        vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe", b"\r\n3\r\nllo\r\n0\r\n\r\n"],
-    ], true)
+    let addr = canned(
+        vec![
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"],
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"llo"],
+            vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe",
+                b"\r\n3\r\nllo\r\n0\r\n\r\n",
+            ],
+        ],
+        true,
+    )
     .await;
     let returned: Returned = Arc::default();
     let mut conn = Conn::new(TcpStream::connect(addr).await.unwrap());

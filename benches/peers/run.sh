@@ -10,6 +10,9 @@
 # pinned to PROXY_CPU, the load tool and the backend share LOAD_CPU (one core each side, so
 # every proxy gets the same single core; on one core nginx runs one worker, HAProxy one
 # thread and Tidegate one runtime worker). OUT (target/peers): where results go.
+# BASELINE=/path/to/an/older/tidegate adds a sixth target, `tidegate-baseline`: that binary
+# with the realistic rules, in the same rounds, for an A/B of a code change under the same
+# noise.
 #
 # Installs nginx, haproxy and jq with apt-get when missing. Traffic stays on 127.0.0.1 and
 # every step is bounded in time. SKIP_BUILD=1 uses the binaries already in target/release. Not a CI test: absolute numbers depend on the machine;
@@ -50,6 +53,7 @@ DIR=$(mktemp -d /tmp/tidegate-peers.XXXXXX)
 # Private copies: a concurrent build in the shared target dir cannot swap them mid-run.
 mkdir -p "$DIR/bin"
 cp "$BIN"/{tidegate,tidegate-pressure,bench-backend,bench-config} "$DIR/bin/"
+[ -n "${BASELINE:-}" ] && cp "$BASELINE" "$DIR/bin/tidegate-baseline"
 BIN=$DIR/bin
 PIDS=()
 cleanup() {
@@ -91,16 +95,21 @@ wait_port "$BACKEND_PORT"
 declare -A PORT PID
 PORT[direct]=$BACKEND_PORT
 
-start_tidegate() { # name rules|norules
+start_tidegate() { # name rules|norules [binary]
     local p a
     p=$(port); a=$(port)
     "$BIN/bench-config" "$2" "127.0.0.1:$p" "127.0.0.1:$a" "127.0.0.1:$BACKEND_PORT" >"$DIR/$1.json"
-    RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN/tidegate" run --config "$DIR/$1.json" --workers 1 >"$DIR/$1.log" 2>&1 &
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "${3:-$BIN/tidegate}" run --config "$DIR/$1.json" --workers 1 >"$DIR/$1.log" 2>&1 &
     PID[$1]=$!; PIDS+=($!); PORT[$1]=$p
     wait_port "$p"
 }
 start_tidegate tidegate-norules norules
 start_tidegate tidegate-rules rules
+TARGETS=(direct tidegate-norules tidegate-rules nginx haproxy)
+if [ -n "${BASELINE:-}" ]; then
+    start_tidegate tidegate-baseline rules "$BIN/tidegate-baseline"
+    TARGETS+=(tidegate-baseline)
+fi
 
 P=$(port)
 sed -e "s#@DIR@#$DIR#g" -e "s#@LISTEN@#127.0.0.1:$P#g" -e "s#@BACKEND@#127.0.0.1:$BACKEND_PORT#g" \
@@ -116,7 +125,6 @@ taskset -c "$PROXY_CPU" "$HAPROXY" -f "$DIR/haproxy.cfg" -db >"$DIR/haproxy.log"
 PID[haproxy]=$!; PIDS+=($!); PORT[haproxy]=$P
 wait_port "$P"
 
-TARGETS=(direct tidegate-norules tidegate-rules nginx haproxy)
 SCEN=benches/scenarios/peer-get.json
 load() { # target closed|open secs json
     local mode=()
@@ -153,7 +161,7 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # Medians over the rounds, and ratios against the direct backend and against nginx.
-awk -F'\t' '
+awk -F'\t' -v targets="${TARGETS[*]}" '
     NR == 1 { next }
     { n[$2]++; rps[$2, n[$2]] = $3; p50[$2, n[$2]] = $4; p99[$2, n[$2]] = $5; cpu[$2, n[$2]] = $6;
       f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9; usr[$2, n[$2]] = $10 }
@@ -163,11 +171,11 @@ awk -F'\t' '
         return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
     }
     END {
-        split("direct tidegate-norules tidegate-rules nginx haproxy", order, " ")
-        for (i = 1; i <= 5; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
+        nt = split(targets, order, " ")
+        for (i = 1; i <= nt; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
         printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | of it user µs/req | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
         printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        for (i = 1; i <= 5; i++) {
+        for (i = 1; i <= nt; i++) {
             t = order[i]
             printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
                 med(p50, t), med(p99, t), (t == "direct" ? "-" : sprintf("%.1f", C[t])),
@@ -175,5 +183,7 @@ awk -F'\t' '
                 (t == "direct" ? "-" : sprintf("%.1f", med(usr, t))), med(f50, t), med(f99, t), err[t]
         }
         printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
+        if (R["tidegate-baseline"] > 0)
+            printf "tidegate-rules against the baseline binary: %.2fx req/s, %.2fx CPU per request\n", R["tidegate-rules"] / R["tidegate-baseline"], C["tidegate-rules"] / C["tidegate-baseline"]
     }' "$OUT/rounds.tsv" | tee "$OUT/table.md"
 echo "medians of $ROUNDS rounds; per-round figures in $OUT/rounds.tsv, this table in $OUT/table.md"

@@ -7,7 +7,8 @@
 #
 #   benches/peers/profile.sh [rules|norules]     # RATE (400 req/s), SECS (10), CONNS (10)
 #
-# Needs valgrind. Uses the release binaries in target/release (build them first).
+# Needs valgrind. Uses the release binaries in target/release (build them first);
+# TIDEGATE=/path/to/another/tidegate profiles that binary instead (an older build, for A/B).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MODE=${1:-rules}
@@ -36,7 +37,7 @@ PIDS+=($!)
 "$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
 valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$DIR/callgrind.out" \
-    "$BIN/tidegate" run --config "$DIR/gw.json" --workers "${WORKERS:-1}" >"$DIR/gw.log" 2>&1 &
+    "${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers "${WORKERS:-1}" >"$DIR/gw.log" 2>&1 &
 VG=$!
 PIDS+=($VG)
 wait_port "$BACK"; wait_port "$LISTEN"

@@ -429,6 +429,10 @@ fn unix_ms() -> u64 {
 
 // === history ===
 
+/// A map of the sampler's series by name. The sampler looks up every interface, upstream,
+/// limit and split each second: with 1,000 of each, SipHash was most of its cost.
+type ByName<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// The sampler's rings, keyed by name so they survive reloads; every ring has one entry per
 /// second in `t_ms`. Owned by the sampler task alone: no lock.
 #[derive(Debug)]
@@ -438,18 +442,18 @@ struct History {
     first_start_ms: u64,
     /// End of each bucket (the sample time), oldest first.
     t_ms: VecDeque<u64>,
-    interfaces: HashMap<Box<str>, VecDeque<[u32; CLASSES]>>,
+    interfaces: ByName<VecDeque<[u32; CLASSES]>>,
     unclassified: VecDeque<[u32; CLASSES]>,
     /// Per upstream: requests, p50 and p99 (ms) of each second.
-    latency: HashMap<Box<str>, VecDeque<LatSecond>>,
+    latency: ByName<VecDeque<LatSecond>>,
     /// Per upstream: the last [`RATE_WINDOW_SECS`] histograms, for the table's percentiles.
-    recent_hist: HashMap<Box<str>, VecDeque<[u32; LAT_BUCKETS]>>,
+    recent_hist: ByName<VecDeque<[u32; LAT_BUCKETS]>>,
     /// Per limit rule: allowed, limited and dry-run-limited decisions of each second.
-    limits: HashMap<Box<str>, VecDeque<[u32; 3]>>,
+    limits: ByName<VecDeque<[u32; 3]>>,
     /// Per limit rule: the Prometheus counters' values at the previous sample.
-    limit_prev: HashMap<Box<str>, [u64; 3]>,
+    limit_prev: ByName<[u64; 3]>,
     /// Per route rule, per target upstream: forwarded requests of each second.
-    splits: HashMap<Box<str>, HashMap<Box<str>, VecDeque<u32>>>,
+    splits: ByName<ByName<VecDeque<u32>>>,
     /// Identity of the runtime sampled last (its counters' address): a change means a
     /// reload, after which series of names that left the config are dropped.
     layout: usize,
@@ -476,7 +480,7 @@ fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
 
 /// The ring of `name` in `map`, created empty (to be zero-filled by [`push_ring`]) for a new
 /// name. A lookup by `&str`: no allocation unless the name is new.
-fn ring_of<'m, T>(map: &'m mut HashMap<Box<str>, VecDeque<T>>, name: &str) -> &'m mut VecDeque<T> {
+fn ring_of<'m, T>(map: &'m mut ByName<VecDeque<T>>, name: &str) -> &'m mut VecDeque<T> {
     if !map.contains_key(name) {
         map.insert(name.into(), VecDeque::new());
     }
@@ -493,13 +497,13 @@ impl History {
             started_ms: now_ms,
             first_start_ms: now_ms,
             t_ms: VecDeque::with_capacity(HISTORY_SECS),
-            interfaces: HashMap::new(),
+            interfaces: ByName::default(),
             unclassified: VecDeque::with_capacity(HISTORY_SECS),
-            latency: HashMap::new(),
-            recent_hist: HashMap::new(),
-            limits: HashMap::new(),
-            limit_prev: HashMap::new(),
-            splits: HashMap::new(),
+            latency: ByName::default(),
+            recent_hist: ByName::default(),
+            limits: ByName::default(),
+            limit_prev: ByName::default(),
+            splits: ByName::default(),
             layout: 0,
         }
     }

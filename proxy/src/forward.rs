@@ -148,24 +148,20 @@ pub struct ConnInfo {
 /// request.
 #[derive(Debug, Default)]
 pub struct ConnCache {
-    /// At most [`CONN_CACHE_MAX`] hyper connections (requests with a body), one per
-    /// (upstream, endpoint) used lately: a canary split sends one connection's requests to
-    /// two upstreams.
-    slot: Mutex<Vec<Cached>>,
-    /// The same for requests without a body, idle [`crate::h1`] connections. One that is
-    /// carrying a response body is owned by that body until it has been read.
-    own: Mutex<Vec<((u64, usize), crate::h1::Conn)>>,
+    /// hyper connections, for requests with a body.
+    hyper: Slots<hyper::client::conn::http1::SendRequest<UpBody>>,
+    /// Idle [`crate::h1`] connections, for requests without one. One that is carrying a
+    /// response body is owned by that body until it has been read.
+    own: Slots<crate::h1::Conn>,
 }
 
-/// Upstream connections one downstream connection keeps.
-const CONN_CACHE_MAX: usize = 4;
-
+/// At most [`CONN_CACHE_MAX`] connections, one per (upstream id, endpoint index) used lately:
+/// a canary split sends one downstream connection's requests to two upstreams.
 #[derive(Debug)]
-struct Cached {
-    /// (upstream id, endpoint index).
-    key: (u64, usize),
-    send: hyper::client::conn::http1::SendRequest<UpBody>,
-}
+struct Slots<T>(Mutex<Vec<((u64, usize), T)>>);
+
+/// Upstream connections of each kind one downstream connection keeps.
+const CONN_CACHE_MAX: usize = 4;
 
 /// Why a send on a downstream connection's own upstream connection failed.
 #[derive(Debug)]
@@ -359,17 +355,16 @@ impl Upstream {
             };
 
             ep.inflight.fetch_add(1, Ordering::Relaxed);
-            let read_timeout = self.read_timeout;
             let res = match &cache {
                 Some(c) => {
                     let sent = if slot.is_none() {
                         tokio::time::timeout_at(deadline, self.send_own(c, ep_idx, &req))
                             .await
-                            .map(|r| r.map(|resp| resp.map(|b| (Received::Own(b), read_timeout))))
+                            .map(|r| r.map(|resp| resp.map(Received::Own)))
                     } else {
                         tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
                             .await
-                            .map(|r| r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout))))
+                            .map(|r| r.map(|resp| resp.map(Received::Hyper)))
                     };
                     sent.map(|r| {
                         r.map_err(|e| match e {
@@ -388,7 +383,7 @@ impl Upstream {
                 None => tokio::time::timeout_at(deadline, self.client.request(req))
                     .await
                     .map(|r| {
-                        r.map(|resp| resp.map(|b| (Received::Hyper(b), read_timeout)))
+                        r.map(|resp| resp.map(Received::Hyper))
                             .map_err(|e| (e.is_connect(), classify_error(&e)))
                     }),
             };
@@ -397,7 +392,7 @@ impl Upstream {
                 Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
                 Ok(Ok(resp)) => {
                     return Ok((
-                        resp.map(|(b, t)| UpstreamBody::new(b, t)),
+                        resp.map(|b| UpstreamBody::new(b, self.read_timeout)),
                         started.elapsed(),
                     ));
                 }
@@ -433,17 +428,14 @@ impl Upstream {
             let cached = if fresh_only {
                 None
             } else {
-                let mut v = cache.slot.lock().expect("not poisoned");
-                v.iter()
-                    .position(|c| c.key == key)
-                    .map(|i| v.swap_remove(i))
+                cache.hyper.take(key)
             };
             let mut reused = None;
-            if let Some(mut c) = cached.filter(|c| !c.send.is_closed()) {
+            if let Some(mut c) = cached.filter(|c| !c.is_closed()) {
                 // Ready once the previous exchange (whose body has been streamed by now)
                 // is over.
-                if c.send.ready().await.is_ok() {
-                    reused = Some(c.send);
+                if c.ready().await.is_ok() {
+                    reused = Some(c);
                 }
             }
             let was_reused = reused.is_some();
@@ -454,13 +446,7 @@ impl Upstream {
             let fut = send.try_send_request(req);
             // Back in the slot at once: the next request of this downstream connection
             // comes after this response, and waits for `ready` above.
-            {
-                let mut v = cache.slot.lock().expect("not poisoned");
-                if v.len() >= CONN_CACHE_MAX {
-                    v.remove(0);
-                }
-                v.push(Cached { key, send });
-            }
+            cache.hyper.put(key, send);
             match fut.await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
@@ -495,10 +481,7 @@ impl Upstream {
             let cached = if fresh_only {
                 None
             } else {
-                let mut v = cache.own.lock().expect("not poisoned");
-                v.iter()
-                    .position(|(k, _)| *k == key)
-                    .map(|i| v.swap_remove(i).1)
+                cache.own.take(key)
             };
             let (mut conn, reused) = match cached.and_then(|mut c| {
                 // A connection the upstream closed while idle is dropped here, unused.
@@ -513,7 +496,7 @@ impl Upstream {
             match conn.exchange(req.method(), &head).await {
                 Ok(h) => {
                     let home = cache.clone();
-                    let body = conn.into_body(&h, move |c| home.put_own(key, c));
+                    let body = conn.into_body(&h, move |c| home.own.put(key, c));
                     return Ok(Response::from_parts(h.parts, body));
                 }
                 Err((_, false)) if reused && crate::h1::idempotent(req.method()) => {
@@ -609,12 +592,25 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{endpoint:?} resolved to no address"))
 }
 
-// === impl ConnCache ===
+// === impl Slots ===
 
-impl ConnCache {
-    /// Keep an idle [`crate::h1`] connection for the next bodiless request to `key`.
-    fn put_own(&self, key: (u64, usize), conn: crate::h1::Conn) {
-        let mut v = self.own.lock().expect("not poisoned");
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Slots<T> {
+    /// The idle connection kept for `key`, if any.
+    fn take(&self, key: (u64, usize)) -> Option<T> {
+        let mut v = self.0.lock().expect("not poisoned");
+        let i = v.iter().position(|(k, _)| *k == key)?;
+        Some(v.swap_remove(i).1)
+    }
+
+    /// Keep `conn` for the next request to `key`, dropping the oldest beyond the cap.
+    fn put(&self, key: (u64, usize), conn: T) {
+        let mut v = self.0.lock().expect("not poisoned");
         if v.len() >= CONN_CACHE_MAX {
             v.remove(0);
         }

@@ -142,7 +142,7 @@ impl Conn {
     }
 
     /// Send a request head (the request has no body) and read the response head.
-    /// `Err((e, sent))`: `sent` is false when nothing of the response arrived, so a reused
+    /// `Err((e, received))`: `received` is false when nothing of the response arrived, so a reused
     /// connection that turned out closed may be retried on a fresh one.
     pub async fn exchange(&mut self, method: &Method, head: &[u8]) -> Result<Head, (Error, bool)> {
         if let Err(e) = self.io.write_all(head).await {

@@ -258,3 +258,51 @@ async fn streamed_body_over_limit_is_413() {
     );
     assert!(gw.shutdown().await);
 }
+
+/// An upstream that answers one request per connection, keep-alive in form, and then closes
+/// (a keep-alive timeout of zero). Requests on one client connection, back to back and with
+/// pauses, all get answered: a closed idle upstream connection is noticed before use, and a
+/// GET that raced the close is sent again on a fresh connection.
+#[tokio::test]
+async fn upstream_closing_idle_connections_is_invisible_to_gets() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Dropped: closed right after the answer, without `Connection: close`.
+            });
+        }
+    });
+    let gw = start_gateway(&config(&[up])).await;
+    let client = h1_client();
+    for i in 0..40 {
+        let r = get(&client, gw.listen_addrs[0], &format!("/k/{i}")).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "ok");
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        40,
+        "one upstream connection per request"
+    );
+    assert!(gw.shutdown().await);
+    server.abort();
+}

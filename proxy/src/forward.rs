@@ -62,6 +62,8 @@ pub struct Endpoint {
     /// Its resolved address.
     pub addr: SocketAddr,
     authority: Authority,
+    /// The same as a `Host` value, for requests that came without one.
+    host: HeaderValue,
     /// Requests in flight to it (for least-outstanding balancing).
     inflight: AtomicUsize,
 }
@@ -201,11 +203,14 @@ impl Upstream {
         };
         let endpoints = addrs
             .into_iter()
-            .map(|addr| Endpoint {
-                addr,
-                authority: Authority::try_from(addr.to_string())
-                    .expect("a socket address is an authority"),
-                inflight: AtomicUsize::new(0),
+            .map(|addr| {
+                let text = addr.to_string();
+                Endpoint {
+                    addr,
+                    host: HeaderValue::from_str(&text).expect("a socket address is a header value"),
+                    authority: Authority::try_from(text).expect("a socket address is an authority"),
+                    inflight: AtomicUsize::new(0),
+                }
             })
             .collect();
         let mut connector = HttpConnector::new();
@@ -338,9 +343,7 @@ impl Upstream {
             *req.uri_mut() = if cache.is_some() {
                 // It still needs a Host.
                 if !req.headers().contains_key(header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
-                        req.headers_mut().insert(header::HOST, v);
-                    }
+                    req.headers_mut().insert(header::HOST, ep.host.clone());
                 }
                 Uri::from(path.clone())
             } else {

@@ -53,23 +53,25 @@ mod routing {
 
 mod governance {
     use std::hint::black_box;
-    use std::net::IpAddr;
+    use std::sync::Arc;
 
     use criterion::{Criterion, Throughput};
-    use http::{HeaderMap, Method};
-    use rules::{MatchInput, RequestParts, RouteInput};
-    use tidegate::govern::{Governors, Verdict};
+    use http::{HeaderMap, HeaderValue, Method};
+    use rules::RequestParts;
+    use tidegate::conn::ConnInfo;
     use tidegate::metrics::Metrics;
+    use tidegate::pipeline::decide::{Action, Mode, decide};
+    use tidegate::runtime::Runtime;
     use tidegate_benches::synthetic_config;
 
     /// Tracked keys in the per-user limiter before measuring.
     const KEYS: usize = 1_000_000;
 
-    /// One full decision as the gateway makes it: classify, three limits (per user, per
-    /// app, global for the interface; all admit), the fallback check (a 0.0001% fallback
-    /// on the same requests, so the user's bucket is computed) and routing, against 1,000
-    /// route rules, with 1,000,000 keys tracked by the per-user limiter. Metric counters
-    /// included; the clock is governor's default (quanta).
+    /// One full decision, by the gateway's own `decide`: classify, admission (off), three
+    /// limits (per user, per app, global for the interface; all admit), the fallback check
+    /// (a 0.0001% fallback on the same requests, so the user's bucket is computed), routing
+    /// and the breaker phase, against 1,000 route rules, with 1,000,000 keys tracked by the
+    /// per-user limiter. Metric counters included; the clock is governor's default (quanta).
     pub(crate) fn bench(c: &mut Criterion) {
         let mut config: serde_json::Value =
             serde_json::from_str(&synthetic_config(1_000)).expect("valid JSON");
@@ -89,30 +91,25 @@ mod governance {
         let snap = rules::load("bench.json", &text)
             .expect("valid config")
             .snapshot;
-        let gov = Governors::build(&snap, None);
-        let metrics = Metrics::new();
+        let rt = Runtime::offline(snap, None, &Arc::new(Metrics::new()));
+        let conn = ConnInfo {
+            remote: "10.0.0.1:40000".parse().unwrap(),
+            remote_ip: HeaderValue::from_static("10.0.0.1"),
+            proto: HeaderValue::from_static("http"),
+        };
         let method = Method::POST;
         let path = "/envelopes/42/grab";
         let decide = |headers: &HeaderMap| {
-            let c = snap.classify(RequestParts {
+            let req = RequestParts {
                 method: &method,
                 path,
                 query: None,
                 headers,
-            });
-            let input = RouteInput {
-                m: MatchInput {
-                    app: c.app.as_deref(),
-                    interface: c.interface,
-                    user: c.user.as_deref(),
-                    headers,
-                },
-                client_ip: Some(IpAddr::from([10, 0, 0, 1])),
-                random: 0,
             };
-            match gov.before_route(&snap, &input, &metrics) {
-                Verdict::Local(r) => Err(r.status()),
-                Verdict::Proceed => Ok(snap.route(&input).map(|r| r.upstream)),
+            match decide(&rt, req, &conn, Mode::Serve { draw: 0 }).action {
+                Action::Forward { upstream, .. } => Ok(upstream),
+                Action::Answer(r, _) => Err(r.status()),
+                Action::NoRoute => Err(http::StatusCode::NOT_FOUND),
             }
         };
         let request = |i: usize| {
@@ -124,7 +121,7 @@ mod governance {
         for i in 0..KEYS {
             black_box(decide(&request(i)).ok());
         }
-        assert_eq!(gov.limiters.rules[0].tracked_keys(), KEYS);
+        assert_eq!(rt.governors.limiters.rules[0].tracked_keys(), KEYS);
         // Requests of 4,096 users spread over the million.
         let requests: Vec<HeaderMap> = (0..4096).map(|i| request(i * 241 % KEYS)).collect();
 
@@ -147,7 +144,7 @@ mod overload {
     use criterion::{Criterion, Throughput};
     use rules::overload::{UserKey, user_priority};
     use tidegate::metrics::{Metrics, Name};
-    use tidegate::overload::{Admit, Overload};
+    use tidegate::overload::Overload;
 
     /// The overload admission decision as the gateway makes it: the user's priority (XXH3
     /// of the user ID under the epoch salt), the histogram count, the level check, and for
@@ -199,7 +196,7 @@ mod overload {
             b.iter(|| {
                 n = (n + 1) % users.len();
                 let a = overload.admit(ids[0], UserKey::User(&users[n]), &names, &metrics);
-                assert!(matches!(a, Admit::Pass));
+                assert!(a);
                 black_box(a)
             })
         });
@@ -207,8 +204,8 @@ mod overload {
             b.iter(|| {
                 n = (n + 1) % users.len();
                 let a = overload.admit(ids[1], UserKey::User(&users[n]), &names, &metrics);
-                assert!(matches!(a, Admit::Reject(_)));
-                black_box(a)
+                assert!(!a);
+                black_box(overload.refusal())
             })
         });
         g.finish();
@@ -220,7 +217,10 @@ mod reload {
     use std::time::Duration;
 
     use criterion::{BenchmarkId, Criterion};
-    use tidegate::gateway::Runtime;
+    use std::sync::Arc;
+
+    use tidegate::metrics::Metrics;
+    use tidegate::runtime::Runtime;
     use tidegate_benches::synthetic_config;
 
     /// The work a reload does off the request path before its swap: read the file's text
@@ -228,6 +228,7 @@ mod reload {
     /// breaker, overload and counter state over from the live one. The file watcher's
     /// debounce is not in it: `reload-bench` times file event to swap end to end.
     pub(crate) fn bench(c: &mut Criterion) {
+        let metrics = Arc::new(Metrics::new());
         let mut g = c.benchmark_group("reload/load+build");
         for n in [10usize, 1_000, 100_000] {
             let text = synthetic_config(n);
@@ -237,6 +238,7 @@ mod reload {
                     .snapshot,
                 &|_| None,
                 None,
+                &metrics,
             )
             .expect("runtime builds");
             if n >= 100_000 {
@@ -247,7 +249,7 @@ mod reload {
                     let loaded = rules::load("bench.json", text.as_bytes())
                         .expect("synthetic config is valid");
                     black_box(
-                        Runtime::build(loaded.snapshot, &|_| None, Some(&live))
+                        Runtime::build(loaded.snapshot, &|_| None, Some(&live), &metrics)
                             .expect("runtime builds"),
                     )
                 })

@@ -6,47 +6,46 @@
 //! admin port, metrics and the embedded grab backend.
 //!
 //! # Layout
-//! - [`config`]: reading the config file from disk (size limits, TLS file checks).
-//! - [`reload`]: watching the file and swapping in validated rules without a restart.
-//! - [`server`]: accept loops and per-connection tasks (limits, idle timeout, shutdown).
-//! - [`tls`]: rustls server config from PEM files.
-//! - [`gateway`]: the per-request path: classify → route → forward → record.
-//! - [`breaker`]: circuit breaker state (closed, open, half-open) over a sliding window.
-//! - [`govern`]: the governance step: limits, then fallbacks, then the upstream's breaker.
-//! - [`limit`]: rate limit enforcement: keyed GCRA limiters (governor), eviction.
-//! - [`cluster`]: cluster-scope limits: GCRA in Redis, token leases spent locally.
-//! - [`overload`]: overload protection: DAGOR priority admission, concurrency caps with
-//!   bounded queues, adaptive upstream limits, and the control task that moves them.
-//! - [`forward`]: upstream clusters, balancing, pooled clients, timeouts, header hygiene.
-//! - [`respond`]: the gateway's own answers (stable JSON error codes).
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/admin/explain`.
-//! - [`explain`]: the query behind `tidegate explain` and `/admin/explain`.
-//! - [`metrics`]: the Prometheus registry.
-//! - [`stats`]: live per-second rates and latencies for the dashboard (`/admin/`) and
-//!   `/admin/status.json`.
-//! - [`embedded`]: hosting the grab backend in-process.
+//!
+//! The request path, top to bottom (dependencies point down, never up):
+//!
+//! ```text
+//! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
+//!   └─ pipeline/   Gateway::handle: decide → cluster limits → overload slots → forward → record
+//!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
+//!        └─ record.rs   the response, metrics, dashboard counters, access log
+//!             ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers (breaker.rs)
+//!             ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
+//!             └─ upstream/   endpoints, connection cache, own HTTP/1.1 client (h1.rs), headers.rs
+//! ```
+//!
+//! Beside it, the planes that hold the live [`runtime::Live`] handle rather than the gateway:
+//! - [`control`]: the config file (`config`), hot reload (`reload`), background
+//!   housekeeping (`housekeep`) and the embedded grab backend (`embedded`).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the dashboard and `status.json`
+//!   (`admin::status`), and `explain` (`admin::explain`, also behind `tidegate explain`).
+//!
+//! Leaves every layer may use: [`runtime`] (`Runtime`: what one config compiles to; `Live`),
+//! [`stats`] (the dashboard's live counters), [`metrics`] (the Prometheus registry),
+//! [`respond`] (the gateway's own answers), [`conn`] (per-connection facts) and [`shutdown`]
+//! (the stop signal).
 //!
 //! Tests and the binary start a gateway with [`start`], which binds everything (port 0 is
 //! fine) and returns a [`Server`] that reports its addresses and shuts down gracefully.
 
 pub mod admin;
-pub mod breaker;
-pub mod cluster;
-pub mod config;
-pub mod embedded;
-pub mod explain;
-pub mod forward;
-pub mod gateway;
+pub mod conn;
+pub mod control;
 pub mod govern;
-pub mod h1;
-pub mod limit;
 pub mod metrics;
 pub mod overload;
-pub mod reload;
+pub mod pipeline;
 pub mod respond;
-pub mod server;
+pub mod runtime;
+pub mod serve;
+pub mod shutdown;
 pub mod stats;
-pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,9 +59,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminState;
-use crate::embedded::Embedded;
-use crate::gateway::{Gateway, Runtime, Settings};
+use crate::control::embedded::{self, Embedded};
+use crate::control::{config, housekeep, reload};
+use crate::govern::cluster::ClusterStore;
 use crate::metrics::Metrics;
+use crate::pipeline::{Gateway, Settings};
+use crate::runtime::{Live, Runtime};
+use crate::serve::tls;
 
 /// A running gateway.
 #[derive(Debug)]
@@ -71,8 +74,8 @@ pub struct Server {
     pub listen_addrs: Vec<SocketAddr>,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
-    /// The request path (its live runtime can be inspected or replaced).
-    pub gateway: Arc<Gateway>,
+    /// The live runtime (it can be inspected or replaced) and the metrics.
+    pub live: Arc<Live>,
     /// Addresses of embedded upstreams by name.
     pub embedded_addrs: Vec<(String, SocketAddr)>,
     /// The reloader, for a gateway started from a file.
@@ -128,16 +131,16 @@ async fn start_inner(
     let embedded_addrs: Vec<(String, SocketAddr)> =
         embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
-    let mut runtime = Runtime::build(snapshot, &lookup, None).map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(Metrics::new());
+    let mut runtime =
+        Runtime::build(snapshot, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
     if let Some(redis) = &server_cfg.redis {
-        let store = cluster::ClusterStore::connect(redis).context("server.redis")?;
+        let store = ClusterStore::connect(redis).context("server.redis")?;
         runtime.governors = govern::Governors::build_cluster(&runtime.snapshot, None, Some(store));
     }
-
-    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(Live::new(runtime, metrics.clone()));
     let gateway = Arc::new(Gateway::new(
-        runtime,
-        metrics.clone(),
+        live.clone(),
         Settings {
             max_body_bytes: server_cfg.limits.max_body_bytes,
             access_log: server_cfg.access_log.enabled,
@@ -146,9 +149,9 @@ async fn start_inner(
 
     let limits = &server_cfg.limits;
     let conn_permits = Arc::new(Semaphore::new(limits.max_connections as usize));
-    let shared = server::Shared {
-        gateway: gateway.clone(),
-        builder: Arc::new(server::builder(limits)),
+    let shared = serve::Shared {
+        gateway,
+        builder: Arc::new(serve::builder(limits)),
         conn_permits: conn_permits.clone(),
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),
@@ -159,7 +162,7 @@ async fn start_inner(
     let mut listen_addrs = Vec::new();
     let mut cert_stores = Vec::new();
     for l in &server_cfg.listeners {
-        let (listener, addr) = server::bind(&l.address).await?;
+        let (listener, addr) = serve::bind(&l.address).await?;
         let acceptor = match &l.tls {
             Some(t) => {
                 let store = Arc::new(tls::CertStore::open(&t.cert_path, &t.key_path)?);
@@ -171,7 +174,7 @@ async fn start_inner(
         let name: Arc<str> = l.name.clone().unwrap_or_else(|| l.address.clone()).into();
         tracing::info!(listener = %name, %addr, tls = acceptor.is_some(), "listening");
         listen_addrs.push(addr);
-        tasks.push(tokio::spawn(server::accept_loop(
+        tasks.push(tokio::spawn(serve::accept_loop(
             listener,
             acceptor,
             shared.clone(),
@@ -184,8 +187,7 @@ async fn start_inner(
             path,
             include,
             hash,
-            gateway.clone(),
-            metrics.clone(),
+            live.clone(),
             embedded_addrs.clone(),
             server_cfg.clone(),
             cert_stores.clone(),
@@ -195,28 +197,28 @@ async fn start_inner(
         tasks.push(tokio::spawn(reload::watch(r.clone(), shutdown_rx.clone())));
     }
 
-    gateway.runtime.load().governors.export_states(&metrics);
-    tasks.push(tokio::spawn(govern::housekeep(
-        gateway.clone(),
+    live.runtime.load().governors.export_states(&metrics);
+    tasks.push(tokio::spawn(housekeep::sweep_limiters(
+        live.clone(),
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(overload::control(
-        gateway.clone(),
+    tasks.push(tokio::spawn(housekeep::overload_windows(
+        live.clone(),
         shutdown_rx.clone(),
     )));
 
-    let stats = Arc::new(stats::Stats::new(gateway.clone(), reloader.clone()));
-    tasks.push(tokio::spawn(stats::sample(
+    let stats = Arc::new(admin::status::Stats::new(live.clone(), reloader.clone()));
+    tasks.push(tokio::spawn(admin::status::sample(
         stats.clone(),
         shutdown_rx.clone(),
     )));
 
-    let (admin_listener, admin_addr) = server::bind(&server_cfg.admin.address).await?;
+    let (admin_listener, admin_addr) = serve::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {
         stats,
         metrics,
         ready: true.into(),
-        gateway: gateway.clone(),
+        live: live.clone(),
         reloader: reloader.clone(),
     });
     tracing::info!(addr = %admin_addr, "admin listening");
@@ -246,7 +248,7 @@ async fn start_inner(
     Ok(Server {
         listen_addrs,
         admin_addr,
-        gateway,
+        live,
         embedded_addrs,
         shutdown: shutdown_tx,
         stop_embedded: stop_embedded_tx,
@@ -302,23 +304,5 @@ impl Server {
             }
         }
         drained
-    }
-}
-
-/// Resolve on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

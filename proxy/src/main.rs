@@ -38,8 +38,11 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
-    /// Explain where a request would go under a config: its classification, every rule
-    /// considered and why it did or did not match, the bucket, and the final upstream.
+    /// Explain what the gateway would do with a request under a config, phase by phase: its
+    /// classification, overload admission, each limit that applies, the fallback, every
+    /// route rule considered and why it did or did not match, the bucket, the breaker, and
+    /// the final answer (an upstream, 429, a fallback, 503 or 404). Limits and breakers
+    /// start fresh here; `GET /admin/explain` reads the live ones.
     Explain {
         /// The config file.
         #[arg(long, short, default_value = "config/tidegate.json")]
@@ -57,11 +60,15 @@ enum Command {
         #[arg(long)]
         path: String,
         /// A request header as `name:value`; repeatable.
-        #[arg(long = "header", value_parser = tidegate::explain::parse_header)]
+        #[arg(long = "header", value_parser = tidegate::admin::explain::parse_header)]
         headers: Vec<(String, String)>,
         /// Client IP (the bucket key of requests without a user).
         #[arg(long)]
         client_ip: Option<std::net::IpAddr>,
+        /// Overload admission level to judge the request at (default: the live level, which
+        /// is 0, everyone admitted, for a config read from a file).
+        #[arg(long)]
+        level: Option<u32>,
         /// Print JSON (the same document `GET /admin/explain` returns).
         #[arg(long)]
         json: bool,
@@ -71,9 +78,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match tidegate::config::read_config(&config) {
+        Command::Check { config } => match tidegate::control::config::read_config(&config) {
             Ok(loaded) => {
-                println!("{}", tidegate::config::summary(&config, &loaded));
+                println!("{}", tidegate::control::config::summary(&config, &loaded));
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -100,9 +107,10 @@ fn main() -> ExitCode {
             path,
             headers,
             client_ip,
+            level,
             json,
         } => {
-            let loaded = match tidegate::config::read_config(&config) {
+            let loaded = match tidegate::control::config::read_config(&config) {
                 Ok(l) => l,
                 Err(errors) => {
                     for e in &errors.0 {
@@ -111,15 +119,16 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let q = tidegate::explain::ExplainQuery {
+            let q = tidegate::admin::explain::ExplainQuery {
                 method: Some(method),
                 path,
                 headers,
                 app,
                 user,
                 client_ip,
+                level,
             };
-            match tidegate::explain::explain(&loaded.snapshot, &q) {
+            match tidegate::admin::explain::explain(loaded.snapshot, &q) {
                 Ok(e) if json => {
                     println!("{}", serde_json::to_string_pretty(&e).expect("serializes"));
                     ExitCode::SUCCESS
@@ -135,7 +144,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, workers } => {
-            let loaded = match tidegate::config::read_config(&config) {
+            let loaded = match tidegate::control::config::read_config(&config) {
                 Ok(l) => l,
                 Err(errors) => {
                     for e in &errors.0 {
@@ -171,7 +180,7 @@ fn main() -> ExitCode {
 
 async fn run(config: &std::path::Path) -> anyhow::Result<()> {
     let server = tidegate::start_from_file(config).await?;
-    tidegate::shutdown_signal().await;
+    tidegate::shutdown::signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     let drained = server.shutdown().await;
     tracing::info!(drained, "stopped");

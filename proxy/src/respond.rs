@@ -24,8 +24,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The gateway is shutting down or not ready (503).
     Unavailable,
-    /// A rate limit refused the request (429). The body also names the rule; see
-    /// [`rate_limited`].
+    /// A rate limit refused the request (429). The body also names the rule (built by the
+    /// limit's `Rejection`).
     RateLimited,
     /// An open circuit breaker answered (503, unless the breaker sets another answer).
     CircuitOpen,
@@ -106,30 +106,6 @@ pub fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     r
 }
 
-/// 429 for a request a limit refused: `Retry-After` (whole seconds, rounded up),
-/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09), and a body
-/// naming the rule: `{"error":"rate_limited","rule":"NAME","retry_after_ms":N}`.
-pub fn rate_limited<C: governor::clock::Clock + Clone>(
-    rej: &crate::limit::Rejection<C>,
-) -> Response<Full<Bytes>> {
-    let mut r = json(
-        GatewayError::RateLimited.status(),
-        rej.rule.body(rej.retry_after),
-    );
-    let h = r.headers_mut();
-    h.insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(crate::limit::ceil_secs(rej.retry_after)),
-    );
-    h.insert(RATELIMIT_POLICY.clone(), rej.rule.policy(rej.quota).clone());
-    h.insert(
-        RATELIMIT.clone(),
-        rej.rule.rate_limit_header(rej.retry_after),
-    );
-    r.extensions_mut().insert(crate::stats::Class::Limited);
-    r
-}
-
 /// 503 for a `fail_closed` cluster-scope limit whose store did not answer:
 /// `{"error":"limit_store_unavailable","rule":"NAME"}` with `Retry-After: 1`.
 pub fn limit_store_unavailable(rule: &str) -> Response<Full<Bytes>> {
@@ -161,13 +137,8 @@ pub fn canned(c: &rules::degrade::CompiledResponse) -> Response<Full<Bytes>> {
     for (k, v) in &c.headers {
         h.append(k.clone(), v.clone());
     }
-    // Counted as degraded on the dashboard, whatever its status.
-    r.extensions_mut().insert(crate::stats::Class::Degraded);
     r
 }
-
-static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 #[cfg(test)]
 mod tests {

@@ -57,7 +57,7 @@ fn shipped_config_passes() {
         env!("CARGO_MANIFEST_DIR"),
         "/../config/tidegate.json"
     ));
-    if let Err(e) = tidegate::config::read_config(path) {
+    if let Err(e) = tidegate::control::config::read_config(path) {
         panic!("config/tidegate.json fails:\n{e}");
     }
 }
@@ -424,7 +424,7 @@ fn unsupported_schema_version() {
 #[test]
 fn files_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let read = |p: &Path| match tidegate::config::read_config(p) {
+    let read = |p: &Path| match tidegate::control::config::read_config(p) {
         Ok(_) => panic!("{} was accepted", p.display()),
         Err(e) => e.to_string(),
     };

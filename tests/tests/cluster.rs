@@ -384,7 +384,7 @@ fn cluster_scope_needs_server_redis() {
 /// reported; after the interval one more token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcra_script_grants_burst_then_one_per_interval() {
-    use tidegate::cluster::{ClusterStore, Grant};
+    use tidegate::govern::cluster::{ClusterStore, Grant};
     let Some(redis) = RedisServer::start() else {
         return;
     };

@@ -195,7 +195,7 @@ async fn plan_switches_several_rules() {
     let reloader = server.reloader.clone().expect("started from a file");
     assert_eq!(
         reloader.reload("test", Instant::now()).await,
-        tidegate::reload::ReloadOutcome::Applied
+        tidegate::control::reload::ReloadOutcome::Applied
     );
 
     let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| async {
@@ -222,7 +222,7 @@ async fn plan_switches_several_rules() {
     std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
     assert_eq!(
         reloader.reload("test", Instant::now()).await,
-        tidegate::reload::ReloadOutcome::Applied
+        tidegate::control::reload::ReloadOutcome::Applied
     );
     assert!(!degraded(
         &post_as(&client, gw, "/envelopes/7/share", "u1").await

@@ -358,7 +358,7 @@ async fn overloaded_run(overload: Value, baseline: bool) -> (Report, Option<f64>
     let shots = schedule(OVERLOAD * capacity_per_s(), RUN, CRITICAL_SHARE, PER_USER);
     // `OVERLOAD_TRACE=1` prints the admission level and caps every window.
     let trace = std::env::var_os("OVERLOAD_TRACE").map(|_| {
-        let gateway = server.gateway.clone();
+        let gateway = server.live.clone();
         tokio::spawn(async move {
             let t0 = Instant::now();
             loop {
@@ -382,13 +382,13 @@ async fn overloaded_run(overload: Value, baseline: bool) -> (Report, Option<f64>
     }
     let r = report(&shots, &out, RUN);
     if std::env::var_os("OVERLOAD_TRACE").is_some() {
-        for l in server.gateway.metrics.encode().lines() {
+        for l in server.live.metrics.encode().lines() {
             if l.starts_with("tidegate_overload_rejected_total") {
                 eprintln!("{l}");
             }
         }
     }
-    let status = server.gateway.runtime.load().overload.status();
+    let status = server.live.runtime.load().overload.status();
     let status = serde_json::to_value(&status).unwrap();
     eprintln!(
         "{r:?} unloaded_p99_ms={unloaded:?} upstream_served={} status={status}",

@@ -358,7 +358,7 @@ async fn broken_edits_keep_old_rules() {
     let t = Instant::now();
     assert_eq!(
         reloader.reload("test", t).await,
-        tidegate::reload::ReloadOutcome::Failed
+        tidegate::control::reload::ReloadOutcome::Failed
     );
     assert!(
         reloader
@@ -370,7 +370,7 @@ async fn broken_edits_keep_old_rules() {
     std::os::unix::fs::symlink(dir.dir.path().join("missing.json"), dir.path()).unwrap();
     assert_eq!(
         reloader.reload("test", t).await,
-        tidegate::reload::ReloadOutcome::Failed
+        tidegate::control::reload::ReloadOutcome::Failed
     );
     assert!(
         reloader
@@ -411,7 +411,7 @@ async fn identical_rewrite_is_noop() {
     std::fs::write(dir.path(), &text).unwrap();
     assert_eq!(
         r.reload("test", Instant::now()).await,
-        tidegate::reload::ReloadOutcome::Unchanged
+        tidegate::control::reload::ReloadOutcome::Unchanged
     );
     assert_eq!(r.status().generation, 1);
     assert!(server.shutdown().await);
@@ -491,7 +491,7 @@ async fn included_rules_dir_reloads_as_one() {
     assert!(reloader.status().last_error.is_none());
 
     // `tidegate check` reads the same set.
-    let loaded = tidegate::config::read_config(&main_path).expect("the set checks");
+    let loaded = tidegate::control::config::read_config(&main_path).expect("the set checks");
     assert_eq!(loaded.config.routes.len(), 2);
     assert!(server.shutdown().await);
 }

@@ -30,16 +30,3 @@ fn quantiles_within_a_bucket() {
     // Taking resets.
     assert_eq!(l.take().iter().sum::<u32>(), 0);
 }
-
-/// A new series is zero-filled to the length of the others, and rings stop at five minutes.
-#[test]
-fn rings_align_and_stay_bounded() {
-    let mut r: VecDeque<u32> = VecDeque::new();
-    push_ring(&mut r, 3, 7);
-    assert_eq!(r, [0, 0, 7]);
-    for i in 0..1000 {
-        push_ring(&mut r, HISTORY_SECS.min(4 + i), 1);
-    }
-    assert_eq!(r.len(), HISTORY_SECS);
-    assert_eq!(last_n(&r, RATE_WINDOW_SECS).count(), RATE_WINDOW_SECS);
-}

@@ -1,10 +1,17 @@
-//! The governance step of the request path: limits, then fallbacks, then the breaker of the
-//! chosen upstream. Runs synchronously inside the gateway's decision block, on the same
-//! snapshot load as classification and routing.
+//! Governance state: the limiters, cluster-scope limits and circuit breakers behind the
+//! decision's limit and breaker phases (see `pipeline::decide`).
 //!
-//! [`Governors`] is the per-runtime state behind it (limiters, breakers, label names). A
-//! reload builds a new one from the previous: limiters and breakers whose rule is unchanged
-//! are carried over, state and all.
+//! [`Governors`] is the per-runtime state (limiters, breakers, label names). A reload builds
+//! a new one from the previous: limiters and breakers whose rule is unchanged are carried
+//! over, state and all.
+//!
+//! - [`limit`]: keyed GCRA limiters (governor), one per limit rule and quota.
+//! - [`cluster`]: cluster-scope limits: GCRA in Redis, token leases spent locally.
+//! - [`breaker`]: circuit breaker state (closed, open, half-open) over a sliding window.
+
+pub mod breaker;
+pub mod cluster;
+pub mod limit;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,16 +19,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
-use rules::degrade::WhenOpen;
 use rules::model::{LimitMode, OnStoreError};
-use rules::{RouteDecision, RouteInput, Snapshot, UpstreamId};
+use rules::{RouteDecision, RouteInput, Snapshot};
 
-use crate::breaker::{Admission, Breaker, Breakers, CallResult, Permit, Transition};
-use crate::cluster::ClusterStore;
-use crate::forward::Upstream;
-use crate::limit::{Limiters, Outcome, RemoteCheck, RuleLimiter};
+use self::breaker::{Admission, Breaker, Breakers, CallResult, Permit, Transition};
+use self::cluster::ClusterStore;
+use self::limit::{Limiters, Outcome, Rejection, RemoteCheck, RuleLimiter};
 use crate::metrics::{BreakerLabels, LimitLabels, Metrics, Name, RuleLabels, TransitionLabels};
 use crate::respond::{self, GatewayError};
+use crate::stats::Class;
 
 /// Runtime state of limits and breakers for one snapshot.
 #[derive(Debug)]
@@ -45,22 +51,26 @@ pub struct ClusterPending {
     checks: Vec<RemoteCheck>,
 }
 
-/// What the governance step decided before any upstream is called.
+/// The breaker phase's verdict on a routed request.
 #[derive(Debug)]
-pub enum Verdict {
-    /// Answer locally, without the upstream (429, a fallback, an open breaker).
-    Local(Response<Full<Bytes>>),
-    /// Go on to route.
-    Proceed,
-}
-
-/// Where a routed request goes, once its breaker has had its say.
-#[derive(Debug)]
-pub enum Target {
-    /// Call this upstream; report to the breaker through the permit, if there is one.
-    Forward(Arc<Upstream>, Option<Permit>),
-    /// An open breaker answered.
-    Local(Response<Full<Bytes>>),
+pub enum BreakerVerdict {
+    /// The request was not routed, so no breaker was asked.
+    Unchecked,
+    /// The chosen upstream has no breaker.
+    None,
+    /// Closed, or half-open with a probe slot free: call the upstream and report through the
+    /// permit (taken by the decision's action; `None` when peeking).
+    Pass {
+        /// The breaker.
+        breaker: Arc<Breaker>,
+        /// Leave to call, with the duty to report.
+        permit: Option<Permit>,
+    },
+    /// Open: its answer or its alternate upstream instead.
+    Open {
+        /// The breaker.
+        breaker: Arc<Breaker>,
+    },
 }
 
 // === impl Governors ===
@@ -79,9 +89,7 @@ impl Governors {
         previous: Option<&Self>,
         cluster: Option<Arc<ClusterStore>>,
     ) -> Self {
-        let lease = cluster
-            .as_ref()
-            .map_or(crate::limit::DEFAULT_LEASE, |c| c.lease);
+        let lease = cluster.as_ref().map_or(limit::DEFAULT_LEASE, |c| c.lease);
         Self {
             cluster,
             limiters: Limiters::build_leased(
@@ -100,86 +108,81 @@ impl Governors {
         }
     }
 
-    /// Limits, then fallbacks: a local answer, or proceed to routing.
-    ///
-    /// For callers that cannot wait for Redis: a cluster-scope limit that would need it
-    /// admits (see [`Limiters::check`]). The gateway uses
-    /// [`Governors::before_route_cluster`].
-    pub fn before_route(
+    /// The limit phase: every limit that applies, in rule order, until an enforced one
+    /// refuses. `observe` hears each verdict. Returns the refusal, and the cluster-scope
+    /// checks that need Redis (to be [`ClusterPending::resolve`]d before forwarding; none when
+    /// the request is refused). Without `serve`, nothing is spent and cluster-scope rules are
+    /// passed over (they are decided in Redis).
+    pub fn check_limits(
         &self,
         snap: &Snapshot,
         input: &RouteInput<'_>,
-        metrics: &Metrics,
-    ) -> Verdict {
-        self.before_route_cluster(snap, input, metrics, &mut None)
-    }
-
-    /// [`Governors::before_route`], setting aside in `pending` the cluster-scope limit
-    /// checks that need Redis; the caller must [`ClusterPending::resolve`] them before
-    /// forwarding. Nothing is set aside when the request is answered locally.
-    pub fn before_route_cluster(
-        &self,
-        snap: &Snapshot,
-        input: &RouteInput<'_>,
-        metrics: &Metrics,
-        pending: &mut Option<ClusterPending>,
-    ) -> Verdict {
+        serve: bool,
+        observe: impl FnMut(&RuleLimiter, Outcome, Duration),
+    ) -> (Option<Rejection>, Option<ClusterPending>) {
         let mut remote = Vec::new();
-        let rejection = self.limiters.check_remote(
-            snap,
-            input,
-            |lim, outcome, wait| observe_limit(metrics, lim, outcome, wait, input),
-            &mut remote,
-        );
-        if let Some(rej) = rejection {
-            return Verdict::Local(respond::rate_limited(&rej));
-        }
-        if !remote.is_empty() {
-            *pending = Some(ClusterPending {
-                store: self.cluster.clone(),
-                checks: remote,
-            });
-        }
-        if let Some(fb) = snap.fallback(input) {
-            metrics
-                .fallbacks
-                .get_or_create(&RuleLabels {
-                    rule: self.fallback_names[fb.rule_id as usize].clone(),
-                })
-                .inc();
-            return Verdict::Local(respond::canned(&fb.rule.response));
-        }
-        Verdict::Proceed
+        let rejection = match serve {
+            true => self
+                .limiters
+                .check_remote(snap, input, observe, &mut remote),
+            false => limit::peeking(|| self.limiters.check_local(snap, input, observe)),
+        };
+        let pending = (rejection.is_none() && !remote.is_empty()).then(|| ClusterPending {
+            store: self.cluster.clone(),
+            checks: remote,
+        });
+        (rejection, pending)
     }
 
-    /// The breaker's say on a routed request: forward (with a permit to report through),
-    /// answer locally, or forward to the alternate upstream.
-    pub fn target(
+    /// Count a fallback's answer.
+    pub fn count_fallback(&self, metrics: &Metrics, rule_id: u32) {
+        metrics
+            .fallbacks
+            .get_or_create(&RuleLabels {
+                rule: self.fallback_names[rule_id as usize].clone(),
+            })
+            .inc();
+    }
+
+    /// The breaker phase: the say of the chosen upstream's breaker. With `metrics` (serving),
+    /// a permit is taken and transitions and rejections are counted; without, the breaker's
+    /// state is only read.
+    pub fn breaker(
         &self,
         snap: &Snapshot,
         route: &RouteDecision<'_>,
-        upstreams: &[Arc<Upstream>],
-        metrics: &Metrics,
-    ) -> Target {
-        let upstream = |id: UpstreamId| Arc::clone(&upstreams[id.0 as usize]);
+        metrics: Option<&Metrics>,
+    ) -> BreakerVerdict {
         let Some(bi) = snap.breaker_for(route.upstream, Some(route.rule_id)) else {
-            return Target::Forward(upstream(route.upstream), None);
+            return BreakerVerdict::None;
         };
         let b = &self.breakers.by_id[bi as usize];
-        let (admission, transition) = b.admit(crate::breaker::now());
+        let Some(metrics) = metrics else {
+            let breaker = Arc::clone(b);
+            return match b.would_admit(breaker::now()) {
+                true => BreakerVerdict::Pass {
+                    breaker,
+                    permit: None,
+                },
+                false => BreakerVerdict::Open { breaker },
+            };
+        };
+        let (admission, transition) = b.admit(breaker::now());
         if let Some(t) = transition {
             on_transition(metrics, b, t);
         }
         match admission {
-            Admission::Pass(p) => Target::Forward(upstream(route.upstream), Some(p)),
+            Admission::Pass(p) => BreakerVerdict::Pass {
+                breaker: Arc::clone(b),
+                permit: Some(p),
+            },
             Admission::Reject => {
                 metrics
                     .breaker_rejections
                     .get_or_create(&breaker_labels(b))
                     .inc();
-                match &b.def.when_open {
-                    WhenOpen::Respond(r) => Target::Local(respond::canned(r)),
-                    WhenOpen::Alternate(id) => Target::Forward(upstream(*id), None),
+                BreakerVerdict::Open {
+                    breaker: Arc::clone(b),
                 }
             }
         }
@@ -217,7 +220,7 @@ pub fn finish_call(
         Err(_) => return, // dropping the permit gives a probe slot back
     };
     let b = Arc::clone(p.breaker());
-    if let Some(t) = p.finish(crate::breaker::now(), result, latency) {
+    if let Some(t) = p.finish(breaker::now(), result, latency) {
         on_transition(metrics, &b, t);
     }
 }
@@ -228,7 +231,7 @@ impl ClusterPending {
     /// Make the set-aside cluster checks, in rule order: `None` to go on, or the answer
     /// (429, or 503 for a `fail_closed` rule whose store failed). Waits at most the store
     /// timeout per check; background refills are started and not waited for.
-    pub async fn resolve(self, metrics: &Metrics) -> Option<Response<Full<Bytes>>> {
+    pub async fn resolve(self, metrics: &Metrics) -> Option<(Response<Full<Bytes>>, Class)> {
         for c in self.checks {
             let Some(cl) = &c.rule.cluster else { continue };
             if c.refill_only {
@@ -245,7 +248,7 @@ impl ClusterPending {
             let answer = match &self.store {
                 Some(store) => cl.acquire(store, c.quota, c.key).await,
                 // A reload added a cluster rule to a gateway started without server.redis.
-                None => Err(crate::cluster::StoreUnavailable),
+                None => Err(cluster::StoreUnavailable),
             };
             let lim = &*c.rule;
             match answer {
@@ -263,11 +266,12 @@ impl ClusterPending {
                 }
                 Ok(Err(wait)) => {
                     count_limit(metrics, lim, Outcome::Limited);
-                    return Some(respond::rate_limited(&crate::limit::Rejection {
+                    let rej = Rejection {
                         rule: Arc::clone(&c.rule),
                         quota: c.quota,
                         retry_after: wait,
-                    }));
+                    };
+                    return Some((rej.response(), Class::Limited));
                 }
                 Err(_) => {
                     metrics
@@ -279,7 +283,8 @@ impl ClusterPending {
                     let closed = cl.on_store_error == OnStoreError::FailClosed
                         && lim.mode == LimitMode::Enforce;
                     if closed {
-                        return Some(respond::limit_store_unavailable(&lim.name.0));
+                        let resp = respond::limit_store_unavailable(&lim.name.0);
+                        return Some((resp, Class::Shed));
                     }
                     count_limit(metrics, lim, Outcome::Allowed);
                 }
@@ -334,25 +339,15 @@ fn on_transition(metrics: &Metrics, b: &Breaker, t: Transition) {
     );
 }
 
-fn observe_limit(
+/// Count a limit's verdict, and log a dry run's refusal.
+pub(crate) fn observe_limit(
     metrics: &Metrics,
     lim: &RuleLimiter,
     outcome: Outcome,
     wait: Duration,
     input: &RouteInput<'_>,
 ) {
-    let counters = lim.counters.get_or_init(|| {
-        Outcome::ALL.map(|o| {
-            metrics
-                .limit_decisions
-                .get_or_create(&LimitLabels {
-                    rule: lim.name.clone(),
-                    outcome: o.label(),
-                })
-                .clone()
-        })
-    });
-    counters[outcome as usize].inc();
+    count_limit(metrics, lim, outcome);
     if outcome == Outcome::DryRunLimited {
         // The point of a dry run is to see who would be limited: log it (logs, unlike
         // metric labels, may carry user IDs).
@@ -365,34 +360,5 @@ fn observe_limit(
             retry_after_ms = wait.as_millis() as u64,
             "limit would reject (dry run)"
         );
-    }
-}
-
-/// How often idle limiter keys are swept.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Sweep idle keys out of the live runtime's limiters every [`SWEEP_INTERVAL`] until
-/// shutdown, so limiter memory follows the active users. Each sweep locks one shard at a
-/// time, so requests wait for at most one shard's sweep.
-pub async fn housekeep(
-    gateway: Arc<crate::gateway::Gateway>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = crate::server::stopped(&mut shutdown) => return,
-        }
-        let rt = gateway.runtime.load_full();
-        if rt.governors.limiters.rules.is_empty() {
-            continue;
-        }
-        // Off the async workers: a sweep of a million keys takes milliseconds.
-        let tracked = tokio::task::spawn_blocking(move || rt.governors.limiters.retain_recent())
-            .await
-            .unwrap_or(0);
-        tracing::debug!(target: "tidegate::limit", tracked_keys = tracked, "limiter sweep");
     }
 }

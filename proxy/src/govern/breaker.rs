@@ -209,6 +209,19 @@ impl Breaker {
         (from != to).then_some(Transition { from, to })
     }
 
+    /// Would [`Breaker::admit`] let a request through at `now`? Reads the state only: no
+    /// probe slot is taken and no transition made (`explain`).
+    pub fn would_admit(&self, now: u64) -> bool {
+        if self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
+            return true;
+        }
+        match self.lock().state {
+            Phase::Closed => true,
+            Phase::Open { until } => now >= until,
+            Phase::HalfOpen { issued, .. } => issued < self.def.half_open_probes,
+        }
+    }
+
     /// May a request call the upstream at `now`? Also returns the transition to half-open
     /// when this request is the one that ends the open period.
     pub fn admit(self: &Arc<Self>, now: u64) -> (Admission, Option<Transition>) {

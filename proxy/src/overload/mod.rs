@@ -35,12 +35,11 @@ use rules::overload::{
     AdmissionSpec, Gradient, LevelController, LevelWindow, RttWindow, UpstreamCap, UserKey,
     business_of_rank, business_rank, priority,
 };
-use rules::{InterfaceId, Snapshot};
+use rules::{InterfaceId, Snapshot, UpstreamId};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::forward::Upstream;
 use crate::metrics::{GateLabels, LevelLabels, Metrics, Name, OverloadRejectLabels};
 use crate::respond;
 
@@ -158,15 +157,6 @@ pub struct Admission {
     controller: Mutex<LevelController>,
     last: Mutex<WindowReport>,
     overloaded: AtomicBool,
-}
-
-/// What the admission decided about a request.
-#[derive(Debug)]
-pub enum Admit {
-    /// Go on (possibly with no overload protection at all).
-    Pass,
-    /// Below the level: answer this.
-    Reject(Response<Full<Bytes>>),
 }
 
 /// The slots a routed request must take before it is forwarded, as plain `Arc`s (no
@@ -343,50 +333,84 @@ impl Overload {
         }
     }
 
-    /// The admission step: count the request in the window's histogram and refuse it if it
-    /// ranks below the level. Synchronous, allocation-free: a hash of the user ID, two
-    /// atomic adds and one atomic load.
+    /// The admission step: count the request in the window's histogram and whether it ranks
+    /// at or above the level (refused ones are counted as rejections). Synchronous,
+    /// allocation-free: a hash of the user ID, two atomic adds and one atomic load.
     pub fn admit(
         &self,
         interface: Option<InterfaceId>,
         user: UserKey<'_>,
         iface_names: &[Name],
         metrics: &Metrics,
-    ) -> Admit {
-        if !self.enabled {
-            return Admit::Pass;
-        }
-        let Some(a) = &self.admission else {
-            return Admit::Pass;
+    ) -> bool {
+        let Some((a, slot, rank)) = self.rank(interface, user) else {
+            return true;
         };
+        a.offered[rank as usize].fetch_add(1, Ordering::Relaxed);
+        if LevelController::admits(a.level.load(Ordering::Relaxed), rank) {
+            return true;
+        }
+        self.counters(slot, iface_names, metrics)[Reason::Admission as usize].inc();
+        false
+    }
+
+    /// Whether [`Overload::admit`] would let the request in at `level` (the live level when
+    /// `None`), counting nothing.
+    pub fn would_admit(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+        level: Option<u32>,
+    ) -> bool {
+        self.priority(interface, user, level)
+            .is_none_or(|(rank, level)| LevelController::admits(level, rank))
+    }
+
+    /// The request's rank and the admission level it is judged at (`level`, or the live
+    /// one), when priority admission is on.
+    pub fn priority(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+        level: Option<u32>,
+    ) -> Option<(u32, u32)> {
+        let (a, _, rank) = self.rank(interface, user)?;
+        Some((rank, level.unwrap_or_else(|| a.level())))
+    }
+
+    /// The request's admission state, counter slot and rank, when admission is on.
+    fn rank(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+    ) -> Option<(&Admission, usize, u32)> {
+        if !self.enabled {
+            return None;
+        }
+        let a = self.admission.as_deref()?;
         let slot = interface.map_or(self.business.len() - 1, |i| i.0 as usize);
         let b = business_of_rank(self.business[slot]);
         let epoch = a.epoch.load(Ordering::Relaxed);
-        let rank = priority(b, user, epoch, a.spec.user_levels);
-        a.offered[rank as usize].fetch_add(1, Ordering::Relaxed);
-        if LevelController::admits(a.level.load(Ordering::Relaxed), rank) {
-            return Admit::Pass;
-        }
-        self.counters(slot, iface_names, metrics)[Reason::Admission as usize].inc();
-        Admit::Reject(respond::overloaded(&self.retry_after))
+        Some((a, slot, priority(b, user, epoch, a.spec.user_levels)))
+    }
+
+    /// The answer to a request admission refused: 503 `overloaded` with `Retry-After`.
+    pub fn refusal(&self) -> Response<Full<Bytes>> {
+        respond::overloaded(&self.retry_after)
     }
 
     /// The slots a request routed to `upstream` must take, or `None` when no cap applies.
     pub fn pending(
         &self,
         interface: Option<InterfaceId>,
-        upstream: &Arc<Upstream>,
-        upstreams: &[Arc<Upstream>],
+        upstream: UpstreamId,
         iface_names: &[Name],
         metrics: &Metrics,
     ) -> Option<Pending> {
         if !self.enabled {
             return None;
         }
-        let up = upstreams
-            .iter()
-            .position(|u| Arc::ptr_eq(u, upstream))
-            .and_then(|i| self.upstreams[i].clone());
+        let up = self.upstreams[upstream.0 as usize].clone();
         let itf = interface.and_then(|i| self.interfaces[i.0 as usize].clone());
         let gates = [up, itf, self.global.clone()];
         if gates.iter().all(Option::is_none) {
@@ -829,24 +853,6 @@ impl Held {
             }
         }
         drop(self.slots);
-    }
-}
-
-/// Close a window of the live runtime's overload state every `window_ms` until shutdown.
-pub async fn control(
-    gateway: Arc<crate::gateway::Gateway>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let window = gateway.runtime.load().snapshot.overload.window;
-        tokio::select! {
-            _ = tokio::time::sleep(window) => {}
-            _ = crate::server::stopped(&mut shutdown) => return,
-        }
-        let rt = gateway.runtime.load_full();
-        if rt.overload.enabled {
-            rt.overload.tick(&gateway.metrics);
-        }
     }
 }
 

@@ -52,9 +52,9 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
     let mut issues = Vec::new();
     for (i, l) in loaded.config.server.listeners.iter().enumerate() {
         if let Some(tls) = &l.tls {
-            if let Err(e) = crate::tls::server_config(&tls.cert_path, &tls.key_path) {
+            if let Err(e) = crate::serve::tls::server_config(&tls.cert_path, &tls.key_path) {
                 let field = match e {
-                    crate::tls::TlsError::Key { .. } => "key_path",
+                    crate::serve::tls::TlsError::Key { .. } => "key_path",
                     _ => "cert_path",
                 };
                 issues.push(Issue {

@@ -13,7 +13,7 @@
 //! the limits after it are not consulted, so they spend no quota on a request that will not
 //! reach the upstream. A `dry_run` limit that refuses is reported and passed over.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -29,14 +29,16 @@ use governor::nanos::Nanos;
 use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue, Response, header};
+use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
 use rules::limit::{CompiledLimit, LimitQuota};
 use rules::model::{LimitMode, LimitScope};
 use rules::{RouteInput, Snapshot};
 
-use crate::cluster::{ClusterLimiter, Local};
+use super::cluster::{ClusterLimiter, Local};
 use crate::metrics::Name;
+use crate::respond::{self, GatewayError};
 
 /// Lease length of cluster-scope rules when `server.redis` gives none.
 pub const DEFAULT_LEASE: Duration = Duration::from_millis(100);
@@ -120,7 +122,7 @@ pub enum Outcome {
 }
 
 /// A cluster-scope check that needs Redis: made after the synchronous decision, by
-/// [`crate::govern::ClusterPending::resolve`].
+/// [`super::ClusterPending::resolve`].
 #[derive(Debug, Clone)]
 pub struct RemoteCheck<C: Clock = DefaultClock> {
     /// The rule (its [`RuleLimiter::cluster`] is set).
@@ -147,7 +149,54 @@ pub struct Rejection<C: Clock = DefaultClock> {
 thread_local! {
     /// Reused list of the limits applying to the current request (no allocation per request).
     static SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Set while [`peeking`]: key stores answer as they would, but keep their state.
+    static PEEKING: Cell<bool> = const { Cell::new(false) };
 }
+
+/// Run `f` with every [`KeyStore`] on this thread read-only: limiters checked inside answer
+/// whether they would admit now without spending quota (`explain` on the live gateway).
+pub fn peeking<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PEEKING.with(|p| p.set(false));
+        }
+    }
+    PEEKING.with(|p| p.set(true));
+    let _reset = Reset;
+    f()
+}
+
+// === impl Rejection ===
+
+impl<C: Clock + Clone> Rejection<C> {
+    /// 429 for the refused request: `Retry-After` (whole seconds, rounded up),
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09), and a
+    /// body naming the rule: `{"error":"rate_limited","rule":"NAME","retry_after_ms":N}`.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let mut r = respond::json(
+            GatewayError::RateLimited.status(),
+            self.rule.body(self.retry_after),
+        );
+        let h = r.headers_mut();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ceil_secs(self.retry_after)),
+        );
+        h.insert(
+            RATELIMIT_POLICY.clone(),
+            self.rule.policy(self.quota).clone(),
+        );
+        h.insert(
+            RATELIMIT.clone(),
+            self.rule.rate_limit_header(self.retry_after),
+        );
+        r
+    }
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 // === impl Outcome ===
 
@@ -219,6 +268,9 @@ impl StateStore for KeyStore {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         let mut table = Self::lock(self.shard(*key));
+        if PEEKING.with(Cell::get) {
+            return f(table.get(key).map(|&tat| Nanos::from(tat))).map(|(out, _)| out);
+        }
         match table.entry(*key) {
             Entry::Occupied(mut e) => {
                 let (out, tat) = f(Some(Nanos::from(*e.get())))?;
@@ -452,6 +504,17 @@ impl<C: Clock + Clone> Limiters<C> {
         self.check_remote(snap, r, observe, &mut Vec::new())
     }
 
+    /// [`Limiters::check`] of the limits counted in this gateway only: cluster-scope rules
+    /// are passed over unobserved (used with [`peeking`], which must not spend leases).
+    pub fn check_local(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+    ) -> Option<Rejection<C>> {
+        self.check_inner(snap, r, observe, None)
+    }
+
     /// [`Limiters::check`], setting aside in `remote` the cluster-scope checks that need
     /// Redis (they are neither observed nor decided here). A cluster limit set aside does
     /// not stop the limits after it: they are checked (and spend quota) as if it admits.
@@ -459,8 +522,18 @@ impl<C: Clock + Clone> Limiters<C> {
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
-        mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
         remote: &mut Vec<RemoteCheck<C>>,
+    ) -> Option<Rejection<C>> {
+        self.check_inner(snap, r, observe, Some(remote))
+    }
+
+    fn check_inner(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        mut remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<Rejection<C>> {
         if self.rules.is_empty() {
             return None;
@@ -474,9 +547,10 @@ impl<C: Clock + Clone> Limiters<C> {
                     continue;
                 };
                 let lim = &self.rules[i as usize];
-                let verdict = match &lim.cluster {
-                    None => lim.check(key.quota, key.hash),
-                    Some(c) => match c.try_local(key.quota, key.hash) {
+                let verdict = match (&lim.cluster, remote.as_deref_mut()) {
+                    (None, _) => lim.check(key.quota, key.hash),
+                    (Some(_), None) => continue,
+                    (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
                         Local::Admit { refill } => {
                             if refill {
                                 remote.push(RemoteCheck {

@@ -36,8 +36,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::forward::{ConnCache, ConnInfo};
-use crate::gateway::Gateway;
+pub mod tls;
+
+use crate::conn::ConnInfo;
+use crate::pipeline::Gateway;
+use crate::upstream::ConnCache;
 
 /// What every connection of every listener shares.
 #[derive(Clone)]
@@ -85,7 +88,7 @@ pub fn builder(l: &ConnLimits) -> auto::Builder<TokioExecutor> {
 /// Accept connections on `listener` until shutdown.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<crate::tls::CertStore>>,
+    tls: Option<Arc<tls::CertStore>>,
     shared: Shared,
     name: Arc<str>,
 ) {
@@ -97,7 +100,7 @@ pub async fn accept_loop(
                 Ok(p) => p,
                 Err(_) => return, // semaphore closed: shutting down
             },
-            _ = crate::server::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -109,7 +112,7 @@ pub async fn accept_loop(
                     continue;
                 }
             },
-            _ = crate::server::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
@@ -122,8 +125,8 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            shared.gateway.metrics.connections.inc();
-            shared.gateway.metrics.connections_accepted.inc();
+            shared.gateway.live.metrics.connections.inc();
+            shared.gateway.live.metrics.connections_accepted.inc();
             match tls {
                 None => serve_io(stream, info, &shared, accepted).await,
                 Some(certs) => {
@@ -140,7 +143,7 @@ pub async fn accept_loop(
                     }
                 }
             }
-            shared.gateway.metrics.connections.dec();
+            shared.gateway.live.metrics.connections.dec();
             drop(permit);
         });
     }
@@ -216,7 +219,7 @@ where
                     closing = true;
                 }
             }
-            _ = crate::server::stopped(&mut shutdown), if !closing => {
+            _ = crate::shutdown::stopped(&mut shutdown), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -354,10 +357,4 @@ fn listen(sa: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(sa)?;
     socket.listen(ACCEPT_BACKLOG)
-}
-
-/// Resolve once `rx` reads `true` (or its sender is gone).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`; drop it here, inside.
-    let _ = rx.wait_for(|s| *s).await;
 }

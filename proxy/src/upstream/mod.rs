@@ -1,10 +1,13 @@
 //! Forwarding to upstream clusters: endpoint choice, keep-alive connections, timeouts, one
-//! retry on connect failure, and header hygiene.
+//! retry on connect failure.
+//!
+//! - [`h1`]: the HTTP/1.1 client of our own for bodiless requests.
+//! - [`headers`]: header hygiene (hop-by-hop headers, `Host`, `X-Forwarded-For`).
 //!
 //! An HTTP/1.x downstream connection carries one request at a time, so it gets its own
 //! upstream connection ([`ConnCache`], created on its first request and reused until it
 //! closes): no shared pool to check out from. A request without a body (most of a gateway's
-//! traffic) is sent by [`crate::h1`], driven by the downstream connection's own task; one with
+//! traffic) is sent by [`h1`], driven by the downstream connection's own task; one with
 //! a body by a hyper client connection of its own. Requests of HTTP/2 downstream connections
 //! (many at once) and callers without a cache use the shared pooled client of the upstream.
 //!
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -29,6 +32,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rules::model::{Balance, UpstreamKind};
 use rules::snapshot::UpstreamSpec;
+
+pub mod h1;
+pub mod headers;
 
 use crate::metrics::Name;
 use crate::respond::GatewayError;
@@ -117,7 +123,7 @@ pub struct UpstreamBody {
 #[derive(Debug)]
 enum Received {
     Hyper(Incoming),
-    Own(crate::h1::ResponseBody),
+    Own(h1::ResponseBody),
 }
 
 /// Errors of [`UpstreamBody`].
@@ -129,32 +135,21 @@ pub enum ResponseBodyError {
     /// The upstream connection failed (reset, early close, bad framing).
     #[error("upstream response body: {0}")]
     Upstream(#[from] hyper::Error),
-    /// The same, on a connection of [`crate::h1`].
+    /// The same, on a connection of [`h1`].
     #[error("upstream response body: {0}")]
-    Connection(#[from] crate::h1::Error),
-}
-
-/// Per-connection facts the forwarder adds to each request.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client's address.
-    pub remote: SocketAddr,
-    /// The client's IP, preformatted for `X-Forwarded-For`.
-    pub remote_ip: HeaderValue,
-    /// `http` or `https`.
-    pub proto: HeaderValue,
+    Connection(#[from] h1::Error),
 }
 
 /// A downstream connection's own upstream connection, reused by its requests one after the
-/// other. The server passes it to [`crate::gateway::Gateway::handle`] with every HTTP/1.x
+/// other. The server passes it to the request path with every HTTP/1.x
 /// request.
 #[derive(Debug, Default)]
 pub struct ConnCache {
     /// hyper connections, for requests with a body.
     hyper: Slots<hyper::client::conn::http1::SendRequest<UpBody>>,
-    /// Idle [`crate::h1`] connections, for requests without one. One that is carrying a
+    /// Idle [`h1`] connections, for requests without one. One that is carrying a
     /// response body is owned by that body until it has been read.
-    own: Slots<crate::h1::Conn>,
+    own: Slots<h1::Conn>,
 }
 
 /// At most [`CONN_CACHE_MAX`] connections, one per (upstream id, endpoint index) used lately:
@@ -170,15 +165,10 @@ const CONN_CACHE_MAX: usize = 4;
 enum DirectError {
     Connect(std::io::Error),
     Http(hyper::Error),
-    Own(crate::h1::Error),
+    Own(h1::Error),
 }
 
 static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 // === impl Upstream ===
 
@@ -463,7 +453,7 @@ impl Upstream {
         }
     }
 
-    /// Send a request without a body on an idle [`crate::h1`] connection of the downstream
+    /// Send a request without a body on an idle [`h1`] connection of the downstream
     /// connection's (opening one when there is none for this endpoint, or it closed). The
     /// connection goes back to the cache once the response body has been read. An idempotent
     /// request on a reused connection that failed before any of its answer arrived (the
@@ -473,12 +463,12 @@ impl Upstream {
         cache: &Arc<ConnCache>,
         ep_idx: usize,
         req: &Request<UpBody>,
-    ) -> Result<Response<crate::h1::ResponseBody>, DirectError> {
+    ) -> Result<Response<h1::ResponseBody>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut head = Vec::new();
-        crate::h1::encode_head(req.method(), path, req.headers(), &mut head);
+        h1::encode_head(req.method(), path, req.headers(), &mut head);
         let mut fresh_only = false;
         loop {
             let cached = if fresh_only {
@@ -492,7 +482,7 @@ impl Upstream {
             }) {
                 Some(c) => (c, true),
                 None => (
-                    crate::h1::Conn::new(self.connect_tcp(ep).await.map_err(DirectError::Connect)?),
+                    h1::Conn::new(self.connect_tcp(ep).await.map_err(DirectError::Connect)?),
                     false,
                 ),
             };
@@ -502,7 +492,7 @@ impl Upstream {
                     let body = conn.into_body(&h, move |c| home.own.put(key, c));
                     return Ok(Response::from_parts(h.parts, body));
                 }
-                Err((_, false)) if reused && crate::h1::idempotent(req.method()) => {
+                Err((_, false)) if reused && h1::idempotent(req.method()) => {
                     fresh_only = true;
                 }
                 Err((e, _)) => return Err(DirectError::Own(e)),
@@ -748,127 +738,5 @@ impl Body for UpBody {
             BodyState::Streaming(b) => b.size_hint(),
             _ => self.hint,
         }
-    }
-}
-
-// === header hygiene ===
-
-/// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, the headers it names, and the
-/// fixed set that only ever describes one connection.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (standard ones compare as enum
-    // tags) is cheaper than hashing seven names for removals that find nothing.
-    if !h.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if let Some(conn) = h.get(header::CONNECTION) {
-        // Rare path: only when a client names extra headers.
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .chain(std::iter::once(conn))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-    }
-    for n in hop_by_hop() {
-        h.remove(n);
-    }
-}
-
-/// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
-/// `Proxy-Connection`).
-fn hop_by_hop() -> [&'static HeaderName; 7] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ]
-}
-
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    hop_by_hop().contains(&n)
-}
-
-/// Carry the authority the client addressed to the upstream as `Host`. An HTTP/2 request
-/// has no `Host` header, only `:authority` (in the URI), and the forwarded URI names the
-/// endpoint instead; without this an h2 client's upstream would see the endpoint address
-/// as `Host` while an HTTP/1.1 client's sees the name it used.
-pub fn keep_authority(parts: &mut http::request::Parts) {
-    if parts.headers.contains_key(header::HOST) {
-        return;
-    }
-    if let Some(a) = parts.uri.authority() {
-        // Never the (deprecated) userinfo part.
-        let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(host_port) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-}
-
-/// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
-pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
-    match h.entry(&X_FORWARDED_FOR) {
-        header::Entry::Occupied(mut e) => {
-            // Several header lines are one comma-separated list (RFC 9110 §5.3): keep every
-            // hop, in order, not just the first line.
-            let mut v = Vec::with_capacity(64);
-            for prev in e.iter() {
-                v.extend_from_slice(prev.as_bytes());
-                v.extend_from_slice(b", ");
-            }
-            v.extend_from_slice(conn.remote_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                e.insert(v);
-            }
-        }
-        header::Entry::Vacant(e) => {
-            e.insert(conn.remote_ip.clone());
-        }
-    }
-    h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Headers named in `Connection` go, and so do the fixed hop-by-hop ones; others stay.
-    #[test]
-    fn hop_by_hop_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
-        h.insert(header::UPGRADE, "websocket".parse().unwrap());
-        h.insert("x-keep", "yes".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-keep"], "yes");
-    }
-
-    /// An existing X-Forwarded-For is appended to, not replaced.
-    #[test]
-    fn forwarded_appends() {
-        let info = ConnInfo {
-            remote: "10.0.0.9:1234".parse().unwrap(),
-            remote_ip: HeaderValue::from_static("10.0.0.9"),
-            proto: HeaderValue::from_static("https"),
-        };
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        add_forwarded(&mut h, &info);
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "https");
     }
 }

@@ -24,9 +24,9 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::read_config_hashed;
-use crate::gateway::{Gateway, Runtime};
-use crate::metrics::Metrics;
+use super::config::read_config_hashed;
+use crate::runtime::{Live, Runtime};
+use crate::serve::tls::CertStore;
 
 /// How long the watcher waits for a burst of file events to settle. Short, because an edit
 /// should be in force within a quarter of a second; a half-written file costs only one failed
@@ -78,8 +78,7 @@ pub struct Reloader {
     path: PathBuf,
     /// The include directory named at start-up (watched alongside the file).
     include_dir: Option<PathBuf>,
-    gateway: Arc<Gateway>,
-    metrics: Arc<Metrics>,
+    live: Arc<Live>,
     embedded: Vec<(String, SocketAddr)>,
     /// The bootstrap settings the process started with.
     bootstrap: rules::model::Server,
@@ -89,28 +88,23 @@ pub struct Reloader {
     /// One reload at a time.
     serial: tokio::sync::Mutex<()>,
     /// TLS certificate pairs of the listeners, reloaded on the same triggers.
-    certs: Vec<Arc<crate::tls::CertStore>>,
+    certs: Vec<Arc<CertStore>>,
 }
 
 // === impl Reloader ===
 
 impl Reloader {
     /// A reloader for a gateway started from `path` with content hash `hash`.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "each is a distinct part of the running gateway that a reload rebuilds or checks against"
-    )]
     pub fn new(
         path: PathBuf,
         include_dir: Option<PathBuf>,
         hash: u64,
-        gateway: Arc<Gateway>,
-        metrics: Arc<Metrics>,
+        live: Arc<Live>,
         embedded: Vec<(String, SocketAddr)>,
         bootstrap: rules::model::Server,
-        certs: Vec<Arc<crate::tls::CertStore>>,
+        certs: Vec<Arc<CertStore>>,
     ) -> Self {
-        metrics.config_generation.set(1);
+        live.metrics.config_generation.set(1);
         Self {
             status: Mutex::new(ReloadStatus {
                 file: path.display().to_string(),
@@ -125,8 +119,7 @@ impl Reloader {
             hash: Mutex::new(hash),
             path,
             include_dir,
-            gateway,
-            metrics,
+            live,
             embedded,
             bootstrap,
             serial: tokio::sync::Mutex::new(()),
@@ -153,8 +146,8 @@ impl Reloader {
             Ok(Ok(Some((runtime, hash, server)))) => {
                 // Breakers new in this config get their state gauge now, not at their first
                 // transition.
-                runtime.governors.export_states(&self.metrics);
-                self.gateway.runtime.store(Arc::new(runtime));
+                runtime.governors.export_states(&self.live.metrics);
+                self.live.runtime.store(Arc::new(runtime));
                 let mut st = self.status.lock().expect("not poisoned");
                 *self.hash.lock().expect("not poisoned") = hash;
                 st.generation += 1;
@@ -169,7 +162,10 @@ impl Reloader {
                 if let Some(why) = &st.restart_needed {
                     tracing::warn!(file = %st.file, "{why}");
                 }
-                self.metrics.config_generation.set(st.generation as i64);
+                self.live
+                    .metrics
+                    .config_generation
+                    .set(st.generation as i64);
                 tracing::info!(
                     file = %st.file,
                     generation = st.generation,
@@ -201,11 +197,13 @@ impl Reloader {
             ReloadOutcome::Unchanged => "unchanged",
             ReloadOutcome::Failed => "failed",
         };
-        self.metrics
+        self.live
+            .metrics
             .config_reloads
             .get_or_create(&crate::metrics::OutcomeLabels { outcome: label })
             .inc();
-        self.metrics
+        self.live
+            .metrics
             .config_reload_seconds
             .observe(since.elapsed().as_secs_f64());
         outcome
@@ -248,10 +246,15 @@ impl Reloader {
             return Ok(None);
         }
         let lookup = |n: &str| self.embedded.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
-        let previous = self.gateway.runtime.load_full();
+        let previous = self.live.runtime.load_full();
         let server = loaded.config.server.clone();
-        let runtime = Runtime::build(loaded.snapshot, &lookup, Some(&previous))
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let runtime = Runtime::build(
+            loaded.snapshot,
+            &lookup,
+            Some(&previous),
+            &self.live.metrics,
+        )
+        .map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(Some((runtime, hash, server)))
     }
 }
@@ -380,7 +383,7 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                     reloader.reload("poll", Instant::now()).await;
                 }
             }
-            _ = crate::server::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
     }
 }

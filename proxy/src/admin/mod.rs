@@ -3,10 +3,16 @@
 //!
 //! Kept apart from traffic listeners so probes and scrapes work even when traffic
 //! listeners are saturated, and so it can be bound to a private address. `/admin/explain`
-//! explains a routing decision against the live rules (see [`crate::explain`]);
+//! explains a decision, phase by phase, against the live rules (see [`explain`]);
 //! `/admin/config` shows the live config's generation, hash, load time and last reload error;
 //! `/admin/overload` shows the overload caps (limits, slots in use, queue depths) and the
 //! admission level.
+//!
+//! - [`explain`]: the query behind `tidegate explain` and `/admin/explain`.
+//! - [`status`]: the dashboard's per-second sampler and `/admin/status.json`.
+
+pub mod explain;
+pub mod status;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,8 +27,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::control::reload::Reloader;
 use crate::metrics::Metrics;
 use crate::respond::json;
+use crate::runtime::Live;
 
 /// State the admin endpoints report.
 #[derive(Debug)]
@@ -31,13 +39,13 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once everything is started; cleared when shutdown begins.
     pub ready: AtomicBool,
-    /// The gateway, for `/admin/explain`.
-    pub gateway: Arc<crate::gateway::Gateway>,
+    /// The live runtime, for `/admin/explain` and `/admin/overload`.
+    pub live: Arc<Live>,
     /// The reloader, for `/admin/config` (absent when not started from a file).
-    pub reloader: Option<Arc<crate::reload::Reloader>>,
+    pub reloader: Option<Arc<Reloader>>,
     /// The dashboard's status document, for `/admin/status.json` (sampled once a second by
-    /// [`crate::stats::sample`], serialized when asked for).
-    pub stats: Arc<crate::stats::Stats>,
+    /// [`status::sample`], serialized when asked for).
+    pub stats: Arc<status::Stats>,
 }
 
 /// Serve the admin endpoints until shutdown.
@@ -55,7 +63,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::server::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -109,15 +117,15 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/admin" | "/admin/" | "/admin/dashboard" => asset(
             "text/html; charset=utf-8",
-            include_str!("admin/dashboard/index.html"),
+            include_str!("dashboard/index.html"),
         ),
         "/admin/dashboard.js" => asset(
             "text/javascript; charset=utf-8",
-            include_str!("admin/dashboard/dashboard.js"),
+            include_str!("dashboard/dashboard.js"),
         ),
         "/admin/dashboard.css" => asset(
             "text/css; charset=utf-8",
-            include_str!("admin/dashboard/dashboard.css"),
+            include_str!("dashboard/dashboard.css"),
         ),
         "/admin/config" => match &state.reloader {
             Some(r) => json(
@@ -130,7 +138,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/admin/overload" => {
-            let rt = state.gateway.runtime.load();
+            let rt = state.live.runtime.load();
             json(
                 StatusCode::OK,
                 Bytes::from(
@@ -140,9 +148,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         "/admin/explain" => {
-            let q = crate::explain::query_from_url(req.uri().query().unwrap_or(""));
-            let rt = state.gateway.runtime.load();
-            match q.and_then(|q| crate::explain::explain(&rt.snapshot, &q)) {
+            let q = explain::query_from_url(req.uri().query().unwrap_or(""));
+            let rt = state.live.runtime.load();
+            match q.and_then(|q| explain::explain_live(&rt, &q)) {
                 Ok(e) => json(
                     StatusCode::OK,
                     Bytes::from(serde_json::to_vec_pretty(&e).expect("an explanation serializes")),

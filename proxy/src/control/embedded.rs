@@ -39,7 +39,7 @@ pub async fn start(
     }
     let mut stop = stop;
     let task = tokio::spawn(grab_backend::serve(listener, config, async move {
-        crate::server::stopped(&mut stop).await;
+        crate::shutdown::stopped(&mut stop).await;
     }));
     Ok(Embedded {
         name: name.to_owned(),

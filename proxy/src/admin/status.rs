@@ -1,0 +1,795 @@
+//! The dashboard's sampler and `GET /admin/status.json`.
+//!
+//! Once a second, [`sample`] (a background task) swaps every live counter
+//! ([`crate::stats::Counters`]) to zero and appends the second to a ring of [`HISTORY_SECS`]
+//! buckets. The status document is built and serialized only when asked for, at most once
+//! per second whoever asks (the admin endpoint, on the admin thread, then answers with a
+//! clone of those bytes): a gateway with no dashboard open spends nothing on it, and a
+//! thousand rules do not cost the request path a JSON document a second.
+//!
+//! Limit decisions are not counted twice: the sampler reads the limit rules' Prometheus
+//! counters (already one atomic per decision) and takes differences.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rules::route::RouteAction;
+use serde::Serialize;
+
+use crate::control::reload::Reloader;
+use crate::runtime::{Live, Runtime};
+use crate::stats::{CLASSES, Class, LAT_BUCKETS, quantile_ms};
+
+/// Seconds of history kept (and charted): five minutes.
+pub const HISTORY_SECS: usize = 300;
+/// Seconds the table's rates are averaged over.
+pub const RATE_WINDOW_SECS: usize = 10;
+/// Seconds a canary's observed share is measured over (longer than the rate window: a 1%
+/// canary needs more requests than ten seconds give to show a stable share).
+pub const SHARE_WINDOW_SECS: usize = 60;
+
+pub struct Stats {
+    live: Arc<Live>,
+    reloader: Option<Arc<Reloader>>,
+    inner: Mutex<Sampled>,
+}
+
+struct Sampled {
+    history: History,
+    /// The document of the current sample, once asked for.
+    doc: Option<Bytes>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
+}
+
+// === impl Stats ===
+
+impl Stats {
+    /// Nothing sampled yet.
+    pub fn new(live: Arc<Live>, reloader: Option<Arc<Reloader>>) -> Self {
+        Self {
+            live,
+            reloader,
+            inner: Mutex::new(Sampled {
+                history: History::new(unix_ms()),
+                doc: None,
+            }),
+        }
+    }
+
+    /// The status document (JSON) of the latest sample, serialized on first request.
+    pub fn latest(&self) -> Bytes {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(doc) = &s.doc {
+            return doc.clone();
+        }
+        let rt = self.live.runtime.load_full();
+        let doc = s.history.document(&rt, self.reloader.as_deref());
+        let bytes = Bytes::from(serde_json::to_vec(&doc).expect("the status document serializes"));
+        s.doc = Some(bytes.clone());
+        bytes
+    }
+
+    /// Take one second of counts from the live runtime.
+    fn tick(&self) {
+        let rt = self.live.runtime.load_full();
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.history.push(&rt, unix_ms());
+        s.doc = None;
+    }
+}
+
+/// Sample the live runtime into `stats` once a second until shutdown.
+pub async fn sample(stats: Arc<Stats>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
+        }
+        stats.tick();
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// === history ===
+
+/// A map of the sampler's series by name. The sampler looks up every interface, upstream,
+/// limit and split each second: with 1,000 of each, SipHash was most of its cost.
+type ByName<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
+/// The sampler's rings, keyed by name so they survive reloads; every ring has one entry per
+/// second in `t_ms`. Owned by the sampler task alone: no lock.
+#[derive(Debug)]
+struct History {
+    started_ms: u64,
+    /// Start of the oldest bucket.
+    first_start_ms: u64,
+    /// End of each bucket (the sample time), oldest first.
+    t_ms: VecDeque<u64>,
+    interfaces: ByName<VecDeque<[u32; CLASSES]>>,
+    unclassified: VecDeque<[u32; CLASSES]>,
+    /// Per upstream: requests, p50 and p99 (ms) of each second.
+    latency: ByName<VecDeque<LatSecond>>,
+    /// Per upstream: the last [`RATE_WINDOW_SECS`] histograms, for the table's percentiles.
+    recent_hist: ByName<VecDeque<[u32; LAT_BUCKETS]>>,
+    /// Per limit rule: allowed, limited and dry-run-limited decisions of each second.
+    limits: ByName<VecDeque<[u32; 3]>>,
+    /// Per limit rule: the Prometheus counters' values at the previous sample.
+    limit_prev: ByName<[u64; 3]>,
+    /// Per route rule, per target upstream: forwarded requests of each second.
+    splits: ByName<ByName<VecDeque<u32>>>,
+    /// Identity of the runtime sampled last (its counters' address): a change means a
+    /// reload, after which series of names that left the config are dropped.
+    layout: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LatSecond {
+    count: u32,
+    p50_ms: Option<f32>,
+    p99_ms: Option<f32>,
+}
+
+/// Append `v` to `ring` (zero-filled to `len - 1` first for a new series), keeping at most
+/// [`HISTORY_SECS`] entries.
+fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
+    while ring.len() + 1 < len {
+        ring.push_front(T::default());
+    }
+    ring.push_back(v);
+    while ring.len() > len {
+        ring.pop_front();
+    }
+}
+
+/// The ring of `name` in `map`, created empty (to be zero-filled by [`push_ring`]) for a new
+/// name. A lookup by `&str`: no allocation unless the name is new.
+fn ring_of<'m, T>(map: &'m mut ByName<VecDeque<T>>, name: &str) -> &'m mut VecDeque<T> {
+    if !map.contains_key(name) {
+        map.insert(name.into(), VecDeque::new());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
+fn last_n<T>(ring: &VecDeque<T>, n: usize) -> impl Iterator<Item = &T> {
+    ring.iter().skip(ring.len().saturating_sub(n))
+}
+
+impl History {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            started_ms: now_ms,
+            first_start_ms: now_ms,
+            t_ms: VecDeque::with_capacity(HISTORY_SECS),
+            interfaces: ByName::default(),
+            unclassified: VecDeque::with_capacity(HISTORY_SECS),
+            latency: ByName::default(),
+            recent_hist: ByName::default(),
+            limits: ByName::default(),
+            limit_prev: ByName::default(),
+            splits: ByName::default(),
+            layout: 0,
+        }
+    }
+
+    /// Take one second of counts from the live runtime. Rings are updated in place; only
+    /// when the runtime changed (a reload) are series that left the config dropped.
+    fn push(&mut self, rt: &Runtime, now_ms: u64) {
+        if self.t_ms.len() == HISTORY_SECS {
+            self.first_start_ms = self.t_ms.pop_front().unwrap_or(self.first_start_ms);
+        }
+        self.t_ms.push_back(now_ms);
+        let len = self.t_ms.len();
+        let snap = &rt.snapshot;
+        let c = &rt.stats;
+        let layout = Arc::as_ptr(c) as usize;
+        let reloaded = std::mem::replace(&mut self.layout, layout) != layout;
+
+        for (i, itf) in snap.interfaces.iter().enumerate() {
+            let counts = c.interfaces[i].take().map(|n| n as u32);
+            push_ring(ring_of(&mut self.interfaces, &itf.name), len, counts);
+        }
+        let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
+        push_ring(&mut self.unclassified, len, none);
+
+        for (i, u) in snap.upstreams.iter().enumerate() {
+            let h = c.upstreams[i].take();
+            let second = LatSecond {
+                count: h.iter().sum(),
+                p50_ms: quantile_ms(&h, 0.50).map(|v| v as f32),
+                p99_ms: quantile_ms(&h, 0.99).map(|v| v as f32),
+            };
+            push_ring(ring_of(&mut self.latency, &u.name), len, second);
+            let hr = ring_of(&mut self.recent_hist, &u.name);
+            hr.push_back(h);
+            while hr.len() > RATE_WINDOW_SECS {
+                hr.pop_front();
+            }
+        }
+
+        for lim in &rt.governors.limiters.rules {
+            let now: [u64; 3] = lim
+                .counters
+                .get()
+                .map_or([0; 3], |cs| std::array::from_fn(|i| cs[i].get()));
+            let name: &str = &lim.name.0;
+            let prev = match self.limit_prev.get_mut(name) {
+                Some(p) => p,
+                None => self.limit_prev.entry(name.into()).or_insert(now),
+            };
+            let before = std::mem::replace(prev, now);
+            let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
+            push_ring(ring_of(&mut self.limits, name), len, delta);
+        }
+
+        for (ri, r) in snap.routes.iter().enumerate() {
+            let RouteAction::Split(targets) = &r.action else {
+                continue;
+            };
+            let rule = match self.splits.get_mut(&r.name) {
+                Some(m) => m,
+                None => self.splits.entry(r.name.clone()).or_default(),
+            };
+            for (ti, t) in targets.iter().enumerate() {
+                let up = &snap.upstreams[t.upstream.0 as usize].name;
+                let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
+                push_ring(ring_of(rule, up), len, n);
+            }
+        }
+
+        if reloaded {
+            self.prune(rt);
+        }
+    }
+
+    /// Drop the series of names the runtime no longer has.
+    fn prune(&mut self, rt: &Runtime) {
+        let snap = &rt.snapshot;
+        let interfaces: HashSet<&str> = snap.interfaces.iter().map(|i| &*i.name).collect();
+        self.interfaces.retain(|k, _| interfaces.contains(&**k));
+        let upstreams: HashSet<&str> = snap.upstreams.iter().map(|u| &*u.name).collect();
+        self.latency.retain(|k, _| upstreams.contains(&**k));
+        self.recent_hist.retain(|k, _| upstreams.contains(&**k));
+        let limits: HashSet<&str> = rt
+            .governors
+            .limiters
+            .rules
+            .iter()
+            .map(|l| &*l.name.0)
+            .collect();
+        self.limits.retain(|k, _| limits.contains(&**k));
+        self.limit_prev.retain(|k, _| limits.contains(&**k));
+        let splits: HashMap<&str, HashSet<&str>> = snap
+            .routes
+            .iter()
+            .filter_map(|r| match &r.action {
+                RouteAction::Split(targets) => Some((
+                    &*r.name,
+                    targets
+                        .iter()
+                        .map(|t| &*snap.upstreams[t.upstream.0 as usize].name)
+                        .collect(),
+                )),
+                RouteAction::Upstream(_) => None,
+            })
+            .collect();
+        self.splits
+            .retain(|rule, targets| match splits.get(&**rule) {
+                Some(keep) => {
+                    targets.retain(|up, _| keep.contains(&**up));
+                    true
+                }
+                None => false,
+            });
+    }
+
+    /// Seconds covered by the last `n` buckets, and that window's start and end.
+    fn window(&self, n: usize) -> (f64, u64, u64) {
+        let len = self.t_ms.len();
+        let Some(&end) = self.t_ms.back() else {
+            return (0.0, self.first_start_ms, self.first_start_ms);
+        };
+        let start = if len > n {
+            self.t_ms[len - n - 1]
+        } else {
+            self.first_start_ms
+        };
+        ((end - start) as f64 / 1000.0, start, end)
+    }
+
+    fn rates(&self, ring: &VecDeque<[u32; CLASSES]>, secs: f64) -> Rates {
+        let mut sum = [0u64; CLASSES];
+        for s in last_n(ring, RATE_WINDOW_SECS) {
+            for (a, &b) in sum.iter_mut().zip(s) {
+                *a += u64::from(b);
+            }
+        }
+        let r = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        Rates {
+            total: r(sum.iter().sum()),
+            ok: r(sum[Class::Ok as usize]),
+            error: r(sum[Class::Error as usize]),
+            limited: r(sum[Class::Limited as usize]),
+            shed: r(sum[Class::Shed as usize]),
+            degraded: r(sum[Class::Degraded as usize]),
+            count: sum.iter().sum(),
+        }
+    }
+
+    /// The status document for the live runtime.
+    fn document<'a>(&'a self, rt: &'a Runtime, reloader: Option<&Reloader>) -> Document<'a> {
+        let snap = &rt.snapshot;
+        let (secs, wstart, wend) = self.window(RATE_WINDOW_SECS);
+        let per_s = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+
+        // Limits first: interfaces refer to them.
+        let limits: Vec<LimitView<'a>> = snap
+            .governance
+            .limits
+            .iter()
+            .map(|l| {
+                let ring = self.limits.get(&l.name);
+                let mut sum = [0u64; 3];
+                for s in ring.into_iter().flat_map(|r| last_n(r, RATE_WINDOW_SECS)) {
+                    for (a, &b) in sum.iter_mut().zip(s) {
+                        *a += u64::from(b);
+                    }
+                }
+                let q = &l.quotas[0];
+                let rate_per_s = f64::from(q.rate.count) / q.rate.period.as_secs_f64();
+                let key = l.key_parts();
+                let admitted = per_s(sum[0] + sum[2]);
+                LimitView {
+                    rule: &l.name,
+                    mode: match l.mode {
+                        rules::model::LimitMode::Enforce => "enforce",
+                        rules::model::LimitMode::DryRun => "dry_run",
+                    },
+                    utilisation: key.is_empty().then(|| admitted / rate_per_s),
+                    key,
+                    rate_per_s,
+                    burst: q.burst,
+                    exceptions: l.quotas.len() - 1,
+                    interfaces: l.matcher.interfaces().map(|ids| {
+                        ids.iter()
+                            .map(|&i| &*snap.interfaces[i.0 as usize].name)
+                            .collect()
+                    }),
+                    apps: l.matcher.apps().map(|a| a.iter().map(|s| &**s).collect()),
+                    partial: l.matcher.narrows(),
+                    allowed_per_s: per_s(sum[0]),
+                    limited_per_s: per_s(sum[1]),
+                    dry_run_limited_per_s: per_s(sum[2]),
+                }
+            })
+            .collect();
+
+        let empty = VecDeque::new();
+        let interfaces = snap
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, itf)| {
+                let rates = self.rates(self.interfaces.get(&itf.name).unwrap_or(&empty), secs);
+                let mine: Vec<usize> = limits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| {
+                        l.interfaces
+                            .as_ref()
+                            .is_none_or(|v| v.contains(&&*itf.name))
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                // The water level: the fullest shared (unkeyed) limit.
+                let level = mine
+                    .iter()
+                    .filter_map(|&k| limits[k].utilisation.map(|u| (k, u)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                let headroom = match level {
+                    Some((_, u)) if u >= 0.9 => "critical",
+                    Some((_, u)) if u >= 0.7 => "warning",
+                    Some(_) => "ok",
+                    None if rates.limited > 0.0 => "limiting",
+                    None if mine.is_empty() => "unlimited",
+                    None => "per_key",
+                };
+                InterfaceView {
+                    name: &itf.name,
+                    index: i,
+                    rates,
+                    limit: level.map(|(k, _)| LimitRef {
+                        rule: limits[k].rule,
+                        rate_per_s: limits[k].rate_per_s,
+                    }),
+                    utilisation: level.map(|(_, u)| u),
+                    headroom,
+                    limits: mine.iter().map(|&k| limits[k].rule).collect(),
+                }
+            })
+            .collect();
+
+        let upstreams = snap
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut h = [0u32; LAT_BUCKETS];
+                for s in self.recent_hist.get(&u.name).into_iter().flatten() {
+                    for (a, b) in h.iter_mut().zip(s) {
+                        *a += b;
+                    }
+                }
+                let n: u64 = h.iter().map(|&c| u64::from(c)).sum();
+                UpstreamView {
+                    name: &u.name,
+                    rate_per_s: per_s(n),
+                    p50_ms: quantile_ms(&h, 0.50),
+                    p99_ms: quantile_ms(&h, 0.99),
+                }
+            })
+            .collect();
+
+        let (share_secs, _, _) = self.window(SHARE_WINDOW_SECS);
+        let canaries = snap
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let RouteAction::Split(targets) = &r.action else {
+                    return None;
+                };
+                let counts: Vec<u64> = targets
+                    .iter()
+                    .map(|t| {
+                        let up = &*snap.upstreams[t.upstream.0 as usize].name;
+                        self.splits
+                            .get(&r.name)
+                            .and_then(|m| m.get(up))
+                            .map_or(0, |ring| {
+                                last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
+                            })
+                    })
+                    .collect();
+                let total: u64 = counts.iter().sum();
+                Some(CanaryView {
+                    rule: &r.name,
+                    requests: total,
+                    window_s: share_secs,
+                    targets: targets
+                        .iter()
+                        .zip(&counts)
+                        .map(|(t, &n)| SplitView {
+                            upstream: &snap.upstreams[t.upstream.0 as usize].name,
+                            ppm: t.ppm,
+                            configured_share: f64::from(t.ppm) / 1e6,
+                            requests: n,
+                            observed_share: (total > 0).then(|| n as f64 / total as f64),
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+
+        let breakers = rt
+            .governors
+            .breakers
+            .by_id
+            .iter()
+            .map(|b| BreakerView {
+                name: &b.name.0,
+                upstream: &b.upstream.0,
+                state: b.state().label(),
+            })
+            .collect();
+
+        let shed: f64 = self
+            .interfaces
+            .values()
+            .chain(std::iter::once(&self.unclassified))
+            .map(|r| self.rates(r, secs).shed)
+            .sum();
+
+        let config = match reloader {
+            Some(r) => {
+                let s = r.status();
+                ConfigView {
+                    reload: "watching",
+                    file: Some(s.file),
+                    generation: s.generation,
+                    hash: Some(s.hash),
+                    loaded_at_ms: Some(s.loaded_at_ms),
+                    last_error: s.last_error,
+                    last_error_at_ms: s.last_error_at_ms,
+                    restart_needed: s.restart_needed,
+                }
+            }
+            None => ConfigView {
+                reload: "disabled",
+                file: None,
+                generation: 1,
+                hash: None,
+                loaded_at_ms: Some(self.started_ms),
+                last_error: None,
+                last_error_at_ms: None,
+                restart_needed: None,
+            },
+        };
+
+        let mut outcome_totals: Vec<[u32; CLASSES]> = vec![[0; CLASSES]; self.t_ms.len()];
+        for ring in self
+            .interfaces
+            .values()
+            .chain(std::iter::once(&self.unclassified))
+        {
+            let skip = outcome_totals.len().saturating_sub(ring.len());
+            for (acc, s) in outcome_totals.iter_mut().skip(skip).zip(ring) {
+                for (a, b) in acc.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+        }
+        let col = |ring: &[[u32; CLASSES]], c: Class| ring.iter().map(|s| s[c as usize]).collect();
+        let by_outcome = |ring: &[[u32; CLASSES]]| OutcomeSeries {
+            ok: col(ring, Class::Ok),
+            error: col(ring, Class::Error),
+            limited: col(ring, Class::Limited),
+            shed: col(ring, Class::Shed),
+            degraded: col(ring, Class::Degraded),
+        };
+        let series = SeriesView {
+            start_ms: self.first_start_ms,
+            t_ms: self.t_ms.iter().copied().collect(),
+            outcomes: by_outcome(&outcome_totals),
+            interfaces: snap
+                .interfaces
+                .iter()
+                .map(|itf| {
+                    let ring: Vec<_> = self
+                        .interfaces
+                        .get(&itf.name)
+                        .map(|r| r.iter().copied().collect())
+                        .unwrap_or_default();
+                    Named {
+                        name: &itf.name,
+                        series: by_outcome(&ring),
+                    }
+                })
+                .collect(),
+            upstreams: snap
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let ring = self.latency.get(&u.name);
+                    let it = || ring.into_iter().flatten();
+                    Named {
+                        name: &u.name,
+                        series: LatencySeries {
+                            count: it().map(|s| s.count).collect(),
+                            p50_ms: it().map(|s| s.p50_ms).collect(),
+                            p99_ms: it().map(|s| s.p99_ms).collect(),
+                        },
+                    }
+                })
+                .collect(),
+        };
+
+        Document {
+            sampled: true,
+            now_ms: self.t_ms.back().copied().unwrap_or(self.started_ms),
+            started_at_ms: self.started_ms,
+            window: WindowView {
+                seconds: secs,
+                start_ms: wstart,
+                end_ms: wend,
+            },
+            config,
+            admission: {
+                let o = rt.overload.status();
+                AdmissionView {
+                    enabled: o.enabled,
+                    level: o.admission.as_ref().filter(|_| o.enabled).map(|a| a.rank),
+                    shed_per_s: shed,
+                    overload: o,
+                }
+            },
+            active_plans: snap.governance.active_plans.iter().map(|p| &**p).collect(),
+            breakers,
+            interfaces,
+            unclassified: self.rates(&self.unclassified, secs),
+            limits,
+            upstreams,
+            canaries,
+            series,
+        }
+    }
+}
+
+// === the document ===
+
+/// `GET /admin/status.json` (documented field by field in docs/operations.md).
+#[derive(Debug, Serialize)]
+struct Document<'a> {
+    sampled: bool,
+    now_ms: u64,
+    started_at_ms: u64,
+    window: WindowView,
+    config: ConfigView,
+    admission: AdmissionView,
+    active_plans: Vec<&'a str>,
+    breakers: Vec<BreakerView<'a>>,
+    interfaces: Vec<InterfaceView<'a>>,
+    unclassified: Rates,
+    limits: Vec<LimitView<'a>>,
+    upstreams: Vec<UpstreamView<'a>>,
+    canaries: Vec<CanaryView<'a>>,
+    series: SeriesView<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WindowView {
+    seconds: f64,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ConfigView {
+    reload: &'static str,
+    file: Option<String>,
+    generation: u64,
+    hash: Option<String>,
+    loaded_at_ms: Option<u64>,
+    last_error: Option<String>,
+    last_error_at_ms: Option<u64>,
+    restart_needed: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct AdmissionView {
+    enabled: bool,
+    level: Option<u32>,
+    shed_per_s: f64,
+    overload: crate::overload::Status,
+}
+
+#[derive(Debug, Serialize)]
+struct BreakerView<'a> {
+    name: &'a str,
+    upstream: &'a str,
+    state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Rates {
+    total: f64,
+    ok: f64,
+    error: f64,
+    limited: f64,
+    shed: f64,
+    degraded: f64,
+    count: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct LimitRef<'a> {
+    rule: &'a str,
+    rate_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct InterfaceView<'a> {
+    name: &'a str,
+    index: usize,
+    rates: Rates,
+    limit: Option<LimitRef<'a>>,
+    utilisation: Option<f64>,
+    headroom: &'static str,
+    limits: Vec<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct LimitView<'a> {
+    rule: &'a str,
+    mode: &'static str,
+    key: Vec<String>,
+    rate_per_s: f64,
+    burst: u32,
+    exceptions: usize,
+    interfaces: Option<Vec<&'a str>>,
+    apps: Option<Vec<&'a str>>,
+    partial: bool,
+    allowed_per_s: f64,
+    limited_per_s: f64,
+    dry_run_limited_per_s: f64,
+    utilisation: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct UpstreamView<'a> {
+    name: &'a str,
+    rate_per_s: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CanaryView<'a> {
+    rule: &'a str,
+    requests: u64,
+    window_s: f64,
+    targets: Vec<SplitView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct SplitView<'a> {
+    upstream: &'a str,
+    ppm: u32,
+    configured_share: f64,
+    requests: u64,
+    observed_share: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SeriesView<'a> {
+    start_ms: u64,
+    t_ms: Vec<u64>,
+    outcomes: OutcomeSeries,
+    interfaces: Vec<Named<'a, OutcomeSeries>>,
+    upstreams: Vec<Named<'a, LatencySeries>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Named<'a, T> {
+    name: &'a str,
+    #[serde(flatten)]
+    series: T,
+}
+
+#[derive(Debug, Serialize)]
+struct OutcomeSeries {
+    ok: Vec<u32>,
+    error: Vec<u32>,
+    limited: Vec<u32>,
+    shed: Vec<u32>,
+    degraded: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct LatencySeries {
+    count: Vec<u32>,
+    p50_ms: Vec<Option<f32>>,
+    p99_ms: Vec<Option<f32>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new series is zero-filled to the length of the others, and rings stop at five minutes.
+    #[test]
+    fn rings_align_and_stay_bounded() {
+        let mut r: VecDeque<u32> = VecDeque::new();
+        push_ring(&mut r, 3, 7);
+        assert_eq!(r, [0, 0, 7]);
+        for i in 0..1000 {
+            push_ring(&mut r, HISTORY_SECS.min(4 + i), 1);
+        }
+        assert_eq!(r.len(), HISTORY_SECS);
+        assert_eq!(last_n(&r, RATE_WINDOW_SECS).count(), RATE_WINDOW_SECS);
+    }
+}

@@ -1,0 +1,231 @@
+//! The decision: everything the gateway decides about a request before any I/O.
+//!
+//! [`decide`] runs the phases in their documented order against one [`Runtime`]:
+//!
+//! 1. **classify**: interface, app and user;
+//! 2. **admission**: overload priority admission (DAGOR): a request below the level is shed
+//!    here and spends no limit quota;
+//! 3. **limits**: every limit rule that applies, in rule order, until an enforced one refuses
+//!    (cluster-scope checks that need Redis are set aside for the pipeline);
+//! 4. **fallback**: a degraded answer instead of the upstream;
+//! 5. **route**: the route rule and the upstream it chooses;
+//! 6. **breaker**: the chosen upstream's circuit breaker.
+//!
+//! The first phase that answers ends the decision; later phases are not run (their fields stay
+//! empty). It is synchronous and does no I/O, so the request path, the benchmarks, the fuzz
+//! target and `explain` all run this one function. [`Mode::Peek`] decides without side
+//! effects (no quota spent, no breaker probe taken, nothing counted), for `explain` on the
+//! live runtime.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use http_body_util::Full;
+use rules::degrade::{FallbackDecision, WhenOpen};
+use rules::overload::UserKey;
+use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, UpstreamId};
+
+use crate::conn::ConnInfo;
+use crate::govern::limit::{Outcome, Rejection, RuleLimiter};
+use crate::govern::{BreakerVerdict, ClusterPending};
+use crate::respond;
+use crate::runtime::Runtime;
+use crate::stats::Class;
+
+/// How to decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Serve the request: spend quota, take breaker permits, count metrics. `draw` is a
+    /// uniformly random number, the bucket of requests that split by `random`.
+    Serve {
+        /// The random draw.
+        draw: u64,
+    },
+    /// Decide as the live gateway would now, changing nothing (`explain`); overload
+    /// admission at `level` when given, else at the live level.
+    Peek {
+        /// The admission level to judge at.
+        level: Option<u32>,
+    },
+}
+
+/// Everything decided about one request.
+#[derive(Debug)]
+pub struct Decision<'r> {
+    /// App, interface and user.
+    pub class: Classified<'r>,
+    /// Whether overload admission let it in.
+    pub admitted: bool,
+    /// The enforced limit that refused it.
+    pub limited: Option<Rejection>,
+    /// Cluster-scope limit checks that need Redis: made by the pipeline before forwarding.
+    pub cluster: Option<ClusterPending>,
+    /// The fallback that answers it.
+    pub fallback: Option<FallbackDecision<'r>>,
+    /// The route rule and the upstream it chose.
+    pub route: Option<RouteDecision<'r>>,
+    /// The chosen upstream's breaker.
+    pub breaker: BreakerVerdict,
+    /// What to do with it.
+    pub action: Action,
+}
+
+/// What the gateway does with a request.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward to this upstream (the route's choice, or a breaker's alternate), reporting
+    /// the outcome to its breaker through the permit, if there is one.
+    Forward {
+        /// The upstream.
+        upstream: UpstreamId,
+        /// The breaker's permit.
+        permit: Option<crate::govern::breaker::Permit>,
+    },
+    /// Answer locally: shed, limited, or degraded (a fallback or an open breaker).
+    Answer(Response<Full<Bytes>>, Class),
+    /// No route rule matched (404 `no_route`).
+    NoRoute,
+}
+
+/// Decide what to do with a request (see the module docs for the phases).
+pub fn decide<'r>(
+    rt: &'r Runtime,
+    req: RequestParts<'r>,
+    conn: &ConnInfo,
+    mode: Mode,
+) -> Decision<'r> {
+    let class = rt.snapshot.classify(req);
+    decide_classified(
+        rt,
+        class,
+        req.headers,
+        Some(conn.remote.ip()),
+        mode,
+        |_, _, _| {},
+    )
+}
+
+/// [`decide`] after classification (which `explain` may override), telling `on_limit`
+/// each limit's verdict as it is made.
+pub fn decide_classified<'r>(
+    rt: &'r Runtime,
+    class: Classified<'r>,
+    headers: &'r HeaderMap,
+    client_ip: Option<IpAddr>,
+    mode: Mode,
+    mut on_limit: impl FnMut(&RuleLimiter, Outcome, Duration),
+) -> Decision<'r> {
+    let serve = matches!(mode, Mode::Serve { .. });
+    let input = RouteInput {
+        m: MatchInput {
+            app: class.app.as_deref(),
+            interface: class.interface,
+            user: class.user.as_deref(),
+            headers,
+        },
+        client_ip,
+        random: match mode {
+            Mode::Serve { draw } => draw,
+            Mode::Peek { .. } => 0,
+        },
+    };
+
+    let admitted = admit(rt, &input, mode);
+    let (limited, cluster) = match admitted {
+        true => rt
+            .governors
+            .check_limits(&rt.snapshot, &input, serve, |l, o, w| {
+                if serve {
+                    crate::govern::observe_limit(&rt.metrics, l, o, w, &input);
+                }
+                on_limit(l, o, w)
+            }),
+        false => (None, None),
+    };
+    let fallback = match admitted && limited.is_none() {
+        true => rt.snapshot.fallback(&input),
+        false => None,
+    };
+    let route = match admitted && limited.is_none() && fallback.is_none() {
+        true => rt.snapshot.route(&input),
+        false => None,
+    };
+    let breaker = match &route {
+        Some(r) => rt
+            .governors
+            .breaker(&rt.snapshot, r, serve.then_some(&*rt.metrics)),
+        None => BreakerVerdict::Unchecked,
+    };
+
+    let mut d = Decision {
+        class,
+        admitted,
+        limited,
+        cluster,
+        fallback,
+        route,
+        breaker,
+        action: Action::NoRoute,
+    };
+    d.action = action(rt, &mut d, serve);
+    d
+}
+
+/// Overload admission: counted in the window's histogram when serving. A request without a
+/// user is ranked by its client address.
+fn admit(rt: &Runtime, input: &RouteInput<'_>, mode: Mode) -> bool {
+    let user = user_key(input.m.user, input.client_ip);
+    match mode {
+        Mode::Serve { .. } => {
+            rt.overload
+                .admit(input.m.interface, user, &rt.interface_names, &rt.metrics)
+        }
+        Mode::Peek { level } => rt.overload.would_admit(input.m.interface, user, level),
+    }
+}
+
+/// The action the phases add up to. Takes the breaker's permit out of the decision.
+fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
+    if !d.admitted {
+        return Action::Answer(rt.overload.refusal(), Class::Shed);
+    }
+    if let Some(rej) = &d.limited {
+        return Action::Answer(rej.response(), Class::Limited);
+    }
+    if let Some(fb) = &d.fallback {
+        if serve {
+            rt.governors.count_fallback(&rt.metrics, fb.rule_id);
+        }
+        return Action::Answer(respond::canned(&fb.rule.response), Class::Degraded);
+    }
+    let Some(route) = &d.route else {
+        return Action::NoRoute;
+    };
+    match &mut d.breaker {
+        BreakerVerdict::Open { breaker } => match &breaker.def.when_open {
+            WhenOpen::Respond(r) => Action::Answer(respond::canned(r), Class::Degraded),
+            WhenOpen::Alternate(id) => Action::Forward {
+                upstream: *id,
+                permit: None,
+            },
+        },
+        BreakerVerdict::Pass { permit, .. } => Action::Forward {
+            upstream: route.upstream,
+            permit: permit.take(),
+        },
+        BreakerVerdict::Unchecked | BreakerVerdict::None => Action::Forward {
+            upstream: route.upstream,
+            permit: None,
+        },
+    }
+}
+
+/// Who a request is to overload admission: its user, or without one its client address.
+pub fn user_key(user: Option<&str>, client_ip: Option<IpAddr>) -> UserKey<'_> {
+    match user {
+        Some(u) => UserKey::User(u),
+        None => UserKey::Ip(client_ip.unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+    }
+}

@@ -1,0 +1,280 @@
+//! The request path, as phases: **decide → cluster limits → overload slots → forward →
+//! record**.
+//!
+//! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
+//! arc-swap load, no lock) and is served against that one version from start to end, so a
+//! reload never waits for, and never disturbs, requests in flight.
+//!
+//! - [`decide`]: everything decided before any I/O (classify, admission, limits, fallback,
+//!   route, breaker), synchronous; the benchmarks and `explain` run the same function.
+//! - cluster limits: checks of cluster-scope limits that need Redis (bounded by the store
+//!   timeout), only for keys without a leased token.
+//! - overload slots: the concurrency caps' slots, queueing by business priority.
+//! - forward: header hygiene, then the upstream exchange (`crate::upstream`).
+//! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
+
+pub mod decide;
+pub mod record;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use rules::{RequestParts, UpstreamId};
+
+use self::decide::{Action, Decision, Mode, decide};
+pub use self::record::RespBody;
+use self::record::{Answer, Exchange, Record, X_REQUEST_ID};
+use crate::conn::ConnInfo;
+use crate::govern::breaker::Permit;
+use crate::govern::finish_call;
+use crate::overload::Held;
+use crate::respond::GatewayError;
+use crate::runtime::{Live, Runtime};
+use crate::stats::Class;
+use crate::upstream::headers::{add_forwarded, keep_authority, strip_hop_by_hop};
+use crate::upstream::{ConnCache, UpstreamBody};
+
+/// Settings of the request path that come from bootstrap config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest request body forwarded.
+    pub max_body_bytes: u64,
+    /// Write one access log line per request.
+    pub access_log: bool,
+}
+
+/// The gateway service shared by all connections.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The live runtime and the metrics.
+    pub live: Arc<Live>,
+    settings: Settings,
+    /// Request-ID generator: a per-process random prefix and a counter.
+    id_prefix: u64,
+    id_counter: AtomicU64,
+    /// Counter behind [`Gateway::next_random`].
+    rand_counter: AtomicU64,
+}
+
+/// Where a request stands once the checks that may wait are done.
+enum Step {
+    /// Answered locally (decided, or refused by a cluster limit or an overload cap).
+    Answer(Response<Full<Bytes>>, Class),
+    /// An error standing in for the exchange (no route, body too large).
+    Fail(Option<UpstreamId>, GatewayError),
+    /// Forward, holding the breaker's permit and the overload slots.
+    Forward(UpstreamId, Option<Permit>, Option<Held>),
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// A gateway serving what `live` holds.
+    pub fn new(live: Arc<Live>, settings: Settings) -> Self {
+        let id_prefix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Self {
+            live,
+            settings,
+            id_prefix,
+            id_counter: AtomicU64::new(0),
+            rand_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Serve one request. `cache` is the downstream connection's own upstream connections
+    /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        cache: Option<&Arc<ConnCache>>,
+    ) -> Response<RespBody> {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let request_id = self.request_id(&mut parts.headers);
+        let rt = self.live.runtime.load_full();
+        let mode = Mode::Serve {
+            draw: self.next_random(),
+        };
+        let d = decide(&rt, request_parts(&parts), conn, mode);
+        let record = Record::start(&rt, &d, self.settings.access_log, started);
+        let step = self.wait_checks(&rt, d, &parts.headers).await;
+        let answer = match step {
+            Step::Answer(resp, class) => Answer::Local(resp, class),
+            Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
+            Step::Forward(up, permit, held) => {
+                let result = self.forward(&rt, up, parts, body, conn, cache).await;
+                self.finish(result.as_ref(), permit, held, started);
+                Answer::Exchange(Some(up), result)
+            }
+        };
+        record.finish(&rt, answer, request_id, conn)
+    }
+
+    /// The checks after the decision that may wait: cluster-scope limits (Redis), the
+    /// declared body size, then the overload slots. A request answered locally takes no
+    /// slot, and an upstream is never asked for a request refused here.
+    async fn wait_checks(&self, rt: &Runtime, d: Decision<'_>, headers: &HeaderMap) -> Step {
+        let interface = d.class.interface;
+        let mut action = d.action;
+        if let Some(c) = d.cluster {
+            if let Some((resp, class)) = c.resolve(&self.live.metrics).await {
+                action = Action::Answer(resp, class);
+            }
+        }
+        let too_large = declared_len(headers).is_some_and(|n| n > self.settings.max_body_bytes);
+        match action {
+            Action::Answer(resp, class) => Step::Answer(resp, class),
+            Action::NoRoute if too_large => Step::Fail(None, GatewayError::BodyTooLarge),
+            Action::NoRoute => Step::Fail(None, GatewayError::NoRoute),
+            Action::Forward { upstream, .. } if too_large => {
+                Step::Fail(Some(upstream), GatewayError::BodyTooLarge)
+            }
+            Action::Forward { upstream, permit } => {
+                let pending = rt.overload.pending(
+                    interface,
+                    upstream,
+                    &rt.interface_names,
+                    &self.live.metrics,
+                );
+                match pending {
+                    None => Step::Forward(upstream, permit, None),
+                    Some(p) => match p.acquire().await {
+                        Ok(held) => Step::Forward(upstream, permit, Some(held)),
+                        Err(resp) => Step::Answer(resp, Class::Shed),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Header hygiene, then the exchange with the upstream.
+    async fn forward(
+        &self,
+        rt: &Runtime,
+        upstream: UpstreamId,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+        cache: Option<&Arc<ConnCache>>,
+    ) -> Exchange {
+        strip_hop_by_hop(&mut parts.headers);
+        keep_authority(&mut parts);
+        add_forwarded(&mut parts.headers, conn);
+        let up = &rt.upstreams[upstream.0 as usize];
+        up.forward(parts, body, self.settings.max_body_bytes, cache)
+            .await
+    }
+
+    /// Give the overload slots back and report the call to the breaker. (A request that
+    /// was not forwarded drops both unjudged: the upstream was never asked.)
+    fn finish(
+        &self,
+        result: Result<&(Response<UpstreamBody>, std::time::Duration), &GatewayError>,
+        permit: Option<Permit>,
+        held: Option<Held>,
+        started: Instant,
+    ) {
+        if let Some(h) = held {
+            h.finish(result.ok().map(|(_, latency)| *latency));
+        }
+        if permit.is_some() {
+            let (judged, latency) = match result {
+                Ok((resp, latency)) => (Ok(resp.status()), *latency),
+                Err(e) => (Err(*e), started.elapsed()),
+            };
+            finish_call(&self.live.metrics, permit, judged, latency);
+        }
+    }
+
+    /// The client's `X-Request-Id` when it sent a usable one, else a new one (added to the
+    /// request, so the upstream sees it too).
+    fn request_id(&self, headers: &mut HeaderMap) -> HeaderValue {
+        // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto, Host): one
+        // growth of the map, if any, instead of one per insert.
+        headers.reserve(4);
+        match headers.get(&X_REQUEST_ID) {
+            Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
+            _ => {
+                let v = self.next_request_id();
+                headers.insert(&X_REQUEST_ID, v.clone());
+                v
+            }
+        }
+    }
+
+    /// A uniformly distributed number for decisions that need a random draw (splitmix64 over
+    /// a counter: cheap, lock-free, and plenty for spreading requests over buckets).
+    fn next_random(&self) -> u64 {
+        let mut z = self
+            .rand_counter
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(self.id_prefix)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_request_id(&self) -> HeaderValue {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 33];
+        HeaderValue::from_bytes(format_hex(self.id_prefix, n, &mut buf))
+            .expect("hex is a valid header value")
+    }
+}
+
+/// `{prefix:016x}-{n:016x}` into `buf`, without allocating.
+fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in buf[..16].iter_mut().enumerate() {
+        *b = HEX[((prefix >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    buf[16] = b'-';
+    for (i, b) in buf[17..].iter_mut().enumerate() {
+        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    buf
+}
+
+/// What classification reads of a request.
+pub fn request_parts(parts: &http::request::Parts) -> RequestParts<'_> {
+    RequestParts {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    }
+}
+
+/// The declared `Content-Length`, if it is a number.
+fn declared_len(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Request IDs are fixed-width hex and distinct.
+    #[test]
+    fn request_id_format() {
+        let mut a = [0u8; 33];
+        assert_eq!(
+            format_hex(0xabc, 1, &mut a),
+            b"0000000000000abc-0000000000000001"
+        );
+    }
+}

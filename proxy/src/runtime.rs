@@ -1,0 +1,122 @@
+//! What one config compiles to, and the handle to the live one.
+//!
+//! A [`Runtime`] is built off the request path (at start and on every reload) from a
+//! compiled [`Snapshot`]: upstream clients, limiter and breaker state, overload gates and the
+//! dashboard's counters, each carried over from the runtime it replaces where the rule is
+//! unchanged. It is published whole with one atomic swap in [`Live`]; a request loads it
+//! once and decides against that one version from start to end.
+//!
+//! [`Live`] is all that background tasks (reload, limiter sweeps, the overload controller,
+//! the dashboard's sampler, the admin port) need: the runtime and the metrics. They hold it
+//! instead of the gateway, so nothing below the request path depends on the request path.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rules::Snapshot;
+
+use crate::govern::Governors;
+use crate::metrics::{Metrics, Name};
+use crate::overload::Overload;
+use crate::stats::Counters;
+use crate::upstream::Upstream;
+
+/// Everything a request needs from the current config, published as one unit.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The compiled rules.
+    pub snapshot: Snapshot,
+    /// Runtime upstreams, indexed like `snapshot.upstreams`.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Interface names as metric labels, indexed like `snapshot.interfaces`.
+    pub interface_names: Vec<Name>,
+    /// Limiter and breaker state (carried over a reload for unchanged rules).
+    pub governors: Governors,
+    /// Overload caps and admission level (carried over a reload when unchanged).
+    pub overload: Overload,
+    /// Live per-second counters for the dashboard (carried over a reload by name).
+    pub stats: Arc<Counters>,
+    /// The gateway's one registry (the same for every runtime).
+    pub metrics: Arc<Metrics>,
+}
+
+/// The live runtime and the metrics: the handle every background task holds.
+#[derive(Debug)]
+pub struct Live {
+    /// The live rules; replaced whole by a reload.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+// === impl Runtime ===
+
+impl Runtime {
+    /// Build the runtime for a compiled snapshot. `embedded` gives the address of each
+    /// running embedded upstream by name.
+    ///
+    /// State worth keeping moves over from `previous` (the runtime being replaced by a
+    /// reload): an upstream whose definition did not change keeps its client, so its pooled
+    /// connections stay warm instead of every reload causing a reconnect storm.
+    pub fn build(
+        snapshot: Snapshot,
+        embedded: &dyn Fn(&str) -> Option<std::net::SocketAddr>,
+        previous: Option<&Runtime>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let upstreams = snapshot
+            .upstreams
+            .iter()
+            .map(|spec| {
+                let addr = embedded(&spec.name);
+                let kept = previous
+                    .and_then(|p| p.upstreams.iter().find(|u| u.same_definition(spec, addr)));
+                match kept {
+                    Some(u) => Ok(u.clone()),
+                    None => Upstream::build(spec, addr).map(Arc::new),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rt = Self::offline(snapshot, previous, metrics);
+        rt.upstreams = upstreams;
+        Ok(rt)
+    }
+
+    /// A runtime with state for `snapshot` (carried over from `previous` where unchanged)
+    /// but no upstream clients: enough to decide (`tidegate explain` off-line), not to
+    /// forward.
+    pub fn offline(snapshot: Snapshot, previous: Option<&Runtime>, metrics: &Arc<Metrics>) -> Self {
+        let interface_names = snapshot
+            .interfaces
+            .iter()
+            .map(|i| Name(i.name.as_ref().into()))
+            .collect();
+        let governors = Governors::build(&snapshot, previous.map(|p| &p.governors));
+        let overload = Overload::build(&snapshot, previous.map(|p| &p.overload));
+        let stats = Arc::new(Counters::build(
+            &snapshot,
+            previous.map(|p| (&p.snapshot, &*p.stats)),
+        ));
+        Self {
+            snapshot,
+            upstreams: Vec::new(),
+            interface_names,
+            governors,
+            overload,
+            stats,
+            metrics: Arc::clone(metrics),
+        }
+    }
+}
+
+// === impl Live ===
+
+impl Live {
+    /// A handle serving `runtime`.
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+        }
+    }
+}

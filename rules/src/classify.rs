@@ -10,7 +10,8 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, Method, header};
 
-use crate::snapshot::{CompiledExtractor, InterfaceId, Snapshot};
+use crate::ids::InterfaceId;
+use crate::snapshot::{CompiledExtractor, Snapshot};
 
 /// The classified identity of one request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -14,10 +14,11 @@ use http::{HeaderName, HeaderValue, StatusCode, header};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bucket::{BUCKETS, Weight, parse_percent};
+use crate::ids::UpstreamId;
 use crate::matcher::CompiledMatch;
 use crate::model::{Breaker, Fallback, LocalResponse};
 use crate::route::{BucketKey, CompiledNoUserKey, RouteInput, bucket_of};
-use crate::snapshot::{Snapshot, UpstreamId};
+use crate::snapshot::Snapshot;
 
 /// A response the gateway makes itself, ready to send.
 #[derive(Debug, Clone)]

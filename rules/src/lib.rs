@@ -8,6 +8,7 @@
 //! - [`source`]: bytes → [`model::Config`]: size, encoding, syntax, types, duplicate keys,
 //!   and positions for errors.
 //! - [`validate`]: ranges, formats, references and ambiguity; reports every problem at once.
+//! - [`ids`]: [`InterfaceId`] and [`UpstreamId`], the indices compiled rules refer by.
 //! - [`snapshot`]: the compiled, indexed rules the request path reads.
 //! - [`matcher`]: rule conditions and the (app, interface) index shared by all rule kinds.
 //! - [`route`]: routing: direct, weighted splits, whitelists, override header.
@@ -34,6 +35,7 @@ pub mod explain;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod govern;
+pub mod ids;
 pub mod include;
 pub mod limit;
 pub mod matcher;
@@ -47,10 +49,11 @@ pub mod validate;
 
 pub use classify::{Classified, RequestParts};
 pub use error::{ConfigError, ConfigErrors, JsonPath};
+pub use ids::{InterfaceId, UpstreamId};
 pub use matcher::MatchInput;
 pub use model::Config;
 pub use route::{RouteDecision, RouteInput, Via};
-pub use snapshot::{InterfaceId, Snapshot, UpstreamId};
+pub use snapshot::Snapshot;
 
 /// Data directory of an `embedded` upstream that does not name one.
 pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "data/grab";

@@ -14,10 +14,11 @@ use std::time::Duration;
 use http::HeaderName;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
+use crate::ids::InterfaceId;
 use crate::matcher::{CompiledMatch, MatchInput};
 use crate::model::{KeyPart, Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
 use crate::route::RouteInput;
-use crate::snapshot::{InterfaceId, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// Largest count in a rate.
 pub const MAX_RATE_COUNT: u32 = 1_000_000_000;

@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::bucket::{BucketRange, bucket};
+use crate::ids::InterfaceId;
 use crate::model::Match;
-use crate::snapshot::InterfaceId;
 use crate::validate::specificity;
 
 /// What matching reads of a request.

@@ -13,9 +13,10 @@ use std::net::IpAddr;
 use http::HeaderName;
 
 use crate::bucket::{Weight, bucket, bucket_ip, edges};
+use crate::ids::UpstreamId;
 use crate::matcher::{CompiledMatch, MatchInput};
 use crate::model::{NoUserKey, Route};
-use crate::snapshot::{Snapshot, UpstreamId};
+use crate::snapshot::Snapshot;
 use crate::validate::{rule_salt, target_weight};
 
 /// A route rule, compiled.

@@ -12,18 +12,11 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::govern::Governance;
+use crate::ids::{InterfaceId, UpstreamId};
 use crate::matcher::MatchIndex;
 use crate::model::{Balance, Config, Extractor, UpstreamKind};
 use crate::overload::CompiledOverload;
 use crate::route::CompiledRoute;
-
-/// Index of an interface in [`Snapshot::interfaces`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct InterfaceId(pub u32);
-
-/// Index of an upstream in [`Snapshot::upstreams`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UpstreamId(pub u32);
 
 /// Compiled rules.
 #[derive(Debug)]

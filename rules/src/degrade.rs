@@ -14,11 +14,10 @@ use http::{HeaderName, HeaderValue, StatusCode, header};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bucket::{BUCKETS, Weight, parse_percent};
-use crate::ids::UpstreamId;
+use crate::ids::{InterfaceId, UpstreamId};
 use crate::matcher::CompiledMatch;
 use crate::model::{Breaker, Fallback, LocalResponse};
 use crate::route::{BucketKey, CompiledNoUserKey, RouteInput, bucket_of};
-use crate::snapshot::Snapshot;
 
 /// A response the gateway makes itself, ready to send.
 #[derive(Debug, Clone)]
@@ -131,8 +130,8 @@ impl CompiledResponse {
 // === impl CompiledFallback ===
 
 impl CompiledFallback {
-    pub(crate) fn compile(f: &Fallback, iface_ids: &HashMap<&str, u32>) -> Self {
-        let salt = f.salt.as_deref().unwrap_or(&f.name);
+    pub(crate) fn compile(f: &Fallback, iface_ids: &HashMap<&str, InterfaceId>) -> Self {
+        let salt = f.bucket_salt();
         Self {
             name: f.name.as_str().into(),
             matcher: CompiledMatch::compile(&f.matcher, salt, iface_ids),
@@ -144,6 +143,11 @@ impl CompiledFallback {
             ),
             no_user_key: CompiledNoUserKey::compile(&f.no_user_key),
         }
+    }
+
+    /// The request's bucket under this rule's salt, and what it was computed from.
+    pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
+        bucket_of(&self.salt, &self.no_user_key, r)
     }
 }
 
@@ -171,11 +175,11 @@ pub(crate) fn ratio_ppm(s: &str) -> Result<u32, String> {
 impl CompiledBreaker {
     pub(crate) fn compile(
         b: &Breaker,
-        upstream_ids: &HashMap<&str, u32>,
+        upstream_ids: &HashMap<&str, UpstreamId>,
         route_ids: &HashMap<&str, u32>,
     ) -> Self {
         let when_open = match (&b.alternate_upstream, &b.response) {
-            (Some(alt), _) => WhenOpen::Alternate(UpstreamId(upstream_ids[alt.as_str()])),
+            (Some(alt), _) => WhenOpen::Alternate(upstream_ids[alt.as_str()]),
             (None, r) => WhenOpen::Respond(CompiledResponse::compile(
                 r.as_ref().unwrap_or(&LocalResponse {
                     status: 503,
@@ -187,7 +191,7 @@ impl CompiledBreaker {
         };
         Self {
             name: b.name.as_str().into(),
-            upstream: UpstreamId(upstream_ids[b.upstream.as_str()]),
+            upstream: upstream_ids[b.upstream.as_str()],
             route: b.route.as_ref().map(|r| route_ids[r.as_str()]),
             window: Duration::from_millis(b.window_ms),
             min_calls: b.min_calls,
@@ -202,48 +206,5 @@ impl CompiledBreaker {
             when_open,
             fingerprint: xxh3_64(&serde_json::to_vec(b).expect("a config value serializes")),
         }
-    }
-}
-
-// === impl Snapshot (degradation) ===
-
-impl Snapshot {
-    /// The fallback that answers this request, if any: the most specific matching fallback
-    /// rule, when the request's user falls in its fraction.
-    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
-        let g = &self.governance;
-        if g.fallbacks.is_empty() {
-            return None;
-        }
-        let rule_id = g
-            .fallback_index
-            .best(&r.m, |i| &g.fallbacks[i as usize].matcher)?;
-        let rule = &g.fallbacks[rule_id as usize];
-        if rule.fraction_ppm >= BUCKETS {
-            return Some(FallbackDecision {
-                rule_id,
-                rule,
-                bucket: None,
-            });
-        }
-        let (b, key) = bucket_of(&rule.salt, &rule.no_user_key, r);
-        (b < rule.fraction_ppm).then_some(FallbackDecision {
-            rule_id,
-            rule,
-            bucket: Some((b, key)),
-        })
-    }
-
-    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
-    /// else one for the whole upstream.
-    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
-        let by = &self.governance.breaker_by;
-        if by.is_empty() {
-            return None;
-        }
-        route
-            .and_then(|r| by.get(&(upstream.0, Some(r))))
-            .or_else(|| by.get(&(upstream.0, None)))
-            .copied()
     }
 }

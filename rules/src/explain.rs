@@ -103,7 +103,8 @@ impl Snapshot {
         };
         let decision = self.route(&input);
         let mut ids: Vec<u32> = self
-            .route_index
+            .routes
+            .index()
             .candidates(app, c.interface)
             .into_iter()
             .flatten()

@@ -1,13 +1,17 @@
 //! The governance rules in force, compiled as one unit: limits and fallbacks after applying
-//! the active plans (see [`crate::plan`]), and circuit breakers.
+//! the active plans (see [`crate::plan`]), and circuit breakers; and the lookups the request
+//! path makes in them.
 
 use std::collections::HashMap;
 
-use crate::degrade::{CompiledBreaker, CompiledFallback};
+use crate::bucket::BUCKETS;
+use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
+use crate::ids::{InterfaceId, UpstreamId};
 use crate::limit::CompiledLimit;
-use crate::matcher::MatchIndex;
+use crate::matcher::{MatchIndex, MatchInput};
 use crate::model::Config;
 use crate::plan;
+use crate::route::RouteInput;
 
 /// Limits, fallbacks and breakers, compiled.
 #[derive(Debug, Default)]
@@ -32,8 +36,8 @@ impl Governance {
     /// Compile the governance half of a validated config.
     pub(crate) fn compile(
         c: &Config,
-        iface_ids: &HashMap<&str, u32>,
-        upstream_ids: &HashMap<&str, u32>,
+        iface_ids: &HashMap<&str, InterfaceId>,
+        upstream_ids: &HashMap<&str, UpstreamId>,
     ) -> Self {
         let active = plan::active(c);
         let eff = plan::effective(c, &active);
@@ -42,14 +46,13 @@ impl Governance {
             .iter()
             .map(|l| CompiledLimit::compile(l.rule, iface_ids))
             .collect();
-        let limit_index = MatchIndex::build(eff.limits.iter().map(|l| &l.rule.matcher), iface_ids);
+        let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher));
         let fallbacks: Vec<CompiledFallback> = eff
             .fallbacks
             .iter()
             .map(|f| CompiledFallback::compile(f.rule, iface_ids))
             .collect();
-        let fallback_index =
-            MatchIndex::build(eff.fallbacks.iter().map(|f| &f.rule.matcher), iface_ids);
+        let fallback_index = MatchIndex::build(fallbacks.iter().map(|f| &f.matcher));
         let route_ids: HashMap<&str, u32> = c
             .routes
             .iter()
@@ -75,6 +78,51 @@ impl Governance {
             breaker_by,
             active_plans: active.iter().map(|&s| s.into()).collect(),
         }
+    }
+
+    /// The limit rules that apply to a request, in check order (config order), written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating).
+    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
+        self.limit_index
+            .all(m, |i| &self.limits[i as usize].matcher, out);
+    }
+
+    /// The fallback that answers this request, if any: the most specific matching fallback
+    /// rule, when the request's user falls in its fraction.
+    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        if self.fallbacks.is_empty() {
+            return None;
+        }
+        let rule_id = self
+            .fallback_index
+            .best(&r.m, |i| &self.fallbacks[i as usize].matcher)?;
+        let rule = &self.fallbacks[rule_id as usize];
+        if rule.fraction_ppm >= BUCKETS {
+            return Some(FallbackDecision {
+                rule_id,
+                rule,
+                bucket: None,
+            });
+        }
+        let (b, key) = rule.bucket_of(r);
+        (b < rule.fraction_ppm).then_some(FallbackDecision {
+            rule_id,
+            rule,
+            bucket: Some((b, key)),
+        })
+    }
+
+    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
+    /// else one for the whole upstream.
+    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
+        let by = &self.breaker_by;
+        if by.is_empty() {
+            return None;
+        }
+        route
+            .and_then(|r| by.get(&(upstream.0, Some(r))))
+            .or_else(|| by.get(&(upstream.0, None)))
+            .copied()
     }
 }
 

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, ConfigErrors, JsonPath, Seg};
 use crate::model::{Breaker, Config, Fallback, Interface, Limit, Plan, Route, Upstream};
-use crate::{Loaded, Snapshot, source, validate};
+use crate::snapshot::Snapshot;
+use crate::{Loaded, source, validate};
 
 /// One file's name (as errors should show it) and bytes.
 #[derive(Debug, Clone, Copy)]

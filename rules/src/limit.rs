@@ -14,11 +14,10 @@ use std::time::Duration;
 use http::HeaderName;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use crate::ids::InterfaceId;
+use crate::ids::{InterfaceId, InterfaceNames};
 use crate::matcher::{CompiledMatch, MatchInput};
 use crate::model::{KeyPart, Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
 use crate::route::RouteInput;
-use crate::snapshot::Snapshot;
 
 /// Largest count in a rate.
 pub const MAX_RATE_COUNT: u32 = 1_000_000_000;
@@ -149,7 +148,7 @@ impl Rate {
 
 impl CompiledLimit {
     /// Compile a validated limit rule.
-    pub(crate) fn compile(l: &Limit, iface_ids: &HashMap<&str, u32>) -> Self {
+    pub(crate) fn compile(l: &Limit, iface_ids: &HashMap<&str, InterfaceId>) -> Self {
         let rate = parse_rate(&l.rate).expect("validated");
         let mut quotas = vec![LimitQuota {
             rate,
@@ -175,7 +174,7 @@ impl CompiledLimit {
                 "app" => {
                     exc_apps.insert(value.into(), slot);
                 }
-                "interface" => exc_interfaces.push((InterfaceId(iface_ids[value]), slot)),
+                "interface" => exc_interfaces.push((iface_ids[value], slot)),
                 _ => unreachable!("validated exception dimension"),
             }
         }
@@ -243,16 +242,20 @@ impl CompiledLimit {
     }
 
     /// What a request this rule matched is counted as, or `None` when part of the key is
-    /// missing and the rule says `skip`. `snap` names interfaces (keys hash the name, not the
-    /// ID, so they survive a reload that reorders interfaces).
-    pub fn key_of(&self, snap: &Snapshot, r: &RouteInput<'_>) -> Option<LimitKey> {
+    /// missing and the rule says `skip`. `names` names interfaces (keys hash the name, not the
+    /// ID, so they survive a reload that reorders interfaces); pass the snapshot.
+    pub fn key_of(
+        &self,
+        names: &(impl InterfaceNames + ?Sized),
+        r: &RouteInput<'_>,
+    ) -> Option<LimitKey> {
         let mut h = KeyHasher::new();
         for part in &self.key {
             let value: Option<&[u8]> = match part {
                 CompiledKeyPart::App => r.m.app.map(str::as_bytes),
                 CompiledKeyPart::User => r.m.user.map(str::as_bytes),
                 CompiledKeyPart::Interface => {
-                    r.m.interface.map(|i| snap.interface_name(i).as_bytes())
+                    r.m.interface.map(|i| names.interface_name(i).as_bytes())
                 }
                 CompiledKeyPart::Header(name) => {
                     r.m.headers
@@ -331,17 +334,6 @@ impl KeyHasher {
             Some(s) => s.digest(),
             None => xxh3_64(&self.buf[..self.len]),
         }
-    }
-}
-
-// === impl Snapshot (limits) ===
-
-impl Snapshot {
-    /// The limit rules that apply to a request, in check order (config order), written into
-    /// `out` (cleared first; reuse it across requests to avoid allocating).
-    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
-        let g = &self.governance;
-        g.limit_index.all(m, |i| &g.limits[i as usize].matcher, out);
     }
 }
 

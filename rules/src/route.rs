@@ -9,15 +9,26 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::ops::Deref;
+use std::sync::Arc;
 
 use http::HeaderName;
 
-use crate::bucket::{Weight, bucket, bucket_ip, edges};
-use crate::ids::UpstreamId;
-use crate::matcher::{CompiledMatch, MatchInput};
+use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges, target_weight};
+use crate::ids::{InterfaceId, UpstreamId};
+use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
 use crate::model::{NoUserKey, Route};
-use crate::snapshot::Snapshot;
-use crate::validate::{rule_salt, target_weight};
+
+/// The route rules in force: in config order, indexed by (app, interface), with the upstream
+/// names a split's override header is compared with. Derefs to the rules, so `routes[id]`
+/// is the rule of a [`RouteDecision::rule_id`].
+#[derive(Debug, Default)]
+pub struct Routes {
+    rules: Vec<CompiledRoute>,
+    index: MatchIndex,
+    /// Upstream names by [`UpstreamId`].
+    upstream_names: Box<[Arc<str>]>,
+}
 
 /// A route rule, compiled.
 #[derive(Debug)]
@@ -81,7 +92,7 @@ pub struct RouteInput<'a> {
 pub struct RouteDecision<'s> {
     /// The rule that decided.
     pub rule: &'s CompiledRoute,
-    /// Index of the rule in [`Snapshot::routes`].
+    /// Index of the rule in [`Routes`].
     pub rule_id: u32,
     /// The upstream chosen.
     pub upstream: UpstreamId,
@@ -135,11 +146,11 @@ impl CompiledRoute {
     /// Compile a validated route.
     pub(crate) fn compile(
         r: &Route,
-        iface_ids: &HashMap<&str, u32>,
-        upstream_ids: &HashMap<&str, u32>,
+        iface_ids: &HashMap<&str, InterfaceId>,
+        upstream_ids: &HashMap<&str, UpstreamId>,
     ) -> Self {
-        let up = |n: &str| UpstreamId(upstream_ids[n]);
-        let salt = rule_salt(r);
+        let up = |n: &str| upstream_ids[n];
+        let salt = r.bucket_salt();
         let action = match (&r.upstream, &r.split) {
             (Some(u), _) => RouteAction::Upstream(up(u)),
             (None, Some(targets)) => {
@@ -192,17 +203,18 @@ impl CompiledRoute {
         }
     }
 
-    /// Choose the upstream for a request this rule matched.
-    pub fn choose(&self, snap: &Snapshot, r: &RouteInput<'_>) -> (UpstreamId, Via) {
+    /// Choose the upstream for a request this rule matched; `upstream_names` names upstreams
+    /// by ID (for the override header).
+    pub fn choose(&self, upstream_names: &[Arc<str>], r: &RouteInput<'_>) -> (UpstreamId, Via) {
         let targets = match &self.action {
             RouteAction::Upstream(u) => return (*u, Via::Direct),
             RouteAction::Split(t) => t,
         };
         if let Some(h) = &self.override_header {
             if let Some(v) = r.m.headers.get(h) {
-                let named = targets.iter().find(|t| {
-                    snap.upstreams[t.upstream.0 as usize].name.as_bytes() == v.as_bytes()
-                });
+                let named = targets
+                    .iter()
+                    .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
                 if let Some(t) = named {
                     return (t.upstream, Via::Override);
                 }
@@ -254,43 +266,55 @@ pub(crate) fn bucket_of(
     }
     let by_ip = |ip: Option<IpAddr>| match ip {
         Some(ip) => (bucket_ip(salt, ip), BucketKey::ClientIp),
-        None => (
-            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-            BucketKey::Random,
-        ),
+        None => ((r.random % u64::from(BUCKETS)) as u32, BucketKey::Random),
     };
     match no_user_key {
         CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
-        CompiledNoUserKey::Random => (
-            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-            BucketKey::Random,
-        ),
+        CompiledNoUserKey::Random => ((r.random % u64::from(BUCKETS)) as u32, BucketKey::Random),
         CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
-            Some(v) => (
-                crate::bucket::bucket_bytes(salt, v.as_bytes()),
-                BucketKey::Header,
-            ),
+            Some(v) => (bucket_bytes(salt, v.as_bytes()), BucketKey::Header),
             None => by_ip(r.client_ip),
         },
     }
 }
 
-// === impl Snapshot (routing) ===
+// === impl Routes ===
 
-impl Snapshot {
+impl Routes {
+    /// Index compiled rules; `upstream_names` names upstreams by ID.
+    pub(crate) fn new(rules: Vec<CompiledRoute>, upstream_names: Box<[Arc<str>]>) -> Self {
+        let index = MatchIndex::build(rules.iter().map(|r| &r.matcher));
+        Self {
+            rules,
+            index,
+            upstream_names,
+        }
+    }
+
     /// Route a request: the most specific matching rule, and its choice.
     pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
-        let rule_id = self
-            .route_index
-            .best(&r.m, |i| &self.routes[i as usize].matcher)?;
-        let rule = &self.routes[rule_id as usize];
-        let (upstream, via) = rule.choose(self, r);
+        let rule_id = self.index.best(&r.m, |i| &self.rules[i as usize].matcher)?;
+        let rule = &self.rules[rule_id as usize];
+        let (upstream, via) = rule.choose(&self.upstream_names, r);
         Some(RouteDecision {
             rule,
             rule_id,
             upstream,
             via,
         })
+    }
+
+    /// The rules indexed by the app and interface they constrain.
+    pub fn index(&self) -> &MatchIndex {
+        &self.index
+    }
+}
+
+impl Deref for Routes {
+    type Target = [CompiledRoute];
+
+    fn deref(&self) -> &[CompiledRoute] {
+        &self.rules
     }
 }
 

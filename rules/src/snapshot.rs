@@ -1,91 +1,44 @@
 //! The compiled, indexed form of the rules that the request path reads.
 //!
 //! A [`Snapshot`] is built once per load, off the request path, and never mutated: the proxy
-//! publishes it with one atomic store and each request reads it with one load. Everything a
-//! decision needs is precomputed here: header names as [`HeaderName`], interface templates in
-//! a `matchit` router, and route rules bucketed by (app, interface) so the cost of a decision
-//! does not grow with the number of rules.
+//! publishes it with one atomic store and each request reads it with one load. It composes
+//! the compiled parts, each of which owns its data and its lookups: the interfaces' router
+//! and identity extractors ([`crate::classify`]), the upstreams ([`crate::upstream`]), the
+//! route rules ([`crate::route`]), limits, fallbacks and breakers ([`crate::govern`]) and the
+//! overload section ([`crate::overload`]). Its own methods only delegate to them.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
 use http::{HeaderName, Method};
 
+use crate::classify::{Classified, Classifier, CompiledExtractor, MethodTable, RequestParts};
+use crate::degrade::FallbackDecision;
 use crate::govern::Governance;
-use crate::ids::{InterfaceId, UpstreamId};
-use crate::matcher::MatchIndex;
-use crate::model::{Balance, Config, Extractor, UpstreamKind};
+use crate::ids::{InterfaceId, InterfaceNames, UpstreamId};
+use crate::matcher::MatchInput;
+use crate::model::{Config, Extractor};
 use crate::overload::CompiledOverload;
-use crate::route::CompiledRoute;
+use crate::route::{CompiledRoute, RouteDecision, RouteInput, Routes};
+use crate::upstream::upstream_ids;
+
+pub use crate::classify::CompiledInterface;
+pub use crate::upstream::UpstreamSpec;
 
 /// Compiled rules.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub(crate) identity: CompiledIdentity,
     /// Interfaces in config order.
     pub interfaces: Vec<CompiledInterface>,
-    /// Path template → the interfaces declared on it (one per method, or `*`).
-    pub(crate) router: matchit::Router<Vec<(Option<Method>, InterfaceId)>>,
+    pub(crate) classifier: Classifier,
     /// Upstreams sorted by name.
     pub upstreams: Vec<UpstreamSpec>,
-    /// Route rules in config order.
-    pub routes: Vec<CompiledRoute>,
-    pub(crate) route_index: MatchIndex,
+    /// Route rules in config order, indexed.
+    pub routes: Routes,
     /// Limits, fallbacks and breakers in force (active plans applied).
     pub governance: Governance,
     /// Overload protection.
     pub overload: CompiledOverload,
-}
-
-/// The interfaces declared on one path template.
-type MethodTable = Vec<(Option<Method>, InterfaceId)>;
-
-/// An interface, compiled.
-#[derive(Debug)]
-pub struct CompiledInterface {
-    /// Its name.
-    pub name: Box<str>,
-    /// Its method; `None` for `*`.
-    pub method: Option<Method>,
-    /// Its path template.
-    pub path: Box<str>,
-}
-
-/// An upstream as the proxy needs it to build connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamSpec {
-    /// Its name.
-    pub name: Box<str>,
-    /// Static endpoints or the embedded backend.
-    pub kind: UpstreamKind,
-    /// `host:port` strings, validated; resolved by the proxy at load time.
-    pub endpoints: Vec<Box<str>>,
-    /// Load-balancing policy.
-    pub balance: Balance,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// Request-to-response-head timeout.
-    pub request_timeout: Duration,
-    /// Longest stall between pieces of a response body.
-    pub read_timeout: Duration,
-    /// Idle pooled connections kept per endpoint.
-    pub pool_max_idle_per_endpoint: usize,
-    /// Data directory of an embedded upstream.
-    pub data_dir: Option<Box<str>>,
-}
-
-#[derive(Debug)]
-pub(crate) struct CompiledIdentity {
-    pub(crate) app: CompiledExtractor,
-    pub(crate) user: CompiledExtractor,
-}
-
-#[derive(Debug)]
-pub(crate) enum CompiledExtractor {
-    Header(HeaderName),
-    Query(Box<str>),
-    Cookie(Box<str>),
-    PathParam(Box<str>),
 }
 
 // === impl Snapshot ===
@@ -124,71 +77,88 @@ impl Snapshot {
             list.sort_by_key(|(m, _)| m.is_none());
             router.insert(path, list).expect("validated template");
         }
-        let iface_ids: HashMap<&str, u32> = interfaces
+        let iface_ids: HashMap<&str, InterfaceId> = c
+            .interfaces
             .iter()
             .enumerate()
-            .map(|(i, x)| (&*x.name, i as u32))
+            .map(|(i, x)| (x.name.as_str(), InterfaceId(i as u32)))
             .collect();
 
         let upstreams: Vec<UpstreamSpec> = c
             .upstreams
             .iter()
-            .map(|(name, u)| UpstreamSpec {
-                name: name.as_str().into(),
-                kind: u.kind,
-                endpoints: u.endpoints.iter().map(|e| e.as_str().into()).collect(),
-                balance: u.balance,
-                connect_timeout: Duration::from_millis(u.connect_timeout_ms),
-                request_timeout: Duration::from_millis(u.request_timeout_ms),
-                read_timeout: Duration::from_millis(u.read_timeout_ms),
-                pool_max_idle_per_endpoint: u.pool_max_idle_per_endpoint as usize,
-                data_dir: match u.kind {
-                    UpstreamKind::Embedded => Some(
-                        u.data_dir
-                            .as_deref()
-                            .unwrap_or(crate::DEFAULT_EMBEDDED_DATA_DIR)
-                            .into(),
-                    ),
-                    UpstreamKind::Static => None,
-                },
-            })
+            .map(|(name, u)| UpstreamSpec::new(name, u))
             .collect();
-        let upstream_ids: HashMap<&str, u32> = upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (&*u.name, i as u32))
-            .collect();
+        let upstream_ids = upstream_ids(&c.upstreams);
 
         let routes: Vec<CompiledRoute> = c
             .routes
             .iter()
             .map(|r| CompiledRoute::compile(r, &iface_ids, &upstream_ids))
             .collect();
-        let route_index = MatchIndex::build(c.routes.iter().map(|r| &r.matcher), &iface_ids);
+        let upstream_names = upstreams.iter().map(|u| Arc::from(&*u.name)).collect();
         let governance = Governance::compile(c, &iface_ids, &upstream_ids);
         let overload = CompiledOverload::compile(c, &iface_ids, &upstream_ids);
 
         Self {
-            identity: CompiledIdentity {
+            classifier: Classifier {
+                router,
                 app: compile_extractor(&c.identity.app),
                 user: compile_extractor(&c.identity.user),
             },
             interfaces,
-            router,
             upstreams,
-            routes,
-            route_index,
+            routes: Routes::new(routes, upstream_names),
             governance,
             overload,
         }
     }
 
-    /// The upstream with this name.
+    /// Classify a request: its interface, app and user.
+    pub fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
+        self.classifier.classify(req)
+    }
+
+    /// Route a request: the most specific matching rule, and its choice.
+    pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
+        self.routes.route(r)
+    }
+
+    /// The limit rules that apply to a request, in check order (config order), written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating).
+    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
+        self.governance.limits_for(m, out);
+    }
+
+    /// The fallback that answers this request, if any: the most specific matching fallback
+    /// rule, when the request's user falls in its fraction.
+    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        self.governance.fallback(r)
+    }
+
+    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
+    /// else one for the whole upstream.
+    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
+        self.governance.breaker_for(upstream, route)
+    }
+
+    /// The name of an interface.
+    pub fn interface_name(&self, id: InterfaceId) -> &str {
+        &self.interfaces[id.0 as usize].name
+    }
+
+    /// The upstream with this name (a scan: for reload time, not the request path).
     pub fn upstream_by_name(&self, name: &str) -> Option<UpstreamId> {
         self.upstreams
             .iter()
             .position(|u| &*u.name == name)
             .map(|i| UpstreamId(i as u32))
+    }
+}
+
+impl InterfaceNames for Snapshot {
+    fn interface_name(&self, id: InterfaceId) -> &str {
+        Snapshot::interface_name(self, id)
     }
 }
 

@@ -10,16 +10,15 @@ use std::net::SocketAddr;
 
 use http::{HeaderName, Method};
 
-use crate::bucket::{BUCKETS, Weight, parse_percent};
+use crate::bucket::{BUCKETS, Weight, target_weight};
 use crate::error::{JsonPath, did_you_mean};
-use crate::model::SCHEMA_VERSION;
-use crate::model::{Config, Extractor, Match, NoUserKey, Route, SplitTarget, UpstreamKind};
+use crate::model::{
+    Config, DEFAULT_EMBEDDED_DATA_DIR, Extractor, Match, NoUserKey, Route, SCHEMA_VERSION,
+    SplitTarget, UpstreamKind,
+};
 
 mod govern;
 mod overload;
-
-pub use govern::MAX_GOVERN_RULES;
-pub use overload::MAX_IN_FLIGHT;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -27,6 +26,10 @@ pub const MAX_ROUTES: usize = 200_000;
 pub const MAX_INTERFACES: usize = 10_000;
 /// Longest name (rule, interface, upstream), in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Most limit or fallback rules in one list.
+pub const MAX_GOVERN_RULES: usize = 10_000;
+/// Most requests in flight a cap may allow.
+pub const MAX_IN_FLIGHT: u64 = 1_000_000;
 
 /// One validation problem, not yet located in the source text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,10 +366,7 @@ impl Validator {
                             "an embedded upstream has no endpoints: the gateway picks a loopback port",
                         );
                     }
-                    let dir = u
-                        .data_dir
-                        .as_deref()
-                        .unwrap_or(crate::DEFAULT_EMBEDDED_DATA_DIR);
+                    let dir = u.data_dir.as_deref().unwrap_or(DEFAULT_EMBEDDED_DATA_DIR);
                     if dir.trim().is_empty() {
                         self.err(up.key("data_dir"), "path must not be empty");
                     }
@@ -431,7 +431,7 @@ impl Validator {
             self.route_target(c, &rp, r);
             self.matcher(rp.key("match"), &r.matcher, interfaces);
         }
-        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, rule_salt(r)))) {
+        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {
             self.err(
                 p.index(b),
                 format!(
@@ -638,37 +638,6 @@ impl Validator {
     }
 }
 
-/// The bucket salt of a route: its `salt`, or its name.
-pub(crate) fn rule_salt(r: &Route) -> &str {
-    r.salt.as_deref().unwrap_or(&r.name)
-}
-
-/// A split target's weight, or the field at fault (empty: the target itself) and why.
-pub(crate) fn target_weight(t: &SplitTarget) -> Result<Weight, (&'static str, String)> {
-    match (&t.weight, t.weight_ppm) {
-        (Some(_), Some(_)) => Err((
-            "weight_ppm",
-            "give either `weight` or `weight_ppm`, not both".into(),
-        )),
-        (None, None) => Err(("", "missing field `weight` (or `weight_ppm`)".into())),
-        (Some(w), None) => parse_percent(w).map_err(|m| ("weight", m)),
-        (None, Some(p)) if p > BUCKETS => Err((
-            "weight_ppm",
-            format!("{p} is out of range; allowed 0..={BUCKETS}"),
-        )),
-        (None, Some(p)) => Ok(Weight::Ppm(p)),
-    }
-}
-
-/// Which dimensions a matcher constrains, as a precedence number: users (8) > headers (4) >
-/// interfaces (2) > apps (1). Higher wins.
-pub(crate) fn specificity(m: &Match) -> u8 {
-    ((m.users.is_some() || m.user_buckets.is_some()) as u8) << 3
-        | (m.headers.is_some() as u8) << 2
-        | (m.interfaces.is_some() as u8) << 1
-        | (m.apps.is_some() as u8)
-}
-
 fn lists_overlap(a: &Option<Vec<String>>, b: &Option<Vec<String>>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => {
@@ -734,7 +703,7 @@ pub(crate) fn ambiguous_pairs<'a>(
     let all: Vec<(&Match, &str)> = matchers.collect();
     let mut by_spec: HashMap<u8, Vec<usize>> = HashMap::new();
     for (i, (m, _)) in all.iter().enumerate() {
-        by_spec.entry(specificity(m)).or_default().push(i);
+        by_spec.entry(m.specificity()).or_default().push(i);
     }
     let mut pairs = HashSet::new();
     for members in by_spec.values() {

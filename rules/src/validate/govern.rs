@@ -15,10 +15,7 @@ use crate::model::{
 };
 use crate::plan;
 
-use super::{Validator, ambiguous_pairs};
-
-/// Most limit or fallback rules in one list.
-pub const MAX_GOVERN_RULES: usize = 10_000;
+use super::{MAX_GOVERN_RULES, Validator, ambiguous_pairs};
 
 impl Validator {
     pub(super) fn govern(&mut self, c: &Config, interfaces: &HashSet<String>) {
@@ -83,12 +80,11 @@ impl Validator {
     }
 
     fn fallback_ties(&mut self, eff: &plan::Effective<'_>, when: &str) {
-        let pairs = ambiguous_pairs(eff.fallbacks.iter().map(|f| {
-            (
-                &f.rule.matcher,
-                f.rule.salt.as_deref().unwrap_or(&f.rule.name),
-            )
-        }));
+        let pairs = ambiguous_pairs(
+            eff.fallbacks
+                .iter()
+                .map(|f| (&f.rule.matcher, f.rule.bucket_salt())),
+        );
         for (a, b) in pairs {
             let (fa, fb) = (&eff.fallbacks[a], &eff.fallbacks[b]);
             self.err(

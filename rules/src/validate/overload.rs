@@ -6,10 +6,7 @@ use std::collections::HashSet;
 use crate::error::{JsonPath, did_you_mean};
 use crate::model::Config;
 
-use super::Validator;
-
-/// Most requests in flight a cap may allow.
-pub const MAX_IN_FLIGHT: u64 = 1_000_000;
+use super::{MAX_IN_FLIGHT, Validator};
 
 impl Validator {
     pub(super) fn overload(&mut self, c: &Config, interfaces: &HashSet<String>) {

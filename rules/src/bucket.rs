@@ -113,7 +113,9 @@ pub fn parse_percent(s: &str) -> Result<Weight, String> {
     let int: u64 = int
         .parse()
         .map_err(|_| format!("{s:?} is not a percentage"))?;
-    let frac_ppm: u64 = format!("{frac:0<4}").parse().expect("four digits");
+    let frac_ppm: u64 = format!("{frac:0<4}")
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
     let ppm = int.saturating_mul(10_000).saturating_add(frac_ppm);
     if ppm > u64::from(BUCKETS) {
         return Err(format!("{s:?} is more than 100%"));
@@ -154,7 +156,7 @@ pub fn edges(weights: &[Weight]) -> Vec<u32> {
         .map(|w| {
             edge += match w {
                 Weight::Ppm(p) => *p,
-                Weight::Rest => BUCKETS - fixed,
+                Weight::Rest => BUCKETS.saturating_sub(fixed),
             };
             edge
         })

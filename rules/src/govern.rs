@@ -1,16 +1,13 @@
 //! The governance rules in force, compiled as one unit: limits and fallbacks after applying
-//! the active plans (see [`crate::plan`]), and circuit breakers; and the lookups the request
-//! path makes in them.
+//! the active plans, and circuit breakers; and the lookups the request path makes in them.
 
 use std::collections::HashMap;
 
 use crate::bucket::BUCKETS;
 use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
-use crate::ids::{InterfaceId, UpstreamId};
+use crate::ids::UpstreamId;
 use crate::limit::CompiledLimit;
 use crate::matcher::{MatchIndex, MatchInput};
-use crate::model::Config;
-use crate::plan;
 use crate::route::RouteInput;
 
 /// Limits, fallbacks and breakers, compiled.
@@ -33,37 +30,16 @@ pub struct Governance {
 // === impl Governance ===
 
 impl Governance {
-    /// Compile the governance half of a validated config.
-    pub(crate) fn compile(
-        c: &Config,
-        iface_ids: &HashMap<&str, InterfaceId>,
-        upstream_ids: &HashMap<&str, UpstreamId>,
+    /// Index compiled rules: the limits and fallbacks in force, the breakers in config
+    /// order, and the names of the active plans.
+    pub(crate) fn new(
+        limits: Vec<CompiledLimit>,
+        fallbacks: Vec<CompiledFallback>,
+        breakers: Vec<CompiledBreaker>,
+        active_plans: Vec<Box<str>>,
     ) -> Self {
-        let active = plan::active(c);
-        let eff = plan::effective(c, &active);
-        let limits: Vec<CompiledLimit> = eff
-            .limits
-            .iter()
-            .map(|l| CompiledLimit::compile(l.rule, iface_ids))
-            .collect();
         let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher));
-        let fallbacks: Vec<CompiledFallback> = eff
-            .fallbacks
-            .iter()
-            .map(|f| CompiledFallback::compile(f.rule, iface_ids))
-            .collect();
         let fallback_index = MatchIndex::build(fallbacks.iter().map(|f| &f.matcher));
-        let route_ids: HashMap<&str, u32> = c
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), i as u32))
-            .collect();
-        let breakers: Vec<CompiledBreaker> = c
-            .breakers
-            .iter()
-            .map(|b| CompiledBreaker::compile(b, upstream_ids, &route_ids))
-            .collect();
         let breaker_by = breakers
             .iter()
             .enumerate()
@@ -76,7 +52,7 @@ impl Governance {
             fallback_index,
             breakers,
             breaker_by,
-            active_plans: active.iter().map(|&s| s.into()).collect(),
+            active_plans,
         }
     }
 

@@ -26,7 +26,9 @@
 //!   lookups: which limits apply, which fallback answers, which breaker guards.
 //! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
 //!   adaptive concurrency limit, as pure controllers.
-//! - [`validate`]: ranges, formats, references and ambiguity; reports every problem at once.
+//! - [`validate`]: ranges, formats, references and ambiguity, reporting every problem at
+//!   once; builds the compiled parts above from the values it parsed, so compiling a valid
+//!   config cannot fail.
 //! - [`snapshot`]: the compiled rules the request path reads, composed of the parts above;
 //!   its methods delegate to them.
 //! - [`explain`]: a routing decision with every rule considered and why.
@@ -74,16 +76,17 @@ pub struct Loaded {
 }
 
 /// Parse, validate and compile a config file's bytes. `file` names the file in errors.
+/// Never panics, whatever the bytes.
 pub fn load(file: &str, bytes: &[u8]) -> Result<Loaded, ConfigErrors> {
     let config = source::parse(file, bytes)?;
-    let issues = validate::validate(&config);
-    if !issues.is_empty() {
-        // parse() succeeded, so the bytes are UTF-8.
-        let text = std::str::from_utf8(bytes).unwrap_or_default();
-        return Err(locate_all(file, text, issues));
+    match Snapshot::compile(&config) {
+        Ok(snapshot) => Ok(Loaded { config, snapshot }),
+        Err(issues) => {
+            // parse() succeeded, so the bytes are UTF-8.
+            let text = std::str::from_utf8(bytes).unwrap_or_default();
+            Err(locate_all(file, text, issues))
+        }
     }
-    let snapshot = Snapshot::compile(&config);
-    Ok(Loaded { config, snapshot })
 }
 
 /// Attach file positions to validation issues.

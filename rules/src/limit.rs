@@ -16,7 +16,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::ids::{InterfaceId, InterfaceNames};
 use crate::matcher::{CompiledMatch, MatchInput};
-use crate::model::{KeyPart, Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
+use crate::model::{Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
 use crate::route::RouteInput;
 
 /// Largest count in a rate.
@@ -70,8 +70,16 @@ pub struct CompiledLimit {
     exc_interfaces: Vec<(InterfaceId, u16)>,
 }
 
+/// Who an exception of a limit is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Exception<'a> {
+    User(&'a str),
+    App(&'a str),
+    Interface(InterfaceId),
+}
+
 #[derive(Debug)]
-enum CompiledKeyPart {
+pub(crate) enum CompiledKeyPart {
     App,
     Interface,
     User,
@@ -147,9 +155,15 @@ impl Rate {
 // === impl CompiledLimit ===
 
 impl CompiledLimit {
-    /// Compile a validated limit rule.
-    pub(crate) fn compile(l: &Limit, iface_ids: &HashMap<&str, InterfaceId>) -> Self {
-        let rate = parse_rate(&l.rate).expect("validated");
+    /// Assemble a limit rule from its typed parts: the base `rate`, and one quota per
+    /// exception, in the order given.
+    pub(crate) fn new(
+        l: &Limit,
+        matcher: CompiledMatch,
+        rate: Rate,
+        exceptions: Vec<(Exception<'_>, &str, Rate)>,
+        key: Vec<CompiledKeyPart>,
+    ) -> Self {
         let mut quotas = vec![LimitQuota {
             rate,
             burst: l.burst.unwrap_or(rate.count),
@@ -158,48 +172,32 @@ impl CompiledLimit {
         let mut exc_users = HashMap::new();
         let mut exc_apps = HashMap::new();
         let mut exc_interfaces = Vec::new();
-        for (k, v) in &l.exceptions {
-            let (dim, value) = k.split_once(':').expect("validated");
-            let rate = parse_rate(v).expect("validated");
+        for (on, label, rate) in exceptions {
             let slot = quotas.len() as u16;
             quotas.push(LimitQuota {
                 rate,
                 burst: rate.count,
-                label: k.as_str().into(),
+                label: label.into(),
             });
-            match dim {
-                "user" => {
-                    exc_users.insert(value.into(), slot);
+            match on {
+                Exception::User(u) => {
+                    exc_users.insert(u.into(), slot);
                 }
-                "app" => {
-                    exc_apps.insert(value.into(), slot);
+                Exception::App(a) => {
+                    exc_apps.insert(a.into(), slot);
                 }
-                "interface" => exc_interfaces.push((iface_ids[value], slot)),
-                _ => unreachable!("validated exception dimension"),
+                Exception::Interface(i) => exc_interfaces.push((i, slot)),
             }
         }
-        let fingerprint =
-            xxh3_64(&serde_json::to_vec(l).expect("a config value serializes to JSON"));
         Self {
             name: l.name.as_str().into(),
-            matcher: CompiledMatch::compile(&l.matcher, &l.name, iface_ids),
+            matcher,
             mode: l.mode,
             scope: l.scope,
             on_store_error: l.on_store_error,
             quotas,
-            fingerprint,
-            key: l
-                .key
-                .iter()
-                .map(|p| match p {
-                    KeyPart::App => CompiledKeyPart::App,
-                    KeyPart::Interface => CompiledKeyPart::Interface,
-                    KeyPart::User => CompiledKeyPart::User,
-                    KeyPart::Header(h) => CompiledKeyPart::Header(
-                        HeaderName::from_bytes(h.as_bytes()).expect("validated"),
-                    ),
-                })
-                .collect(),
+            fingerprint: fingerprint(l),
+            key,
             when_missing: l.when_missing,
             exc_users,
             exc_apps,
@@ -288,6 +286,12 @@ impl CompiledLimit {
             hash: h.finish(),
         })
     }
+}
+
+/// A hash of a rule's whole definition, as JSON. (A config value always serializes; one
+/// that did not would get 0.)
+pub(crate) fn fingerprint(rule: &impl serde::Serialize) -> u64 {
+    serde_json::to_vec(rule).map_or(0, |json| xxh3_64(&json))
 }
 
 fn ipv6_octets(ip: IpAddr) -> [u8; 16] {

@@ -74,19 +74,22 @@ struct IfaceTable {
 // === impl CompiledMatch ===
 
 impl CompiledMatch {
-    /// Compile a validated matcher. `salt` is the rule's bucket salt (used by `user_buckets`);
-    /// `iface_ids` maps interface names to IDs.
-    pub fn compile(m: &Match, salt: &str, iface_ids: &HashMap<&str, InterfaceId>) -> Self {
+    /// Assemble a rule's conditions from its typed parts: `interfaces` and `headers` are
+    /// the matcher's, resolved and parsed; `salt` is the rule's bucket salt (used by
+    /// `user_buckets`).
+    pub(crate) fn new(
+        m: &Match,
+        salt: &str,
+        interfaces: Option<Vec<InterfaceId>>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Self {
         Self {
             specificity: m.specificity(),
             apps: m
                 .apps
                 .as_ref()
                 .map(|a| a.iter().map(|s| s.as_str().into()).collect()),
-            interfaces: m
-                .interfaces
-                .as_ref()
-                .map(|l| l.iter().map(|n| iface_ids[n.as_str()]).collect()),
+            interfaces,
             users: m
                 .users
                 .as_ref()
@@ -95,17 +98,7 @@ impl CompiledMatch {
                 .user_buckets
                 .as_ref()
                 .map(|r| (salt.into(), BucketRange::from(r))),
-            headers: m
-                .headers
-                .iter()
-                .flatten()
-                .map(|(k, v)| {
-                    (
-                        HeaderName::from_bytes(k.as_bytes()).expect("validated"),
-                        HeaderValue::from_str(v).expect("validated"),
-                    )
-                })
-                .collect(),
+            headers,
         }
     }
 

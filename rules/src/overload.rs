@@ -170,7 +170,8 @@ impl CompiledOverload {
                 (Some(a), _) => Some(UpstreamCap::Adaptive(AdaptiveSpec {
                     min: a.min,
                     max: a.max,
-                    initial: a.initial.unwrap_or(20).clamp(a.min, a.max),
+                    // `max(min).min(max)`, not `clamp`: no panic should min exceed max.
+                    initial: a.initial.unwrap_or(20).max(a.min).min(a.max),
                     target: a.target_latency_ms.map(Duration::from_millis),
                 })),
                 (None, Some(n)) => Some(UpstreamCap::Fixed(n)),

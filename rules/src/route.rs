@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use http::HeaderName;
 
-use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges, target_weight};
-use crate::ids::{InterfaceId, UpstreamId};
+use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges};
+use crate::ids::UpstreamId;
 use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
-use crate::model::{NoUserKey, Route};
 
 /// The route rules in force: in config order, indexed by (app, interface), with the upstream
 /// names a split's override header is compared with. Derefs to the rules, so `routes[id]`
@@ -41,10 +40,10 @@ pub struct CompiledRoute {
     pub action: RouteAction,
     /// Salt of its user buckets.
     pub salt: Box<str>,
-    pinned_users: HashMap<Box<str>, UpstreamId>,
-    pinned_apps: HashMap<Box<str>, UpstreamId>,
-    override_header: Option<HeaderName>,
-    no_user_key: CompiledNoUserKey,
+    pub(crate) pinned_users: HashMap<Box<str>, UpstreamId>,
+    pub(crate) pinned_apps: HashMap<Box<str>, UpstreamId>,
+    pub(crate) override_header: Option<HeaderName>,
+    pub(crate) no_user_key: CompiledNoUserKey,
 }
 
 /// What a route rule does with a request.
@@ -143,66 +142,6 @@ impl Eq for CompiledRoute {}
 // === impl CompiledRoute ===
 
 impl CompiledRoute {
-    /// Compile a validated route.
-    pub(crate) fn compile(
-        r: &Route,
-        iface_ids: &HashMap<&str, InterfaceId>,
-        upstream_ids: &HashMap<&str, UpstreamId>,
-    ) -> Self {
-        let up = |n: &str| upstream_ids[n];
-        let salt = r.bucket_salt();
-        let action = match (&r.upstream, &r.split) {
-            (Some(u), _) => RouteAction::Upstream(up(u)),
-            (None, Some(targets)) => {
-                let weights: Vec<Weight> = targets
-                    .iter()
-                    .map(|t| target_weight(t).expect("validated"))
-                    .collect();
-                let edges = edges(&weights);
-                let mut prev = 0;
-                RouteAction::Split(
-                    targets
-                        .iter()
-                        .zip(edges)
-                        .map(|(t, edge)| {
-                            let e = SplitEdge {
-                                upstream: up(&t.upstream),
-                                ppm: edge - prev,
-                                edge,
-                            };
-                            prev = edge;
-                            e
-                        })
-                        .collect(),
-                )
-            }
-            (None, None) => unreachable!("validated: upstream or split"),
-        };
-        let mut pinned_users = HashMap::new();
-        let mut pinned_apps = HashMap::new();
-        for pin in &r.whitelist {
-            for u in &pin.users {
-                pinned_users.insert(u.as_str().into(), up(&pin.upstream));
-            }
-            for a in &pin.apps {
-                pinned_apps.insert(a.as_str().into(), up(&pin.upstream));
-            }
-        }
-        Self {
-            name: r.name.as_str().into(),
-            matcher: CompiledMatch::compile(&r.matcher, salt, iface_ids),
-            action,
-            salt: salt.into(),
-            pinned_users,
-            pinned_apps,
-            override_header: r
-                .override_header
-                .as_ref()
-                .map(|h| HeaderName::from_bytes(h.as_bytes()).expect("validated")),
-            no_user_key: CompiledNoUserKey::compile(&r.no_user_key),
-        }
-    }
-
     /// Choose the upstream for a request this rule matched; `upstream_names` names upstreams
     /// by ID (for the override header).
     pub fn choose(&self, upstream_names: &[Arc<str>], r: &RouteInput<'_>) -> (UpstreamId, Via) {
@@ -240,17 +179,29 @@ impl CompiledRoute {
     }
 }
 
-// === impl CompiledNoUserKey ===
+// === impl RouteAction ===
 
-impl CompiledNoUserKey {
-    pub(crate) fn compile(k: &NoUserKey) -> Self {
-        match k {
-            NoUserKey::ClientIp => Self::ClientIp,
-            NoUserKey::Random => Self::Random,
-            NoUserKey::Header(h) => {
-                Self::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated"))
-            }
-        }
+impl RouteAction {
+    /// A split over `targets` with their weights, in order. The weights must sum to 100%
+    /// (validation checks it), at most one being `rest`.
+    pub(crate) fn split(targets: Vec<(UpstreamId, Weight)>) -> Self {
+        let weights: Vec<Weight> = targets.iter().map(|&(_, w)| w).collect();
+        let mut prev = 0;
+        RouteAction::Split(
+            targets
+                .iter()
+                .zip(edges(&weights))
+                .map(|(&(upstream, _), edge)| {
+                    let e = SplitEdge {
+                        upstream,
+                        ppm: edge - prev,
+                        edge,
+                    };
+                    prev = edge;
+                    e
+                })
+                .collect(),
+        )
     }
 }
 

@@ -7,20 +7,17 @@
 //! route rules ([`crate::route`]), limits, fallbacks and breakers ([`crate::govern`]) and the
 //! overload section ([`crate::overload`]). Its own methods only delegate to them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::{HeaderName, Method};
-
-use crate::classify::{Classified, Classifier, CompiledExtractor, MethodTable, RequestParts};
+use crate::classify::{Classified, Classifier, RequestParts};
 use crate::degrade::FallbackDecision;
 use crate::govern::Governance;
 use crate::ids::{InterfaceId, InterfaceNames, UpstreamId};
 use crate::matcher::MatchInput;
-use crate::model::{Config, Extractor};
+use crate::model::Config;
 use crate::overload::CompiledOverload;
-use crate::route::{CompiledRoute, RouteDecision, RouteInput, Routes};
-use crate::upstream::upstream_ids;
+use crate::route::{RouteDecision, RouteInput, Routes};
+use crate::validate::{self, Issue};
 
 pub use crate::classify::CompiledInterface;
 pub use crate::upstream::UpstreamSpec;
@@ -44,74 +41,28 @@ pub struct Snapshot {
 // === impl Snapshot ===
 
 impl Snapshot {
-    /// Compile a config that [`crate::validate::validate`] accepted.
-    ///
-    /// # Panics
-    /// Only on a config that failed validation (an unknown upstream, say); [`crate::load`]
-    /// never calls it on one.
-    pub fn compile(c: &Config) -> Self {
-        let interfaces: Vec<CompiledInterface> = c
-            .interfaces
-            .iter()
-            .map(|i| CompiledInterface {
-                name: i.name.as_str().into(),
-                method: (i.method != "*")
-                    .then(|| Method::from_bytes(i.method.as_bytes()).expect("validated")),
-                path: i.path.as_str().into(),
-            })
-            .collect();
-        // Path template → interfaces on it, in first-seen order of templates.
-        let mut per_template: Vec<(&str, MethodTable)> = Vec::new();
-        let mut template_slot: HashMap<&str, usize> = HashMap::new();
-        for (i, itf) in interfaces.iter().enumerate() {
-            let entry = (itf.method.clone(), InterfaceId(i as u32));
-            let slot = *template_slot.entry(&itf.path).or_insert_with(|| {
-                per_template.push((&itf.path, Vec::new()));
-                per_template.len() - 1
-            });
-            per_template[slot].1.push(entry);
-        }
-        let mut router = matchit::Router::new();
-        for (path, mut list) in per_template {
-            // Exact methods before the `*` catch-all.
-            list.sort_by_key(|(m, _)| m.is_none());
-            router.insert(path, list).expect("validated template");
-        }
-        let iface_ids: HashMap<&str, InterfaceId> = c
-            .interfaces
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (x.name.as_str(), InterfaceId(i as u32)))
-            .collect();
-
-        let upstreams: Vec<UpstreamSpec> = c
+    /// Validate and compile a config: the snapshot, or every problem found (what
+    /// [`validate::validate`] returns). Never panics, whatever the config.
+    pub fn compile(c: &Config) -> Result<Self, Vec<Issue>> {
+        let parts = validate::check(c)?;
+        let upstream_names = parts
             .upstreams
             .iter()
-            .map(|(name, u)| UpstreamSpec::new(name, u))
+            .map(|u| Arc::from(&*u.name))
             .collect();
-        let upstream_ids = upstream_ids(&c.upstreams);
-
-        let routes: Vec<CompiledRoute> = c
-            .routes
-            .iter()
-            .map(|r| CompiledRoute::compile(r, &iface_ids, &upstream_ids))
-            .collect();
-        let upstream_names = upstreams.iter().map(|u| Arc::from(&*u.name)).collect();
-        let governance = Governance::compile(c, &iface_ids, &upstream_ids);
-        let overload = CompiledOverload::compile(c, &iface_ids, &upstream_ids);
-
-        Self {
-            classifier: Classifier {
-                router,
-                app: compile_extractor(&c.identity.app),
-                user: compile_extractor(&c.identity.user),
-            },
-            interfaces,
-            upstreams,
-            routes: Routes::new(routes, upstream_names),
-            governance,
-            overload,
-        }
+        Ok(Self {
+            interfaces: parts.interfaces,
+            classifier: parts.classifier,
+            routes: Routes::new(parts.routes, upstream_names),
+            upstreams: parts.upstreams,
+            governance: Governance::new(
+                parts.limits,
+                parts.fallbacks,
+                parts.breakers,
+                parts.active_plans,
+            ),
+            overload: parts.overload,
+        })
     }
 
     /// Classify a request: its interface, app and user.
@@ -159,17 +110,6 @@ impl Snapshot {
 impl InterfaceNames for Snapshot {
     fn interface_name(&self, id: InterfaceId) -> &str {
         Snapshot::interface_name(self, id)
-    }
-}
-
-fn compile_extractor(e: &Extractor) -> CompiledExtractor {
-    match e {
-        Extractor::Header(h) => {
-            CompiledExtractor::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated"))
-        }
-        Extractor::Query(q) => CompiledExtractor::Query(q.as_str().into()),
-        Extractor::Cookie(c) => CompiledExtractor::Cookie(c.as_str().into()),
-        Extractor::PathParam(p) => CompiledExtractor::PathParam(p.as_str().into()),
     }
 }
 

@@ -6,6 +6,7 @@
 //! *state* (windows, open/half-open) is the proxy's; this module only says which breaker
 //! guards a request and with what thresholds.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,6 +50,8 @@ pub struct CompiledFallback {
 pub struct FallbackDecision<'s> {
     /// Index in the snapshot's fallbacks.
     pub rule_id: u32,
+    /// The rule's name (precomputed: clone it for logs and metrics).
+    pub rule_name: &'s Arc<str>,
     /// The rule.
     pub rule: &'s CompiledFallback,
     /// The request's bucket and what it was computed from; `None` when the rule applies to

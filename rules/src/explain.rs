@@ -179,7 +179,7 @@ impl Snapshot {
         Explanation {
             classification: Classification {
                 app: app.map(str::to_owned),
-                interface: c.interface.map(|i| self.interface_name(i).to_owned()),
+                interface: c.interface.map(|i| self.interface_name(i).to_string()),
                 user: user.map(str::to_owned),
             },
             considered,

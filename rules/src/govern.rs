@@ -2,6 +2,7 @@
 //! the active plans, and circuit breakers; and the lookups the request path makes in them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::bucket::BUCKETS;
 use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
@@ -25,6 +26,10 @@ pub struct Governance {
     pub(crate) breaker_by: HashMap<(u32, Option<u32>), u32>,
     /// The plans in force, in order.
     pub active_plans: Vec<Box<str>>,
+    /// Names of the limits, fallbacks and breakers by index, for cheap clones.
+    limit_names: Box<[Arc<str>]>,
+    fallback_names: Box<[Arc<str>]>,
+    breaker_names: Box<[Arc<str>]>,
 }
 
 // === impl Governance ===
@@ -46,6 +51,9 @@ impl Governance {
             .map(|(i, b)| ((b.upstream.0, b.route), i as u32))
             .collect();
         Self {
+            limit_names: limits.iter().map(|l| Arc::from(&*l.name)).collect(),
+            fallback_names: fallbacks.iter().map(|f| Arc::from(&*f.name)).collect(),
+            breaker_names: breakers.iter().map(|b| Arc::from(&*b.name)).collect(),
             limits,
             limit_index,
             fallbacks,
@@ -54,6 +62,21 @@ impl Governance {
             breaker_by,
             active_plans,
         }
+    }
+
+    /// The name of limit `id` (an index of [`Governance::limits`]): O(1), a cheap clone.
+    pub fn limit_name(&self, id: u32) -> &Arc<str> {
+        &self.limit_names[id as usize]
+    }
+
+    /// The name of fallback `id` (an index of [`Governance::fallbacks`]).
+    pub fn fallback_name(&self, id: u32) -> &Arc<str> {
+        &self.fallback_names[id as usize]
+    }
+
+    /// The name of breaker `id` (an index of [`Governance::breakers`]).
+    pub fn breaker_name(&self, id: u32) -> &Arc<str> {
+        &self.breaker_names[id as usize]
     }
 
     /// The limit rules that apply to a request, in check order (config order), written into
@@ -76,6 +99,7 @@ impl Governance {
         if rule.fraction_ppm >= BUCKETS {
             return Some(FallbackDecision {
                 rule_id,
+                rule_name: &self.fallback_names[rule_id as usize],
                 rule,
                 bucket: None,
             });
@@ -83,6 +107,7 @@ impl Governance {
         let (b, key) = rule.bucket_of(r);
         (b < rule.fraction_ppm).then_some(FallbackDecision {
             rule_id,
+            rule_name: &self.fallback_names[rule_id as usize],
             rule,
             bucket: Some((b, key)),
         })

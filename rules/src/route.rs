@@ -25,8 +25,10 @@ use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
 pub struct Routes {
     rules: Vec<CompiledRoute>,
     index: MatchIndex,
+    /// Rule names by rule ID, for cheap clones.
+    rule_names: Box<[Arc<str>]>,
     /// Upstream names by [`UpstreamId`].
-    upstream_names: Box<[Arc<str>]>,
+    upstream_names: Arc<[Arc<str>]>,
 }
 
 /// A route rule, compiled.
@@ -93,8 +95,12 @@ pub struct RouteDecision<'s> {
     pub rule: &'s CompiledRoute,
     /// Index of the rule in [`Routes`].
     pub rule_id: u32,
+    /// The rule's name (precomputed: clone it for logs and metrics).
+    pub rule_name: &'s Arc<str>,
     /// The upstream chosen.
     pub upstream: UpstreamId,
+    /// Its name (precomputed: clone it for logs and metrics, no lookup needed).
+    pub upstream_name: &'s Arc<str>,
     /// How it was chosen.
     pub via: Via,
 }
@@ -233,11 +239,13 @@ pub(crate) fn bucket_of(
 
 impl Routes {
     /// Index compiled rules; `upstream_names` names upstreams by ID.
-    pub(crate) fn new(rules: Vec<CompiledRoute>, upstream_names: Box<[Arc<str>]>) -> Self {
+    pub(crate) fn new(rules: Vec<CompiledRoute>, upstream_names: Arc<[Arc<str>]>) -> Self {
         let index = MatchIndex::build(rules.iter().map(|r| &r.matcher));
+        let rule_names = rules.iter().map(|r| Arc::from(&*r.name)).collect();
         Self {
             rules,
             index,
+            rule_names,
             upstream_names,
         }
     }
@@ -250,7 +258,9 @@ impl Routes {
         Some(RouteDecision {
             rule,
             rule_id,
+            rule_name: &self.rule_names[rule_id as usize],
             upstream,
+            upstream_name: &self.upstream_names[upstream.0 as usize],
             via,
         })
     }

@@ -28,6 +28,10 @@ pub struct Snapshot {
     /// Interfaces in config order.
     pub interfaces: Vec<CompiledInterface>,
     pub(crate) classifier: Classifier,
+    /// Interface names by [`InterfaceId`], for cheap clones.
+    interface_names: Box<[Arc<str>]>,
+    /// Upstream names by [`UpstreamId`], for cheap clones (shared with the routes).
+    upstream_names: Arc<[Arc<str>]>,
     /// Upstreams sorted by name.
     pub upstreams: Vec<UpstreamSpec>,
     /// Route rules in config order, indexed.
@@ -45,7 +49,12 @@ impl Snapshot {
     /// [`validate::validate`] returns). Never panics, whatever the config.
     pub fn compile(c: &Config) -> Result<Self, Vec<Issue>> {
         let parts = validate::check(c)?;
-        let upstream_names = parts
+        let interface_names = parts
+            .interfaces
+            .iter()
+            .map(|i| Arc::from(&*i.name))
+            .collect();
+        let upstream_names: Arc<[Arc<str>]> = parts
             .upstreams
             .iter()
             .map(|u| Arc::from(&*u.name))
@@ -53,7 +62,9 @@ impl Snapshot {
         Ok(Self {
             interfaces: parts.interfaces,
             classifier: parts.classifier,
-            routes: Routes::new(parts.routes, upstream_names),
+            interface_names,
+            routes: Routes::new(parts.routes, Arc::clone(&upstream_names)),
+            upstream_names,
             upstreams: parts.upstreams,
             governance: Governance::new(
                 parts.limits,
@@ -93,9 +104,14 @@ impl Snapshot {
         self.governance.breaker_for(upstream, route)
     }
 
-    /// The name of an interface.
-    pub fn interface_name(&self, id: InterfaceId) -> &str {
-        &self.interfaces[id.0 as usize].name
+    /// The name of an interface: O(1), and a cheap clone.
+    pub fn interface_name(&self, id: InterfaceId) -> &Arc<str> {
+        &self.interface_names[id.0 as usize]
+    }
+
+    /// The name of an upstream: O(1), and a cheap clone.
+    pub fn upstream_name(&self, id: UpstreamId) -> &Arc<str> {
+        &self.upstream_names[id.0 as usize]
     }
 
     /// The upstream with this name (a scan: for reload time, not the request path).

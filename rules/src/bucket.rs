@@ -14,6 +14,8 @@ use std::net::IpAddr;
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
+use crate::model::{BucketRangeSpec, SplitTarget};
+
 /// Buckets per split: one-in-a-million precision.
 pub const BUCKETS: u32 = 1_000_000;
 /// The XXH3 seed. Changing it reshuffles every user: never do.
@@ -46,8 +48,8 @@ impl BucketRange {
     }
 }
 
-impl From<&crate::model::BucketRangeSpec> for BucketRange {
-    fn from(s: &crate::model::BucketRangeSpec) -> Self {
+impl From<&BucketRangeSpec> for BucketRange {
+    fn from(s: &BucketRangeSpec) -> Self {
         Self {
             from: s.from_ppm,
             to: s.to_ppm,
@@ -111,12 +113,31 @@ pub fn parse_percent(s: &str) -> Result<Weight, String> {
     let int: u64 = int
         .parse()
         .map_err(|_| format!("{s:?} is not a percentage"))?;
-    let frac_ppm: u64 = format!("{frac:0<4}").parse().expect("four digits");
+    let frac_ppm: u64 = format!("{frac:0<4}")
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
     let ppm = int.saturating_mul(10_000).saturating_add(frac_ppm);
     if ppm > u64::from(BUCKETS) {
         return Err(format!("{s:?} is more than 100%"));
     }
     Ok(Weight::Ppm(ppm as u32))
+}
+
+/// A split target's weight, or the field at fault (empty: the target itself) and why.
+pub fn target_weight(t: &SplitTarget) -> Result<Weight, (&'static str, String)> {
+    match (&t.weight, t.weight_ppm) {
+        (Some(_), Some(_)) => Err((
+            "weight_ppm",
+            "give either `weight` or `weight_ppm`, not both".into(),
+        )),
+        (None, None) => Err(("", "missing field `weight` (or `weight_ppm`)".into())),
+        (Some(w), None) => parse_percent(w).map_err(|m| ("weight", m)),
+        (None, Some(p)) if p > BUCKETS => Err((
+            "weight_ppm",
+            format!("{p} is out of range; allowed 0..={BUCKETS}"),
+        )),
+        (None, Some(p)) => Ok(Weight::Ppm(p)),
+    }
 }
 
 /// Turn weights into contiguous ranges in order: the upper edge (exclusive) of each target.
@@ -135,7 +156,7 @@ pub fn edges(weights: &[Weight]) -> Vec<u32> {
         .map(|w| {
             edge += match w {
                 Weight::Ppm(p) => *p,
-                Weight::Rest => BUCKETS - fixed,
+                Weight::Rest => BUCKETS.saturating_sub(fixed),
             };
             edge
         })

@@ -8,9 +8,9 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, Method, header};
+use http::{HeaderMap, HeaderName, Method, header};
 
-use crate::snapshot::{CompiledExtractor, InterfaceId, Snapshot};
+use crate::ids::InterfaceId;
 
 /// The classified identity of one request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -36,11 +36,45 @@ pub struct RequestParts<'a> {
     pub headers: &'a HeaderMap,
 }
 
-// === impl Snapshot (classification) ===
+/// An interface, compiled.
+#[derive(Debug)]
+pub struct CompiledInterface {
+    /// Its name.
+    pub name: Box<str>,
+    /// Its method; `None` for `*`.
+    pub method: Option<Method>,
+    /// Its path template.
+    pub path: Box<str>,
+}
 
-impl Snapshot {
+/// The interfaces declared on one path template: exact methods first, then `*`.
+pub(crate) type MethodTable = Vec<(Option<Method>, InterfaceId)>;
+
+/// What classification needs: the interfaces' path router and the identity extractors.
+#[derive(Debug)]
+pub(crate) struct Classifier {
+    /// Path template → the interfaces declared on it.
+    pub(crate) router: matchit::Router<MethodTable>,
+    /// Where the app ID is read.
+    pub(crate) app: CompiledExtractor,
+    /// Where the user ID is read.
+    pub(crate) user: CompiledExtractor,
+}
+
+/// An identity extractor, compiled.
+#[derive(Debug)]
+pub(crate) enum CompiledExtractor {
+    Header(HeaderName),
+    Query(Box<str>),
+    Cookie(Box<str>),
+    PathParam(Box<str>),
+}
+
+// === impl Classifier ===
+
+impl Classifier {
     /// Classify a request.
-    pub fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
+    pub(crate) fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
         let mut out = Classified::default();
         let mut params: Option<matchit::Params<'_, 'a>> = None;
         if let Ok(m) = self.router.at(req.path) {
@@ -53,14 +87,9 @@ impl Snapshot {
                 params = Some(m.params);
             }
         }
-        out.app = extract(&self.identity.app, &req, params.as_ref());
-        out.user = extract(&self.identity.user, &req, params.as_ref());
+        out.app = extract(&self.app, &req, params.as_ref());
+        out.user = extract(&self.user, &req, params.as_ref());
         out
-    }
-
-    /// The name of an interface.
-    pub fn interface_name(&self, id: InterfaceId) -> &str {
-        &self.interfaces[id.0 as usize].name
     }
 }
 

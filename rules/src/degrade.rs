@@ -6,18 +6,17 @@
 //! *state* (windows, open/half-open) is the proxy's; this module only says which breaker
 //! guards a request and with what thresholds.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode, header};
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bucket::{BUCKETS, Weight, parse_percent};
+use crate::ids::UpstreamId;
 use crate::matcher::CompiledMatch;
-use crate::model::{Breaker, Fallback, LocalResponse};
+use crate::model::Fallback;
 use crate::route::{BucketKey, CompiledNoUserKey, RouteInput, bucket_of};
-use crate::snapshot::{Snapshot, UpstreamId};
 
 /// A response the gateway makes itself, ready to send.
 #[derive(Debug, Clone)]
@@ -43,7 +42,7 @@ pub struct CompiledFallback {
     pub salt: Box<str>,
     /// The answer.
     pub response: CompiledResponse,
-    no_user_key: CompiledNoUserKey,
+    pub(crate) no_user_key: CompiledNoUserKey,
 }
 
 /// A fallback that applies to a request.
@@ -51,6 +50,8 @@ pub struct CompiledFallback {
 pub struct FallbackDecision<'s> {
     /// Index in the snapshot's fallbacks.
     pub rule_id: u32,
+    /// The rule's name (precomputed: clone it for logs and metrics).
+    pub rule_name: &'s Arc<str>,
     /// The rule.
     pub rule: &'s CompiledFallback,
     /// The request's bucket and what it was computed from; `None` when the rule applies to
@@ -100,29 +101,24 @@ pub enum WhenOpen {
 // === impl CompiledResponse ===
 
 impl CompiledResponse {
-    /// Compile a validated response; `default_body` is used when it has none.
-    pub(crate) fn compile(r: &LocalResponse, default_body: serde_json::Value) -> Self {
-        let mut headers: Vec<(HeaderName, HeaderValue)> = r
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    HeaderName::from_bytes(k.as_bytes()).expect("validated"),
-                    HeaderValue::from_str(v).expect("validated"),
-                )
-            })
-            .collect();
+    /// A response from its parsed parts; `content-type: application/json` is added unless
+    /// `headers` has a content type.
+    pub(crate) fn new(
+        status: StatusCode,
+        mut headers: Vec<(HeaderName, HeaderValue)>,
+        body: &serde_json::Value,
+    ) -> Self {
         if !headers.iter().any(|(k, _)| k == header::CONTENT_TYPE) {
             headers.push((
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ));
         }
-        let body = r.body.as_ref().unwrap_or(&default_body);
         Self {
-            status: StatusCode::from_u16(r.status).expect("validated"),
+            status,
             headers,
-            body: Bytes::from(serde_json::to_vec(body).expect("JSON serializes")),
+            // A JSON value's Display is its compact serialization, and cannot fail.
+            body: Bytes::from(body.to_string()),
         }
     }
 }
@@ -130,19 +126,9 @@ impl CompiledResponse {
 // === impl CompiledFallback ===
 
 impl CompiledFallback {
-    pub(crate) fn compile(f: &Fallback, iface_ids: &HashMap<&str, u32>) -> Self {
-        let salt = f.salt.as_deref().unwrap_or(&f.name);
-        Self {
-            name: f.name.as_str().into(),
-            matcher: CompiledMatch::compile(&f.matcher, salt, iface_ids),
-            fraction_ppm: fraction_ppm(f).expect("validated"),
-            salt: salt.into(),
-            response: CompiledResponse::compile(
-                &f.response,
-                serde_json::json!({ "error": "degraded", "rule": f.name }),
-            ),
-            no_user_key: CompiledNoUserKey::compile(&f.no_user_key),
-        }
+    /// The request's bucket under this rule's salt, and what it was computed from.
+    pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
+        bucket_of(&self.salt, &self.no_user_key, r)
     }
 }
 
@@ -162,87 +148,5 @@ pub(crate) fn ratio_ppm(s: &str) -> Result<u32, String> {
     match parse_percent(s)? {
         Weight::Ppm(p) => Ok(p),
         Weight::Rest => Err(format!("{s:?}: a ratio is a percentage, not \"rest\"")),
-    }
-}
-
-// === impl CompiledBreaker ===
-
-impl CompiledBreaker {
-    pub(crate) fn compile(
-        b: &Breaker,
-        upstream_ids: &HashMap<&str, u32>,
-        route_ids: &HashMap<&str, u32>,
-    ) -> Self {
-        let when_open = match (&b.alternate_upstream, &b.response) {
-            (Some(alt), _) => WhenOpen::Alternate(UpstreamId(upstream_ids[alt.as_str()])),
-            (None, r) => WhenOpen::Respond(CompiledResponse::compile(
-                r.as_ref().unwrap_or(&LocalResponse {
-                    status: 503,
-                    headers: Default::default(),
-                    body: None,
-                }),
-                serde_json::json!({ "error": "circuit_open", "breaker": b.name }),
-            )),
-        };
-        Self {
-            name: b.name.as_str().into(),
-            upstream: UpstreamId(upstream_ids[b.upstream.as_str()]),
-            route: b.route.as_ref().map(|r| route_ids[r.as_str()]),
-            window: Duration::from_millis(b.window_ms),
-            min_calls: b.min_calls,
-            error_ratio_ppm: ratio_ppm(&b.error_ratio).expect("validated"),
-            slow_call: b.slow_call_ms.map(Duration::from_millis),
-            slow_ratio_ppm: b
-                .slow_ratio
-                .as_deref()
-                .map_or(BUCKETS, |s| ratio_ppm(s).expect("validated")),
-            open_for: Duration::from_millis(b.open_ms),
-            half_open_probes: b.half_open_probes,
-            when_open,
-            fingerprint: xxh3_64(&serde_json::to_vec(b).expect("a config value serializes")),
-        }
-    }
-}
-
-// === impl Snapshot (degradation) ===
-
-impl Snapshot {
-    /// The fallback that answers this request, if any: the most specific matching fallback
-    /// rule, when the request's user falls in its fraction.
-    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
-        let g = &self.governance;
-        if g.fallbacks.is_empty() {
-            return None;
-        }
-        let rule_id = g
-            .fallback_index
-            .best(&r.m, |i| &g.fallbacks[i as usize].matcher)?;
-        let rule = &g.fallbacks[rule_id as usize];
-        if rule.fraction_ppm >= BUCKETS {
-            return Some(FallbackDecision {
-                rule_id,
-                rule,
-                bucket: None,
-            });
-        }
-        let (b, key) = bucket_of(&rule.salt, &rule.no_user_key, r);
-        (b < rule.fraction_ppm).then_some(FallbackDecision {
-            rule_id,
-            rule,
-            bucket: Some((b, key)),
-        })
-    }
-
-    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
-    /// else one for the whole upstream.
-    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
-        let by = &self.governance.breaker_by;
-        if by.is_empty() {
-            return None;
-        }
-        route
-            .and_then(|r| by.get(&(upstream.0, Some(r))))
-            .or_else(|| by.get(&(upstream.0, None)))
-            .copied()
     }
 }

@@ -7,7 +7,7 @@
 use std::fmt;
 
 /// One segment of a [`JsonPath`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Seg {
     /// An object member.
     Key(String),
@@ -16,7 +16,7 @@ pub enum Seg {
 }
 
 /// A path into the config document, shown as `routes[3].match.apps[0]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct JsonPath(pub Vec<Seg>);
 
 /// A problem with a config file, located.

@@ -103,7 +103,8 @@ impl Snapshot {
         };
         let decision = self.route(&input);
         let mut ids: Vec<u32> = self
-            .route_index
+            .routes
+            .index()
             .candidates(app, c.interface)
             .into_iter()
             .flatten()
@@ -178,7 +179,7 @@ impl Snapshot {
         Explanation {
             classification: Classification {
                 app: app.map(str::to_owned),
-                interface: c.interface.map(|i| self.interface_name(i).to_owned()),
+                interface: c.interface.map(|i| self.interface_name(i).to_string()),
                 user: user.map(str::to_owned),
             },
             considered,

@@ -1,13 +1,15 @@
 //! The governance rules in force, compiled as one unit: limits and fallbacks after applying
-//! the active plans (see [`crate::plan`]), and circuit breakers.
+//! the active plans, and circuit breakers; and the lookups the request path makes in them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use crate::degrade::{CompiledBreaker, CompiledFallback};
+use crate::bucket::BUCKETS;
+use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
+use crate::ids::UpstreamId;
 use crate::limit::CompiledLimit;
-use crate::matcher::MatchIndex;
-use crate::model::Config;
-use crate::plan;
+use crate::matcher::{MatchIndex, MatchInput};
+use crate::route::RouteInput;
 
 /// Limits, fallbacks and breakers, compiled.
 #[derive(Debug, Default)]
@@ -24,57 +26,104 @@ pub struct Governance {
     pub(crate) breaker_by: HashMap<(u32, Option<u32>), u32>,
     /// The plans in force, in order.
     pub active_plans: Vec<Box<str>>,
+    /// Names of the limits, fallbacks and breakers by index, for cheap clones.
+    limit_names: Box<[Arc<str>]>,
+    fallback_names: Box<[Arc<str>]>,
+    breaker_names: Box<[Arc<str>]>,
 }
 
 // === impl Governance ===
 
 impl Governance {
-    /// Compile the governance half of a validated config.
-    pub(crate) fn compile(
-        c: &Config,
-        iface_ids: &HashMap<&str, u32>,
-        upstream_ids: &HashMap<&str, u32>,
+    /// Index compiled rules: the limits and fallbacks in force, the breakers in config
+    /// order, and the names of the active plans.
+    pub(crate) fn new(
+        limits: Vec<CompiledLimit>,
+        fallbacks: Vec<CompiledFallback>,
+        breakers: Vec<CompiledBreaker>,
+        active_plans: Vec<Box<str>>,
     ) -> Self {
-        let active = plan::active(c);
-        let eff = plan::effective(c, &active);
-        let limits: Vec<CompiledLimit> = eff
-            .limits
-            .iter()
-            .map(|l| CompiledLimit::compile(l.rule, iface_ids))
-            .collect();
-        let limit_index = MatchIndex::build(eff.limits.iter().map(|l| &l.rule.matcher), iface_ids);
-        let fallbacks: Vec<CompiledFallback> = eff
-            .fallbacks
-            .iter()
-            .map(|f| CompiledFallback::compile(f.rule, iface_ids))
-            .collect();
-        let fallback_index =
-            MatchIndex::build(eff.fallbacks.iter().map(|f| &f.rule.matcher), iface_ids);
-        let route_ids: HashMap<&str, u32> = c
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), i as u32))
-            .collect();
-        let breakers: Vec<CompiledBreaker> = c
-            .breakers
-            .iter()
-            .map(|b| CompiledBreaker::compile(b, upstream_ids, &route_ids))
-            .collect();
+        let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher));
+        let fallback_index = MatchIndex::build(fallbacks.iter().map(|f| &f.matcher));
         let breaker_by = breakers
             .iter()
             .enumerate()
             .map(|(i, b)| ((b.upstream.0, b.route), i as u32))
             .collect();
         Self {
+            limit_names: limits.iter().map(|l| Arc::from(&*l.name)).collect(),
+            fallback_names: fallbacks.iter().map(|f| Arc::from(&*f.name)).collect(),
+            breaker_names: breakers.iter().map(|b| Arc::from(&*b.name)).collect(),
             limits,
             limit_index,
             fallbacks,
             fallback_index,
             breakers,
             breaker_by,
-            active_plans: active.iter().map(|&s| s.into()).collect(),
+            active_plans,
         }
+    }
+
+    /// The name of limit `id` (an index of [`Governance::limits`]): O(1), a cheap clone.
+    pub fn limit_name(&self, id: u32) -> &Arc<str> {
+        &self.limit_names[id as usize]
+    }
+
+    /// The name of fallback `id` (an index of [`Governance::fallbacks`]).
+    pub fn fallback_name(&self, id: u32) -> &Arc<str> {
+        &self.fallback_names[id as usize]
+    }
+
+    /// The name of breaker `id` (an index of [`Governance::breakers`]).
+    pub fn breaker_name(&self, id: u32) -> &Arc<str> {
+        &self.breaker_names[id as usize]
+    }
+
+    /// The limit rules that apply to a request, in check order (config order), written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating).
+    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
+        self.limit_index
+            .all(m, |i| &self.limits[i as usize].matcher, out);
+    }
+
+    /// The fallback that answers this request, if any: the most specific matching fallback
+    /// rule, when the request's user falls in its fraction.
+    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        if self.fallbacks.is_empty() {
+            return None;
+        }
+        let rule_id = self
+            .fallback_index
+            .best(&r.m, |i| &self.fallbacks[i as usize].matcher)?;
+        let rule = &self.fallbacks[rule_id as usize];
+        if rule.fraction_ppm >= BUCKETS {
+            return Some(FallbackDecision {
+                rule_id,
+                rule_name: &self.fallback_names[rule_id as usize],
+                rule,
+                bucket: None,
+            });
+        }
+        let (b, key) = rule.bucket_of(r);
+        (b < rule.fraction_ppm).then_some(FallbackDecision {
+            rule_id,
+            rule_name: &self.fallback_names[rule_id as usize],
+            rule,
+            bucket: Some((b, key)),
+        })
+    }
+
+    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
+    /// else one for the whole upstream.
+    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
+        let by = &self.breaker_by;
+        if by.is_empty() {
+            return None;
+        }
+        route
+            .and_then(|r| by.get(&(upstream.0, Some(r))))
+            .or_else(|| by.get(&(upstream.0, None)))
+            .copied()
     }
 }
 

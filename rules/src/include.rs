@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, ConfigErrors, JsonPath, Seg};
 use crate::model::{Breaker, Config, Fallback, Interface, Limit, Plan, Route, Upstream};
-use crate::{Loaded, Snapshot, source, validate};
+use crate::snapshot::Snapshot;
+use crate::{Loaded, source};
 
 /// One file's name (as errors should show it) and bytes.
 #[derive(Debug, Clone, Copy)]
@@ -154,9 +155,9 @@ fn merge(
         return Err(ConfigErrors(errors));
     }
 
-    let issues = validate::validate(&config);
-    if !issues.is_empty() {
-        return Err(ConfigErrors(
+    match Snapshot::compile(&config) {
+        Ok(snapshot) => Ok(Loaded { config, snapshot }),
+        Err(issues) => Err(ConfigErrors(
             issues
                 .into_iter()
                 .map(|i| {
@@ -164,10 +165,8 @@ fn merge(
                     located(&files[file], path, i.message)
                 })
                 .collect(),
-        ));
+        )),
     }
-    let snapshot = Snapshot::compile(&config);
-    Ok(Loaded { config, snapshot })
 }
 
 fn located(file: &Source<'_>, path: JsonPath, message: String) -> ConfigError {

@@ -4,24 +4,35 @@
 //! `tidegate explain` run exactly the code the gateway runs.
 //!
 //! # Layout
+//!
+//! Modules are listed bottom up: each uses only modules above it in this list, never one
+//! below, so there is no import circle.
+//!
+//! - [`error`]: located errors (`file:line:col path: message`).
+//! - [`ids`]: [`InterfaceId`] and [`UpstreamId`], the indices compiled rules refer by.
 //! - [`model`]: the config file's serde types (what operators write), with defaults and units.
+//! - [`bucket`]: the stable user-bucket hash and weight parsing.
 //! - [`source`]: bytes → [`model::Config`]: size, encoding, syntax, types, duplicate keys,
 //!   and positions for errors.
-//! - [`validate`]: ranges, formats, references and ambiguity; reports every problem at once.
-//! - [`snapshot`]: the compiled, indexed rules the request path reads.
+//! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
+//! - [`classify`]: interface, app and user of a request: the interfaces' router and the
+//!   identity extractors.
+//! - [`upstream`]: upstreams as the proxy needs them to connect.
 //! - [`matcher`]: rule conditions and the (app, interface) index shared by all rule kinds.
-//! - [`route`]: routing: direct, weighted splits, whitelists, override header.
-//! - [`bucket`]: the stable user-bucket hash and weight parsing.
-//! - [`govern`]: limits, fallbacks and breakers in force, compiled as one unit.
-//! - [`limit`]: rate limits: which apply, which quota, the hashed key (counting is the proxy's).
+//! - [`route`]: route rules and routing: direct, weighted splits, whitelists, override header.
+//! - [`limit`]: rate limits: which quota, the hashed key (counting is the proxy's).
 //! - [`degrade`]: fallback rules and circuit breaker definitions, with canned answers.
+//! - [`govern`]: limits, fallbacks and breakers in force, compiled as one unit, and their
+//!   lookups: which limits apply, which fallback answers, which breaker guards.
 //! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
 //!   adaptive concurrency limit, as pure controllers.
-//! - `plan` (internal): emergency plans: the rules in force once the active plans are applied.
-//! - [`include`]: a main file plus an included rules directory, merged into one config.
+//! - [`validate`]: ranges, formats, references and ambiguity, reporting every problem at
+//!   once; builds the compiled parts above from the values it parsed, so compiling a valid
+//!   config cannot fail.
+//! - [`snapshot`]: the compiled rules the request path reads, composed of the parts above;
+//!   its methods delegate to them.
 //! - [`explain`]: a routing decision with every rule considered and why.
-//! - [`classify`]: interface, app and user of a request.
-//! - [`error`]: located errors (`file:line:col path: message`).
+//! - [`include`]: a main file plus an included rules directory, merged into one config.
 //!
 //! The entry point is [`load`]: parse → validate → compile, returning either a [`Loaded`]
 //! config or every error, located.
@@ -34,6 +45,7 @@ pub mod explain;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod govern;
+pub mod ids;
 pub mod include;
 pub mod limit;
 pub mod matcher;
@@ -43,17 +55,16 @@ pub(crate) mod plan;
 pub mod route;
 pub mod snapshot;
 pub mod source;
+pub mod upstream;
 pub mod validate;
 
 pub use classify::{Classified, RequestParts};
 pub use error::{ConfigError, ConfigErrors, JsonPath};
+pub use ids::{InterfaceId, UpstreamId};
 pub use matcher::MatchInput;
-pub use model::Config;
+pub use model::{Config, DEFAULT_EMBEDDED_DATA_DIR};
 pub use route::{RouteDecision, RouteInput, Via};
-pub use snapshot::{InterfaceId, Snapshot, UpstreamId};
-
-/// Data directory of an `embedded` upstream that does not name one.
-pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "data/grab";
+pub use snapshot::Snapshot;
 
 /// A config that parsed, validated and compiled.
 #[derive(Debug)]
@@ -65,16 +76,17 @@ pub struct Loaded {
 }
 
 /// Parse, validate and compile a config file's bytes. `file` names the file in errors.
+/// Never panics, whatever the bytes.
 pub fn load(file: &str, bytes: &[u8]) -> Result<Loaded, ConfigErrors> {
     let config = source::parse(file, bytes)?;
-    let issues = validate::validate(&config);
-    if !issues.is_empty() {
-        // parse() succeeded, so the bytes are UTF-8.
-        let text = std::str::from_utf8(bytes).unwrap_or_default();
-        return Err(locate_all(file, text, issues));
+    match Snapshot::compile(&config) {
+        Ok(snapshot) => Ok(Loaded { config, snapshot }),
+        Err(issues) => {
+            // parse() succeeded, so the bytes are UTF-8.
+            let text = std::str::from_utf8(bytes).unwrap_or_default();
+            Err(locate_all(file, text, issues))
+        }
     }
-    let snapshot = Snapshot::compile(&config);
-    Ok(Loaded { config, snapshot })
 }
 
 /// Attach file positions to validation issues.

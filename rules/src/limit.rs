@@ -14,10 +14,10 @@ use std::time::Duration;
 use http::HeaderName;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
+use crate::ids::{InterfaceId, InterfaceNames};
 use crate::matcher::{CompiledMatch, MatchInput};
-use crate::model::{KeyPart, Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
+use crate::model::{Limit, LimitMode, LimitScope, OnStoreError, WhenMissing};
 use crate::route::RouteInput;
-use crate::snapshot::{InterfaceId, Snapshot};
 
 /// Largest count in a rate.
 pub const MAX_RATE_COUNT: u32 = 1_000_000_000;
@@ -70,8 +70,16 @@ pub struct CompiledLimit {
     exc_interfaces: Vec<(InterfaceId, u16)>,
 }
 
+/// Who an exception of a limit is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Exception<'a> {
+    User(&'a str),
+    App(&'a str),
+    Interface(InterfaceId),
+}
+
 #[derive(Debug)]
-enum CompiledKeyPart {
+pub(crate) enum CompiledKeyPart {
     App,
     Interface,
     User,
@@ -147,9 +155,15 @@ impl Rate {
 // === impl CompiledLimit ===
 
 impl CompiledLimit {
-    /// Compile a validated limit rule.
-    pub(crate) fn compile(l: &Limit, iface_ids: &HashMap<&str, u32>) -> Self {
-        let rate = parse_rate(&l.rate).expect("validated");
+    /// Assemble a limit rule from its typed parts: the base `rate`, and one quota per
+    /// exception, in the order given.
+    pub(crate) fn new(
+        l: &Limit,
+        matcher: CompiledMatch,
+        rate: Rate,
+        exceptions: Vec<(Exception<'_>, &str, Rate)>,
+        key: Vec<CompiledKeyPart>,
+    ) -> Self {
         let mut quotas = vec![LimitQuota {
             rate,
             burst: l.burst.unwrap_or(rate.count),
@@ -158,48 +172,32 @@ impl CompiledLimit {
         let mut exc_users = HashMap::new();
         let mut exc_apps = HashMap::new();
         let mut exc_interfaces = Vec::new();
-        for (k, v) in &l.exceptions {
-            let (dim, value) = k.split_once(':').expect("validated");
-            let rate = parse_rate(v).expect("validated");
+        for (on, label, rate) in exceptions {
             let slot = quotas.len() as u16;
             quotas.push(LimitQuota {
                 rate,
                 burst: rate.count,
-                label: k.as_str().into(),
+                label: label.into(),
             });
-            match dim {
-                "user" => {
-                    exc_users.insert(value.into(), slot);
+            match on {
+                Exception::User(u) => {
+                    exc_users.insert(u.into(), slot);
                 }
-                "app" => {
-                    exc_apps.insert(value.into(), slot);
+                Exception::App(a) => {
+                    exc_apps.insert(a.into(), slot);
                 }
-                "interface" => exc_interfaces.push((InterfaceId(iface_ids[value]), slot)),
-                _ => unreachable!("validated exception dimension"),
+                Exception::Interface(i) => exc_interfaces.push((i, slot)),
             }
         }
-        let fingerprint =
-            xxh3_64(&serde_json::to_vec(l).expect("a config value serializes to JSON"));
         Self {
             name: l.name.as_str().into(),
-            matcher: CompiledMatch::compile(&l.matcher, &l.name, iface_ids),
+            matcher,
             mode: l.mode,
             scope: l.scope,
             on_store_error: l.on_store_error,
             quotas,
-            fingerprint,
-            key: l
-                .key
-                .iter()
-                .map(|p| match p {
-                    KeyPart::App => CompiledKeyPart::App,
-                    KeyPart::Interface => CompiledKeyPart::Interface,
-                    KeyPart::User => CompiledKeyPart::User,
-                    KeyPart::Header(h) => CompiledKeyPart::Header(
-                        HeaderName::from_bytes(h.as_bytes()).expect("validated"),
-                    ),
-                })
-                .collect(),
+            fingerprint: fingerprint(l),
+            key,
             when_missing: l.when_missing,
             exc_users,
             exc_apps,
@@ -242,16 +240,20 @@ impl CompiledLimit {
     }
 
     /// What a request this rule matched is counted as, or `None` when part of the key is
-    /// missing and the rule says `skip`. `snap` names interfaces (keys hash the name, not the
-    /// ID, so they survive a reload that reorders interfaces).
-    pub fn key_of(&self, snap: &Snapshot, r: &RouteInput<'_>) -> Option<LimitKey> {
+    /// missing and the rule says `skip`. `names` names interfaces (keys hash the name, not the
+    /// ID, so they survive a reload that reorders interfaces); pass the snapshot.
+    pub fn key_of(
+        &self,
+        names: &(impl InterfaceNames + ?Sized),
+        r: &RouteInput<'_>,
+    ) -> Option<LimitKey> {
         let mut h = KeyHasher::new();
         for part in &self.key {
             let value: Option<&[u8]> = match part {
                 CompiledKeyPart::App => r.m.app.map(str::as_bytes),
                 CompiledKeyPart::User => r.m.user.map(str::as_bytes),
                 CompiledKeyPart::Interface => {
-                    r.m.interface.map(|i| snap.interface_name(i).as_bytes())
+                    r.m.interface.map(|i| names.interface_name(i).as_bytes())
                 }
                 CompiledKeyPart::Header(name) => {
                     r.m.headers
@@ -284,6 +286,12 @@ impl CompiledLimit {
             hash: h.finish(),
         })
     }
+}
+
+/// A hash of a rule's whole definition, as JSON. (A config value always serializes; one
+/// that did not would get 0.)
+pub(crate) fn fingerprint(rule: &impl serde::Serialize) -> u64 {
+    serde_json::to_vec(rule).map_or(0, |json| xxh3_64(&json))
 }
 
 fn ipv6_octets(ip: IpAddr) -> [u8; 16] {
@@ -330,17 +338,6 @@ impl KeyHasher {
             Some(s) => s.digest(),
             None => xxh3_64(&self.buf[..self.len]),
         }
-    }
-}
-
-// === impl Snapshot (limits) ===
-
-impl Snapshot {
-    /// The limit rules that apply to a request, in check order (config order), written into
-    /// `out` (cleared first; reuse it across requests to avoid allocating).
-    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
-        let g = &self.governance;
-        g.limit_index.all(m, |i| &g.limits[i as usize].matcher, out);
     }
 }
 

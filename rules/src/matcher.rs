@@ -10,9 +10,8 @@ use std::collections::{HashMap, HashSet};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::bucket::{BucketRange, bucket};
+use crate::ids::InterfaceId;
 use crate::model::Match;
-use crate::snapshot::InterfaceId;
-use crate::validate::specificity;
 
 /// What matching reads of a request.
 #[derive(Debug, Clone, Copy)]
@@ -75,20 +74,22 @@ struct IfaceTable {
 // === impl CompiledMatch ===
 
 impl CompiledMatch {
-    /// Compile a validated matcher. `salt` is the rule's bucket salt (used by `user_buckets`);
-    /// `iface_ids` maps interface names to IDs.
-    pub fn compile(m: &Match, salt: &str, iface_ids: &HashMap<&str, u32>) -> Self {
+    /// Assemble a rule's conditions from its typed parts: `interfaces` and `headers` are
+    /// the matcher's, resolved and parsed; `salt` is the rule's bucket salt (used by
+    /// `user_buckets`).
+    pub(crate) fn new(
+        m: &Match,
+        salt: &str,
+        interfaces: Option<Vec<InterfaceId>>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Self {
         Self {
-            specificity: specificity(m),
+            specificity: m.specificity(),
             apps: m
                 .apps
                 .as_ref()
                 .map(|a| a.iter().map(|s| s.as_str().into()).collect()),
-            interfaces: m.interfaces.as_ref().map(|l| {
-                l.iter()
-                    .map(|n| InterfaceId(iface_ids[n.as_str()]))
-                    .collect()
-            }),
+            interfaces,
             users: m
                 .users
                 .as_ref()
@@ -97,17 +98,7 @@ impl CompiledMatch {
                 .user_buckets
                 .as_ref()
                 .map(|r| (salt.into(), BucketRange::from(r))),
-            headers: m
-                .headers
-                .iter()
-                .flatten()
-                .map(|(k, v)| {
-                    (
-                        HeaderName::from_bytes(k.as_bytes()).expect("validated"),
-                        HeaderValue::from_str(v).expect("validated"),
-                    )
-                })
-                .collect(),
+            headers,
         }
     }
 
@@ -168,24 +159,20 @@ impl CompiledMatch {
 // === impl MatchIndex ===
 
 impl MatchIndex {
-    /// Index rules; `rules` yields each rule's matcher (app and interface lists) in rule-ID
-    /// order, and `specificity` gives each rule's precedence for sorting.
-    pub fn build<'a>(
-        rules: impl Iterator<Item = &'a Match>,
-        iface_ids: &HashMap<&str, u32>,
-    ) -> Self {
+    /// Index rules; `rules` yields each rule's matcher in rule-ID order.
+    pub fn build<'a>(rules: impl Iterator<Item = &'a CompiledMatch>) -> Self {
         let mut index = Self::default();
         let mut spec = Vec::new();
         for (ri, m) in rules.enumerate() {
-            spec.push(specificity(m));
+            spec.push(m.specificity);
             let ri = ri as u32;
             match &m.apps {
-                None => push_rule(&mut index.any_app, m.interfaces.as_deref(), iface_ids, ri),
+                None => push_rule(&mut index.any_app, m.interfaces.as_deref(), ri),
                 Some(apps) => {
-                    let uniq: HashSet<&str> = apps.iter().map(String::as_str).collect();
+                    let uniq: HashSet<&str> = apps.iter().map(|a| &**a).collect();
                     for a in uniq {
                         let t = index.by_app.entry(a.into()).or_default();
-                        push_rule(t, m.interfaces.as_deref(), iface_ids, ri);
+                        push_rule(t, m.interfaces.as_deref(), ri);
                     }
                 }
             }
@@ -267,12 +254,12 @@ impl MatchIndex {
     }
 }
 
-fn push_rule(t: &mut IfaceTable, ifaces: Option<&[String]>, ids: &HashMap<&str, u32>, rule: u32) {
+fn push_rule(t: &mut IfaceTable, ifaces: Option<&[InterfaceId]>, rule: u32) {
     match ifaces {
         None => t.any_iface.push(rule),
         Some(list) => {
-            for name in list {
-                t.by_iface.entry(ids[name.as_str()]).or_default().push(rule);
+            for id in list {
+                t.by_iface.entry(id.0).or_default().push(rule);
             }
         }
     }

@@ -1,9 +1,9 @@
 //! The config file as written by operators: plain serde types, one per JSON object.
 //!
 //! Every struct rejects unknown fields (a typo must fail the load, not silently switch a rule
-//! off) and documents its unit and default. Nothing here is trusted yet: [`crate::validate`]
-//! checks ranges and references and reports every problem at once, and [`crate::compile`]
-//! turns a valid config into the indexed [`crate::Snapshot`] the request path reads.
+//! off) and documents its unit and default. Nothing here is trusted yet: `validate`
+//! checks ranges and references, reports every problem at once, and turns a valid config into
+//! the typed parts of the indexed snapshot the request path reads.
 //!
 //! The file has two halves. `server` is *bootstrap*: listeners, TLS files, the admin address
 //! and connection limits, read once at start-up (a change needs a restart). Everything else
@@ -16,16 +16,21 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod govern;
+mod matching;
 mod overload;
 
 pub use govern::{
     Breaker, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse, OnStoreError, Plan,
     WhenMissing,
 };
+pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Data directory of an `embedded` upstream that does not name one.
+pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "data/grab";
 
 /// A whole Tidegate config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -402,52 +407,13 @@ pub struct Pin {
     pub apps: Vec<String>,
 }
 
-/// What a request with no user ID is bucketed by.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum NoUserKey {
-    /// The client's IP address.
-    #[default]
-    ClientIp,
-    /// A random draw per request.
-    Random,
-    /// A request header (the client IP when it is absent).
-    Header(String),
-}
+// === impl Route ===
 
-/// A range of user buckets, `[from_ppm, to_ppm)` out of 1,000,000, under the rule's salt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BucketRangeSpec {
-    /// First bucket in the range (0..=1000000).
-    pub from_ppm: u32,
-    /// First bucket after the range (from_ppm..=1000000).
-    pub to_ppm: u32,
-}
-
-/// Conditions of a rule; all given conditions must hold. Precedence when several rules
-/// match: a rule constraining `users` beats one that does not, then `headers`, then
-/// `interfaces`, then `apps` (compared as a whole, most significant first). Two rules with
-/// the same constrained dimensions that can match the same request are a validation error.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Match {
-    /// App IDs (any of). Absent: any app, including none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub apps: Option<Vec<String>>,
-    /// Interface names (any of), from `interfaces`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interfaces: Option<Vec<String>>,
-    /// User IDs (any of).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub users: Option<Vec<String>>,
-    /// Users whose bucket (under the rule's salt) falls in this range. Counts as a `users`
-    /// condition for precedence.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_buckets: Option<BucketRangeSpec>,
-    /// Header values that must all be present, exactly (name → value).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<BTreeMap<String, String>>,
+impl Route {
+    /// The salt of its user buckets: `salt`, or its name.
+    pub fn bucket_salt(&self) -> &str {
+        self.salt.as_deref().unwrap_or(&self.name)
+    }
 }
 
 // === defaults ===

@@ -18,11 +18,12 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::bucket::{BUCKETS, bucket, bucket_ip};
+use crate::ids::{InterfaceId, UpstreamId};
 use crate::model::{Config, Priority};
 
 mod adaptive;
 
-pub use adaptive::{Gradient, MIN_CALLS, RttWindow, TOLERANCE};
+pub use adaptive::{AdaptiveSpec, Gradient, MIN_CALLS, RttWindow, TOLERANCE};
 
 /// Business priorities, one rank band each.
 pub const BUSINESS_LEVELS: u32 = 4;
@@ -68,19 +69,6 @@ pub enum UpstreamCap {
     Fixed(u32),
     /// A limit following latency.
     Adaptive(AdaptiveSpec),
-}
-
-/// An adaptive limit's settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdaptiveSpec {
-    /// Lowest limit.
-    pub min: u32,
-    /// Highest limit.
-    pub max: u32,
-    /// Starting limit.
-    pub initial: u32,
-    /// Latency to hold; `None`: 1.5 × the lowest window mean seen.
-    pub target: Option<Duration>,
 }
 
 /// Priority admission settings.
@@ -154,8 +142,8 @@ impl CompiledOverload {
     /// Compile a validated config's `overload` section.
     pub(crate) fn compile(
         c: &Config,
-        iface_ids: &HashMap<&str, u32>,
-        upstream_ids: &HashMap<&str, u32>,
+        iface_ids: &HashMap<&str, InterfaceId>,
+        upstream_ids: &HashMap<&str, UpstreamId>,
     ) -> Self {
         let o = &c.overload;
         let mut interfaces = vec![
@@ -167,7 +155,7 @@ impl CompiledOverload {
         ];
         for (name, i) in &o.interfaces {
             if let Some(&id) = iface_ids.get(name.as_str()) {
-                interfaces[id as usize] = InterfaceSpec {
+                interfaces[id.0 as usize] = InterfaceSpec {
                     priority: i.priority.unwrap_or(o.default_priority),
                     max_in_flight: i.max_in_flight,
                 };
@@ -178,11 +166,12 @@ impl CompiledOverload {
             let Some(&id) = upstream_ids.get(name.as_str()) else {
                 continue;
             };
-            upstreams[id as usize] = match (&u.adaptive, u.max_in_flight) {
+            upstreams[id.0 as usize] = match (&u.adaptive, u.max_in_flight) {
                 (Some(a), _) => Some(UpstreamCap::Adaptive(AdaptiveSpec {
                     min: a.min,
                     max: a.max,
-                    initial: a.initial.unwrap_or(20).clamp(a.min, a.max),
+                    // `max(min).min(max)`, not `clamp`: no panic should min exceed max.
+                    initial: a.initial.unwrap_or(20).max(a.min).min(a.max),
                     target: a.target_latency_ms.map(Duration::from_millis),
                 })),
                 (None, Some(n)) => Some(UpstreamCap::Fixed(n)),

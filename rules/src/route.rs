@@ -9,14 +9,27 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::ops::Deref;
+use std::sync::Arc;
 
 use http::HeaderName;
 
-use crate::bucket::{Weight, bucket, bucket_ip, edges};
-use crate::matcher::{CompiledMatch, MatchInput};
-use crate::model::{NoUserKey, Route};
-use crate::snapshot::{Snapshot, UpstreamId};
-use crate::validate::{rule_salt, target_weight};
+use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges};
+use crate::ids::UpstreamId;
+use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
+
+/// The route rules in force: in config order, indexed by (app, interface), with the upstream
+/// names a split's override header is compared with. Derefs to the rules, so `routes[id]`
+/// is the rule of a [`RouteDecision::rule_id`].
+#[derive(Debug, Default)]
+pub struct Routes {
+    rules: Vec<CompiledRoute>,
+    index: MatchIndex,
+    /// Rule names by rule ID, for cheap clones.
+    rule_names: Box<[Arc<str>]>,
+    /// Upstream names by [`UpstreamId`].
+    upstream_names: Arc<[Arc<str>]>,
+}
 
 /// A route rule, compiled.
 #[derive(Debug)]
@@ -29,10 +42,10 @@ pub struct CompiledRoute {
     pub action: RouteAction,
     /// Salt of its user buckets.
     pub salt: Box<str>,
-    pinned_users: HashMap<Box<str>, UpstreamId>,
-    pinned_apps: HashMap<Box<str>, UpstreamId>,
-    override_header: Option<HeaderName>,
-    no_user_key: CompiledNoUserKey,
+    pub(crate) pinned_users: HashMap<Box<str>, UpstreamId>,
+    pub(crate) pinned_apps: HashMap<Box<str>, UpstreamId>,
+    pub(crate) override_header: Option<HeaderName>,
+    pub(crate) no_user_key: CompiledNoUserKey,
 }
 
 /// What a route rule does with a request.
@@ -80,10 +93,14 @@ pub struct RouteInput<'a> {
 pub struct RouteDecision<'s> {
     /// The rule that decided.
     pub rule: &'s CompiledRoute,
-    /// Index of the rule in [`Snapshot::routes`].
+    /// Index of the rule in [`Routes`].
     pub rule_id: u32,
+    /// The rule's name (precomputed: clone it for logs and metrics).
+    pub rule_name: &'s Arc<str>,
     /// The upstream chosen.
     pub upstream: UpstreamId,
+    /// Its name (precomputed: clone it for logs and metrics, no lookup needed).
+    pub upstream_name: &'s Arc<str>,
     /// How it was chosen.
     pub via: Via,
 }
@@ -131,77 +148,18 @@ impl Eq for CompiledRoute {}
 // === impl CompiledRoute ===
 
 impl CompiledRoute {
-    /// Compile a validated route.
-    pub(crate) fn compile(
-        r: &Route,
-        iface_ids: &HashMap<&str, u32>,
-        upstream_ids: &HashMap<&str, u32>,
-    ) -> Self {
-        let up = |n: &str| UpstreamId(upstream_ids[n]);
-        let salt = rule_salt(r);
-        let action = match (&r.upstream, &r.split) {
-            (Some(u), _) => RouteAction::Upstream(up(u)),
-            (None, Some(targets)) => {
-                let weights: Vec<Weight> = targets
-                    .iter()
-                    .map(|t| target_weight(t).expect("validated"))
-                    .collect();
-                let edges = edges(&weights);
-                let mut prev = 0;
-                RouteAction::Split(
-                    targets
-                        .iter()
-                        .zip(edges)
-                        .map(|(t, edge)| {
-                            let e = SplitEdge {
-                                upstream: up(&t.upstream),
-                                ppm: edge - prev,
-                                edge,
-                            };
-                            prev = edge;
-                            e
-                        })
-                        .collect(),
-                )
-            }
-            (None, None) => unreachable!("validated: upstream or split"),
-        };
-        let mut pinned_users = HashMap::new();
-        let mut pinned_apps = HashMap::new();
-        for pin in &r.whitelist {
-            for u in &pin.users {
-                pinned_users.insert(u.as_str().into(), up(&pin.upstream));
-            }
-            for a in &pin.apps {
-                pinned_apps.insert(a.as_str().into(), up(&pin.upstream));
-            }
-        }
-        Self {
-            name: r.name.as_str().into(),
-            matcher: CompiledMatch::compile(&r.matcher, salt, iface_ids),
-            action,
-            salt: salt.into(),
-            pinned_users,
-            pinned_apps,
-            override_header: r
-                .override_header
-                .as_ref()
-                .map(|h| HeaderName::from_bytes(h.as_bytes()).expect("validated")),
-            no_user_key: CompiledNoUserKey::compile(&r.no_user_key),
-        }
-    }
-
-    /// Choose the upstream for a request this rule matched.
-    pub fn choose(&self, snap: &Snapshot, r: &RouteInput<'_>) -> (UpstreamId, Via) {
+    /// Choose the upstream for a request this rule matched; `upstream_names` names upstreams
+    /// by ID (for the override header).
+    pub fn choose(&self, upstream_names: &[Arc<str>], r: &RouteInput<'_>) -> (UpstreamId, Via) {
         let targets = match &self.action {
             RouteAction::Upstream(u) => return (*u, Via::Direct),
             RouteAction::Split(t) => t,
         };
         if let Some(h) = &self.override_header {
             if let Some(v) = r.m.headers.get(h) {
-                let named = targets.iter().find(|t| {
-                    snap.upstreams[t.upstream.0 as usize].name.as_bytes() == v.as_bytes()
-                });
+                let named = targets
+                    .iter()
+                    .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
                 if let Some(t) = named {
                     return (t.upstream, Via::Override);
                 }
@@ -227,17 +185,29 @@ impl CompiledRoute {
     }
 }
 
-// === impl CompiledNoUserKey ===
+// === impl RouteAction ===
 
-impl CompiledNoUserKey {
-    pub(crate) fn compile(k: &NoUserKey) -> Self {
-        match k {
-            NoUserKey::ClientIp => Self::ClientIp,
-            NoUserKey::Random => Self::Random,
-            NoUserKey::Header(h) => {
-                Self::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated"))
-            }
-        }
+impl RouteAction {
+    /// A split over `targets` with their weights, in order. The weights must sum to 100%
+    /// (validation checks it), at most one being `rest`.
+    pub(crate) fn split(targets: Vec<(UpstreamId, Weight)>) -> Self {
+        let weights: Vec<Weight> = targets.iter().map(|&(_, w)| w).collect();
+        let mut prev = 0;
+        RouteAction::Split(
+            targets
+                .iter()
+                .zip(edges(&weights))
+                .map(|(&(upstream, _), edge)| {
+                    let e = SplitEdge {
+                        upstream,
+                        ppm: edge - prev,
+                        edge,
+                    };
+                    prev = edge;
+                    e
+                })
+                .collect(),
+        )
     }
 }
 
@@ -253,43 +223,59 @@ pub(crate) fn bucket_of(
     }
     let by_ip = |ip: Option<IpAddr>| match ip {
         Some(ip) => (bucket_ip(salt, ip), BucketKey::ClientIp),
-        None => (
-            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-            BucketKey::Random,
-        ),
+        None => ((r.random % u64::from(BUCKETS)) as u32, BucketKey::Random),
     };
     match no_user_key {
         CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
-        CompiledNoUserKey::Random => (
-            (r.random % u64::from(crate::bucket::BUCKETS)) as u32,
-            BucketKey::Random,
-        ),
+        CompiledNoUserKey::Random => ((r.random % u64::from(BUCKETS)) as u32, BucketKey::Random),
         CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
-            Some(v) => (
-                crate::bucket::bucket_bytes(salt, v.as_bytes()),
-                BucketKey::Header,
-            ),
+            Some(v) => (bucket_bytes(salt, v.as_bytes()), BucketKey::Header),
             None => by_ip(r.client_ip),
         },
     }
 }
 
-// === impl Snapshot (routing) ===
+// === impl Routes ===
 
-impl Snapshot {
+impl Routes {
+    /// Index compiled rules; `upstream_names` names upstreams by ID.
+    pub(crate) fn new(rules: Vec<CompiledRoute>, upstream_names: Arc<[Arc<str>]>) -> Self {
+        let index = MatchIndex::build(rules.iter().map(|r| &r.matcher));
+        let rule_names = rules.iter().map(|r| Arc::from(&*r.name)).collect();
+        Self {
+            rules,
+            index,
+            rule_names,
+            upstream_names,
+        }
+    }
+
     /// Route a request: the most specific matching rule, and its choice.
     pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
-        let rule_id = self
-            .route_index
-            .best(&r.m, |i| &self.routes[i as usize].matcher)?;
-        let rule = &self.routes[rule_id as usize];
-        let (upstream, via) = rule.choose(self, r);
+        let rule_id = self.index.best(&r.m, |i| &self.rules[i as usize].matcher)?;
+        let rule = &self.rules[rule_id as usize];
+        let (upstream, via) = rule.choose(&self.upstream_names, r);
         Some(RouteDecision {
             rule,
             rule_id,
+            rule_name: &self.rule_names[rule_id as usize],
             upstream,
+            upstream_name: &self.upstream_names[upstream.0 as usize],
             via,
         })
+    }
+
+    /// The rules indexed by the app and interface they constrain.
+    pub fn index(&self) -> &MatchIndex {
+        &self.index
+    }
+}
+
+impl Deref for Routes {
+    type Target = [CompiledRoute];
+
+    fn deref(&self) -> &[CompiledRoute] {
+        &self.rules
     }
 }
 

@@ -1,196 +1,120 @@
 //! The compiled, indexed form of the rules that the request path reads.
 //!
 //! A [`Snapshot`] is built once per load, off the request path, and never mutated: the proxy
-//! publishes it with one atomic store and each request reads it with one load. Everything a
-//! decision needs is precomputed here: header names as [`HeaderName`], interface templates in
-//! a `matchit` router, and route rules bucketed by (app, interface) so the cost of a decision
-//! does not grow with the number of rules.
+//! publishes it with one atomic store and each request reads it with one load. It composes
+//! the compiled parts, each of which owns its data and its lookups: the interfaces' router
+//! and identity extractors ([`crate::classify`]), the upstreams ([`crate::upstream`]), the
+//! route rules ([`crate::route`]), limits, fallbacks and breakers ([`crate::govern`]) and the
+//! overload section ([`crate::overload`]). Its own methods only delegate to them.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
-use http::{HeaderName, Method};
-
+use crate::classify::{Classified, Classifier, RequestParts};
+use crate::degrade::FallbackDecision;
 use crate::govern::Governance;
-use crate::matcher::MatchIndex;
-use crate::model::{Balance, Config, Extractor, UpstreamKind};
+use crate::ids::{InterfaceId, InterfaceNames, UpstreamId};
+use crate::matcher::MatchInput;
+use crate::model::Config;
 use crate::overload::CompiledOverload;
-use crate::route::CompiledRoute;
+use crate::route::{RouteDecision, RouteInput, Routes};
+use crate::validate::{self, Issue};
 
-/// Index of an interface in [`Snapshot::interfaces`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct InterfaceId(pub u32);
-
-/// Index of an upstream in [`Snapshot::upstreams`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UpstreamId(pub u32);
+pub use crate::classify::CompiledInterface;
+pub use crate::upstream::UpstreamSpec;
 
 /// Compiled rules.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub(crate) identity: CompiledIdentity,
     /// Interfaces in config order.
     pub interfaces: Vec<CompiledInterface>,
-    /// Path template → the interfaces declared on it (one per method, or `*`).
-    pub(crate) router: matchit::Router<Vec<(Option<Method>, InterfaceId)>>,
+    pub(crate) classifier: Classifier,
+    /// Interface names by [`InterfaceId`], for cheap clones.
+    interface_names: Box<[Arc<str>]>,
+    /// Upstream names by [`UpstreamId`], for cheap clones (shared with the routes).
+    upstream_names: Arc<[Arc<str>]>,
     /// Upstreams sorted by name.
     pub upstreams: Vec<UpstreamSpec>,
-    /// Route rules in config order.
-    pub routes: Vec<CompiledRoute>,
-    pub(crate) route_index: MatchIndex,
+    /// Route rules in config order, indexed.
+    pub routes: Routes,
     /// Limits, fallbacks and breakers in force (active plans applied).
     pub governance: Governance,
     /// Overload protection.
     pub overload: CompiledOverload,
 }
 
-/// The interfaces declared on one path template.
-type MethodTable = Vec<(Option<Method>, InterfaceId)>;
-
-/// An interface, compiled.
-#[derive(Debug)]
-pub struct CompiledInterface {
-    /// Its name.
-    pub name: Box<str>,
-    /// Its method; `None` for `*`.
-    pub method: Option<Method>,
-    /// Its path template.
-    pub path: Box<str>,
-}
-
-/// An upstream as the proxy needs it to build connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamSpec {
-    /// Its name.
-    pub name: Box<str>,
-    /// Static endpoints or the embedded backend.
-    pub kind: UpstreamKind,
-    /// `host:port` strings, validated; resolved by the proxy at load time.
-    pub endpoints: Vec<Box<str>>,
-    /// Load-balancing policy.
-    pub balance: Balance,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// Request-to-response-head timeout.
-    pub request_timeout: Duration,
-    /// Longest stall between pieces of a response body.
-    pub read_timeout: Duration,
-    /// Idle pooled connections kept per endpoint.
-    pub pool_max_idle_per_endpoint: usize,
-    /// Data directory of an embedded upstream.
-    pub data_dir: Option<Box<str>>,
-}
-
-#[derive(Debug)]
-pub(crate) struct CompiledIdentity {
-    pub(crate) app: CompiledExtractor,
-    pub(crate) user: CompiledExtractor,
-}
-
-#[derive(Debug)]
-pub(crate) enum CompiledExtractor {
-    Header(HeaderName),
-    Query(Box<str>),
-    Cookie(Box<str>),
-    PathParam(Box<str>),
-}
-
 // === impl Snapshot ===
 
 impl Snapshot {
-    /// Compile a config that [`crate::validate::validate`] accepted.
-    ///
-    /// # Panics
-    /// Only on a config that failed validation (an unknown upstream, say); [`crate::load`]
-    /// never calls it on one.
-    pub fn compile(c: &Config) -> Self {
-        let interfaces: Vec<CompiledInterface> = c
+    /// Validate and compile a config: the snapshot, or every problem found (what
+    /// [`validate::validate`] returns). Never panics, whatever the config.
+    pub fn compile(c: &Config) -> Result<Self, Vec<Issue>> {
+        let parts = validate::check(c)?;
+        let interface_names = parts
             .interfaces
             .iter()
-            .map(|i| CompiledInterface {
-                name: i.name.as_str().into(),
-                method: (i.method != "*")
-                    .then(|| Method::from_bytes(i.method.as_bytes()).expect("validated")),
-                path: i.path.as_str().into(),
-            })
+            .map(|i| Arc::from(&*i.name))
             .collect();
-        // Path template → interfaces on it, in first-seen order of templates.
-        let mut per_template: Vec<(&str, MethodTable)> = Vec::new();
-        let mut template_slot: HashMap<&str, usize> = HashMap::new();
-        for (i, itf) in interfaces.iter().enumerate() {
-            let entry = (itf.method.clone(), InterfaceId(i as u32));
-            let slot = *template_slot.entry(&itf.path).or_insert_with(|| {
-                per_template.push((&itf.path, Vec::new()));
-                per_template.len() - 1
-            });
-            per_template[slot].1.push(entry);
-        }
-        let mut router = matchit::Router::new();
-        for (path, mut list) in per_template {
-            // Exact methods before the `*` catch-all.
-            list.sort_by_key(|(m, _)| m.is_none());
-            router.insert(path, list).expect("validated template");
-        }
-        let iface_ids: HashMap<&str, u32> = interfaces
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (&*x.name, i as u32))
-            .collect();
-
-        let upstreams: Vec<UpstreamSpec> = c
+        let upstream_names: Arc<[Arc<str>]> = parts
             .upstreams
             .iter()
-            .map(|(name, u)| UpstreamSpec {
-                name: name.as_str().into(),
-                kind: u.kind,
-                endpoints: u.endpoints.iter().map(|e| e.as_str().into()).collect(),
-                balance: u.balance,
-                connect_timeout: Duration::from_millis(u.connect_timeout_ms),
-                request_timeout: Duration::from_millis(u.request_timeout_ms),
-                read_timeout: Duration::from_millis(u.read_timeout_ms),
-                pool_max_idle_per_endpoint: u.pool_max_idle_per_endpoint as usize,
-                data_dir: match u.kind {
-                    UpstreamKind::Embedded => Some(
-                        u.data_dir
-                            .as_deref()
-                            .unwrap_or(crate::DEFAULT_EMBEDDED_DATA_DIR)
-                            .into(),
-                    ),
-                    UpstreamKind::Static => None,
-                },
-            })
+            .map(|u| Arc::from(&*u.name))
             .collect();
-        let upstream_ids: HashMap<&str, u32> = upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (&*u.name, i as u32))
-            .collect();
-
-        let routes: Vec<CompiledRoute> = c
-            .routes
-            .iter()
-            .map(|r| CompiledRoute::compile(r, &iface_ids, &upstream_ids))
-            .collect();
-        let route_index = MatchIndex::build(c.routes.iter().map(|r| &r.matcher), &iface_ids);
-        let governance = Governance::compile(c, &iface_ids, &upstream_ids);
-        let overload = CompiledOverload::compile(c, &iface_ids, &upstream_ids);
-
-        Self {
-            identity: CompiledIdentity {
-                app: compile_extractor(&c.identity.app),
-                user: compile_extractor(&c.identity.user),
-            },
-            interfaces,
-            router,
-            upstreams,
-            routes,
-            route_index,
-            governance,
-            overload,
-        }
+        Ok(Self {
+            interfaces: parts.interfaces,
+            classifier: parts.classifier,
+            interface_names,
+            routes: Routes::new(parts.routes, Arc::clone(&upstream_names)),
+            upstream_names,
+            upstreams: parts.upstreams,
+            governance: Governance::new(
+                parts.limits,
+                parts.fallbacks,
+                parts.breakers,
+                parts.active_plans,
+            ),
+            overload: parts.overload,
+        })
     }
 
-    /// The upstream with this name.
+    /// Classify a request: its interface, app and user.
+    pub fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
+        self.classifier.classify(req)
+    }
+
+    /// Route a request: the most specific matching rule, and its choice.
+    pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
+        self.routes.route(r)
+    }
+
+    /// The limit rules that apply to a request, in check order (config order), written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating).
+    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
+        self.governance.limits_for(m, out);
+    }
+
+    /// The fallback that answers this request, if any: the most specific matching fallback
+    /// rule, when the request's user falls in its fraction.
+    pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        self.governance.fallback(r)
+    }
+
+    /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or
+    /// else one for the whole upstream.
+    pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
+        self.governance.breaker_for(upstream, route)
+    }
+
+    /// The name of an interface: O(1), and a cheap clone.
+    pub fn interface_name(&self, id: InterfaceId) -> &Arc<str> {
+        &self.interface_names[id.0 as usize]
+    }
+
+    /// The name of an upstream: O(1), and a cheap clone.
+    pub fn upstream_name(&self, id: UpstreamId) -> &Arc<str> {
+        &self.upstream_names[id.0 as usize]
+    }
+
+    /// The upstream with this name (a scan: for reload time, not the request path).
     pub fn upstream_by_name(&self, name: &str) -> Option<UpstreamId> {
         self.upstreams
             .iter()
@@ -199,14 +123,9 @@ impl Snapshot {
     }
 }
 
-fn compile_extractor(e: &Extractor) -> CompiledExtractor {
-    match e {
-        Extractor::Header(h) => {
-            CompiledExtractor::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated"))
-        }
-        Extractor::Query(q) => CompiledExtractor::Query(q.as_str().into()),
-        Extractor::Cookie(c) => CompiledExtractor::Cookie(c.as_str().into()),
-        Extractor::PathParam(p) => CompiledExtractor::PathParam(p.as_str().into()),
+impl InterfaceNames for Snapshot {
+    fn interface_name(&self, id: InterfaceId) -> &str {
+        Snapshot::interface_name(self, id)
     }
 }
 

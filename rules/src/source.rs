@@ -16,7 +16,7 @@ pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Parse a config file's bytes. `file` is only used to name the file in errors.
 ///
-/// This is syntax and types only; [`crate::load`] also validates.
+/// This is syntax and types only; `rules::load` also validates.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<Config, ConfigError> {
     parse_as(file, bytes, "struct Config")
 }

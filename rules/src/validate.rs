@@ -1,25 +1,39 @@
-//! Semantic checks of a parsed [`Config`]: ranges, formats, references and ambiguity.
+//! Semantic checks of a parsed [`Config`]: ranges, formats, references and ambiguity; and
+//! the typed values of a config that passes them.
 //!
 //! Validation never stops at the first problem: it returns every [`Issue`] it finds, each with
 //! the JSON path of the offending value, so one `tidegate check` run lists everything an
 //! operator has to fix. Checks that need the file system (do the TLS files exist?) belong to
 //! the proxy; this module is pure.
+//!
+//! It is also where the config is compiled: each value is parsed once, here (a header name
+//! into a `HeaderName`, a rate into a `Rate`, an upstream name into its `UpstreamId`), and
+//! the compiled parts are built from what parsed. A part with a problem is left out and the
+//! problem reported, so a config that passes yields every part and compiling it cannot
+//! fail; the snapshot then only indexes them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use http::{HeaderName, Method};
 
-use crate::bucket::{BUCKETS, Weight, parse_percent};
+use crate::bucket::{BUCKETS, Weight, target_weight};
+use crate::classify::{Classifier, CompiledExtractor, CompiledInterface, MethodTable};
+use crate::degrade::{CompiledBreaker, CompiledFallback};
 use crate::error::{JsonPath, did_you_mean};
-use crate::model::SCHEMA_VERSION;
-use crate::model::{Config, Extractor, Match, NoUserKey, Route, SplitTarget, UpstreamKind};
+use crate::ids::{InterfaceId, UpstreamId};
+use crate::limit::CompiledLimit;
+use crate::matcher::CompiledMatch;
+use crate::model::{
+    Config, DEFAULT_EMBEDDED_DATA_DIR, Extractor, Match, NoUserKey, Route, SCHEMA_VERSION,
+    SplitTarget, UpstreamKind,
+};
+use crate::overload::CompiledOverload;
+use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction};
+use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod govern;
 mod overload;
-
-pub use govern::MAX_GOVERN_RULES;
-pub use overload::MAX_IN_FLIGHT;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -27,6 +41,10 @@ pub const MAX_ROUTES: usize = 200_000;
 pub const MAX_INTERFACES: usize = 10_000;
 /// Longest name (rule, interface, upstream), in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Most limit or fallback rules in one list.
+pub const MAX_GOVERN_RULES: usize = 10_000;
+/// Most requests in flight a cap may allow.
+pub const MAX_IN_FLIGHT: u64 = 1_000_000;
 
 /// One validation problem, not yet located in the source text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,18 +55,100 @@ pub struct Issue {
     pub message: String,
 }
 
+/// The typed parts of a valid config, ready to be indexed into a snapshot.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub(crate) interfaces: Vec<CompiledInterface>,
+    pub(crate) classifier: Classifier,
+    pub(crate) upstreams: Vec<UpstreamSpec>,
+    pub(crate) routes: Vec<CompiledRoute>,
+    /// Limits in force (active plans applied), in check order.
+    pub(crate) limits: Vec<CompiledLimit>,
+    /// Fallbacks in force.
+    pub(crate) fallbacks: Vec<CompiledFallback>,
+    pub(crate) breakers: Vec<CompiledBreaker>,
+    pub(crate) active_plans: Vec<Box<str>>,
+    pub(crate) overload: CompiledOverload,
+}
+
 /// Check everything checkable without I/O. An empty result means the config compiles.
 pub fn validate(c: &Config) -> Vec<Issue> {
-    let mut v = Validator { issues: Vec::new() };
-    v.config(c);
-    v.issues
+    check(c).err().unwrap_or_default()
 }
 
-struct Validator {
+/// Check a config and, when it is valid, return its typed parts: every value is parsed
+/// once, here, where a bad one is reported with its path. Otherwise every problem found.
+pub(crate) fn check(c: &Config) -> Result<Checked, Vec<Issue>> {
+    let mut v = Validator::new(c);
+    let checked = v.config(c);
+    match checked {
+        Some(checked) if v.issues.is_empty() => Ok(checked),
+        _ => {
+            if v.issues.is_empty() {
+                // Every value left out of the typed parts is reported where it is left
+                // out; this is the safety net should a check ever miss one.
+                v.err(JsonPath::root(), "the config could not be compiled");
+            }
+            Err(v.issues)
+        }
+    }
+}
+
+/// Walks a config once: reports every problem, and builds the typed value of each part
+/// with no problem (`None` where there was one, so `None` always comes with an issue).
+/// The interfaces, compiled, and the router of their path templates.
+type CompiledInterfaces = (Vec<CompiledInterface>, matchit::Router<MethodTable>);
+
+/// What a route rule does with a request, compiled (all but its conditions).
+struct RouteTarget {
+    action: RouteAction,
+    pinned_users: HashMap<Box<str>, UpstreamId>,
+    pinned_apps: HashMap<Box<str>, UpstreamId>,
+    override_header: Option<HeaderName>,
+    no_user_key: CompiledNoUserKey,
+}
+
+struct Validator<'c> {
     issues: Vec<Issue>,
+    /// Interface IDs by name.
+    iface_ids: HashMap<&'c str, InterfaceId>,
+    /// Upstream IDs by name.
+    upstream_ids: HashMap<&'c str, UpstreamId>,
+    /// Route rule IDs by name.
+    route_ids: HashMap<&'c str, u32>,
+    /// Compiled limits and fallbacks by where they are written (a base list or a plan), for
+    /// picking those in force.
+    limits: HashMap<JsonPath, CompiledLimit>,
+    fallbacks: HashMap<JsonPath, CompiledFallback>,
 }
 
-impl Validator {
+impl<'c> Validator<'c> {
+    fn new(c: &'c Config) -> Self {
+        Self {
+            issues: Vec::new(),
+            iface_ids: c
+                .interfaces
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (x.name.as_str(), InterfaceId(i as u32)))
+                .collect(),
+            upstream_ids: upstream_ids(&c.upstreams),
+            route_ids: c
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.name.as_str(), i as u32))
+                .collect(),
+            limits: HashMap::new(),
+            fallbacks: HashMap::new(),
+        }
+    }
+
+    /// Whether issues were reported since there were `before`.
+    fn reported_since(&self, before: usize) -> bool {
+        self.issues.len() > before
+    }
+
     fn err(&mut self, path: JsonPath, message: impl Into<String>) {
         self.issues.push(Issue {
             path,
@@ -78,7 +178,7 @@ impl Validator {
         }
     }
 
-    fn config(&mut self, c: &Config) {
+    fn config(&mut self, c: &Config) -> Option<Checked> {
         let root = JsonPath::root();
         if c.schema_version != SCHEMA_VERSION {
             self.err(
@@ -90,12 +190,34 @@ impl Validator {
             );
         }
         self.server(c);
-        let interfaces = self.interfaces(c);
-        self.identity(c);
+        let (interfaces, compiled_interfaces) = self.interfaces(c);
+        let identity = self.identity(c);
         self.upstreams(c);
-        self.routes(c, &interfaces);
-        self.govern(c, &interfaces);
+        let routes = self.routes(c, &interfaces);
+        let governance = self.govern(c, &interfaces);
         self.overload(c, &interfaces);
+
+        if !self.issues.is_empty() {
+            return None;
+        }
+        let (interfaces, router) = compiled_interfaces?;
+        let (app, user) = identity?;
+        let (limits, fallbacks, breakers) = governance?;
+        Some(Checked {
+            interfaces,
+            classifier: Classifier { router, app, user },
+            upstreams: c
+                .upstreams
+                .iter()
+                .map(|(name, u)| UpstreamSpec::new(name, u))
+                .collect(),
+            routes: routes?,
+            limits,
+            fallbacks,
+            breakers,
+            active_plans: c.active_plans.iter().map(|p| p.as_str().into()).collect(),
+            overload: CompiledOverload::compile(c, &self.iface_ids, &self.upstream_ids),
+        })
     }
 
     fn server(&mut self, c: &Config) {
@@ -217,7 +339,10 @@ impl Validator {
         }
     }
 
-    fn interfaces(&mut self, c: &Config) -> HashSet<String> {
+    /// The interface names (for hints), and when all are valid, the compiled interfaces and
+    /// the router of their path templates.
+    fn interfaces(&mut self, c: &Config) -> (HashSet<String>, Option<CompiledInterfaces>) {
+        let before = self.issues.len();
         let p = JsonPath::root().key("interfaces");
         if c.interfaces.len() > MAX_INTERFACES {
             self.err(
@@ -231,6 +356,27 @@ impl Validator {
         let mut names = HashSet::new();
         let mut by_name: HashMap<&str, usize> = HashMap::new();
         let mut by_route: HashMap<(String, &str), usize> = HashMap::new();
+        // Each interface's method, parsed once: `Some(None)` for `*`, `None` when invalid.
+        let methods: Vec<Option<Option<Method>>> = c
+            .interfaces
+            .iter()
+            .map(|i| parse_method(&i.method))
+            .collect();
+        // The interfaces on each path template, exact methods before the `*` catch-all: the
+        // router's value for the template.
+        let mut tables: HashMap<&str, MethodTable> = HashMap::new();
+        for (i, (itf, method)) in c.interfaces.iter().zip(&methods).enumerate() {
+            if let Some(method) = method {
+                let id = InterfaceId(i as u32);
+                tables
+                    .entry(itf.path.as_str())
+                    .or_default()
+                    .push((method.clone(), id));
+            }
+        }
+        for list in tables.values_mut() {
+            list.sort_by_key(|(m, _)| m.is_none());
+        }
         let mut router = matchit::Router::new();
         let mut templates: HashMap<&str, usize> = HashMap::new();
         for (i, itf) in c.interfaces.iter().enumerate() {
@@ -246,10 +392,7 @@ impl Validator {
                 );
             }
             names.insert(itf.name.clone());
-            let method_ok = itf.method == "*"
-                || (Method::from_bytes(itf.method.as_bytes()).is_ok()
-                    && itf.method.bytes().all(|b| b.is_ascii_uppercase()));
-            if !method_ok {
+            if methods[i].is_none() {
                 self.err(
                     ip.key("method"),
                     format!(
@@ -273,7 +416,8 @@ impl Validator {
                 );
             }
             if !templates.contains_key(itf.path.as_str()) {
-                match router.insert(itf.path.as_str(), i) {
+                let table = tables.remove(itf.path.as_str()).unwrap_or_default();
+                match router.insert(itf.path.as_str(), table) {
                     Ok(()) => {
                         templates.insert(itf.path.as_str(), i);
                     }
@@ -281,17 +425,35 @@ impl Validator {
                 }
             }
         }
-        names
+        if self.reported_since(before) {
+            return (names, None);
+        }
+        let compiled = c
+            .interfaces
+            .iter()
+            .zip(methods)
+            .map(|(itf, method)| {
+                Some(CompiledInterface {
+                    name: itf.name.as_str().into(),
+                    method: method?,
+                    path: itf.path.as_str().into(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|interfaces| (interfaces, router));
+        (names, compiled)
     }
 
-    fn identity(&mut self, c: &Config) {
+    /// The app and user extractors, compiled.
+    fn identity(&mut self, c: &Config) -> Option<(CompiledExtractor, CompiledExtractor)> {
         let p = JsonPath::root().key("identity");
+        let mut compiled = Vec::with_capacity(2);
         for (field, ex) in [("app", &c.identity.app), ("user", &c.identity.user)] {
             let ep = p.key(field);
-            match ex {
-                Extractor::Header(h) => {
-                    self.header_name(ep.key("header"), h);
-                }
+            compiled.push(match ex {
+                Extractor::Header(h) => self
+                    .header_name(ep.key("header"), h)
+                    .map(CompiledExtractor::Header),
                 Extractor::Query(q) | Extractor::Cookie(q) if q.is_empty() => {
                     let k = if matches!(ex, Extractor::Query(_)) {
                         "query"
@@ -299,6 +461,7 @@ impl Validator {
                         "cookie"
                     };
                     self.err(ep.key(k), "name must not be empty");
+                    None
                 }
                 Extractor::PathParam(name) => {
                     let declared = c
@@ -310,11 +473,18 @@ impl Validator {
                             ep.key("path_param"),
                             format!("no interface path template has a `{{{name}}}` parameter"),
                         );
+                        None
+                    } else {
+                        Some(CompiledExtractor::PathParam(name.as_str().into()))
                     }
                 }
-                _ => {}
-            }
+                Extractor::Query(q) => Some(CompiledExtractor::Query(q.as_str().into())),
+                Extractor::Cookie(q) => Some(CompiledExtractor::Cookie(q.as_str().into())),
+            });
         }
+        let user = compiled.pop()??;
+        let app = compiled.pop()??;
+        Some((app, user))
     }
 
     fn header_name(&mut self, path: JsonPath, h: &str) -> Option<HeaderName> {
@@ -363,10 +533,7 @@ impl Validator {
                             "an embedded upstream has no endpoints: the gateway picks a loopback port",
                         );
                     }
-                    let dir = u
-                        .data_dir
-                        .as_deref()
-                        .unwrap_or(crate::DEFAULT_EMBEDDED_DATA_DIR);
+                    let dir = u.data_dir.as_deref().unwrap_or(DEFAULT_EMBEDDED_DATA_DIR);
                     if dir.trim().is_empty() {
                         self.err(up.key("data_dir"), "path must not be empty");
                     }
@@ -400,7 +567,8 @@ impl Validator {
         }
     }
 
-    fn routes(&mut self, c: &Config, interfaces: &HashSet<String>) {
+    /// The route rules, compiled.
+    fn routes(&mut self, c: &Config, interfaces: &HashSet<String>) -> Option<Vec<CompiledRoute>> {
         let p = JsonPath::root().key("routes");
         if c.routes.is_empty() && !c.allow_empty_routes {
             self.err(
@@ -416,8 +584,9 @@ impl Validator {
                     c.routes.len()
                 ),
             );
-            return;
+            return None;
         }
+        let mut compiled = Vec::with_capacity(c.routes.len());
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, r) in c.routes.iter().enumerate() {
             let rp = p.index(i);
@@ -428,10 +597,20 @@ impl Validator {
                     format!("duplicate rule name {:?} (also routes[{prev}])", r.name),
                 );
             }
-            self.route_target(c, &rp, r);
-            self.matcher(rp.key("match"), &r.matcher, interfaces);
+            let target = self.route_target(c, &rp, r);
+            let matcher = self.matcher(rp.key("match"), &r.matcher, r.bucket_salt(), interfaces);
+            compiled.push(target.zip(matcher).map(|(t, matcher)| CompiledRoute {
+                name: r.name.as_str().into(),
+                matcher,
+                action: t.action,
+                salt: r.bucket_salt().into(),
+                pinned_users: t.pinned_users,
+                pinned_apps: t.pinned_apps,
+                override_header: t.override_header,
+                no_user_key: t.no_user_key,
+            }));
         }
-        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, rule_salt(r)))) {
+        for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {
             self.err(
                 p.index(b),
                 format!(
@@ -440,28 +619,58 @@ impl Validator {
                 ),
             );
         }
+        compiled.into_iter().collect()
     }
 
-    fn upstream_ref(&mut self, c: &Config, p: JsonPath, name: &str) {
-        if !c.upstreams.contains_key(name) {
-            let hint = did_you_mean(name, c.upstreams.keys().map(String::as_str))
-                .map(|m| format!("; did you mean {m:?}?"))
-                .unwrap_or_default();
-            self.err(p, format!("unknown upstream {name:?}{hint}"));
+    /// The ID of a named upstream.
+    fn upstream_ref(&mut self, c: &Config, p: JsonPath, name: &str) -> Option<UpstreamId> {
+        if let Some(&id) = self.upstream_ids.get(name) {
+            return Some(id);
         }
+        let hint = did_you_mean(name, c.upstreams.keys().map(String::as_str))
+            .map(|m| format!("; did you mean {m:?}?"))
+            .unwrap_or_default();
+        self.err(p, format!("unknown upstream {name:?}{hint}"));
+        None
+    }
+
+    /// The ID of a named interface; `names` are all interface names, for the hint.
+    fn interface_ref(
+        &mut self,
+        p: JsonPath,
+        name: &str,
+        names: &HashSet<String>,
+    ) -> Option<InterfaceId> {
+        if let Some(&id) = self.iface_ids.get(name) {
+            return Some(id);
+        }
+        let hint = did_you_mean(name, names.iter().map(String::as_str))
+            .map(|m| format!("; did you mean {m:?}?"))
+            .unwrap_or_default();
+        self.err(p, format!("unknown interface {name:?}{hint}"));
+        None
     }
 
     /// `upstream` or `split` (exactly one), the split's weights, pins and the override.
-    fn route_target(&mut self, c: &Config, rp: &JsonPath, r: &Route) {
-        match (&r.upstream, &r.split) {
-            (Some(_), Some(_)) => self.err(
-                rp.key("split"),
-                "give either `upstream` or `split`, not both",
-            ),
-            (None, None) => self.err(rp.clone(), "missing field `upstream` (or `split`)"),
-            (Some(u), None) => self.upstream_ref(c, rp.key("upstream"), u),
+    fn route_target(&mut self, c: &Config, rp: &JsonPath, r: &Route) -> Option<RouteTarget> {
+        let before = self.issues.len();
+        let action = match (&r.upstream, &r.split) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    rp.key("split"),
+                    "give either `upstream` or `split`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.err(rp.clone(), "missing field `upstream` (or `split`)");
+                None
+            }
+            (Some(u), None) => self
+                .upstream_ref(c, rp.key("upstream"), u)
+                .map(RouteAction::Upstream),
             (None, Some(targets)) => self.split(c, &rp.key("split"), targets),
-        }
+        };
         if r.salt.as_deref() == Some("") {
             self.err(
                 rp.key("salt"),
@@ -469,9 +678,18 @@ impl Validator {
             );
         }
         let mut pinned: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut pinned_users = HashMap::new();
+        let mut pinned_apps = HashMap::new();
         for (i, pin) in r.whitelist.iter().enumerate() {
             let pp = rp.key("whitelist").index(i);
-            self.upstream_ref(c, pp.key("upstream"), &pin.upstream);
+            if let Some(up) = self.upstream_ref(c, pp.key("upstream"), &pin.upstream) {
+                for u in &pin.users {
+                    pinned_users.insert(u.as_str().into(), up);
+                }
+                for a in &pin.apps {
+                    pinned_apps.insert(a.as_str().into(), up);
+                }
+            }
             if pin.users.is_empty() && pin.apps.is_empty() {
                 self.err(pp.clone(), "a whitelist entry needs `users` or `apps`");
             }
@@ -486,8 +704,9 @@ impl Validator {
                 }
             }
         }
+        let mut override_header = None;
         if let Some(h) = &r.override_header {
-            self.header_name(rp.key("override_header"), h);
+            override_header = self.header_name(rp.key("override_header"), h);
             if r.split.is_none() {
                 self.err(
                     rp.key("override_header"),
@@ -495,40 +714,66 @@ impl Validator {
                 );
             }
         }
-        if let NoUserKey::Header(h) = &r.no_user_key {
-            self.header_name(rp.key("no_user_key").key("header"), h);
+        let no_user_key = self.no_user_key(rp.key("no_user_key"), &r.no_user_key);
+        if self.reported_since(before) {
+            return None;
+        }
+        Some(RouteTarget {
+            action: action?,
+            pinned_users,
+            pinned_apps,
+            override_header,
+            no_user_key: no_user_key?,
+        })
+    }
+
+    /// The bucket key of requests with no user, compiled; `p` is its path.
+    fn no_user_key(&mut self, p: JsonPath, k: &NoUserKey) -> Option<CompiledNoUserKey> {
+        match k {
+            NoUserKey::ClientIp => Some(CompiledNoUserKey::ClientIp),
+            NoUserKey::Random => Some(CompiledNoUserKey::Random),
+            NoUserKey::Header(h) => self
+                .header_name(p.key("header"), h)
+                .map(CompiledNoUserKey::Header),
         }
     }
 
-    fn split(&mut self, c: &Config, sp: &JsonPath, targets: &[SplitTarget]) {
+    fn split(&mut self, c: &Config, sp: &JsonPath, targets: &[SplitTarget]) -> Option<RouteAction> {
         if targets.is_empty() {
             self.err(sp.clone(), "a split needs at least one target");
-            return;
+            return None;
         }
+        let before = self.issues.len();
+        let mut typed = Vec::with_capacity(targets.len());
         let mut total: u64 = 0;
         let mut rest = Vec::new();
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut all_parsed = true;
         for (i, t) in targets.iter().enumerate() {
             let tp = sp.index(i);
-            self.upstream_ref(c, tp.key("upstream"), &t.upstream);
+            let up = self.upstream_ref(c, tp.key("upstream"), &t.upstream);
             if let Some(prev) = seen.insert(t.upstream.as_str(), i) {
                 self.err(
                     tp.key("upstream"),
                     format!("{:?} is already split[{prev}]", t.upstream),
                 );
             }
-            match target_weight(t) {
-                Ok(Weight::Ppm(p)) => total += u64::from(p),
+            let weight = target_weight(t);
+            match &weight {
+                Ok(Weight::Ppm(p)) => total += u64::from(*p),
                 Ok(Weight::Rest) => rest.push(i),
                 Err((field, msg)) => {
                     all_parsed = false;
-                    self.err(if field.is_empty() { tp } else { tp.key(field) }, msg);
+                    self.err(
+                        if field.is_empty() { tp } else { tp.key(*field) },
+                        msg.clone(),
+                    );
                 }
             }
+            typed.push(up.zip(weight.ok()));
         }
         if !all_parsed {
-            return;
+            return None;
         }
         let pct = |ppm: u64| format!("{}.{:04}%", ppm / 10_000, ppm % 10_000);
         match rest.as_slice() {
@@ -551,9 +796,23 @@ impl Validator {
             }
             _ => {}
         }
+        if self.reported_since(before) {
+            return None;
+        }
+        Some(RouteAction::split(
+            typed.into_iter().collect::<Option<_>>()?,
+        ))
     }
 
-    fn matcher(&mut self, p: JsonPath, m: &Match, interfaces: &HashSet<String>) {
+    /// A rule's conditions, compiled; `salt` is the rule's bucket salt.
+    fn matcher(
+        &mut self,
+        p: JsonPath,
+        m: &Match,
+        salt: &str,
+        interfaces: &HashSet<String>,
+    ) -> Option<CompiledMatch> {
+        let before = self.issues.len();
         if let Some(b) = &m.user_buckets {
             let bp = p.key("user_buckets");
             if b.to_ppm > BUCKETS {
@@ -582,6 +841,7 @@ impl Validator {
                 self.no_dupes(p.key(field), list);
             }
         }
+        let mut iface_ids = None;
         if let Some(list) = &m.interfaces {
             if list.is_empty() {
                 self.err(
@@ -590,42 +850,49 @@ impl Validator {
                 );
             }
             self.no_dupes(p.key("interfaces"), list);
-            for (i, name) in list.iter().enumerate() {
-                if !interfaces.contains(name) {
-                    let hint = did_you_mean(name, interfaces.iter().map(String::as_str))
-                        .map(|m| format!("; did you mean {m:?}?"))
-                        .unwrap_or_default();
-                    self.err(
-                        p.key("interfaces").index(i),
-                        format!("unknown interface {name:?}{hint}"),
-                    );
-                }
-            }
+            let ids: Vec<Option<InterfaceId>> = list
+                .iter()
+                .enumerate()
+                .map(|(i, name)| self.interface_ref(p.key("interfaces").index(i), name, interfaces))
+                .collect();
+            iface_ids = Some(ids);
         }
-        if let Some(headers) = &m.headers {
-            if headers.is_empty() {
+        let mut headers = Vec::new();
+        if let Some(list) = &m.headers {
+            if list.is_empty() {
                 self.err(
                     p.key("headers"),
                     "map must not be empty (omit the field to match any)",
                 );
             }
             let mut lower = HashSet::new();
-            for (k, v) in headers {
-                self.header_name(p.key("headers").key(k.clone()), k);
+            for (k, v) in list {
+                let name = self.header_name(p.key("headers").key(k.clone()), k);
                 if !lower.insert(k.to_ascii_lowercase()) {
                     self.err(
                         p.key("headers").key(k.clone()),
                         format!("header {k:?} is given twice (names are case-insensitive)"),
                     );
                 }
-                if http::HeaderValue::from_str(v).is_err() {
+                let value = http::HeaderValue::from_str(v);
+                if value.is_err() {
                     self.err(
                         p.key("headers").key(k.clone()),
                         format!("{v:?} is not a valid header value"),
                     );
                 }
+                headers.push(name.zip(value.ok()));
             }
         }
+        if self.reported_since(before) {
+            return None;
+        }
+        let interfaces = match iface_ids {
+            Some(ids) => Some(ids.into_iter().collect::<Option<Vec<_>>>()?),
+            None => None,
+        };
+        let headers = headers.into_iter().collect::<Option<Vec<_>>>()?;
+        Some(CompiledMatch::new(m, salt, interfaces, headers))
     }
 
     fn no_dupes(&mut self, p: JsonPath, list: &[String]) {
@@ -636,37 +903,6 @@ impl Validator {
             }
         }
     }
-}
-
-/// The bucket salt of a route: its `salt`, or its name.
-pub(crate) fn rule_salt(r: &Route) -> &str {
-    r.salt.as_deref().unwrap_or(&r.name)
-}
-
-/// A split target's weight, or the field at fault (empty: the target itself) and why.
-pub(crate) fn target_weight(t: &SplitTarget) -> Result<Weight, (&'static str, String)> {
-    match (&t.weight, t.weight_ppm) {
-        (Some(_), Some(_)) => Err((
-            "weight_ppm",
-            "give either `weight` or `weight_ppm`, not both".into(),
-        )),
-        (None, None) => Err(("", "missing field `weight` (or `weight_ppm`)".into())),
-        (Some(w), None) => parse_percent(w).map_err(|m| ("weight", m)),
-        (None, Some(p)) if p > BUCKETS => Err((
-            "weight_ppm",
-            format!("{p} is out of range; allowed 0..={BUCKETS}"),
-        )),
-        (None, Some(p)) => Ok(Weight::Ppm(p)),
-    }
-}
-
-/// Which dimensions a matcher constrains, as a precedence number: users (8) > headers (4) >
-/// interfaces (2) > apps (1). Higher wins.
-pub(crate) fn specificity(m: &Match) -> u8 {
-    ((m.users.is_some() || m.user_buckets.is_some()) as u8) << 3
-        | (m.headers.is_some() as u8) << 2
-        | (m.interfaces.is_some() as u8) << 1
-        | (m.apps.is_some() as u8)
 }
 
 fn lists_overlap(a: &Option<Vec<String>>, b: &Option<Vec<String>>) -> bool {
@@ -734,7 +970,7 @@ pub(crate) fn ambiguous_pairs<'a>(
     let all: Vec<(&Match, &str)> = matchers.collect();
     let mut by_spec: HashMap<u8, Vec<usize>> = HashMap::new();
     for (i, (m, _)) in all.iter().enumerate() {
-        by_spec.entry(specificity(m)).or_default().push(i);
+        by_spec.entry(m.specificity()).or_default().push(i);
     }
     let mut pairs = HashSet::new();
     for members in by_spec.values() {
@@ -776,6 +1012,18 @@ pub(crate) fn ambiguous_pairs<'a>(
     let mut pairs: Vec<_> = pairs.into_iter().collect();
     pairs.sort_unstable();
     pairs
+}
+
+/// An interface's method: `Some(None)` for `*`, `Some(method)` for an HTTP method in upper
+/// case, `None` otherwise.
+fn parse_method(m: &str) -> Option<Option<Method>> {
+    if m == "*" {
+        return Some(None);
+    }
+    if !m.bytes().all(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    Method::from_bytes(m.as_bytes()).ok().map(Some)
 }
 
 /// A path template: starts with `/`, no `..` segment, no encoded slash, no control

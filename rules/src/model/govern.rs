@@ -1,15 +1,15 @@
 //! Governance rules as written: rate limits, fallbacks, emergency plans and circuit breakers.
 //!
 //! These are the "who gets limited, and what is answered when a dependency should be spared"
-//! half of the rules. Like everything under [`crate::model`] they are plain serde types that
-//! reject unknown fields; [`crate::validate`] checks them and [`crate::govern`] compiles them.
+//! half of the rules. Like everything under the model they are plain serde types that
+//! reject unknown fields; `validate` checks them and `govern` compiles them.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Match, NoUserKey};
+use super::matching::{Match, NoUserKey};
 
 /// A rate limit rule: which requests it counts, what it counts them by, and how many it
 /// admits.
@@ -249,6 +249,15 @@ pub struct Breaker {
     /// While open, send requests here instead of answering locally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alternate_upstream: Option<String>,
+}
+
+// === impl Fallback ===
+
+impl Fallback {
+    /// The salt of its user buckets: `salt`, or its name.
+    pub fn bucket_salt(&self) -> &str {
+        self.salt.as_deref().unwrap_or(&self.name)
+    }
 }
 
 fn default_fallback_status() -> u16 {

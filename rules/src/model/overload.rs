@@ -1,8 +1,8 @@
 //! Overload protection as written: concurrency caps with short bounded queues, adaptive
 //! per-upstream limits, and DAGOR-style priority admission.
 //!
-//! Like everything under [`crate::model`] these are plain serde types that reject unknown
-//! fields; [`crate::validate`] checks them and [`crate::overload`] compiles them and holds the
+//! Like everything under the model these are plain serde types that reject unknown
+//! fields; `validate` checks them and `overload` compiles them and holds the
 //! pure controllers (admission level, adaptive limit) the proxy drives.
 
 use std::collections::BTreeMap;

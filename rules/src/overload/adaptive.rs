@@ -18,12 +18,23 @@
 
 use std::time::Duration;
 
-use super::AdaptiveSpec;
-
 /// Target over baseline when no target is configured.
 pub const TOLERANCE: f64 = 1.5;
 /// Calls a window needs before it moves the limit.
 pub const MIN_CALLS: u32 = 5;
+
+/// An adaptive limit's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveSpec {
+    /// Lowest limit.
+    pub min: u32,
+    /// Highest limit.
+    pub max: u32,
+    /// Starting limit.
+    pub initial: u32,
+    /// Latency to hold; `None`: 1.5 × the lowest window mean seen.
+    pub target: Option<Duration>,
+}
 
 /// What one window measured at an upstream.
 #[derive(Debug, Clone, Copy, Default)]

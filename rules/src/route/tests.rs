@@ -5,6 +5,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::MatchInput;
+use crate::snapshot::Snapshot;
 
 fn snap(routes: &str) -> Snapshot {
     let text = format!(

@@ -175,3 +175,31 @@ fn many_rules() {
         "default"
     );
 }
+
+/// Names are precomputed: a decision carries its rule's and upstream's names as shared
+/// strings, and the snapshot names interfaces and upstreams by ID.
+#[test]
+fn names_by_id() {
+    let s = snap(ROUTES, "{}");
+    let h = HeaderMap::new();
+    let input = crate::RouteInput {
+        m: crate::MatchInput {
+            app: Some("douyin"),
+            interface: None,
+            user: None,
+            headers: &h,
+        },
+        client_ip: None,
+        random: 0,
+    };
+    let d = s.route(&input).unwrap();
+    assert_eq!(&**d.rule_name, "douyin");
+    assert_eq!(&**d.upstream_name, "v2");
+    assert!(std::sync::Arc::ptr_eq(
+        d.upstream_name,
+        s.upstream_name(d.upstream)
+    ));
+    let v1 = s.upstream_by_name("v1").unwrap();
+    assert_eq!(&**s.upstream_name(v1), "v1");
+    assert_eq!(&**s.interface_name(InterfaceId(1)), "open");
+}

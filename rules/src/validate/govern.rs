@@ -6,22 +6,34 @@
 //! switched on is refused while it is still off, not at 3 a.m. when someone flips it.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
-use crate::degrade::{fraction_ppm, ratio_ppm};
-use crate::error::{JsonPath, did_you_mean};
-use crate::limit::{MAX_RATE_COUNT, parse_rate};
-use crate::model::{
-    Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, NoUserKey,
+use http::StatusCode;
+
+use crate::bucket::BUCKETS;
+use crate::degrade::{
+    CompiledBreaker, CompiledFallback, CompiledResponse, WhenOpen, fraction_ppm, ratio_ppm,
 };
+use crate::error::{JsonPath, did_you_mean};
+use crate::limit::{
+    CompiledKeyPart, CompiledLimit, Exception, MAX_RATE_COUNT, fingerprint, parse_rate,
+};
+use crate::model::{Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse};
 use crate::plan;
 
-use super::{Validator, ambiguous_pairs};
+use super::{MAX_GOVERN_RULES, Validator, ambiguous_pairs};
 
-/// Most limit or fallback rules in one list.
-pub const MAX_GOVERN_RULES: usize = 10_000;
-
-impl Validator {
-    pub(super) fn govern(&mut self, c: &Config, interfaces: &HashSet<String>) {
+impl Validator<'_> {
+    /// The limits and fallbacks in force (active plans applied), and the breakers, compiled.
+    pub(super) fn govern(
+        &mut self,
+        c: &Config,
+        interfaces: &HashSet<String>,
+    ) -> Option<(
+        Vec<CompiledLimit>,
+        Vec<CompiledFallback>,
+        Vec<CompiledBreaker>,
+    )> {
         let root = JsonPath::root();
         self.limit_list(root.key("limits"), &c.limits, interfaces);
         self.cluster_scope(c, root.key("limits"), &c.limits);
@@ -79,16 +91,27 @@ impl Validator {
             self.err(path.clone(), msg.clone());
         }
         self.fallback_ties(&eff, "");
-        self.breakers(c);
+        let breakers = self.breakers(c);
+        // The rules in force, picked by where they are written among those compiled above.
+        let limits = eff
+            .limits
+            .iter()
+            .map(|l| self.limits.remove(&l.path))
+            .collect::<Option<Vec<_>>>();
+        let fallbacks = eff
+            .fallbacks
+            .iter()
+            .map(|f| self.fallbacks.remove(&f.path))
+            .collect::<Option<Vec<_>>>();
+        Some((limits?, fallbacks?, breakers?))
     }
 
     fn fallback_ties(&mut self, eff: &plan::Effective<'_>, when: &str) {
-        let pairs = ambiguous_pairs(eff.fallbacks.iter().map(|f| {
-            (
-                &f.rule.matcher,
-                f.rule.salt.as_deref().unwrap_or(&f.rule.name),
-            )
-        }));
+        let pairs = ambiguous_pairs(
+            eff.fallbacks
+                .iter()
+                .map(|f| (&f.rule.matcher, f.rule.bucket_salt())),
+        );
         for (a, b) in pairs {
             let (fa, fb) = (&eff.fallbacks[a], &eff.fallbacks[b]);
             self.err(
@@ -134,63 +157,97 @@ impl Validator {
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, l) in list.iter().enumerate() {
             let lp = p.index(i);
-            self.name(lp.key("name"), &l.name);
-            if let Some(prev) = names.insert(l.name.as_str(), i) {
-                self.err(
-                    lp.key("name"),
-                    format!("duplicate limit name {:?} (also [{prev}])", l.name),
-                );
+            if let Some(compiled) = self.limit(&lp, i, l, &mut names, interfaces) {
+                self.limits.insert(lp, compiled);
             }
-            self.matcher(lp.key("match"), &l.matcher, interfaces);
-            let mut seen = HashSet::new();
-            for (k, part) in l.key.iter().enumerate() {
-                if let KeyPart::Header(h) = part {
-                    self.header_name(lp.key("key").index(k).key("header"), h);
-                }
-                let id = match part {
-                    KeyPart::Header(h) => format!("header {}", h.to_ascii_lowercase()),
-                    other => format!("{other:?}"),
-                };
-                if !seen.insert(id) {
-                    self.err(lp.key("key").index(k), "this key part is listed twice");
-                }
+        }
+    }
+
+    /// The limit rule at index `i` of its list, compiled; `names` are those of the rules
+    /// before it.
+    fn limit<'l>(
+        &mut self,
+        lp: &JsonPath,
+        i: usize,
+        l: &'l Limit,
+        names: &mut HashMap<&'l str, usize>,
+        interfaces: &HashSet<String>,
+    ) -> Option<CompiledLimit> {
+        let before = self.issues.len();
+        self.name(lp.key("name"), &l.name);
+        if let Some(prev) = names.insert(l.name.as_str(), i) {
+            self.err(
+                lp.key("name"),
+                format!("duplicate limit name {:?} (also [{prev}])", l.name),
+            );
+        }
+        let matcher = self.matcher(lp.key("match"), &l.matcher, &l.name, interfaces);
+        let mut seen = HashSet::new();
+        let mut key = Vec::with_capacity(l.key.len());
+        for (k, part) in l.key.iter().enumerate() {
+            key.push(match part {
+                KeyPart::App => Some(CompiledKeyPart::App),
+                KeyPart::Interface => Some(CompiledKeyPart::Interface),
+                KeyPart::User => Some(CompiledKeyPart::User),
+                KeyPart::Header(h) => self
+                    .header_name(lp.key("key").index(k).key("header"), h)
+                    .map(CompiledKeyPart::Header),
+            });
+            let id = match part {
+                KeyPart::Header(h) => format!("header {}", h.to_ascii_lowercase()),
+                other => format!("{other:?}"),
+            };
+            if !seen.insert(id) {
+                self.err(lp.key("key").index(k), "this key part is listed twice");
             }
-            if let Err(m) = parse_rate(&l.rate) {
-                self.err(lp.key("rate"), m);
-            }
-            if let Some(b) = l.burst {
-                self.range(lp.key("burst"), b.into(), 1, MAX_RATE_COUNT.into());
-            }
-            for (k, v) in &l.exceptions {
-                let ep = lp.key("exceptions").key(k.clone());
-                match k.split_once(':') {
-                    Some((_, "")) | None => self.err(
+        }
+        let rate = parse_rate(&l.rate)
+            .map_err(|m| self.err(lp.key("rate"), m))
+            .ok();
+        if let Some(b) = l.burst {
+            self.range(lp.key("burst"), b.into(), 1, MAX_RATE_COUNT.into());
+        }
+        let mut exceptions = Vec::with_capacity(l.exceptions.len());
+        for (k, v) in &l.exceptions {
+            let ep = lp.key("exceptions").key(k.clone());
+            let on = match k.split_once(':') {
+                Some((_, "")) | None => {
+                    self.err(
                         ep.clone(),
                         format!(
                             "{k:?} is not an exception key: write \"user:ID\", \"app:ID\" or \"interface:NAME\""
                         ),
-                    ),
-                    Some(("user" | "app", _)) => {}
-                    Some(("interface", name)) => {
-                        if !interfaces.contains(name) {
-                            let hint = did_you_mean(name, interfaces.iter().map(String::as_str))
-                                .map(|m| format!("; did you mean {m:?}?"))
-                                .unwrap_or_default();
-                            self.err(ep.clone(), format!("unknown interface {name:?}{hint}"));
-                        }
-                    }
-                    Some((dim, _)) => self.err(
+                    );
+                    None
+                }
+                Some(("user", id)) => Some(Exception::User(id)),
+                Some(("app", id)) => Some(Exception::App(id)),
+                Some(("interface", name)) => self
+                    .interface_ref(ep.clone(), name, interfaces)
+                    .map(Exception::Interface),
+                Some((dim, _)) => {
+                    self.err(
                         ep.clone(),
                         format!(
                             "{dim:?} cannot have exceptions; use \"user:\", \"app:\" or \"interface:\""
                         ),
-                    ),
+                    );
+                    None
                 }
-                if let Err(m) = parse_rate(v) {
-                    self.err(ep, m);
-                }
-            }
+            };
+            let rate = parse_rate(v).map_err(|m| self.err(ep, m)).ok();
+            exceptions.push(on.zip(rate).map(|(on, rate)| (on, k.as_str(), rate)));
         }
+        if self.reported_since(before) {
+            return None;
+        }
+        Some(CompiledLimit::new(
+            l,
+            matcher?,
+            rate?,
+            exceptions.into_iter().collect::<Option<_>>()?,
+            key.into_iter().collect::<Option<_>>()?,
+        ))
     }
 
     fn fallback_list(&mut self, p: JsonPath, list: &[Fallback], interfaces: &HashSet<String>) {
@@ -207,29 +264,57 @@ impl Validator {
                     format!("duplicate fallback name {:?} (also [{prev}])", f.name),
                 );
             }
-            self.matcher(fp.key("match"), &f.matcher, interfaces);
-            if let Err(m) = fraction_ppm(f) {
-                self.err(fp.key("fraction"), m);
-            }
+            let before = self.issues.len();
+            let matcher = self.matcher(fp.key("match"), &f.matcher, f.bucket_salt(), interfaces);
+            let fraction_ppm = fraction_ppm(f)
+                .map_err(|m| self.err(fp.key("fraction"), m))
+                .ok();
             if f.salt.as_deref() == Some("") {
                 self.err(
                     fp.key("salt"),
                     "salt must not be empty (omit it to use the rule name)",
                 );
             }
-            if let NoUserKey::Header(h) = &f.no_user_key {
-                self.header_name(fp.key("no_user_key").key("header"), h);
+            let no_user_key = self.no_user_key(fp.key("no_user_key"), &f.no_user_key);
+            let response = self.local_response(
+                fp.key("response"),
+                &f.response,
+                &serde_json::json!({ "error": "degraded", "rule": f.name }),
+            );
+            if self.reported_since(before) {
+                continue;
             }
-            self.local_response(fp.key("response"), &f.response);
+            let compiled = || {
+                Some(CompiledFallback {
+                    name: f.name.as_str().into(),
+                    matcher: matcher?,
+                    fraction_ppm: fraction_ppm?,
+                    salt: f.bucket_salt().into(),
+                    response: response?,
+                    no_user_key: no_user_key?,
+                })
+            };
+            if let Some(compiled) = compiled() {
+                self.fallbacks.insert(fp, compiled);
+            }
         }
     }
 
-    fn local_response(&mut self, p: JsonPath, r: &LocalResponse) {
+    /// A response the gateway makes, compiled; `default_body` is its body when it has none.
+    fn local_response(
+        &mut self,
+        p: JsonPath,
+        r: &LocalResponse,
+        default_body: &serde_json::Value,
+    ) -> Option<CompiledResponse> {
+        let before = self.issues.len();
         self.range(p.key("status"), r.status.into(), 200, 599);
         let mut lower = HashSet::new();
+        let mut headers = Vec::with_capacity(r.headers.len());
         for (k, v) in &r.headers {
             let hp = p.key("headers").key(k.clone());
-            if let Some(name) = self.header_name(hp.clone(), k) {
+            let name = self.header_name(hp.clone(), k);
+            if let Some(name) = name.clone() {
                 if [
                     http::header::CONTENT_LENGTH,
                     http::header::TRANSFER_ENCODING,
@@ -246,20 +331,31 @@ impl Validator {
                     );
                 }
             }
-            if http::HeaderValue::from_str(v).is_err() {
+            let value = http::HeaderValue::from_str(v);
+            if value.is_err() {
                 self.err(hp, format!("{v:?} is not a valid header value"));
             }
+            headers.push(name.zip(value.ok()));
         }
+        if self.reported_since(before) {
+            return None;
+        }
+        Some(CompiledResponse::new(
+            StatusCode::from_u16(r.status).ok()?,
+            headers.into_iter().collect::<Option<_>>()?,
+            r.body.as_ref().unwrap_or(default_body),
+        ))
     }
 
-    fn breakers(&mut self, c: &Config) {
+    /// The circuit breakers, compiled.
+    fn breakers(&mut self, c: &Config) -> Option<Vec<CompiledBreaker>> {
         let p = JsonPath::root().key("breakers");
-        let routes: HashSet<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut guarded: HashMap<(&str, Option<&str>), usize> = HashMap::new();
+        let mut compiled = Vec::with_capacity(c.breakers.len());
         for (i, b) in c.breakers.iter().enumerate() {
             let bp = p.index(i);
-            self.breaker(c, &bp, b, &routes);
+            compiled.push(self.breaker(c, &bp, b));
             if let Some(prev) = names.insert(b.name.as_str(), i) {
                 self.err(
                     bp.key("name"),
@@ -276,14 +372,18 @@ impl Validator {
                 );
             }
         }
+        compiled.into_iter().collect()
     }
 
-    fn breaker(&mut self, c: &Config, bp: &JsonPath, b: &Breaker, routes: &HashSet<&str>) {
+    fn breaker(&mut self, c: &Config, bp: &JsonPath, b: &Breaker) -> Option<CompiledBreaker> {
+        let before = self.issues.len();
         self.name(bp.key("name"), &b.name);
-        self.upstream_ref(c, bp.key("upstream"), &b.upstream);
+        let upstream = self.upstream_ref(c, bp.key("upstream"), &b.upstream);
+        let mut route = None;
         if let Some(r) = &b.route {
-            if !routes.contains(r.as_str()) {
-                let hint = did_you_mean(r, routes.iter().copied())
+            route = self.route_ids.get(r.as_str()).copied();
+            if route.is_none() {
+                let hint = did_you_mean(r, self.route_ids.keys().copied())
                     .map(|m| format!("; did you mean {m:?}?"))
                     .unwrap_or_default();
                 self.err(bp.key("route"), format!("unknown route {r:?}{hint}"));
@@ -291,29 +391,42 @@ impl Validator {
         }
         self.range(bp.key("window_ms"), b.window_ms, 100, 600_000);
         self.range(bp.key("min_calls"), b.min_calls.into(), 1, 1_000_000);
-        if let Err(m) = ratio_ppm(&b.error_ratio) {
-            self.err(bp.key("error_ratio"), m);
-        } else if ratio_ppm(&b.error_ratio) == Ok(0) {
-            self.err(
-                bp.key("error_ratio"),
-                "0% would open on the first call; use at least 0.0001%",
-            );
-        }
+        let error_ratio_ppm = match ratio_ppm(&b.error_ratio) {
+            Err(m) => {
+                self.err(bp.key("error_ratio"), m);
+                None
+            }
+            Ok(0) => {
+                self.err(
+                    bp.key("error_ratio"),
+                    "0% would open on the first call; use at least 0.0001%",
+                );
+                None
+            }
+            Ok(ppm) => Some(ppm),
+        };
         if let Some(ms) = b.slow_call_ms {
             self.range(bp.key("slow_call_ms"), ms, 1, 3_600_000);
         }
+        let mut slow_ratio_ppm = Some(BUCKETS);
         if let Some(s) = &b.slow_ratio {
             if b.slow_call_ms.is_none() {
                 self.err(bp.key("slow_ratio"), "slow_ratio needs slow_call_ms");
             }
-            match ratio_ppm(s) {
-                Err(m) => self.err(bp.key("slow_ratio"), m),
-                Ok(0) => self.err(
-                    bp.key("slow_ratio"),
-                    "0% would open on the first call; use at least 0.0001%",
-                ),
-                Ok(_) => {}
-            }
+            slow_ratio_ppm = match ratio_ppm(s) {
+                Err(m) => {
+                    self.err(bp.key("slow_ratio"), m);
+                    None
+                }
+                Ok(0) => {
+                    self.err(
+                        bp.key("slow_ratio"),
+                        "0% would open on the first call; use at least 0.0001%",
+                    );
+                    None
+                }
+                Ok(ppm) => Some(ppm),
+            };
         }
         self.range(bp.key("open_ms"), b.open_ms, 1, 3_600_000);
         self.range(
@@ -322,11 +435,18 @@ impl Validator {
             1,
             1000,
         );
-        if let Some(r) = &b.response {
-            self.local_response(bp.key("response"), r);
-        }
+        let default_body = serde_json::json!({ "error": "circuit_open", "breaker": b.name });
+        let response = match &b.response {
+            Some(r) => self.local_response(bp.key("response"), r, &default_body),
+            None => Some(CompiledResponse::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Vec::new(),
+                &default_body,
+            )),
+        };
+        let mut alternate = None;
         if let Some(alt) = &b.alternate_upstream {
-            self.upstream_ref(c, bp.key("alternate_upstream"), alt);
+            alternate = self.upstream_ref(c, bp.key("alternate_upstream"), alt);
             if *alt == b.upstream {
                 self.err(
                     bp.key("alternate_upstream"),
@@ -340,5 +460,26 @@ impl Validator {
                 );
             }
         }
+        if self.reported_since(before) {
+            return None;
+        }
+        let when_open = match &b.alternate_upstream {
+            Some(_) => WhenOpen::Alternate(alternate?),
+            None => WhenOpen::Respond(response?),
+        };
+        Some(CompiledBreaker {
+            name: b.name.as_str().into(),
+            upstream: upstream?,
+            route,
+            window: Duration::from_millis(b.window_ms),
+            min_calls: b.min_calls,
+            error_ratio_ppm: error_ratio_ppm?,
+            slow_call: b.slow_call_ms.map(Duration::from_millis),
+            slow_ratio_ppm: slow_ratio_ppm?,
+            open_for: Duration::from_millis(b.open_ms),
+            half_open_probes: b.half_open_probes,
+            when_open,
+            fingerprint: fingerprint(b),
+        })
     }
 }

@@ -3,15 +3,12 @@
 
 use std::collections::HashSet;
 
-use crate::error::{JsonPath, did_you_mean};
+use crate::error::JsonPath;
 use crate::model::Config;
 
-use super::Validator;
+use super::{MAX_IN_FLIGHT, Validator};
 
-/// Most requests in flight a cap may allow.
-pub const MAX_IN_FLIGHT: u64 = 1_000_000;
-
-impl Validator {
+impl Validator<'_> {
     pub(super) fn overload(&mut self, c: &Config, interfaces: &HashSet<String>) {
         let o = &c.overload;
         let p = JsonPath::root().key("overload");
@@ -25,12 +22,7 @@ impl Validator {
         let mut caps = o.max_in_flight.is_some();
         for (name, i) in &o.interfaces {
             let ip = p.key("interfaces").key(name.clone());
-            if !interfaces.contains(name) {
-                let hint = did_you_mean(name, interfaces.iter().map(String::as_str))
-                    .map(|m| format!("; did you mean {m:?}?"))
-                    .unwrap_or_default();
-                self.err(ip.clone(), format!("unknown interface {name:?}{hint}"));
-            }
+            self.interface_ref(ip.clone(), name, interfaces);
             if let Some(n) = i.max_in_flight {
                 self.range(ip.key("max_in_flight"), n.into(), 1, MAX_IN_FLIGHT);
                 caps = true;

@@ -30,7 +30,13 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+pub mod api;
+pub mod grab;
+pub mod layout;
+pub mod raw;
 pub mod redis;
+
+pub use api::start_gateway;
 
 /// Upper bound for any single network exchange in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
@@ -92,15 +98,19 @@ pub fn set(config: &mut Value, path: &str, value: Value) {
     *at = value;
 }
 
-/// Load `config` and start an in-process gateway; panics with the located errors if the
-/// config is refused.
-pub async fn start_gateway(config: &Value) -> tidegate::Server {
-    let bytes = serde_json::to_vec_pretty(config).expect("a Value serializes");
-    let loaded = rules::load("test.json", &bytes).unwrap_or_else(|e| panic!("config:\n{e}"));
-    tokio::time::timeout(TIMEOUT, tidegate::start(loaded))
-        .await
-        .expect("the gateway starts in time")
-        .expect("the gateway starts")
+/// [`config`] with the given rate `limits`.
+pub fn config_with_limits(endpoints: &[SocketAddr], limits: Value) -> Value {
+    let mut c = config(endpoints);
+    set(&mut c, "limits", limits);
+    c
+}
+
+/// Add the interface `share` (`POST /envelopes/{id}/share`) to a config.
+pub fn add_share_interface(config: &mut Value) {
+    config["interfaces"]
+        .as_array_mut()
+        .expect("interfaces is an array")
+        .push(json!({ "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }));
 }
 
 /// An address that was bound and then closed: connecting to it is refused.
@@ -376,6 +386,28 @@ pub async fn post(client: &Client, addr: SocketAddr, path: &str, body: impl Into
     send(client, req).await
 }
 
+/// `POST http://{addr}{path}` with an empty body as `user` of `app` (headers `x-app-id`
+/// and `x-user-id`).
+pub async fn post_as(
+    client: &Client,
+    addr: SocketAddr,
+    path: &str,
+    app: &str,
+    user: &str,
+) -> Reply {
+    let req = Request::post(format!("http://{addr}{path}"))
+        .header("x-app-id", app)
+        .header("x-user-id", user)
+        .body(full(Bytes::new()))
+        .expect("a valid request");
+    send(client, req).await
+}
+
+/// A grab (`POST /envelopes/7/grab`) as `user` of `app`.
+pub async fn grab_as(client: &Client, addr: SocketAddr, app: &str, user: &str) -> Reply {
+    post_as(client, addr, "/envelopes/7/grab", app, user).await
+}
+
 // === TLS ===
 
 /// A self-signed certificate for `localhost`, written as PEM files into a temp dir.
@@ -484,53 +516,59 @@ pub async fn tls_get(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, path: &st
 /// The `tidegate` binary of this build profile, built on first use.
 pub fn tidegate_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // The test executable is `<target>/<profile>/deps/<name>`; the binary sits in
-        // `<target>/<profile>/`.
-        let exe = std::env::current_exe().expect("the test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable is in <target>/<profile>/deps")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "tidegate", "--bin", "tidegate"]);
-        // Cargo gives the test process the variables of *this* package. Build scripts
-        // (ring's, via cc) track some of them, so passing them on would make this build
-        // and the next ordinary one rebuild each other's dependencies every time.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&&*k)
-            {
-                cmd.env_remove(&*k);
-            }
+    BIN.get_or_init(|| workspace_bin("tidegate", "tidegate"))
+        .clone()
+}
+
+/// Build binary `bin` of workspace package `package` in this build profile and return its
+/// path (cargo hands a test only its own package's binaries via `CARGO_BIN_EXE_*`).
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    // The test executable is `<target>/<profile>/deps/<name>`; binaries sit in
+    // `<target>/<profile>/`.
+    let exe = std::env::current_exe().expect("the test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is in <target>/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("<target>").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    // Cargo gives the test process the variables of *this* package. Build scripts
+    // (ring's, via cc) track some of them, so passing them on would make this build
+    // and the next ordinary one rebuild each other's dependencies every time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&&*k)
+        {
+            cmd.env_remove(&*k);
         }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build -p tidegate failed");
-        let bin = profile_dir.join("tidegate");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
-    .clone()
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build -p {package}: {e}"));
+    assert!(status.success(), "cargo build -p {package} failed");
+    let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
 }
 
 /// A `tidegate run` child process serving a config written to a temp dir. Killed on drop.

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use tidegate_tests::api;
+
 /// A small valid config; bad cases edit one spot of it, so positions are predictable.
 /// Lines: 2 schema_version, 4 listeners, 5 admin, 8 interface, 11 upstream, 14 route.
 const GOOD: &str = r#"{
@@ -33,7 +35,7 @@ fn edit(from: &str, to: &str) -> String {
 
 /// Check `bytes` as file `t.json` and return the rendered errors.
 fn errors_of(bytes: &[u8]) -> String {
-    match rules::load("t.json", bytes) {
+    match api::load_rules("t.json", bytes) {
         Ok(_) => panic!("accepted a bad config:\n{}", String::from_utf8_lossy(bytes)),
         Err(e) => e.to_string(),
     }
@@ -57,7 +59,7 @@ fn shipped_config_passes() {
         env!("CARGO_MANIFEST_DIR"),
         "/../config/tidegate.json"
     ));
-    if let Err(e) = tidegate::control::config::read_config(path) {
+    if let Err(e) = api::read_config(path) {
         panic!("config/tidegate.json fails:\n{e}");
     }
 }
@@ -65,7 +67,7 @@ fn shipped_config_passes() {
 /// The base config of these tests is itself valid (so each case fails for its one edit).
 #[test]
 fn base_config_passes() {
-    if let Err(e) = rules::load("t.json", GOOD.as_bytes()) {
+    if let Err(e) = api::load_rules("t.json", GOOD.as_bytes()) {
         panic!("{e}");
     }
 }
@@ -424,7 +426,7 @@ fn unsupported_schema_version() {
 #[test]
 fn files_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let read = |p: &Path| match tidegate::control::config::read_config(p) {
+    let read = |p: &Path| match api::read_config(p) {
         Ok(_) => panic!("{} was accepted", p.display()),
         Err(e) => e.to_string(),
     };

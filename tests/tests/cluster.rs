@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use serde_json::{Value, json};
+use tidegate_tests::api;
 use tidegate_tests::redis::RedisServer;
-use tidegate_tests::{Upstream, config, full, h1_client, send, set};
+use tidegate_tests::{Upstream, config_with_limits, full, h1_client, send, set};
 
 /// Store timeout of the tests' `server.redis`, in milliseconds.
 const TIMEOUT_MS: u64 = 50;
 
 fn gateway_config(up: SocketAddr, redis: Option<&str>, limits: Value) -> Value {
-    let mut c = config(&[up]);
-    set(&mut c, "limits", limits);
+    let mut c = config_with_limits(&[up], limits);
     if let Some(url) = redis {
         set(
             &mut c,
@@ -360,7 +360,7 @@ fn cluster_scope_needs_server_redis() {
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let limit = json!([{ "name": "x", "key": ["user"], "rate": "5/s", "scope": "cluster" }]);
     let c = gateway_config(up, None, limit.clone());
-    let Err(err) = rules::load("t.json", &serde_json::to_vec(&c).unwrap()) else {
+    let Err(err) = api::load_rules("t.json", &serde_json::to_vec(&c).unwrap()) else {
         panic!("refused");
     };
     let err = err.to_string();
@@ -371,7 +371,7 @@ fn cluster_scope_needs_server_redis() {
 
     let mut c = gateway_config(up, Some("http://127.0.0.1:6379"), limit);
     set(&mut c, "server/redis/timeout_ms", json!(0));
-    let Err(err) = rules::load("t.json", &serde_json::to_vec(&c).unwrap()) else {
+    let Err(err) = api::load_rules("t.json", &serde_json::to_vec(&c).unwrap()) else {
         panic!("refused");
     };
     let err = err.to_string();
@@ -384,11 +384,11 @@ fn cluster_scope_needs_server_redis() {
 /// reported; after the interval one more token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcra_script_grants_burst_then_one_per_interval() {
-    use tidegate::govern::cluster::{ClusterStore, Grant};
+    use tidegate_tests::api::{ClusterStore, Grant};
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let settings: rules::model::RedisSettings =
+    let settings: api::RedisSettings =
         serde_json::from_value(json!({ "url": redis.url(), "timeout_ms": 1000 })).unwrap();
     let store = ClusterStore::connect(&settings).unwrap();
     // 10/s: a 100 ms interval, burst 5.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::Request;
 use serde_json::{Value, json};
+use tidegate_tests::api;
 use tidegate_tests::{Client, Upstream, config, full, get, h1_client, set};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -228,7 +229,7 @@ async fn dashboard_shows_live_load() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = dir.path().join("tidegate.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&c).expect("serializes")).expect("writing");
-    let server = tokio::time::timeout(Duration::from_secs(15), tidegate::start_from_file(&file))
+    let server = tokio::time::timeout(Duration::from_secs(15), api::start_from_file(&file))
         .await
         .expect("starts in time")
         .expect("starts");

@@ -15,8 +15,10 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use tidegate_tests::api;
 use tidegate_tests::{
-    Client, Reply, TIMEOUT, Upstream, config, full, get, h1_client, send, set, start_gateway,
+    Client, Reply, TIMEOUT, Upstream, add_share_interface, config, get, h1_client, post_as, set,
+    start_gateway,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,9 +26,7 @@ use tokio::task::JoinHandle;
 /// The test config plus a `share` interface.
 fn base(up: SocketAddr) -> Value {
     let mut c = config(&[up]);
-    c["interfaces"].as_array_mut().unwrap().push(json!(
-        { "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }
-    ));
+    add_share_interface(&mut c);
     c
 }
 
@@ -43,13 +43,9 @@ fn share_off(fraction: Option<&str>) -> Value {
     f
 }
 
-async fn post_as(client: &Client, gw: SocketAddr, path: &str, user: &str) -> Reply {
-    let req = Request::post(format!("http://{gw}{path}"))
-        .header("x-app-id", "app")
-        .header("x-user-id", user)
-        .body(full(Bytes::new()))
-        .unwrap();
-    send(client, req).await
+/// A `share` request as `user`.
+async fn share(client: &Client, gw: SocketAddr, user: &str) -> Reply {
+    post_as(client, gw, "/envelopes/7/share", "app", user).await
 }
 
 fn degraded(r: &Reply) -> bool {
@@ -68,14 +64,14 @@ async fn fallback_answers_locally() {
     let client = h1_client();
 
     for user in ["a", "b", "c"] {
-        let r = post_as(&client, gw, "/envelopes/7/share", user).await;
+        let r = share(&client, gw, user).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.headers["x-degraded"], "share-off");
         assert_eq!(r.headers["content-type"], "application/json");
         assert_eq!(r.json(), json!({ "shared": false, "degraded": true }));
     }
     assert_eq!(up.hits(), 0, "the upstream never saw a share request");
-    let r = post_as(&client, gw, "/envelopes/7/grab", "a").await;
+    let r = post_as(&client, gw, "/envelopes/7/grab", "app", "a").await;
     assert!(!degraded(&r));
     assert_eq!(up.hits(), 1);
     let metrics = get(&client, server.admin_addr, "/metrics").await.text();
@@ -105,7 +101,7 @@ async fn fallback_fraction_sticky_per_user() {
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in (w..n).step_by(workers) {
-                let r = post_as(&client, gw, "/envelopes/7/share", &format!("user-{i}")).await;
+                let r = share(&client, gw, &format!("user-{i}")).await;
                 assert_eq!(r.status, 200);
                 out.push((i, degraded(&r)));
             }
@@ -137,7 +133,7 @@ async fn fallback_fraction_sticky_per_user() {
         "degraded requests never reached the upstream"
     );
     for (i, &was) in first.iter().enumerate().take(500) {
-        let r = post_as(&client, gw, "/envelopes/7/share", &format!("user-{i}")).await;
+        let r = share(&client, gw, &format!("user-{i}")).await;
         assert_eq!(degraded(&r), was, "user-{i} changed sides");
     }
     assert!(server.shutdown().await);
@@ -172,20 +168,20 @@ async fn plan_switches_several_rules() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tidegate.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
-    let server = tidegate::start_from_file(&path).await.expect("starts");
+    let server = api::start_from_file(&path).await.expect("starts");
     let gw = server.listen_addrs[0];
     let client = h1_client();
 
     // Normal posture.
     for _ in 0..3 {
         assert_eq!(
-            post_as(&client, gw, "/envelopes/7/grab", "u1").await.status,
+            post_as(&client, gw, "/envelopes/7/grab", "app", "u1")
+                .await
+                .status,
             200
         );
     }
-    assert!(!degraded(
-        &post_as(&client, gw, "/envelopes/7/share", "u1").await
-    ));
+    assert!(!degraded(&share(&client, gw, "u1").await));
     assert_eq!(get(&client, gw, "/envelopes/7").await.status, 200);
     assert_eq!(get(&client, gw, "/envelopes/7").await.status, 429);
 
@@ -195,11 +191,11 @@ async fn plan_switches_several_rules() {
     let reloader = server.reloader.clone().expect("started from a file");
     assert_eq!(
         reloader.reload("test", Instant::now()).await,
-        tidegate::control::reload::ReloadOutcome::Applied
+        api::ReloadOutcome::Applied
     );
 
     let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| async {
-        post_as(&client, gw, "/envelopes/7/grab", "u2")
+        post_as(&client, gw, "/envelopes/7/grab", "app", "u2")
             .await
             .status
             .as_u16()
@@ -209,9 +205,7 @@ async fn plan_switches_several_rules() {
     sorted.sort_unstable();
     assert_eq!(sorted, [200, 429, 429], "{statuses:?}");
     let hits_before = up.hits();
-    assert!(degraded(
-        &post_as(&client, gw, "/envelopes/7/share", "u1").await
-    ));
+    assert!(degraded(&share(&client, gw, "u1").await));
     assert_eq!(up.hits(), hits_before, "share is answered locally");
     for _ in 0..3 {
         assert_eq!(get(&client, gw, "/envelopes/7").await.status, 200);
@@ -222,11 +216,9 @@ async fn plan_switches_several_rules() {
     std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
     assert_eq!(
         reloader.reload("test", Instant::now()).await,
-        tidegate::control::reload::ReloadOutcome::Applied
+        api::ReloadOutcome::Applied
     );
-    assert!(!degraded(
-        &post_as(&client, gw, "/envelopes/7/share", "u1").await
-    ));
+    assert!(!degraded(&share(&client, gw, "u1").await));
     assert!(server.shutdown().await);
 }
 
@@ -307,7 +299,7 @@ async fn breaker_opens_and_recovers() {
     let server = start_gateway(&c).await;
     let gw = server.listen_addrs[0];
     let client = h1_client();
-    let grab = || post_as(&client, gw, "/envelopes/7/grab", "u");
+    let grab = || post_as(&client, gw, "/envelopes/7/grab", "app", "u");
 
     backend.failing.store(true, Ordering::SeqCst);
     for _ in 0..5 {
@@ -379,13 +371,17 @@ async fn breaker_alternate_upstream() {
     backend.failing.store(true, Ordering::SeqCst);
     for _ in 0..3 {
         assert_eq!(
-            post_as(&client, gw, "/envelopes/7/grab", "u").await.status,
+            post_as(&client, gw, "/envelopes/7/grab", "app", "u")
+                .await
+                .status,
             500
         );
     }
     for _ in 0..4 {
         assert_eq!(
-            post_as(&client, gw, "/envelopes/7/grab", "u").await.status,
+            post_as(&client, gw, "/envelopes/7/grab", "app", "u")
+                .await
+                .status,
             200
         );
     }

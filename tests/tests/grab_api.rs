@@ -2,21 +2,18 @@
 //! bodies, paging, wallets, expiry refunds, h2c, a custom user header, and a
 //! graceful restart on the same data directory.
 
-mod grab_support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use grab_support::{Conn, InProcess, wait_settled};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use tidegate_tests::grab::{Conn, InProcess, embedded_config, wait_settled};
 
 fn config(dir: &std::path::Path) -> grab_backend::Config {
     grab_backend::Config {
-        data_dir: dir.to_owned(),
         expiry_sweep_interval: Duration::from_millis(50),
-        ..Default::default()
+        ..embedded_config(dir)
     }
 }
 

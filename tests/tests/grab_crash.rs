@@ -7,12 +7,10 @@
 //!
 //! Replay a run with `GRAB_CRASH_SEED=<seed>` (printed at the start).
 
-mod grab_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use grab_support::{Acked, Backend, Conn, Rng, SENDERS, USERS, load, verify, wait_settled};
+use tidegate_tests::grab::{Acked, Backend, Rng, check_money, load, verify};
 
 const ROUNDS: usize = 22;
 const WORKERS: usize = 12;
@@ -39,7 +37,7 @@ async fn kill9_under_load_loses_no_acknowledged_write() {
         for w in 0..WORKERS {
             let acked = acked.clone();
             let stop = stop.clone();
-            let seed = rng.next();
+            let seed = rng.next_u64();
             let addr = backend.addr;
             workers.push(tokio::spawn(async move {
                 load(addr, acked, stop, seed, w).await
@@ -75,29 +73,13 @@ async fn kill9_under_load_loses_no_acknowledged_write() {
         .unwrap();
     verify(backend.addr, &acked, ROUNDS).await;
     tokio::time::sleep(Duration::from_millis(1_300)).await;
-    let stats = wait_settled(backend.addr, Duration::from_secs(20))
-        .await
-        .unwrap();
+    let stats = check_money(backend.addr, backend.addr).await;
     let created = stats["created_cents"].as_u64().unwrap();
-    let remaining = stats["remaining_cents"].as_u64().unwrap();
-    let wallets = stats["wallet_cents"].as_u64().unwrap();
-    assert_eq!(wallets + remaining, created, "money not conserved: {stats}");
     let acked_total: u64 = acked.lock().unwrap().envelopes.values().map(|e| e.0).sum();
     assert!(
         created >= acked_total,
         "acknowledged creates missing: {created} < {acked_total}"
     );
-    let mut c = Conn::connect(backend.addr).await.unwrap();
-    let mut sum = 0;
-    for u in (0..USERS)
-        .map(|i| format!("u{i}"))
-        .chain((0..SENDERS).map(|i| format!("s{i}")))
-    {
-        let (status, w) = c.get(&format!("/users/{u}/wallet")).await.unwrap();
-        assert_eq!(status, 200);
-        sum += w["balance_cents"].as_u64().unwrap();
-    }
-    assert_eq!(sum, wallets, "per-user wallets do not add up to the total");
     let exit = backend.terminate().unwrap();
     assert!(exit.success(), "SIGTERM exit: {exit}");
 

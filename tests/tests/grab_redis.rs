@@ -4,28 +4,15 @@
 //! Each test starts its own `redis-server` on a free loopback port (skipped, loudly, only
 //! when the binary is missing on a developer machine; CI installs it).
 
-mod grab_support;
-
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use grab_backend::{Config, RedisStoreConfig, StoreKind};
-use grab_support::{
-    Acked, Backend, Conn, InProcess, Rng, SENDERS, USERS, load, verify, wait_settled,
+use tidegate_tests::grab::{
+    Acked, Backend, Conn, InProcess, Race, Rng, assert_none, check_money, envelope_violations,
+    load, race_violations, redis_config, verify, wait_settled,
 };
-use serde_json::json;
 use tidegate_tests::redis::RedisServer;
-
-fn redis_config(url: &str) -> Config {
-    Config {
-        store: StoreKind::Redis(RedisStoreConfig::new(url)),
-        // Unused by the Redis store; a path that must not be created proves it.
-        data_dir: "/nonexistent/grab-redis".into(),
-        ..Config::default()
-    }
-}
 
 /// One envelope of 1,000 shares, 2,000 users plus 500 repeats over 64 connections split
 /// across two backends on one Redis: exactly 1,000 first grabs win, no user twice, every
@@ -33,125 +20,34 @@ fn redis_config(url: &str) -> Config {
 /// the total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_hot_envelope_race_through_two_backends() {
-    const USERS_N: usize = 2_000;
-    const REPEATS: usize = 500;
-    const CONNECTIONS: usize = 64;
-    const COUNT: u64 = 1_000;
-    const TOTAL: u64 = 1_000_000;
+    const RACE: Race = Race::HOT;
     let Some(redis) = RedisServer::start() else {
         return;
     };
     let a = InProcess::start(redis_config(&redis.url())).await.unwrap();
     let b = InProcess::start(redis_config(&redis.url())).await.unwrap();
-    let mut c = Conn::connect(a.addr).await.unwrap();
-    let (status, env) = c
-        .create(
-            json!({"sender": "boss", "total_cents": TOTAL, "count": COUNT, "expires_in_s": 600}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{env}");
-    let id = env["id"].as_str().unwrap().to_owned();
-
-    let (mut rng, seed) = Rng::from_env_or_time("GRAB_RACE_SEED");
-    eprintln!("grab_redis race seed {seed}");
-    let mut ops: Vec<String> = (0..USERS_N).map(|u| format!("user-{u}")).collect();
-    for _ in 0..REPEATS {
-        let u = rng.range(0, USERS_N as u64);
-        ops.push(format!("user-{u}"));
-    }
-    for i in (1..ops.len()).rev() {
-        let j = rng.range(0, i as u64 + 1) as usize;
-        ops.swap(i, j);
-    }
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for k in 0..CONNECTIONS {
-        let mine: Vec<String> = ops.iter().skip(k).step_by(CONNECTIONS).cloned().collect();
-        let addr = if k % 2 == 0 { a.addr } else { b.addr };
-        let id = id.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::connect(addr).await.unwrap();
-            let mut out = Vec::new();
-            for user in mine {
-                let (status, body) = conn.grab(&id, &user).await.unwrap();
-                out.push((user, status, body));
-            }
-            out
-        }));
-    }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed();
-
-    let mut first: HashMap<String, u64> = HashMap::new();
-    let mut amounts: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut empty = 0;
-    for (user, status, body) in &answers {
-        match status {
-            200 => {
-                let amount = body["amount_cents"].as_u64().unwrap();
-                assert!(amount >= 1);
-                amounts.entry(user.clone()).or_default().push(amount);
-                if body["repeat"] == false {
-                    assert!(
-                        first.insert(user.clone(), amount).is_none(),
-                        "{user} won twice"
-                    );
-                }
-            }
-            410 => {
-                assert_eq!(body["error"], "empty");
-                empty += 1;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
-    }
-    assert_eq!(first.len() as u64, COUNT, "successful first grabs");
-    assert_eq!(
-        first.values().sum::<u64>(),
-        TOTAL,
-        "shares sum to the total"
-    );
-    for (user, seen) in &amounts {
-        assert!(first.contains_key(user), "{user} got only repeats");
-        assert!(
-            seen.iter().all(|x| *x == first[user]),
-            "{user} saw different amounts: {seen:?}"
-        );
-    }
-    for (user, status, _) in &answers {
-        if *status == 410 {
-            assert!(!first.contains_key(user), "{user} got a share and 'empty'");
-        }
-    }
-    assert_eq!(
-        empty + amounts.values().map(Vec::len).sum::<usize>(),
-        USERS_N + REPEATS
-    );
+    let run = RACE
+        .run(&[a.addr, b.addr], "GRAB_RACE_SEED", "grab_redis race")
+        .await;
+    assert_eq!(run.answers.len(), RACE.users + RACE.repeats);
+    let (winners, bad) = race_violations(&RACE, &run.sent, &run.answers);
+    assert_none("what clients saw", &bad);
     // Both nodes see the same envelope.
     for addr in [a.addr, b.addr] {
         let mut c = Conn::connect(addr).await.unwrap();
-        let (status, page, grabs) = c.envelope_all(&id).await.unwrap();
+        let (status, page, grabs) = c.envelope_all(&run.id).await.unwrap();
         assert_eq!(status, 200);
-        assert_eq!(page["remaining_count"], 0);
-        assert_eq!(page["remaining_cents"], 0);
-        assert_eq!(grabs.len() as u64, COUNT);
-        for g in &grabs {
-            assert_eq!(
-                Some(&g["amount_cents"].as_u64().unwrap()),
-                first.get(g["user"].as_str().unwrap())
-            );
-        }
+        assert_none(
+            &format!("the view of {addr}"),
+            &envelope_violations(&RACE, &winners, &page, &grabs),
+        );
     }
     let stats = wait_settled(b.addr, Duration::from_secs(20)).await.unwrap();
-    assert_eq!(stats["wallet_cents"], TOTAL, "{stats}");
+    assert_eq!(stats["wallet_cents"], RACE.total, "{stats}");
     eprintln!(
         "grab_redis race: {} requests through two backends in {:.2}s",
-        answers.len(),
-        elapsed.as_secs_f64()
+        run.answers.len(),
+        run.elapsed.as_secs_f64()
     );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
@@ -185,7 +81,7 @@ async fn redis_kill9_one_of_two_backends_under_load() {
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for w in 0..WORKERS {
-            let (acked, stop, seed) = (acked.clone(), stop.clone(), rng.next());
+            let (acked, stop, seed) = (acked.clone(), stop.clone(), rng.next_u64());
             let addr = nodes[w % 2].addr;
             workers.push(tokio::spawn(async move {
                 load(addr, acked, stop, seed, w).await
@@ -214,24 +110,7 @@ async fn redis_kill9_one_of_two_backends_under_load() {
     verify(nodes[1].addr, &acked, ROUNDS).await;
     // Let the one-second envelopes expire and be refunded, and settlement catch up.
     tokio::time::sleep(Duration::from_millis(1_300)).await;
-    let stats = wait_settled(nodes[0].addr, Duration::from_secs(20))
-        .await
-        .unwrap();
-    let created = stats["created_cents"].as_u64().unwrap();
-    let remaining = stats["remaining_cents"].as_u64().unwrap();
-    let wallets = stats["wallet_cents"].as_u64().unwrap();
-    assert_eq!(wallets + remaining, created, "money not conserved: {stats}");
-    let mut c = Conn::connect(nodes[1].addr).await.unwrap();
-    let mut sum = 0;
-    for u in (0..USERS)
-        .map(|i| format!("u{i}"))
-        .chain((0..SENDERS).map(|i| format!("s{i}")))
-    {
-        let (status, w) = c.get(&format!("/users/{u}/wallet")).await.unwrap();
-        assert_eq!(status, 200);
-        sum += w["balance_cents"].as_u64().unwrap();
-    }
-    assert_eq!(sum, wallets, "per-user wallets do not add up to the total");
+    check_money(nodes[0].addr, nodes[1].addr).await;
     let a = acked.lock().unwrap();
     eprintln!(
         "grab_redis crash: {ROUNDS} rounds, {} envelopes and {} grabs acknowledged, {:.1}s",

@@ -3,30 +3,14 @@
 //! upstream never sees a rejected request); an app-wide limit holding its rate under three
 //! times the load for ten seconds; a dry-run limit that only counts.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use serde_json::{Value, json};
-use tidegate_tests::{Client, Reply, TIMEOUT, Upstream, config, full, get, h1_client, send, set};
-
-async fn grab(client: &Client, gw: SocketAddr, app: &str, user: &str) -> Reply {
-    let req = Request::post(format!("http://{gw}/envelopes/7/grab"))
-        .header("x-app-id", app)
-        .header("x-user-id", user)
-        .body(full(Bytes::new()))
-        .unwrap();
-    send(client, req).await
-}
-
-fn with_limits(up: SocketAddr, limits: Value) -> Value {
-    let mut c = config(&[up]);
-    set(&mut c, "limits", limits);
-    c
-}
+use serde_json::json;
+use tidegate_tests::{
+    TIMEOUT, Upstream, config_with_limits, get, grab_as, h1_client, start_gateway,
+};
 
 /// A per-user limit of 5/s on `grab`: alice's sixth request in a burst is refused with 429,
 /// `Retry-After`, `RateLimit-Policy`, `RateLimit` and a body naming the rule; bob is not
@@ -34,8 +18,8 @@ fn with_limits(up: SocketAddr, limits: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_limit_on_grab() {
     let up = Upstream::start().await;
-    let server = start(&with_limits(
-        up.addr,
+    let server = start_gateway(&config_with_limits(
+        &[up.addr],
         json!([{ "name": "grab-per-user", "match": { "interfaces": ["grab"] },
                  "key": ["user"], "rate": "5/s", "burst": 5 }]),
     ))
@@ -49,7 +33,7 @@ async fn per_user_limit_on_grab() {
     let t0 = Instant::now();
     let mut admitted = 0;
     let refusal = loop {
-        let r = grab(&client, gw, "app", "alice").await;
+        let r = grab_as(&client, gw, "app", "alice").await;
         if r.status == 429 {
             break r;
         }
@@ -76,7 +60,7 @@ async fn per_user_limit_on_grab() {
 
     // Bob has his own bucket.
     for _ in 0..5 {
-        assert_eq!(grab(&client, gw, "app", "bob").await.status, 200);
+        assert_eq!(grab_as(&client, gw, "app", "bob").await.status, 200);
     }
     // Other interfaces are not limited.
     for _ in 0..10 {
@@ -103,8 +87,8 @@ async fn per_user_limit_on_grab() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_wide_limit_under_load() {
     let up = Upstream::start().await;
-    let server = start(&with_limits(
-        up.addr,
+    let server = start_gateway(&config_with_limits(
+        &[up.addr],
         json!([{ "name": "app-wide", "match": { "apps": ["douyin"] },
                  "key": ["app"], "rate": "1000/s", "burst": 20 }]),
     ))
@@ -134,7 +118,7 @@ async fn app_wide_limit_under_load() {
                 if at >= deadline {
                     break;
                 }
-                let r = grab(&client, gw, "douyin", &format!("u{w}")).await;
+                let r = grab_as(&client, gw, "douyin", &format!("u{w}")).await;
                 sent.fetch_add(1, Ordering::Relaxed);
                 match r.status.as_u16() {
                     200 => {}
@@ -171,8 +155,8 @@ async fn app_wide_limit_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_counts_only() {
     let up = Upstream::start().await;
-    let server = start(&with_limits(
-        up.addr,
+    let server = start_gateway(&config_with_limits(
+        &[up.addr],
         json!([{ "name": "trial", "match": { "interfaces": ["grab"] },
                  "key": ["user"], "rate": "1/min", "burst": 2, "mode": "dry_run" }]),
     ))
@@ -180,7 +164,7 @@ async fn dry_run_counts_only() {
     let gw = server.listen_addrs[0];
     let client = h1_client();
     for _ in 0..10 {
-        assert_eq!(grab(&client, gw, "app", "carol").await.status, 200);
+        assert_eq!(grab_as(&client, gw, "app", "carol").await.status, 200);
     }
     assert_eq!(up.hits(), 10);
     let metrics = get(&client, server.admin_addr, "/metrics").await.text();
@@ -191,8 +175,4 @@ async fn dry_run_counts_only() {
         assert!(metrics.contains(want), "{want}\n{metrics}");
     }
     assert!(server.shutdown().await);
-}
-
-async fn start(c: &Value) -> tidegate::Server {
-    tidegate_tests::start_gateway(c).await
 }

@@ -30,7 +30,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tidegate_tests::{config, set, start_gateway};
+use tidegate_tests::{add_share_interface, config, percentile, set, start_gateway};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
@@ -115,9 +115,7 @@ impl Drop for CapUpstream {
 /// The gateway config: `grab` and `share` in front of the capped upstream, with `overload`.
 fn gateway_config(up: SocketAddr, overload: Value) -> Value {
     let mut c = config(&[up]);
-    c["interfaces"].as_array_mut().unwrap().push(json!(
-        { "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }
-    ));
+    add_share_interface(&mut c);
     // Bounded, so an unprotected run cannot pile up connections past the fd limit.
     set(&mut c, "upstreams/up/request_timeout_ms", json!(1000));
     set(
@@ -266,13 +264,12 @@ struct Report {
     failed: usize,
 }
 
+/// The p99 in milliseconds; NaN when there are no samples.
 fn p99(mut v: Vec<Duration>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_unstable();
-    let i = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i].as_secs_f64() * 1000.0
+    percentile(&mut v, 0.99).as_secs_f64() * 1000.0
 }
 
 fn report(shots: &[Shot], out: &[Outcome], run: Duration) -> Report {
@@ -358,12 +355,12 @@ async fn overloaded_run(overload: Value, baseline: bool) -> (Report, Option<f64>
     let shots = schedule(OVERLOAD * capacity_per_s(), RUN, CRITICAL_SHARE, PER_USER);
     // `OVERLOAD_TRACE=1` prints the admission level and caps every window.
     let trace = std::env::var_os("OVERLOAD_TRACE").map(|_| {
-        let gateway = server.live.clone();
+        let live = server.live.clone();
         tokio::spawn(async move {
             let t0 = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let s = serde_json::to_value(gateway.runtime.load().overload.status()).unwrap();
+                let s = serde_json::to_value(live.runtime.load().overload.status()).unwrap();
                 let a = &s["admission"];
                 let w = &a["last_window"];
                 let c = &s["caps"][0];

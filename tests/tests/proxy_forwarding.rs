@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
+use tidegate_tests::raw::exchange;
 use tidegate_tests::{
     Upstream, config, dead_addr, full, get, h1_client, post, send, set, start_gateway, streamed,
 };
@@ -14,24 +15,13 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 /// Send raw HTTP/1.1 bytes (which must ask for `Connection: close`) and return the status
 /// line, the header block and the body.
 async fn raw_exchange(addr: SocketAddr, request: &str) -> (String, String, Vec<u8>) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("the gateway answers and closes in time")
-        .unwrap();
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
-    (
-        status.to_owned(),
-        headers.to_ascii_lowercase(),
-        buf[split + 4..].to_vec(),
-    )
+    let r = exchange(addr, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        r.closed,
+        "the gateway answers and closes in time: {}",
+        r.text()
+    );
+    r.head_and_body()
 }
 
 /// Connection-named, Keep-Alive, TE, Proxy-Connection never reach the upstream; X-Forwarded-* set.

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use http::{StatusCode, Version};
 use serde_json::json;
+use tidegate_tests::raw::exchange;
 use tidegate_tests::{
     Upstream, config, get, h1_client, h2c_client, set, start_gateway, test_cert, tls_client,
     tls_get,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A plain HTTP/1.1 request is proxied: the upstream answers 200 and sees HTTP/1.1.
 #[tokio::test]
@@ -126,15 +126,13 @@ async fn tls_below_1_2_is_refused() {
     record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
     record.extend_from_slice(&handshake);
 
-    let mut s = tokio::net::TcpStream::connect(gw.listen_addrs[0])
-        .await
-        .unwrap();
-    s.write_all(&record).await.unwrap();
-    let mut answer = [0u8; 7];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer))
-        .await
-        .expect("the server answers in time")
-        .expect("the server sends an alert record");
+    let r = exchange(gw.listen_addrs[0], &record, Duration::from_secs(5)).await;
+    let answer = r.bytes.get(..7).unwrap_or_else(|| {
+        panic!(
+            "the server answers in time with an alert record, got {:02x?}",
+            r.bytes
+        )
+    });
     assert_eq!(answer[0], 0x15, "an alert record, got {answer:02x?}");
     assert_eq!(answer[5], 2, "a fatal alert, got {answer:02x?}");
     assert_eq!(answer[6], 70, "protocol_version, got {answer:02x?}");

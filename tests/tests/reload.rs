@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use serde_json::{Value, json};
+use tidegate_tests::api;
 use tidegate_tests::{Client, Upstream, config, full, get, h1_client, set};
 
 /// Config with a canary split of `grab` traffic between v1 and v2 at `ppm`.
@@ -171,9 +172,7 @@ async fn rewrites_under_load(writer: Writer, rounds: usize) -> Duration {
     let (v1, v2) = (Upstream::start().await, Upstream::start().await);
     let weights = [10_000u32, 500_000];
     let mut dir = ConfigDir::new(writer, &bytes(&canary(v1.addr, v2.addr, weights[0])));
-    let server = tidegate::start_from_file(&dir.path())
-        .await
-        .expect("starts");
+    let server = api::start_from_file(&dir.path()).await.expect("starts");
     let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
     let client = h1_client();
     assert_eq!(live_ppm(&client, admin).await, Some(u64::from(weights[0])));
@@ -249,9 +248,7 @@ async fn broken_edits_keep_old_rules() {
     let (v1, v2) = (Upstream::start().await, Upstream::start().await);
     let good = canary(v1.addr, v2.addr, 10_000);
     let mut dir = ConfigDir::new(Writer::Rename, &bytes(&good));
-    let server = tidegate::start_from_file(&dir.path())
-        .await
-        .expect("starts");
+    let server = api::start_from_file(&dir.path()).await.expect("starts");
     let reloader = server.reloader.clone().unwrap();
     let client = h1_client();
     let admin = server.admin_addr;
@@ -356,10 +353,7 @@ async fn broken_edits_keep_old_rules() {
     // reload attempts report it.
     std::fs::remove_file(dir.path()).unwrap();
     let t = Instant::now();
-    assert_eq!(
-        reloader.reload("test", t).await,
-        tidegate::control::reload::ReloadOutcome::Failed
-    );
+    assert_eq!(reloader.reload("test", t).await, api::ReloadOutcome::Failed);
     assert!(
         reloader
             .status()
@@ -368,10 +362,7 @@ async fn broken_edits_keep_old_rules() {
             .contains("does not exist")
     );
     std::os::unix::fs::symlink(dir.dir.path().join("missing.json"), dir.path()).unwrap();
-    assert_eq!(
-        reloader.reload("test", t).await,
-        tidegate::control::reload::ReloadOutcome::Failed
-    );
+    assert_eq!(reloader.reload("test", t).await, api::ReloadOutcome::Failed);
     assert!(
         reloader
             .status()
@@ -404,14 +395,12 @@ async fn identical_rewrite_is_noop() {
     let (v1, v2) = (Upstream::start().await, Upstream::start().await);
     let text = bytes(&canary(v1.addr, v2.addr, 10_000));
     let dir = ConfigDir::new(Writer::Rename, &text);
-    let server = tidegate::start_from_file(&dir.path())
-        .await
-        .expect("starts");
+    let server = api::start_from_file(&dir.path()).await.expect("starts");
     let r = server.reloader.clone().unwrap();
     std::fs::write(dir.path(), &text).unwrap();
     assert_eq!(
         r.reload("test", Instant::now()).await,
-        tidegate::control::reload::ReloadOutcome::Unchanged
+        api::ReloadOutcome::Unchanged
     );
     assert_eq!(r.status().generation, 1);
     assert!(server.shutdown().await);
@@ -442,7 +431,7 @@ async fn included_rules_dir_reloads_as_one() {
     let main_path = dir.path().join("tidegate.json");
     std::fs::write(&main_path, bytes(&main)).unwrap();
 
-    let server = tidegate::start_from_file(&main_path).await.expect("starts");
+    let server = api::start_from_file(&main_path).await.expect("starts");
     let (client, admin) = (h1_client(), server.admin_addr);
     assert_eq!(live_ppm(&client, admin).await, Some(10_000));
 
@@ -491,7 +480,7 @@ async fn included_rules_dir_reloads_as_one() {
     assert!(reloader.status().last_error.is_none());
 
     // `tidegate check` reads the same set.
-    let loaded = tidegate::control::config::read_config(&main_path).expect("the set checks");
+    let loaded = api::read_config(&main_path).expect("the set checks");
     assert_eq!(loaded.config.routes.len(), 2);
     assert!(server.shutdown().await);
 }
@@ -509,9 +498,7 @@ async fn limiter_state_survives_unrelated_reloads() {
         bytes(&c)
     };
     let mut dir = ConfigDir::new(Writer::Rename, &with_limit(10_000, "5/min"));
-    let server = tidegate::start_from_file(&dir.path())
-        .await
-        .expect("starts");
+    let server = api::start_from_file(&dir.path()).await.expect("starts");
     let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
     let client = h1_client();
     let grab = |user: &'static str| {

@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::process::Command;
 
-use bytes::Bytes;
-use http::Request;
 use serde_json::{Value, json};
+use tidegate_tests::api;
 use tidegate_tests::{
-    Client, TIMEOUT, Upstream, config, full, get, h1_client, send, set, start_gateway, tidegate_bin,
+    Client, TIMEOUT, Upstream, config, get, grab_as, h1_client, set, start_gateway, tidegate_bin,
 };
 
 /// Config with two upstreams and a 5% canary of douyin's grab traffic to v2.
@@ -40,12 +39,7 @@ fn canary_config(v1: SocketAddr, v2: SocketAddr) -> Value {
 }
 
 async fn grab(client: &Client, gw: SocketAddr, app: &str, user: &str) {
-    let req = Request::post(format!("http://{gw}/envelopes/7/grab"))
-        .header("x-app-id", app)
-        .header("x-user-id", user)
-        .body(full(Bytes::new()))
-        .unwrap();
-    let r = send(client, req).await;
+    let r = grab_as(client, gw, app, user).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -191,7 +185,7 @@ fn explain_command() {
         out.contains("split: v2 50000 ppm, buckets [0, 50000)"),
         "{out}"
     );
-    let bucket = rules::bucket::bucket("douyin-grab-canary", "bob");
+    let bucket = api::bucket("douyin-grab-canary", "bob");
     assert!(
         out.contains(&format!("bucket: {bucket} (from user)")),
         "{out}"

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tidegate_tests::api;
 use tidegate_tests::{TestCert, Upstream, config, set, test_cert, tls_client, tls_get};
 
 /// Whether a TLS handshake trusting only `cert` succeeds against `addr`.
@@ -51,9 +52,7 @@ async fn certificates_reload_and_bad_ones_are_refused() {
     );
     let config_path = dir.path().join("tidegate.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
-    let server = tidegate::start_from_file(&config_path)
-        .await
-        .expect("starts");
+    let server = api::start_from_file(&config_path).await.expect("starts");
     let addr = server.listen_addrs[0];
     let reloader = server.reloader.clone().unwrap();
 

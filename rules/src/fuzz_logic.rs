@@ -45,11 +45,7 @@ pub fn config(data: &[u8]) {
 /// bucket ranges, header matches, limits and fallbacks.
 fn snapshot() -> &'static Snapshot {
     static SNAP: OnceLock<Snapshot> = OnceLock::new();
-    SNAP.get_or_init(|| {
-        crate::load("fuzz-base.json", FUZZ_CONFIG.as_bytes())
-            .unwrap_or_else(|e| panic!("the fuzz base config is valid: {e}"))
-            .snapshot
-    })
+    SNAP.get_or_init(base_snapshot)
 }
 
 const FUZZ_CONFIG: &str = r#"{
@@ -139,43 +135,90 @@ pub fn request(data: &[u8]) {
     assert!(e.decision.is_some());
 }
 
-/// Decision bytes → route, limits and fallback for an arbitrary (app, interface, user,
-/// headers, client IP, random draw), without going through the extractors. The input is split
-/// on `\n`: app, interface index, user, then header lines. Never panics.
-pub fn decide(data: &[u8]) {
-    let snap = snapshot();
-    let text = String::from_utf8_lossy(data);
-    let mut lines = text.split('\n');
-    let app = lines.next().filter(|a| !a.is_empty());
-    let interface = lines
-        .next()
-        .and_then(|i| i.parse::<u32>().ok())
-        .filter(|i| (*i as usize) < snap.interfaces.len())
-        .map(crate::InterfaceId);
-    let user = lines.next().filter(|u| !u.is_empty());
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.trim().as_bytes()),
-                HeaderValue::from_str(v.trim()),
-            ) {
-                headers.append(k, v);
+/// A decision's inputs decoded from fuzz bytes: split on `\n`, app, interface index, user,
+/// then header lines; the client IP and the random draw come from a hash of the bytes.
+#[derive(Debug)]
+pub struct DecideInput {
+    /// App ID.
+    pub app: Option<String>,
+    /// Interface, when the index names one of the base config's.
+    pub interface: Option<crate::InterfaceId>,
+    /// User ID.
+    pub user: Option<String>,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Client address.
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The random draw.
+    pub random: u64,
+}
+
+impl DecideInput {
+    /// Decode `data` (any bytes) against `snap`'s interfaces.
+    pub fn decode(data: &[u8], snap: &Snapshot) -> Self {
+        let text = String::from_utf8_lossy(data);
+        let mut lines = text.split('\n');
+        let app = lines.next().filter(|a| !a.is_empty()).map(str::to_owned);
+        let interface = lines
+            .next()
+            .and_then(|i| i.parse::<u32>().ok())
+            .filter(|i| (*i as usize) < snap.interfaces.len())
+            .map(crate::InterfaceId);
+        let user = lines.next().filter(|u| !u.is_empty()).map(str::to_owned);
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            if let Some((k, v)) = line.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.trim().as_bytes()),
+                    HeaderValue::from_str(v.trim()),
+                ) {
+                    headers.append(k, v);
+                }
             }
         }
-    }
-    let seed = xxhash_rust::xxh3::xxh3_64(data);
-    let input = RouteInput {
-        m: MatchInput {
+        let seed = xxhash_rust::xxh3::xxh3_64(data);
+        Self {
             app,
             interface,
             user,
-            headers: &headers,
-        },
-        client_ip: (seed & 1 == 0)
-            .then(|| std::net::IpAddr::from(((seed >> 8) as u32).to_be_bytes())),
-        random: seed,
-    };
+            headers,
+            client_ip: (seed & 1 == 0)
+                .then(|| std::net::IpAddr::from(((seed >> 8) as u32).to_be_bytes())),
+            random: seed,
+        }
+    }
+
+    /// The decision input.
+    pub fn route_input(&self) -> RouteInput<'_> {
+        RouteInput {
+            m: MatchInput {
+                app: self.app.as_deref(),
+                interface: self.interface,
+                user: self.user.as_deref(),
+                headers: &self.headers,
+            },
+            client_ip: self.client_ip,
+            random: self.random,
+        }
+    }
+}
+
+/// A fresh snapshot of the base config the request-path targets run against (every
+/// extractor kind, splits, whitelists, bucket ranges, header matches, limits, fallbacks).
+pub fn base_snapshot() -> Snapshot {
+    crate::load("fuzz-base.json", FUZZ_CONFIG.as_bytes())
+        .unwrap_or_else(|e| panic!("the fuzz base config is valid: {e}"))
+        .snapshot
+}
+
+/// Decision bytes → route, limits and fallback for an arbitrary (app, interface, user,
+/// headers, client IP, random draw), without going through the extractors (see
+/// [`DecideInput`]). Never panics. The gateway's whole decision on the same input is fuzzed
+/// by the proxy's `pipeline::fuzz`.
+pub fn decide(data: &[u8]) {
+    let snap = snapshot();
+    let decoded = DecideInput::decode(data, snap);
+    let input = decoded.route_input();
     let d = snap
         .route(&input)
         .expect("the base config has a default route");

@@ -248,6 +248,57 @@ impl CompiledLimit {
         r: &RouteInput<'_>,
     ) -> Option<LimitKey> {
         let mut h = KeyHasher::new();
+        let found = self.walk_key(names, r, |piece| match piece {
+            KeyPiece::Value(_, v) => {
+                h.write(&[1]);
+                h.write(&(v.len() as u32).to_le_bytes());
+                h.write(v);
+            }
+            KeyPiece::Shared(_) => h.write(&[2]),
+            KeyPiece::ClientIp(_, ip) => {
+                h.write(&[3]);
+                h.write(&ipv6_octets(ip));
+            }
+        });
+        found.then(|| LimitKey {
+            quota: self.quota_of(&r.m),
+            hash: h.finish(),
+        })
+    }
+
+    /// The key [`CompiledLimit::key_of`] hashes, as text (`user="bob", app="douyin"`), and
+    /// the quota's label; `None` when the rule skips the request. For `explain`.
+    pub fn describe_key(
+        &self,
+        names: &(impl InterfaceNames + ?Sized),
+        r: &RouteInput<'_>,
+    ) -> Option<(String, &str)> {
+        let mut parts = Vec::new();
+        let found = self.walk_key(names, r, |piece| {
+            parts.push(match piece {
+                KeyPiece::Value(part, v) => {
+                    format!("{}={:?}", part.label(), String::from_utf8_lossy(v))
+                }
+                KeyPiece::Shared(part) => format!("{}=(missing: one shared key)", part.label()),
+                KeyPiece::ClientIp(part, ip) => format!("{}=(missing: client {ip})", part.label()),
+            })
+        });
+        let key = match parts.is_empty() {
+            true => "(one key for all)".to_owned(),
+            false => parts.join(", "),
+        };
+        found.then(|| (key, &*self.quotas[self.quota_of(&r.m) as usize].label))
+    }
+
+    /// Hand each part of the request's key to `f`, in key order; `false` when a part is
+    /// missing and the rule skips such requests.
+    #[inline]
+    fn walk_key<'a>(
+        &'a self,
+        names: &'a (impl InterfaceNames + ?Sized),
+        r: &RouteInput<'a>,
+        mut f: impl FnMut(KeyPiece<'a>),
+    ) -> bool {
         for part in &self.key {
             let value: Option<&[u8]> = match part {
                 CompiledKeyPart::App => r.m.app.map(str::as_bytes),
@@ -262,29 +313,35 @@ impl CompiledLimit {
                         .filter(|v| !v.is_empty())
                 }
             };
-            match value {
-                Some(v) => {
-                    h.write(&[1]);
-                    h.write(&(v.len() as u32).to_le_bytes());
-                    h.write(v);
-                }
-                None => match self.when_missing {
-                    WhenMissing::Skip => return None,
-                    WhenMissing::Shared => h.write(&[2]),
-                    WhenMissing::ClientIp => match r.client_ip {
-                        Some(ip) => {
-                            h.write(&[3]);
-                            h.write(&ipv6_octets(ip));
-                        }
-                        None => h.write(&[2]),
-                    },
-                },
-            }
+            f(match (value, self.when_missing, r.client_ip) {
+                (Some(v), ..) => KeyPiece::Value(part, v),
+                (None, WhenMissing::Skip, _) => return false,
+                (None, WhenMissing::ClientIp, Some(ip)) => KeyPiece::ClientIp(part, ip),
+                (None, WhenMissing::Shared | WhenMissing::ClientIp, _) => KeyPiece::Shared(part),
+            });
         }
-        Some(LimitKey {
-            quota: self.quota_of(&r.m),
-            hash: h.finish(),
-        })
+        true
+    }
+}
+
+/// One part of a request's limit key.
+enum KeyPiece<'a> {
+    /// The request's value.
+    Value(&'a CompiledKeyPart, &'a [u8]),
+    /// Missing, counted under one key shared by all such requests.
+    Shared(&'a CompiledKeyPart),
+    /// Missing, counted under the client's address.
+    ClientIp(&'a CompiledKeyPart, IpAddr),
+}
+
+impl CompiledKeyPart {
+    fn label(&self) -> String {
+        match self {
+            Self::App => "app".to_owned(),
+            Self::Interface => "interface".to_owned(),
+            Self::User => "user".to_owned(),
+            Self::Header(h) => format!("header {h}"),
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use crate::TIMEOUT;
 pub use rules::bucket::bucket;
 pub use rules::load as load_rules;
 pub use rules::model::RedisSettings;
-pub use tidegate::govern::cluster::{ClusterStore, Grant};
 pub use tidegate::control::config::read_config;
 pub use tidegate::control::reload::ReloadOutcome;
+pub use tidegate::govern::cluster::{ClusterStore, Grant};
 pub use tidegate::{Server, start_from_file};
 
 /// Load `config` and start an in-process gateway; panics with the located errors if the

@@ -221,6 +221,55 @@ fn explain_command() {
     );
 }
 
+/// `tidegate explain` reports every phase: with a 100% fallback on `grab`, the fallback
+/// answers and routing is not reached (not the upstream routing would have picked), in text
+/// and JSON; other interfaces are still routed.
+#[test]
+fn explain_reports_the_fallback() {
+    let mut c = canary_config(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    );
+    c["fallbacks"] = json!([{ "name": "grab-off", "match": { "interfaces": ["grab"] },
+        "response": { "status": 200, "body": { "degraded": true } } }]);
+    let grab = [
+        "explain",
+        "--method",
+        "POST",
+        "--path",
+        "/envelopes/7/grab",
+        "--app",
+        "douyin",
+        "--user",
+        "bob",
+    ];
+    let (code, out, err) = tidegate(&c, &grab);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("fallback: rule \"grab-off\" answers 200"),
+        "{out}"
+    );
+    assert!(out.contains("route: not reached"), "{out}");
+    assert!(
+        out.contains("answer: 200 fallback (rule \"grab-off\")"),
+        "{out}"
+    );
+    assert!(!out.contains("→ upstream"), "{out}");
+
+    let (code, out, _) = tidegate(&c, &[&grab[..], &["--json"]].concat());
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["answer"]["kind"], "fallback");
+    assert_eq!(v["fallback"]["rule"], "grab-off");
+    assert_eq!(v["route_reached"], false);
+    assert!(v["decision"].is_null());
+
+    let (code, out, _) = tidegate(&c, &["explain", "--path", "/somewhere", "--app", "douyin"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("fallback: none"), "{out}");
+    assert!(out.contains("answer: forward to upstream \"v1\""), "{out}");
+}
+
 /// `tidegate check` refuses two rules that can match the same request with the same
 /// specificity, naming both; `explain` refuses to run on such a config.
 #[test]

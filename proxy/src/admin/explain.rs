@@ -88,6 +88,10 @@ pub struct LimitReport {
     pub mode: &'static str,
     /// `local` or `cluster`.
     pub scope: &'static str,
+    /// What the request is counted as (`user="bob"`), when the rule counts it.
+    pub key: Option<String>,
+    /// The quota it falls under: `default`, or an exception's label.
+    pub quota: Option<String>,
     /// `allowed`, `limited`, `dry_run_limited` (would refuse, but only counts),
     /// `no_key` (the key is missing and the rule skips such requests), `not_reached` (an
     /// earlier limit refused) or `in_redis` (cluster scope: decided by the shared store).
@@ -263,10 +267,11 @@ fn limit_reports(
             let heard = verdicts
                 .iter()
                 .find(|(p, ..)| std::ptr::eq(*p, Arc::as_ptr(lim)));
+            let key = rule.describe_key(snap, &input);
             let (verdict, wait) = match heard {
                 Some((_, o, w)) => (o.label(), (*o != Outcome::Allowed).then_some(*w)),
                 None if !d.admitted || refused => ("not_reached", None),
-                None if rule.key_of(snap, &input).is_none() => ("no_key", None),
+                None if key.is_none() => ("no_key", None),
                 None if lim.cluster.is_some() => ("in_redis", None),
                 None => ("not_reached", None),
             };
@@ -281,6 +286,8 @@ fn limit_reports(
                     Some(_) => "cluster",
                     None => "local",
                 },
+                key: key.as_ref().map(|(k, _)| k.clone()),
+                quota: key.map(|(_, q)| q.to_owned()),
                 verdict,
                 retry_after_ms: wait.map(|w| w.as_millis().max(1) as u64),
             }
@@ -359,7 +366,11 @@ impl fmt::Display for Explanation {
             let state = if self.live_state { "live" } else { "fresh" };
             writeln!(f, "limits ({}, {state} state):", self.limits.len())?;
             for l in &self.limits {
-                write!(f, "  - {} [{}, {}]: {}", l.rule, l.mode, l.scope, l.verdict)?;
+                write!(f, "  - {} [{}, {}", l.rule, l.mode, l.scope)?;
+                if let (Some(k), Some(q)) = (&l.key, &l.quota) {
+                    write!(f, ", key {k}, quota {q}")?;
+                }
+                write!(f, "]: {}", l.verdict)?;
                 match l.retry_after_ms {
                     Some(ms) => writeln!(f, " (retry after {ms} ms)")?,
                     None => writeln!(f)?,
@@ -444,3 +455,6 @@ pub fn query_from_url(query: &str) -> Result<ExplainQuery, String> {
     q.path = path.ok_or("missing parameter `path`")?;
     Ok(q)
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,6 +14,8 @@
 //! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
 
 pub mod decide;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod record;
 
 use std::sync::Arc;

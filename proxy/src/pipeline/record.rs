@@ -5,6 +5,7 @@
 //! the answer is known only after the exchange ([`Record::finish`]). Nothing here decides
 //! anything: the [`Class`] of a local answer comes from the phase that made it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,8 +44,16 @@ pub struct Record {
     tally: Tally,
     interface: Option<InterfaceId>,
     started: Instant,
-    /// App, user and route rule, for the access log (copied only when it is on).
-    who: Option<(Option<String>, Option<String>, Option<String>)>,
+    /// Who asked and where it was routed, for the access log (copied only when it is on).
+    who: Option<Who>,
+}
+
+/// App, user and route rule of a request, for its access log line.
+#[derive(Debug)]
+struct Who {
+    app: Option<String>,
+    user: Option<String>,
+    route: Option<Arc<str>>,
 }
 
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -61,12 +70,10 @@ impl Record {
         let tally = rt
             .stats
             .tally(d.class.interface, d.route.as_ref(), forwarded);
-        let who = access_log.then(|| {
-            (
-                d.class.app.as_deref().map(str::to_owned),
-                d.class.user.as_deref().map(str::to_owned),
-                d.route.as_ref().map(|r| r.rule.name.to_string()),
-            )
+        let who = access_log.then(|| Who {
+            app: d.class.app.as_deref().map(str::to_owned),
+            user: d.class.user.as_deref().map(str::to_owned),
+            route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
         });
         Self {
             tally,
@@ -136,7 +143,7 @@ impl Record {
                 status: status_class(status),
             });
 
-        if let Some((app, user, route)) = &self.who {
+        if let Some(Who { app, user, route }) = &self.who {
             tracing::info!(
                 target: "tidegate::access",
                 request_id = request_id.to_str().unwrap_or("-"),

@@ -14,21 +14,24 @@
 //!   └─ pipeline/   Gateway::handle: decide → cluster limits → overload slots → forward → record
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
-//!             ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers (breaker.rs)
-//!             ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
-//!             └─ upstream/   endpoints, connection cache, own HTTP/1.1 client (h1.rs), headers.rs
+//!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
+//!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers
+//!                  ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
+//!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers
 //! ```
 //!
-//! Beside it, the planes that hold the live [`runtime::Live`] handle rather than the gateway:
+//! Beside it, the planes that hold the [`runtime::Live`] handle rather than the gateway:
 //! - [`control`]: the config file (`config`), hot reload (`reload`), background
 //!   housekeeping (`housekeep`) and the embedded grab backend (`embedded`).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the dashboard and `status.json`
 //!   (`admin::status`), and `explain` (`admin::explain`, also behind `tidegate explain`).
 //!
-//! Leaves every layer may use: [`runtime`] (`Runtime`: what one config compiles to; `Live`),
-//! [`stats`] (the dashboard's live counters), [`metrics`] (the Prometheus registry),
-//! [`respond`] (the gateway's own answers), [`conn`] (per-connection facts) and [`shutdown`]
-//! (the stop signal).
+//! Leaves every layer may use: [`stats`] (the dashboard's live counters), [`metrics`] (the
+//! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
+//! facts) and [`shutdown`] (the stop signal).
+//!
+//! `cargo test -p tidegate-tests --test layout` fails on any import circle among these
+//! modules (and those of `rules`).
 //!
 //! Tests and the binary start a gateway with [`start`], which binds everything (port 0 is
 //! fine) and returns a [`Server`] that reports its addresses and shuts down gracefully.

@@ -118,20 +118,8 @@ pub fn decide_classified<'r>(
     mut on_limit: impl FnMut(&RuleLimiter, Outcome, Duration),
 ) -> Decision<'r> {
     let serve = matches!(mode, Mode::Serve { .. });
-    let input = RouteInput {
-        m: MatchInput {
-            app: class.app.as_deref(),
-            interface: class.interface,
-            user: class.user.as_deref(),
-            headers,
-        },
-        client_ip,
-        random: match mode {
-            Mode::Serve { draw } => draw,
-            Mode::Peek { .. } => 0,
-        },
-    };
-
+    let input = route_input(&class, headers, client_ip, mode);
+    // Each phase runs only if every phase before it let the request on.
     let admitted = admit(rt, &input, mode);
     let (limited, cluster) = match admitted {
         true => rt
@@ -144,21 +132,15 @@ pub fn decide_classified<'r>(
             }),
         false => (None, None),
     };
-    let fallback = match admitted && limited.is_none() {
-        true => rt.snapshot.fallback(&input),
-        false => None,
-    };
-    let route = match admitted && limited.is_none() && fallback.is_none() {
-        true => rt.snapshot.route(&input),
-        false => None,
-    };
+    let on = admitted && limited.is_none();
+    let fallback = on.then(|| rt.snapshot.fallback(&input)).flatten();
+    let route = (on && fallback.is_none())
+        .then(|| rt.snapshot.route(&input))
+        .flatten();
     let breaker = match &route {
-        Some(r) => rt
-            .governors
-            .breaker(&rt.snapshot, r, serve.then_some(&*rt.metrics)),
+        Some(r) => (rt.governors).breaker(&rt.snapshot, r, serve.then_some(&*rt.metrics)),
         None => BreakerVerdict::Unchecked,
     };
-
     let mut d = Decision {
         class,
         admitted,
@@ -171,6 +153,28 @@ pub fn decide_classified<'r>(
     };
     d.action = action(rt, &mut d, serve);
     d
+}
+
+/// What the phases read of a request.
+fn route_input<'a>(
+    class: &'a Classified<'_>,
+    headers: &'a HeaderMap,
+    client_ip: Option<IpAddr>,
+    mode: Mode,
+) -> RouteInput<'a> {
+    RouteInput {
+        m: MatchInput {
+            app: class.app.as_deref(),
+            interface: class.interface,
+            user: class.user.as_deref(),
+            headers,
+        },
+        client_ip,
+        random: match mode {
+            Mode::Serve { draw } => draw,
+            Mode::Peek { .. } => 0,
+        },
+    }
 }
 
 /// Overload admission: counted in the window's histogram when serving. A request without a

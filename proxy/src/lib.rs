@@ -103,7 +103,9 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
 /// Start a gateway from a config file, and keep it in step with the file: edits (and
 /// SIGHUP) reload the rules without a restart (see [`reload`]).
 pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
-    let (loaded, hash) = config::read_config_hashed(path)?;
+    // Bounded: a read blocked for good (a FIFO swapped in after the file-type check) fails
+    // the start after `READ_TIMEOUT` rather than hanging it.
+    let (loaded, hash) = config::read_config_within(path, config::READ_TIMEOUT)?;
     let include = config::include_dir(path, &loaded);
     start_inner(loaded, Some((path.to_path_buf(), include, hash))).await
 }

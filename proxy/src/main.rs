@@ -78,7 +78,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match tidegate::control::config::read_config(&config) {
+        Command::Check { config } => match read_config(&config) {
             Ok(loaded) => {
                 println!("{}", tidegate::control::config::summary(&config, &loaded));
                 ExitCode::SUCCESS
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             level,
             json,
         } => {
-            let loaded = match tidegate::control::config::read_config(&config) {
+            let loaded = match read_config(&config) {
                 Ok(l) => l,
                 Err(errors) => {
                     for e in &errors.0 {
@@ -144,7 +144,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, workers } => {
-            let loaded = match tidegate::control::config::read_config(&config) {
+            let loaded = match read_config(&config) {
                 Ok(l) => l,
                 Err(errors) => {
                     for e in &errors.0 {
@@ -167,7 +167,11 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .expect("building the tokio runtime");
-            match rt.block_on(run(&config)) {
+            let result = rt.block_on(run(&config));
+            // Never wait long for blocking tasks still running (the reload's reader is a
+            // detached thread already; this covers any other): the drain is done.
+            rt.shutdown_timeout(SHUTDOWN_BLOCKING_WAIT);
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "tidegate failed");
@@ -176,6 +180,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// How long exit waits for blocking tasks left after the drain.
+const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Read a config for `check`, `explain` and start-up: only regular files, within
+/// [`tidegate::control::config::READ_TIMEOUT`] (a read stuck on a FIFO is an error naming the
+/// file, not a hang).
+fn read_config(path: &std::path::Path) -> Result<rules::Loaded, rules::error::ConfigErrors> {
+    use tidegate::control::config;
+    config::read_config_within(path, config::READ_TIMEOUT).map(|(loaded, _)| loaded)
 }
 
 async fn run(config: &std::path::Path) -> anyhow::Result<()> {

@@ -48,7 +48,8 @@ pub struct UpstreamErrorLabels {
 /// Labels of `tidegate_config_reloads_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `applied`, `unchanged` or `failed`.
+    /// `applied`, `unchanged`, `failed` or `stuck` (reading or building gave no answer
+    /// within the bound, or an abandoned read is still blocked).
     pub outcome: &'static str,
 }
 
@@ -133,6 +134,9 @@ pub struct Metrics {
     pub config_reload_seconds: Histogram,
     /// Generation of the live config (1 at start, +1 per applied reload).
     pub config_generation: Gauge,
+    /// 1 while a config read abandoned after the bound is still blocked (no new read
+    /// starts until it returns), else 0.
+    pub config_read_stuck: Gauge,
     /// Limit decisions by rule and outcome (a request checked by three limits counts three).
     pub limit_decisions: Family<LimitLabels, Counter>,
     /// Cluster-scope limit checks the limit store (Redis) failed or timed out, by rule;
@@ -293,6 +297,12 @@ impl Metrics {
             "Generation of the live config (1 at start, +1 per applied reload)",
             config_generation.clone(),
         );
+        let config_read_stuck = Gauge::default();
+        registry.register(
+            "config_read_stuck",
+            "1 while a config read that gave no answer within the bound is still blocked, else 0",
+            config_read_stuck.clone(),
+        );
         let limit_decisions = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limit_decisions",
@@ -389,6 +399,7 @@ impl Metrics {
             config_reloads,
             config_reload_seconds,
             config_generation,
+            config_read_stuck,
             requests,
             upstream_latency,
             upstream_errors,

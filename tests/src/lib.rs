@@ -593,6 +593,12 @@ impl ChildGateway {
             serde_json::to_vec_pretty(config).expect("serializes"),
         )
         .expect("writing the config");
+        Self::spawn_file(&path, dir)
+    }
+
+    /// Run the gateway on the config file at `path`, keeping `dir` (the directory it and
+    /// anything it includes live in) until the gateway is dropped.
+    pub fn spawn_file(path: &Path, dir: tempfile::TempDir) -> Self {
         let mut child = Command::new(tidegate_bin())
             .arg("run")
             .arg("--config")
@@ -656,6 +662,28 @@ impl ChildGateway {
     /// File descriptors the child has open now.
     pub fn fd_count(&self) -> usize {
         fd_count(self.child.id())
+    }
+
+    /// Send SIGTERM and wait up to `within` for the exit: the exit status and how long it
+    /// took, or `None` (the child is then killed) if it did not exit in time.
+    pub fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let sent = std::time::Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waiting for tidegate") {
+                return Some((s, sent.elapsed()));
+            }
+            if sent.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

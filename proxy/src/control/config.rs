@@ -1,26 +1,117 @@
 //! Reading a config file from disk: the I/O half of loading that `rules` (pure) cannot do.
 //!
-//! Refuses directories, unreadable files and files over [`rules::source::MAX_CONFIG_BYTES`]
-//! before reading them whole, then runs `rules::load` and adds the checks that need the file
-//! system (do the TLS certificate and key load?), located like every other error.
+//! Only regular files are read: the main file, every fragment of its `include_dir` and the
+//! listeners' TLS files are checked with `metadata` *before* they are opened, so a FIFO (whose
+//! `open` would block until a writer appears), a socket, a device or a directory is refused
+//! with its name; files over [`rules::source::MAX_CONFIG_BYTES`] are refused by their size,
+//! unread. Then `rules::load` runs, plus the checks that need the file system (do the TLS
+//! certificate and key load?), located like every other error.
+//!
+//! A file swapped for a FIFO between that check and the `open` (or a hung network file
+//! system) can still block a read. Callers that must not hang use
+//! [`read_config_within`] (a detached thread, abandoned after a bound) or, for reloads, the
+//! same pattern in `reload`; [`Progress`] says which file the read was stuck on.
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rules::Loaded;
 use rules::error::{ConfigError, ConfigErrors, JsonPath};
 use rules::source::MAX_CONFIG_BYTES;
 use rules::validate::Issue;
 
+/// How long reading a config (every file of it) and compiling it may take before the read
+/// is abandoned and reported as stuck: at start-up, in `tidegate check` and on every reload.
+/// A healthy read of the largest allowed config takes well under a second.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a config read is doing now (`reading FILE`, ...), shared with whoever waits for it,
+/// so a read that never finishes can be reported by the file it is stuck on.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Arc<Mutex<String>>);
+
+impl Progress {
+    /// Record the current step.
+    pub fn set(&self, step: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = step.into();
+    }
+
+    /// The current step (`"starting"` before the first).
+    pub fn get(&self) -> String {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_empty() {
+            "starting the config read".to_owned()
+        } else {
+            s.clone()
+        }
+    }
+
+    /// The message for a read that gave no answer within `bound`.
+    pub fn stuck_message(&self, bound: Duration) -> String {
+        format!("{}: no answer within {}", self.get(), human(bound))
+    }
+}
+
+/// `5 s`, `1.5 s`, `250 ms`.
+pub fn human(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{} ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
 /// Read, parse, validate and compile the config at `path`, and check its TLS files.
 pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
     read_config_hashed(path).map(|(loaded, _)| loaded)
 }
 
+/// [`read_config_hashed`] on a detached thread, waiting at most `bound`: a read that does
+/// not finish in time (a FIFO swapped in after the file-type check, a hung file system) is
+/// abandoned, its thread left blocked, and reported as an error naming the file it was
+/// reading. For one-shot callers (start-up, `tidegate check`), which exit or carry on.
+pub fn read_config_within(path: &Path, bound: Duration) -> Result<(Loaded, u64), ConfigErrors> {
+    let progress = Progress::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (p, pr) = (path.to_path_buf(), progress.clone());
+    let whole = |message: String| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        path: JsonPath::root(),
+        message,
+    };
+    std::thread::Builder::new()
+        .name("tidegate-config-read".into())
+        .spawn(move || {
+            let _ = tx.send(read_config_traced(&p, &pr));
+        })
+        .map_err(|e| whole(format!("cannot start a thread to read the config: {e}")))?;
+    match rx.recv_timeout(bound) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            Err(whole(progress.stuck_message(bound)).into())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(whole("the config read failed (its thread panicked)".to_owned()).into())
+        }
+    }
+}
+
 /// [`read_config`], also returning the XXH3-64 hash of the file's bytes (the content
 /// version shown on the admin port; equal hashes mean a reload has nothing to do).
 pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
+    read_config_traced(path, &Progress::default())
+}
+
+/// [`read_config_hashed`], recording each step in `progress`.
+pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<(Loaded, u64), ConfigErrors> {
     let name = path.display().to_string();
+    progress.set(format!("reading {name}"));
     let bytes = read_bounded(path).map_err(|message| ConfigError {
         file: name.clone(),
         line: 0,
@@ -39,7 +130,7 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
             bytes: &bytes,
         },
         |dir| {
-            let files = read_include_dir(&base.join(dir))?;
+            let files = read_include_dir(&base.join(dir), progress)?;
             for (n, b) in &files {
                 hasher.update(n.as_bytes());
                 hasher.update(&[0]);
@@ -52,11 +143,40 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
     let mut issues = Vec::new();
     for (i, l) in loaded.config.server.listeners.iter().enumerate() {
         if let Some(tls) = &l.tls {
-            if let Err(e) = crate::serve::tls::server_config(&tls.cert_path, &tls.key_path) {
-                let field = match e {
-                    crate::serve::tls::TlsError::Key { .. } => "key_path",
-                    _ => "cert_path",
-                };
+            // Only regular files, checked before the TLS loader opens them.
+            let not_regular = [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)]
+                .into_iter()
+                .find_map(|(field, p)| {
+                    let meta = std::fs::metadata(p).ok()?;
+                    (!meta.is_file()).then(|| {
+                        let kind = if meta.is_dir() {
+                            "a directory"
+                        } else {
+                            special_kind(meta.file_type())
+                        };
+                        (
+                            field,
+                            format!("{p}: the file is {kind}, not a regular file"),
+                        )
+                    })
+                });
+            progress.set(format!(
+                "loading TLS files {} and {}",
+                tls.cert_path, tls.key_path
+            ));
+            let checked = match not_regular {
+                Some((field, message)) => Err((field, message)),
+                None => {
+                    crate::serve::tls::server_config(&tls.cert_path, &tls.key_path).map_err(|e| {
+                        let field = match e {
+                            crate::serve::tls::TlsError::Key { .. } => "key_path",
+                            _ => "cert_path",
+                        };
+                        (field, e.to_string())
+                    })
+                }
+            };
+            if let Err((field, message)) = checked {
                 issues.push(Issue {
                     path: JsonPath::root()
                         .key("server")
@@ -64,7 +184,7 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
                         .index(i)
                         .key("tls")
                         .key(field),
-                    message: e.to_string(),
+                    message,
                 });
             }
         }
@@ -78,7 +198,8 @@ pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
 
 /// The rules fragments of an include directory: every `*.json` file not starting with `.`
 /// (editors' swap and temp files are skipped), in file-name order, as `(path, bytes)`.
-fn read_include_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+fn read_include_dir(dir: &Path, progress: &Progress) -> Result<Vec<(String, Vec<u8>)>, String> {
+    progress.set(format!("listing {}", dir.display()));
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     let mut paths: Vec<std::path::PathBuf> = entries
@@ -94,6 +215,7 @@ fn read_include_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
     paths
         .into_iter()
         .map(|p| {
+            progress.set(format!("reading {}", p.display()));
             let bytes = read_bounded(&p).map_err(|m| format!("{}: {m}", p.display()))?;
             Ok((p.display().to_string(), bytes))
         })
@@ -107,8 +229,9 @@ pub fn include_dir(path: &Path, loaded: &Loaded) -> Option<std::path::PathBuf> {
     Some(path.parent().unwrap_or(Path::new(".")).join(dir))
 }
 
-/// Read a file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on failure.
-fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+/// Check that `path` (following symbolic links) is a regular file of at most
+/// `MAX_CONFIG_BYTES`, without opening it; an operator-readable reason when it is not.
+fn regular_file(path: &Path) -> Result<std::fs::Metadata, String> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(path) {
             Ok(_) => "the file is a dangling symbolic link".to_owned(),
@@ -117,8 +240,15 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
         std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
         _ => format!("cannot read the file: {e}"),
     })?;
-    if meta.is_dir() {
+    let kind = meta.file_type();
+    if kind.is_dir() {
         return Err("the path is a directory, not a config file".into());
+    }
+    if !kind.is_file() {
+        return Err(format!(
+            "the file is {}, not a regular file; only regular files are read",
+            special_kind(kind)
+        ));
     }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(format!(
@@ -126,11 +256,54 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
             meta.len()
         ));
     }
+    Ok(meta)
+}
+
+/// What a file that is neither a directory nor a regular file is.
+fn special_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if kind.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+    }
+    let _ = kind;
+    "a special file"
+}
+
+/// Read a regular file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on
+/// failure. The type and size are checked before opening (a FIFO's `open` would block), and
+/// again on the opened handle (the path may have been swapped in between).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = regular_file(path)?;
     let f = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
         _ => format!("cannot open the file: {e}"),
     })?;
-    let mut buf = Vec::with_capacity(meta.len() as usize);
+    let opened = f
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if !opened.is_file() {
+        return Err(format!(
+            "the file is {}, not a regular file; only regular files are read (it was replaced while being opened)",
+            if opened.is_dir() {
+                "a directory"
+            } else {
+                special_kind(opened.file_type())
+            }
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len().min(opened.len()).min(MAX_CONFIG_BYTES) as usize);
     // Bounded even if the file grows between stat and read.
     f.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut buf)

@@ -9,6 +9,15 @@
 //! error (file, line, column, JSON path) is logged, counted and shown on the admin port until
 //! the next good load clears it.
 //!
+//! Reading and building run on a detached thread of their own, never on the lock that orders
+//! reloads: each attempt waits at most [`READ_TIMEOUT`] for it. A read with no answer by then
+//! (a file swapped for a FIFO after the regular-file check, a hung network file system, a
+//! name lookup that never returns) is abandoned and reported as `stuck` (the admin port's
+//! `last_error` names the file, `tidegate_config_read_stuck` is 1); its thread may stay
+//! blocked, but only one such thread ever exists: until it returns, later attempts start no
+//! new read and report it again. Once it returns, its (stale) result is dropped and the next
+//! trigger (or the poll) reads afresh. Shutdown never waits for it.
+//!
 //! The config file's *directory* is watched, not the file: editors save by renaming a new
 //! file over the old one, Kubernetes ConfigMaps swap a `..data` symlink, and `cp` truncates
 //! then writes. A briefly empty or half-written file fails validation and is simply not
@@ -22,11 +31,11 @@ use std::time::{Duration, Instant, SystemTime};
 use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::config::read_config_hashed;
+use super::config::{Progress, READ_TIMEOUT, human, read_config_traced};
 use crate::runtime::{Live, Runtime};
-use crate::serve::tls::CertStore;
+use crate::serve::tls::{CertStore, TlsError};
 
 /// How long the watcher waits for a burst of file events to settle. Short, because an edit
 /// should be in force within a quarter of a second; a half-written file costs only one failed
@@ -38,6 +47,23 @@ const POLL: Duration = Duration::from_secs(2);
 
 /// A runtime built from a file, with the file's hash and bootstrap section.
 type Built = (Runtime, u64, rules::model::Server);
+
+/// What one reload's blocking half produced: each certificate pair's reload, then the
+/// read-and-build.
+#[derive(Debug)]
+struct Job {
+    certs: Vec<(String, Result<bool, TlsError>)>,
+    built: Result<Option<Built>, String>,
+}
+
+/// A blocking read that gave no answer within the bound and was abandoned.
+#[derive(Debug)]
+struct Abandoned {
+    /// Resolves (or closes) when the thread finally returns.
+    rx: oneshot::Receiver<Job>,
+    progress: Progress,
+    started: Instant,
+}
 
 /// What the admin port reports about the live config.
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +85,9 @@ pub struct ReloadStatus {
     /// The last refused TLS certificate/key replacement (the previous pair stays in use);
     /// cleared when a good pair loads.
     pub tls_last_error: Option<String>,
+    /// Set while an abandoned read (one that gave no answer within the bound) is still
+    /// blocked: what it is stuck on. No new read starts until it returns.
+    pub read_stuck: Option<String>,
 }
 
 /// The result of one reload attempt.
@@ -70,6 +99,9 @@ pub enum ReloadOutcome {
     Unchanged,
     /// The file was refused; the old config stays live.
     Failed,
+    /// Reading or building gave no answer within the bound (or an earlier such read is
+    /// still blocked); the old config stays live.
+    Stuck,
 }
 
 /// Owns every reload of one gateway.
@@ -89,6 +121,8 @@ pub struct Reloader {
     serial: tokio::sync::Mutex<()>,
     /// TLS certificate pairs of the listeners, reloaded on the same triggers.
     certs: Vec<Arc<CertStore>>,
+    /// The read abandoned after the bound, while its thread has not returned.
+    abandoned: Mutex<Option<Abandoned>>,
 }
 
 // === impl Reloader ===
@@ -115,6 +149,7 @@ impl Reloader {
                 last_error_at_ms: None,
                 restart_needed: None,
                 tls_last_error: None,
+                read_stuck: None,
             }),
             hash: Mutex::new(hash),
             path,
@@ -124,7 +159,15 @@ impl Reloader {
             bootstrap,
             serial: tokio::sync::Mutex::new(()),
             certs,
+            abandoned: Mutex::new(None),
         }
+    }
+
+    /// Whether an abandoned read has returned since (so a fresh one can start).
+    fn abandoned_read_returned(&self) -> bool {
+        let mut a = self.abandoned.lock().expect("not poisoned");
+        a.as_mut()
+            .is_some_and(|a| !matches!(a.rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)))
     }
 
     /// The live config's status.
@@ -136,11 +179,10 @@ impl Reloader {
     /// event-to-swap latency metric).
     pub async fn reload(self: &Arc<Self>, trigger: &'static str, since: Instant) -> ReloadOutcome {
         let _one_at_a_time = self.serial.lock().await;
-        self.reload_certs(trigger).await;
-        let this = self.clone();
-        // Reading, parsing, validating, compiling and resolving endpoint names all block;
-        // keep them off the request-serving threads.
-        let built = tokio::task::spawn_blocking(move || this.build()).await;
+        let built = self.run_job().await.map(|job| {
+            self.apply_certs(job.certs, trigger);
+            job.built
+        });
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
             Ok(Ok(Some((runtime, hash, server)))) => {
@@ -183,19 +225,26 @@ impl Reloader {
                 st.last_error_at_ms = Some(unix_ms(SystemTime::now()));
                 ReloadOutcome::Failed
             }
-            Err(join) => {
+            Err(JobError::Failed(message)) => {
                 let mut st = self.status.lock().expect("not poisoned");
-                let message = format!("reload task failed: {join}");
                 tracing::error!(file = %st.file, "{message}");
                 st.last_error = Some(message);
                 st.last_error_at_ms = Some(unix_ms(SystemTime::now()));
                 ReloadOutcome::Failed
+            }
+            Err(JobError::Stuck(message)) => {
+                let mut st = self.status.lock().expect("not poisoned");
+                tracing::error!(file = %st.file, trigger, error = %message, "config read stuck; the previous config stays live");
+                st.last_error = Some(message);
+                st.last_error_at_ms = Some(unix_ms(SystemTime::now()));
+                ReloadOutcome::Stuck
             }
         };
         let label = match outcome {
             ReloadOutcome::Applied => "applied",
             ReloadOutcome::Unchanged => "unchanged",
             ReloadOutcome::Failed => "failed",
+            ReloadOutcome::Stuck => "stuck",
         };
         self.live
             .metrics
@@ -209,21 +258,76 @@ impl Reloader {
         outcome
     }
 
-    /// Reload listeners' certificate pairs that changed on disk; a refused pair keeps the
-    /// previous one serving and is reported on the admin port.
-    async fn reload_certs(self: &Arc<Self>, trigger: &'static str) {
-        if self.certs.is_empty() {
-            return;
+    /// Run the blocking half of a reload (certificates, then read and build) on a thread
+    /// of its own and wait for it at most [`READ_TIMEOUT`]. At most one such thread exists:
+    /// while an abandoned one is still blocked, no new one starts.
+    async fn run_job(self: &Arc<Self>) -> Result<Job, JobError> {
+        {
+            let mut slot = self.abandoned.lock().expect("not poisoned");
+            if let Some(a) = slot.as_mut() {
+                match a.rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        return Err(JobError::Stuck(format!(
+                            "{}: no answer for {} (the read is abandoned; no new read starts until it returns)",
+                            a.progress.get(),
+                            human(Duration::from_secs(a.started.elapsed().as_secs()))
+                        )));
+                    }
+                    // It returned (or died): its result is stale; read afresh.
+                    _ => {
+                        *slot = None;
+                        self.live.metrics.config_read_stuck.set(0);
+                        self.status.lock().expect("not poisoned").read_stuck = None;
+                    }
+                }
+            }
         }
-        let this = self.clone();
-        let results = tokio::task::spawn_blocking(move || {
-            this.certs
-                .iter()
-                .map(|c| (c.cert_path.clone(), c.reload()))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let progress = Progress::default();
+        let started = Instant::now();
+        let (tx, mut rx) = oneshot::channel();
+        let (this, p) = (self.clone(), progress.clone());
+        // A plain thread, not `spawn_blocking`: the runtime's shutdown must never wait for
+        // a read that is blocked for good.
+        std::thread::Builder::new()
+            .name("tidegate-reload".into())
+            .spawn(move || {
+                let certs = this
+                    .certs
+                    .iter()
+                    .map(|c| {
+                        p.set(format!(
+                            "reloading TLS files {} and {}",
+                            c.cert_path, c.key_path
+                        ));
+                        (c.cert_path.clone(), c.reload())
+                    })
+                    .collect();
+                let built = this.build(&p);
+                let _ = tx.send(Job { certs, built });
+            })
+            .map_err(|e| JobError::Failed(format!("cannot start the reload thread: {e}")))?;
+        match tokio::time::timeout(READ_TIMEOUT, &mut rx).await {
+            Ok(Ok(job)) => Ok(job),
+            Ok(Err(_)) => Err(JobError::Failed(
+                "reload failed: the reading thread panicked".to_owned(),
+            )),
+            Err(_) => {
+                let message = progress.stuck_message(READ_TIMEOUT);
+                self.live.metrics.config_read_stuck.set(1);
+                self.status.lock().expect("not poisoned").read_stuck = Some(progress.get());
+                *self.abandoned.lock().expect("not poisoned") = Some(Abandoned {
+                    rx,
+                    progress,
+                    started,
+                });
+                Err(JobError::Stuck(message))
+            }
+        }
+    }
+
+    /// Report listeners' certificate pairs that changed on disk; a refused pair keeps the
+    /// previous one serving and is reported on the admin port.
+    fn apply_certs(&self, results: Vec<(String, Result<bool, TlsError>)>, trigger: &'static str) {
         for (cert, r) in results {
             match r {
                 Ok(false) => {}
@@ -240,14 +344,18 @@ impl Reloader {
     }
 
     /// Read and build; `Ok(None)` when the content is what is live already.
-    fn build(&self) -> Result<Option<Built>, String> {
-        let (loaded, hash) = read_config_hashed(&self.path).map_err(|e| e.to_string())?;
+    fn build(&self, progress: &Progress) -> Result<Option<Built>, String> {
+        let (loaded, hash) = read_config_traced(&self.path, progress).map_err(|e| e.to_string())?;
         if hash == *self.hash.lock().expect("not poisoned") {
             return Ok(None);
         }
         let lookup = |n: &str| self.embedded.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
         let previous = self.live.runtime.load_full();
         let server = loaded.config.server.clone();
+        progress.set(format!(
+            "building the rules of {} (resolving upstream names)",
+            self.path.display()
+        ));
         let runtime = Runtime::build(
             loaded.snapshot,
             &lookup,
@@ -257,6 +365,14 @@ impl Reloader {
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(Some((runtime, hash, server)))
     }
+}
+
+/// Why a reload's blocking half gave no result.
+enum JobError {
+    /// It failed outright.
+    Failed(String),
+    /// It gave no answer within the bound, or an abandoned one is still blocked.
+    Stuck(String),
 }
 
 /// Run the reloader: file events, SIGHUP and the poll, until shutdown.
@@ -354,37 +470,46 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     // A write between start-up's read and the watcher's registration would otherwise go
     // unseen (and fool the poll's baseline): check once now that we are watching.
     let mut fingerprint = fingerprint_of(&reloader);
-    reloader.reload("watch start", Instant::now()).await;
-    loop {
-        #[cfg(unix)]
-        let sighup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
+    // Every reload is raced against shutdown: a stop never waits for a reload's read (at
+    // most `READ_TIMEOUT`), let alone for a blocked one.
+    let triggers = async {
+        reloader.reload("watch start", Instant::now()).await;
+        loop {
+            #[cfg(unix)]
+            let sighup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let sighup = std::future::pending::<()>();
-        tokio::select! {
-            Some(since) = rx.recv() => {
-                reloader.reload("file event", since).await;
-                fingerprint = fingerprint_of(&reloader);
-            }
-            _ = sighup => {
-                reloader.reload("SIGHUP", Instant::now()).await;
-                fingerprint = fingerprint_of(&reloader);
-            }
-            _ = poll.tick() => {
-                let now = fingerprint_of(&reloader);
-                if now != fingerprint {
-                    fingerprint = now;
-                    reloader.reload("poll", Instant::now()).await;
+            };
+            #[cfg(not(unix))]
+            let sighup = std::future::pending::<()>();
+            tokio::select! {
+                Some(since) = rx.recv() => {
+                    reloader.reload("file event", since).await;
+                    fingerprint = fingerprint_of(&reloader);
+                }
+                _ = sighup => {
+                    reloader.reload("SIGHUP", Instant::now()).await;
+                    fingerprint = fingerprint_of(&reloader);
+                }
+                _ = poll.tick() => {
+                    let now = fingerprint_of(&reloader);
+                    // A read abandoned as stuck that has returned since: read afresh, as
+                    // the edits made meanwhile were never read.
+                    if now != fingerprint || reloader.abandoned_read_returned() {
+                        fingerprint = now;
+                        reloader.reload("poll", Instant::now()).await;
+                    }
                 }
             }
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
+    };
+    tokio::select! {
+        _ = triggers => {}
+        _ = crate::shutdown::stopped(&mut shutdown) => {}
     }
 }
 

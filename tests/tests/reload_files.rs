@@ -1,0 +1,272 @@
+//! Only regular files are read, within a time bound: a FIFO, a Unix socket or a 2 GB sparse
+//! file named like a rules fragment in `include_dir` is refused by name on a reload of the
+//! real `tidegate` binary, quickly, while it keeps serving; a later good edit applies and
+//! SIGTERM still exits promptly. `tidegate check` refuses a FIFO without hanging.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tidegate_tests::{ChildGateway, Client, Upstream, config, get, h1_client, tidegate_bin};
+
+/// The gateway's read bound (`tidegate::control::config::READ_TIMEOUT`).
+const READ_BOUND: Duration = Duration::from_secs(5);
+/// The shutdown grace the test configs set.
+const GRACE_MS: u64 = 1000;
+
+/// A config dir: `tidegate.json` including `rules.d/`, which holds `10-extra.json`.
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new(upstream: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut main = config(&[upstream]);
+        main["include_dir"] = json!("rules.d");
+        main["server"]["shutdown_grace_ms"] = json!(GRACE_MS);
+        std::fs::write(
+            dir.path().join("tidegate.json"),
+            serde_json::to_vec_pretty(&main).unwrap(),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("rules.d")).unwrap();
+        let d = Self { dir };
+        d.fragment("extra1");
+        d
+    }
+
+    fn main(&self) -> PathBuf {
+        self.dir.path().join("tidegate.json")
+    }
+
+    fn rules(&self, name: &str) -> PathBuf {
+        self.dir.path().join("rules.d").join(name)
+    }
+
+    /// (Re)write the fragment with one interface named `name`.
+    fn fragment(&self, name: &str) {
+        let frag = json!({ "interfaces": [{ "name": name, "method": "GET", "path": format!("/{name}") }] });
+        let tmp = self.rules(".10-extra.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&frag).unwrap()).unwrap();
+        std::fs::rename(&tmp, self.rules("10-extra.json")).unwrap();
+    }
+}
+
+async fn admin_config(client: &Client, admin: SocketAddr) -> Value {
+    get(client, admin, "/admin/config").await.json()
+}
+
+/// Poll `/admin/config` until `done` holds, for at most `within`; the document and when.
+async fn wait_config(
+    client: &Client,
+    admin: SocketAddr,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, Duration) {
+    let start = Instant::now();
+    loop {
+        let c = admin_config(client, admin).await;
+        if done(&c) {
+            return (c, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not within {within:?}: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A special file at `rules.d/zz.json` (made by `make`) is refused with an error naming it
+/// and containing `phrase`; traffic flows; a later edit is still attempted and, once the file
+/// is gone, applies; SIGTERM exits within the grace plus a margin.
+async fn refused_while_serving(
+    kind: &str,
+    make: impl FnOnce(&Path) -> Box<dyn Send>,
+    phrase: &str,
+) {
+    let up = Upstream::start().await;
+    let dir = Dir::new(up.addr);
+    let main = dir.main();
+    let mut gw = ChildGateway::spawn_file(&main, dir.dir);
+    let rules = |n: &str| main.parent().unwrap().join("rules.d").join(n);
+    let client = h1_client();
+    let (first, _) = wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(10),
+        "started",
+        |c| c["generation"].as_u64().is_some(),
+    )
+    .await;
+    let generation = first["generation"].as_u64().unwrap();
+
+    let zz = rules("zz.json");
+    let made = Instant::now();
+    let _keep = make(&zz);
+    // The create event triggers a reload within the debounce; the poll (2 s) is the fallback.
+    let (c, latency) = wait_config(
+        &client,
+        gw.admin_addr,
+        READ_BOUND + Duration::from_secs(3),
+        &format!("{kind}: the error"),
+        |c| {
+            c["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("zz.json"))
+        },
+    )
+    .await;
+    let err = c["last_error"].as_str().unwrap().to_owned();
+    eprintln!("{kind}: refused {:?} after creation: {err}", made.elapsed());
+    assert!(err.contains(&zz.display().to_string()), "{kind}: {err}");
+    assert!(err.contains(phrase), "{kind}: no {phrase:?} in {err}");
+    assert!(
+        latency < Duration::from_secs(3),
+        "{kind}: the refusal took {latency:?}, as long as a stuck read"
+    );
+    assert_eq!(
+        c["generation"].as_u64(),
+        Some(generation),
+        "old rules stay live"
+    );
+
+    // Traffic keeps flowing on the old rules.
+    let r = get(&client, gw.addr, "/envelopes/1").await;
+    assert_eq!(r.status, 200, "{kind}: {}", r.text());
+
+    // A later edit is read again (the reloader is not blocked) and refused for the same file.
+    let at = c["last_error_at_ms"].as_u64().unwrap();
+    std::fs::write(rules("20-other.json"), b"{}").unwrap();
+    let (c, _) = wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        &format!("{kind}: the next attempt"),
+        |c| c["last_error_at_ms"].as_u64() > Some(at),
+    )
+    .await;
+    assert!(c["last_error"].as_str().unwrap().contains(phrase), "{c}");
+
+    // Remove the special file; the next good edit applies.
+    std::fs::remove_file(&zz).unwrap();
+    let frag = json!({ "interfaces": [{ "name": "extra2", "method": "GET", "path": "/extra2" }] });
+    let tmp = rules(".10-extra.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&frag).unwrap()).unwrap();
+    std::fs::rename(&tmp, rules("10-extra.json")).unwrap();
+    let (c, _) = wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        &format!("{kind}: the good edit"),
+        |c| c["generation"].as_u64() > Some(generation) && c["last_error"].is_null(),
+    )
+    .await;
+    assert!(c["read_stuck"].is_null(), "{c}");
+    let metrics = get(&client, gw.admin_addr, "/metrics").await.text();
+    assert!(
+        metrics.contains("tidegate_config_reloads_total{outcome=\"failed\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tidegate_config_read_stuck 0"),
+        "{metrics}"
+    );
+    let r = get(&client, gw.addr, "/envelopes/1").await;
+    assert_eq!(r.status, 200);
+
+    let bound = Duration::from_millis(GRACE_MS) + Duration::from_secs(2);
+    let (status, took) = gw
+        .terminate(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{kind}: no exit within 20 s of SIGTERM"));
+    eprintln!("{kind}: SIGTERM to exit {took:?}");
+    assert!(status.success(), "{kind}: {status}");
+    assert!(took < bound, "{kind}: exit took {took:?}");
+}
+
+fn mkfifo(path: &Path) {
+    let s = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("running mkfifo");
+    assert!(s.success(), "mkfifo failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_in_include_dir_is_refused() {
+    refused_while_serving(
+        "FIFO",
+        |p| {
+            mkfifo(p);
+            Box::new(())
+        },
+        "is a FIFO (named pipe), not a regular file",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_in_include_dir_is_refused() {
+    refused_while_serving(
+        "socket",
+        |p| Box::new(std::os::unix::net::UnixListener::bind(p).expect("binding a Unix socket")),
+        "is a socket, not a regular file",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_2gb_file_in_include_dir_is_refused_unread() {
+    refused_while_serving(
+        "sparse file",
+        |p| {
+            let f = std::fs::File::create(p).unwrap();
+            f.set_len(2 << 30).unwrap();
+            Box::new(())
+        },
+        // The size from metadata: a file read up to the limit would not know it.
+        "config is 2147483648 bytes, more than the limit of 16777216",
+    )
+    .await;
+}
+
+/// `tidegate check` on a config whose `include_dir` holds a FIFO exits 1 at once, naming it.
+#[test]
+fn check_refuses_a_fifo() {
+    let dir = Dir::new(tidegate_tests::dead_addr());
+    mkfifo(&dir.rules("zz.json"));
+    let started = Instant::now();
+    let mut child = Command::new(tidegate_bin())
+        .args(["check", "--config"])
+        .arg(dir.main())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tidegate check hung on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = started.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("check: exit {status} after {took:?}: {stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let fifo = dir.rules("zz.json").display().to_string();
+    assert!(
+        stderr.contains(&format!("{fifo}: the file is a FIFO (named pipe)")),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(3), "check took {took:?}");
+}

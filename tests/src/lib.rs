@@ -602,7 +602,7 @@ impl ChildGateway {
         let mut child = Command::new(tidegate_bin())
             .arg("run")
             .arg("--config")
-            .arg(&path)
+            .arg(path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -385,7 +385,12 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let file_name = reloader.path.file_name().map(|n| n.to_os_string());
-    let include = reloader.include_dir.clone();
+    // Absolute, as the watcher reports absolute paths (a relative `--config` would
+    // otherwise leave fragment edits to the poll).
+    let include = reloader
+        .include_dir
+        .clone()
+        .map(|d| std::path::absolute(&d).unwrap_or(d));
     let cert_files: Vec<std::ffi::OsString> = reloader
         .certs
         .iter()

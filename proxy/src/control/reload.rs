@@ -48,11 +48,9 @@ const POLL: Duration = Duration::from_secs(2);
 /// A runtime built from a file, with the file's hash and bootstrap section.
 type Built = (Runtime, u64, rules::model::Server);
 
-/// What one reload's blocking half produced: each certificate pair's reload, then the
-/// read-and-build.
+/// What one reload's blocking half produced (certificates are reported by the thread).
 #[derive(Debug)]
 struct Job {
-    certs: Vec<(String, Result<bool, TlsError>)>,
     built: Result<Option<Built>, String>,
 }
 
@@ -179,10 +177,7 @@ impl Reloader {
     /// event-to-swap latency metric).
     pub async fn reload(self: &Arc<Self>, trigger: &'static str, since: Instant) -> ReloadOutcome {
         let _one_at_a_time = self.serial.lock().await;
-        let built = self.run_job().await.map(|job| {
-            self.apply_certs(job.certs, trigger);
-            job.built
-        });
+        let built = self.run_job(trigger).await.map(|job| job.built);
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
             Ok(Ok(Some((runtime, hash, server)))) => {
@@ -261,7 +256,7 @@ impl Reloader {
     /// Run the blocking half of a reload (certificates, then read and build) on a thread
     /// of its own and wait for it at most [`READ_TIMEOUT`]. At most one such thread exists:
     /// while an abandoned one is still blocked, no new one starts.
-    async fn run_job(self: &Arc<Self>) -> Result<Job, JobError> {
+    async fn run_job(self: &Arc<Self>, trigger: &'static str) -> Result<Job, JobError> {
         {
             let mut slot = self.abandoned.lock().expect("not poisoned");
             if let Some(a) = slot.as_mut() {
@@ -302,8 +297,11 @@ impl Reloader {
                         (c.cert_path.clone(), c.reload())
                     })
                     .collect();
+                // Reported at once: a new certificate serves from now on, whatever the
+                // rules' build does.
+                this.apply_certs(certs, trigger);
                 let built = this.build(&p);
-                let _ = tx.send(Job { certs, built });
+                let _ = tx.send(Job { built });
             })
             .map_err(|e| JobError::Failed(format!("cannot start the reload thread: {e}")))?;
         match tokio::time::timeout(READ_TIMEOUT, &mut rx).await {

@@ -239,8 +239,9 @@ async fn sparse_2gb_file_in_include_dir_is_refused_unread() {
 fn check_refuses_a_fifo() {
     let dir = Dir::new(tidegate_tests::dead_addr());
     mkfifo(&dir.rules("zz.json"));
+    let bin = tidegate_bin(); // built on first use: before the clock starts
     let started = Instant::now();
-    let mut child = Command::new(tidegate_bin())
+    let mut child = Command::new(bin)
         .args(["check", "--config"])
         .arg(dir.main())
         .stdout(Stdio::piped())

@@ -503,7 +503,10 @@ async fn dashboard_renders_hostile_values_as_text() {
     })
     .await
     .expect("the chromium task");
-    assert!(dom.contains("data-state=\"live\""), "not live with the token:\n{dom}");
+    assert!(
+        dom.contains("data-state=\"live\""),
+        "not live with the token:\n{dom}"
+    );
     assert!(
         dom.contains("apps &lt;img src=x onerror=\"document.body.dataset.pwned=1\"&gt;"),
         "the app ID is not shown as text:\n{dom}"

@@ -116,6 +116,13 @@ async fn start_inner(
 ) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
     let server_cfg = &config.server;
+    // The admin token (relative to the config file, like `include_dir`), before anything
+    // starts: a missing or unusable token file refuses the start.
+    let token = admin::guard::read_token(
+        &server_cfg.admin,
+        file.as_ref().and_then(|(p, ..)| p.parent()),
+    )
+    .map_err(|e| anyhow::anyhow!("server.admin.token_file: {e}"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stop_embedded_tx, stop_embedded_rx) = watch::channel(false);
 
@@ -220,6 +227,8 @@ async fn start_inner(
 
     let (admin_listener, admin_addr) = serve::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {
+        guard: admin::guard::Guard::new(admin_addr, &server_cfg.admin.allowed_hosts, token),
+        max_connections: server_cfg.admin.max_connections as usize,
         stats,
         metrics,
         ready: true.into(),

@@ -78,7 +78,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match read_config(&config) {
+        Command::Check { config } => match read_config(&config)
+            .and_then(|loaded| check_admin_token(&config, loaded))
+        {
             Ok(loaded) => {
                 println!("{}", tidegate::control::config::summary(&config, &loaded));
                 ExitCode::SUCCESS
@@ -215,5 +217,29 @@ fn init_tracing(format: rules::model::LogFormat) {
             .with_current_span(false)
             .init(),
         rules::model::LogFormat::Text => builder.init(),
+    }
+}
+
+/// The admin token file must be readable and usable (as at start-up), reported at
+/// `server.admin.token_file`.
+fn check_admin_token(
+    config: &std::path::Path,
+    loaded: rules::Loaded,
+) -> Result<rules::Loaded, rules::ConfigErrors> {
+    let admin = &loaded.config.server.admin;
+    match tidegate::admin::guard::read_token(admin, config.parent()) {
+        Ok(_) => Ok(loaded),
+        Err(message) => {
+            let text = std::fs::read_to_string(config).unwrap_or_default();
+            let path = rules::JsonPath::root()
+                .key("server")
+                .key("admin")
+                .key("token_file");
+            Err(rules::locate_all(
+                &config.display().to_string(),
+                &text,
+                vec![rules::validate::Issue { path, message }],
+            ))
+        }
     }
 }

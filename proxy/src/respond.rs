@@ -35,6 +35,9 @@ pub enum GatewayError {
     /// A `fail_closed` cluster-scope limit could not reach its store (Redis) in time (503).
     /// See [`limit_store_unavailable`].
     LimitStoreUnavailable,
+    /// An app or user ID longer than `identity.max_id_bytes`, with
+    /// `identity.on_invalid: reject` (400).
+    InvalidIdentity,
 }
 
 // === impl GatewayError ===
@@ -54,6 +57,7 @@ impl GatewayError {
             Self::CircuitOpen => "circuit_open",
             Self::Overloaded => "overloaded",
             Self::LimitStoreUnavailable => "limit_store_unavailable",
+            Self::InvalidIdentity => "invalid_identity",
         }
     }
 
@@ -62,7 +66,7 @@ impl GatewayError {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::BadRequest | Self::InvalidIdentity => StatusCode::BAD_REQUEST,
             Self::UpstreamUnavailable | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable
@@ -86,6 +90,7 @@ impl GatewayError {
             Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
             Self::Overloaded => r#"{"error":"overloaded"}"#,
             Self::LimitStoreUnavailable => r#"{"error":"limit_store_unavailable"}"#,
+            Self::InvalidIdentity => r#"{"error":"invalid_identity"}"#,
         }
     }
 
@@ -159,6 +164,7 @@ mod tests {
             GatewayError::CircuitOpen,
             GatewayError::Overloaded,
             GatewayError::LimitStoreUnavailable,
+            GatewayError::InvalidIdentity,
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).unwrap();
             assert_eq!(v["error"], e.code());

@@ -4,7 +4,10 @@
 //!
 //! Values borrow from the request wherever they can; only a percent-encoded query value is
 //! decoded into a new string. An absent or empty value is `None`, never `""`, so "no user"
-//! can never collide with a user whose ID is empty.
+//! can never collide with a user whose ID is empty. A value longer than
+//! `identity.max_id_bytes` is also `None` (and [`Classified::invalid_id`] set): the bound is
+//! enforced here, once, so limits, routing, admission and the logs all see the same
+//! (anonymous) request and never an unbounded ID.
 
 use std::borrow::Cow;
 
@@ -21,6 +24,9 @@ pub struct Classified<'a> {
     pub app: Option<Cow<'a, str>>,
     /// The user ID, if present.
     pub user: Option<Cow<'a, str>>,
+    /// Whether an app or user ID was present but invalid (longer than `max_id_bytes`); it
+    /// is then `None` above, so every phase sees the request as lacking it.
+    pub invalid_id: bool,
 }
 
 /// The parts of a request classification reads.
@@ -59,6 +65,10 @@ pub(crate) struct Classifier {
     pub(crate) app: CompiledExtractor,
     /// Where the user ID is read.
     pub(crate) user: CompiledExtractor,
+    /// Longest app or user ID accepted, in bytes.
+    pub(crate) max_id_bytes: usize,
+    /// Whether an invalid ID refuses the request (`identity.on_invalid: reject`).
+    pub(crate) reject_invalid: bool,
 }
 
 /// An identity extractor, compiled.
@@ -89,7 +99,18 @@ impl Classifier {
         }
         out.app = extract(&self.app, &req, params.as_ref());
         out.user = extract(&self.user, &req, params.as_ref());
+        for id in [&mut out.app, &mut out.user] {
+            if id.as_ref().is_some_and(|v| v.len() > self.max_id_bytes) {
+                *id = None;
+                out.invalid_id = true;
+            }
+        }
         out
+    }
+
+    /// Whether a request with an invalid ID is refused rather than made anonymous.
+    pub(crate) fn rejects_invalid_id(&self) -> bool {
+        self.reject_invalid
     }
 }
 

@@ -172,10 +172,28 @@ pub struct Tls {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
-    /// `IP:port` to bind. Keep it on loopback or a private network: it is unauthenticated.
-    /// Default: `127.0.0.1:9901`.
+    /// `IP:port` to bind. Default: `127.0.0.1:9901`. An address other than loopback
+    /// requires `token_file`.
     #[serde(default = "default_admin_address")]
     pub address: String,
+    /// Further `Host` header values the admin port answers (`admin.internal`,
+    /// `admin.internal:9901`), besides its own bound `IP:port`, `localhost`, `127.0.0.1`
+    /// and `[::1]` (each with or without a port). Any other `Host` gets 403
+    /// `forbidden_host`, which defeats DNS rebinding. Compared case-insensitively.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// Most admin connections open at once; beyond it new connections wait in the kernel's
+    /// accept queue. Separate from `server.limits.max_connections`. Default: 64.
+    /// Range: 1..=10000.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: u32,
+    /// A file holding the admin bearer token (surrounding whitespace ignored; at least 16
+    /// bytes), relative to this config file's directory. When set, every admin endpoint
+    /// but `/healthz` and `/readyz` requires `Authorization: Bearer <token>`. Required
+    /// when `address` is not loopback. Read at start-up. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 /// Limits that protect the gateway from slow, large or numerous clients.
@@ -249,6 +267,26 @@ pub struct Identity {
     /// The user ID. Default: header `x-user-id` (the header the grab backend reads).
     #[serde(default = "default_user_extractor")]
     pub user: Extractor,
+    /// Longest app or user ID accepted, in bytes; a longer one is invalid (see
+    /// `on_invalid`) and is never logged. Default: 128. Range: 1..=4096.
+    #[serde(default = "default_max_id_bytes")]
+    pub max_id_bytes: u32,
+    /// What an invalid (too long) app or user ID means: `anonymous` (the default: the
+    /// request is treated as having no such ID, so it is bucketed and limited like any
+    /// request without one) or `reject` (400 `invalid_identity`).
+    #[serde(default)]
+    pub on_invalid: OnInvalidId,
+}
+
+/// What a request with an invalid app or user ID becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalidId {
+    /// Treated as having no such ID.
+    #[default]
+    Anonymous,
+    /// Refused: 400 `invalid_identity`.
+    Reject,
 }
 
 /// Where one value is taken from. Exactly one key: `{"header": "x-app-id"}`,
@@ -428,6 +466,9 @@ fn default_listeners() -> Vec<Listener> {
 fn default_admin_address() -> String {
     "127.0.0.1:9901".to_owned()
 }
+fn default_admin_max_connections() -> u32 {
+    64
+}
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
@@ -457,6 +498,9 @@ fn default_max_connections() -> u32 {
 }
 fn default_app_extractor() -> Extractor {
     Extractor::Header("x-app-id".to_owned())
+}
+fn default_max_id_bytes() -> u32 {
+    128
 }
 fn default_user_extractor() -> Extractor {
     Extractor::Header("x-user-id".to_owned())
@@ -491,6 +535,9 @@ impl Default for Admin {
     fn default() -> Self {
         Self {
             address: default_admin_address(),
+            allowed_hosts: Vec::new(),
+            max_connections: default_admin_max_connections(),
+            token_file: None,
         }
     }
 }
@@ -524,6 +571,8 @@ impl Default for Identity {
         Self {
             app: default_app_extractor(),
             user: default_user_extractor(),
+            max_id_bytes: default_max_id_bytes(),
+            on_invalid: OnInvalidId::Anonymous,
         }
     }
 }

@@ -81,6 +81,12 @@ impl Snapshot {
         self.classifier.classify(req)
     }
 
+    /// Whether a request whose app or user ID is invalid ([`Classified::invalid_id`]) is
+    /// refused (`identity.on_invalid: reject`) rather than treated as anonymous.
+    pub fn rejects_invalid_id(&self) -> bool {
+        self.classifier.rejects_invalid_id()
+    }
+
     /// Route a request: the most specific matching rule, and its choice.
     pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
         self.routes.route(r)

@@ -25,8 +25,8 @@ use crate::ids::{InterfaceId, UpstreamId};
 use crate::limit::CompiledLimit;
 use crate::matcher::CompiledMatch;
 use crate::model::{
-    Config, DEFAULT_EMBEDDED_DATA_DIR, Extractor, Match, NoUserKey, Route, SCHEMA_VERSION,
-    SplitTarget, UpstreamKind,
+    Config, DEFAULT_EMBEDDED_DATA_DIR, Extractor, Match, NoUserKey, OnInvalidId, Route,
+    SCHEMA_VERSION, SplitTarget, UpstreamKind,
 };
 use crate::overload::CompiledOverload;
 use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction};
@@ -39,12 +39,19 @@ mod overload;
 pub const MAX_ROUTES: usize = 200_000;
 /// Most interfaces in one config.
 pub const MAX_INTERFACES: usize = 10_000;
-/// Longest name (rule, interface, upstream), in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
+/// Longest name (rule, interface, upstream, plan, listener), in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
 /// Most limit or fallback rules in one list.
 pub const MAX_GOVERN_RULES: usize = 10_000;
+/// Largest `identity.max_id_bytes`.
+pub const MAX_ID_BYTES: u64 = 4096;
 /// Most requests in flight a cap may allow.
 pub const MAX_IN_FLIGHT: u64 = 1_000_000;
+
+/// Whether `c` may appear in a name: ASCII letters, digits, `.`, `_`, `:` and `-`.
+pub fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
 
 /// One validation problem, not yet located in the source text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,15 +172,20 @@ impl<'c> Validator<'c> {
         }
     }
 
+    /// A name (rule, interface, upstream, plan, listener): 1 to [`MAX_NAME_BYTES`] of
+    /// [`is_name_char`]. Names reach logs, metrics labels and the dashboard, so they are
+    /// kept to a set that needs no escaping anywhere.
     fn name(&mut self, path: JsonPath, name: &str) {
         if name.is_empty() {
             self.err(path, "name must not be empty");
         } else if name.len() > MAX_NAME_BYTES {
             self.err(path, format!("name is longer than {MAX_NAME_BYTES} bytes"));
-        } else if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        } else if let Some(bad) = name.chars().find(|&c| !is_name_char(c)) {
             self.err(
                 path,
-                format!("{name:?} contains whitespace or control characters"),
+                format!(
+                    "{name:?} contains {bad:?}; names may use only ASCII letters, digits and `._:-`"
+                ),
             );
         }
     }
@@ -205,7 +217,13 @@ impl<'c> Validator<'c> {
         let (limits, fallbacks, breakers) = governance?;
         Some(Checked {
             interfaces,
-            classifier: Classifier { router, app, user },
+            classifier: Classifier {
+                router,
+                app,
+                user,
+                max_id_bytes: c.identity.max_id_bytes as usize,
+                reject_invalid: c.identity.on_invalid == OnInvalidId::Reject,
+            },
             upstreams: c
                 .upstreams
                 .iter()
@@ -255,16 +273,7 @@ impl<'c> Validator<'c> {
                 }
             }
         }
-        if let Some(addr) = self.socket_addr(p.key("admin").key("address"), &s.admin.address) {
-            if addr.port() != 0 {
-                if let Some(i) = seen_addr.get(&addr) {
-                    self.err(
-                        p.key("admin").key("address"),
-                        format!("{addr} is already used by listeners[{i}]"),
-                    );
-                }
-            }
-        }
+        self.admin(c, &seen_addr);
         let l = &s.limits;
         let lp = p.key("limits");
         self.range(
@@ -316,6 +325,53 @@ impl<'c> Validator<'c> {
             }
             self.range(rp.key("timeout_ms"), r.timeout_ms, 1, 5_000);
             self.range(rp.key("lease_ms"), r.lease_ms, 1, 10_000);
+        }
+    }
+
+    /// The admin listener: its address, host names, connection cap and token file. An
+    /// address beyond loopback must come with a token.
+    fn admin(&mut self, c: &Config, seen_addr: &HashMap<SocketAddr, usize>) {
+        let ap = JsonPath::root().key("server").key("admin");
+        let a = &c.server.admin;
+        if let Some(addr) = self.socket_addr(ap.key("address"), &a.address) {
+            if addr.port() != 0 {
+                if let Some(i) = seen_addr.get(&addr) {
+                    self.err(
+                        ap.key("address"),
+                        format!("{addr} is already used by listeners[{i}]"),
+                    );
+                }
+            }
+            if !addr.ip().is_loopback() && a.token_file.is_none() {
+                self.err(
+                    ap.key("address"),
+                    format!(
+                        "the admin port on {addr} (not loopback) must require a token: \
+                         set server.admin.token_file, or bind 127.0.0.1"
+                    ),
+                );
+            }
+        }
+        for (i, h) in a.allowed_hosts.iter().enumerate() {
+            let ok = !h.is_empty()
+                && h.len() <= 255
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
+            if !ok {
+                self.err(
+                    ap.key("allowed_hosts").index(i),
+                    format!("{h:?} is not a host name or host:port"),
+                );
+            }
+        }
+        self.range(
+            ap.key("max_connections"),
+            a.max_connections.into(),
+            1,
+            10_000,
+        );
+        if a.token_file.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            self.err(ap.key("token_file"), "path must not be empty");
         }
     }
 
@@ -447,6 +503,12 @@ impl<'c> Validator<'c> {
     /// The app and user extractors, compiled.
     fn identity(&mut self, c: &Config) -> Option<(CompiledExtractor, CompiledExtractor)> {
         let p = JsonPath::root().key("identity");
+        self.range(
+            p.key("max_id_bytes"),
+            c.identity.max_id_bytes.into(),
+            1,
+            MAX_ID_BYTES,
+        );
         let mut compiled = Vec::with_capacity(2);
         for (field, ex) in [("app", &c.identity.app), ("user", &c.identity.user)] {
             let ep = p.key(field);

@@ -579,6 +579,8 @@ pub struct ChildGateway {
     pub addr: SocketAddr,
     /// The admin listener's bound address, read from the `admin listening` log line.
     pub admin_addr: SocketAddr,
+    /// Every line the child wrote to stdout (its log, access log included), in order.
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -586,7 +588,16 @@ impl ChildGateway {
     /// Write `config` to a temp file and run the gateway on it; returns once it logs its
     /// listening address. Its stdout is drained on a thread for the rest of its life.
     pub fn spawn(config: &Value) -> Self {
+        Self::spawn_with_files(config, &[])
+    }
+
+    /// [`ChildGateway::spawn`], with `files` (name, content) written beside the config first
+    /// (an admin token file, say).
+    pub fn spawn_with_files(config: &Value, files: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("writing a file");
+        }
         let path = dir.path().join("tidegate.json");
         std::fs::write(
             &path,
@@ -611,9 +622,12 @@ impl ChildGateway {
             .expect("starting tidegate");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                kept.lock().expect("the log lock").push(line.clone());
                 let Ok(v) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };
@@ -645,8 +659,14 @@ impl ChildGateway {
             child,
             addr: addrs[0].expect("set above"),
             admin_addr: addrs[1].expect("set above"),
+            lines,
             _dir: dir,
         }
+    }
+
+    /// The lines the child has written to stdout so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.lock().expect("the log lock").clone()
     }
 
     /// Resident set size now, in bytes (`VmRSS` of `/proc/PID/status`).

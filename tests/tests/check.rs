@@ -520,3 +520,75 @@ fn check_command() {
         "{stderr}"
     );
 }
+
+/// A name with markup (a stored-XSS attempt on the dashboard) is refused at its place, and
+/// so is any name outside ASCII letters, digits and `._:-`.
+#[test]
+fn hostile_names() {
+    assert_fails(
+        "markup route name",
+        edit(
+            "\"name\": \"default\"",
+            "\"name\": \"<img src=x onerror=alert(1)>\"",
+        ),
+        "t.json:14:15 routes[0].name: ",
+        &[
+            "\"<img src=x onerror=alert(1)>\" contains '<'",
+            "ASCII letters, digits and `._:-`",
+        ],
+    );
+    assert_fails(
+        "interface name with a space",
+        edit("\"name\": \"grab\"", "\"name\": \"grab it\""),
+        "t.json:8:15 interfaces[0].name: ",
+        &["contains ' '"],
+    );
+    assert_fails(
+        "upstream name with a quote",
+        edit("\"up\": {", "\"u'p\": {").replace("\"upstream\": \"up\"", "\"upstream\": \"u'p\""),
+        "upstreams",
+        &["contains '\\''"],
+    );
+}
+
+/// `tidegate check` refuses an admin port beyond loopback without a token file, and one
+/// whose token file is missing; with a token file beside the config it passes.
+#[test]
+fn check_admin_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |text: String| {
+        let file = dir.path().join("admin.json");
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(tidegate_tests::tidegate_bin())
+            .args(["check", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(edit(
+        "\"admin\": { \"address\": \"127.0.0.1:0\" }",
+        "\"admin\": { \"address\": \"0.0.0.0:0\" }",
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(":5:27 server.admin.address: the admin port on 0.0.0.0:0 (not loopback) must require a token"),
+        "{stderr}"
+    );
+    let with_token = edit(
+        "\"admin\": { \"address\": \"127.0.0.1:0\" }",
+        "\"admin\": { \"address\": \"0.0.0.0:0\", \"token_file\": \"admin.token\" }",
+    );
+    let (code, stderr) = run(with_token.clone());
+    assert_eq!(code, Some(1), "missing token file: {stderr}");
+    assert!(
+        stderr.contains("server.admin.token_file: cannot read the admin token file"),
+        "{stderr}"
+    );
+    std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123\n").unwrap();
+    let (code, stderr) = run(with_token);
+    assert_eq!(code, Some(0), "{stderr}");
+}

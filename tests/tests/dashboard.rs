@@ -421,3 +421,102 @@ async fn dashboard_shows_live_load() {
     eprintln!("screenshot: {} ({} bytes)", shot.display(), png.len());
     server.shutdown().await;
 }
+
+/// Every dynamic value the dashboard shows is written as text: the script has no HTML
+/// sinks at all (a JS-free check that runs without a browser).
+#[test]
+fn dashboard_script_has_no_html_sinks() {
+    let js = include_str!("../../proxy/src/admin/dashboard/dashboard.js");
+    for sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "createContextualFragment",
+        "eval(",
+    ] {
+        assert!(!js.contains(sink), "dashboard.js uses {sink}");
+    }
+}
+
+/// A hostile app ID (in a limit's `apps`) and a reload error quoting a hostile rule name
+/// are rendered as text in a real browser; the page works with an admin token given once
+/// as `#token=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_hostile_values_as_text() {
+    if !Path::new(CHROMIUM).exists() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "CI=true but {CHROMIUM} is missing");
+        eprintln!("SKIPPED dashboard_renders_hostile_values_as_text: {CHROMIUM} not found");
+        return;
+    }
+    const APP: &str = "<img src=x onerror=\"document.body.dataset.pwned=1\">";
+    const NAME: &str = "<img src=y onerror=\"document.body.dataset.pwned=2\">";
+    const TOKEN: &str = "dashboard-test-token-0123456789";
+    let up = Upstream::start().await;
+    let mut c = config(&[up.addr]);
+    set(
+        &mut c,
+        "limits",
+        json!([{ "name": "hostile-app", "match": { "interfaces": ["grab"], "apps": [APP] },
+                 "key": ["user"], "rate": "5/s" }]),
+    );
+    set(&mut c, "server/admin/token_file", json!("admin.token"));
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("admin.token"), TOKEN).expect("writing the token");
+    let file = dir.path().join("tidegate.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&c).expect("serializes")).expect("writing");
+    let server = tokio::time::timeout(Duration::from_secs(15), api::start_from_file(&file))
+        .await
+        .expect("starts in time")
+        .expect("starts");
+    let admin = server.admin_addr;
+
+    // A reload refused for a hostile rule name: its error is shown on the page.
+    let mut bad = c.clone();
+    set(&mut bad, "routes/0/name", json!(NAME));
+    std::fs::write(&file, serde_json::to_vec_pretty(&bad).expect("serializes")).expect("writing");
+    let client = h1_client();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let req = Request::get(format!("http://{admin}/admin/config"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(full(Bytes::new()))
+            .unwrap();
+        let r = tidegate_tests::send(&client, req).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.json()["last_error"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bad reload was not reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a sampled second
+
+    let url = format!("http://{admin}/admin/#token={TOKEN}");
+    let dom = tokio::task::spawn_blocking(move || {
+        chromium(
+            &["--virtual-time-budget=3000", "--dump-dom"],
+            &url,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .expect("the chromium task");
+    assert!(
+        dom.contains("data-state=\"live\""),
+        "not live with the token:\n{dom}"
+    );
+    assert!(
+        dom.contains("apps &lt;img src=x onerror=\"document.body.dataset.pwned=1\"&gt;"),
+        "the app ID is not shown as text:\n{dom}"
+    );
+    assert!(
+        dom.contains("&lt;img src=y onerror="),
+        "the reload error is not shown as text:\n{dom}"
+    );
+    assert!(!dom.contains("<img"), "markup became an element:\n{dom}");
+    assert!(!dom.contains("data-pwned"), "a handler ran:\n{dom}");
+    assert!(!dom.contains(TOKEN), "the token stayed in the page:\n{dom}");
+    server.shutdown().await;
+}

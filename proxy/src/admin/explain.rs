@@ -320,6 +320,7 @@ fn answer_report(rt: &Runtime, d: &Decision<'_>) -> AnswerReport {
             };
         }
         Action::NoRoute => ("no_route", None),
+        Action::Answer(..) if d.identity_refused => ("invalid_identity", None),
         Action::Answer(..) if !d.admitted => ("overloaded", None),
         Action::Answer(..) => match (&d.limited, &d.fallback, &d.breaker) {
             (Some(rej), _, _) => ("rate_limited", Some(rej.rule.name.0.to_string())),

@@ -8,10 +8,18 @@
 //! `/admin/overload` shows the overload caps (limits, slots in use, queue depths) and the
 //! admission level.
 //!
+//! Every request passes [`guard`] first: its `Host` must name this port (403
+//! `forbidden_host` otherwise) and, with `server.admin.token_file`, every endpoint but the
+//! probes needs `Authorization: Bearer <token>` (401 otherwise). At most
+//! `server.admin.max_connections` connections are served at once; further ones wait in the
+//! kernel's accept queue, so the admin port cannot eat the data plane's descriptors.
+//!
+//! - [`guard`]: the `Host` check, the bearer token and reading the token file.
 //! - [`explain`]: the query behind `tidegate explain` and `/admin/explain`.
 //! - [`status`]: the dashboard's per-second sampler and `/admin/status.json`.
 
 pub mod explain;
+pub mod guard;
 pub mod status;
 
 use std::convert::Infallible;
@@ -25,7 +33,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::control::reload::Reloader;
 use crate::metrics::Metrics;
@@ -46,6 +54,10 @@ pub struct AdminState {
     /// The dashboard's status document, for `/admin/status.json` (sampled once a second by
     /// [`status::sample`], serialized when asked for).
     pub stats: Arc<status::Stats>,
+    /// Who may ask: allowed `Host`s and the token.
+    pub guard: guard::Guard,
+    /// Most connections served at once.
+    pub max_connections: usize,
 }
 
 /// Serve the admin endpoints until shutdown.
@@ -54,7 +66,14 @@ pub async fn serve(
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Accept only with a permit in hand: past the cap, connections wait in the kernel's
+    // accept queue (and count against no descriptor of ours) until one closes.
+    let permits = Arc::new(Semaphore::new(state.max_connections));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the admin semaphore is never closed"),
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -67,6 +86,7 @@ pub async fn serve(
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
@@ -81,6 +101,17 @@ pub async fn serve(
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refusal) = state.guard.check(req.uri().path(), req.headers()) {
+        let (status, body) = refusal.answer();
+        let mut r = json(status, Bytes::from_static(body));
+        if refusal == guard::Refusal::Token {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tidegate-admin\""),
+            );
+        }
+        return r;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -177,5 +208,17 @@ fn asset(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     // Revalidate each load: a restarted gateway of a newer version serves newer assets.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Defense in depth: only our own script and style run, and no other site frames it.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; \
+             base-uri 'none'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }

@@ -2,7 +2,9 @@
 //!
 //! [`decide`] runs the phases in their documented order against one [`Runtime`]:
 //!
-//! 1. **classify**: interface, app and user;
+//! 1. **classify**: interface, app and user; an app or user ID over `identity.max_id_bytes`
+//!    is dropped (the request is anonymous), or refused here (400 `invalid_identity`) when
+//!    `identity.on_invalid` is `reject`;
 //! 2. **admission**: overload priority admission (DAGOR): a request below the level is shed
 //!    here and spends no limit quota;
 //! 3. **limits**: every limit rule that applies, in rule order, until an enforced one refuses
@@ -30,7 +32,7 @@ use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, Ups
 use crate::conn::ConnInfo;
 use crate::govern::limit::{Outcome, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
-use crate::respond;
+use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
 use crate::stats::Class;
 
@@ -56,7 +58,10 @@ pub enum Mode {
 pub struct Decision<'r> {
     /// App, interface and user.
     pub class: Classified<'r>,
-    /// Whether overload admission let it in.
+    /// Refused at classification: an invalid ID with `identity.on_invalid: reject`.
+    pub identity_refused: bool,
+    /// Whether overload admission let it in (`false`, unasked, when refused at
+    /// classification).
     pub admitted: bool,
     /// The enforced limit that refused it.
     pub limited: Option<Rejection>,
@@ -120,7 +125,8 @@ pub fn decide_classified<'r>(
     let serve = matches!(mode, Mode::Serve { .. });
     let input = route_input(&class, headers, client_ip, mode);
     // Each phase runs only if every phase before it let the request on.
-    let admitted = admit(rt, &input, mode);
+    let identity_refused = class.invalid_id && rt.snapshot.rejects_invalid_id();
+    let admitted = !identity_refused && admit(rt, &input, mode);
     let (limited, cluster) = match admitted {
         true => rt
             .governors
@@ -143,6 +149,7 @@ pub fn decide_classified<'r>(
     };
     let mut d = Decision {
         class,
+        identity_refused,
         admitted,
         limited,
         cluster,
@@ -192,6 +199,9 @@ fn admit(rt: &Runtime, input: &RouteInput<'_>, mode: Mode) -> bool {
 
 /// The action the phases add up to. Takes the breaker's permit out of the decision.
 fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
+    if d.identity_refused {
+        return Action::Answer(GatewayError::InvalidIdentity.response(), Class::Error);
+    }
     if !d.admitted {
         return Action::Answer(rt.overload.refusal(), Class::Shed);
     }

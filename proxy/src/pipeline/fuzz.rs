@@ -33,6 +33,7 @@ pub fn decide(data: &[u8]) {
             interface: input.interface,
             app: input.app.as_deref().map(Into::into),
             user: input.user.as_deref().map(Into::into),
+            invalid_id: false,
         };
         decide_classified(
             rt,

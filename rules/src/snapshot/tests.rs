@@ -157,6 +157,51 @@ fn extractors() {
     assert_eq!(c.user.as_deref(), Some("bob"));
 }
 
+/// An ID longer than `max_id_bytes` is dropped (the request is anonymous) and flagged;
+/// one at the bound is kept.
+#[test]
+fn ids_over_the_bound_are_invalid() {
+    let s = snap(
+        ROUTES,
+        r#"{"app": {"header": "x-app-id"}, "user": {"query": "uid"}, "max_id_bytes": 8, "on_invalid": "reject"}"#,
+    );
+    assert!(s.rejects_invalid_id());
+    let m = Method::GET;
+    let mut h = HeaderMap::new();
+    h.insert("x-app-id", "12345678".parse().unwrap());
+    let c = s.classify(RequestParts {
+        method: &m,
+        path: "/x",
+        query: Some("uid=123456789"),
+        headers: &h,
+    });
+    assert_eq!(c.app.as_deref(), Some("12345678"));
+    assert_eq!(c.user, None);
+    assert!(c.invalid_id);
+    h.insert("x-app-id", "123456789".parse().unwrap());
+    let c = s.classify(RequestParts {
+        method: &m,
+        path: "/x",
+        query: Some("uid=12345678"),
+        headers: &h,
+    });
+    assert_eq!(
+        (c.app, c.user.as_deref(), c.invalid_id),
+        (None, Some("12345678"), true)
+    );
+    let s = snap(ROUTES, "{}");
+    assert!(!s.rejects_invalid_id());
+    let long = "u".repeat(10_000);
+    h.insert("x-user-id", long.parse().unwrap());
+    let c = s.classify(RequestParts {
+        method: &m,
+        path: "/x",
+        query: None,
+        headers: &h,
+    });
+    assert_eq!((c.user, c.invalid_id), (None, true), "default bound 128");
+}
+
 /// With many app-keyed rules, lookups still find the right one (the index, not a scan).
 #[test]
 fn many_rules() {

@@ -209,3 +209,84 @@ fn schema_version() {
         ["schema_version: unsupported schema_version 99; this build reads version 1"]
     );
 }
+
+/// Names are limited to ASCII letters, digits and `._:-`, 1 to 128 bytes: markup, spaces
+/// and non-ASCII are refused wherever a name is given.
+#[test]
+fn name_charset() {
+    let hostile = "<img src=x onerror=alert(1)>";
+    let c = cfg(
+        &format!(r#"[{{"name": "{hostile}", "upstream": "v1"}}]"#),
+        "",
+    );
+    let m = messages(&c);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(
+        m[0].starts_with("routes[0].name: \"<img src=x onerror=alert(1)>\" contains '<'"),
+        "{m:?}"
+    );
+    assert!(m[0].contains("ASCII letters, digits and `._:-`"), "{m:?}");
+    for bad in ["caf\u{e9}", "a b", "a\"b", "a/b", "&amp;"] {
+        let c = cfg(&format!(r#"[{{"name": {bad:?}, "upstream": "v1"}}]"#), "");
+        assert!(!messages(&c).is_empty(), "{bad:?} accepted");
+    }
+    let long = "a".repeat(MAX_NAME_BYTES + 1);
+    let c = cfg(&format!(r#"[{{"name": "{long}", "upstream": "v1"}}]"#), "");
+    assert_eq!(
+        messages(&c),
+        ["routes[0].name: name is longer than 128 bytes"]
+    );
+    let ok = format!("Ab.9_x:y-{}", "z".repeat(MAX_NAME_BYTES - 9));
+    let c = cfg(&format!(r#"[{{"name": "{ok}", "upstream": "v1"}}]"#), "");
+    assert_eq!(messages(&c), Vec::<String>::new());
+    // Upstream, interface, limit, plan names too.
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v1"}]"#,
+        r#", "limits": [{"name": "l<", "key": ["user"], "rate": "1/s"}], "plans": {"p q": {}}"#,
+    );
+    let m = messages(&c);
+    assert!(m.iter().any(|x| x.starts_with("limits[0].name: ")), "{m:?}");
+    assert!(
+        m.iter().any(|x| x.contains("\"p q\" contains ' '")),
+        "{m:?}"
+    );
+}
+
+/// `identity.max_id_bytes` is range-checked and `on_invalid` takes two values.
+#[test]
+fn identity_bounds() {
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v1"}]"#,
+        r#", "identity": {"max_id_bytes": 0, "on_invalid": "reject"}"#,
+    );
+    assert_eq!(
+        messages(&c),
+        ["identity.max_id_bytes: 0 is out of range; allowed 1..=4096"]
+    );
+}
+
+/// An admin port beyond loopback needs a token file; on loopback it does not.
+#[test]
+fn admin_beyond_loopback_needs_a_token() {
+    let routes = r#"[{"name": "d", "upstream": "v1"}]"#;
+    let m = messages(&cfg(
+        routes,
+        r#", "server": {"admin": {"address": "0.0.0.0:9901"}}"#,
+    ));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(
+        m[0].starts_with("server.admin.address: the admin port on 0.0.0.0:9901 (not loopback) must require a token"),
+        "{m:?}"
+    );
+    for ok in [
+        r#", "server": {"admin": {"address": "0.0.0.0:9901", "token_file": "admin.token"}}"#,
+        r#", "server": {"admin": {"address": "[::1]:9901", "allowed_hosts": ["admin.internal:9901"]}}"#,
+    ] {
+        assert_eq!(messages(&cfg(routes, ok)), Vec::<String>::new(), "{ok}");
+    }
+    let m = messages(&cfg(
+        routes,
+        r#", "server": {"admin": {"max_connections": 0, "allowed_hosts": ["a b"], "token_file": " "}}"#,
+    ));
+    assert_eq!(m.len(), 3, "{m:?}");
+}

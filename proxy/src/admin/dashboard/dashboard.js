@@ -2,6 +2,15 @@
 // (cells keep their nodes; only changed text is written), so nothing flickers. On an error
 // it says "reconnecting…" and retries with backoff (1 s doubling to 8 s), so the page comes
 // back by itself when the gateway restarts.
+//
+// Every value from the gateway is written as text (textContent, attributes, DOM nodes built
+// with createElement): never as HTML, even names the config validates, since app IDs and
+// error messages are the user's or operator's text. Keep it that way (a test checks).
+//
+// With an admin token (server.admin.token_file), open the page once as
+// /admin/#token=TOKEN (or answer the prompt): the token is kept in this tab's
+// sessionStorage, removed from the address bar, and sent as `Authorization: Bearer` on
+// every fetch.
 "use strict";
 
 const OUTCOMES = [
@@ -22,6 +31,34 @@ const LEVEL_TEXT = {
 
 const $ = (id) => document.getElementById(id);
 let delay = 1000;
+
+const TOKEN_KEY = "tidegate-admin-token";
+function takeTokenFromFragment() {
+  const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (!m) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+function authHeaders() {
+  const t = sessionStorage.getItem(TOKEN_KEY);
+  return t ? { Authorization: "Bearer " + t } : {};
+}
+// Ask for the token when the gateway says one is needed (401): once per page load.
+let asked = false;
+function askToken() {
+  if (asked) return;
+  asked = true;
+  const t = window.prompt("Admin token (server.admin.token_file):");
+  if (t) sessionStorage.setItem(TOKEN_KEY, t.trim());
+}
+
+// An element with a class and text.
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;
+  return e;
+}
 
 function fmtRate(v) {
   if (v == null) return "—";
@@ -75,7 +112,9 @@ function sweep(tbody, keys) {
 
 function utilCell(td, u, level) {
   if (!td.firstChild) {
-    td.innerHTML = '<span class="bar"><span></span></span><span class="pct"></span>';
+    const bar = el("span", "bar");
+    bar.appendChild(el("span"));
+    td.append(bar, el("span", "pct"));
   }
   const bar = td.querySelector(".bar");
   bar.className = "bar lvl-" + level;
@@ -95,7 +134,7 @@ function renderLevels(s) {
     const tr = row(tbody, k, cols, { "data-interface": itf.name });
     setCell(cell(tr, "name"), itf.name);
     const lv = cell(tr, "level");
-    if (!lv.firstChild) lv.innerHTML = '<span class="badge"></span>';
+    if (!lv.firstChild) lv.appendChild(el("span", "badge"));
     lv.firstChild.className = "badge lvl-" + itf.headroom;
     setCell(lv.firstChild, LEVEL_TEXT[itf.headroom] || itf.headroom);
     lv.dataset.value = itf.headroom;
@@ -273,9 +312,18 @@ function drawChart(cv, nowMs, lines, unit) {
   ctx.setLineDash([]);
 }
 
-function legend(el, items) {
-  const html = items.map((i) => `<span><i style="border-top-color:${i.color}" class="${i.dash ? "dash" : ""}"></i>${i.label}</span>`).join("");
-  if (el.innerHTML !== html) el.innerHTML = html;
+function legend(box, items) {
+  // Rebuilt only when it changes; labels (upstream names) are text nodes.
+  const key = JSON.stringify(items);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(...items.map((i) => {
+    const swatch = el("i", i.dash ? "dash" : "");
+    swatch.style.borderTopColor = i.color;
+    const item = el("span");
+    item.append(swatch, document.createTextNode(i.label));
+    return item;
+  }));
 }
 
 function renderCharts(s) {
@@ -312,8 +360,9 @@ async function poll() {
   try {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), 3000);
-    const r = await fetch("/admin/status.json", { cache: "no-store", signal: ctl.signal });
+    const r = await fetch("/admin/status.json", { cache: "no-store", signal: ctl.signal, headers: authHeaders() });
     clearTimeout(timer);
+    if (r.status === 401) askToken();
     if (!r.ok) throw new Error("HTTP " + r.status);
     const s = await r.json();
     render(s);
@@ -330,4 +379,5 @@ async function poll() {
   setTimeout(poll, 1000);
 }
 
+takeTokenFromFragment();
 poll();

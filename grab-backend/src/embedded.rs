@@ -18,22 +18,23 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::config::{Config, FsyncMode};
+use crate::ids::Ids;
 use crate::model::{Envelope, EnvelopeId, Ledger, Record};
+use crate::recovery::{self, Recovered};
 use crate::settle::{SettleStatus, Settler};
-use crate::snapshot;
 use crate::store::{
     EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health, NewEnvelope, Store,
     StoreError, Totals, WalletView,
 };
-use crate::wal::{self, Tail, Wal, WalError, WalOptions};
+use crate::wal::{Wal, WalError, WalOptions};
 
 /// Shards of the envelope map. A power of two; ids are sequential, so
 /// `id % SHARDS` spreads them evenly.
@@ -46,7 +47,8 @@ type Shard = Mutex<HashMap<u64, Arc<Mutex<Envelope>>>>;
 /// The single-node store: memory, a local log and snapshots in `data_dir`.
 pub struct EmbeddedStore {
     shards: Box<[Shard]>,
-    next_id: AtomicU64,
+    /// Envelope ids, below a durable high-water mark (see `ids`).
+    ids: Ids,
     wal: Wal,
     /// The settled state, written only by the settlement worker.
     ledger: Arc<RwLock<Ledger>>,
@@ -56,13 +58,6 @@ pub struct EmbeddedStore {
     /// (expires_at_ms, id) of envelopes that may need a refund.
     expiries: Mutex<BinaryHeap<Reverse<(u64, u64)>>>,
     fsync: FsyncMode,
-}
-
-/// What recovery found.
-struct Recovered {
-    ledger: Ledger,
-    tail: Option<Tail>,
-    replayed: u64,
 }
 
 // === impl EmbeddedStore ===
@@ -79,11 +74,13 @@ impl EmbeddedStore {
             ledger,
             tail,
             replayed,
-        } = recover(dir, config.wallet_recent_credits)?;
+            torn,
+        } = recovery::recover(dir, config.wallet_recent_credits)?;
         tracing::info!(
             dir = %dir.display(),
             lsn = ledger.lsn,
             replayed,
+            torn_tail_bytes = torn.map_or(0, |t| t.dropped_bytes),
             envelopes = ledger.envelopes.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "grab store recovered"
@@ -100,7 +97,7 @@ impl EmbeddedStore {
                 .expect("shard poisoned")
                 .insert(env.id, Arc::new(Mutex::new(env.clone())));
         }
-        let next_id = ledger.next_envelope_id.max(1);
+        let ids = Ids::open(dir, ledger.next_envelope_id)?;
         let next_lsn = ledger.lsn + 1;
         let settle = Arc::new(SettleStatus::default());
         settle.settled_lsn.store(ledger.lsn, Ordering::Release);
@@ -128,7 +125,7 @@ impl EmbeddedStore {
 
         Ok(Self {
             shards,
-            next_id: AtomicU64::new(next_id),
+            ids,
             wal,
             ledger,
             settle,
@@ -142,6 +139,7 @@ impl EmbeddedStore {
     /// and write a final snapshot. Blocking; idempotent.
     pub fn close(&self) {
         self.wal.close();
+        self.ids.close();
         let thread = self
             .settle_thread
             .lock()
@@ -196,7 +194,10 @@ impl Drop for EmbeddedStore {
 impl Store for EmbeddedStore {
     async fn create(&self, new: NewEnvelope) -> Result<EnvelopeSummary, StoreError> {
         let now = now_ms();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self
+            .ids
+            .allocate()
+            .map_err(|e| StoreError::Unavailable(format!("reserving envelope ids: {e}")))?;
         let expires_at_ms = now.saturating_add(new.expires_in_s().saturating_mul(1000));
         let record = Record::Create {
             id,
@@ -420,78 +421,6 @@ impl Store for EmbeddedStore {
             settled,
         })
     }
-}
-
-// === recovery ===
-
-/// Rebuild the settled ledger from the snapshot and the log, truncating a
-/// torn tail. Refuses (errors) on anything that is not a torn tail.
-fn recover(dir: &std::path::Path, keep_credits: usize) -> anyhow::Result<Recovered> {
-    snapshot::remove_leftovers(dir)?;
-    let mut ledger = snapshot::read(dir)?.unwrap_or_default();
-    let segments = wal::list_segments(dir)?;
-    let mut tail = None;
-    let mut replayed = 0u64;
-    for (idx, (base, path)) in segments.iter().enumerate() {
-        let is_last = idx + 1 == segments.len();
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let scan = wal::scan_segment(&bytes, *base)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        if let Some(why) = scan.torn {
-            if !is_last {
-                bail!(
-                    "{}: {why} at byte {} in a closed segment: the log is corrupt",
-                    path.display(),
-                    scan.valid_len
-                );
-            }
-            if scan.valid_len == 0 {
-                // Crashed while creating the segment: nothing in it was ever
-                // acknowledged.
-                tracing::warn!(path = %path.display(), "removing segment with a torn header");
-                std::fs::remove_file(path)?;
-                wal::sync_dir(dir)?;
-                continue;
-            }
-            tracing::warn!(
-                path = %path.display(),
-                at = scan.valid_len,
-                dropped_bytes = bytes.len() as u64 - scan.valid_len,
-                reason = why,
-                "dropping torn log tail"
-            );
-            let f = std::fs::OpenOptions::new().write(true).open(path)?;
-            f.set_len(scan.valid_len)?;
-            f.sync_all()?;
-        }
-        let last_lsn = base + scan.records.len() as u64 - 1;
-        if *base > ledger.lsn + 1 && !scan.records.is_empty() {
-            bail!(
-                "{}: log starts at {base} but the state ends at {}: records are missing",
-                path.display(),
-                ledger.lsn
-            );
-        }
-        for (lsn, record) in &scan.records {
-            if *lsn <= ledger.lsn {
-                continue;
-            }
-            ledger
-                .apply(*lsn, record, keep_credits)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            replayed += 1;
-        }
-        tail = Some(Tail {
-            path: path.clone(),
-            len: scan.valid_len,
-            last_lsn,
-        });
-    }
-    Ok(Recovered {
-        ledger,
-        tail,
-        replayed,
-    })
 }
 
 // === helpers ===

@@ -7,8 +7,9 @@
 //! is in the write-ahead log on disk (group commit), and recovery after
 //! `kill -9` restores every acknowledged grab. See `docs/grab-backend.md`.
 //!
-//! Run it with [`serve`] (the standalone binary and the gateway's embedded
-//! upstream both do), or build the router over any [`Store`] with [`router`].
+//! Run it with [`serve`], or [`start`] to see a refusal to start (a corrupt
+//! log) before serving (the standalone binary and the gateway's embedded
+//! upstream do), or build the router over any [`Store`] with [`router`].
 //!
 //! # Layout
 //! - [`config`]: bootstrap settings ([`Config`], [`FsyncMode`], [`Limits`]).
@@ -16,6 +17,8 @@
 //! - `model`: ids, log records, envelope state and the settled ledger.
 //! - `wal`: log framing, the group-commit writer, segment scanning.
 //! - `snapshot`: atomic snapshots of the ledger; log truncation.
+//! - [`recovery`]: snapshot + log replay, torn tail vs corruption, `recover`.
+//! - `ids`: the durable envelope id high-water mark.
 //! - `settle`: the settlement worker (wallet credits, snapshots).
 //! - [`store`]: the [`Store`] trait and the types crossing it.
 //! - `embedded`: [`EmbeddedStore`], the single-node implementation.
@@ -23,6 +26,7 @@
 //! - `http`: the axum routes over a [`Store`].
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -30,7 +34,9 @@ use anyhow::Context;
 pub mod config;
 mod embedded;
 mod http;
+mod ids;
 mod model;
+pub mod recovery;
 mod redis_store;
 mod settle;
 mod snapshot;
@@ -48,19 +54,37 @@ pub use store::{
     InvalidRequest, NewEnvelope, Store, StoreError, Totals, WalletView,
 };
 
-/// Serve the grab API on `listener` until `shutdown` resolves.
-///
-/// With the embedded store (the default) it opens and recovers the store in
-/// `config.data_dir` (creating it), starts the log writer, the settlement worker and the
-/// expiry sweeper, and serves HTTP/1.1 and h2c. When `shutdown` resolves it stops
-/// accepting, lets in-flight requests finish, commits the log, lets settlement catch up
-/// and writes a final snapshot before returning. With the Redis store it connects to
-/// Redis instead (failing if it cannot), and starts the Redis settler and the sweeper.
+/// Serving the grab API, as returned by [`start`]; resolves after shutdown.
+pub type Serving = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Serve the grab API on `listener` until `shutdown` resolves: [`start`],
+/// then the serving future it returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    start(listener, config, shutdown).await?.await
+}
+
+/// Open the store, then return the future that serves the grab API on
+/// `listener` until `shutdown` resolves. Everything that can stop the
+/// backend from starting (recovery refusing a corrupt log, Redis not
+/// answering) fails here, before anything is served.
+///
+/// With the embedded store (the default) it opens and recovers the store in
+/// `config.data_dir` (creating it; see [`recovery`] for what it refuses),
+/// starts the log writer, the settlement worker and the expiry sweeper, and
+/// serves HTTP/1.1 and h2c. When `shutdown` resolves it stops accepting, lets
+/// in-flight requests finish, commits the log, lets settlement catch up and
+/// writes a final snapshot before the serving future resolves. With the Redis
+/// store it connects to Redis instead (failing if it cannot), and starts the
+/// Redis settler and the sweeper.
+pub async fn start(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Serving> {
     match &config.store {
         StoreKind::Embedded => {
             let open_config = config.clone();
@@ -71,11 +95,13 @@ pub async fn serve(
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, "grab backend serving");
             }
-            let served = serve_store(listener, store.clone(), &config, shutdown).await;
-            tokio::task::spawn_blocking(move || store.close())
-                .await
-                .context("store close panicked")?;
-            served
+            Ok(Box::pin(async move {
+                let served = serve_store(listener, store.clone(), &config, shutdown).await;
+                tokio::task::spawn_blocking(move || store.close())
+                    .await
+                    .context("store close panicked")?;
+                served
+            }))
         }
         StoreKind::Redis(redis) => {
             let store = Arc::new(
@@ -86,9 +112,11 @@ pub async fn serve(
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, redis = %redis.url, "grab backend serving (redis store)");
             }
-            let served = serve_store(listener, store.clone(), &config, shutdown).await;
-            store.close().await;
-            served
+            Ok(Box::pin(async move {
+                let served = serve_store(listener, store.clone(), &config, shutdown).await;
+                store.close().await;
+                served
+            }))
         }
     }
 }

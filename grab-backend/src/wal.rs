@@ -12,9 +12,11 @@
 //!
 //! The CRC covers the sequence number and the payload. Sequence numbers are
 //! contiguous across segments. A scan stops at the first frame that is short,
-//! oversized or fails its CRC: that is a torn write from a crash, and the
-//! bytes from there on are dropped (never parsed). Only the last segment may
-//! end torn; a segment is synced before the next one is created.
+//! oversized or fails its CRC and then looks further for any later valid
+//! frame. Only when there is none, in the last segment, is it a torn write
+//! from a crash whose bytes recovery drops; anything else is corruption and
+//! recovery refuses (see `recovery`). A segment is synced before the next one
+//! is created, so only the last segment may end torn.
 //!
 //! # Group commit
 //! Appenders push records onto one queue under a short mutex that also
@@ -27,6 +29,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
@@ -95,10 +98,45 @@ pub(crate) struct Wal {
 #[derive(Debug)]
 pub(crate) struct Scan {
     pub(crate) records: Vec<(u64, Record)>,
+    /// Byte offset of each record's frame.
+    pub(crate) offsets: Vec<u64>,
     /// Length of the valid prefix (header plus whole, checked frames).
     pub(crate) valid_len: u64,
-    /// Why the scan stopped early, if it did.
-    pub(crate) torn: Option<&'static str>,
+    /// Why the scan stopped before the end, if it did.
+    pub(crate) damage: Option<Damage>,
+}
+
+/// The frame at [`Scan::valid_len`] is short, oversized or fails its CRC.
+#[derive(Debug)]
+pub(crate) struct Damage {
+    pub(crate) reason: &'static str,
+    /// Whole, checked frames after the damaged one. Empty: the damage runs
+    /// to the end of the segment.
+    pub(crate) later: Vec<Found>,
+}
+
+/// A whole, checksummed frame found by [`resync`].
+#[derive(Debug)]
+pub(crate) struct Found {
+    pub(crate) offset: u64,
+    pub(crate) lsn: u64,
+    pub(crate) record: Result<Record, String>,
+}
+
+/// Checked data that contradicts itself, at byte `offset` of a segment.
+#[derive(Debug)]
+pub(crate) struct Corrupt {
+    pub(crate) offset: u64,
+    pub(crate) reason: String,
+}
+
+impl Corrupt {
+    fn at(offset: u64, reason: impl Into<String>) -> Self {
+        Self {
+            offset,
+            reason: reason.into(),
+        }
+    }
 }
 
 struct Shared {
@@ -591,67 +629,122 @@ pub(crate) fn encode_frame(buf: &mut Vec<u8>, lsn: u64, record: &Record) {
 
 /// Parse a segment whose file name says it starts at `base`.
 ///
-/// Stops at the first frame that cannot be whole and correct (a torn write)
-/// and reports the valid prefix. Errors only when checked data contradicts
-/// itself: a wrong header, a sequence gap, or a record that passes its CRC
-/// but does not parse.
-pub(crate) fn scan_segment(bytes: &[u8], base: u64) -> Result<Scan, String> {
+/// Reads whole, checked frames from the start and stops at the first one that
+/// is short, oversized or fails its CRC. From there it resynchronises: it
+/// looks at every later byte offset for a frame whose length fits and whose
+/// CRC and sequence number check out, and reports those in
+/// [`Damage::later`]. No later valid frame means the damage runs to the end
+/// of the segment (a torn write, if this is the last segment); a later valid
+/// frame means the middle of the log is damaged and the caller must not
+/// drop it as a tail. Errors only when checked data contradicts itself: a
+/// wrong header, a sequence gap, or a record that passes its CRC but does
+/// not parse.
+pub(crate) fn scan_segment(bytes: &[u8], base: u64) -> Result<Scan, Corrupt> {
     let header_len = SEGMENT_HEADER_LEN as usize;
     if bytes.len() < header_len {
         return Ok(Scan {
             records: Vec::new(),
+            offsets: Vec::new(),
             valid_len: 0,
-            torn: Some("short segment header"),
+            damage: Some(Damage {
+                reason: "short segment header",
+                later: Vec::new(),
+            }),
         });
     }
     if &bytes[..8] != SEGMENT_MAGIC {
-        return Err("bad segment magic".into());
+        return Err(Corrupt::at(0, "bad segment magic"));
     }
     let header_base = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     if header_base != base {
-        return Err(format!(
-            "segment header says it starts at {header_base}, file name says {base}"
+        return Err(Corrupt::at(
+            8,
+            format!("segment header says it starts at {header_base}, file name says {base}"),
         ));
     }
     let mut records = Vec::new();
+    let mut offsets = Vec::new();
     let mut pos = header_len;
-    let mut torn = None;
+    let mut damage = None;
     while pos < bytes.len() {
-        let rest = &bytes[pos..];
-        if rest.len() < FRAME_HEADER_LEN {
-            torn = Some("short frame header");
-            break;
-        }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-        if len > MAX_PAYLOAD {
-            torn = Some("implausible frame length");
-            break;
-        }
-        if rest.len() < FRAME_HEADER_LEN + len {
-            torn = Some("short frame");
-            break;
-        }
-        let body = &rest[8..FRAME_HEADER_LEN + len];
-        if crc32fast::hash(body) != crc {
-            torn = Some("checksum mismatch");
-            break;
-        }
-        let lsn = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        let (lsn, total, payload) = match frame_at(bytes, pos) {
+            Ok(f) => f,
+            Err(reason) => {
+                let expected = base + records.len() as u64;
+                // A frame that survived the damage carries a later sequence
+                // number; at most one frame fits in every 16 bytes left.
+                let most = expected + (bytes.len() - pos) as u64 / FRAME_HEADER_LEN as u64;
+                damage = Some(Damage {
+                    reason,
+                    later: resync(bytes, pos + 1, expected..=most),
+                });
+                break;
+            }
+        };
         let expected = base + records.len() as u64;
         if lsn != expected {
-            return Err(format!("record {lsn} where {expected} was expected"));
+            return Err(Corrupt::at(
+                pos as u64,
+                format!("record {lsn} where {expected} was expected"),
+            ));
         }
-        let record: Record = serde_json::from_slice(&body[8..])
-            .map_err(|e| format!("record {lsn} does not parse: {e}"))?;
+        let record: Record = serde_json::from_slice(payload)
+            .map_err(|e| Corrupt::at(pos as u64, format!("record {lsn} does not parse: {e}")))?;
         records.push((lsn, record));
-        pos += FRAME_HEADER_LEN + len;
+        offsets.push(pos as u64);
+        pos += total;
     }
     Ok(Scan {
         records,
+        offsets,
         valid_len: pos as u64,
-        torn,
+        damage,
     })
+}
+
+/// Every whole, checksummed frame from byte `from` on whose sequence number
+/// is in `lsns`, found by trying each offset: after a valid frame the search
+/// continues right behind it, after anything else one byte further.
+pub(crate) fn resync(bytes: &[u8], from: usize, lsns: RangeInclusive<u64>) -> Vec<Found> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    while pos + FRAME_HEADER_LEN <= bytes.len() {
+        match frame_at(bytes, pos) {
+            Ok((lsn, total, payload)) if lsns.contains(&lsn) => {
+                out.push(Found {
+                    offset: pos as u64,
+                    lsn,
+                    record: serde_json::from_slice(payload).map_err(|e| e.to_string()),
+                });
+                pos += total;
+            }
+            _ => pos += 1,
+        }
+    }
+    out
+}
+
+/// The frame at `pos`: its sequence number, total length and payload, or
+/// why it is not whole and correct.
+fn frame_at(bytes: &[u8], pos: usize) -> Result<(u64, usize, &[u8]), &'static str> {
+    let rest = &bytes[pos..];
+    if rest.len() < FRAME_HEADER_LEN {
+        return Err("short frame header");
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD {
+        return Err("implausible frame length");
+    }
+    if rest.len() < FRAME_HEADER_LEN + len {
+        return Err("short frame");
+    }
+    let body = &rest[8..FRAME_HEADER_LEN + len];
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch");
+    }
+    let lsn = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+    Ok((lsn, FRAME_HEADER_LEN + len, &body[8..]))
 }
 
 /// Make a directory's entries (created, renamed, removed files) durable.

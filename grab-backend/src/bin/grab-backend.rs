@@ -1,13 +1,26 @@
 //! `grab-backend`: the red-envelope service, standalone.
 //!
-//! Prints `listening on ADDR` on stdout once it accepts connections (tests
-//! and scripts read the port from it when binding port 0), and exits 0 after
-//! draining on SIGTERM or SIGINT.
+//! Prints `listening on ADDR` on stdout once the store is recovered and it
+//! accepts connections (tests and scripts read the port from it when binding
+//! port 0), and exits 0 after draining on SIGTERM or SIGINT. If recovery
+//! refuses (a corrupt log) it exits 1 with the segment file and byte offset
+//! on stderr.
+//!
+//! `grab-backend recover --data-dir DIR [--truncate | --quarantine QDIR]`
+//! inspects (and with a flag repairs) the log; see [`RECOVER_EXIT_CODES`].
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use grab_backend::recovery::{self, Repair};
 use grab_backend::{Config, FsyncMode, RedisStoreConfig, StoreKind};
+
+/// Exit codes of `grab-backend recover`.
+const RECOVER_EXIT_CODES: &str = "Exit codes: 0 = no corruption (a torn tail, if reported, is cut by \
+the next start), or the repair succeeded; 1 = recover failed (unreadable files, corrupt snapshot \
+or id file, repair error); 2 = bad arguments; 3 = corruption found and nothing changed (rerun with \
+--truncate or --quarantine DIR to repair).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,8 +29,10 @@ use grab_backend::{Config, FsyncMode, RedisStoreConfig, StoreKind};
     about = "Red-envelope grab service with a durable log"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory for the log and snapshots (created if missing).
-    #[arg(long, default_value = "data/grab")]
+    #[arg(long, default_value = "data/grab", global = true)]
     data_dir: PathBuf,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8081")]
@@ -50,20 +65,82 @@ struct Args {
     redis_timeout_ms: u64,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect the log in --data-dir without starting: report a torn tail or
+    /// corruption and every record cutting the log at the corruption would
+    /// drop. Changes nothing unless --truncate or --quarantine is given.
+    #[command(after_help = RECOVER_EXIT_CODES)]
+    Recover {
+        /// Repair: raise the envelope id high-water mark past every dropped
+        /// record, truncate the damaged segment at the damage and delete every
+        /// later segment.
+        #[arg(long, conflicts_with = "quarantine")]
+        truncate: bool,
+        /// Repair like --truncate, but first copy the damaged segment and move
+        /// every later segment into DIR (created if missing).
+        #[arg(long, value_name = "DIR")]
+        quarantine: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum StoreArg {
     Embedded,
     Redis,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let result = match args.command.take() {
+        Some(Command::Recover {
+            truncate,
+            quarantine,
+        }) => recover(&args.data_dir, truncate, quarantine),
+        None => serve(args).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("grab-backend: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `grab-backend recover`: report, and repair only when asked.
+fn recover(
+    dir: &std::path::Path,
+    truncate: bool,
+    quarantine: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    let how = match (truncate, quarantine) {
+        (_, Some(q)) => Some(Repair::Quarantine(q)),
+        (true, None) => Some(Repair::Truncate),
+        (false, None) => None,
+    };
+    let report = match &how {
+        None => recovery::inspect(dir)?,
+        Some(how) => recovery::repair(dir, how)?,
+    };
+    print!("{report}");
+    if report.corruption.is_some() {
+        if how.is_some() {
+            anyhow::bail!("the log is still corrupt after the repair");
+        }
+        println!(
+            "nothing changed; a start refuses until the log is repaired with --truncate or --quarantine DIR"
+        );
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(args: Args) -> anyhow::Result<()> {
     let mut config = Config {
         data_dir: args.data_dir,
         fsync: args.fsync,
@@ -88,8 +165,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
+        let serving = grab_backend::start(listener, config, shutdown_signal()).await?;
         println!("listening on {addr}");
-        grab_backend::serve(listener, config, shutdown_signal()).await
+        serving.await
     })
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 use super::*;
 use crate::model::EnvelopeState;
 use crate::store::CreateRequest;
+use crate::wal;
 
 fn config(dir: &Path) -> Config {
     Config {

@@ -38,23 +38,40 @@ fn every_torn_cut_yields_a_prefix() {
             assert_eq!(r, &records[i]);
         }
         let complete = cut == SEGMENT_HEADER_LEN as usize || ends.contains(&cut);
-        assert_eq!(scan.torn.is_none(), complete, "cut at {cut}");
+        assert_eq!(scan.damage.is_none(), complete, "cut at {cut}");
+        if let Some(d) = &scan.damage {
+            assert!(
+                d.later.is_empty(),
+                "cut at {cut}: a cut leaves nothing after it"
+            );
+        }
     }
 }
 
 /// A flipped byte anywhere after the header stops the scan at that frame:
-/// the records returned are always an unmodified prefix.
+/// the records returned are always an unmodified prefix, and resynchronising
+/// finds every later frame, so damage before the last frame is never
+/// mistaken for a tail.
 #[test]
 fn corruption_is_detected_not_misread() {
     let records = sample(6);
-    let (bytes, _) = segment_bytes(1, &records);
+    let (bytes, ends) = segment_bytes(1, &records);
     for pos in SEGMENT_HEADER_LEN as usize..bytes.len() {
         let mut bad = bytes.clone();
         bad[pos] ^= 0x5a;
-        let scan = scan_segment(&bad, 1).expect("torn, not an error");
-        assert!(scan.torn.is_some(), "flip at {pos} went unnoticed");
+        let scan = scan_segment(&bad, 1).expect("damage, not an error");
+        let damage = scan.damage.as_ref().expect("a flip never goes unnoticed");
         for (i, (_, r)) in scan.records.iter().enumerate() {
             assert_eq!(r, &records[i], "flip at {pos} misread record {i}");
+        }
+        // The damaged frame is the one holding `pos`; every later one is found.
+        let hit = ends.iter().filter(|&&e| e <= pos).count();
+        assert_eq!(scan.records.len(), hit, "flip at {pos}");
+        let later: Vec<u64> = damage.later.iter().map(|f| f.lsn).collect();
+        let want: Vec<u64> = (hit as u64 + 2..=records.len() as u64).collect();
+        assert_eq!(later, want, "flip at {pos}");
+        for f in &damage.later {
+            assert_eq!(f.record.as_ref().unwrap(), &records[f.lsn as usize - 1]);
         }
     }
 }
@@ -67,7 +84,9 @@ fn zero_tail_is_torn() {
     let scan = scan_segment(&bytes, 1).unwrap();
     assert_eq!(scan.records.len(), 3);
     assert_eq!(scan.valid_len as usize, ends[2]);
-    assert_eq!(scan.torn, Some("checksum mismatch"));
+    let damage = scan.damage.unwrap();
+    assert_eq!(damage.reason, "checksum mismatch");
+    assert!(damage.later.is_empty());
 }
 
 /// A header naming a different first record than the file name is corruption.
@@ -138,7 +157,8 @@ async fn concurrent_appends_commit_in_order() {
         let segs = list_segments(dir.path()).unwrap();
         let bytes = std::fs::read(&segs[0].1).unwrap();
         let scan = scan_segment(&bytes, 1).unwrap();
-        assert_eq!((scan.records.len(), scan.torn), (200, None));
+        assert_eq!(scan.records.len(), 200);
+        assert!(scan.damage.is_none());
         assert!(matches!(
             wal.append(sample(1).remove(0)),
             Err(WalError::Closed)
@@ -172,7 +192,7 @@ fn rotation_keeps_sequence_contiguous() {
     for (base, path) in segs {
         assert_eq!(base, next);
         let scan = scan_segment(&std::fs::read(path).unwrap(), base).unwrap();
-        assert!(scan.torn.is_none());
+        assert!(scan.damage.is_none());
         next += scan.records.len() as u64;
     }
     assert_eq!(next, 61);

@@ -19,7 +19,8 @@ pub struct Embedded {
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Start the grab backend for upstream `name`. It stops when `stop` flips to `true`, which
+/// Start the grab backend for upstream `name`: recover its store (failing if recovery
+/// refuses, e.g. on a corrupt log) and serve it in a task. It stops when `stop` flips to `true`, which
 /// the gateway does only after its own connections have drained.
 pub async fn start(
     name: &str,
@@ -38,9 +39,13 @@ pub async fn start(
         config.user_header = h.to_ascii_lowercase();
     }
     let mut stop = stop;
-    let task = tokio::spawn(grab_backend::serve(listener, config, async move {
+    // Recovery runs here, so a backend that refuses to start (a corrupt log)
+    // fails the gateway's start instead of leaving it serving 502s.
+    let serving = grab_backend::start(listener, config, async move {
         crate::shutdown::stopped(&mut stop).await;
-    }));
+    })
+    .await?;
+    let task = tokio::spawn(serving);
     Ok(Embedded {
         name: name.to_owned(),
         addr,

@@ -280,7 +280,7 @@ impl Store for RedisStore {
     async fn create_idempotent(
         &self,
         new: NewEnvelope,
-        key: &IdempotencyKey,
+        idem: &IdempotencyKey,
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
         let unavailable = |StoreError::Unavailable(why)| CreateError::Unavailable(why);
@@ -289,8 +289,8 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         let mut inv = inner.scripts.claim.prepare_invoke();
-        inv.key(idem_key(new.sender(), key.key()))
-            .arg(format!("{}:{fresh}", key.fingerprint()))
+        inv.key(idem_key(new.sender(), idem.key()))
+            .arg(format!("{}:{fresh}", idem.fingerprint()))
             .arg(self.idem_ttl_ms);
         let claimed: Option<String> = inner
             .run(inv.invoke_async(&mut inner.conn()))
@@ -300,15 +300,28 @@ impl Store for RedisStore {
             None => fresh,
             Some(v) => {
                 let (fingerprint, id) = v.rsplit_once(':').unwrap_or(("", ""));
-                if fingerprint != key.fingerprint() {
+                if fingerprint != idem.fingerprint() {
                     return Err(CreateError::KeyReused);
                 }
                 id.parse()
                     .map_err(|_| CreateError::Unavailable(format!("bad idempotency claim {v:?}")))?
             }
         };
-        // For a claim found, this creates the envelope only if its first request has
-        // not (yet); otherwise it reads the existing one.
+        if id != fresh {
+            // A replay: answer the envelope without writing anything, if it exists.
+            let times: Vec<Option<u64>> = inner
+                .run(inner.conn().hmget(key(id, "meta"), &["created", "expires"]))
+                .await
+                .map_err(unavailable)?;
+            if let [Some(created_at_ms), Some(expires_at_ms)] = times[..] {
+                return Ok(Created {
+                    summary: created_summary(id, &new, created_at_ms, expires_at_ms),
+                    replayed: true,
+                });
+            }
+        }
+        // Creates the envelope, or (for a claim whose first request has not created it
+        // yet, in flight or dead) whichever of them runs the create script first does.
         let (summary, existed) = inner.create_id(id, &new).await.map_err(unavailable)?;
         Ok(Created {
             summary,
@@ -586,18 +599,7 @@ impl Inner {
         };
         let existed = r.get(2).is_some_and(|s| s == "exists");
         Ok((
-            EnvelopeSummary {
-                id: EnvelopeId(id),
-                sender: new.sender().to_owned(),
-                total_cents: new.total_cents(),
-                count: new.count(),
-                remaining_cents: new.total_cents(),
-                remaining_count: new.count(),
-                refunded_cents: None,
-                state: EnvelopeState::Open,
-                created_at_ms,
-                expires_at_ms,
-            },
+            created_summary(id, new, created_at_ms, expires_at_ms),
             existed,
         ))
     }
@@ -861,6 +863,27 @@ impl Meta {
 /// `{env:ID}:PART`: the hash tag keeps an envelope's keys in one slot.
 fn key(id: u64, part: &str) -> String {
     format!("{{env:{id}}}:{part}")
+}
+
+/// Envelope `id` of `new` as its create answered it: nothing grabbed, open.
+fn created_summary(
+    id: u64,
+    new: &NewEnvelope,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+) -> EnvelopeSummary {
+    EnvelopeSummary {
+        id: EnvelopeId(id),
+        sender: new.sender().to_owned(),
+        total_cents: new.total_cents(),
+        count: new.count(),
+        remaining_cents: new.total_cents(),
+        remaining_count: new.count(),
+        refunded_cents: None,
+        state: EnvelopeState::Open,
+        created_at_ms,
+        expires_at_ms,
+    }
 }
 
 /// `grab:idem:LEN:SENDER:KEY`: an idempotency key in its sender's scope (the length

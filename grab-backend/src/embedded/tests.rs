@@ -421,7 +421,7 @@ async fn keys_survive_a_crash_and_snapshots() {
 async fn keys_expire_and_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config {
-        idempotency_ttl: Duration::from_millis(300),
+        idempotency_ttl: Duration::from_millis(1_000),
         ..config(dir.path())
     };
     let store = EmbeddedStore::open(&cfg).unwrap();
@@ -429,14 +429,14 @@ async fn keys_expire_and_are_bounded() {
     let first = store.create_idempotent(new.clone(), &key).await.unwrap();
     let second = store.create_idempotent(new.clone(), &key).await.unwrap();
     assert_eq!(second.summary.id, first.summary.id);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
     let third = store.create_idempotent(new.clone(), &key).await.unwrap();
     assert!(!third.replayed);
     assert_ne!(third.summary.id, first.summary.id);
     store.close();
     drop(store);
     // Recovered keys expire too.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
     let store = EmbeddedStore::open(&cfg).unwrap();
     assert_eq!(store.idem.lock().unwrap().len(), 0);
     let fourth = store.create_idempotent(new, &key).await.unwrap();

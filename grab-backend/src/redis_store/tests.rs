@@ -154,7 +154,7 @@ async fn redis_keys_expire_and_orphan_claims_complete() {
     let Some(server) = Server::start().await else {
         return;
     };
-    let store = server.store(Duration::from_millis(400)).await;
+    let store = server.store(Duration::from_millis(1_000)).await;
     let (new, key) = keyed("sam", 100, 1, "ttl");
     let first = store.create_idempotent(new.clone(), &key).await.unwrap();
     let ttl: i64 = store
@@ -163,7 +163,7 @@ async fn redis_keys_expire_and_orphan_claims_complete() {
         .pttl(idem_key("sam", "ttl"))
         .await
         .unwrap();
-    assert!(ttl > 0 && ttl <= 400, "pttl {ttl}");
+    assert!(ttl > 0 && ttl <= 1_000, "pttl {ttl}");
     assert_eq!(
         store
             .create_idempotent(new.clone(), &key)
@@ -173,7 +173,7 @@ async fn redis_keys_expire_and_orphan_claims_complete() {
             .id,
         first.summary.id
     );
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
     let later = store.create_idempotent(new, &key).await.unwrap();
     assert!(!later.replayed);
     assert_ne!(later.summary.id, first.summary.id);

@@ -78,7 +78,7 @@ async fn http_rules(addr: std::net::SocketAddr) {
     let before = money(&mut c).await;
     let body = serde_json::to_vec(&json!({"sender": "x", "total_cents": 10, "count": 1})).unwrap();
     let long = vec![b'k'; 256];
-    for bad in [&b""[..], b"two words", b"caf\xc3\xa9", &long] {
+    for bad in [&b""[..], b"two words", b"caf\xc3\xa9", long.as_slice()] {
         let (status, err) = c
             .send("POST", "/envelopes", &[("idempotency-key", bad)], &body)
             .await

@@ -103,6 +103,13 @@ pub struct Config {
     pub expiry_sweep_interval: Duration,
     /// Credits kept per wallet for `GET /users/{id}/wallet`. Default 20.
     pub wallet_recent_credits: usize,
+    /// How long an `Idempotency-Key` of `POST /envelopes` is remembered after its
+    /// create. Default 24 h. A retry after that creates a new envelope.
+    pub idempotency_ttl: Duration,
+    /// Most idempotency keys the embedded store keeps; past it the oldest are forgotten
+    /// first. Default 1,000,000 (about 200 bytes each). The Redis store bounds its keys
+    /// by the TTL only.
+    pub idempotency_max_keys: usize,
     /// Storage: embedded (default) or Redis. With Redis, `data_dir`, `fsync` and the log
     /// settings are unused: durability is the Redis deployment's.
     pub store: StoreKind,
@@ -185,6 +192,8 @@ impl Default for Config {
             snapshot_every_records: 50_000,
             expiry_sweep_interval: Duration::from_millis(250),
             wallet_recent_credits: 20,
+            idempotency_ttl: Duration::from_secs(86_400),
+            idempotency_max_keys: 1_000_000,
             store: StoreKind::Embedded,
         }
     }

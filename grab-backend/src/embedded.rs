@@ -27,14 +27,14 @@ use anyhow::Context;
 
 use crate::config::{Config, FsyncMode};
 use crate::ids::Ids;
-use crate::model::{Envelope, EnvelopeId, Ledger, Record};
+use crate::model::{Envelope, EnvelopeId, IdemEntry, IdemTable, Ledger, LoggedKey, Record};
 use crate::recovery::{self, Recovered};
 use crate::settle::{SettleStatus, Settler};
 use crate::store::{
-    EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health, NewEnvelope, Store,
-    StoreError, Totals, WalletView,
+    CreateError, Created, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health,
+    IdempotencyKey, NewEnvelope, Store, StoreError, Totals, WalletView,
 };
-use crate::wal::{Wal, WalError, WalOptions};
+use crate::wal::{Commit, Wal, WalError, WalOptions};
 
 /// Shards of the envelope map. A power of two; ids are sequential, so
 /// `id % SHARDS` spreads them evenly.
@@ -57,6 +57,12 @@ pub struct EmbeddedStore {
     settle_thread: Mutex<Option<JoinHandle<()>>>,
     /// (expires_at_ms, id) of envelopes that may need a refund.
     expiries: Mutex<BinaryHeap<Reverse<(u64, u64)>>>,
+    /// Live idempotency keys of creates. A keyed create holds this lock while it
+    /// checks the key, appends its record and publishes the envelope (no disk wait),
+    /// so two requests under one key cannot both create.
+    idem: Mutex<IdemTable>,
+    idem_ttl_ms: u64,
+    idem_max_keys: usize,
     fsync: FsyncMode,
 }
 
@@ -71,17 +77,25 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let started = std::time::Instant::now();
         let Recovered {
-            ledger,
+            mut ledger,
             tail,
             replayed,
             torn,
         } = recovery::recover(dir, config.wallet_recent_credits)?;
+        let idem_ttl_ms = u64::try_from(config.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+        let idem_max_keys = config.idempotency_max_keys;
+        let expired_keys = ledger
+            .idempotency
+            .prune(now_ms(), idem_ttl_ms, idem_max_keys);
+        let idem = ledger.idempotency.clone();
         tracing::info!(
             dir = %dir.display(),
             lsn = ledger.lsn,
             replayed,
             torn_tail_bytes = torn.map_or(0, |t| t.dropped_bytes),
             envelopes = ledger.envelopes.len(),
+            idempotency_keys = idem.len(),
+            expired_keys,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "grab store recovered"
         );
@@ -119,6 +133,8 @@ impl EmbeddedStore {
             snapshot_every: config.snapshot_every_records.max(1),
             keep_credits: config.wallet_recent_credits,
             since_snapshot: replayed,
+            idem_ttl_ms,
+            idem_max_keys,
         }
         .spawn()
         .context("starting settlement")?;
@@ -131,6 +147,9 @@ impl EmbeddedStore {
             settle,
             settle_thread: Mutex::new(Some(settle_thread)),
             expiries: Mutex::new(expiries),
+            idem: Mutex::new(idem),
+            idem_ttl_ms,
+            idem_max_keys,
             fsync: config.fsync,
         })
     }
@@ -160,6 +179,52 @@ impl EmbeddedStore {
             self.wal.appended_lsn(),
             self.settle.settled_lsn.load(Ordering::Acquire),
         )
+    }
+
+    /// Log a create and publish the envelope; the caller answers once the returned
+    /// commit resolves.
+    fn start_create(
+        &self,
+        new: &NewEnvelope,
+        now: u64,
+        idem: Option<LoggedKey>,
+    ) -> Result<(EnvelopeSummary, u64, Commit), StoreError> {
+        let id = self
+            .ids
+            .allocate()
+            .map_err(|e| StoreError::Unavailable(format!("reserving envelope ids: {e}")))?;
+        let expires_at_ms = now.saturating_add(new.expires_in_s().saturating_mul(1000));
+        let record = Record::Create {
+            id,
+            sender: new.sender().to_owned(),
+            total_cents: new.total_cents(),
+            count: new.count(),
+            created_at_ms: now,
+            expires_at_ms,
+            idem,
+        };
+        // Appended before the envelope becomes visible, so no grab of it can
+        // precede its create in the log.
+        let (lsn, commit) = self.wal.append(record).map_err(unavailable)?;
+        let env = Envelope::new(
+            id,
+            new.sender().to_owned(),
+            new.total_cents(),
+            new.count(),
+            now,
+            expires_at_ms,
+            lsn,
+        );
+        let summary = created_summary(&env);
+        self.shards[shard_of(id)]
+            .lock()
+            .expect("shard poisoned")
+            .insert(id, Arc::new(Mutex::new(env)));
+        self.expiries
+            .lock()
+            .expect("expiries poisoned")
+            .push(Reverse((expires_at_ms, id)));
+        Ok((summary, lsn, commit))
     }
 
     fn get(&self, id: u64) -> Option<Arc<Mutex<Envelope>>> {
@@ -193,43 +258,72 @@ impl Drop for EmbeddedStore {
 
 impl Store for EmbeddedStore {
     async fn create(&self, new: NewEnvelope) -> Result<EnvelopeSummary, StoreError> {
-        let now = now_ms();
-        let id = self
-            .ids
-            .allocate()
-            .map_err(|e| StoreError::Unavailable(format!("reserving envelope ids: {e}")))?;
-        let expires_at_ms = now.saturating_add(new.expires_in_s().saturating_mul(1000));
-        let record = Record::Create {
-            id,
-            sender: new.sender().to_owned(),
-            total_cents: new.total_cents(),
-            count: new.count(),
-            created_at_ms: now,
-            expires_at_ms,
-        };
-        // Appended before the envelope becomes visible, so no grab of it can
-        // precede its create in the log.
-        let (lsn, commit) = self.wal.append(record).map_err(unavailable)?;
-        let env = Envelope::new(
-            id,
-            new.sender().to_owned(),
-            new.total_cents(),
-            new.count(),
-            now,
-            expires_at_ms,
-            lsn,
-        );
-        let summary = summary(&env, now);
-        self.shards[shard_of(id)]
-            .lock()
-            .expect("shard poisoned")
-            .insert(id, Arc::new(Mutex::new(env)));
-        self.expiries
-            .lock()
-            .expect("expiries poisoned")
-            .push(Reverse((expires_at_ms, id)));
+        let (summary, _, commit) = self.start_create(&new, now_ms(), None)?;
         commit.wait().await.map_err(unavailable)?;
         Ok(summary)
+    }
+
+    async fn create_idempotent(
+        &self,
+        new: NewEnvelope,
+        key: &IdempotencyKey,
+    ) -> Result<Created, CreateError> {
+        let now = now_ms();
+        let (created, commit) = {
+            let mut table = self.idem.lock().expect("idempotency table poisoned");
+            table.prune(now, self.idem_ttl_ms, self.idem_max_keys);
+            if let Some(e) = table.get(new.sender(), key.key(), now, self.idem_ttl_ms) {
+                if e.fingerprint != key.fingerprint() {
+                    return Err(CreateError::KeyReused);
+                }
+                let env = self.get(e.envelope).ok_or_else(|| {
+                    CreateError::Unavailable(format!(
+                        "idempotency key names missing envelope {}",
+                        e.envelope
+                    ))
+                })?;
+                let summary = created_summary(&env.lock().expect("envelope poisoned"));
+                // The first request may still be waiting for the disk: answer only
+                // once its create is durable, like it does.
+                let commit = self.wal.committed(e.lsn);
+                (
+                    Created {
+                        summary,
+                        replayed: true,
+                    },
+                    commit,
+                )
+            } else {
+                let logged = LoggedKey {
+                    key: key.key().to_owned(),
+                    fingerprint: key.fingerprint().to_owned(),
+                };
+                let (summary, lsn, commit) = self
+                    .start_create(&new, now, Some(logged))
+                    .map_err(|StoreError::Unavailable(why)| CreateError::Unavailable(why))?;
+                table.insert(IdemEntry {
+                    sender: new.sender().to_owned(),
+                    key: key.key().to_owned(),
+                    fingerprint: key.fingerprint().to_owned(),
+                    envelope: summary.id.0,
+                    at_ms: now,
+                    lsn,
+                });
+                table.prune(now, self.idem_ttl_ms, self.idem_max_keys);
+                (
+                    Created {
+                        summary,
+                        replayed: false,
+                    },
+                    commit,
+                )
+            }
+        };
+        commit
+            .wait()
+            .await
+            .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        Ok(created)
     }
 
     async fn grab(&self, id: EnvelopeId, user: &str) -> Result<GrabReceipt, GrabError> {
@@ -450,6 +544,23 @@ fn summary(e: &Envelope, now: u64) -> EnvelopeSummary {
         remaining_count: e.remaining_count,
         refunded_cents: e.refunded_cents,
         state: e.state(now),
+        created_at_ms: e.created_at_ms,
+        expires_at_ms: e.expires_at_ms,
+    }
+}
+
+/// An envelope as its create answered it: nothing grabbed, open. A replayed create
+/// answers exactly this, whatever happened to the envelope since.
+fn created_summary(e: &Envelope) -> EnvelopeSummary {
+    EnvelopeSummary {
+        id: EnvelopeId(e.id),
+        sender: e.sender.clone(),
+        total_cents: e.total_cents,
+        count: e.count,
+        remaining_cents: e.total_cents,
+        remaining_count: e.count,
+        refunded_cents: None,
+        state: crate::model::EnvelopeState::Open,
         created_at_ms: e.created_at_ms,
         expires_at_ms: e.expires_at_ms,
     }

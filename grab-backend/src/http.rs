@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /envelopes` | 201 summary; 400 `{"error":"invalid_request","reason":..}` |
+//! | `POST /envelopes` | 201 summary; 400 `{"error":"invalid_request","reason":..}`; with `Idempotency-Key`: a repeat answers the first 201, 422 `idempotency_key_reused` |
 //! | `POST /envelopes/{id}/grab` | 200 receipt; 400 missing user; 404; 410 `empty`/`expired` |
 //! | `GET /envelopes/{id}?offset=&limit=` | 200 summary + page of grabs; 404 |
 //! | `GET /users/{id}/wallet?limit=` | 200 settled balance + recent credits |
@@ -10,7 +10,8 @@
 //! | `GET /stats` | 200 money totals (conservation check) |
 //!
 //! Storage failures answer 503 `{"error":"unavailable"}`: the client may
-//! retry, and a retried grab is idempotent.
+//! retry, and a retried grab is idempotent; a retried create is when it carries an
+//! `Idempotency-Key` header (scoped to the sender; see `docs/grab-backend.md`).
 
 use std::sync::Arc;
 
@@ -25,7 +26,12 @@ use serde_json::json;
 
 use crate::config::{Config, Limits};
 use crate::model::EnvelopeId;
-use crate::store::{CreateRequest, GrabError, NewEnvelope, Store, StoreError};
+use crate::store::{
+    CreateError, CreateRequest, GrabError, IdempotencyKey, NewEnvelope, Store, StoreError,
+};
+
+/// The header that makes `POST /envelopes` idempotent.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Page size when a request names none.
 const DEFAULT_PAGE: usize = 100;
@@ -76,18 +82,43 @@ pub fn router<S: Store>(store: Arc<S>, config: &Config) -> anyhow::Result<Router
         .with_state(state))
 }
 
-async fn create<S: Store>(State(st): State<AppState<S>>, body: Bytes) -> Response {
+async fn create<S: Store>(
+    State(st): State<AppState<S>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut keys = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let raw_key = keys.next();
+    if keys.next().is_some() {
+        return invalid("at most one Idempotency-Key header");
+    }
     let req: CreateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return invalid(&e.to_string()),
+    };
+    let key = match raw_key.map(|k| IdempotencyKey::new(k.as_bytes(), &req)) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => return invalid(&e.0),
     };
     let new = match NewEnvelope::validate(req, &st.limits) {
         Ok(n) => n,
         Err(e) => return invalid(&e.0),
     };
-    match st.store.create(new).await {
-        Ok(summary) => (StatusCode::CREATED, axum::Json(summary)).into_response(),
-        Err(e) => store_error(e),
+    let Some(key) = key else {
+        return match st.store.create(new).await {
+            Ok(summary) => (StatusCode::CREATED, axum::Json(summary)).into_response(),
+            Err(e) => store_error(e),
+        };
+    };
+    match st.store.create_idempotent(new, &key).await {
+        Ok(created) => (StatusCode::CREATED, axum::Json(created.summary)).into_response(),
+        Err(CreateError::KeyReused) => json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request",
+        ),
+        Err(CreateError::Unavailable(why)) => store_error(StoreError::Unavailable(why)),
     }
 }
 

@@ -50,8 +50,9 @@ pub use http::router;
 pub use model::{Credit, CreditKind, EnvelopeId, EnvelopeState};
 pub use redis_store::RedisStore;
 pub use store::{
-    CreateRequest, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health,
-    InvalidRequest, NewEnvelope, Store, StoreError, Totals, WalletView,
+    CreateError, CreateRequest, Created, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt,
+    GrabView, Health, IdempotencyKey, InvalidRequest, NewEnvelope, Store, StoreError, Totals,
+    WalletView,
 };
 
 /// Serving the grab API, as returned by [`start`]; resolves after shutdown.
@@ -107,7 +108,8 @@ pub async fn start(
             let store = Arc::new(
                 RedisStore::open(redis, config.wallet_recent_credits)
                     .await
-                    .with_context(|| format!("opening the Redis store at {}", redis.url))?,
+                    .with_context(|| format!("opening the Redis store at {}", redis.url))?
+                    .idempotency_ttl(config.idempotency_ttl),
             );
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, redis = %redis.url, "grab backend serving (redis store)");

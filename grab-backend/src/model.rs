@@ -53,6 +53,10 @@ pub(crate) enum Record {
         count: u32,
         created_at_ms: u64,
         expires_at_ms: u64,
+        /// The `Idempotency-Key` the create was made under, if any: logged in the same
+        /// record as the create, so the mapping is exactly as durable as the envelope.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idem: Option<LoggedKey>,
     },
     Grab {
         envelope: u64,
@@ -65,6 +69,36 @@ pub(crate) enum Record {
         amount_cents: u64,
         at_ms: u64,
     },
+}
+
+/// An idempotency key as logged with its create; scoped to the create's sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LoggedKey {
+    pub(crate) key: String,
+    /// Hex SHA-256 of the canonical request (see [`crate::store::IdempotencyKey`]).
+    pub(crate) fingerprint: String,
+}
+
+/// One remembered idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IdemEntry {
+    pub(crate) sender: String,
+    pub(crate) key: String,
+    pub(crate) fingerprint: String,
+    pub(crate) envelope: u64,
+    /// The create's time; the key expires `ttl` after it.
+    pub(crate) at_ms: u64,
+    /// The create's log sequence number: a replay waits until it is durable.
+    pub(crate) lsn: u64,
+}
+
+/// Idempotency keys by (sender, key), oldest first, bounded by [`IdemTable::prune`].
+/// Serialized (in snapshots) as the list of entries in insertion order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct IdemTable {
+    by_key: HashMap<(String, String), IdemEntry>,
+    /// (lsn, scope) in insertion (= log) order; stale after a key is replaced.
+    order: VecDeque<(u64, (String, String))>,
 }
 
 /// One grab of an envelope.
@@ -143,6 +177,9 @@ pub(crate) struct Ledger {
     /// Sum of `total_cents` over all envelopes: the conservation check's
     /// right-hand side.
     pub(crate) created_cents: u64,
+    /// Idempotency keys of creates; pruned (TTL, count) at open and before snapshots.
+    #[serde(default)]
+    pub(crate) idempotency: IdemTable,
 }
 
 /// A record that does not fit the state it is applied to: the log is corrupt
@@ -306,6 +343,77 @@ impl Envelope {
     }
 }
 
+// === impl IdemTable ===
+
+impl IdemTable {
+    /// The entry for (`sender`, `key`), if it has not expired by `now_ms`.
+    pub(crate) fn get(
+        &self,
+        sender: &str,
+        key: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Option<&IdemEntry> {
+        self.by_key
+            .get(&(sender.to_owned(), key.to_owned()))
+            .filter(|e| e.at_ms.saturating_add(ttl_ms) > now_ms)
+    }
+
+    /// Remember `entry`, replacing an (expired) entry of the same scope.
+    pub(crate) fn insert(&mut self, entry: IdemEntry) {
+        let scope = (entry.sender.clone(), entry.key.clone());
+        self.order.push_back((entry.lsn, scope.clone()));
+        self.by_key.insert(scope, entry);
+    }
+
+    /// Drop entries older than `ttl_ms` at `now_ms`, then the oldest until at most
+    /// `max` remain. Returns how many were dropped.
+    pub(crate) fn prune(&mut self, now_ms: u64, ttl_ms: u64, max: usize) -> usize {
+        let before = self.by_key.len();
+        while let Some((lsn, scope)) = self.order.front() {
+            let live = self.by_key.get(scope).filter(|e| e.lsn == *lsn);
+            let drop = match live {
+                // Replaced by a newer entry: the queue slot is stale.
+                None => true,
+                Some(e) => e.at_ms.saturating_add(ttl_ms) <= now_ms || self.by_key.len() > max,
+            };
+            if !drop {
+                break;
+            }
+            let (lsn, scope) = self.order.pop_front().expect("peeked");
+            if self.by_key.get(&scope).is_some_and(|e| e.lsn == lsn) {
+                self.by_key.remove(&scope);
+            }
+        }
+        before - self.by_key.len()
+    }
+
+    /// Entries held.
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+impl Serialize for IdemTable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            self.order
+                .iter()
+                .filter_map(|(lsn, scope)| self.by_key.get(scope).filter(|e| e.lsn == *lsn)),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for IdemTable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut table = IdemTable::default();
+        for entry in Vec::<IdemEntry>::deserialize(d)? {
+            table.insert(entry);
+        }
+        Ok(table)
+    }
+}
+
 // === impl Wallet ===
 
 impl Wallet {
@@ -344,6 +452,7 @@ impl Ledger {
                 count,
                 created_at_ms,
                 expires_at_ms,
+                idem,
             } => {
                 if self.envelopes.contains_key(id) {
                     return Err(ApplyError::DuplicateEnvelope { lsn, id: *id });
@@ -367,6 +476,16 @@ impl Ledger {
                 self.envelopes.insert(*id, env);
                 self.next_envelope_id = self.next_envelope_id.max(id + 1);
                 self.created_cents += total_cents;
+                if let Some(k) = idem {
+                    self.idempotency.insert(IdemEntry {
+                        sender: sender.clone(),
+                        key: k.key.clone(),
+                        fingerprint: k.fingerprint.clone(),
+                        envelope: *id,
+                        at_ms: *created_at_ms,
+                        lsn,
+                    });
+                }
             }
             Record::Grab {
                 envelope,

@@ -17,6 +17,17 @@
 //! | `grab:envelopes`, `grab:expiries` | sorted sets | every id; id by expiry (refund sweep) |
 //! | `grab:dirty` | set | envelopes whose events may not be settled yet |
 //! | `grab:wallets` | set | every user with a wallet (for `/stats`) |
+//! | `grab:idem:LEN:SENDER:KEY` | string, with TTL | `FINGERPRINT:ID` of a create's `Idempotency-Key` |
+//!
+//! # Idempotent create
+//! A create with an `Idempotency-Key` first claims the key for a freshly counted id with
+//! one script (`GET`, else `SET .. PX ttl`), then creates that id; the create script does
+//! nothing when the id exists. So the key→id binding is decided atomically once, and the
+//! envelope for the id is created at most once: a retry or a concurrent duplicate that
+//! finds the claim (same fingerprint) reads the envelope, or, if the first request has
+//! not created it yet (in flight, or its node died between the two scripts), runs the
+//! same create for the same id, and exactly one of them creates it. Two scripts rather
+//! than one because the claim and the envelope live in different slots on Redis Cluster.
 //!
 //! # Grab
 //! One script checks the user (a repeat answers the recorded share), then empty, then
@@ -50,8 +61,8 @@ use redis::{AsyncCommands as _, Script, Value};
 use crate::config::RedisStoreConfig;
 use crate::model::{Credit, CreditKind, EnvelopeId, EnvelopeState};
 use crate::store::{
-    EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health, NewEnvelope, Store,
-    StoreError, Totals, WalletView,
+    CreateError, Created, EnvelopePage, EnvelopeSummary, GrabError, GrabReceipt, GrabView, Health,
+    IdempotencyKey, NewEnvelope, Store, StoreError, Totals, WalletView,
 };
 
 /// How often the settler looks for dirty envelopes when there were none.
@@ -62,7 +73,10 @@ const FULL_SWEEP: Duration = Duration::from_secs(30);
 const EVENT_BATCH: usize = 256;
 
 const CREATE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local m = redis.call('HMGET', KEYS[1], 'created', 'expires')
+  return {m[1], m[2], 'exists'}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[4]) * 1000
@@ -76,6 +90,15 @@ while i <= #ARGV do
   i = j + 1
 end
 return {string.format('%d', now), string.format('%d', expires)}
+";
+
+/// Claim an idempotency key for `ARGV[1]` (`FINGERPRINT:ID`) for `ARGV[2]` ms, or answer
+/// the claim already there.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
 ";
 
 const GRAB: &str = r"
@@ -137,6 +160,8 @@ return 1
 pub struct RedisStore {
     inner: Arc<Inner>,
     settler: tokio::task::JoinHandle<()>,
+    /// Lifetime of an idempotency key, in milliseconds (`PX`).
+    idem_ttl_ms: u64,
 }
 
 struct Inner {
@@ -156,6 +181,7 @@ struct Inner {
 
 struct Scripts {
     create: Script,
+    claim: Script,
     grab: Script,
     refund: Script,
     credit: Script,
@@ -200,6 +226,7 @@ impl RedisStore {
             keep_credits: keep_credits.max(1),
             scripts: Scripts {
                 create: Script::new(CREATE),
+                claim: Script::new(CLAIM),
                 grab: Script::new(GRAB),
                 refund: Script::new(REFUND),
                 credit: Script::new(CREDIT),
@@ -211,7 +238,18 @@ impl RedisStore {
             dirty_seen: AtomicU64::new(0),
         });
         let settler = tokio::spawn(settle_loop(inner.clone()));
-        Ok(Self { inner, settler })
+        Ok(Self {
+            inner,
+            settler,
+            idem_ttl_ms: 86_400_000,
+        })
+    }
+
+    /// Keep idempotency keys for `ttl` (default 24 h; at least 1 ms).
+    #[must_use]
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idem_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self
     }
 
     /// Stop the settler, after one last pass over the dirty envelopes.
@@ -231,42 +269,63 @@ impl Store for RedisStore {
     async fn create(&self, new: NewEnvelope) -> Result<EnvelopeSummary, StoreError> {
         let inner = &self.inner;
         let id: u64 = inner.run(inner.conn().incr("grab:next_id", 1)).await?;
-        // Index first: an indexed id without an envelope is skipped by every sweep, an
-        // envelope missing from the index would never be refunded.
-        let expires_guess = now_ms() + new.expires_in_s() * 1000;
-        let mut p = redis::pipe();
-        p.zadd("grab:envelopes", id, id as f64)
-            .ignore()
-            .zadd("grab:expiries", id, expires_guess as f64)
-            .ignore();
-        inner.run(p.query_async::<()>(&mut inner.conn())).await?;
-
-        let shares = crate::split::split(new.total_cents(), new.count(), &mut rand::rng());
-        let mut inv = inner.scripts.create.prepare_invoke();
-        inv.key(key(id, "meta"))
-            .key(key(id, "shares"))
-            .arg(new.sender())
-            .arg(new.total_cents())
-            .arg(new.count())
-            .arg(new.expires_in_s())
-            .arg(&shares);
-        let times: Vec<u64> = inner.run(inv.invoke_async(&mut inner.conn())).await?;
-        let [created_at_ms, expires_at_ms] = times[..] else {
-            return Err(StoreError::Unavailable(format!(
+        match inner.create_id(id, &new).await? {
+            (summary, false) => Ok(summary),
+            (_, true) => Err(StoreError::Unavailable(format!(
                 "envelope id {id} already in use"
-            )));
+            ))),
+        }
+    }
+
+    async fn create_idempotent(
+        &self,
+        new: NewEnvelope,
+        idem: &IdempotencyKey,
+    ) -> Result<Created, CreateError> {
+        let inner = &self.inner;
+        let unavailable = |StoreError::Unavailable(why)| CreateError::Unavailable(why);
+        let fresh: u64 = inner
+            .run(inner.conn().incr("grab:next_id", 1))
+            .await
+            .map_err(unavailable)?;
+        let mut inv = inner.scripts.claim.prepare_invoke();
+        inv.key(idem_key(new.sender(), idem.key()))
+            .arg(format!("{}:{fresh}", idem.fingerprint()))
+            .arg(self.idem_ttl_ms);
+        let claimed: Option<String> = inner
+            .run(inv.invoke_async(&mut inner.conn()))
+            .await
+            .map_err(unavailable)?;
+        let id = match claimed {
+            None => fresh,
+            Some(v) => {
+                let (fingerprint, id) = v.rsplit_once(':').unwrap_or(("", ""));
+                if fingerprint != idem.fingerprint() {
+                    return Err(CreateError::KeyReused);
+                }
+                id.parse()
+                    .map_err(|_| CreateError::Unavailable(format!("bad idempotency claim {v:?}")))?
+            }
         };
-        Ok(EnvelopeSummary {
-            id: EnvelopeId(id),
-            sender: new.sender().to_owned(),
-            total_cents: new.total_cents(),
-            count: new.count(),
-            remaining_cents: new.total_cents(),
-            remaining_count: new.count(),
-            refunded_cents: None,
-            state: EnvelopeState::Open,
-            created_at_ms,
-            expires_at_ms,
+        if id != fresh {
+            // A replay: answer the envelope without writing anything, if it exists.
+            let times: Vec<Option<u64>> = inner
+                .run(inner.conn().hmget(key(id, "meta"), &["created", "expires"]))
+                .await
+                .map_err(unavailable)?;
+            if let [Some(created_at_ms), Some(expires_at_ms)] = times[..] {
+                return Ok(Created {
+                    summary: created_summary(id, &new, created_at_ms, expires_at_ms),
+                    replayed: true,
+                });
+            }
+        }
+        // Creates the envelope, or (for a claim whose first request has not created it
+        // yet, in flight or dead) whichever of them runs the create script first does.
+        let (summary, existed) = inner.create_id(id, &new).await.map_err(unavailable)?;
+        Ok(Created {
+            summary,
+            replayed: existed || id != fresh,
         })
     }
 
@@ -500,6 +559,51 @@ impl Store for RedisStore {
 // === impl Inner ===
 
 impl Inner {
+    /// Create envelope `id` from `new` unless it exists. Answers the envelope as its create
+    /// answered it, and whether it already existed (then `new`'s split is unused).
+    async fn create_id(
+        &self,
+        id: u64,
+        new: &NewEnvelope,
+    ) -> Result<(EnvelopeSummary, bool), StoreError> {
+        // Index first: an indexed id without an envelope is skipped by every sweep, an
+        // envelope missing from the index would never be refunded. `NX`: a retry of an
+        // existing envelope must not move its expiry.
+        let expires_guess = now_ms() + new.expires_in_s() * 1000;
+        let mut p = redis::pipe();
+        p.zadd("grab:envelopes", id, id as f64)
+            .ignore()
+            .cmd("ZADD")
+            .arg("grab:expiries")
+            .arg("NX")
+            .arg(expires_guess as f64)
+            .arg(id)
+            .ignore();
+        self.run(p.query_async::<()>(&mut self.conn())).await?;
+
+        let shares = crate::split::split(new.total_cents(), new.count(), &mut rand::rng());
+        let mut inv = self.scripts.create.prepare_invoke();
+        inv.key(key(id, "meta"))
+            .key(key(id, "shares"))
+            .arg(new.sender())
+            .arg(new.total_cents())
+            .arg(new.count())
+            .arg(new.expires_in_s())
+            .arg(&shares);
+        let r: Vec<String> = self.run(inv.invoke_async(&mut self.conn())).await?;
+        let num = |i: usize| r.get(i).and_then(|s| s.parse::<u64>().ok());
+        let (Some(created_at_ms), Some(expires_at_ms)) = (num(0), num(1)) else {
+            return Err(StoreError::Unavailable(format!(
+                "unexpected create script answer {r:?}"
+            )));
+        };
+        let existed = r.get(2).is_some_and(|s| s == "exists");
+        Ok((
+            created_summary(id, new, created_at_ms, expires_at_ms),
+            existed,
+        ))
+    }
+
     /// A handle on the shared multiplexed connection (a cheap clone).
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
@@ -761,6 +865,33 @@ fn key(id: u64, part: &str) -> String {
     format!("{{env:{id}}}:{part}")
 }
 
+/// Envelope `id` of `new` as its create answered it: nothing grabbed, open.
+fn created_summary(
+    id: u64,
+    new: &NewEnvelope,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+) -> EnvelopeSummary {
+    EnvelopeSummary {
+        id: EnvelopeId(id),
+        sender: new.sender().to_owned(),
+        total_cents: new.total_cents(),
+        count: new.count(),
+        remaining_cents: new.total_cents(),
+        remaining_count: new.count(),
+        refunded_cents: None,
+        state: EnvelopeState::Open,
+        created_at_ms,
+        expires_at_ms,
+    }
+}
+
+/// `grab:idem:LEN:SENDER:KEY`: an idempotency key in its sender's scope (the length
+/// keeps `sender`/`key` pairs apart when either contains `:`).
+fn idem_key(sender: &str, key: &str) -> String {
+    format!("grab:idem:{}:{sender}:{key}", sender.len())
+}
+
 /// `{w:USER}:PART`. User ids are at most 128 bytes; a `}` in one only shortens the tag,
 /// and every key of the user still shares it.
 fn wallet_key(user: &str, part: &str) -> String {
@@ -773,3 +904,6 @@ fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;

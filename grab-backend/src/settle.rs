@@ -43,6 +43,10 @@ pub(crate) struct Settler {
     pub(crate) keep_credits: usize,
     /// Records applied since the last snapshot (recovery's replay counts).
     pub(crate) since_snapshot: u64,
+    /// Idempotency keys older than this are dropped before each snapshot.
+    pub(crate) idem_ttl_ms: u64,
+    /// At most this many idempotency keys go into a snapshot (oldest dropped).
+    pub(crate) idem_max_keys: usize,
 }
 
 // === impl Settler ===
@@ -104,6 +108,15 @@ impl Settler {
             return;
         }
         let started = Instant::now();
+        self.ledger
+            .write()
+            .expect("ledger poisoned")
+            .idempotency
+            .prune(
+                crate::embedded::now_ms(),
+                self.idem_ttl_ms,
+                self.idem_max_keys,
+            );
         let (bytes, lsn) = {
             let ledger = self.ledger.read().expect("ledger poisoned");
             (snapshot::encode(&ledger), ledger.lsn)

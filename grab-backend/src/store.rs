@@ -23,6 +23,19 @@ pub trait Store: Send + Sync + 'static {
         envelope: NewEnvelope,
     ) -> impl Future<Output = Result<EnvelopeSummary, StoreError>> + Send;
 
+    /// Create an envelope at most once per idempotency key: the first request under
+    /// (`envelope.sender()`, `key`) creates it; a later one with the same fingerprint
+    /// answers the first envelope as it was created (`replayed: true`), one with another
+    /// fingerprint is refused with [`CreateError::KeyReused`]. A duplicate that arrives
+    /// while the first is still being made durable waits for it and answers the same
+    /// envelope. The key→envelope mapping is durable together with the envelope, and
+    /// kept for the configured idempotency TTL.
+    fn create_idempotent(
+        &self,
+        envelope: NewEnvelope,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Created, CreateError>> + Send;
+
     /// Grab a share of `id` for `user`. A user's second grab answers the
     /// first grab's share with `repeat: true`. Resolves once the grab (or the
     /// state the refusal is based on) is durable.
@@ -73,6 +86,41 @@ pub struct CreateRequest {
     /// if absent.
     #[serde(default)]
     pub expires_in_s: Option<u64>,
+}
+
+/// A valid `Idempotency-Key` of `POST /envelopes` together with the fingerprint of the
+/// request it came with.
+///
+/// The key is 1 to [`IdempotencyKey::MAX_LEN`] visible ASCII characters (`0x21..=0x7e`),
+/// sent bare or as a structured-field string (`"..."`, without escapes); both spellings
+/// name the same key. The fingerprint is SHA-256 over the canonical request: the method
+/// and path (`POST /envelopes`) and the parsed create parameters as the client sent them
+/// (sender, total, count and the expiry, absent distinct from present). Field order,
+/// whitespace and number spelling in the JSON body do not matter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    key: String,
+    fingerprint: String,
+}
+
+/// The answer of [`Store::create_idempotent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// The envelope as it was when first created (the first answer's body).
+    pub summary: EnvelopeSummary,
+    /// True when an earlier request under the same key created it.
+    pub replayed: bool,
+}
+
+/// Why [`Store::create_idempotent`] did not answer an envelope.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    /// The key was used (within its TTL) for a request with another fingerprint (422).
+    #[error("idempotency key reused with a different request")]
+    KeyReused,
+    /// The store cannot serve the request (503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A create request that passed [`NewEnvelope::validate`]; the only way a
@@ -241,6 +289,72 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+// === impl IdempotencyKey ===
+
+impl IdempotencyKey {
+    /// Longest key, in bytes (without structured-field quotes).
+    pub const MAX_LEN: usize = 255;
+
+    /// Check the header value `raw` and fingerprint `req`; the error says what is wrong
+    /// with the key (400).
+    pub fn new(raw: &[u8], req: &CreateRequest) -> Result<Self, InvalidRequest> {
+        let key = match raw {
+            [b'"', inner @ .., b'"'] => inner,
+            _ => raw,
+        };
+        if key.is_empty() {
+            return Err(InvalidRequest("Idempotency-Key must not be empty".into()));
+        }
+        if key.len() > Self::MAX_LEN {
+            return Err(InvalidRequest(format!(
+                "Idempotency-Key must be at most {} bytes",
+                Self::MAX_LEN
+            )));
+        }
+        if !key
+            .iter()
+            .all(|b| (0x21..=0x7e).contains(b) && *b != b'"' && *b != b'\\')
+        {
+            return Err(InvalidRequest(
+                "Idempotency-Key must be visible ASCII without quotes or backslashes".into(),
+            ));
+        }
+        let key = String::from_utf8(key.to_vec()).expect("checked ASCII");
+        Ok(Self {
+            key,
+            fingerprint: fingerprint(req),
+        })
+    }
+
+    /// The key as sent (without structured-field quotes).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Hex SHA-256 of the canonical request.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// Hex SHA-256 of `POST /envelopes` and the parsed parameters of `req`, each
+/// length-prefixed so no two requests share an encoding.
+fn fingerprint(req: &CreateRequest) -> String {
+    let expires = req
+        .expires_in_s
+        .map_or_else(|| "-".to_owned(), |e| e.to_string());
+    let canonical = format!(
+        "POST /envelopes\nsender:{}:{}\ntotal_cents:{}\ncount:{}\nexpires_in_s:{}\n",
+        req.sender.len(),
+        req.sender,
+        req.total_cents,
+        req.count,
+        expires
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 // === impl NewEnvelope ===
 
 impl NewEnvelope {
@@ -306,5 +420,45 @@ impl NewEnvelope {
     /// Lifetime, in seconds.
     pub fn expires_in_s(&self) -> u64 {
         self.expires_in_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(expires_in_s: Option<u64>) -> CreateRequest {
+        CreateRequest {
+            sender: "sam".into(),
+            total_cents: 100,
+            count: 2,
+            expires_in_s,
+        }
+    }
+
+    /// Malformed keys are refused; the quoted (structured-field) and bare spellings are
+    /// one key; the fingerprint follows the parameters.
+    #[test]
+    fn key_rules_and_fingerprint() {
+        let r = req(None);
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"has space",
+            b"tab\t",
+            b"caf\xc3\xa9",
+            b"a\"b",
+            &[b'x'; 256],
+        ] {
+            assert!(IdempotencyKey::new(bad, &r).is_err(), "{bad:?}");
+        }
+        let max = IdempotencyKey::new(&[b'x'; 255], &r).unwrap();
+        assert_eq!(max.key().len(), 255);
+        let bare = IdempotencyKey::new(b"8e03978e-40d5", &r).unwrap();
+        let quoted = IdempotencyKey::new(b"\"8e03978e-40d5\"", &r).unwrap();
+        assert_eq!(bare, quoted);
+        assert_eq!(bare.fingerprint().len(), 64);
+        let other = IdempotencyKey::new(b"8e03978e-40d5", &req(Some(86_400))).unwrap();
+        assert_ne!(bare.fingerprint(), other.fingerprint());
     }
 }

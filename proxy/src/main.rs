@@ -78,21 +78,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match read_config(&config)
-            .and_then(|loaded| check_admin_token(&config, loaded))
-        {
-            Ok(loaded) => {
-                println!("{}", tidegate::control::config::summary(&config, &loaded));
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                for e in &errors.0 {
-                    eprintln!("{e}");
+        Command::Check { config } => {
+            match read_config(&config).and_then(|loaded| check_admin_token(&config, loaded)) {
+                Ok(loaded) => {
+                    println!("{}", tidegate::control::config::summary(&config, &loaded));
+                    ExitCode::SUCCESS
                 }
-                eprintln!("{}: {} error(s)", config.display(), errors.0.len());
-                ExitCode::FAILURE
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    eprintln!("{}: {} error(s)", config.display(), errors.0.len());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Schema => {
             let schema = schemars::schema_for!(rules::Config);
             println!(

@@ -70,6 +70,50 @@ impl Conn {
         Ok((status, json))
     }
 
+    /// Send one request with extra headers and a raw body; returns the status and the
+    /// raw response body.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Bytes)> {
+        self.sender.ready().await?;
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string());
+        for (name, value) in headers {
+            req = req.header(*name, http::HeaderValue::from_bytes(value)?);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::copy_from_slice(body)))?)
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    }
+
+    /// `POST /envelopes` with `Idempotency-Key: key`; the status and the raw body.
+    pub async fn create_with_key(
+        &mut self,
+        body: &Value,
+        key: &str,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let body = serde_json::to_vec(body)?;
+        self.send(
+            "POST",
+            "/envelopes",
+            &[("idempotency-key", key.as_bytes())],
+            &body,
+        )
+        .await
+    }
+
     /// `GET path`.
     pub async fn get(&mut self, path: &str) -> anyhow::Result<(u16, Value)> {
         self.request("GET", path, None, None).await

@@ -63,6 +63,12 @@ struct Args {
     /// Longest wait for one Redis call, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     redis_timeout_ms: u64,
+    /// How long an Idempotency-Key of POST /envelopes is remembered, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    idempotency_ttl_s: u64,
+    /// Most Idempotency-Keys the embedded store keeps (oldest forgotten first).
+    #[arg(long, default_value_t = 1_000_000)]
+    idempotency_max_keys: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +152,8 @@ fn serve(args: Args) -> anyhow::Result<()> {
         fsync: args.fsync,
         user_header: args.user_header,
         group_commit: !args.no_group_commit,
+        idempotency_ttl: std::time::Duration::from_secs(args.idempotency_ttl_s.max(1)),
+        idempotency_max_keys: args.idempotency_max_keys,
         ..Config::default()
     };
     config.limits.max_count = args.max_count;

@@ -289,3 +289,182 @@ async fn racing_grabs_on_one_envelope() {
         assert_eq!(users.len(), 100);
     }
 }
+
+// === idempotent create ===
+
+fn req(sender: &str, total: u64, count: u64) -> CreateRequest {
+    CreateRequest {
+        sender: sender.into(),
+        total_cents: total,
+        count,
+        expires_in_s: Some(60),
+    }
+}
+
+/// A validated envelope and its key for `key` (same request → same fingerprint).
+fn keyed(sender: &str, total: u64, count: u64, key: &str) -> (NewEnvelope, IdempotencyKey) {
+    let r = req(sender, total, count);
+    let k = IdempotencyKey::new(key.as_bytes(), &r).unwrap();
+    (NewEnvelope::validate(r, &Limits::default()).unwrap(), k)
+}
+
+/// What a crash leaves: the log segments and the snapshot, copied while the store runs.
+fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let image = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, image.path().join(path.file_name().unwrap())).unwrap();
+    }
+    image
+}
+
+/// Same key and body: one envelope, the first answer repeated, money reserved once.
+/// Another body under the key: refused. No key: two envelopes as before.
+#[tokio::test]
+async fn idempotent_create_answers_the_first_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+    let (new, key) = keyed("sam", 1_000, 4, "k-1");
+    let first = store.create_idempotent(new.clone(), &key).await.unwrap();
+    assert!(!first.replayed);
+    // The envelope moves on; the replay still answers the create's answer.
+    store.grab(first.summary.id, "u").await.unwrap();
+    let again = store.create_idempotent(new, &key).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.summary, first.summary);
+    let t = store.totals().await.unwrap();
+    assert_eq!((t.envelopes, t.created_cents), (1, 1_000));
+
+    let (other, other_key) = keyed("sam", 2_000, 4, "k-1");
+    assert_eq!(
+        store.create_idempotent(other, &other_key).await,
+        Err(CreateError::KeyReused)
+    );
+    // Keys are per sender: another sender's "k-1" is another key.
+    let (bob, bob_key) = keyed("bob", 2_000, 4, "k-1");
+    let bobs = store.create_idempotent(bob, &bob_key).await.unwrap();
+    assert_ne!(bobs.summary.id, first.summary.id);
+    assert!(!bobs.replayed);
+
+    let a = store.create(new_env(500, 2, 60)).await.unwrap();
+    let b = store.create(new_env(500, 2, 60)).await.unwrap();
+    assert_ne!(a.id, b.id);
+    let t = store.totals().await.unwrap();
+    assert_eq!((t.envelopes, t.created_cents), (4, 4_000));
+}
+
+/// Concurrent duplicates under one key create one envelope and all answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_create_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&config(dir.path())).unwrap());
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let (new, key) = keyed("sam", 700, 7, "same");
+            store.create_idempotent(new, &key).await.unwrap().summary
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]));
+    let t = store.totals().await.unwrap();
+    assert_eq!((t.envelopes, t.created_cents), (1, 700));
+}
+
+/// The key is in the create's log record: a crash image (no clean close) and a
+/// snapshot both bring it back, and the retry answers the first envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_survive_a_crash_and_snapshots() {
+    for snapshot_every_records in [u64::MAX, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            snapshot_every_records,
+            ..config(dir.path())
+        };
+        let store = EmbeddedStore::open(&cfg).unwrap();
+        let (new, key) = keyed("sam", 900, 3, "crash");
+        let first = store.create_idempotent(new.clone(), &key).await.unwrap();
+        settle(&store).await;
+        if snapshot_every_records == 1 {
+            for _ in 0..500 {
+                if store.settle.snapshot_lsn.load(Ordering::Acquire) >= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(store.settle.snapshot_lsn.load(Ordering::Acquire) >= 1);
+        }
+        let image = crash_image(dir.path());
+        let recovered = EmbeddedStore::open(&config(image.path())).unwrap();
+        let again = recovered.create_idempotent(new, &key).await.unwrap();
+        assert!(
+            again.replayed,
+            "snapshot_every_records {snapshot_every_records}"
+        );
+        assert_eq!(again.summary, first.summary);
+        let (other, other_key) = keyed("sam", 901, 3, "crash");
+        assert_eq!(
+            recovered.create_idempotent(other, &other_key).await,
+            Err(CreateError::KeyReused)
+        );
+        let t = recovered.totals().await.unwrap();
+        assert_eq!((t.envelopes, t.created_cents), (1, 900));
+    }
+}
+
+/// Keys expire after the TTL (live, and when recovered), and the oldest go first
+/// past the count bound; a forgotten key creates a new envelope.
+#[tokio::test]
+async fn keys_expire_and_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        idempotency_ttl: Duration::from_millis(1_000),
+        ..config(dir.path())
+    };
+    let store = EmbeddedStore::open(&cfg).unwrap();
+    let (new, key) = keyed("sam", 100, 1, "ttl");
+    let first = store.create_idempotent(new.clone(), &key).await.unwrap();
+    let second = store.create_idempotent(new.clone(), &key).await.unwrap();
+    assert_eq!(second.summary.id, first.summary.id);
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let third = store.create_idempotent(new.clone(), &key).await.unwrap();
+    assert!(!third.replayed);
+    assert_ne!(third.summary.id, first.summary.id);
+    store.close();
+    drop(store);
+    // Recovered keys expire too.
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let store = EmbeddedStore::open(&cfg).unwrap();
+    assert_eq!(store.idem.lock().unwrap().len(), 0);
+    let fourth = store.create_idempotent(new, &key).await.unwrap();
+    assert!(!fourth.replayed);
+    store.close();
+    drop(store);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        idempotency_max_keys: 2,
+        ..config(dir.path())
+    };
+    let store = EmbeddedStore::open(&cfg).unwrap();
+    let mut ids = Vec::new();
+    for k in ["a", "b", "c"] {
+        let (new, key) = keyed("sam", 100, 1, k);
+        ids.push(store.create_idempotent(new, &key).await.unwrap().summary.id);
+    }
+    assert_eq!(store.idem.lock().unwrap().len(), 2);
+    let (new, key) = keyed("sam", 100, 1, "c");
+    assert_eq!(
+        store.create_idempotent(new, &key).await.unwrap().summary.id,
+        ids[2]
+    );
+    let (new, key) = keyed("sam", 100, 1, "a");
+    assert_ne!(
+        store.create_idempotent(new, &key).await.unwrap().summary.id,
+        ids[0]
+    );
+}

@@ -88,8 +88,9 @@ pub enum Action {
         /// The breaker's permit.
         permit: Option<crate::govern::breaker::Permit>,
     },
-    /// Answer locally: shed, limited, or degraded (a fallback or an open breaker).
-    Answer(Response<Full<Bytes>>, Class),
+    /// Answer locally: shed, limited, or degraded (a fallback or an open breaker). Boxed: a
+    /// forwarded request (the common case) then moves a small action through the pipeline.
+    Answer(Box<Response<Full<Bytes>>>, Class),
     /// No route rule matched (404 `no_route`).
     NoRoute,
 }
@@ -200,26 +201,32 @@ fn admit(rt: &Runtime, input: &RouteInput<'_>, mode: Mode) -> bool {
 /// The action the phases add up to. Takes the breaker's permit out of the decision.
 fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
     if d.identity_refused {
-        return Action::Answer(GatewayError::InvalidIdentity.response(), Class::Error);
+        return Action::Answer(
+            Box::new(GatewayError::InvalidIdentity.response()),
+            Class::Error,
+        );
     }
     if !d.admitted {
-        return Action::Answer(rt.overload.refusal(), Class::Shed);
+        return Action::Answer(Box::new(rt.overload.refusal()), Class::Shed);
     }
     if let Some(rej) = &d.limited {
-        return Action::Answer(rej.response(), Class::Limited);
+        return Action::Answer(Box::new(rej.response()), Class::Limited);
     }
     if let Some(fb) = &d.fallback {
         if serve {
             rt.governors.count_fallback(&rt.metrics, fb.rule_id);
         }
-        return Action::Answer(respond::canned(&fb.rule.response), Class::Degraded);
+        return Action::Answer(
+            Box::new(respond::canned(&fb.rule.response)),
+            Class::Degraded,
+        );
     }
     let Some(route) = &d.route else {
         return Action::NoRoute;
     };
     match &mut d.breaker {
         BreakerVerdict::Open { breaker } => match &breaker.def.when_open {
-            WhenOpen::Respond(r) => Action::Answer(respond::canned(r), Class::Degraded),
+            WhenOpen::Respond(r) => Action::Answer(Box::new(respond::canned(r)), Class::Degraded),
             WhenOpen::Alternate(id) => Action::Forward {
                 upstream: *id,
                 permit: None,

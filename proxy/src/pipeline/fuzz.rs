@@ -85,7 +85,8 @@ fn check(rt: &Runtime, d: &Decision<'_>) {
                 Class::Degraded => assert!(
                     d.fallback.is_some() || matches!(d.breaker, BreakerVerdict::Open { .. })
                 ),
-                Class::Ok | Class::Error => panic!("a local answer of class {class:?}"),
+                Class::Error => assert!(d.identity_refused && status == 400),
+                Class::Ok => panic!("a local answer of class {class:?}"),
             }
         }
         Action::NoRoute => assert!(d.route.is_none() && d.admitted && d.fallback.is_none()),

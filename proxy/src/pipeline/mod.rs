@@ -26,14 +26,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use rules::{RequestParts, UpstreamId};
+use rules::{InterfaceId, RequestParts, UpstreamId};
 
-use self::decide::{Action, Decision, Mode, decide};
+use self::decide::{Action, Mode, decide};
 pub use self::record::RespBody;
-use self::record::{Answer, Exchange, Record, X_REQUEST_ID};
+use self::record::{Answer, Record, X_REQUEST_ID};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
-use crate::govern::finish_call;
+use crate::govern::{ClusterPending, finish_call};
 use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
@@ -66,7 +66,7 @@ pub struct Gateway {
 /// Where a request stands once the checks that may wait are done.
 enum Step {
     /// Answered locally (decided, or refused by a cluster limit or an overload cap).
-    Answer(Response<Full<Bytes>>, Class),
+    Answer(Box<Response<Full<Bytes>>>, Class),
     /// An error standing in for the exchange (no route, body too large).
     Fail(Option<UpstreamId>, GatewayError),
     /// Forward, holding the breaker's permit and the overload slots.
@@ -109,12 +109,19 @@ impl Gateway {
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
         let record = Record::start(&rt, &d, self.settings.access_log, started);
-        let step = self.wait_checks(&rt, d, &parts.headers).await;
+        // Only what the later phases need is carried across the waits (a smaller future).
+        let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
+        let step = self
+            .wait_checks(&rt, interface, action, cluster, &parts.headers)
+            .await;
         let answer = match step {
             Step::Answer(resp, class) => Answer::Local(resp, class),
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
-                let result = self.forward(&rt, up, parts, body, conn, cache).await;
+                hygiene(&mut parts, conn);
+                let upstream = &rt.upstreams[up.0 as usize];
+                let max_body = self.settings.max_body_bytes;
+                let result = upstream.forward(parts, body, max_body, cache).await;
                 self.finish(result.as_ref(), permit, held, started);
                 Answer::Exchange(Some(up), result)
             }
@@ -125,12 +132,17 @@ impl Gateway {
     /// The checks after the decision that may wait: cluster-scope limits (Redis), the
     /// declared body size, then the overload slots. A request answered locally takes no
     /// slot, and an upstream is never asked for a request refused here.
-    async fn wait_checks(&self, rt: &Runtime, d: Decision<'_>, headers: &HeaderMap) -> Step {
-        let interface = d.class.interface;
-        let mut action = d.action;
-        if let Some(c) = d.cluster {
+    async fn wait_checks(
+        &self,
+        rt: &Runtime,
+        interface: Option<InterfaceId>,
+        mut action: Action,
+        cluster: Option<ClusterPending>,
+        headers: &HeaderMap,
+    ) -> Step {
+        if let Some(c) = cluster {
             if let Some((resp, class)) = c.resolve(&self.live.metrics).await {
-                action = Action::Answer(resp, class);
+                action = Action::Answer(Box::new(resp), class);
             }
         }
         let too_large = declared_len(headers).is_some_and(|n| n > self.settings.max_body_bytes);
@@ -152,29 +164,11 @@ impl Gateway {
                     None => Step::Forward(upstream, permit, None),
                     Some(p) => match p.acquire().await {
                         Ok(held) => Step::Forward(upstream, permit, Some(held)),
-                        Err(resp) => Step::Answer(resp, Class::Shed),
+                        Err(resp) => Step::Answer(Box::new(resp), Class::Shed),
                     },
                 }
             }
         }
-    }
-
-    /// Header hygiene, then the exchange with the upstream.
-    async fn forward(
-        &self,
-        rt: &Runtime,
-        upstream: UpstreamId,
-        mut parts: http::request::Parts,
-        body: Incoming,
-        conn: &ConnInfo,
-        cache: Option<&Arc<ConnCache>>,
-    ) -> Exchange {
-        strip_hop_by_hop(&mut parts.headers);
-        keep_authority(&mut parts);
-        add_forwarded(&mut parts.headers, conn);
-        let up = &rt.upstreams[upstream.0 as usize];
-        up.forward(parts, body, self.settings.max_body_bytes, cache)
-            .await
     }
 
     /// Give the overload slots back and report the call to the breaker. (A request that
@@ -246,6 +240,14 @@ fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
         *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
     buf
+}
+
+/// Header hygiene before forwarding: hop-by-hop headers out, the authority kept as `Host`,
+/// `X-Forwarded-For`/`-Proto` added.
+fn hygiene(parts: &mut http::request::Parts, conn: &ConnInfo) {
+    strip_hop_by_hop(&mut parts.headers);
+    keep_authority(parts);
+    add_forwarded(&mut parts.headers, conn);
 }
 
 /// What classification reads of a request.

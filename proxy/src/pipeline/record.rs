@@ -33,7 +33,7 @@ pub type Exchange = Result<(Response<UpstreamBody>, Duration), GatewayError>;
 #[derive(Debug)]
 pub enum Answer {
     /// A local answer and its class.
-    Local(Response<Full<Bytes>>, Class),
+    Local(Box<Response<Full<Bytes>>>, Class),
     /// The upstream it was meant for, and the exchange.
     Exchange(Option<UpstreamId>, Exchange),
 }
@@ -98,7 +98,7 @@ impl Record {
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
         let (mut resp, class) = match answer {
-            Answer::Local(resp, class) => (resp.map(Either::Right), class),
+            Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
             Answer::Exchange(_, Ok((resp, latency))) => {
                 if let Some(u) = up {
                     u.latency_histogram(metrics).observe(latency.as_secs_f64());

@@ -6,7 +6,9 @@
 
 use tokio::sync::watch;
 
-/// Resolve once `rx` reads `true` (or its sender is gone).
+/// Resolve once `rx` reads `true` (or its sender is gone). Inlined: connection loops poll it
+/// beside every request.
+#[inline]
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`; drop it here, inside.
     let _ = rx.wait_for(|s| *s).await;

@@ -295,7 +295,7 @@ fn limit_reports(
         .collect()
 }
 
-fn breaker_report(v: &BreakerVerdict) -> Option<BreakerReport> {
+fn breaker_report(v: &BreakerVerdict<'_>) -> Option<BreakerReport> {
     let (b, pass) = match v {
         BreakerVerdict::Pass { breaker, .. } => (breaker, true),
         BreakerVerdict::Open { breaker } => (breaker, false),

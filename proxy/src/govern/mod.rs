@@ -53,7 +53,7 @@ pub struct ClusterPending {
 
 /// The breaker phase's verdict on a routed request.
 #[derive(Debug)]
-pub enum BreakerVerdict {
+pub enum BreakerVerdict<'r> {
     /// The request was not routed, so no breaker was asked.
     Unchecked,
     /// The chosen upstream has no breaker.
@@ -62,14 +62,14 @@ pub enum BreakerVerdict {
     /// permit (taken by the decision's action; `None` when peeking).
     Pass {
         /// The breaker.
-        breaker: Arc<Breaker>,
+        breaker: &'r Arc<Breaker>,
         /// Leave to call, with the duty to report.
         permit: Option<Permit>,
     },
     /// Open: its answer or its alternate upstream instead.
     Open {
         /// The breaker.
-        breaker: Arc<Breaker>,
+        breaker: &'r Arc<Breaker>,
     },
 }
 
@@ -152,13 +152,13 @@ impl Governors {
         snap: &Snapshot,
         route: &RouteDecision<'_>,
         metrics: Option<&Metrics>,
-    ) -> BreakerVerdict {
+    ) -> BreakerVerdict<'_> {
         let Some(bi) = snap.breaker_for(route.upstream, Some(route.rule_id)) else {
             return BreakerVerdict::None;
         };
         let b = &self.breakers.by_id[bi as usize];
         let Some(metrics) = metrics else {
-            let breaker = Arc::clone(b);
+            let breaker = b;
             return match b.would_admit(breaker::now()) {
                 true => BreakerVerdict::Pass {
                     breaker,
@@ -173,7 +173,7 @@ impl Governors {
         }
         match admission {
             Admission::Pass(p) => BreakerVerdict::Pass {
-                breaker: Arc::clone(b),
+                breaker: b,
                 permit: Some(p),
             },
             Admission::Reject => {
@@ -181,9 +181,7 @@ impl Governors {
                     .breaker_rejections
                     .get_or_create(&breaker_labels(b))
                     .inc();
-                BreakerVerdict::Open {
-                    breaker: Arc::clone(b),
-                }
+                BreakerVerdict::Open { breaker: b }
             }
         }
     }

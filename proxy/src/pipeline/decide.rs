@@ -72,7 +72,7 @@ pub struct Decision<'r> {
     /// The route rule and the upstream it chose.
     pub route: Option<RouteDecision<'r>>,
     /// The chosen upstream's breaker.
-    pub breaker: BreakerVerdict,
+    pub breaker: BreakerVerdict<'r>,
     /// What to do with it.
     pub action: Action,
 }

@@ -87,17 +87,7 @@ pub fn request(data: &[u8]) {
         Method::from_bytes(lines.next().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET);
     let path = lines.next().unwrap_or("/");
     let query = lines.next().filter(|q| !q.is_empty());
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.trim().as_bytes()),
-                HeaderValue::from_str(v.trim()),
-            ) {
-                headers.append(k, v);
-            }
-        }
-    }
+    let headers = header_lines(lines);
     let parts = RequestParts {
         method: &method,
         path,
@@ -165,17 +155,7 @@ impl DecideInput {
             .filter(|i| (*i as usize) < snap.interfaces.len())
             .map(crate::InterfaceId);
         let user = lines.next().filter(|u| !u.is_empty()).map(str::to_owned);
-        let mut headers = HeaderMap::new();
-        for line in lines {
-            if let Some((k, v)) = line.split_once(':') {
-                if let (Ok(k), Ok(v)) = (
-                    HeaderName::from_bytes(k.trim().as_bytes()),
-                    HeaderValue::from_str(v.trim()),
-                ) {
-                    headers.append(k, v);
-                }
-            }
-        }
+        let headers = header_lines(lines);
         let seed = xxhash_rust::xxh3::xxh3_64(data);
         Self {
             app,
@@ -201,6 +181,22 @@ impl DecideInput {
             random: self.random,
         }
     }
+}
+
+/// `name: value` lines as headers; lines that are not a valid header are skipped.
+fn header_lines<'a>(lines: impl Iterator<Item = &'a str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.trim().as_bytes()),
+                HeaderValue::from_str(v.trim()),
+            ) {
+                headers.append(k, v);
+            }
+        }
+    }
+    headers
 }
 
 /// A fresh snapshot of the base config the request-path targets run against (every

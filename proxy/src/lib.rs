@@ -11,7 +11,8 @@
 //!
 //! ```text
 //! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
-//!   └─ pipeline/   Gateway::handle: decide → cluster limits → overload slots → forward → record
+//!   └─ pipeline/   Gateway::handle: head → decide → cluster limits → overload slots → forward → record
+//!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)

@@ -83,6 +83,16 @@ pub(crate) enum CompiledExtractor {
 // === impl Classifier ===
 
 impl Classifier {
+    /// Whether the app or user extractor reads the header `name` (any case).
+    pub(crate) fn is_identity_header(&self, name: &str) -> bool {
+        [&self.app, &self.user].into_iter().any(|e| match e {
+            CompiledExtractor::Header(h) => h.as_str().eq_ignore_ascii_case(name),
+            _ => false,
+        })
+    }
+}
+
+impl Classifier {
     /// Classify a request.
     pub(crate) fn classify<'a>(&self, req: RequestParts<'a>) -> Classified<'a> {
         let mut out = Classified::default();

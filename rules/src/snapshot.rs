@@ -81,6 +81,12 @@ impl Snapshot {
         self.classifier.classify(req)
     }
 
+    /// Whether the identity extractors read `name` (a header that carries the app or user
+    /// ID): a client must not be able to have it removed as hop-by-hop after classification.
+    pub fn is_identity_header(&self, name: &str) -> bool {
+        self.classifier.is_identity_header(name)
+    }
+
     /// Whether a request whose app or user ID is invalid ([`Classified::invalid_id`]) is
     /// refused (`identity.on_invalid: reject`) rather than treated as anonymous.
     pub fn rejects_invalid_id(&self) -> bool {

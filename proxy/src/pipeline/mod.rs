@@ -1,10 +1,12 @@
-//! The request path, as phases: **decide → cluster limits → overload slots → forward →
-//! record**.
+//! The request path, as phases: **head → decide → cluster limits → overload slots →
+//! forward → record**.
 //!
 //! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
 //! arc-swap load, no lock) and is served against that one version from start to end, so a
 //! reload never waits for, and never disturbs, requests in flight.
 //!
+//! - [`head`]: one `Host`, no `Connection` naming `Host` or an identity header, hop-by-hop
+//!   headers removed, so every later phase sees what the upstream will (400 otherwise).
 //! - [`decide`]: everything decided before any I/O (classify, admission, limits, fallback,
 //!   route, breaker), synchronous; the benchmarks and `explain` run the same function.
 //! - cluster limits: checks of cluster-scope limits that need Redis (bounded by the store
@@ -16,6 +18,7 @@
 pub mod decide;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod head;
 pub mod record;
 
 use std::sync::Arc;
@@ -38,7 +41,7 @@ use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
-use crate::upstream::headers::{add_forwarded, keep_authority, strip_hop_by_hop};
+use crate::upstream::headers::{add_forwarded, keep_authority};
 use crate::upstream::{ConnCache, UpstreamBody};
 
 /// Settings of the request path that come from bootstrap config.
@@ -104,6 +107,9 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         let request_id = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
+        if let Err(e) = head::sanitize(&mut parts, &rt.snapshot) {
+            return self.refuse_head(&rt, e, parts.version, request_id, conn, started);
+        }
         let mode = Mode::Serve {
             draw: self.next_random(),
         };
@@ -169,6 +175,27 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// The answer to a head refused before the decision: counted as unclassified, and on
+    /// HTTP/1.x the connection is closed after it (what follows an ambiguous head is not
+    /// trusted to be framed as the client meant).
+    fn refuse_head(
+        &self,
+        rt: &Runtime,
+        e: GatewayError,
+        version: http::Version,
+        request_id: HeaderValue,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<RespBody> {
+        let record = Record::unclassified(rt, self.settings.access_log, started);
+        let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), request_id, conn);
+        if version < http::Version::HTTP_2 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 
     /// Give the overload slots back and report the call to the breaker. (A request that
@@ -242,10 +269,9 @@ fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
     buf
 }
 
-/// Header hygiene before forwarding: hop-by-hop headers out, the authority kept as `Host`,
-/// `X-Forwarded-For`/`-Proto` added.
+/// Header hygiene before forwarding (hop-by-hop headers are already gone: see [`head`]):
+/// the authority kept as `Host`, `X-Forwarded-For`/`-Proto` added.
 fn hygiene(parts: &mut http::request::Parts, conn: &ConnInfo) {
-    strip_hop_by_hop(&mut parts.headers);
     keep_authority(parts);
     add_forwarded(&mut parts.headers, conn);
 }

@@ -87,6 +87,21 @@ impl Record {
         }
     }
 
+    /// What a request refused before its decision is counted under: no interface, no
+    /// route, no upstream.
+    pub fn unclassified(rt: &Runtime, access_log: bool, started: Instant) -> Self {
+        Self {
+            tally: rt.stats.tally(None, None, None),
+            interface: None,
+            started,
+            who: access_log.then_some(Who {
+                app: None,
+                user: None,
+                route: None,
+            }),
+        }
+    }
+
     /// The response to send, with everything about it counted and logged.
     pub fn finish(
         self,

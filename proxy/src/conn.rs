@@ -1,18 +1,33 @@
 //! What the gateway knows of a downstream connection: the facts each of its requests is
 //! decided and forwarded with. Built once per connection by `serve`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
+use rules::trusted::TrustedProxies;
 
-/// Per-connection facts: the client address (limit and bucket key for requests without a
-/// user, `X-Forwarded-For`) and the scheme it came in on.
+/// Per-connection facts: the peer's address (the client address unless the peer is a trusted
+/// proxy, see [`ConnInfo::client_ip`]; `X-Forwarded-For`) and the scheme it came in on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client's address.
+    /// The peer's (socket) address.
     pub remote: SocketAddr,
-    /// The client's IP, preformatted for `X-Forwarded-For`.
+    /// The peer's IP, preformatted for `X-Forwarded-For`.
     pub remote_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: HeaderValue,
+}
+
+impl ConnInfo {
+    /// The client address of a request on this connection with these headers: the peer,
+    /// unless it is one of `trusted`, then the right-most untrusted `X-Forwarded-For` entry
+    /// (see [`rules::trusted`]). Limit keys, overload buckets and the access log use it.
+    pub fn client_ip(&self, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+        let peer = self.remote.ip();
+        if trusted.is_empty() {
+            // The common case: no proxy in front, one branch.
+            return peer;
+        }
+        trusted.client_ip(peer, headers)
+    }
 }

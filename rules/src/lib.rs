@@ -55,6 +55,7 @@ pub(crate) mod plan;
 pub mod route;
 pub mod snapshot;
 pub mod source;
+pub mod trusted;
 pub mod upstream;
 pub mod validate;
 

@@ -113,6 +113,14 @@ pub struct Server {
     /// be `scope: local`). Bootstrap: changing it needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSettings>,
+    /// Proxies (CIDRs, IPv4 or IPv6: `"10.0.0.0/8"`, `"2001:db8::/32"`; a bare IP is one
+    /// address) whose `X-Forwarded-For` the gateway believes. A request from one is governed
+    /// and logged under the right-most `X-Forwarded-For` entry that is not itself trusted;
+    /// from any other peer, under the peer's address, and the client's forwarding headers
+    /// are replaced. Default: none (no peer is trusted). Unlike the rest of `server`, a
+    /// reload applies a change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Connection to the Redis shared by every gateway (cluster-scope limits).
@@ -527,6 +535,7 @@ impl Default for Server {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             access_log: AccessLog::default(),
             redis: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

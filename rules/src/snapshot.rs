@@ -17,6 +17,7 @@ use crate::matcher::MatchInput;
 use crate::model::Config;
 use crate::overload::CompiledOverload;
 use crate::route::{RouteDecision, RouteInput, Routes};
+use crate::trusted::TrustedProxies;
 use crate::validate::{self, Issue};
 
 pub use crate::classify::CompiledInterface;
@@ -40,6 +41,8 @@ pub struct Snapshot {
     pub governance: Governance,
     /// Overload protection.
     pub overload: CompiledOverload,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 // === impl Snapshot ===
@@ -73,6 +76,7 @@ impl Snapshot {
                 parts.active_plans,
             ),
             overload: parts.overload,
+            trusted_proxies: parts.trusted_proxies,
         })
     }
 

@@ -30,6 +30,7 @@ use crate::model::{
 };
 use crate::overload::CompiledOverload;
 use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction};
+use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod govern;
@@ -39,6 +40,8 @@ mod overload;
 pub const MAX_ROUTES: usize = 200_000;
 /// Most interfaces in one config.
 pub const MAX_INTERFACES: usize = 10_000;
+/// Most entries in `server.trusted_proxies` (each request from a trusted peer walks them).
+pub const MAX_TRUSTED_PROXIES: usize = 1_000;
 /// Longest name (rule, interface, upstream, plan, listener), in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 /// Most limit or fallback rules in one list.
@@ -76,6 +79,7 @@ pub(crate) struct Checked {
     pub(crate) breakers: Vec<CompiledBreaker>,
     pub(crate) active_plans: Vec<Box<str>>,
     pub(crate) overload: CompiledOverload,
+    pub(crate) trusted_proxies: TrustedProxies,
 }
 
 /// Check everything checkable without I/O. An empty result means the config compiles.
@@ -201,7 +205,7 @@ impl<'c> Validator<'c> {
                 ),
             );
         }
-        self.server(c);
+        let trusted_proxies = self.server(c);
         let (interfaces, compiled_interfaces) = self.interfaces(c);
         let identity = self.identity(c);
         self.upstreams(c);
@@ -235,10 +239,12 @@ impl<'c> Validator<'c> {
             breakers,
             active_plans: c.active_plans.iter().map(|p| p.as_str().into()).collect(),
             overload: CompiledOverload::compile(c, &self.iface_ids, &self.upstream_ids),
+            trusted_proxies,
         })
     }
 
-    fn server(&mut self, c: &Config) {
+    /// The bootstrap section; returns the trusted proxies (those that parse).
+    fn server(&mut self, c: &Config) -> TrustedProxies {
         let p = JsonPath::root().key("server");
         let s = &c.server;
         if s.listeners.is_empty() {
@@ -326,6 +332,30 @@ impl<'c> Validator<'c> {
             self.range(rp.key("timeout_ms"), r.timeout_ms, 1, 5_000);
             self.range(rp.key("lease_ms"), r.lease_ms, 1, 10_000);
         }
+        self.trusted_proxies(c)
+    }
+
+    /// `server.trusted_proxies`: each a CIDR (or one address), at most [`MAX_TRUSTED_PROXIES`].
+    fn trusted_proxies(&mut self, c: &Config) -> TrustedProxies {
+        let p = JsonPath::root().key("server").key("trusted_proxies");
+        let list = &c.server.trusted_proxies;
+        if list.len() > MAX_TRUSTED_PROXIES {
+            self.err(
+                p.clone(),
+                format!(
+                    "{} trusted proxies; at most {MAX_TRUSTED_PROXIES} are allowed",
+                    list.len()
+                ),
+            );
+        }
+        let mut nets = Vec::with_capacity(list.len());
+        for (i, s) in list.iter().enumerate() {
+            match Cidr::parse(s) {
+                Ok(n) => nets.push(n),
+                Err(e) => self.err(p.index(i), e),
+            }
+        }
+        TrustedProxies::new(nets)
     }
 
     /// The admin listener: its address, host names, connection cap and token file. An

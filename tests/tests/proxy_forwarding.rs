@@ -67,9 +67,10 @@ async fn hop_by_hop_response_headers_are_stripped() {
     assert!(gw.shutdown().await);
 }
 
-/// An existing `X-Forwarded-For` is appended to, not replaced.
+/// A client's own `X-Forwarded-For` (from a peer that is not a trusted proxy) is replaced
+/// by the peer's address, not passed on; see `trusted_proxies.rs` for a trusted peer.
 #[tokio::test]
-async fn forwarded_for_is_appended() {
+async fn forwarded_for_from_untrusted_peer_is_replaced() {
     let up = Upstream::start().await;
     let gw = start_gateway(&config(&[up.addr])).await;
     let req = Request::get(format!("http://{}/xff", gw.listen_addrs[0]))
@@ -80,17 +81,20 @@ async fn forwarded_for_is_appended() {
     let r = send(&h1_client(), req).await;
     assert_eq!(r.status, StatusCode::OK);
     let h = &up.seen()[0].headers;
-    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     // The proto describes the gateway's own listener; a client cannot claim https.
     assert_eq!(h["x-forwarded-proto"], "http");
     assert!(gw.shutdown().await);
 }
 
-/// X-Forwarded-For sent as several lines keeps every hop, in order, before the client address.
+/// X-Forwarded-For sent by a trusted proxy as several lines keeps every hop, in order,
+/// before the proxy's address.
 #[tokio::test]
 async fn forwarded_for_keeps_every_line() {
     let up = Upstream::start().await;
-    let gw = start_gateway(&config(&[up.addr])).await;
+    let mut c = config(&[up.addr]);
+    set(&mut c, "server/trusted_proxies", json!(["127.0.0.1/32"]));
+    let gw = start_gateway(&c).await;
     let (status, _, _) = raw_exchange(
         gw.listen_addrs[0],
         "GET /xff HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\

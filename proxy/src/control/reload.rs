@@ -192,7 +192,7 @@ impl Reloader {
                 st.loaded_at_ms = unix_ms(SystemTime::now());
                 st.last_error = None;
                 st.last_error_at_ms = None;
-                st.restart_needed = (server != self.bootstrap).then(|| {
+                st.restart_needed = needs_restart(&server, &self.bootstrap).then(|| {
                     "the `server` section differs from the running one; restart to apply it"
                         .to_owned()
                 });
@@ -543,4 +543,12 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Whether `server` differs from the running bootstrap section in a setting that needs a
+/// restart: any but `trusted_proxies`, which the rules snapshot carries (a reload applies it).
+fn needs_restart(server: &rules::model::Server, running: &rules::model::Server) -> bool {
+    let mut s = server.clone();
+    s.trusted_proxies.clone_from(&running.trusted_proxies);
+    s != *running
 }

@@ -58,6 +58,9 @@ pub enum Mode {
 pub struct Decision<'r> {
     /// App, interface and user.
     pub class: Classified<'r>,
+    /// The client address the request was decided for (the peer, or with a trusted proxy
+    /// the address it forwarded for); `None` when unknown (`explain` without one).
+    pub client_ip: Option<IpAddr>,
     /// Refused at classification: an invalid ID with `identity.on_invalid: reject`.
     pub identity_refused: bool,
     /// Whether overload admission let it in (`false`, unasked, when refused at
@@ -95,22 +98,17 @@ pub enum Action {
     NoRoute,
 }
 
-/// Decide what to do with a request (see the module docs for the phases).
+/// Decide what to do with a request (see the module docs for the phases), for the client
+/// address `conn` and the runtime's trusted proxies give it (resolved once, here).
 pub fn decide<'r>(
     rt: &'r Runtime,
     req: RequestParts<'r>,
     conn: &ConnInfo,
     mode: Mode,
 ) -> Decision<'r> {
+    let client_ip = conn.client_ip(req.headers, &rt.snapshot.trusted_proxies);
     let class = rt.snapshot.classify(req);
-    decide_classified(
-        rt,
-        class,
-        req.headers,
-        Some(conn.remote.ip()),
-        mode,
-        |_, _, _| {},
-    )
+    decide_classified(rt, class, req.headers, Some(client_ip), mode, |_, _, _| {})
 }
 
 /// [`decide`] after classification (which `explain` may override), telling `on_limit`
@@ -150,6 +148,7 @@ pub fn decide_classified<'r>(
     };
     let mut d = Decision {
         class,
+        client_ip,
         identity_refused,
         admitted,
         limited,

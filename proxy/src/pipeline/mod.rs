@@ -41,7 +41,7 @@ use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
-use crate::upstream::headers::{add_forwarded, keep_authority};
+use crate::upstream::headers::{keep_authority, set_forwarding};
 use crate::upstream::{ConnCache, UpstreamBody};
 
 /// Settings of the request path that come from bootstrap config.
@@ -124,7 +124,7 @@ impl Gateway {
             Step::Answer(resp, class) => Answer::Local(resp, class),
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
-                hygiene(&mut parts, conn);
+                hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
                 let upstream = &rt.upstreams[up.0 as usize];
                 let max_body = self.settings.max_body_bytes;
                 let result = upstream.forward(parts, body, max_body, cache).await;
@@ -270,10 +270,16 @@ fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
 }
 
 /// Header hygiene before forwarding (hop-by-hop headers are already gone: see [`head`]):
-/// the authority kept as `Host`, `X-Forwarded-For`/`-Proto` added.
-fn hygiene(parts: &mut http::request::Parts, conn: &ConnInfo) {
+/// the authority kept as `Host`, the forwarding headers written (a client's own replaced
+/// unless its peer is `trusted`).
+fn hygiene(
+    parts: &mut http::request::Parts,
+    conn: &ConnInfo,
+    trusted: &rules::trusted::TrustedProxies,
+) {
     keep_authority(parts);
-    add_forwarded(&mut parts.headers, conn);
+    let peer_trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
+    set_forwarding(&mut parts.headers, conn, peer_trusted);
 }
 
 /// What classification reads of a request.

@@ -52,9 +52,10 @@ pub struct Record {
     who: Option<Who>,
 }
 
-/// App, user and route rule of a request, for its access log line.
+/// Client address, app, user and route rule of a request, for its access log line.
 #[derive(Debug)]
 struct Who {
+    client: Option<std::net::IpAddr>,
     app: Option<String>,
     user: Option<String>,
     route: Option<Arc<str>>,
@@ -75,6 +76,7 @@ impl Record {
             .stats
             .tally(d.class.interface, d.route.as_ref(), forwarded);
         let who = access_log.then(|| Who {
+            client: d.client_ip,
             app: d.class.app.as_deref().map(str::to_owned),
             user: d.class.user.as_deref().map(str::to_owned),
             route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
@@ -95,6 +97,7 @@ impl Record {
             interface: None,
             started,
             who: access_log.then_some(Who {
+                client: None,
                 app: None,
                 user: None,
                 route: None,
@@ -162,11 +165,19 @@ impl Record {
                 status: status_class(status),
             });
 
-        if let Some(Who { app, user, route }) = &self.who {
+        if let Some(Who {
+            client,
+            app,
+            user,
+            route,
+        }) = &self.who
+        {
+            let peer = conn.remote;
             tracing::info!(
                 target: "tidegate::access",
                 request_id = request_id.to_str().unwrap_or("-"),
-                client = %conn.remote,
+                client = %client.unwrap_or(peer.ip()),
+                peer = %peer,
                 app = app.as_deref().unwrap_or("none"),
                 interface = iface.map(|n| &*n.0).unwrap_or("none"),
                 user = user.as_deref().unwrap_or("none"),

@@ -1,5 +1,8 @@
 //! Header hygiene between the client and the upstream: hop-by-hop headers removed both
-//! ways, the authority kept as `Host`, and `X-Forwarded-For`/`-Proto` added.
+//! ways, the authority kept as `Host`, and the forwarding headers (`X-Forwarded-For`,
+//! `-Proto`, `-Host`, `Forwarded`) written by the gateway ([`set_forwarding`]).
+
+use std::io::Write as _;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
@@ -7,6 +10,11 @@ use crate::conn::ConnInfo;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_CLIENT_IP: HeaderName = HeaderName::from_static("x-client-ip");
+static TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -72,27 +80,119 @@ pub fn keep_authority(parts: &mut http::request::Parts) {
     }
 }
 
-/// Add the client to `X-Forwarded-For` and set `X-Forwarded-Proto`.
-pub fn add_forwarded(h: &mut HeaderMap, conn: &ConnInfo) {
-    match h.entry(&X_FORWARDED_FOR) {
+/// Append `item` to the list header `name`, joining every existing line into one
+/// comma-separated value (several lines are one list, RFC 9110 §5.3): every hop is kept, in
+/// order, not just the first line.
+fn append_list(h: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
+    match h.entry(name) {
         header::Entry::Occupied(mut e) => {
-            // Several header lines are one comma-separated list (RFC 9110 §5.3): keep every
-            // hop, in order, not just the first line.
             let mut v = Vec::with_capacity(64);
             for prev in e.iter() {
                 v.extend_from_slice(prev.as_bytes());
                 v.extend_from_slice(b", ");
             }
-            v.extend_from_slice(conn.remote_ip.as_bytes());
+            v.extend_from_slice(item);
             if let Ok(v) = HeaderValue::from_bytes(&v) {
                 e.insert(v);
             }
         }
         header::Entry::Vacant(e) => {
-            e.insert(conn.remote_ip.clone());
+            if let Ok(v) = HeaderValue::from_bytes(item) {
+                e.insert(v);
+            }
         }
     }
+}
+
+/// Write the forwarding headers for the hop from the peer to the gateway.
+///
+/// From a peer that is not a trusted proxy (`peer_trusted` false), whatever the client sent
+/// about addresses, scheme or host (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`,
+/// `X-Real-IP`, `X-Client-IP`, `True-Client-IP`) is removed and replaced by the gateway's
+/// own view: `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: <scheme>`, `X-Forwarded-Host:
+/// <Host>` and `Forwarded: for=<peer>;proto=<scheme>;host=<Host>`. From a trusted proxy the
+/// chain is kept: the peer is appended to `X-Forwarded-For` and this hop to `Forwarded`,
+/// and `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. Call after
+/// [`keep_authority`] (the `Host` it keeps is the one forwarded).
+pub fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
+    let host = h.get(header::HOST).cloned();
+    let forwarded = forwarded_element(conn, host.as_ref());
+    if peer_trusted {
+        append_list(h, &X_FORWARDED_FOR, conn.remote_ip.as_bytes());
+        if !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+        }
+        if let (false, Some(host)) = (h.contains_key(&X_FORWARDED_HOST), host) {
+            h.insert(&X_FORWARDED_HOST, host);
+        }
+        append_list(h, &FORWARDED, &forwarded);
+        return;
+    }
+    // Most requests carry none of these: one pass over the names first.
+    if h.keys().any(|n| client_claims().contains(&n)) {
+        for n in client_claims() {
+            h.remove(n);
+        }
+    }
+    h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+    if let Some(host) = host {
+        h.insert(&X_FORWARDED_HOST, host);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
+        h.insert(&FORWARDED, v);
+    }
+}
+
+/// The headers a client may use to claim an address, scheme or host: set only by the
+/// gateway (or passed on from a trusted proxy).
+fn client_claims() -> [&'static HeaderName; 7] {
+    [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &FORWARDED,
+        &X_REAL_IP,
+        &X_CLIENT_IP,
+        &TRUE_CLIENT_IP,
+    ]
+}
+
+/// This hop as one `Forwarded` element (RFC 7239 §4): `for=<peer>;proto=<scheme>` and
+/// `;host=<host>` when there is one; an IPv6 peer as `for="[v6]"`, a host that is not a
+/// token (a port's `:`) as a quoted string.
+fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(b"for=");
+    // Writing to a Vec cannot fail.
+    let _ = match conn.remote.ip().to_canonical() {
+        std::net::IpAddr::V4(ip) => write!(v, "{ip}"),
+        std::net::IpAddr::V6(ip) => write!(v, "\"[{ip}]\""),
+    };
+    v.extend_from_slice(b";proto=");
+    v.extend_from_slice(conn.proto.as_bytes());
+    if let Some(host) = host {
+        v.extend_from_slice(b";host=");
+        let host = host.as_bytes();
+        if !host.is_empty() && host.iter().all(|&b| is_tchar(b)) {
+            v.extend_from_slice(host);
+        } else {
+            v.push(b'"');
+            for &b in host {
+                if b == b'"' || b == b'\\' {
+                    v.push(b'\\');
+                }
+                v.push(b);
+            }
+            v.push(b'"');
+        }
+    }
+    v
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -114,18 +214,73 @@ mod tests {
         assert_eq!(h["x-keep"], "yes");
     }
 
-    /// An existing X-Forwarded-For is appended to, not replaced.
+    fn conn(addr: &str, proto: &'static str) -> ConnInfo {
+        let remote: std::net::SocketAddr = addr.parse().unwrap();
+        ConnInfo {
+            remote,
+            remote_ip: HeaderValue::from_str(&remote.ip().to_string()).unwrap(),
+            proto: HeaderValue::from_static(proto),
+        }
+    }
+
+    /// From an untrusted peer every client claim goes; the gateway's own view replaces it.
     #[test]
-    fn forwarded_appends() {
-        let info = ConnInfo {
-            remote: "10.0.0.9:1234".parse().unwrap(),
-            remote_ip: HeaderValue::from_static("10.0.0.9"),
-            proto: HeaderValue::from_static("https"),
-        };
+    fn untrusted_peer_claims_replaced() {
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        add_forwarded(&mut h, &info);
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        h.insert(header::HOST, "example.test:8080".parse().unwrap());
+        h.append("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "bank.test".parse().unwrap());
+        h.insert("forwarded", "for=203.0.113.7".parse().unwrap());
+        h.insert("x-real-ip", "203.0.113.7".parse().unwrap());
+        h.insert("x-client-ip", "203.0.113.7".parse().unwrap());
+        h.insert("true-client-ip", "203.0.113.7".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        set_forwarding(&mut h, &conn("10.0.0.9:1234", "http"), false);
+        let all = |n: &str| h.get_all(n).iter().collect::<Vec<_>>();
+        assert_eq!(all("x-forwarded-for"), ["10.0.0.9"]);
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert_eq!(all("x-forwarded-host"), ["example.test:8080"]);
+        assert_eq!(
+            all("forwarded"),
+            ["for=10.0.0.9;proto=http;host=\"example.test:8080\""]
+        );
+        for gone in ["x-real-ip", "x-client-ip", "true-client-ip"] {
+            assert!(h.get(gone).is_none(), "{gone}: {h:?}");
+        }
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h.len(), 6, "{h:?}");
+    }
+
+    /// An IPv6 peer is quoted and bracketed in `Forwarded`; no `Host`, no host part.
+    #[test]
+    fn forwarded_ipv6_quoted() {
+        let mut h = HeaderMap::new();
+        set_forwarding(&mut h, &conn("[2001:db8::1]:443", "https"), false);
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert!(h.get("x-forwarded-host").is_none());
+    }
+
+    /// From a trusted proxy the chain is kept and this hop appended; its proto and host kept.
+    #[test]
+    fn trusted_peer_chain_appended() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "api.test".parse().unwrap());
+        h.append("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("forwarded", "for=203.0.113.7;proto=https".parse().unwrap());
+        h.insert("x-real-ip", "203.0.113.7".parse().unwrap());
+        set_forwarding(&mut h, &conn("10.0.0.9:1234", "http"), true);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.51.100.1, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.test");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.7;proto=https, for=10.0.0.9;proto=http;host=api.test"
+        );
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
     }
 }

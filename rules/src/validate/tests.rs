@@ -290,3 +290,38 @@ fn admin_beyond_loopback_needs_a_token() {
     ));
     assert_eq!(m.len(), 3, "{m:?}");
 }
+
+/// `server.trusted_proxies`: each entry a CIDR, a bad one reported at its index; the good
+/// ones compile into the snapshot.
+#[test]
+fn trusted_proxies_are_cidrs() {
+    let routes = r#"[{"name": "d", "upstream": "v1"}]"#;
+    let c = cfg(
+        routes,
+        r#", "server": {"trusted_proxies": ["10.0.0.0/8", "10.0.0.0/33", "2001:db8::/32", "::1", "proxy.lan"]}"#,
+    );
+    let m = messages(&c);
+    assert_eq!(m.len(), 2, "{m:#?}");
+    assert!(
+        m[0].starts_with("server.trusted_proxies[1]: \"10.0.0.0/33\": the prefix length"),
+        "{m:#?}"
+    );
+    assert!(
+        m[1].starts_with("server.trusted_proxies[4]: \"proxy.lan\" is not a CIDR"),
+        "{m:#?}"
+    );
+    let c = cfg(
+        routes,
+        r#", "server": {"trusted_proxies": ["10.0.0.0/8", "2001:db8::/32"]}"#,
+    );
+    let snap = crate::Snapshot::compile(&c).unwrap();
+    let nets: Vec<String> = snap
+        .trusted_proxies
+        .nets()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "2001:db8::/32"]);
+    let none = crate::Snapshot::compile(&cfg(routes, "")).unwrap();
+    assert!(none.trusted_proxies.is_empty());
+}

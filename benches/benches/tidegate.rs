@@ -236,6 +236,7 @@ mod reload {
                 rules::load("bench.json", text.as_bytes())
                     .expect("synthetic config is valid")
                     .snapshot,
+                None,
                 &|_| None,
                 None,
                 &metrics,
@@ -249,7 +250,7 @@ mod reload {
                     let loaded = rules::load("bench.json", text.as_bytes())
                         .expect("synthetic config is valid");
                     black_box(
-                        Runtime::build(loaded.snapshot, &|_| None, Some(&live), &metrics)
+                        Runtime::build(loaded.snapshot, None, &|_| None, Some(&live), &metrics)
                             .expect("runtime builds"),
                     )
                 })

@@ -11,8 +11,9 @@
 //!
 //! ```text
 //! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
-//!   └─ pipeline/   Gateway::handle: head → decide → cluster limits → overload slots → forward → record
+//!   └─ pipeline/   Gateway::handle: head → identity → decide → cluster limits → overload slots → forward → record
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
+//!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
@@ -29,7 +30,8 @@
 //!
 //! Leaves every layer may use: [`stats`] (the dashboard's live counters), [`metrics`] (the
 //! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
-//! facts) and [`shutdown`] (the stop signal).
+//! facts), [`jwt`] (token verification: keys, the cache, and minting for `tidegate token`)
+//! and [`shutdown`] (the stop signal).
 //!
 //! `cargo test -p tidegate-tests --test layout` fails on any import circle among these
 //! modules (and those of `rules`).
@@ -41,6 +43,7 @@ pub mod admin;
 pub mod conn;
 pub mod control;
 pub mod govern;
+pub mod jwt;
 pub mod metrics;
 pub mod overload;
 pub mod pipeline;
@@ -98,7 +101,7 @@ pub struct Server {
 /// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
 /// the admin port, and begin serving. Returns once everything is bound.
 pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
-    start_inner(loaded, None).await
+    start_inner(loaded, None, None).await
 }
 
 /// Start a gateway from a config file, and keep it in step with the file: edits (and
@@ -106,13 +109,15 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
 pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     // Bounded: a read blocked for good (a FIFO swapped in after the file-type check) fails
     // the start after `READ_TIMEOUT` rather than hanging it.
-    let (loaded, hash) = config::read_config_within(path, config::READ_TIMEOUT)?;
-    let include = config::include_dir(path, &loaded);
-    start_inner(loaded, Some((path.to_path_buf(), include, hash))).await
+    let read = config::read_config_within(path, config::READ_TIMEOUT)?;
+    let include = config::include_dir(path, &read.loaded);
+    let file = (path.to_path_buf(), include, read.hash);
+    start_inner(read.loaded, read.keys, Some(file)).await
 }
 
 async fn start_inner(
     loaded: Loaded,
+    keys: Option<Arc<jwt::KeySet>>,
     file: Option<(std::path::PathBuf, Option<std::path::PathBuf>, u64)>,
 ) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
@@ -134,7 +139,7 @@ async fn start_inner(
                 .data_dir
                 .as_deref()
                 .unwrap_or(rules::DEFAULT_EMBEDDED_DATA_DIR);
-            let e = embedded::start(&name, dir, &config.identity.user, stop_embedded_rx.clone())
+            let e = embedded::start(&name, dir, &config.identity, stop_embedded_rx.clone())
                 .await
                 .with_context(|| format!("starting embedded upstream {name:?}"))?;
             tracing::info!(upstream = %name, addr = %e.addr, data_dir = dir, "embedded grab backend started");
@@ -146,7 +151,7 @@ async fn start_inner(
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
     let metrics = Arc::new(Metrics::new());
     let mut runtime =
-        Runtime::build(snapshot, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
+        Runtime::build(snapshot, keys, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
     if let Some(redis) = &server_cfg.redis {
         let store = ClusterStore::connect(redis).context("server.redis")?;
         runtime.governors = govern::Governors::build_cluster(&runtime.snapshot, None, Some(store));

@@ -73,6 +73,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mint a signed JWT for `identity.jwt` (tests, rehearsals, the docs' examples) and print
+    /// it. The key is a PEM private key (`openssl genpkey`) for RS*, PS*, ES* and EdDSA, or
+    /// a file holding the shared secret for HS*.
+    Token {
+        /// The private key (or HS* secret) file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Signature algorithm: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384,
+        /// EdDSA, HS256, HS384, HS512.
+        #[arg(long)]
+        alg: String,
+        /// The key's `kid` (as in the JWKS).
+        #[arg(long)]
+        kid: Option<String>,
+        /// `sub`: the user ID, with `"user": {"claim": "sub"}`.
+        #[arg(long)]
+        sub: Option<String>,
+        /// `iss`.
+        #[arg(long)]
+        iss: Option<String>,
+        /// `aud`.
+        #[arg(long)]
+        aud: Option<String>,
+        /// Lifetime in seconds (`exp` = now + ttl).
+        #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+        ttl: i64,
+        /// `nbf` = now + this many seconds.
+        #[arg(long, allow_negative_numbers = true)]
+        nbf_in: Option<i64>,
+        /// Another string claim as `name=value` (e.g. `azp=shop`); repeatable.
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+    },
+    /// Print a JWKS with the public half of a private key file, for `identity.jwt.jwks_file`.
+    /// For HS* the "public half" is the shared secret itself: keep that file private.
+    Jwks {
+        /// The private key (or HS* secret) file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The algorithm the key signs with.
+        #[arg(long)]
+        alg: String,
+        /// The key's `kid` (tokens name it).
+        #[arg(long)]
+        kid: String,
+    },
+}
+
+/// `name=value`.
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write name=value"))?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 fn main() -> ExitCode {
@@ -92,6 +146,38 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Token {
+            key,
+            alg,
+            kid,
+            sub,
+            iss,
+            aud,
+            ttl,
+            nbf_in,
+            claims,
+        } => {
+            use tidegate::jwt::mint;
+            let claims = mint::Claims {
+                sub,
+                iss,
+                aud,
+                ttl_s: ttl,
+                nbf_in_s: nbf_in,
+                extra: claims,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let minted = mint::signing_key(&key, &alg)
+                .and_then(|(k, alg)| mint::token(&k, alg, kid.as_deref(), &claims, now));
+            print_or_fail("token", minted)
+        }
+        Command::Jwks { key, alg, kid } => {
+            use tidegate::jwt::mint;
+            let jwks = mint::signing_key(&key, &alg).and_then(|(k, alg)| mint::jwks(&k, alg, &kid));
+            print_or_fail("jwks", jwks)
         }
         Command::Schema => {
             let schema = schemars::schema_for!(rules::Config);
@@ -184,6 +270,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Print `out`, or the error and exit 1.
+fn print_or_fail(what: &str, out: Result<String, String>) -> ExitCode {
+    match out {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// How long exit waits for blocking tasks left after the drain.
 const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -192,7 +292,7 @@ const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_mi
 /// file, not a hang).
 fn read_config(path: &std::path::Path) -> Result<rules::Loaded, rules::error::ConfigErrors> {
     use tidegate::control::config;
-    config::read_config_within(path, config::READ_TIMEOUT).map(|(loaded, _)| loaded)
+    config::read_config_within(path, config::READ_TIMEOUT).map(|r| r.loaded)
 }
 
 async fn run(config: &std::path::Path) -> anyhow::Result<()> {

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::jwt::TokenError;
+
 /// A name from the snapshot, shared rather than copied per request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Name(pub Arc<str>);
@@ -43,6 +45,70 @@ pub struct UpstreamErrorLabels {
     pub upstream: Name,
     /// The stable error code (`upstream_timeout`, `upstream_unavailable`, ...).
     pub error: &'static str,
+}
+
+/// Labels of `tidegate_identity_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// `verified`, `anonymous` (no valid token, none required) or `refused` (401).
+    pub outcome: &'static str,
+    /// `ok`, or the token error's code (`token_expired`, ...).
+    pub reason: &'static str,
+}
+
+/// `tidegate_identity_total`'s series, resolved once: the request path adds to a counter
+/// without hashing a label set.
+#[derive(Debug)]
+pub struct IdentityCounters {
+    /// Valid tokens.
+    pub verified: Counter,
+    /// No valid token, not required; indexed like [`TokenError::ALL`].
+    pub anonymous: Vec<Counter>,
+    /// Refused; indexed like [`TokenError::ALL`].
+    pub refused: Vec<Counter>,
+}
+
+impl IdentityCounters {
+    fn new(family: &Family<IdentityLabels, Counter>) -> Self {
+        let series = |outcome: &'static str| {
+            TokenError::ALL
+                .iter()
+                .map(|e| {
+                    family
+                        .get_or_create(&IdentityLabels {
+                            outcome,
+                            reason: e.code(),
+                        })
+                        .clone()
+                })
+                .collect()
+        };
+        // One statement each: the family's read guard must be gone before the next
+        // `get_or_create` takes its write lock.
+        let verified = family
+            .get_or_create(&IdentityLabels {
+                outcome: "verified",
+                reason: "ok",
+            })
+            .clone();
+        let anonymous = series("anonymous");
+        let refused = series("refused");
+        Self {
+            verified,
+            anonymous,
+            refused,
+        }
+    }
+
+    /// Count one request's outcome.
+    pub fn count(&self, outcome: Result<Option<TokenError>, TokenError>) {
+        let at = |e: TokenError| TokenError::ALL.iter().position(|x| *x == e).unwrap_or(0);
+        match outcome {
+            Ok(None) => self.verified.inc(),
+            Ok(Some(e)) => self.anonymous[at(e)].inc(),
+            Err(e) => self.refused[at(e)].inc(),
+        };
+    }
 }
 
 /// Labels of `tidegate_config_reloads_total`.
@@ -130,6 +196,8 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     /// Config reload attempts by outcome.
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Requests by what the identity phase (`identity.jwt`) made of them.
+    pub identity: IdentityCounters,
     /// Time from the triggering file event (or signal) to the reload's end.
     pub config_reload_seconds: Histogram,
     /// Generation of the live config (1 at start, +1 per applied reload).
@@ -278,6 +346,13 @@ impl Metrics {
             "Downstream connections accepted",
             connections_accepted.clone(),
         );
+        let identity = Family::<IdentityLabels, Counter>::default();
+        registry.register(
+            "identity",
+            "Requests by identity outcome (identity.jwt): verified, anonymous or refused, by reason",
+            identity.clone(),
+        );
+        let identity = IdentityCounters::new(&identity);
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -397,6 +472,7 @@ impl Metrics {
             breaker_transitions,
             breaker_rejections,
             config_reloads,
+            identity,
             config_reload_seconds,
             config_generation,
             config_read_stuck,

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::jwt::TokenError;
+
 /// Why the gateway answered instead of the upstream. Each maps to a status and a code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatewayError {
@@ -38,6 +40,9 @@ pub enum GatewayError {
     /// An app or user ID longer than `identity.max_id_bytes`, with
     /// `identity.on_invalid: reject` (400).
     InvalidIdentity,
+    /// No valid token where `identity.jwt` requires one (401 with `WWW-Authenticate`); the
+    /// code says why (`token_expired`, ...).
+    Unauthorized(TokenError),
 }
 
 // === impl GatewayError ===
@@ -58,6 +63,7 @@ impl GatewayError {
             Self::Overloaded => "overloaded",
             Self::LimitStoreUnavailable => "limit_store_unavailable",
             Self::InvalidIdentity => "invalid_identity",
+            Self::Unauthorized(e) => e.code(),
         }
     }
 
@@ -74,6 +80,7 @@ impl GatewayError {
             | Self::Overloaded
             | Self::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -91,12 +98,25 @@ impl GatewayError {
             Self::Overloaded => r#"{"error":"overloaded"}"#,
             Self::LimitStoreUnavailable => r#"{"error":"limit_store_unavailable"}"#,
             Self::InvalidIdentity => r#"{"error":"invalid_identity"}"#,
+            Self::Unauthorized(e) => e.body(),
         }
     }
 
     /// The full response.
     pub fn response(self) -> Response<Full<Bytes>> {
-        json(self.status(), Bytes::from_static(self.body().as_bytes()))
+        let mut r = json(self.status(), Bytes::from_static(self.body().as_bytes()));
+        if let Self::Unauthorized(e) = self {
+            // RFC 6750 §3: no error code when the request carried no token at all.
+            let challenge = match e {
+                TokenError::Missing => "Bearer",
+                _ => r#"Bearer error="invalid_token""#,
+            };
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
+        r
     }
 }
 
@@ -165,7 +185,10 @@ mod tests {
             GatewayError::Overloaded,
             GatewayError::LimitStoreUnavailable,
             GatewayError::InvalidIdentity,
-        ] {
+        ]
+        .into_iter()
+        .chain(TokenError::ALL.map(GatewayError::Unauthorized))
+        {
             let v: serde_json::Value = serde_json::from_str(e.body()).unwrap();
             assert_eq!(v["error"], e.code());
         }

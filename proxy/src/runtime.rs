@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use rules::Snapshot;
 
 use crate::govern::Governors;
+use crate::jwt::{KeySet, Verifier};
 use crate::metrics::{Metrics, Name};
 use crate::overload::Overload;
 use crate::stats::Counters;
@@ -38,6 +39,9 @@ pub struct Runtime {
     pub stats: Arc<Counters>,
     /// The gateway's one registry (the same for every runtime).
     pub metrics: Arc<Metrics>,
+    /// The token verifier of `identity.jwt` (kept, cache and all, over a reload that
+    /// changes neither its settings nor its keys).
+    pub identity: Option<Arc<Verifier>>,
 }
 
 /// The live runtime and the metrics: the handle every background task holds.
@@ -52,14 +56,16 @@ pub struct Live {
 // === impl Runtime ===
 
 impl Runtime {
-    /// Build the runtime for a compiled snapshot. `embedded` gives the address of each
-    /// running embedded upstream by name.
+    /// Build the runtime for a compiled snapshot and the keys its `identity.jwt` names (read
+    /// with the config). `embedded` gives the address of each running embedded upstream by
+    /// name.
     ///
     /// State worth keeping moves over from `previous` (the runtime being replaced by a
     /// reload): an upstream whose definition did not change keeps its client, so its pooled
     /// connections stay warm instead of every reload causing a reconnect storm.
     pub fn build(
         snapshot: Snapshot,
+        keys: Option<Arc<KeySet>>,
         embedded: &dyn Fn(&str) -> Option<std::net::SocketAddr>,
         previous: Option<&Runtime>,
         metrics: &Arc<Metrics>,
@@ -77,8 +83,23 @@ impl Runtime {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let identity = match (&snapshot.jwt, keys) {
+            (None, _) => None,
+            (Some(s), Some(k)) => Some(Verifier::build(
+                s,
+                k,
+                previous.and_then(|p| p.identity.as_ref()),
+            )),
+            (Some(_), None) => {
+                return Err(
+                    "identity.jwt: its key file was not read (start the gateway from the config file)"
+                        .to_owned(),
+                );
+            }
+        };
         let mut rt = Self::offline(snapshot, previous, metrics);
         rt.upstreams = upstreams;
+        rt.identity = identity;
         Ok(rt)
     }
 
@@ -105,6 +126,7 @@ impl Runtime {
             overload,
             stats,
             metrics: Arc::clone(metrics),
+            identity: None,
         }
     }
 }

@@ -187,7 +187,7 @@ fn hex(c: u8) -> Option<u8> {
 }
 
 /// The value of cookie `name` from the request's `Cookie` header(s).
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get_all(header::COOKIE).iter().find_map(|h| {
         std::str::from_utf8(h.as_bytes())
             .ok()?

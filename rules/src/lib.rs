@@ -45,6 +45,7 @@ pub mod explain;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod govern;
+pub mod identity;
 pub mod ids;
 pub mod include;
 pub mod limit;

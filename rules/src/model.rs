@@ -284,6 +284,66 @@ pub struct Identity {
     /// request without one) or `reject` (400 `invalid_identity`).
     #[serde(default)]
     pub on_invalid: OnInvalidId,
+    /// Verified identity: the token every request is checked for, and the keys and claims
+    /// that make it valid. An extractor `{"claim": "sub"}` reads a verified claim; the
+    /// gateway forwards it in `user_header`/`app_header`, dropping client-sent copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Jwt>,
+}
+
+/// `identity.jwt`: where the token is and what makes it valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    /// The verification keys: a JWKS file (`{"keys": [...]}`), relative to the config file.
+    /// Read with the config on every reload; keys rotate by editing it.
+    pub jwks_file: String,
+    /// Where the token is: `"bearer"` (`Authorization: Bearer <token>`, the default) or
+    /// `{"cookie": "NAME"}`.
+    #[serde(default)]
+    pub from: TokenFrom,
+    /// Accepted `alg` values: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+    /// HS256, HS384, HS512. A token's `alg` must also be one its key is for.
+    pub algorithms: Vec<String>,
+    /// Accepted issuers (`iss`); when set, `iss` is required. Default: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<String>,
+    /// Accepted audiences (`aud`); when set, `aud` is required. Default: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Clock leeway for `exp` and `nbf`, in seconds. Default: 30. Range: 0..=300.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+    /// `true` (the default): a request without a valid token is refused with 401.
+    /// `false`: it is anonymous (no verified IDs; client-sent copies are still dropped).
+    #[serde(default = "default_true")]
+    pub required: bool,
+    /// Longest token accepted, in bytes, checked before decoding. Default: 8192. Range:
+    /// 128..=65536.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: u32,
+    /// Verified tokens remembered (never past their `exp`). Default: 65536; 0 turns the
+    /// cache off. At most 4194304.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: u32,
+    /// The header the verified user ID is forwarded (and classified) in. Default:
+    /// `x-user-id`.
+    #[serde(default = "default_user_header")]
+    pub user_header: String,
+    /// The header the verified app ID is forwarded (and classified) in. Default: `x-app-id`.
+    #[serde(default = "default_app_header")]
+    pub app_header: String,
+}
+
+/// Where a request's token is.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenFrom {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Bearer,
+    /// A cookie of this name.
+    Cookie(String),
 }
 
 /// What a request with an invalid app or user ID becomes.
@@ -311,6 +371,9 @@ pub enum Extractor {
     Cookie(String),
     /// A `{name}` parameter of the matched interface's path template.
     PathParam(String),
+    /// A string claim of the verified token (`sub`, `azp`, any other); needs
+    /// `identity.jwt`.
+    Claim(String),
 }
 
 /// A named interface: method + path template.
@@ -510,6 +573,24 @@ fn default_app_extractor() -> Extractor {
 fn default_max_id_bytes() -> u32 {
     128
 }
+fn default_true() -> bool {
+    true
+}
+fn default_leeway_s() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> u32 {
+    8192
+}
+fn default_cache_entries() -> u32 {
+    65_536
+}
+fn default_user_header() -> String {
+    "x-user-id".to_owned()
+}
+fn default_app_header() -> String {
+    "x-app-id".to_owned()
+}
 fn default_user_extractor() -> Extractor {
     Extractor::Header("x-user-id".to_owned())
 }
@@ -582,6 +663,7 @@ impl Default for Identity {
             user: default_user_extractor(),
             max_id_bytes: default_max_id_bytes(),
             on_invalid: OnInvalidId::Anonymous,
+            jwt: None,
         }
     }
 }

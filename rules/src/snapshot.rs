@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::classify::{Classified, Classifier, RequestParts};
 use crate::degrade::FallbackDecision;
 use crate::govern::Governance;
+use crate::identity::CompiledJwt;
 use crate::ids::{InterfaceId, InterfaceNames, UpstreamId};
 use crate::matcher::MatchInput;
 use crate::model::Config;
@@ -43,6 +44,9 @@ pub struct Snapshot {
     pub overload: CompiledOverload,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
+    /// `identity.jwt`: how a request's token is found and judged (the gateway holds the
+    /// keys).
+    pub jwt: Option<CompiledJwt>,
 }
 
 // === impl Snapshot ===
@@ -77,6 +81,7 @@ impl Snapshot {
             ),
             overload: parts.overload,
             trusted_proxies: parts.trusted_proxies,
+            jwt: parts.jwt,
         })
     }
 

@@ -21,6 +21,7 @@ use crate::bucket::{BUCKETS, Weight, target_weight};
 use crate::classify::{Classifier, CompiledExtractor, CompiledInterface, MethodTable};
 use crate::degrade::{CompiledBreaker, CompiledFallback};
 use crate::error::{JsonPath, did_you_mean};
+use crate::identity::CompiledJwt;
 use crate::ids::{InterfaceId, UpstreamId};
 use crate::limit::CompiledLimit;
 use crate::matcher::CompiledMatch;
@@ -34,6 +35,7 @@ use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod govern;
+mod identity;
 mod overload;
 
 /// Most route rules in one config.
@@ -80,6 +82,7 @@ pub(crate) struct Checked {
     pub(crate) active_plans: Vec<Box<str>>,
     pub(crate) overload: CompiledOverload,
     pub(crate) trusted_proxies: TrustedProxies,
+    pub(crate) jwt: Option<CompiledJwt>,
 }
 
 /// Check everything checkable without I/O. An empty result means the config compiles.
@@ -208,6 +211,7 @@ impl<'c> Validator<'c> {
         let trusted_proxies = self.server(c);
         let (interfaces, compiled_interfaces) = self.interfaces(c);
         let identity = self.identity(c);
+        let jwt = self.jwt(c);
         self.upstreams(c);
         let routes = self.routes(c, &interfaces);
         let governance = self.govern(c, &interfaces);
@@ -240,6 +244,7 @@ impl<'c> Validator<'c> {
             active_plans: c.active_plans.iter().map(|p| p.as_str().into()).collect(),
             overload: CompiledOverload::compile(c, &self.iface_ids, &self.upstream_ids),
             trusted_proxies,
+            jwt,
         })
     }
 
@@ -570,6 +575,7 @@ impl<'c> Validator<'c> {
                         Some(CompiledExtractor::PathParam(name.as_str().into()))
                     }
                 }
+                Extractor::Claim(claim) => self.claim_extractor(c, ep.key("claim"), field, claim),
                 Extractor::Query(q) => Some(CompiledExtractor::Query(q.as_str().into())),
                 Extractor::Cookie(q) => Some(CompiledExtractor::Cookie(q.as_str().into())),
             });

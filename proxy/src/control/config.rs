@@ -12,7 +12,7 @@
 //! [`read_config_within`] (a detached thread, abandoned after a bound) or, for reloads, the
 //! same pattern in `reload`; [`Progress`] says which file the read was stuck on.
 
-use std::io::Read;
+use std::io::Read as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +21,8 @@ use rules::Loaded;
 use rules::error::{ConfigError, ConfigErrors, JsonPath};
 use rules::source::MAX_CONFIG_BYTES;
 use rules::validate::Issue;
+
+use crate::jwt::KeySet;
 
 /// How long reading a config (every file of it) and compiling it may take before the read
 /// is abandoned and reported as stuck: at start-up, in `tidegate check` and on every reload.
@@ -65,16 +67,29 @@ pub fn human(d: Duration) -> String {
     }
 }
 
-/// Read, parse, validate and compile the config at `path`, and check its TLS files.
+/// A config as read from disk: the compiled rules, their content version, and what they
+/// name on disk that the gateway loads itself.
+#[derive(Debug)]
+pub struct Read {
+    /// The parsed config and its compiled snapshot.
+    pub loaded: Loaded,
+    /// XXH3-64 over the file's bytes, each fragment's name and bytes, and the key file's
+    /// bytes: equal hashes mean a reload has nothing to do.
+    pub hash: u64,
+    /// The keys of `identity.jwt` (its JWKS file), checked; `None` without it.
+    pub keys: Option<Arc<KeySet>>,
+}
+
+/// Read, parse, validate and compile the config at `path`, and check its TLS and key files.
 pub fn read_config(path: &Path) -> Result<Loaded, ConfigErrors> {
-    read_config_hashed(path).map(|(loaded, _)| loaded)
+    read_config_hashed(path).map(|r| r.loaded)
 }
 
 /// [`read_config_hashed`] on a detached thread, waiting at most `bound`: a read that does
 /// not finish in time (a FIFO swapped in after the file-type check, a hung file system) is
 /// abandoned, its thread left blocked, and reported as an error naming the file it was
 /// reading. For one-shot callers (start-up, `tidegate check`), which exit or carry on.
-pub fn read_config_within(path: &Path, bound: Duration) -> Result<(Loaded, u64), ConfigErrors> {
+pub fn read_config_within(path: &Path, bound: Duration) -> Result<Read, ConfigErrors> {
     let progress = Progress::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let (p, pr) = (path.to_path_buf(), progress.clone());
@@ -102,14 +117,14 @@ pub fn read_config_within(path: &Path, bound: Duration) -> Result<(Loaded, u64),
     }
 }
 
-/// [`read_config`], also returning the XXH3-64 hash of the file's bytes (the content
-/// version shown on the admin port; equal hashes mean a reload has nothing to do).
-pub fn read_config_hashed(path: &Path) -> Result<(Loaded, u64), ConfigErrors> {
+/// [`read_config`], also returning the content version (shown on the admin port) and the
+/// keys.
+pub fn read_config_hashed(path: &Path) -> Result<Read, ConfigErrors> {
     read_config_traced(path, &Progress::default())
 }
 
 /// [`read_config_hashed`], recording each step in `progress`.
-pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<(Loaded, u64), ConfigErrors> {
+pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, ConfigErrors> {
     let name = path.display().to_string();
     progress.set(format!("reading {name}"));
     let bytes = read_bounded(path).map_err(|message| ConfigError {
@@ -139,7 +154,6 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<(Loaded, u
             Ok(files)
         },
     )?;
-    let hash = hasher.digest();
     let mut issues = Vec::new();
     for (i, l) in loaded.config.server.listeners.iter().enumerate() {
         if let Some(tls) = &l.tls {
@@ -189,11 +203,49 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<(Loaded, u
             }
         }
     }
+    let keys = match &loaded.snapshot.jwt {
+        Some(jwt) => {
+            let file = base.join(&*jwt.jwks_file);
+            progress.set(format!("reading the key file {}", file.display()));
+            // The keys are part of the content: a key file edit alone is a reload.
+            hasher.update(b"\0identity.jwt.jwks_file\0");
+            let keys = read_bounded(&file).and_then(|b| {
+                hasher.update(&b);
+                KeySet::parse(&b, &crate::jwt::algorithms(jwt))
+            });
+            match keys {
+                Ok(k) => Some(Arc::new(k)),
+                Err(message) => {
+                    issues.push(Issue {
+                        path: JsonPath::root().key("identity").key("jwt").key("jwks_file"),
+                        message: format!("{}: {message}", file.display()),
+                    });
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     if !issues.is_empty() {
         let text = String::from_utf8_lossy(&bytes);
         return Err(rules::locate_all(&name, &text, issues));
     }
-    Ok((loaded, hash))
+    Ok(Read {
+        loaded,
+        hash: hasher.digest(),
+        keys,
+    })
+}
+
+/// The key file of `identity.jwt` in `loaded`, resolved against the config file at `path`
+/// (watched for edits like the config itself).
+pub fn jwks_file(path: &Path, loaded: &Loaded) -> Option<std::path::PathBuf> {
+    let jwt = loaded.snapshot.jwt.as_ref()?;
+    Some(
+        path.parent()
+            .unwrap_or(Path::new("."))
+            .join(&*jwt.jwks_file),
+    )
 }
 
 /// The rules fragments of an include directory: every `*.json` file not starting with `.`

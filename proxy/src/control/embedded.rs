@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use rules::model::Extractor;
+use rules::model::{Extractor, Identity};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -25,7 +25,7 @@ pub struct Embedded {
 pub async fn start(
     name: &str,
     data_dir: &str,
-    user: &Extractor,
+    identity: &Identity,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Embedded> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -35,7 +35,13 @@ pub async fn start(
         ..grab_backend::Config::default()
     };
     // The backend reads the user from the same header the gateway classifies by.
-    if let Extractor::Header(h) = user {
+    // With verified identity, the header the gateway writes the verified user into.
+    let header = match (&identity.user, &identity.jwt) {
+        (Extractor::Header(h), _) => Some(h),
+        (Extractor::Claim(_), Some(jwt)) => Some(&jwt.user_header),
+        _ => None,
+    };
+    if let Some(h) = header {
         config.user_header = h.to_ascii_lowercase();
     }
     let mut stop = stop;

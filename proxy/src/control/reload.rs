@@ -126,6 +126,18 @@ pub struct Reloader {
 // === impl Reloader ===
 
 impl Reloader {
+    /// The key file of the live `identity.jwt`, if any.
+    fn jwks_path(&self) -> Option<PathBuf> {
+        let rt = self.live.runtime.load();
+        let jwt = rt.snapshot.jwt.as_ref()?;
+        Some(
+            self.path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&*jwt.jwks_file),
+        )
+    }
+
     /// A reloader for a gateway started from `path` with content hash `hash`.
     pub fn new(
         path: PathBuf,
@@ -343,7 +355,8 @@ impl Reloader {
 
     /// Read and build; `Ok(None)` when the content is what is live already.
     fn build(&self, progress: &Progress) -> Result<Option<Built>, String> {
-        let (loaded, hash) = read_config_traced(&self.path, progress).map_err(|e| e.to_string())?;
+        let read = read_config_traced(&self.path, progress).map_err(|e| e.to_string())?;
+        let (loaded, hash) = (read.loaded, read.hash);
         if hash == *self.hash.lock().expect("not poisoned") {
             return Ok(None);
         }
@@ -356,6 +369,7 @@ impl Reloader {
         ));
         let runtime = Runtime::build(
             loaded.snapshot,
+            read.keys,
             &lookup,
             Some(&previous),
             &self.live.metrics,
@@ -399,6 +413,7 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     // holds a pending reload, which will read the newest content anyway).
     let watcher = {
         let tx = tx.clone();
+        let keys = Arc::clone(&reloader);
         let file_name = file_name.clone();
         let include = include.clone();
         let cert_files = cert_files.clone();
@@ -415,6 +430,9 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                             || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
                             // A listener's certificate or key.
                             || name.is_some_and(|n| cert_files.iter().any(|c| c == n))
+                            // The key file of `identity.jwt` (beside the config; elsewhere
+                            // the poll finds its edits).
+                            || keys.jwks_path().is_some_and(|j| j.file_name() == name)
                             // A rules fragment in the include directory.
                             || (include.as_deref().is_some_and(|d| p.parent() == Some(d))
                                 && p.extension().is_some_and(|x| x == "json"))
@@ -516,8 +534,9 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Size and modification time of the config file (following symlinks), the listeners'
-/// certificates and keys, and every file in the include directory.
+/// Size and modification time of the config file (following symlinks), the key file of
+/// `identity.jwt`, the listeners' certificates and keys, and every file in the include
+/// directory.
 fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let stat = |p: PathBuf| {
         let m = std::fs::metadata(&p).ok();
@@ -525,6 +544,9 @@ fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         (p, len, modified)
     };
     let mut v = vec![stat(r.path.clone())];
+    if let Some(j) = r.jwks_path() {
+        v.push(stat(j));
+    }
     for c in &r.certs {
         v.push(stat(PathBuf::from(&c.cert_path)));
         v.push(stat(PathBuf::from(&c.key_path)));

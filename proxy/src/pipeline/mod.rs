@@ -1,5 +1,5 @@
-//! The request path, as phases: **head → decide → cluster limits → overload slots →
-//! forward → record**.
+//! The request path, as phases: **head → identity → decide → cluster limits → overload
+//! slots → forward → record**.
 //!
 //! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
 //! arc-swap load, no lock) and is served against that one version from start to end, so a
@@ -7,6 +7,8 @@
 //!
 //! - [`head`]: one `Host`, no `Connection` naming `Host` or an identity header, hop-by-hop
 //!   headers removed, so every later phase sees what the upstream will (400 otherwise).
+//! - [`identity`]: with `identity.jwt`, the token verified and the identity headers set
+//!   from its claims, client-sent copies dropped (401 when a valid token is required).
 //! - [`decide`]: everything decided before any I/O (classify, admission, limits, fallback,
 //!   route, breaker), synchronous; the benchmarks and `explain` run the same function.
 //! - cluster limits: checks of cluster-scope limits that need Redis (bounded by the store
@@ -19,6 +21,7 @@ pub mod decide;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod head;
+pub mod identity;
 pub mod record;
 
 use std::sync::Arc;
@@ -110,11 +113,15 @@ impl Gateway {
         if let Err(e) = head::sanitize(&mut parts, &rt.snapshot) {
             return self.refuse_head(&rt, e, parts.version, request_id, conn, started);
         }
+        let verdict = match identity::phase(&rt, &mut parts.headers) {
+            Ok(v) => v,
+            Err(e) => return self.refuse_identity(&rt, e, request_id, conn, started),
+        };
         let mode = Mode::Serve {
             draw: self.next_random(),
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
-        let record = Record::start(&rt, &d, self.settings.access_log, started);
+        let record = Record::start(&rt, &d, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
         let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
         let step = self
@@ -189,13 +196,28 @@ impl Gateway {
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, self.settings.access_log, started);
+        let record = Record::unclassified(rt, "unverified", self.settings.access_log, started);
         let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), request_id, conn);
         if version < http::Version::HTTP_2 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+
+    /// The 401 to a request without the valid token `identity.jwt` requires: counted as
+    /// unclassified (nothing was decided), the connection kept (the head was sound).
+    fn refuse_identity(
+        &self,
+        rt: &Runtime,
+        e: crate::jwt::TokenError,
+        request_id: HeaderValue,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<RespBody> {
+        let record = Record::unclassified(rt, e.code(), self.settings.access_log, started);
+        let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
+        record.finish(rt, answer, request_id, conn)
     }
 
     /// Give the overload slots back and report the call to the breaker. (A request that

@@ -14,6 +14,7 @@ use http_body_util::{Either, Full};
 use rules::{InterfaceId, UpstreamId};
 
 use super::decide::{Action, Decision};
+use super::identity::Verdict;
 use crate::conn::ConnInfo;
 use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
 use crate::respond::GatewayError;
@@ -52,10 +53,14 @@ pub struct Record {
     who: Option<Who>,
 }
 
-/// Client address, app, user and route rule of a request, for its access log line.
+/// Client address, identity outcome, app, user and route rule of a request, for its access
+/// log line.
 #[derive(Debug)]
 struct Who {
     client: Option<std::net::IpAddr>,
+    /// `unverified`, `verified`, or why the request is anonymous or refused (a token
+    /// error's code).
+    identity: &'static str,
     app: Option<String>,
     user: Option<String>,
     route: Option<Arc<str>>,
@@ -67,7 +72,13 @@ pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-
 
 impl Record {
     /// Take what the decision says the request is counted under; count a split's choice.
-    pub fn start(rt: &Runtime, d: &Decision<'_>, access_log: bool, started: Instant) -> Self {
+    pub fn start(
+        rt: &Runtime,
+        d: &Decision<'_>,
+        identity: Verdict,
+        access_log: bool,
+        started: Instant,
+    ) -> Self {
         let forwarded = match &d.action {
             Action::Forward { upstream, .. } => Some(*upstream),
             _ => None,
@@ -77,6 +88,7 @@ impl Record {
             .tally(d.class.interface, d.route.as_ref(), forwarded);
         let who = access_log.then(|| Who {
             client: d.client_ip,
+            identity: identity.log_field(),
             app: d.class.app.as_deref().map(str::to_owned),
             user: d.class.user.as_deref().map(str::to_owned),
             route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
@@ -90,14 +102,20 @@ impl Record {
     }
 
     /// What a request refused before its decision is counted under: no interface, no
-    /// route, no upstream.
-    pub fn unclassified(rt: &Runtime, access_log: bool, started: Instant) -> Self {
+    /// route, no upstream. `identity` is the access log's identity field.
+    pub fn unclassified(
+        rt: &Runtime,
+        identity: &'static str,
+        access_log: bool,
+        started: Instant,
+    ) -> Self {
         Self {
             tally: rt.stats.tally(None, None, None),
             interface: None,
             started,
             who: access_log.then_some(Who {
                 client: None,
+                identity,
                 app: None,
                 user: None,
                 route: None,
@@ -167,6 +185,7 @@ impl Record {
 
         if let Some(Who {
             client,
+            identity,
             app,
             user,
             route,
@@ -178,6 +197,7 @@ impl Record {
                 request_id = request_id.to_str().unwrap_or("-"),
                 client = %client.unwrap_or(peer.ip()),
                 peer = %peer,
+                identity = *identity,
                 app = app.as_deref().unwrap_or("none"),
                 interface = iface.map(|n| &*n.0).unwrap_or("none"),
                 user = user.as_deref().unwrap_or("none"),

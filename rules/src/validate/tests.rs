@@ -325,3 +325,47 @@ fn trusted_proxies_are_cidrs() {
     let none = crate::Snapshot::compile(&cfg(routes, "")).unwrap();
     assert!(none.trusted_proxies.is_empty());
 }
+
+/// `identity.jwt` and claim extractors: each mistake at its place; a good one compiles to
+/// settings whose claim headers classify the request.
+#[test]
+fn jwt_identity_checks() {
+    let routes = r#"[{"name": "d", "upstream": "v1"}]"#;
+    let m = messages(&cfg(routes, r#", "identity": {"user": {"claim": "sub"}}"#));
+    assert_eq!(
+        m,
+        ["identity.user.claim: reads a claim of the verified token, but identity.jwt is not set"]
+    );
+    let bad = r#", "identity": {"user": {"claim": "sub"}, "app": {"claim": "azp"}, "jwt": {
+        "jwks_file": "", "algorithms": ["none", "HS1", "ES256"], "leeway_s": 301,
+        "max_token_bytes": 10, "audiences": [""], "app_header": "host",
+        "from": {"cookie": ""}}}"#;
+    let m = messages(&cfg(routes, bad));
+    for want in [
+        "identity.jwt.jwks_file: name the JWKS file",
+        "identity.jwt.algorithms[0]: `none` is never accepted",
+        "identity.jwt.algorithms[1]: unknown algorithm \"HS1\"",
+        "identity.jwt.audiences[0]: must not be empty",
+        "identity.jwt.leeway_s:",
+        "identity.jwt.max_token_bytes:",
+        "identity.jwt.from.cookie: name must not be empty",
+        "identity.jwt.app_header: \"host\" cannot carry an ID",
+    ] {
+        assert!(m.iter().any(|x| x.starts_with(want)), "{want}: {m:#?}");
+    }
+    let same = r#", "identity": {"user": {"claim": "sub"}, "app": {"claim": "azp"}, "jwt": {
+        "jwks_file": "k.json", "algorithms": ["ES256"], "app_header": "X-User-Id"}}"#;
+    assert_eq!(
+        messages(&cfg(routes, same)),
+        ["identity.jwt.app_header: the user and app IDs need different headers"]
+    );
+    let good = r#", "identity": {"user": {"claim": "sub"}, "jwt": {
+        "jwks_file": "k.json", "algorithms": ["ES256", "RS256"], "required": false}}"#;
+    let snap = crate::Snapshot::compile(&cfg(routes, good)).unwrap();
+    let jwt = snap.jwt.as_ref().unwrap();
+    assert_eq!(&*jwt.user.as_ref().unwrap().claim, "sub");
+    assert_eq!(jwt.user.as_ref().unwrap().header, "x-user-id");
+    assert!(jwt.app.is_none() && !jwt.required && jwt.leeway_s == 30);
+    // The claim's header is an identity header (Connection may not name it).
+    assert!(snap.is_identity_header("X-User-Id"));
+}

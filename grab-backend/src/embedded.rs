@@ -164,10 +164,10 @@ impl EmbeddedStore {
             .lock()
             .expect("settle thread poisoned")
             .take();
-        if let Some(t) = thread {
-            if t.join().is_err() {
-                tracing::error!("settlement thread panicked");
-            }
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("settlement thread panicked");
         }
     }
 

@@ -662,10 +662,10 @@ impl Inner {
             }
             let rows: Vec<Vec<Option<u64>>> = self.run(p.query_async(&mut self.conn())).await?;
             for (id, row) in chunk.iter().zip(rows) {
-                if let [Some(events), Some(done)] = row[..] {
-                    if events > done {
-                        self.settle_envelope(*id).await?;
-                    }
+                if let [Some(events), Some(done)] = row[..]
+                    && events > done
+                {
+                    self.settle_envelope(*id).await?;
                 }
             }
         }

@@ -321,10 +321,10 @@ impl Wal {
         }
         self.shared.wake.notify_one();
         let thread = self.thread.lock().expect("wal thread poisoned").take();
-        if let Some(t) = thread {
-            if t.join().is_err() {
-                tracing::error!("log writer thread panicked");
-            }
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("log writer thread panicked");
         }
     }
 }

@@ -241,12 +241,11 @@ impl Counters {
     ) -> Tally {
         if let (Some(r), Some(u)) = (route, forwarded_to) {
             // Only when the split's own choice is forwarded (not a breaker's alternate).
-            if r.upstream == u {
-                if let RouteAction::Split(targets) = &r.rule.action {
-                    if let Some(t) = targets.iter().position(|t| t.upstream == r.upstream) {
-                        self.splits[r.rule_id as usize][t].fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            if r.upstream == u
+                && let RouteAction::Split(targets) = &r.rule.action
+                && let Some(t) = targets.iter().position(|t| t.upstream == r.upstream)
+            {
+                self.splits[r.rule_id as usize][t].fetch_add(1, Ordering::Relaxed);
             }
         }
         Tally {

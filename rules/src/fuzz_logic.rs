@@ -187,13 +187,13 @@ impl DecideInput {
 fn header_lines<'a>(lines: impl Iterator<Item = &'a str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            if let (Ok(k), Ok(v)) = (
+        if let Some((k, v)) = line.split_once(':')
+            && let (Ok(k), Ok(v)) = (
                 HeaderName::from_bytes(k.trim().as_bytes()),
                 HeaderValue::from_str(v.trim()),
-            ) {
-                headers.append(k, v);
-            }
+            )
+        {
+            headers.append(k, v);
         }
     }
     headers

@@ -228,10 +228,10 @@ impl CompiledLimit {
         if let Some(&q) = m.user.and_then(|u| self.exc_users.get(u)) {
             return q;
         }
-        if let Some(i) = m.interface {
-            if let Some(&(_, q)) = self.exc_interfaces.iter().find(|(x, _)| *x == i) {
-                return q;
-            }
+        if let Some(i) = m.interface
+            && let Some(&(_, q)) = self.exc_interfaces.iter().find(|(x, _)| *x == i)
+        {
+            return q;
         }
         if let Some(&q) = m.app.and_then(|a| self.exc_apps.get(a)) {
             return q;

@@ -104,25 +104,25 @@ impl CompiledMatch {
 
     /// Whether every condition holds, or the first that does not.
     pub fn check(&self, r: &MatchInput<'_>) -> Result<(), Mismatch> {
-        if let Some(apps) = &self.apps {
-            if !r.app.is_some_and(|a| apps.iter().any(|x| &**x == a)) {
-                return Err(Mismatch::App);
-            }
+        if let Some(apps) = &self.apps
+            && !r.app.is_some_and(|a| apps.iter().any(|x| &**x == a))
+        {
+            return Err(Mismatch::App);
         }
-        if let Some(ifaces) = &self.interfaces {
-            if !r.interface.is_some_and(|i| ifaces.contains(&i)) {
-                return Err(Mismatch::Interface);
-            }
+        if let Some(ifaces) = &self.interfaces
+            && !r.interface.is_some_and(|i| ifaces.contains(&i))
+        {
+            return Err(Mismatch::Interface);
         }
-        if let Some(users) = &self.users {
-            if !r.user.is_some_and(|u| users.contains(u)) {
-                return Err(Mismatch::User);
-            }
+        if let Some(users) = &self.users
+            && !r.user.is_some_and(|u| users.contains(u))
+        {
+            return Err(Mismatch::User);
         }
-        if let Some((salt, range)) = &self.user_buckets {
-            if !r.user.is_some_and(|u| range.contains(bucket(salt, u))) {
-                return Err(Mismatch::UserBucket);
-            }
+        if let Some((salt, range)) = &self.user_buckets
+            && !r.user.is_some_and(|u| range.contains(bucket(salt, u)))
+        {
+            return Err(Mismatch::UserBucket);
         }
         if !self
             .headers

@@ -61,15 +61,15 @@ pub(crate) fn effective<'c>(c: &'c Config, active: &[&'c str]) -> Effective<'c> 
         };
         let pp = root.key("plans").key(plan_name);
         let mut touch = |kind: &'static str, name: &'c str, path: &JsonPath| {
-            if let Some(prev) = touched.insert((kind, name), plan_name) {
-                if prev != plan_name {
-                    conflicts.push((
+            if let Some(prev) = touched.insert((kind, name), plan_name)
+                && prev != plan_name
+            {
+                conflicts.push((
                         path.clone(),
                         format!(
                             "plans {prev:?} and {plan_name:?} are both active and both change {kind} {name:?}"
                         ),
                     ));
-                }
             }
         };
         for (i, name) in plan.disable.iter().enumerate() {

@@ -155,14 +155,14 @@ impl CompiledRoute {
             RouteAction::Upstream(u) => return (*u, Via::Direct),
             RouteAction::Split(t) => t,
         };
-        if let Some(h) = &self.override_header {
-            if let Some(v) = r.m.headers.get(h) {
-                let named = targets
-                    .iter()
-                    .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
-                if let Some(t) = named {
-                    return (t.upstream, Via::Override);
-                }
+        if let Some(h) = &self.override_header
+            && let Some(v) = r.m.headers.get(h)
+        {
+            let named = targets
+                .iter()
+                .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
+            if let Some(t) = named {
+                return (t.upstream, Via::Override);
             }
         }
         if let Some(u) = r.m.user.and_then(|u| self.pinned_users.get(u)) {

@@ -259,15 +259,14 @@ impl<'c> Validator<'c> {
         let mut seen_name = HashSet::new();
         for (i, l) in s.listeners.iter().enumerate() {
             let lp = p.key("listeners").index(i);
-            if let Some(addr) = self.socket_addr(lp.key("address"), &l.address) {
-                if addr.port() != 0 {
-                    if let Some(prev) = seen_addr.insert(addr, i) {
-                        self.err(
-                            lp.key("address"),
-                            format!("{addr} is already used by listeners[{prev}]"),
-                        );
-                    }
-                }
+            if let Some(addr) = self.socket_addr(lp.key("address"), &l.address)
+                && addr.port() != 0
+                && let Some(prev) = seen_addr.insert(addr, i)
+            {
+                self.err(
+                    lp.key("address"),
+                    format!("{addr} is already used by listeners[{prev}]"),
+                );
             }
             if let Some(name) = &l.name {
                 self.name(lp.key("name"), name);
@@ -369,13 +368,13 @@ impl<'c> Validator<'c> {
         let ap = JsonPath::root().key("server").key("admin");
         let a = &c.server.admin;
         if let Some(addr) = self.socket_addr(ap.key("address"), &a.address) {
-            if addr.port() != 0 {
-                if let Some(i) = seen_addr.get(&addr) {
-                    self.err(
-                        ap.key("address"),
-                        format!("{addr} is already used by listeners[{i}]"),
-                    );
-                }
+            if addr.port() != 0
+                && let Some(i) = seen_addr.get(&addr)
+            {
+                self.err(
+                    ap.key("address"),
+                    format!("{addr} is already used by listeners[{i}]"),
+                );
             }
             if !addr.ip().is_loopback() && a.token_file.is_none() {
                 self.err(

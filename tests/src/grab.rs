@@ -204,10 +204,10 @@ impl Drop for InProcess {
 pub async fn wait_healthy(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(mut c) = Conn::connect(addr).await {
-            if let Ok((200, _)) = c.get("/healthz").await {
-                return Ok(());
-            }
+        if let Ok(mut c) = Conn::connect(addr).await
+            && let Ok((200, _)) = c.get("/healthz").await
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("{addr} not healthy within {within:?}");

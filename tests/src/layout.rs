@@ -316,20 +316,20 @@ fn scan(module: &[String], text: &str) -> FileUses {
                     j += 1;
                 }
             }
-            if is_ident(toks.get(j), "mod") {
-                if let Some((Tok::Ident(child), _)) = toks.get(j + 1) {
-                    if is_punct(toks.get(j + 2), ';') {
-                        out.test_children.push(child.clone());
-                        i = j + 3;
-                        cfg_test = false;
-                        continue;
-                    }
-                    if is_punct(toks.get(j + 2), '{') {
-                        // Skip the inline test module's body.
-                        i = closing(&toks, j + 2, '{', '}') + 1;
-                        cfg_test = false;
-                        continue;
-                    }
+            if is_ident(toks.get(j), "mod")
+                && let Some((Tok::Ident(child), _)) = toks.get(j + 1)
+            {
+                if is_punct(toks.get(j + 2), ';') {
+                    out.test_children.push(child.clone());
+                    i = j + 3;
+                    cfg_test = false;
+                    continue;
+                }
+                if is_punct(toks.get(j + 2), '{') {
+                    // Skip the inline test module's body.
+                    i = closing(&toks, j + 2, '{', '}') + 1;
+                    cfg_test = false;
+                    continue;
                 }
             }
             cfg_test = false;

@@ -127,10 +127,10 @@ impl RedisServer {
             if ping(self.port) {
                 return;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("redis-server on port {} exited: {status}", self.port);
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("redis-server on port {} exited: {status}", self.port);
             }
             assert!(
                 Instant::now() < deadline,

@@ -466,10 +466,10 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                         tracing::error!(dir = %d.display(), error = %e, "cannot watch a certificate directory; relying on SIGHUP and polling");
                     }
                 }
-                if let Some(inc) = &include {
-                    if let Err(e) = w.watch(inc, RecursiveMode::NonRecursive) {
-                        tracing::error!(dir = %inc.display(), error = %e, "cannot watch the include directory; relying on SIGHUP and polling");
-                    }
+                if let Some(inc) = &include
+                    && let Err(e) = w.watch(inc, RecursiveMode::NonRecursive)
+                {
+                    tracing::error!(dir = %inc.display(), error = %e, "cannot watch the include directory; relying on SIGHUP and polling");
                 }
                 Some(w)
             }

@@ -423,7 +423,7 @@ fn governor_quota(q: &LimitQuota) -> Quota {
 /// the window in whole seconds. Sub-second periods are stated per second.
 fn policy_header(name: &str, q: &LimitQuota) -> HeaderValue {
     let period_ns = q.rate.period.as_nanos();
-    let (quota, window) = if period_ns % 1_000_000_000 == 0 {
+    let (quota, window) = if period_ns.is_multiple_of(1_000_000_000) {
         (u128::from(q.rate.count), period_ns / 1_000_000_000)
     } else {
         (u128::from(q.rate.count) * 1_000_000_000 / period_ns, 1)

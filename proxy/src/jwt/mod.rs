@@ -193,10 +193,10 @@ impl KeySet {
                 Some(kid) => format!("keys[{i}] (kid {kid:?}): {e}"),
                 None => format!("keys[{i}]: {e}"),
             })?;
-            if let Some(kid) = &key.kid {
-                if keys.iter().any(|k| k.kid.as_ref() == Some(kid)) {
-                    return Err(format!("keys[{i}]: kid {kid:?} is used by an earlier key"));
-                }
+            if let Some(kid) = &key.kid
+                && keys.iter().any(|k| k.kid.as_ref() == Some(kid))
+            {
+                return Err(format!("keys[{i}]: kid {kid:?} is used by an earlier key"));
             }
             keys.push(key);
         }
@@ -276,10 +276,10 @@ impl Key {
             ),
             None => None,
         };
-        if let Some(a) = own {
-            if !for_type.contains(&a) {
-                return Err(format!("alg {a:?} does not fit the key type"));
-            }
+        if let Some(a) = own
+            && !for_type.contains(&a)
+        {
+            return Err(format!("alg {a:?} does not fit the key type"));
         }
         let of_key: Vec<Algorithm> = match own {
             Some(a) => vec![a],
@@ -336,10 +336,11 @@ impl Verifier {
         keys: Arc<KeySet>,
         previous: Option<&Arc<Verifier>>,
     ) -> Arc<Self> {
-        if let Some(p) = previous {
-            if p.settings == *settings && p.keys.fingerprint == keys.fingerprint {
-                return Arc::clone(p);
-            }
+        if let Some(p) = previous
+            && p.settings == *settings
+            && p.keys.fingerprint == keys.fingerprint
+        {
+            return Arc::clone(p);
         }
         let validations = algorithms(settings)
             .into_iter()

@@ -844,13 +844,13 @@ impl Held {
     /// the adaptive limit's sample.
     pub fn finish(self, latency: Option<Duration>) {
         let latency = latency.unwrap_or_else(|| self.since.elapsed());
-        if let Some(s) = &self.slots[0] {
-            if s.gate.adaptive.is_some() {
-                s.gate
-                    .rtt_sum_us
-                    .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
-                s.gate.rtt_calls.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(s) = &self.slots[0]
+            && s.gate.adaptive.is_some()
+        {
+            s.gate
+                .rtt_sum_us
+                .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+            s.gate.rtt_calls.fetch_add(1, Ordering::Relaxed);
         }
         drop(self.slots);
     }

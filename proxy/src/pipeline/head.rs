@@ -22,16 +22,15 @@ use crate::upstream::headers::strip_hop_by_hop;
 /// Check the head and remove its hop-by-hop headers.
 pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<(), GatewayError> {
     host(parts)?;
-    if let Some(c) = parts.headers.get(header::CONNECTION) {
-        if parts
+    if let Some(c) = parts.headers.get(header::CONNECTION)
+        && parts
             .headers
             .get_all(header::CONNECTION)
             .iter()
             .chain(std::iter::once(c))
             .any(|v| names_protected(v, snap))
-        {
-            return Err(GatewayError::BadRequest);
-        }
+    {
+        return Err(GatewayError::BadRequest);
     }
     strip_hop_by_hop(&mut parts.headers);
     Ok(())

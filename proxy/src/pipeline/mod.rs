@@ -153,10 +153,10 @@ impl Gateway {
         cluster: Option<ClusterPending>,
         headers: &HeaderMap,
     ) -> Step {
-        if let Some(c) = cluster {
-            if let Some((resp, class)) = c.resolve(&self.live.metrics).await {
-                action = Action::Answer(Box::new(resp), class);
-            }
+        if let Some(c) = cluster
+            && let Some((resp, class)) = c.resolve(&self.live.metrics).await
+        {
+            action = Action::Answer(Box::new(resp), class);
         }
         let too_large = declared_len(headers).is_some_and(|n| n > self.settings.max_body_bytes);
         match action {

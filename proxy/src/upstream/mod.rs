@@ -553,10 +553,10 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> Option<GatewayError>
                 BodyError::Client(_) => GatewayError::BadRequest,
             });
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return Some(GatewayError::UpstreamTimeout);
-            }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return Some(GatewayError::UpstreamTimeout);
         }
         src = s.source();
     }

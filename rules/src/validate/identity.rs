@@ -115,13 +115,13 @@ impl Validator<'_> {
         };
         let user = self.claim_header(&c.identity.user, p.key("user_header"), &j.user_header);
         let app = self.claim_header(&c.identity.app, p.key("app_header"), &j.app_header);
-        if let (Some(u), Some(a)) = (&user, &app) {
-            if u.header == a.header {
-                self.err(
-                    p.key("app_header"),
-                    "the user and app IDs need different headers",
-                );
-            }
+        if let (Some(u), Some(a)) = (&user, &app)
+            && u.header == a.header
+        {
+            self.err(
+                p.key("app_header"),
+                "the user and app IDs need different headers",
+            );
         }
         (self.issues.len() == before).then(|| CompiledJwt {
             jwks_file: j.jwks_file.as_str().into(),

@@ -55,13 +55,13 @@ impl Validator<'_> {
                         format!("min {} is above max {}", a.min, a.max),
                     );
                 }
-                if let Some(i) = a.initial {
-                    if i < a.min || i > a.max {
-                        self.err(
-                            ap.key("initial"),
-                            format!("{i} is outside min..=max ({}..={})", a.min, a.max),
-                        );
-                    }
+                if let Some(i) = a.initial
+                    && (i < a.min || i > a.max)
+                {
+                    self.err(
+                        ap.key("initial"),
+                        format!("{i} is outside min..=max ({}..={})", a.min, a.max),
+                    );
                 }
                 if let Some(t) = a.target_latency_ms {
                     self.range(ap.key("target_latency_ms"), t, 1, 600_000);

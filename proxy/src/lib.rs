@@ -101,7 +101,7 @@ pub struct Server {
 /// Start a gateway for a loaded config: start embedded upstreams, bind every listener and
 /// the admin port, and begin serving. Returns once everything is bound.
 pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
-    start_inner(loaded, None, None).await
+    start_inner(loaded, runtime::Secrets::default(), None).await
 }
 
 /// Start a gateway from a config file, and keep it in step with the file: edits (and
@@ -112,15 +112,18 @@ pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     let read = config::read_config_within(path, config::READ_TIMEOUT)?;
     let include = config::include_dir(path, &read.loaded);
     let file = (path.to_path_buf(), include, read.hash);
-    start_inner(read.loaded, read.keys, Some(file)).await
+    start_inner(read.loaded, read.secrets, Some(file)).await
 }
 
 async fn start_inner(
     loaded: Loaded,
-    keys: Option<Arc<jwt::KeySet>>,
+    secrets: runtime::Secrets,
     file: Option<(std::path::PathBuf, Option<std::path::PathBuf>, u64)>,
 ) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
+    for w in rules::validate::warnings(&config) {
+        tracing::warn!(path = %w.path, "config: {}", w.message);
+    }
     let server_cfg = &config.server;
     // The admin token (relative to the config file, like `include_dir`), before anything
     // starts: a missing or unusable token file refuses the start.
@@ -151,7 +154,7 @@ async fn start_inner(
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
     let metrics = Arc::new(Metrics::new());
     let mut runtime =
-        Runtime::build(snapshot, keys, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
+        Runtime::build(snapshot, secrets, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
     if let Some(redis) = &server_cfg.redis {
         let store = ClusterStore::connect(redis).context("server.redis")?;
         runtime.governors = govern::Governors::build_cluster(&runtime.snapshot, None, Some(store));

@@ -135,6 +135,9 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             match read_config(&config).and_then(|loaded| check_admin_token(&config, loaded)) {
                 Ok(loaded) => {
+                    for w in rules::validate::warnings(&loaded.config) {
+                        eprintln!("{}: warning: {}: {}", config.display(), w.path, w.message);
+                    }
                     println!("{}", tidegate::control::config::summary(&config, &loaded));
                     ExitCode::SUCCESS
                 }

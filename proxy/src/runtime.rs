@@ -21,6 +21,7 @@ use crate::metrics::{Metrics, Name};
 use crate::overload::Overload;
 use crate::stats::Counters;
 use crate::upstream::Upstream;
+use rules::overload::PriorityKey;
 
 /// Everything a request needs from the current config, published as one unit.
 #[derive(Debug)]
@@ -44,6 +45,16 @@ pub struct Runtime {
     pub identity: Option<Arc<Verifier>>,
 }
 
+/// What a config names on disk that its rules need at run time, read with it (the rules
+/// read no files themselves).
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// The keys of `identity.jwt` (its JWKS file).
+    pub jwks: Option<Arc<KeySet>>,
+    /// The key of `overload.admission.priority_key_file`.
+    pub priority_key: Option<PriorityKey>,
+}
+
 /// The live runtime and the metrics: the handle every background task holds.
 #[derive(Debug)]
 pub struct Live {
@@ -65,7 +76,7 @@ impl Runtime {
     /// connections stay warm instead of every reload causing a reconnect storm.
     pub fn build(
         snapshot: Snapshot,
-        keys: Option<Arc<KeySet>>,
+        secrets: Secrets,
         embedded: &dyn Fn(&str) -> Option<std::net::SocketAddr>,
         previous: Option<&Runtime>,
         metrics: &Arc<Metrics>,
@@ -83,7 +94,7 @@ impl Runtime {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let identity = match (&snapshot.jwt, keys) {
+        let identity = match (&snapshot.jwt, secrets.jwks) {
             (None, _) => None,
             (Some(s), Some(k)) => Some(Verifier::build(
                 s,
@@ -97,7 +108,13 @@ impl Runtime {
                 );
             }
         };
-        let mut rt = Self::offline(snapshot, previous, metrics);
+        if snapshot.overload.priority_key_file.is_some() && secrets.priority_key.is_none() {
+            return Err(
+                "overload.admission.priority_key_file: the key file was not read (start the gateway from the config file)"
+                    .to_owned(),
+            );
+        }
+        let mut rt = Self::with_state(snapshot, secrets.priority_key, previous, metrics);
         rt.upstreams = upstreams;
         rt.identity = identity;
         Ok(rt)
@@ -107,13 +124,23 @@ impl Runtime {
     /// but no upstream clients: enough to decide (`tidegate explain` off-line), not to
     /// forward.
     pub fn offline(snapshot: Snapshot, previous: Option<&Runtime>, metrics: &Arc<Metrics>) -> Self {
+        Self::with_state(snapshot, None, previous, metrics)
+    }
+
+    /// [`Runtime::offline`] with user priorities keyed by `priority_key`.
+    fn with_state(
+        snapshot: Snapshot,
+        priority_key: Option<PriorityKey>,
+        previous: Option<&Runtime>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
         let interface_names = snapshot
             .interfaces
             .iter()
             .map(|i| Name(i.name.as_ref().into()))
             .collect();
         let governors = Governors::build(&snapshot, previous.map(|p| &p.governors));
-        let overload = Overload::build(&snapshot, previous.map(|p| &p.overload));
+        let overload = Overload::build(&snapshot, priority_key, previous.map(|p| &p.overload));
         let stats = Arc::new(Counters::build(
             &snapshot,
             previous.map(|p| (&p.snapshot, &*p.stats)),

@@ -481,6 +481,11 @@ pub struct Route {
     /// (disabled), because anyone can send a header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub override_header: Option<String>,
+    /// Client addresses (CIDRs, as `server.trusted_proxies` writes them) whose
+    /// `override_header` is honoured: testers' office or VPN ranges. Empty (the default):
+    /// anyone's, which lets any client choose its target; `tidegate check` warns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub override_from: Vec<String>,
     /// What a request without a user ID is bucketed by: `"client_ip"` (the default),
     /// `"random"` (a fresh draw per request), or `{"header": "x-device-id"}` (falling back
     /// to the client IP when that header is absent). Never one shared bucket.

@@ -51,6 +51,8 @@ pub struct CompiledOverload {
     pub upstreams: Vec<Option<UpstreamCap>>,
     /// Priority admission, when on.
     pub admission: Option<AdmissionSpec>,
+    /// `admission.priority_key_file`, as written (relative to the config file).
+    pub priority_key_file: Option<Box<str>>,
 }
 
 /// Overload settings of one interface, compiled.
@@ -86,7 +88,13 @@ pub struct AdmissionSpec {
     pub admit: f64,
     /// Lowest level (an operator's floor), as a rank.
     pub floor: u32,
+    /// The secret keying user priorities (`priority_key_file`, read by the gateway); `None`:
+    /// the public hash.
+    pub priority_key: Option<PriorityKey>,
 }
+
+/// A per-deployment secret keying user priorities: a SipHash-2-4 key.
+pub type PriorityKey = [u8; 16];
 
 /// Whose priority a request carries.
 #[derive(Debug, Clone, Copy)]
@@ -198,7 +206,12 @@ impl CompiledOverload {
                 floor: a
                     .floor
                     .map_or(0, |p| business_rank(p) * a.user_priority_levels),
+                priority_key: None,
             }),
+            priority_key_file: a
+                .enabled
+                .then(|| a.priority_key_file.as_deref().map(Into::into))
+                .flatten(),
         }
     }
 
@@ -280,9 +293,44 @@ fn epoch_salt(epoch: u64, buf: &mut [u8; 32]) -> &str {
     std::str::from_utf8(&buf[..len]).expect("ASCII")
 }
 
-/// A request's rank: `business_rank × levels + user priority`.
-pub fn priority(business: Priority, key: UserKey<'_>, epoch: u64, levels: u32) -> u32 {
-    business_rank(business) * levels + user_priority(key, epoch, levels)
+/// A user's priority in `0..levels` during rotation `epoch`, keyed by `secret`:
+/// SipHash-2-4 under the secret of the epoch and the user (or client IP), mapped onto the
+/// levels. A pseudo-random function: without the secret, which IDs rank high in an epoch
+/// cannot be computed, offline or otherwise; with the same secret every gateway agrees.
+pub fn keyed_user_priority(key: UserKey<'_>, epoch: u64, levels: u32, secret: &PriorityKey) -> u32 {
+    use std::hash::Hasher as _;
+    let mut h = siphasher::sip::SipHasher24::new_with_key(secret);
+    h.write_u64(epoch);
+    match key {
+        UserKey::User(u) => {
+            h.write_u8(b'u');
+            h.write(u.as_bytes());
+        }
+        UserKey::Ip(ip) => {
+            h.write_u8(b'i');
+            match ip.to_canonical() {
+                IpAddr::V4(a) => h.write(&a.octets()),
+                IpAddr::V6(a) => h.write(&a.octets()),
+            }
+        }
+        UserKey::Unknown => return 0,
+    }
+    ((u128::from(h.finish()) * u128::from(levels)) >> 64) as u32
+}
+
+/// A request's rank: `business_rank × levels + user priority` (keyed when `secret` is set).
+pub fn priority(
+    business: Priority,
+    key: UserKey<'_>,
+    epoch: u64,
+    levels: u32,
+    secret: Option<&PriorityKey>,
+) -> u32 {
+    let user = match secret {
+        Some(s) => keyed_user_priority(key, epoch, levels, s),
+        None => user_priority(key, epoch, levels),
+    };
+    business_rank(business) * levels + user
 }
 
 // === impl LevelController ===

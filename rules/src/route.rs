@@ -17,6 +17,7 @@ use http::HeaderName;
 use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges};
 use crate::ids::UpstreamId;
 use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
+use crate::trusted::TrustedProxies;
 
 /// The route rules in force: in config order, indexed by (app, interface), with the upstream
 /// names a split's override header is compared with. Derefs to the rules, so `routes[id]`
@@ -45,6 +46,8 @@ pub struct CompiledRoute {
     pub(crate) pinned_users: HashMap<Box<str>, UpstreamId>,
     pub(crate) pinned_apps: HashMap<Box<str>, UpstreamId>,
     pub(crate) override_header: Option<HeaderName>,
+    /// Client addresses whose override header counts (empty: anyone's).
+    pub(crate) override_from: TrustedProxies,
     pub(crate) no_user_key: CompiledNoUserKey,
 }
 
@@ -157,6 +160,9 @@ impl CompiledRoute {
         };
         if let Some(h) = &self.override_header
             && let Some(v) = r.m.headers.get(h)
+            && (self.override_from.is_empty()
+                || r.client_ip
+                    .is_some_and(|ip| self.override_from.contains(ip)))
         {
             let named = targets
                 .iter()

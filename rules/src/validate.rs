@@ -119,6 +119,7 @@ struct RouteTarget {
     pinned_users: HashMap<Box<str>, UpstreamId>,
     pinned_apps: HashMap<Box<str>, UpstreamId>,
     override_header: Option<HeaderName>,
+    override_from: TrustedProxies,
     no_user_key: CompiledNoUserKey,
 }
 
@@ -704,6 +705,7 @@ impl<'c> Validator<'c> {
                 pinned_users: t.pinned_users,
                 pinned_apps: t.pinned_apps,
                 override_header: t.override_header,
+                override_from: t.override_from,
                 no_user_key: t.no_user_key,
             }));
         }
@@ -811,6 +813,19 @@ impl<'c> Validator<'c> {
                 );
             }
         }
+        let mut nets = Vec::with_capacity(r.override_from.len());
+        for (i, s) in r.override_from.iter().enumerate() {
+            match Cidr::parse(s) {
+                Ok(n) => nets.push(n),
+                Err(e) => self.err(rp.key("override_from").index(i), e),
+            }
+        }
+        if !r.override_from.is_empty() && r.override_header.is_none() {
+            self.err(
+                rp.key("override_from"),
+                "override_from limits override_header, which is not set",
+            );
+        }
         let no_user_key = self.no_user_key(rp.key("no_user_key"), &r.no_user_key);
         if self.reported_since(before) {
             return None;
@@ -820,6 +835,7 @@ impl<'c> Validator<'c> {
             pinned_users,
             pinned_apps,
             override_header,
+            override_from: TrustedProxies::new(nets),
             no_user_key: no_user_key?,
         })
     }
@@ -1204,3 +1220,35 @@ fn check_endpoint(e: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests;
+
+/// What is valid but unsafe in a config: each with its place and why. `tidegate check`
+/// prints them (and still exits 0); the gateway logs them when it loads the config.
+pub fn warnings(c: &Config) -> Vec<Issue> {
+    let mut out = Vec::new();
+    let a = &c.overload.admission;
+    if c.overload.enabled && a.enabled && a.priority_key_file.is_none() {
+        out.push(Issue {
+            path: JsonPath::root()
+                .key("overload")
+                .key("admission")
+                .key("priority_key_file"),
+            message: "not set: user priorities are a public hash of the user ID, so anyone can \
+                      compute offline which IDs are shed last this hour; name a secret key file"
+                .to_owned(),
+        });
+    }
+    for (i, r) in c.routes.iter().enumerate() {
+        if r.override_header.is_some() && r.override_from.is_empty() {
+            out.push(Issue {
+                path: JsonPath::root()
+                    .key("routes")
+                    .index(i)
+                    .key("override_header"),
+                message: "honoured from any client: anyone can choose their target; limit it \
+                          with override_from (client CIDRs)"
+                    .to_owned(),
+            });
+        }
+    }
+    out
+}

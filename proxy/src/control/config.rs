@@ -23,6 +23,7 @@ use rules::source::MAX_CONFIG_BYTES;
 use rules::validate::Issue;
 
 use crate::jwt::KeySet;
+use crate::runtime::Secrets;
 
 /// How long reading a config (every file of it) and compiling it may take before the read
 /// is abandoned and reported as stuck: at start-up, in `tidegate check` and on every reload.
@@ -76,8 +77,9 @@ pub struct Read {
     /// XXH3-64 over the file's bytes, each fragment's name and bytes, and the key file's
     /// bytes: equal hashes mean a reload has nothing to do.
     pub hash: u64,
-    /// The keys of `identity.jwt` (its JWKS file), checked; `None` without it.
-    pub keys: Option<Arc<KeySet>>,
+    /// The files the rules name that the gateway reads: the keys of `identity.jwt`, the
+    /// user-priority key.
+    pub secrets: Secrets,
 }
 
 /// Read, parse, validate and compile the config at `path`, and check its TLS and key files.
@@ -226,6 +228,30 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
         }
         None => None,
     };
+    let priority_key = match &loaded.snapshot.overload.priority_key_file {
+        Some(f) => {
+            let file = base.join(&**f);
+            progress.set(format!("reading the priority key {}", file.display()));
+            hasher.update(b"\0overload.admission.priority_key_file\0");
+            match read_bounded(&file).and_then(|b| {
+                hasher.update(&b);
+                priority_key(&b)
+            }) {
+                Ok(k) => Some(k),
+                Err(message) => {
+                    issues.push(Issue {
+                        path: JsonPath::root()
+                            .key("overload")
+                            .key("admission")
+                            .key("priority_key_file"),
+                        message: format!("{}: {message}", file.display()),
+                    });
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     if !issues.is_empty() {
         let text = String::from_utf8_lossy(&bytes);
         return Err(rules::locate_all(&name, &text, issues));
@@ -233,8 +259,26 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
     Ok(Read {
         loaded,
         hash: hasher.digest(),
-        keys,
+        secrets: Secrets {
+            jwks: keys,
+            priority_key,
+        },
     })
+}
+
+/// The SipHash key for user priorities from a key file's bytes: SHA-256 of the whole file,
+/// first 16 bytes (any length of secret works; a short one is refused as guessable).
+fn priority_key(bytes: &[u8]) -> Result<rules::overload::PriorityKey, String> {
+    if bytes.len() < 16 {
+        return Err(format!(
+            "{} bytes; a priority key needs at least 16 secret bytes (head -c 32 /dev/urandom)",
+            bytes.len()
+        ));
+    }
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&d.as_ref()[..16]);
+    Ok(key)
 }
 
 /// The key file of `identity.jwt` in `loaded`, resolved against the config file at `path`

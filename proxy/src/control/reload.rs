@@ -362,6 +362,9 @@ impl Reloader {
         }
         let lookup = |n: &str| self.embedded.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
         let previous = self.live.runtime.load_full();
+        for w in rules::validate::warnings(&loaded.config) {
+            tracing::warn!(path = %w.path, "config: {}", w.message);
+        }
         let server = loaded.config.server.clone();
         progress.set(format!(
             "building the rules of {} (resolving upstream names)",
@@ -369,7 +372,7 @@ impl Reloader {
         ));
         let runtime = Runtime::build(
             loaded.snapshot,
-            read.keys,
+            read.secrets,
             &lookup,
             Some(&previous),
             &self.live.metrics,

@@ -32,8 +32,8 @@ use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
 use rules::model::Priority;
 use rules::overload::{
-    AdmissionSpec, Gradient, LevelController, LevelWindow, RttWindow, UpstreamCap, UserKey,
-    business_of_rank, business_rank, priority,
+    AdmissionSpec, Gradient, LevelController, LevelWindow, PriorityKey, RttWindow, UpstreamCap,
+    UserKey, business_of_rank, business_rank, priority,
 };
 use rules::{InterfaceId, Snapshot, UpstreamId};
 use serde::Serialize;
@@ -267,7 +267,7 @@ impl Reason {
 
 impl Overload {
     /// State for `snap`, keeping what `previous` had for unchanged caps and admission.
-    pub fn build(snap: &Snapshot, previous: Option<&Self>) -> Self {
+    pub fn build(snap: &Snapshot, key: Option<PriorityKey>, previous: Option<&Self>) -> Self {
         let o = &snap.overload;
         let find = |scope: &str, name: &str, def: &GateDef| -> Option<Arc<Gate>> {
             let p = previous?;
@@ -308,6 +308,10 @@ impl Overload {
             })
             .collect();
         let admission = o.admission.map(|spec| {
+            let spec = AdmissionSpec {
+                priority_key: key,
+                ..spec
+            };
             previous
                 .and_then(|p| p.admission.as_ref())
                 .filter(|a| a.spec == spec)
@@ -391,7 +395,9 @@ impl Overload {
         let slot = interface.map_or(self.business.len() - 1, |i| i.0 as usize);
         let b = business_of_rank(self.business[slot]);
         let epoch = a.epoch.load(Ordering::Relaxed);
-        Some((a, slot, priority(b, user, epoch, a.spec.user_levels)))
+        let levels = a.spec.user_levels;
+        let rank = priority(b, user, epoch, levels, a.spec.priority_key.as_ref());
+        Some((a, slot, rank))
     }
 
     /// The answer to a request admission refused: 503 `overloaded` with `Retry-After`.

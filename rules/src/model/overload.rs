@@ -187,6 +187,14 @@ pub struct Admission {
     /// Default: 1. Range: 1..=50.
     #[serde(default = "default_admit_percent")]
     pub admit_percent: u32,
+    /// A file of at least 16 secret bytes (`head -c 32 /dev/urandom > priority.key`),
+    /// relative to the config file, that keys user priorities: without it the priority of
+    /// an ID is a public hash anyone can compute offline (and pick IDs that are shed last);
+    /// with it, only holders of the file can. Every gateway of a fleet must read the same
+    /// file to shed the same users. Read with the config; a change re-draws priorities.
+    /// Default: none (`tidegate check` warns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_key_file: Option<String>,
     /// Refuse every request below this business priority, whatever the load: an emergency
     /// switch (`"floor": "normal"` sheds all `low` traffic at once; put it in a plan's file
     /// edit). The level never goes below it. Default: none.
@@ -255,6 +263,7 @@ impl Default for Admission {
             queue_delay_threshold_ms: default_queue_delay_threshold_ms(),
             user_priority_levels: default_user_priority_levels(),
             rotate_every_s: default_rotate_every_s(),
+            priority_key_file: None,
             shed_percent: default_shed_percent(),
             admit_percent: default_admit_percent(),
             floor: None,

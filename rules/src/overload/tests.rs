@@ -37,6 +37,7 @@ fn spec(levels: u32) -> AdmissionSpec {
         shed: 0.05,
         admit: 0.01,
         floor: 0,
+        priority_key: None,
     }
 }
 
@@ -184,7 +185,7 @@ fn ranks_are_lexicographic() {
         business_of_rank(bottom_critical / s.user_levels),
         Priority::Critical
     );
-    let r = priority(Priority::High, UserKey::User("bob"), 9, 16);
+    let r = priority(Priority::High, UserKey::User("bob"), 9, 16, None);
     assert_eq!(r / 16, 2);
 }
 
@@ -410,4 +411,40 @@ fn floor_holds() {
         overloaded: false,
     });
     assert_eq!(c.level(), 128);
+}
+
+/// Keyed user priorities: stable within an epoch, spread evenly, different from the public
+/// hash and from another key's (so they cannot be computed without the key).
+#[test]
+fn keyed_user_priority_needs_the_key() {
+    let (k1, k2) = ([7u8; 16], [8u8; 16]);
+    let users: Vec<String> = (0..4000).map(|i| format!("user-{i}")).collect();
+    let mut counts = [0u32; 8];
+    let (mut same_public, mut same_other_key) = (0, 0);
+    for u in &users {
+        let p = keyed_user_priority(UserKey::User(u), 9, 8, &k1);
+        assert_eq!(p, keyed_user_priority(UserKey::User(u), 9, 8, &k1));
+        counts[p as usize] += 1;
+        same_public += usize::from(p == user_priority(UserKey::User(u), 9, 8));
+        same_other_key += usize::from(p == keyed_user_priority(UserKey::User(u), 9, 8, &k2));
+    }
+    // Each level 1/8 of 4000 = 500, within 5 sigma (~105).
+    for c in counts {
+        assert!((395..=605).contains(&c), "{counts:?}");
+    }
+    // Agreement with an unkeyed or other-keyed ranking is chance (1/8 = 500).
+    assert!((395..=605).contains(&same_public), "{same_public}");
+    assert!((395..=605).contains(&same_other_key), "{same_other_key}");
+    // The business band still comes first; no key keeps the public hash.
+    let ip: IpAddr = [10, 0, 0, 1].into();
+    assert!(keyed_user_priority(UserKey::Ip(ip), 9, 8, &k1) < 8);
+    assert_eq!(keyed_user_priority(UserKey::Unknown, 9, 8, &k1), 0);
+    assert_eq!(
+        priority(Priority::High, UserKey::User("a"), 9, 8, None),
+        2 * 8 + user_priority(UserKey::User("a"), 9, 8)
+    );
+    assert_eq!(
+        priority(Priority::High, UserKey::User("a"), 9, 8, Some(&k1)),
+        2 * 8 + keyed_user_priority(UserKey::User("a"), 9, 8, &k1)
+    );
 }

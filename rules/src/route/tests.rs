@@ -284,3 +284,23 @@ fn bad_splits_refused() {
     let e = bad(r#"[{"name": "c"}]"#);
     assert!(e.contains("missing field `upstream` (or `split`)"), "{e}");
 }
+
+/// `override_from` honours the override header only from the listed client addresses; an
+/// unlisted or unknown client gets its bucket, whatever it sends.
+#[test]
+fn override_only_from_listed_clients() {
+    let s = snap(
+        r#"[{"name": "canary", "split": [{"upstream": "v2", "weight": "0%"}, {"upstream": "v1", "weight": "rest"}],
+             "override_header": "x-canary", "override_from": ["10.1.0.0/16", "::1"]}]"#,
+    );
+    let mut h = HeaderMap::new();
+    h.insert("x-canary", "v2".parse().unwrap());
+    let from = |ip: Option<&str>| RouteInput {
+        client_ip: ip.map(|i| i.parse().unwrap()),
+        ..input(Some("bob"), None, &h)
+    };
+    assert_eq!(upstream_of(&s, &from(Some("10.1.2.3"))), "v2");
+    assert_eq!(upstream_of(&s, &from(Some("::1"))), "v2");
+    assert_eq!(upstream_of(&s, &from(Some("203.0.113.9"))), "v1");
+    assert_eq!(upstream_of(&s, &from(None)), "v1");
+}

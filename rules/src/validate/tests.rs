@@ -369,3 +369,40 @@ fn jwt_identity_checks() {
     // The claim's header is an identity header (Connection may not name it).
     assert!(snap.is_identity_header("X-User-Id"));
 }
+
+/// What is valid but unsafe is a warning with its place: an override header anyone can
+/// use, priority admission without a key. `override_from` needs the header it limits.
+#[test]
+fn unsafe_but_valid_is_warned() {
+    let routes = r#"[{"name": "c", "split": [{"upstream": "v2", "weight": "1%"}, {"upstream": "v1", "weight": "rest"}],
+                      "override_header": "x-canary"}]"#;
+    let c = cfg(
+        routes,
+        r#", "overload": {"enabled": true, "max_in_flight": 100, "admission": {}}"#,
+    );
+    assert!(validate(&c).is_empty());
+    let w: Vec<String> = super::warnings(&c)
+        .into_iter()
+        .map(|i| format!("{}: {}", i.path, i.message))
+        .collect();
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(w[0].starts_with("overload.admission.priority_key_file: not set"));
+    assert!(w[1].starts_with("routes[0].override_header: honoured from any client"));
+    let safe = r#"[{"name": "c", "split": [{"upstream": "v2", "weight": "1%"}, {"upstream": "v1", "weight": "rest"}],
+                    "override_header": "x-canary", "override_from": ["10.0.0.0/8"]}]"#;
+    let c = cfg(
+        safe,
+        r#", "overload": {"enabled": true, "max_in_flight": 100, "admission": {"priority_key_file": "p.key"}}"#,
+    );
+    assert!(validate(&c).is_empty() && super::warnings(&c).is_empty());
+    let m = messages(&cfg(
+        r#"[{"name": "d", "upstream": "v1", "override_from": ["10.0.0.0/33"]}]"#,
+        "",
+    ));
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("routes[0].override_from[0]:")),
+        "{m:#?}"
+    );
+    assert!(m.iter().any(|x| x.contains("which is not set")), "{m:#?}");
+}

@@ -494,3 +494,60 @@ async fn the_cli_mints_what_the_gateway_accepts() {
         "{err}"
     );
 }
+
+/// The README's example stays true: `config/tidegate-jwt.json` with its demo key file
+/// accepts a token minted by the README's `tidegate token` command (here in front of a
+/// recording upstream on free ports), and refuses a request without one.
+#[tokio::test]
+async fn the_example_config_accepts_the_readme_token() {
+    let up = Upstream::start().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("config/tidegate-jwt.json")).unwrap();
+    let mut c: Value = serde_json::from_str(&text).unwrap();
+    set(&mut c, "server/listeners/0/address", json!("127.0.0.1:0"));
+    set(&mut c, "server/admin/address", json!("127.0.0.1:0"));
+    set(&mut c, "server/access_log/enabled", json!(false));
+    set(
+        &mut c,
+        "upstreams",
+        json!({ "grab": { "endpoints": [up.addr.to_string()] } }),
+    );
+    let jwks = root
+        .join("config")
+        .join(c["identity"]["jwt"]["jwks_file"].as_str().unwrap());
+    set(&mut c, "identity/jwt/jwks_file", json!("jwks.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_in(dir.path(), &c, &std::fs::read(jwks).unwrap()).await;
+    let out = Command::new(tidegate_bin())
+        .current_dir(&root)
+        .args([
+            "token",
+            "--key",
+            "config/jwt/demo-es256.pem",
+            "--alg",
+            "ES256",
+        ])
+        .args(["--kid", "demo-2026", "--sub", "u2", "--claim", "azp=douyin"])
+        .args(["--iss", "https://id.tidegate.example", "--aud", "tidegate"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let gw = server.listen_addrs[0];
+    assert_eq!(
+        get_with(gw, None, &[("x-user-id", "u2")]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = get_with(gw, Some(&token), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let h = &up.seen()[0].headers;
+    assert_eq!(
+        (&h["x-user-id"], &h["x-app-id"]),
+        (&"u2".parse().unwrap(), &"douyin".parse().unwrap())
+    );
+    assert!(server.shutdown().await);
+}

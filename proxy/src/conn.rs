@@ -16,9 +16,30 @@ pub struct ConnInfo {
     pub remote_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: HeaderValue,
+    /// This hop's `Forwarded` element without a host (`for=<peer>;proto=<scheme>`, RFC 7239),
+    /// preformatted: a request adds only its `;host=`.
+    pub forwarded: HeaderValue,
 }
 
 impl ConnInfo {
+    /// The facts of a connection from `remote` on a listener of scheme `proto`.
+    pub fn new(remote: SocketAddr, proto: HeaderValue) -> Self {
+        let ip = remote.ip().to_canonical();
+        let for_ = match ip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let proto_s = proto.to_str().unwrap_or("http");
+        Self {
+            remote,
+            remote_ip: HeaderValue::from_str(&remote.ip().to_string())
+                .expect("an IP is a valid header value"),
+            forwarded: HeaderValue::from_str(&format!("for={for_};proto={proto_s}"))
+                .expect("an IP and a scheme are a valid header value"),
+            proto,
+        }
+    }
+
     /// The client address of a request on this connection with these headers: the peer,
     /// unless it is one of `trusted`, then the right-most untrusted `X-Forwarded-For` entry
     /// (see [`rules::trusted`]). Limit keys, overload buckets and the access log use it.

@@ -244,9 +244,9 @@ impl Gateway {
     /// The client's `X-Request-Id` when it sent a usable one, else a new one (added to the
     /// request, so the upstream sees it too).
     fn request_id(&self, headers: &mut HeaderMap) -> HeaderValue {
-        // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto, Host): one
-        // growth of the map, if any, instead of one per insert.
-        headers.reserve(4);
+        // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto/-Host,
+        // Forwarded, Host): one growth of the map, if any, instead of one per insert.
+        headers.reserve(6);
         match headers.get(&X_REQUEST_ID) {
             Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
             _ => {

@@ -116,12 +116,7 @@ pub async fn accept_loop(
         };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            remote,
-            remote_ip: HeaderValue::from_str(&remote.ip().to_string())
-                .expect("an IP is a valid header value"),
-            proto: proto.clone(),
-        };
+        let info = ConnInfo::new(remote, proto.clone());
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

@@ -2,8 +2,6 @@
 //! ways, the authority kept as `Host`, and the forwarding headers (`X-Forwarded-For`,
 //! `-Proto`, `-Host`, `Forwarded`) written by the gateway ([`set_forwarding`]).
 
-use std::io::Write as _;
-
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::conn::ConnInfo;
@@ -125,53 +123,31 @@ pub fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
         if let (false, Some(host)) = (h.contains_key(&X_FORWARDED_HOST), host) {
             h.insert(&X_FORWARDED_HOST, host);
         }
-        append_list(h, &FORWARDED, &forwarded);
+        append_list(h, &FORWARDED, forwarded.as_bytes());
         return;
     }
-    // Most requests carry none of these: one pass over the names first.
-    if h.keys().any(|n| client_claims().contains(&n)) {
-        for n in client_claims() {
-            h.remove(n);
-        }
+    // `insert` replaces every client-sent line of the four written below; the rest go.
+    for n in [&X_REAL_IP, &X_CLIENT_IP, &TRUE_CLIENT_IP] {
+        h.remove(n);
     }
     h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
     if let Some(host) = host {
         h.insert(&X_FORWARDED_HOST, host);
     }
-    if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
-        h.insert(&FORWARDED, v);
-    }
-}
-
-/// The headers a client may use to claim an address, scheme or host: set only by the
-/// gateway (or passed on from a trusted proxy).
-fn client_claims() -> [&'static HeaderName; 7] {
-    [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &FORWARDED,
-        &X_REAL_IP,
-        &X_CLIENT_IP,
-        &TRUE_CLIENT_IP,
-    ]
+    h.insert(&FORWARDED, forwarded);
 }
 
 /// This hop as one `Forwarded` element (RFC 7239 §4): `for=<peer>;proto=<scheme>` and
 /// `;host=<host>` when there is one; an IPv6 peer as `for="[v6]"`, a host that is not a
 /// token (a port's `:`) as a quoted string.
-fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64);
-    v.extend_from_slice(b"for=");
-    // Writing to a Vec cannot fail.
-    let _ = match conn.remote.ip().to_canonical() {
-        std::net::IpAddr::V4(ip) => write!(v, "{ip}"),
-        std::net::IpAddr::V6(ip) => write!(v, "\"[{ip}]\""),
+fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> HeaderValue {
+    let Some(host) = host else {
+        return conn.forwarded.clone();
     };
-    v.extend_from_slice(b";proto=");
-    v.extend_from_slice(conn.proto.as_bytes());
-    if let Some(host) = host {
+    let mut v = Vec::with_capacity(conn.forwarded.len() + 8 + host.len());
+    v.extend_from_slice(conn.forwarded.as_bytes());
+    {
         v.extend_from_slice(b";host=");
         let host = host.as_bytes();
         if !host.is_empty() && host.iter().all(|&b| is_tchar(b)) {
@@ -187,7 +163,8 @@ fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> Vec<u8> {
             v.push(b'"');
         }
     }
-    v
+    // Built from a valid value and a token or a quoted string: valid.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| conn.forwarded.clone())
 }
 
 /// A token character (RFC 9110 §5.6.2).
@@ -215,12 +192,7 @@ mod tests {
     }
 
     fn conn(addr: &str, proto: &'static str) -> ConnInfo {
-        let remote: std::net::SocketAddr = addr.parse().unwrap();
-        ConnInfo {
-            remote,
-            remote_ip: HeaderValue::from_str(&remote.ip().to_string()).unwrap(),
-            proto: HeaderValue::from_static(proto),
-        }
+        ConnInfo::new(addr.parse().unwrap(), HeaderValue::from_static(proto))
     }
 
     /// From an untrusted peer every client claim goes; the gateway's own view replaces it.

@@ -49,11 +49,10 @@ fn serve(rt: &Runtime, path: &str, user: &str) -> Action {
     let mut h = HeaderMap::new();
     h.insert("x-user-id", user.parse().unwrap());
     h.insert("x-app-id", "douyin".parse().unwrap());
-    let conn = crate::conn::ConnInfo {
-        remote: "10.0.0.1:1000".parse().unwrap(),
-        remote_ip: HeaderValue::from_static("10.0.0.1"),
-        proto: HeaderValue::from_static("http"),
-    };
+    let conn = crate::conn::ConnInfo::new(
+        "10.0.0.1:1000".parse().unwrap(),
+        HeaderValue::from_static("http"),
+    );
     let req = RequestParts {
         method: &Method::POST,
         path,

@@ -17,7 +17,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tidegate_tests::{
-    Reply, TIMEOUT, Upstream, api, config, full, h1_client, send, set, tidegate_bin,
+    ChildGateway, Reply, TIMEOUT, Upstream, api, config, full, h1_client, send, set, tidegate_bin,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -550,4 +550,79 @@ async fn the_example_config_accepts_the_readme_token() {
         (&"u2".parse().unwrap(), &"douyin".parse().unwrap())
     );
     assert!(server.shutdown().await);
+}
+
+/// The access log of the real binary says what the identity phase made of each request:
+/// `verified` with the token's user, the token error of an anonymous request (`required:
+/// false`), and of a refused one (`required: true`, status 401).
+#[tokio::test]
+async fn the_access_log_says_verified_anonymous_or_refused() {
+    let up = Upstream::start().await;
+    let jwks = String::from_utf8(jwks(&[("ec-1.pem", Algorithm::ES256, "ec")])).unwrap();
+    let good = mint("ec-1.pem", Algorithm::ES256, "ec", &claims("alice"));
+    let mut expired = claims("bob");
+    expired["exp"] = json!(now() - 60);
+    let expired = mint("ec-1.pem", Algorithm::ES256, "ec", &expired);
+    let lines = |required: bool| {
+        let mut c = jwt_config(&up, required);
+        set(&mut c, "server/access_log/enabled", json!(true));
+        ChildGateway::spawn_with_files(&c, &[("jwks.json", &jwks)])
+    };
+    let access = |gw: &ChildGateway| -> Vec<Value> {
+        gw.log_lines()
+            .iter()
+            .filter(|l| l.contains("tidegate::access"))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    let open = lines(false);
+    assert_eq!(
+        get_with(open.addr, Some(&good), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_with(open.addr, Some(&expired), &[("x-user-id", "bob")])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let strict = lines(true);
+    let r = get_with(strict.addr, Some(&expired), &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (o, s) = (access(&open), access(&strict));
+    assert_eq!((o.len(), s.len()), (2, 1), "{o:#?} {s:#?}");
+    let field = |v: &Value, k: &str| {
+        v[k].as_str()
+            .or_else(|| v["fields"][k].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        field(&o[0], "identity").as_deref(),
+        Some("verified"),
+        "{}",
+        o[0]
+    );
+    assert_eq!(field(&o[0], "user").as_deref(), Some("alice"));
+    assert_eq!(
+        field(&o[1], "identity").as_deref(),
+        Some("token_expired"),
+        "{}",
+        o[1]
+    );
+    assert_eq!(field(&o[1], "user").as_deref(), Some("none"));
+    assert_eq!(
+        field(&s[0], "identity").as_deref(),
+        Some("token_expired"),
+        "{}",
+        s[0]
+    );
+    assert_eq!(
+        s[0]["fields"]["status"]
+            .as_u64()
+            .or(s[0]["status"].as_u64()),
+        Some(401)
+    );
 }

@@ -92,11 +92,10 @@ mod governance {
             .expect("valid config")
             .snapshot;
         let rt = Runtime::offline(snap, None, &Arc::new(Metrics::new()));
-        let conn = ConnInfo {
-            remote: "10.0.0.1:40000".parse().unwrap(),
-            remote_ip: HeaderValue::from_static("10.0.0.1"),
-            proto: HeaderValue::from_static("http"),
-        };
+        let conn = ConnInfo::new(
+            "10.0.0.1:40000".parse().unwrap(),
+            HeaderValue::from_static("http"),
+        );
         let method = Method::POST;
         let path = "/envelopes/42/grab";
         let decide = |headers: &HeaderMap| {
@@ -168,7 +167,7 @@ mod overload {
         });
         let loaded = rules::load("bench.json", config.to_string().as_bytes()).expect("valid");
         let snap = loaded.snapshot;
-        let overload = Overload::build(&snap, None);
+        let overload = Overload::build(&snap, None, None);
         let metrics = Metrics::new();
         let names: Vec<Name> = snap
             .interfaces
@@ -220,7 +219,7 @@ mod reload {
     use std::sync::Arc;
 
     use tidegate::metrics::Metrics;
-    use tidegate::runtime::Runtime;
+    use tidegate::runtime::{Runtime, Secrets};
     use tidegate_benches::synthetic_config;
 
     /// The work a reload does off the request path before its swap: read the file's text
@@ -236,7 +235,7 @@ mod reload {
                 rules::load("bench.json", text.as_bytes())
                     .expect("synthetic config is valid")
                     .snapshot,
-                None,
+                Secrets::default(),
                 &|_| None,
                 None,
                 &metrics,
@@ -250,11 +249,114 @@ mod reload {
                     let loaded = rules::load("bench.json", text.as_bytes())
                         .expect("synthetic config is valid");
                     black_box(
-                        Runtime::build(loaded.snapshot, None, &|_| None, Some(&live), &metrics)
-                            .expect("runtime builds"),
+                        Runtime::build(
+                            loaded.snapshot,
+                            Secrets::default(),
+                            &|_| None,
+                            Some(&live),
+                            &metrics,
+                        )
+                        .expect("runtime builds"),
                     )
                 })
             });
+        }
+        g.finish();
+    }
+}
+
+mod jwt {
+    use std::hint::black_box;
+    use std::sync::Arc;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use criterion::{Criterion, Throughput};
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use rules::identity::{ClaimHeader, CompiledJwt, TokenSource};
+    use tidegate::jwt::{KeySet, Verifier, algorithms};
+
+    // Test-only key pairs (`tests/fixtures/jwt`, made with `openssl genpkey`): RSA 2048 and
+    // P-256.
+    const RSA_1: &[u8] = include_bytes!("../../tests/fixtures/jwt/rsa-1.pem");
+    const EC_1: &[u8] = include_bytes!("../../tests/fixtures/jwt/ec-1.pem");
+
+    /// One token's verification, by signature and claims (`uncached`: `verify_uncached`,
+    /// what every new token costs) and from the cache of verified tokens (`cached`: `verify`
+    /// of a token verified once before, what a client's repeated token costs), for ES256
+    /// (P-256) and RS256 (RSA 2048). One verifier with both keys (`kid` chosen), issuers and
+    /// audiences checked, user and app IDs read from `sub` and `azp`; the token's `exp` is an
+    /// hour ahead.
+    pub(crate) fn bench(c: &mut Criterion) {
+        let settings = CompiledJwt {
+            jwks_file: "jwks.json".into(),
+            from: TokenSource::Bearer,
+            algorithms: ["RS256", "ES256"].map(Into::into).to_vec(),
+            issuers: vec!["https://id.example".into()],
+            audiences: vec!["tidegate".into()],
+            leeway_s: 30,
+            required: true,
+            max_token_bytes: 4096,
+            cache_entries: 10_000,
+            user: Some(ClaimHeader {
+                claim: "sub".into(),
+                header: http::HeaderName::from_static("x-user-id"),
+            }),
+            app: Some(ClaimHeader {
+                claim: "azp".into(),
+                header: http::HeaderName::from_static("x-app-id"),
+            }),
+        };
+        let rsa = EncodingKey::from_rsa_pem(RSA_1).expect("test RSA key");
+        let ec = EncodingKey::from_ec_pem(EC_1).expect("test EC key");
+        let jwk = |key: &EncodingKey, alg: Algorithm, kid: &str| -> Jwk {
+            let mut j = Jwk::from_encoding_key(key, alg).expect("public JWK");
+            j.common.key_id = Some(kid.to_owned());
+            j
+        };
+        let jwks = serde_json::to_vec(&JwkSet {
+            keys: vec![
+                jwk(&rsa, Algorithm::RS256, "rsa-1"),
+                jwk(&ec, Algorithm::ES256, "ec-1"),
+            ],
+        })
+        .expect("serializes");
+        let keys = KeySet::parse(&jwks, &algorithms(&settings)).expect("valid JWKS");
+        let verifier = Verifier::build(&settings, Arc::new(keys), None);
+
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let claims = serde_json::json!({
+            "sub": "user-12345", "azp": "app7", "iss": "https://id.example", "aud": "tidegate",
+            "iat": now, "exp": now + 3600,
+        });
+        let mint = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+            let mut h = Header::new(alg);
+            h.kid = Some(kid.to_owned());
+            jsonwebtoken::encode(&h, &claims, key).expect("signs")
+        };
+
+        let mut g = c.benchmark_group("identity/jwt");
+        g.throughput(Throughput::Elements(1));
+        for (name, token) in [
+            ("es256", mint(Algorithm::ES256, "ec-1", &ec)),
+            ("rs256", mint(Algorithm::RS256, "rsa-1", &rsa)),
+        ] {
+            let (ids, _) = verifier.verify_uncached(&token).expect("token verifies");
+            assert_eq!(ids.user.expect("user ID"), "user-12345");
+            g.bench_function(format!("{name}/uncached"), |b| {
+                b.iter(|| black_box(verifier.verify_uncached(black_box(&token))))
+            });
+            // One warm-up call puts the token in the cache; every measured call hits it.
+            let before = verifier.cached();
+            verifier.verify(&token, now).expect("token verifies");
+            assert_eq!(verifier.cached(), before + 1);
+            g.bench_function(format!("{name}/cached"), |b| {
+                b.iter(|| black_box(verifier.verify(black_box(&token), now)))
+            });
+            assert_eq!(verifier.cached(), before + 1);
         }
         g.finish();
     }
@@ -265,6 +367,7 @@ fn all(c: &mut Criterion) {
     governance::bench(c);
     overload::bench(c);
     reload::bench(c);
+    jwt::bench(c);
 }
 
 criterion_group!(benches, all);

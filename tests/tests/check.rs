@@ -588,6 +588,16 @@ fn check_admin_beyond_loopback() {
         stderr.contains("server.admin.token_file: cannot read the admin token file"),
         "{stderr}"
     );
+    // A FIFO as the token file: refused at once, not a hang on its `open`.
+    let fifo = dir.path().join("admin.token");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let t = std::time::Instant::now();
+    let (code, stderr) = run(with_token.clone());
+    assert_eq!(code, Some(1), "FIFO token file: {stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    std::fs::remove_file(&fifo).unwrap();
     std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123\n").unwrap();
     let (code, stderr) = run(with_token);
     assert_eq!(code, Some(0), "{stderr}");

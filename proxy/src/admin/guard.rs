@@ -134,7 +134,9 @@ pub fn read_token(admin: &Admin, base: Option<&Path>) -> Result<Option<Vec<u8>>,
         Some(b) => b.join(file),
         None => Path::new(file).to_path_buf(),
     };
-    let bytes = std::fs::read(&path)
+    // Regular files only, bounded: a FIFO named as the token file must not hang the start
+    // or `tidegate check`.
+    let bytes = crate::control::config::read_regular_file(&path)
         .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
     let token = bytes.trim_ascii();
     if token.len() < MIN_TOKEN_BYTES {

@@ -377,6 +377,13 @@ fn special_kind(kind: std::fs::FileType) -> &'static str {
     "a special file"
 }
 
+/// [`read_bounded`] for the other files a config names (the admin token): a regular file of
+/// at most `MAX_CONFIG_BYTES`, its type checked before it is opened (a FIFO would block
+/// `open`).
+pub fn read_regular_file(path: &Path) -> Result<Vec<u8>, String> {
+    read_bounded(path)
+}
+
 /// Read a regular file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on
 /// failure. The type and size are checked before opening (a FIFO's `open` would block), and
 /// again on the opened handle (the path may have been swapped in between).

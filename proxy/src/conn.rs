@@ -2,13 +2,14 @@
 //! decided and forwarded with. Built once per connection by `serve`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 
 use http::{HeaderMap, HeaderValue};
 use rules::trusted::TrustedProxies;
 
 /// Per-connection facts: the peer's address (the client address unless the peer is a trusted
 /// proxy, see [`ConnInfo::client_ip`]; `X-Forwarded-For`) and the scheme it came in on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     /// The peer's (socket) address.
     pub remote: SocketAddr,
@@ -19,6 +20,21 @@ pub struct ConnInfo {
     /// This hop's `Forwarded` element without a host (`for=<peer>;proto=<scheme>`, RFC 7239),
     /// preformatted: a request adds only its `;host=`.
     pub forwarded: HeaderValue,
+    /// The last request's `Host` and the `Forwarded` element built for it: the next request
+    /// on the connection with the same `Host` (nearly every one) reuses it.
+    pub forwarded_last: Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+impl Clone for ConnInfo {
+    fn clone(&self) -> Self {
+        Self {
+            remote: self.remote,
+            remote_ip: self.remote_ip.clone(),
+            proto: self.proto.clone(),
+            forwarded: self.forwarded.clone(),
+            forwarded_last: Mutex::new(None),
+        }
+    }
 }
 
 impl ConnInfo {
@@ -37,6 +53,7 @@ impl ConnInfo {
             forwarded: HeaderValue::from_str(&format!("for={for_};proto={proto_s}"))
                 .expect("an IP and a scheme are a valid header value"),
             proto,
+            forwarded_last: Mutex::new(None),
         }
     }
 

@@ -126,9 +126,12 @@ pub fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
         append_list(h, &FORWARDED, forwarded.as_bytes());
         return;
     }
-    // `insert` replaces every client-sent line of the four written below; the rest go.
-    for n in [&X_REAL_IP, &X_CLIENT_IP, &TRUE_CLIENT_IP] {
-        h.remove(n);
+    // `insert` replaces every client-sent line of the four written below; the rest go. One
+    // pass over the names (most requests carry none of them) instead of three hash lookups.
+    if h.keys().any(is_address_claim) {
+        for n in [&X_REAL_IP, &X_CLIENT_IP, &TRUE_CLIENT_IP] {
+            h.remove(n);
+        }
     }
     h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
@@ -145,31 +148,58 @@ fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> HeaderValue
     let Some(host) = host else {
         return conn.forwarded.clone();
     };
+    let mut last = conn
+        .forwarded_last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((h, f)) = &*last
+        && h == host
+    {
+        return f.clone();
+    }
+    let f = build_forwarded(conn, host);
+    *last = Some((host.clone(), f.clone()));
+    f
+}
+
+/// [`forwarded_element`] with a host, built.
+fn build_forwarded(conn: &ConnInfo, host: &HeaderValue) -> HeaderValue {
     let mut v = Vec::with_capacity(conn.forwarded.len() + 8 + host.len());
     v.extend_from_slice(conn.forwarded.as_bytes());
-    {
-        v.extend_from_slice(b";host=");
-        let host = host.as_bytes();
-        if !host.is_empty() && host.iter().all(|&b| is_tchar(b)) {
-            v.extend_from_slice(host);
-        } else {
-            v.push(b'"');
-            for &b in host {
-                if b == b'"' || b == b'\\' {
-                    v.push(b'\\');
-                }
-                v.push(b);
+    v.extend_from_slice(b";host=");
+    let host = host.as_bytes();
+    if !host.is_empty() && host.iter().all(|&b| is_tchar(b)) {
+        v.extend_from_slice(host);
+    } else {
+        v.push(b'"');
+        for &b in host {
+            if b == b'"' || b == b'\\' {
+                v.push(b'\\');
             }
-            v.push(b'"');
+            v.push(b);
         }
+        v.push(b'"');
     }
     // Built from a valid value and a token or a quoted string: valid.
     HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| conn.forwarded.clone())
 }
 
+/// Whether `n` is one of the address headers only the gateway (or a trusted proxy) may set
+/// besides the four it writes: compared only when the length fits.
+fn is_address_claim(n: &HeaderName) -> bool {
+    let s = n.as_str();
+    match s.len() {
+        9 => s == X_REAL_IP.as_str(),
+        11 => s == X_CLIENT_IP.as_str(),
+        14 => s == TRUE_CLIENT_IP.as_str(),
+        _ => false,
+    }
+}
+
 /// A token character (RFC 9110 §5.6.2).
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'#' | b'$' | b'%' | b'&'
+        | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
 #[cfg(test)]
@@ -223,6 +253,52 @@ mod tests {
         }
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h.len(), 6, "{h:?}");
+    }
+
+    /// The token set of RFC 9110 §5.6.2, byte for byte; the claim headers by name.
+    #[test]
+    fn tchar_and_claims() {
+        const TCHAR_SPECIALS: &[u8] = b"!#$%&'*+-.^_`|~";
+        for b in 0..=255u8 {
+            let want = b.is_ascii_alphanumeric() || TCHAR_SPECIALS.contains(&b);
+            assert_eq!(is_tchar(b), want, "{b:#04x}");
+        }
+        for (n, claim) in [
+            ("x-real-ip", true),
+            ("x-client-ip", true),
+            ("true-client-ip", true),
+            ("x-real-ix", false),
+            ("x-forwarded-for", false),
+            ("host", false),
+        ] {
+            assert_eq!(is_address_claim(&HeaderName::from_static(n)), claim, "{n}");
+        }
+    }
+
+    /// The `Forwarded` element of a connection's requests: reused while the `Host` stays,
+    /// rebuilt when it changes.
+    #[test]
+    fn forwarded_reused_per_host() {
+        let c = conn("10.0.0.9:1234", "http");
+        let a = HeaderValue::from_static("a.test");
+        let b = HeaderValue::from_static("b.test:80");
+        assert_eq!(
+            forwarded_element(&c, Some(&a)),
+            "for=10.0.0.9;proto=http;host=a.test"
+        );
+        assert_eq!(
+            forwarded_element(&c, Some(&a)),
+            "for=10.0.0.9;proto=http;host=a.test"
+        );
+        assert_eq!(
+            forwarded_element(&c, Some(&b)),
+            "for=10.0.0.9;proto=http;host=\"b.test:80\""
+        );
+        assert_eq!(forwarded_element(&c, None), "for=10.0.0.9;proto=http");
+        assert_eq!(
+            forwarded_element(&c, Some(&a)),
+            "for=10.0.0.9;proto=http;host=a.test"
+        );
     }
 
     /// An IPv6 peer is quoted and bracketed in `Forwarded`; no `Host`, no host part.

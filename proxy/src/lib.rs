@@ -127,11 +127,12 @@ async fn start_inner(
     let server_cfg = &config.server;
     // The admin token (relative to the config file, like `include_dir`), before anything
     // starts: a missing or unusable token file refuses the start.
-    let token = admin::guard::read_token(
+    let token = config::read_admin_token(
         &server_cfg.admin,
         file.as_ref().and_then(|(p, ..)| p.parent()),
     )
-    .map_err(|e| anyhow::anyhow!("server.admin.token_file: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("server.admin.token_file: {e}"))?
+    .map(|t| Arc::new(arc_swap::ArcSwap::from_pointee(t)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stop_embedded_tx, stop_embedded_rx) = watch::channel(false);
 
@@ -206,12 +207,15 @@ async fn start_inner(
     let reloader = file.map(|(path, include, hash)| {
         Arc::new(reload::Reloader::new(
             path,
-            include,
             hash,
             live.clone(),
             embedded_addrs.clone(),
             server_cfg.clone(),
-            cert_stores.clone(),
+            reload::Beside {
+                include_dir: include,
+                certs: cert_stores.clone(),
+                admin_token: token.clone(),
+            },
         ))
     });
     if let Some(r) = &reloader {

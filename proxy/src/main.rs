@@ -330,7 +330,7 @@ fn check_admin_token(
     loaded: rules::Loaded,
 ) -> Result<rules::Loaded, rules::ConfigErrors> {
     let admin = &loaded.config.server.admin;
-    match tidegate::admin::guard::read_token(admin, config.parent()) {
+    match tidegate::control::config::read_admin_token(admin, config.parent()) {
         Ok(_) => Ok(loaded),
         Err(message) => {
             let text = std::fs::read_to_string(config).unwrap_or_default();

@@ -596,7 +596,11 @@ fn check_admin_beyond_loopback() {
     let (code, stderr) = run(with_token.clone());
     assert_eq!(code, Some(1), "FIFO token file: {stderr}");
     assert!(stderr.contains("not a regular file"), "{stderr}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
     std::fs::remove_file(&fifo).unwrap();
     std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123\n").unwrap();
     let (code, stderr) = run(with_token);

@@ -118,6 +118,25 @@ async fn admin_token_required_when_configured() {
     // The Host check still comes first.
     let (status, _) = admin_get(admin, "/metrics", Some("evil.example"), Some(&right)).await;
     assert_eq!(status, 403);
+
+    // Rotation without a restart: a new token in the file is live after the next reload,
+    // the old one refused; an unusable file (too short) keeps the current token.
+    let reloader = server.reloader.clone().expect("started from a file");
+    let rotated = "r0tated-admin-token-9876543210";
+    std::fs::write(dir.path().join("admin.token"), format!("{rotated}\n")).unwrap();
+    reloader.reload("test", std::time::Instant::now()).await;
+    let new = format!("Bearer {rotated}");
+    let (status, _) = admin_get(admin, "/metrics", host, Some(&new)).await;
+    assert_eq!(status, 200, "the rotated token");
+    let (status, _) = admin_get(admin, "/metrics", host, Some(&right)).await;
+    assert_eq!(status, 401, "the old token after rotation");
+    std::fs::write(dir.path().join("admin.token"), "short\n").unwrap();
+    reloader.reload("test", std::time::Instant::now()).await;
+    let (status, _) = admin_get(admin, "/metrics", host, Some(&new)).await;
+    assert_eq!(
+        status, 200,
+        "an unusable token file keeps the current token"
+    );
     server.shutdown().await;
 }
 

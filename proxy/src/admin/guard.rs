@@ -12,22 +12,24 @@
 //!   fetches of `status.json`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use rules::model::Admin;
 use subtle::ConstantTimeEq;
 
-/// Shortest token accepted, in bytes.
-pub const MIN_TOKEN_BYTES: usize = 16;
+/// The admin token, replaceable while running: a reload re-reads `server.admin.token_file`
+/// and swaps it in (whether one is required is fixed at start-up).
+pub type Token = Arc<ArcSwap<Vec<u8>>>;
 
-/// The admin port's access rules, fixed at start-up.
+/// The admin port's access rules.
 #[derive(Debug, Clone)]
 pub struct Guard {
     /// Allowed `Host` values, lower-case.
     hosts: Vec<String>,
     /// The bearer token, when one is required.
-    token: Option<Vec<u8>>,
+    token: Option<Token>,
 }
 
 /// Why a request was refused.
@@ -54,7 +56,7 @@ impl Refusal {
 impl Guard {
     /// The rules for an admin port bound to `bound`, with `extra` allowed hosts and an
     /// optional token.
-    pub fn new(bound: SocketAddr, extra: &[String], token: Option<Vec<u8>>) -> Self {
+    pub fn new(bound: SocketAddr, extra: &[String], token: Option<Token>) -> Self {
         let port = bound.port();
         let mut hosts = vec![bound.to_string()];
         for name in ["localhost", "127.0.0.1", "[::1]"] {
@@ -84,7 +86,8 @@ impl Guard {
         }
         match &self.token {
             Some(token) if !open_path(path) => {
-                if bearer(headers.get(header::AUTHORIZATION)).is_some_and(|t| ct_eq(t, token)) {
+                let token = token.load();
+                if bearer(headers.get(header::AUTHORIZATION)).is_some_and(|t| ct_eq(t, &token)) {
                     Ok(())
                 } else {
                     Err(Refusal::Token)
@@ -121,37 +124,6 @@ fn bearer(v: Option<&HeaderValue>) -> Option<&[u8]> {
 /// Equal, in time independent of where they differ (`subtle`; lengths are not secret).
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
-}
-
-/// Read the admin token named by `admin.token_file` (relative to `base`, the config file's
-/// directory, when given): its content with surrounding whitespace removed. `Ok(None)`
-/// when no token file is configured.
-pub fn read_token(admin: &Admin, base: Option<&Path>) -> Result<Option<Vec<u8>>, String> {
-    let Some(file) = &admin.token_file else {
-        return Ok(None);
-    };
-    let path = match base {
-        Some(b) => b.join(file),
-        None => Path::new(file).to_path_buf(),
-    };
-    // Regular files only, bounded: a FIFO named as the token file must not hang the start
-    // or `tidegate check`.
-    let bytes = crate::control::config::read_regular_file(&path)
-        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
-    let token = bytes.trim_ascii();
-    if token.len() < MIN_TOKEN_BYTES {
-        return Err(format!(
-            "the admin token in {} is shorter than {MIN_TOKEN_BYTES} bytes",
-            path.display()
-        ));
-    }
-    if let Some(b) = token.iter().find(|b| !b.is_ascii_graphic()) {
-        return Err(format!(
-            "the admin token in {} contains byte {b:#04x}; use printable ASCII without spaces",
-            path.display()
-        ));
-    }
-    Ok(Some(token.to_vec()))
 }
 
 #[cfg(test)]
@@ -210,7 +182,8 @@ mod tests {
     #[test]
     fn token() {
         let t = b"0123456789abcdef".to_vec();
-        let g = Guard::new("127.0.0.1:1".parse().unwrap(), &[], Some(t));
+        let token = Arc::new(ArcSwap::from_pointee(t));
+        let g = Guard::new("127.0.0.1:1".parse().unwrap(), &[], Some(token.clone()));
         let h = |a| headers(Some("localhost:1"), a);
         assert_eq!(g.check("/healthz", &h(None)), Ok(()));
         assert_eq!(g.check("/readyz", &h(None)), Ok(()));
@@ -222,5 +195,10 @@ mod tests {
         assert_eq!(g.check("/metrics", &h(short)), Err(Refusal::Token));
         let right = Some("bearer 0123456789abcdef");
         assert_eq!(g.check("/admin/status.json", &h(right)), Ok(()));
+        // A swapped-in token replaces the old one at once.
+        token.store(Arc::new(b"fedcba9876543210".to_vec()));
+        assert_eq!(g.check("/metrics", &h(right)), Err(Refusal::Token));
+        let new = Some("Bearer fedcba9876543210");
+        assert_eq!(g.check("/metrics", &h(new)), Ok(()));
     }
 }

@@ -377,11 +377,41 @@ fn special_kind(kind: std::fs::FileType) -> &'static str {
     "a special file"
 }
 
-/// [`read_bounded`] for the other files a config names (the admin token): a regular file of
-/// at most `MAX_CONFIG_BYTES`, its type checked before it is opened (a FIFO would block
-/// `open`).
-pub fn read_regular_file(path: &Path) -> Result<Vec<u8>, String> {
-    read_bounded(path)
+/// Shortest admin token accepted, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+/// Read the admin token named by `admin.token_file` (relative to `base`, the config file's
+/// directory, when given): its content with surrounding whitespace removed. `Ok(None)`
+/// when no token file is configured.
+pub fn read_admin_token(
+    admin: &rules::model::Admin,
+    base: Option<&Path>,
+) -> Result<Option<Vec<u8>>, String> {
+    let Some(file) = &admin.token_file else {
+        return Ok(None);
+    };
+    let path = match base {
+        Some(b) => b.join(file),
+        None => Path::new(file).to_path_buf(),
+    };
+    // Regular files only, bounded: a FIFO named as the token file must not hang the start
+    // or `tidegate check`.
+    let bytes = read_bounded(&path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    let token = bytes.trim_ascii();
+    if token.len() < MIN_ADMIN_TOKEN_BYTES {
+        return Err(format!(
+            "the admin token in {} is shorter than {MIN_ADMIN_TOKEN_BYTES} bytes",
+            path.display()
+        ));
+    }
+    if let Some(b) = token.iter().find(|b| !b.is_ascii_graphic()) {
+        return Err(format!(
+            "the admin token in {} contains byte {b:#04x}; use printable ASCII without spaces",
+            path.display()
+        ));
+    }
+    Ok(Some(token.to_vec()))
 }
 
 /// Read a regular file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::Serialize;
@@ -121,6 +122,9 @@ pub struct Reloader {
     certs: Vec<Arc<CertStore>>,
     /// The read abandoned after the bound, while its thread has not returned.
     abandoned: Mutex<Option<Abandoned>>,
+    /// The admin token the admin port checks, re-read from `server.admin.token_file` on
+    /// every reload (a token file is a bootstrap choice; its content rotates).
+    admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
 }
 
 // === impl Reloader ===
@@ -141,13 +145,17 @@ impl Reloader {
     /// A reloader for a gateway started from `path` with content hash `hash`.
     pub fn new(
         path: PathBuf,
-        include_dir: Option<PathBuf>,
         hash: u64,
         live: Arc<Live>,
         embedded: Vec<(String, SocketAddr)>,
         bootstrap: rules::model::Server,
-        certs: Vec<Arc<CertStore>>,
+        beside: Beside,
     ) -> Self {
+        let Beside {
+            include_dir,
+            certs,
+            admin_token,
+        } = beside;
         live.metrics.config_generation.set(1);
         Self {
             status: Mutex::new(ReloadStatus {
@@ -170,6 +178,7 @@ impl Reloader {
             serial: tokio::sync::Mutex::new(()),
             certs,
             abandoned: Mutex::new(None),
+            admin_token,
         }
     }
 
@@ -353,8 +362,36 @@ impl Reloader {
         }
     }
 
+    /// The admin token file, re-read: a new token is swapped in (the old one stops working
+    /// at once); an unreadable or unusable one keeps the old, and is reported.
+    fn refresh_admin_token(&self, progress: &Progress) {
+        let Some(live) = &self.admin_token else {
+            return;
+        };
+        progress.set("reading the admin token file".to_owned());
+        let base = self.path.parent();
+        match super::config::read_admin_token(&self.bootstrap.admin, base) {
+            Ok(Some(t)) if **live.load() != t => {
+                live.store(Arc::new(t));
+                tracing::info!("admin token replaced from server.admin.token_file");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "server.admin.token_file: keeping the current admin token");
+            }
+        }
+    }
+
+    /// The admin token file, when one is in use.
+    fn admin_token_path(&self) -> Option<PathBuf> {
+        self.admin_token.as_ref()?;
+        let file = self.bootstrap.admin.token_file.as_ref()?;
+        Some(self.path.parent().unwrap_or(Path::new(".")).join(file))
+    }
+
     /// Read and build; `Ok(None)` when the content is what is live already.
     fn build(&self, progress: &Progress) -> Result<Option<Built>, String> {
+        self.refresh_admin_token(progress);
         let read = read_config_traced(&self.path, progress).map_err(|e| e.to_string())?;
         let (loaded, hash) = (read.loaded, read.hash);
         if hash == *self.hash.lock().expect("not poisoned") {
@@ -380,6 +417,17 @@ impl Reloader {
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(Some((runtime, hash, server)))
     }
+}
+
+/// What a reload reads beside the config file, named at start-up.
+#[derive(Debug, Default)]
+pub struct Beside {
+    /// The include directory (watched alongside the file).
+    pub include_dir: Option<PathBuf>,
+    /// TLS certificate pairs of the listeners.
+    pub certs: Vec<Arc<CertStore>>,
+    /// The admin port's token, re-read from `server.admin.token_file`.
+    pub admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
 }
 
 /// Why a reload's blocking half gave no result.
@@ -436,6 +484,8 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                             // The key file of `identity.jwt` (beside the config; elsewhere
                             // the poll finds its edits).
                             || keys.jwks_path().is_some_and(|j| j.file_name() == name)
+                            // The admin token file.
+                            || keys.admin_token_path().is_some_and(|t| t.file_name() == name)
                             // A rules fragment in the include directory.
                             || (include.as_deref().is_some_and(|d| p.parent() == Some(d))
                                 && p.extension().is_some_and(|x| x == "json"))
@@ -549,6 +599,9 @@ fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut v = vec![stat(r.path.clone())];
     if let Some(j) = r.jwks_path() {
         v.push(stat(j));
+    }
+    if let Some(t) = r.admin_token_path() {
+        v.push(stat(t));
     }
     for c in &r.certs {
         v.push(stat(PathBuf::from(&c.cert_path)));

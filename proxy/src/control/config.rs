@@ -74,7 +74,7 @@ pub fn human(d: Duration) -> String {
 pub struct Read {
     /// The parsed config and its compiled snapshot.
     pub loaded: Loaded,
-    /// XXH3-64 over the file's bytes, each fragment's name and bytes, and the key file's
+    /// XXH3-64 over the file's bytes, each fragment's name and bytes, and the key files'
     /// bytes: equal hashes mean a reload has nothing to do.
     pub hash: u64,
     /// The files the rules name that the gateway reads: the keys of `identity.jwt`, the
@@ -205,53 +205,32 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
             }
         }
     }
-    let keys = match &loaded.snapshot.jwt {
-        Some(jwt) => {
-            let file = base.join(&*jwt.jwks_file);
-            progress.set(format!("reading the key file {}", file.display()));
-            // The keys are part of the content: a key file edit alone is a reload.
-            hasher.update(b"\0identity.jwt.jwks_file\0");
-            let keys = read_bounded(&file).and_then(|b| {
-                hasher.update(&b);
-                KeySet::parse(&b, &crate::jwt::algorithms(jwt))
-            });
-            match keys {
-                Ok(k) => Some(Arc::new(k)),
-                Err(message) => {
-                    issues.push(Issue {
-                        path: JsonPath::root().key("identity").key("jwt").key("jwks_file"),
-                        message: format!("{}: {message}", file.display()),
-                    });
-                    None
-                }
-            }
-        }
-        None => None,
+    let mut named = NamedFiles {
+        base,
+        hasher: &mut hasher,
+        progress,
+        issues: &mut issues,
     };
-    let priority_key = match &loaded.snapshot.overload.priority_key_file {
-        Some(f) => {
-            let file = base.join(&**f);
-            progress.set(format!("reading the priority key {}", file.display()));
-            hasher.update(b"\0overload.admission.priority_key_file\0");
-            match read_bounded(&file).and_then(|b| {
-                hasher.update(&b);
-                priority_key(&b)
-            }) {
-                Ok(k) => Some(k),
-                Err(message) => {
-                    issues.push(Issue {
-                        path: JsonPath::root()
-                            .key("overload")
-                            .key("admission")
-                            .key("priority_key_file"),
-                        message: format!("{}: {message}", file.display()),
-                    });
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    let keys = loaded.snapshot.jwt.as_ref().and_then(|jwt| {
+        let at = JsonPath::root().key("identity").key("jwt").key("jwks_file");
+        named
+            .read(&jwt.jwks_file, at, |b| {
+                KeySet::parse(b, &crate::jwt::algorithms(jwt))
+            })
+            .map(Arc::new)
+    });
+    let priority_key = loaded
+        .snapshot
+        .overload
+        .priority_key_file
+        .as_deref()
+        .and_then(|f| {
+            let at = JsonPath::root()
+                .key("overload")
+                .key("admission")
+                .key("priority_key_file");
+            named.read(f, at, priority_key)
+        });
     if !issues.is_empty() {
         let text = String::from_utf8_lossy(&bytes);
         return Err(rules::locate_all(&name, &text, issues));
@@ -264,6 +243,43 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
             priority_key,
         },
     })
+}
+
+/// The key files a config names, read beside it: each hashed into the content version (a
+/// key file edit alone is a reload) and parsed, a failure reported at the field naming it.
+struct NamedFiles<'a> {
+    base: &'a Path,
+    hasher: &'a mut xxhash_rust::xxh3::Xxh3,
+    progress: &'a Progress,
+    issues: &'a mut Vec<Issue>,
+}
+
+impl NamedFiles<'_> {
+    /// Read `file` (relative to the config) named at `at`, and parse it.
+    fn read<T>(
+        &mut self,
+        file: &str,
+        at: JsonPath,
+        parse: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Option<T> {
+        let path = self.base.join(file);
+        self.progress.set(format!("reading {}", path.display()));
+        self.hasher.update(b"\0");
+        self.hasher.update(at.to_string().as_bytes());
+        self.hasher.update(b"\0");
+        let parsed = read_bounded(&path).and_then(|b| {
+            self.hasher.update(&b);
+            parse(&b)
+        });
+        parsed
+            .map_err(|message| {
+                self.issues.push(Issue {
+                    path: at,
+                    message: format!("{}: {message}", path.display()),
+                });
+            })
+            .ok()
+    }
 }
 
 /// The SipHash key for user priorities from a key file's bytes: SHA-256 of the whole file,

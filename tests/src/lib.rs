@@ -571,6 +571,19 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// `tidegate check --config PATH` with the real binary: its exit code and standard error.
+pub fn tidegate_check(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new(tidegate_bin())
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("running tidegate check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A `tidegate run` child process serving a config written to a temp dir. Killed on drop.
 #[derive(Debug)]
 pub struct ChildGateway {

@@ -18,6 +18,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tidegate_tests::{
     ChildGateway, Reply, TIMEOUT, Upstream, api, config, full, h1_client, send, set, tidegate_bin,
+    tidegate_check,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -89,6 +90,18 @@ fn jwt_config(up: &Upstream, required: bool) -> Value {
         }),
     );
     c
+}
+
+/// A JWT gateway with one ES256 key (`kid` `ec`) and a per-user limit of `burst` a minute,
+/// started in `dir`.
+async fn limited_per_user(dir: &Path, up: &Upstream, required: bool, burst: u32) -> api::Server {
+    let mut c = jwt_config(up, required);
+    set(
+        &mut c,
+        "limits",
+        json!([{ "name": "per-user", "key": ["user"], "rate": "1/min", "burst": burst }]),
+    );
+    start_in(dir, &c, &jwks(&[("ec-1.pem", Algorithm::ES256, "ec")])).await
 }
 
 /// Write `config` and `jwks` into `dir` and start a gateway from the file.
@@ -236,14 +249,7 @@ async fn every_refusal_is_401_and_reaches_nothing() {
 async fn a_token_is_limited_as_its_user_whatever_it_claims() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = jwt_config(&up, true);
-    set(
-        &mut c,
-        "limits",
-        json!([{ "name": "per-user", "key": ["user"], "rate": "1/min", "burst": 3 }]),
-    );
-    let keys = [("ec-1.pem", Algorithm::ES256, "ec")];
-    let server = start_in(dir.path(), &c, &jwks(&keys)).await;
+    let server = limited_per_user(dir.path(), &up, true, 3).await;
     let gw = server.listen_addrs[0];
     let token = mint("ec-1.pem", Algorithm::ES256, "ec", &claims("alice"));
     let mut statuses = Vec::new();
@@ -280,14 +286,7 @@ async fn a_token_is_limited_as_its_user_whatever_it_claims() {
 async fn not_required_means_anonymous() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = jwt_config(&up, false);
-    set(
-        &mut c,
-        "limits",
-        json!([{ "name": "per-user", "key": ["user"], "rate": "1/min", "burst": 2 }]),
-    );
-    let keys = [("ec-1.pem", Algorithm::ES256, "ec")];
-    let server = start_in(dir.path(), &c, &jwks(&keys)).await;
+    let server = limited_per_user(dir.path(), &up, false, 2).await;
     let gw = server.listen_addrs[0];
     let expired = mint(
         "ec-1.pem",
@@ -458,16 +457,8 @@ async fn the_cli_mints_what_the_gateway_accepts() {
 
     let config = jwt_config(&up, true);
     let server = start_in(dir.path(), &config, &jwks_doc).await;
-    let check = Command::new(tidegate_bin())
-        .args(["check", "--config"])
-        .arg(dir.path().join("tidegate.json"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let (code, err) = tidegate_check(&dir.path().join("tidegate.json"));
+    assert_eq!(code, Some(0), "{err}");
     let r = get_with(server.listen_addrs[0], Some(&token), &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(up.seen()[0].headers["x-user-id"], "carol");
@@ -481,14 +472,8 @@ async fn the_cli_mints_what_the_gateway_accepts() {
         serde_json::to_vec(&doc).unwrap(),
     )
     .unwrap();
-    let check = Command::new(tidegate_bin())
-        .args(["check", "--config"])
-        .arg(dir.path().join("tidegate.json"))
-        .output()
-        .unwrap();
-    assert_eq!(check.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&check.stdout).to_string()
-        + &String::from_utf8_lossy(&check.stderr);
+    let (code, err) = tidegate_check(&dir.path().join("tidegate.json"));
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("identity.jwt.jwks_file") && err.contains("kid \"cli-key\""),
         "{err}"

@@ -4,11 +4,10 @@
 //! too short to be secret and warns about what is valid but unsafe.
 
 use std::path::Path;
-use std::process::Command;
 
 use rules::overload::{UserKey, user_priority};
 use serde_json::{Value, json};
-use tidegate_tests::{TIMEOUT, Upstream, api, config, set, tidegate_bin};
+use tidegate_tests::{TIMEOUT, Upstream, api, config, set, tidegate_check};
 
 const LEVELS: u32 = 128;
 
@@ -136,13 +135,8 @@ async fn check_refuses_weak_keys_and_warns_about_unsafe_settings() {
         serde_json::to_vec_pretty(&admission_config(&up, Some("short.key"))).unwrap(),
     )
     .unwrap();
-    let out = Command::new(tidegate_bin())
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = tidegate_check(&file);
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("overload.admission.priority_key_file") && err.contains("at least 16"),
         "{err}"
@@ -157,13 +151,8 @@ async fn check_refuses_weak_keys_and_warns_about_unsafe_settings() {
     );
     let file = dir.path().join("unsafe.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
-    let out = Command::new(tidegate_bin())
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (code, err) = tidegate_check(&file);
+    assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("warning: overload.admission.priority_key_file: not set"),
         "{err}"

@@ -4,8 +4,6 @@
 //! is the client and the chain reaches the upstream with the proxy appended. `tidegate
 //! check` refuses a bad CIDR at its place.
 
-use std::process::Command;
-
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
 use tidegate_tests::{Upstream, config_with_limits, full, h1_client, send, set, start_gateway};
@@ -132,13 +130,8 @@ fn check_refuses_bad_cidr() {
         json!(["192.168.0.0/16", "10.0.0.0/33"]),
     );
     std::fs::write(&file, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
-    let out = Command::new(tidegate_tests::tidegate_bin())
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = tidegate_tests::tidegate_check(&file);
+    assert_eq!(code, Some(1), "{stderr}");
     // `FILE:LINE:COL PATH: message`.
     let first = stderr.lines().next().unwrap_or_default();
     let at = first

@@ -27,6 +27,9 @@ use serde_json::{Map, Value};
 
 use self::cache::TokenCache;
 
+/// Shortest HMAC secret accepted in a JWKS (`oct` key), in bytes.
+pub const MIN_HMAC_KEY_BYTES: usize = 32;
+
 /// Why a token was not accepted. Each has a stable code (the `error` of the 401 body, the
 /// access log's `identity` field and a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -297,6 +300,16 @@ impl Key {
             ));
         }
         let decoding = DecodingKey::from_jwk(jwk).map_err(|e| format!("bad key material: {e}"))?;
+        // RFC 7518 §3.2: an HMAC key at least as long as the hash; a short secret can be
+        // brute-forced from any one token.
+        if let AlgorithmParameters::OctetKey(_) = &jwk.algorithm {
+            let len = decoding.try_get_as_bytes().map_or(0, <[u8]>::len);
+            if len < MIN_HMAC_KEY_BYTES {
+                return Err(format!(
+                    "an HMAC key of {len} bytes; at least {MIN_HMAC_KEY_BYTES} are needed (RFC 7518 §3.2)"
+                ));
+            }
+        }
         // Build a verifier now: the backend parses the key here (an RSA modulus, a curve
         // point), so a key it cannot use is refused at load, not on the first request.
         jsonwebtoken::crypto::verify("AA", b"probe", &decoding, algorithms[0])

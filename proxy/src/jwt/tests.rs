@@ -363,6 +363,11 @@ fn key_file_checks() {
     off_curve["y"] = json!(b64(&[7u8; 32]));
     let bad = err(json!({"keys": [off_curve]}), &all);
     assert!(bad.contains("bad key material"), "{bad}");
+    let short_hmac = err(
+        json!({"keys": [{"kty": "oct", "kid": "h", "k": b64(b"sixteen-byte-key")}]}),
+        &all,
+    );
+    assert!(short_hmac.contains("HMAC key of 16 bytes"), "{short_hmac}");
     let unknown = err(json!({"keys": [{"kty": "XYZ", "kid": "k"}]}), &all);
     assert!(unknown.starts_with("keys[0]"), "{unknown}");
     let mut no_kid = ec.clone();

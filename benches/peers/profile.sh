@@ -5,9 +5,12 @@
 # valgrind with collection off, warms up, switches collection on for a fixed open-loop run of
 # the peer request, and prints instructions per request plus the top functions.
 #
-#   benches/peers/profile.sh [rules|norules]     # RATE (400 req/s), SECS (10), CONNS (10)
+#   benches/peers/profile.sh [rules|norules|nginx|haproxy]   # RATE (400 req/s), SECS (10), CONNS (10)
 #
-# Needs valgrind. Uses the release binaries in target/release (build them first);
+# `nginx` and `haproxy` profile those proxies by the same method (one process, one worker or
+# thread, the configs of benches/peers/*.in, which do the same forwarding-header work), so the
+# figures compare. Needs valgrind (and nginx or haproxy for those modes: apt-get install
+# nginx haproxy). Uses the release binaries in target/release (build them first);
 # TIDEGATE=/path/to/another/tidegate profiles that binary instead (an older build, for A/B).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -34,10 +37,26 @@ wait_port() {
 BACK=$(port); LISTEN=$(port); ADMIN=$(port)
 "$BIN/bench-backend" "127.0.0.1:$BACK" >"$DIR/backend.log" 2>&1 &
 PIDS+=($!)
-"$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
+# The proxy under test, as one process: Tidegate with one worker, nginx without its master
+# process, HAProxy with one thread in the foreground.
+case "$MODE" in
+    rules|norules)
+        "$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
+        PROXY=("${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers "${WORKERS:-1}") ;;
+    nginx|haproxy)
+        conf=$([ "$MODE" = nginx ] && echo nginx.conf || echo haproxy.cfg)
+        sed -e "s#@DIR@#$DIR#g" -e "s#@LISTEN@#127.0.0.1:$LISTEN#g" -e "s#@BACKEND@#127.0.0.1:$BACK#g" \
+            "$ROOT/benches/peers/$conf.in" >"$DIR/$conf"
+        if [ "$MODE" = nginx ]; then
+            PROXY=("$(command -v nginx || echo /usr/sbin/nginx)" -c "$DIR/nginx.conf" -p "$DIR" -g "master_process off;")
+        else
+            PROXY=("$(command -v haproxy || echo /usr/sbin/haproxy)" -f "$DIR/haproxy.cfg" -db)
+        fi ;;
+    *) echo "usage: $0 [rules|norules|nginx|haproxy]" >&2; exit 2 ;;
+esac
 valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$DIR/callgrind.out" \
-    "${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers "${WORKERS:-1}" >"$DIR/gw.log" 2>&1 &
+    "${PROXY[@]}" >"$DIR/gw.log" 2>&1 &
 VG=$!
 PIDS+=($VG)
 wait_port "$BACK"; wait_port "$LISTEN"

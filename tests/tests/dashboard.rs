@@ -23,8 +23,11 @@ use tidegate_tests::api;
 use tidegate_tests::{Client, Upstream, config, full, get, h1_client, set};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-/// How long the generator runs.
+/// How long the generator runs at least: it goes on until the browser has read the page,
+/// so a browser slow to start on a busy machine still sees the load live.
 const LOAD: Duration = Duration::from_secs(14);
+/// The longest the generator runs, whatever the browser does.
+const LOAD_MAX: Duration = Duration::from_secs(120);
 
 /// Unix milliseconds now (the gateway stamps its seconds with the same clock).
 fn unix_ms() -> u64 {
@@ -66,6 +69,8 @@ struct Load {
     client: Client,
     gw: SocketAddr,
     until: Instant,
+    /// Set once the page has been read (and `LOAD` has passed).
+    stop: std::sync::atomic::AtomicBool,
     counts: Counts,
 }
 
@@ -82,11 +87,12 @@ async fn sender(
         client,
         gw,
         until,
+        stop,
         counts,
     } = &*load;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while Instant::now() < *until {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < *until {
         tick.tick().await;
         let req = Request::builder()
             .method(method.clone())
@@ -241,11 +247,13 @@ async fn dashboard_shows_live_load() {
     let load = Arc::new(Load {
         client: h1_client(),
         gw,
-        until: Instant::now() + LOAD,
+        until: Instant::now() + LOAD_MAX,
+        stop: std::sync::atomic::AtomicBool::new(false),
         counts: Counts::default(),
     });
     let counts = &load.counts;
     let load_start_ms = unix_ms();
+    let load_started = Instant::now();
     let mut senders = Vec::new();
     let mut spawn = |iface, method, path: String, user: String, rate| {
         senders.push(tokio::spawn(sender(
@@ -317,6 +325,8 @@ async fn dashboard_shows_live_load() {
         .await
         .expect("the chromium task");
     }
+    tokio::time::sleep_until((load_started + LOAD).into()).await;
+    load.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in senders {
         s.await.expect("a sender");
     }

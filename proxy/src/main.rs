@@ -119,6 +119,20 @@ enum Command {
         #[arg(long)]
         kid: String,
     },
+    /// Show what changes from one config to another, rule by rule: rules added, removed and
+    /// changed (field by field), and for a changed split, upstream or fallback fraction the
+    /// exact share of users that move and from where to where, computed from the bucket
+    /// ranges. Exit 0 when the configs are the same, 1 when they differ, 2 when one cannot
+    /// be read.
+    Diff {
+        /// The config in force (or an older one).
+        old: PathBuf,
+        /// The candidate.
+        new: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `name=value`.
@@ -182,6 +196,7 @@ fn main() -> ExitCode {
             let jwks = mint::signing_key(&key, &alg).and_then(|(k, alg)| mint::jwks(&k, alg, &kid));
             print_or_fail("jwks", jwks)
         }
+        Command::Diff { old, new, json } => diff(&old, &new, json),
         Command::Schema => {
             let schema = schemars::schema_for!(rules::Config);
             println!(
@@ -296,6 +311,30 @@ const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_mi
 fn read_config(path: &std::path::Path) -> Result<rules::Loaded, rules::error::ConfigErrors> {
     use tidegate::control::config;
     config::read_config_within(path, config::READ_TIMEOUT).map(|r| r.loaded)
+}
+
+fn diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
+    let (o, n) = match (read_config(old), read_config(new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (o, n) => {
+            for e in [o.err(), n.err()].into_iter().flatten() {
+                for e in &e.0 {
+                    eprintln!("{e}");
+                }
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let d = rules::diff::diff((&o.config, &o.snapshot), (&n.config, &n.snapshot));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&d).expect("a diff serializes")
+        );
+    } else {
+        print!("{}", d.render());
+    }
+    ExitCode::from(u8::from(!d.is_empty()))
 }
 
 async fn run(config: &std::path::Path) -> anyhow::Result<()> {

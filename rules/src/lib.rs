@@ -40,6 +40,7 @@
 pub mod bucket;
 pub mod classify;
 pub mod degrade;
+pub mod diff;
 pub mod error;
 pub mod explain;
 #[doc(hidden)]

@@ -606,3 +606,73 @@ fn check_admin_beyond_loopback() {
     let (code, stderr) = run(with_token);
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// `tidegate diff OLD NEW` with the real binary: the moved share of a grown canary, exit
+/// codes like diff(1)'s (0 same, 1 different, 2 unreadable), and the JSON form.
+#[test]
+fn diff_command() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let split = |w: &str| {
+        edit(
+            r#"{ "name": "default", "upstream": "up" }"#,
+            &format!(
+                r#"{{ "name": "default", "split": [{{ "upstream": "canary", "weight": "{w}" }},
+                  {{ "upstream": "up", "weight": "rest" }}] }}"#
+            ),
+        )
+        .replace(
+            r#""up": {"#,
+            r#""canary": { "endpoints": ["127.0.0.1:9001"] }, "up": {"#,
+        )
+    };
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("writing a config");
+        p
+    };
+    let (old, new) = (
+        write("old.json", &split("1%")),
+        write("new.json", &split("5%")),
+    );
+    let bad = write("bad.json", &split("5%").replace("\"rest\"", "\"most\""));
+    let diff = |args: &[&Path], json: bool| {
+        let mut cmd = Command::new(tidegate_tests::tidegate_bin());
+        cmd.arg("diff").args(args);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("running tidegate diff");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, _) = diff(&[&old, &new], false);
+    eprintln!("{out}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("/split/0/weight: \"1%\" → \"5%\""), "{out}");
+    assert!(
+        out.contains("4.0000% of its users move up → canary (buckets [10000, 50000))"),
+        "{out}"
+    );
+
+    let (code, out, _) = diff(&[&old, &new], true);
+    assert_eq!(code, Some(1));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["sections"][0]["name"], "routes", "{v}");
+    let moved = &v["sections"][0]["changes"][0]["moves"][0];
+    assert_eq!(
+        (&moved["ppm"], &moved["exact"]),
+        (&40_000.into(), &true.into()),
+        "{v}"
+    );
+
+    let (code, out, _) = diff(&[&new, &new], false);
+    assert_eq!((code, out.as_str()), (Some(0), "no changes\n"));
+
+    let (code, _, err) = diff(&[&old, &bad], false);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("bad.json:") && err.contains("most"), "{err}");
+}

@@ -67,6 +67,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::AdminState;
 use crate::control::embedded::{self, Embedded};
+use crate::control::history::History;
 use crate::control::{config, housekeep, reload};
 use crate::govern::cluster::ClusterStore;
 use crate::metrics::Metrics;
@@ -111,14 +112,26 @@ pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     // the start after `READ_TIMEOUT` rather than hanging it.
     let read = config::read_config_within(path, config::READ_TIMEOUT)?;
     let include = config::include_dir(path, &read.loaded);
-    let file = (path.to_path_buf(), include, read.hash);
+    let file = (path.to_path_buf(), include, read.hash, read.sources);
     start_inner(read.loaded, read.secrets, Some(file)).await
+}
+
+/// Where a config's history is kept: `server.data_dir/history`, resolved against the
+/// config file's directory; `None` when `server.history_keep` is 0.
+pub fn history_of(path: &std::path::Path, server: &rules::model::Server) -> Option<History> {
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    History::new(&base.join(&server.data_dir), server.history_keep)
 }
 
 async fn start_inner(
     loaded: Loaded,
     secrets: runtime::Secrets,
-    file: Option<(std::path::PathBuf, Option<std::path::PathBuf>, u64)>,
+    file: Option<(
+        std::path::PathBuf,
+        Option<std::path::PathBuf>,
+        u64,
+        control::config::Sources,
+    )>,
 ) -> anyhow::Result<Server> {
     let Loaded { config, snapshot } = loaded;
     for w in rules::validate::warnings(&config) {
@@ -204,8 +217,20 @@ async fn start_inner(
         )));
     }
 
-    let reloader = file.map(|(path, include, hash)| {
-        Arc::new(reload::Reloader::new(
+    let mut reloader = None;
+    if let Some((path, include, hash, sources)) = file {
+        let history = history_of(&path, server_cfg);
+        if let Some(h) = history.clone() {
+            let recorded =
+                tokio::task::spawn_blocking(move || h.record(&sources, 1, hash, "start"))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+            if let Err(e) = recorded {
+                tracing::warn!("config history: {e}");
+            }
+        }
+        reloader = Some(Arc::new(reload::Reloader::new(
             path,
             hash,
             live.clone(),
@@ -215,9 +240,10 @@ async fn start_inner(
                 include_dir: include,
                 certs: cert_stores.clone(),
                 admin_token: token.clone(),
+                history,
             },
-        ))
-    });
+        )));
+    }
     if let Some(r) = &reloader {
         tasks.push(tokio::spawn(reload::watch(r.clone(), shutdown_rx.clone())));
     }

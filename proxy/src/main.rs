@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tidegate::control::history::History;
 
 /// Tidegate: an edge traffic-governance gateway.
 ///
@@ -119,6 +120,34 @@ enum Command {
         #[arg(long)]
         kid: String,
     },
+    /// List the applied configs the gateway kept (`server.data_dir`/history), newest
+    /// first: ID, generation, hash, time, trigger and what changed.
+    History {
+        /// The config file (its `server.data_dir` is used, even when its rules are broken).
+        #[arg(long, short, default_value = "config/tidegate.json")]
+        config: PathBuf,
+        /// The data directory, instead of the config's `server.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an applied config's files back (see `history`): each file atomically, the main
+    /// file last, so the gateway reloads the rolled-back config as a whole. Fragments the
+    /// entry did not have are renamed aside, never deleted. Refused, with nothing written,
+    /// if the entry does not load with this build.
+    Rollback {
+        /// The config file (its `server.data_dir` is used, even when its rules are broken).
+        #[arg(long, short, default_value = "config/tidegate.json")]
+        config: PathBuf,
+        /// The data directory, instead of the config's `server.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The history entry to restore.
+        #[arg(long)]
+        to: u64,
+    },
     /// Show what changes from one config to another, rule by rule: rules added, removed and
     /// changed (field by field), and for a changed split, upstream or fallback fraction the
     /// exact share of users that move and from where to where, computed from the bucket
@@ -197,6 +226,16 @@ fn main() -> ExitCode {
             print_or_fail("jwks", jwks)
         }
         Command::Diff { old, new, json } => diff(&old, &new, json),
+        Command::History {
+            config,
+            data_dir,
+            json,
+        } => history(&config, data_dir, json),
+        Command::Rollback {
+            config,
+            data_dir,
+            to,
+        } => rollback(&config, data_dir, to),
         Command::Schema => {
             let schema = schemars::schema_for!(rules::Config);
             println!(
@@ -335,6 +374,62 @@ fn diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
         print!("{}", d.render());
     }
     ExitCode::from(u8::from(!d.is_empty()))
+}
+
+/// The history of the gateway running `config`: `--data-dir`, else the file's
+/// `server.data_dir` (read from its JSON alone, so a broken rule does not stand between an
+/// operator and a rollback), else the default, relative to the file's directory.
+fn history_at(config: &std::path::Path, data_dir: Option<PathBuf>) -> History {
+    let dir = data_dir.unwrap_or_else(|| {
+        let named = std::fs::read(config)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["server"]["data_dir"].as_str().map(str::to_owned));
+        let server = rules::model::Server::default();
+        let base = config.parent().unwrap_or(std::path::Path::new("."));
+        base.join(named.unwrap_or(server.data_dir))
+    });
+    History::at(&dir)
+}
+
+fn history(config: &std::path::Path, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
+    let (entries, errors) = history_at(config, data_dir).list();
+    if json {
+        let v = serde_json::json!({ "entries": entries, "errors": errors });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        for e in &entries {
+            println!(
+                "{:>6}  gen {:<4} {}  {:<7} {}  {}",
+                e.id, e.generation, e.hash, e.trigger, e.applied_at_ms, e.summary
+            );
+        }
+        for e in &errors {
+            eprintln!("{e}");
+        }
+    }
+    ExitCode::from(u8::from(!errors.is_empty()))
+}
+
+fn rollback(config: &std::path::Path, data_dir: Option<PathBuf>, to: u64) -> ExitCode {
+    let done = history_at(config, data_dir)
+        .get(to)
+        .and_then(|e| tidegate::control::history::rollback(&e));
+    match done {
+        Ok((written, moved)) => {
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            for p in moved {
+                println!("moved aside {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rollback: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(config: &std::path::Path) -> anyhow::Result<()> {

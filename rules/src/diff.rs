@@ -441,6 +441,17 @@ fn fallback_moves(
 
 // --- rendering ---
 
+impl Kind {
+    /// `+` added, `-` removed, `~` changed.
+    fn sign(self) -> char {
+        match self {
+            Kind::Added => '+',
+            Kind::Removed => '-',
+            Kind::Changed => '~',
+        }
+    }
+}
+
 impl RuleChange {
     fn new(name: &str, kind: Kind, fields: Vec<FieldChange>) -> Self {
         Self {
@@ -459,6 +470,32 @@ impl ConfigDiff {
         self.sections.is_empty()
     }
 
+    /// One line: `routes: ~canary (4.0000% v1 → v2); limits: +total -old`, or
+    /// `no rule changes`.
+    pub fn summary(&self) -> String {
+        if self.is_empty() {
+            return "no rule changes".into();
+        }
+        let sections: Vec<String> = (self.sections.iter())
+            .map(|sec| {
+                let changes: Vec<String> = (sec.changes.iter())
+                    .map(|c| {
+                        let sign = c.kind.sign();
+                        let moves: Vec<String> = (c.moves.iter())
+                            .map(|m| format!("{} {} → {}", percent(m.ppm), m.from, m.to))
+                            .collect();
+                        match moves.is_empty() {
+                            true => format!("{sign}{}", c.name),
+                            false => format!("{sign}{} ({})", c.name, moves.join(", ")),
+                        }
+                    })
+                    .collect();
+                format!("{}: {}", sec.name, changes.join(" "))
+            })
+            .collect();
+        sections.join("; ")
+    }
+
     /// The report as text: one block per section, `+` added, `-` removed, `~` changed.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -468,11 +505,7 @@ impl ConfigDiff {
         for sec in &self.sections {
             let _ = writeln!(s, "{}:", sec.name);
             for c in &sec.changes {
-                let sign = match c.kind {
-                    Kind::Added => '+',
-                    Kind::Removed => '-',
-                    Kind::Changed => '~',
-                };
+                let sign = c.kind.sign();
                 // An added or removed rule is shown whole, on one line.
                 let whole = c
                     .fields

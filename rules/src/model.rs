@@ -121,6 +121,16 @@ pub struct Server {
     /// reload applies a change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// The gateway's own state directory; the history of applied configs is kept in its
+    /// `history/` folder. A relative path is resolved against the config file's directory.
+    /// Default: `data/tidegate`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: String,
+    /// How many applied configs the history keeps (`GET /admin/config/history`,
+    /// `tidegate rollback`); the oldest are removed. 0 keeps none. Default: 20. Range:
+    /// 0..=1000.
+    #[serde(default = "default_history_keep")]
+    pub history_keep: u32,
 }
 
 /// Connection to the Redis shared by every gateway (cluster-scope limits).
@@ -548,6 +558,12 @@ fn default_admin_max_connections() -> u32 {
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
+fn default_data_dir() -> String {
+    "data/tidegate".into()
+}
+fn default_history_keep() -> u32 {
+    20
+}
 fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
@@ -622,6 +638,8 @@ impl Default for Server {
             access_log: AccessLog::default(),
             redis: None,
             trusted_proxies: Vec::new(),
+            data_dir: default_data_dir(),
+            history_keep: default_history_keep(),
         }
     }
 }

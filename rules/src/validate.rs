@@ -321,6 +321,10 @@ impl<'c> Validator<'c> {
             1_000_000,
         );
         self.range(p.key("shutdown_grace_ms"), s.shutdown_grace_ms, 0, 600_000);
+        self.range(p.key("history_keep"), s.history_keep.into(), 0, 1_000);
+        if s.data_dir.trim().is_empty() {
+            self.err(p.key("data_dir"), "must name a directory");
+        }
         if let Some(r) = &s.redis {
             let rp = p.key("redis");
             match r.url.split_once("://") {

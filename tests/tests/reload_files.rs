@@ -271,3 +271,144 @@ fn check_refuses_a_fifo() {
     );
     assert!(took < Duration::from_secs(3), "check took {took:?}");
 }
+
+/// Every applied config is kept: `/admin/config/history` lists them newest first with what
+/// changed; a broken edit is not recorded; `tidegate rollback --to 1` writes the first
+/// config back (fragment and main file), the running gateway applies it, and the history
+/// records the rollback as a new entry with the first one's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lists_applied_configs_and_rollback_restores_one() {
+    let up = Upstream::start().await;
+    let dir = Dir::new(up.addr);
+    let main = dir.main();
+    let data = dir.dir.path().join("data/tidegate/history");
+    let gw = ChildGateway::spawn_file(&main, dir.dir);
+    let client = h1_client();
+    let gen_is = |n: u64| move |c: &Value| c["generation"].as_u64() == Some(n);
+    let (first, _) = wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(10),
+        "start",
+        gen_is(1),
+    )
+    .await;
+    let first_hash = first["hash"].as_str().unwrap().to_owned();
+
+    // Two edits, and a broken one in between.
+    let write_main = |edit: &dyn Fn(&mut Value)| {
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&main).unwrap()).unwrap();
+        edit(&mut v);
+        let tmp = main.with_file_name(".tidegate.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        std::fs::rename(&tmp, &main).unwrap();
+    };
+    let rules_d = main.parent().unwrap().join("rules.d");
+    std::fs::write(
+        rules_d.join("20-limits.json"),
+        r#"{"limits": [{"name": "per-user", "key": ["user"], "rate": "50/s"}]}"#,
+    )
+    .unwrap();
+    wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        "limit added",
+        gen_is(2),
+    )
+    .await;
+    std::fs::write(rules_d.join("30-broken.json"), "{ nope").unwrap();
+    wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        "broken refused",
+        |c| {
+            c["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("30-broken.json"))
+        },
+    )
+    .await;
+    std::fs::remove_file(rules_d.join("30-broken.json")).unwrap();
+    write_main(&|v| v["upstreams"]["spare"] = json!({ "endpoints": ["127.0.0.1:9"] }));
+    wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        "upstream added",
+        gen_is(3),
+    )
+    .await;
+
+    let history: Value = get(&client, gw.admin_addr, "/admin/config/history")
+        .await
+        .json();
+    eprintln!("{history:#}");
+    let entries = history["entries"].as_array().unwrap();
+    let summaries: Vec<&str> = entries
+        .iter()
+        .map(|e| e["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        summaries,
+        vec![
+            "upstreams: +spare",
+            "limits: +per-user",
+            "first recorded config"
+        ],
+        "{history}"
+    );
+    assert_eq!(entries[2]["hash"], first_hash.as_str());
+    assert_eq!(entries[2]["trigger"], "start");
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 3);
+
+    // Roll back to the first: the limit fragment is moved aside, the main file restored.
+    let out = Command::new(tidegate_bin())
+        .args(["rollback", "--config"])
+        .arg(&main)
+        .args(["--to", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("moved aside") && stdout.contains("20-limits.json"),
+        "{stdout}"
+    );
+    let (c, _) = wait_config(
+        &client,
+        gw.admin_addr,
+        Duration::from_secs(5),
+        "rolled back",
+        |c| c["hash"] == first_hash.as_str(),
+    )
+    .await;
+    assert_eq!(c["generation"], 4, "{c}");
+    let history: Value = get(&client, gw.admin_addr, "/admin/config/history")
+        .await
+        .json();
+    let newest = &history["entries"][0];
+    assert_eq!(
+        (newest["id"].as_u64(), newest["hash"].as_str()),
+        (Some(4), Some(first_hash.as_str()))
+    );
+    assert_eq!(
+        newest["summary"], "upstreams: -spare; limits: -per-user",
+        "{history}"
+    );
+
+    // An entry that does not exist is refused; nothing changes.
+    let out = Command::new(tidegate_bin())
+        .args(["rollback", "--config"])
+        .arg(&main)
+        .args(["--to", "99"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("00000099.json"));
+}

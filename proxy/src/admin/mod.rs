@@ -5,6 +5,7 @@
 //! listeners are saturated, and so it can be bound to a private address. `/admin/explain`
 //! explains a decision, phase by phase, against the live rules (see [`explain`]);
 //! `/admin/config` shows the live config's generation, hash, load time and last reload error;
+//! `/admin/config/history` lists the applied configs kept (see `control::history`);
 //! `/admin/overload` shows the overload caps (limits, slots in use, queue depths) and the
 //! admission level.
 //!
@@ -168,6 +169,19 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Bytes::from_static(br#"{"file":null,"generation":1,"reload":"disabled"}"#),
             ),
         },
+        "/admin/config/history" => {
+            let body = match state.reloader.as_ref().and_then(|r| r.history()) {
+                Some(h) => {
+                    let (entries, errors) = h.list();
+                    serde_json::json!({ "entries": entries, "errors": errors })
+                }
+                None => serde_json::json!({ "entries": [], "errors": [], "kept": false }),
+            };
+            json(
+                StatusCode::OK,
+                Bytes::from(serde_json::to_vec_pretty(&body).expect("the history serializes")),
+            )
+        }
         "/admin/overload" => {
             let rt = state.live.runtime.load();
             json(

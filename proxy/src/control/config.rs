@@ -80,6 +80,20 @@ pub struct Read {
     /// The files the rules name that the gateway reads: the keys of `identity.jwt`, the
     /// user-priority key.
     pub secrets: Secrets,
+    /// The config's own files as read (the main file and its fragments), for the history.
+    pub sources: Sources,
+}
+
+/// The files a config was read from, and their bytes: what the history keeps and a
+/// rollback writes back. Key files are not among them (they are secrets).
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The main file.
+    pub main: (std::path::PathBuf, Vec<u8>),
+    /// The `include_dir` it names, if any.
+    pub include_dir: Option<std::path::PathBuf>,
+    /// Each fragment of the include directory, in the order they were merged.
+    pub fragments: Vec<(std::path::PathBuf, Vec<u8>)>,
 }
 
 /// Read, parse, validate and compile the config at `path`, and check its TLS and key files.
@@ -141,18 +155,23 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
     // a NUL and its bytes.
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(&bytes);
+    let (mut include_dir, mut fragments) = (None, Vec::new());
     let loaded = rules::include::load_with(
         rules::include::Source {
             name: &name,
             bytes: &bytes,
         },
         |dir| {
+            include_dir = Some(base.join(dir));
             let files = read_include_dir(&base.join(dir), progress)?;
             for (n, b) in &files {
                 hasher.update(n.as_bytes());
                 hasher.update(&[0]);
                 hasher.update(b);
             }
+            fragments = (files.iter())
+                .map(|(n, b)| (std::path::PathBuf::from(n), b.clone()))
+                .collect();
             Ok(files)
         },
     )?;
@@ -241,6 +260,11 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
         secrets: Secrets {
             jwks: keys,
             priority_key,
+        },
+        sources: Sources {
+            main: (path.to_path_buf(), bytes),
+            include_dir,
+            fragments,
         },
     })
 }
@@ -433,7 +457,7 @@ pub fn read_admin_token(
 /// Read a regular file of at most `MAX_CONFIG_BYTES`, with an operator-readable reason on
 /// failure. The type and size are checked before opening (a FIFO's `open` would block), and
 /// again on the opened handle (the path may have been swapped in between).
-fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     let meta = regular_file(path)?;
     let f = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),

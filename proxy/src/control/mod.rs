@@ -7,5 +7,6 @@
 
 pub mod config;
 pub mod embedded;
+pub mod history;
 pub mod housekeep;
 pub mod reload;

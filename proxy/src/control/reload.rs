@@ -34,7 +34,8 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::config::{Progress, READ_TIMEOUT, human, read_config_traced};
+use super::config::{Progress, READ_TIMEOUT, Sources, human, read_config_traced};
+use super::history::History;
 use crate::runtime::{Live, Runtime};
 use crate::serve::tls::{CertStore, TlsError};
 
@@ -46,8 +47,8 @@ const DEBOUNCE: Duration = Duration::from_millis(40);
 /// size and modification time are compared this often.
 const POLL: Duration = Duration::from_secs(2);
 
-/// A runtime built from a file, with the file's hash and bootstrap section.
-type Built = (Runtime, u64, rules::model::Server);
+/// A runtime built from a file, with the file's hash, bootstrap section and own files.
+type Built = (Runtime, u64, rules::model::Server, Sources);
 
 /// What one reload's blocking half produced (certificates are reported by the thread).
 #[derive(Debug)]
@@ -125,6 +126,8 @@ pub struct Reloader {
     /// The admin token the admin port checks, re-read from `server.admin.token_file` on
     /// every reload (a token file is a bootstrap choice; its content rotates).
     admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
+    /// Where applied configs are kept.
+    history: Option<History>,
 }
 
 // === impl Reloader ===
@@ -155,6 +158,7 @@ impl Reloader {
             include_dir,
             certs,
             admin_token,
+            history,
         } = beside;
         live.metrics.config_generation.set(1);
         Self {
@@ -179,6 +183,7 @@ impl Reloader {
             certs,
             abandoned: Mutex::new(None),
             admin_token,
+            history,
         }
     }
 
@@ -187,6 +192,11 @@ impl Reloader {
         let mut a = self.abandoned.lock().expect("not poisoned");
         a.as_mut()
             .is_some_and(|a| !matches!(a.rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)))
+    }
+
+    /// The history of applied configs, if kept.
+    pub fn history(&self) -> Option<&History> {
+        self.history.as_ref()
     }
 
     /// The live config's status.
@@ -201,37 +211,14 @@ impl Reloader {
         let built = self.run_job(trigger).await.map(|job| job.built);
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
-            Ok(Ok(Some((runtime, hash, server)))) => {
+            Ok(Ok(Some((runtime, hash, server, sources)))) => {
                 // Breakers new in this config get their state gauge now, not at their first
                 // transition.
                 runtime.governors.export_states(&self.live.metrics);
                 self.live.runtime.store(Arc::new(runtime));
-                let mut st = self.status.lock().expect("not poisoned");
-                *self.hash.lock().expect("not poisoned") = hash;
-                st.generation += 1;
-                st.hash = format!("{hash:016x}");
-                st.loaded_at_ms = unix_ms(SystemTime::now());
-                st.last_error = None;
-                st.last_error_at_ms = None;
-                st.restart_needed = needs_restart(&server, &self.bootstrap).then(|| {
-                    "the `server` section differs from the running one; restart to apply it"
-                        .to_owned()
-                });
-                if let Some(why) = &st.restart_needed {
-                    tracing::warn!(file = %st.file, "{why}");
-                }
-                self.live
-                    .metrics
-                    .config_generation
-                    .set(st.generation as i64);
-                tracing::info!(
-                    file = %st.file,
-                    generation = st.generation,
-                    hash = %st.hash,
-                    trigger,
-                    elapsed_ms = since.elapsed().as_secs_f64() * 1e3,
-                    "config applied"
-                );
+                let generation = self.mark_applied(hash, &server, trigger, since);
+                self.record_history(sources, generation, hash, trigger)
+                    .await;
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -272,6 +259,59 @@ impl Reloader {
             .config_reload_seconds
             .observe(since.elapsed().as_secs_f64());
         outcome
+    }
+
+    /// Record a config just made live in the status and metrics; its generation.
+    fn mark_applied(
+        &self,
+        hash: u64,
+        server: &rules::model::Server,
+        trigger: &str,
+        since: Instant,
+    ) -> u64 {
+        let mut st = self.status.lock().expect("not poisoned");
+        *self.hash.lock().expect("not poisoned") = hash;
+        st.generation += 1;
+        st.hash = format!("{hash:016x}");
+        st.loaded_at_ms = unix_ms(SystemTime::now());
+        st.last_error = None;
+        st.last_error_at_ms = None;
+        st.restart_needed = needs_restart(server, &self.bootstrap).then(|| {
+            "the `server` section differs from the running one; restart to apply it".to_owned()
+        });
+        if let Some(why) = &st.restart_needed {
+            tracing::warn!(file = %st.file, "{why}");
+        }
+        self.live
+            .metrics
+            .config_generation
+            .set(st.generation as i64);
+        tracing::info!(
+            file = %st.file,
+            generation = st.generation,
+            hash = %st.hash,
+            trigger,
+            elapsed_ms = since.elapsed().as_secs_f64() * 1e3,
+            "config applied"
+        );
+        st.generation
+    }
+
+    /// Keep an applied config in the history (under the reload's lock, so entries are in
+    /// the order applied). A failure is logged: the config is live either way.
+    async fn record_history(&self, sources: Sources, generation: u64, hash: u64, trigger: &str) {
+        let Some(h) = self.history.clone() else {
+            return;
+        };
+        let trigger = trigger.to_owned();
+        let done =
+            tokio::task::spawn_blocking(move || h.record(&sources, generation, hash, &trigger))
+                .await;
+        match done {
+            Ok(Ok(id)) => tracing::debug!(id, generation, "config history: recorded"),
+            Ok(Err(e)) => tracing::warn!("config history: {e}"),
+            Err(e) => tracing::warn!("config history: the writer failed: {e}"),
+        }
     }
 
     /// Run the blocking half of a reload (certificates, then read and build) on a thread
@@ -393,7 +433,7 @@ impl Reloader {
     fn build(&self, progress: &Progress) -> Result<Option<Built>, String> {
         self.refresh_admin_token(progress);
         let read = read_config_traced(&self.path, progress).map_err(|e| e.to_string())?;
-        let (loaded, hash) = (read.loaded, read.hash);
+        let (loaded, hash, sources) = (read.loaded, read.hash, read.sources);
         if hash == *self.hash.lock().expect("not poisoned") {
             return Ok(None);
         }
@@ -415,7 +455,7 @@ impl Reloader {
             &self.live.metrics,
         )
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        Ok(Some((runtime, hash, server)))
+        Ok(Some((runtime, hash, server, sources)))
     }
 }
 
@@ -428,6 +468,8 @@ pub struct Beside {
     pub certs: Vec<Arc<CertStore>>,
     /// The admin port's token, re-read from `server.admin.token_file`.
     pub admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
+    /// The history of applied configs (`server.data_dir`), if kept.
+    pub history: Option<History>,
 }
 
 /// Why a reload's blocking half gave no result.

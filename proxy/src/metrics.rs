@@ -180,6 +180,36 @@ pub struct OverloadRejectLabels {
     pub interface: Name,
 }
 
+/// Labels of `tidegate_shadow_breaker_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ShadowBreakerLabels {
+    /// Breaker name.
+    pub breaker: Name,
+    /// The upstream it guards.
+    pub upstream: Name,
+    /// `would_open` (it would have opened) or `would_reject` (it would have kept a request
+    /// from the upstream).
+    pub event: &'static str,
+}
+
+/// Labels of `tidegate_shadow_shed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct InterfaceLabels {
+    /// Interface name, or `none`.
+    pub interface: Name,
+}
+
+/// Labels of `tidegate_shadow_split_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ShadowSplitLabels {
+    /// Route rule name.
+    pub route: Name,
+    /// The upstream the request went to.
+    pub from: Name,
+    /// The upstream the shadow split would have sent it to.
+    pub to: Name,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -232,6 +262,14 @@ pub struct Metrics {
     pub overload_queue_delay_seconds: Gauge<f64, AtomicU64>,
     /// 1 if the last window was overloaded.
     pub overload_overloaded: Gauge,
+    /// Requests a dry-run fallback would have answered, by rule.
+    pub shadow_fallback: Family<RuleLabels, Counter>,
+    /// What dry-run breakers would have done: opened, or kept a request from the upstream.
+    pub shadow_breaker: Family<ShadowBreakerLabels, Counter>,
+    /// Requests dry-run admission would have shed, by interface.
+    pub shadow_shed: Family<InterfaceLabels, Counter>,
+    /// Requests a route's shadow split would have sent to another upstream.
+    pub shadow_split: Family<ShadowSplitLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -456,8 +494,36 @@ impl Metrics {
             "1 if the last control window counted as overloaded",
             overload_overloaded.clone(),
         );
+        let shadow_fallback = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "shadow_fallback",
+            "Requests a dry-run fallback rule would have answered locally, by rule",
+            shadow_fallback.clone(),
+        );
+        let shadow_breaker = Family::<ShadowBreakerLabels, Counter>::default();
+        registry.register(
+            "shadow_breaker",
+            "Dry-run circuit breakers: times one would have opened (would_open) and requests it would have refused (would_reject)",
+            shadow_breaker.clone(),
+        );
+        let shadow_shed = Family::<InterfaceLabels, Counter>::default();
+        registry.register(
+            "shadow_shed",
+            "Requests dry-run overload admission would have shed, by interface",
+            shadow_shed.clone(),
+        );
+        let shadow_split = Family::<ShadowSplitLabels, Counter>::default();
+        registry.register(
+            "shadow_split",
+            "Requests a route's shadow split would have sent to another upstream, by route, actual upstream and shadow upstream",
+            shadow_split.clone(),
+        );
         Self {
             registry,
+            shadow_fallback,
+            shadow_breaker,
+            shadow_shed,
+            shadow_split,
             overload_admission_level,
             overload_limit,
             overload_in_flight,

@@ -15,7 +15,7 @@ use http::{HeaderName, HeaderValue, StatusCode, header};
 use crate::bucket::{BUCKETS, Weight, parse_percent};
 use crate::ids::UpstreamId;
 use crate::matcher::CompiledMatch;
-use crate::model::Fallback;
+use crate::model::{Fallback, RuleMode};
 use crate::route::{BucketKey, CompiledNoUserKey, RouteInput, bucket_of};
 
 /// A response the gateway makes itself, ready to send.
@@ -42,6 +42,8 @@ pub struct CompiledFallback {
     pub salt: Box<str>,
     /// The answer.
     pub response: CompiledResponse,
+    /// `enforce`, or `dry_run`: decided and counted, never answered.
+    pub mode: RuleMode,
     pub(crate) no_user_key: CompiledNoUserKey,
 }
 
@@ -84,6 +86,8 @@ pub struct CompiledBreaker {
     pub half_open_probes: u32,
     /// While open: the answer, or the upstream to use instead.
     pub when_open: WhenOpen,
+    /// `mode: dry_run`: the state machine runs, but the breaker never refuses a request.
+    pub dry_run: bool,
     /// A hash of the definition (with the upstream and route by name), so a reload can keep
     /// the state of an unchanged breaker.
     pub fingerprint: u64,

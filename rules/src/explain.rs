@@ -63,6 +63,21 @@ pub struct Decision {
     pub bucket_key: Option<&'static str>,
     /// For a split: each target with its ppm and bucket range.
     pub split: Vec<SplitShare>,
+    /// The rule's `shadow_split`, when it has one and the split placed the request: where it
+    /// would have sent it (never sent; counted when it differs from `upstream`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_split: Option<ShadowChoice>,
+}
+
+/// Where a route's shadow split would send a request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ShadowChoice {
+    /// The upstream.
+    pub upstream: String,
+    /// The request's bucket under the shadow split's salt.
+    pub bucket: u32,
+    /// The shadow split's targets with their ppm and bucket ranges.
+    pub split: Vec<SplitShare>,
 }
 
 /// One target of a split, as configured.
@@ -140,21 +155,36 @@ impl Snapshot {
                 }
             })
             .collect();
+        let shares = |edges: &[crate::route::SplitEdge]| -> Vec<SplitShare> {
+            edges
+                .iter()
+                .map(|e| SplitShare {
+                    upstream: self.upstreams[e.upstream.0 as usize].name.to_string(),
+                    ppm: e.ppm,
+                    buckets: [e.edge - e.ppm, e.edge],
+                })
+                .collect()
+        };
         let decision = decision.map(|d| {
+            let shadow_split =
+                d.rule
+                    .shadow_choice(&input, d.via)
+                    .map(|(u, bucket)| ShadowChoice {
+                        upstream: self.upstreams[u.0 as usize].name.to_string(),
+                        bucket,
+                        split: d
+                            .rule
+                            .shadow
+                            .as_ref()
+                            .map_or_else(Vec::new, |s| shares(&s.targets)),
+                    });
             let (bucket, bucket_key) = match d.via {
                 Via::Split { bucket, key } => (Some(bucket), Some(key)),
                 _ => (None, None),
             };
             let split = match &d.rule.action {
                 RouteAction::Upstream(_) => Vec::new(),
-                RouteAction::Split(edges) => edges
-                    .iter()
-                    .map(|e| SplitShare {
-                        upstream: self.upstreams[e.upstream.0 as usize].name.to_string(),
-                        ppm: e.ppm,
-                        buckets: [e.edge - e.ppm, e.edge],
-                    })
-                    .collect(),
+                RouteAction::Split(edges) => shares(edges),
             };
             Decision {
                 rule: d.rule.name.to_string(),
@@ -174,6 +204,7 @@ impl Snapshot {
                     BucketKey::Random => "random",
                 }),
                 split,
+                shadow_split,
             }
         });
         Explanation {
@@ -236,6 +267,25 @@ impl fmt::Display for Explanation {
                 }
                 if let (Some(b), Some(k)) = (d.bucket, d.bucket_key) {
                     writeln!(f, "bucket: {b} (from {k})")?;
+                }
+                if let Some(s) = &d.shadow_split {
+                    for t in &s.split {
+                        writeln!(
+                            f,
+                            "  shadow split: {} {} ppm, buckets [{}, {})",
+                            t.upstream, t.ppm, t.buckets[0], t.buckets[1]
+                        )?;
+                    }
+                    let same = if s.upstream == d.upstream {
+                        "the same"
+                    } else {
+                        "elsewhere"
+                    };
+                    writeln!(
+                        f,
+                        "shadow: split would send it to {:?} (bucket {}): {same}",
+                        s.upstream, s.bucket
+                    )?;
                 }
                 write!(
                     f,

@@ -9,6 +9,7 @@ use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
 use crate::ids::UpstreamId;
 use crate::limit::CompiledLimit;
 use crate::matcher::{MatchIndex, MatchInput};
+use crate::model::RuleMode;
 use crate::route::RouteInput;
 
 /// Limits, fallbacks and breakers, compiled.
@@ -17,9 +18,13 @@ pub struct Governance {
     /// Limit rules in force, in check order.
     pub limits: Vec<CompiledLimit>,
     pub(crate) limit_index: MatchIndex,
-    /// Fallback rules in force.
+    /// Fallback rules in force: the enforced ones (in config order), then the dry-run ones.
     pub fallbacks: Vec<CompiledFallback>,
+    /// The enforced fallbacks (`fallbacks[..n]`): the request path's index.
     pub(crate) fallback_index: MatchIndex,
+    /// Every fallback, when some are dry runs: a dry run counts what it would answer if it
+    /// were enforced, which depends on the enforced rules around it.
+    shadow_fallback_index: Option<MatchIndex>,
     /// Circuit breakers in config order.
     pub breakers: Vec<CompiledBreaker>,
     /// (upstream, route) → breaker index; route `None` for upstream-wide breakers.
@@ -44,7 +49,16 @@ impl Governance {
         active_plans: Vec<Box<str>>,
     ) -> Self {
         let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher));
-        let fallback_index = MatchIndex::build(fallbacks.iter().map(|f| &f.matcher));
+        // Enforced first, so the request path's index is over a prefix and its rule IDs are
+        // IDs into `fallbacks`.
+        let (mut fallbacks, dry): (Vec<_>, Vec<_>) = fallbacks
+            .into_iter()
+            .partition(|f| f.mode == RuleMode::Enforce);
+        let enforced = fallbacks.len();
+        fallbacks.extend(dry);
+        let fallback_index = MatchIndex::build(fallbacks[..enforced].iter().map(|f| &f.matcher));
+        let shadow_fallback_index = (enforced < fallbacks.len())
+            .then(|| MatchIndex::build(fallbacks.iter().map(|f| &f.matcher)));
         let breaker_by = breakers
             .iter()
             .enumerate()
@@ -58,6 +72,7 @@ impl Governance {
             limit_index,
             fallbacks,
             fallback_index,
+            shadow_fallback_index,
             breakers,
             breaker_by,
             active_plans,
@@ -86,8 +101,8 @@ impl Governance {
             .all(m, |i| &self.limits[i as usize].matcher, out);
     }
 
-    /// The fallback that answers this request, if any: the most specific matching fallback
-    /// rule, when the request's user falls in its fraction.
+    /// The fallback that answers this request, if any: the most specific matching enforced
+    /// fallback rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
         if self.fallbacks.is_empty() {
             return None;
@@ -95,6 +110,29 @@ impl Governance {
         let rule_id = self
             .fallback_index
             .best(&r.m, |i| &self.fallbacks[i as usize].matcher)?;
+        self.fallback_at(rule_id, r)
+    }
+
+    /// Whether some fallback is a dry run.
+    pub fn has_shadow_fallbacks(&self) -> bool {
+        self.shadow_fallback_index.is_some()
+    }
+
+    /// The dry-run fallback that would answer this request if it were enforced: the most
+    /// specific matching fallback of all, when it is a dry run and the request's user falls
+    /// in its fraction.
+    pub fn shadow_fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        let rule_id = (self.shadow_fallback_index.as_ref())?
+            .best(&r.m, |i| &self.fallbacks[i as usize].matcher)?;
+        match self.fallbacks[rule_id as usize].mode {
+            RuleMode::DryRun => self.fallback_at(rule_id, r),
+            RuleMode::Enforce => None,
+        }
+    }
+
+    /// Fallback `rule_id`'s decision on a request it matches: it answers every user, or the
+    /// request's bucket falls in its fraction.
+    fn fallback_at(&self, rule_id: u32, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
         let rule = &self.fallbacks[rule_id as usize];
         if rule.fraction_ppm >= BUCKETS {
             return Some(FallbackDecision {

@@ -21,7 +21,7 @@ mod overload;
 
 pub use govern::{
     Breaker, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse, OnStoreError, Plan,
-    WhenMissing,
+    RuleMode, WhenMissing,
 };
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
@@ -501,6 +501,17 @@ pub struct Route {
     /// to the client IP when that header is absent). Never one shared bucket.
     #[serde(default)]
     pub no_user_key: NoUserKey,
+    /// A candidate split, evaluated but never used (shadow mode): for each request the
+    /// split would place (not one sent by `override_header` or the `whitelist`), the
+    /// upstream it would choose is compared with the real one, and a difference is counted
+    /// in `tidegate_shadow_split_total{route, from, to}`. Same form and checks as `split`;
+    /// allowed beside `upstream` or `split`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_split: Option<Vec<SplitTarget>>,
+    /// Salt of the shadow split's buckets. Default: the rule's `salt` (so the shadow split
+    /// answers "what if I changed the weights": users keep their buckets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_salt: Option<String>,
 }
 
 /// One target of a weighted split. Give exactly one of `weight` or `weight_ppm`.

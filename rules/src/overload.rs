@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::bucket::{BUCKETS, bucket, bucket_ip};
 use crate::ids::{InterfaceId, UpstreamId};
-use crate::model::{Config, Priority};
+use crate::model::{Config, Priority, RuleMode};
 
 mod adaptive;
 
@@ -91,6 +91,8 @@ pub struct AdmissionSpec {
     /// The secret keying user priorities (`priority_key_file`, read by the gateway); `None`:
     /// the public hash.
     pub priority_key: Option<PriorityKey>,
+    /// `mode: dry_run`: the level moves, requests below it are counted and served.
+    pub dry_run: bool,
 }
 
 /// A per-deployment secret keying user priorities: a SipHash-2-4 key.
@@ -207,6 +209,7 @@ impl CompiledOverload {
                     .floor
                     .map_or(0, |p| business_rank(p) * a.user_priority_levels),
                 priority_key: None,
+                dry_run: a.mode == RuleMode::DryRun,
             }),
             priority_key_file: a
                 .enabled

@@ -49,6 +49,19 @@ pub struct CompiledRoute {
     /// Client addresses whose override header counts (empty: anyone's).
     pub(crate) override_from: TrustedProxies,
     pub(crate) no_user_key: CompiledNoUserKey,
+    /// Its `shadow_split`: evaluated per request, never sent to.
+    pub shadow: Option<ShadowSplit>,
+}
+
+/// A route's shadow split, compiled.
+#[derive(Debug)]
+pub struct ShadowSplit {
+    /// Its targets, as a split's.
+    pub targets: Vec<SplitEdge>,
+    /// Salt of its buckets.
+    pub salt: Box<str>,
+    /// The salt is the route's: a request the route split keeps its bucket (no second hash).
+    pub(crate) same_salt: bool,
 }
 
 /// What a route rule does with a request.
@@ -188,6 +201,25 @@ impl CompiledRoute {
     /// The request's bucket under this rule's salt, and what it was computed from.
     pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
         bucket_of(&self.salt, &self.no_user_key, r)
+    }
+
+    /// Where the rule's shadow split would send a request the rule placed `via`, and the
+    /// request's bucket under the shadow salt: `None` without a shadow split, or when the
+    /// override header or the whitelist placed the request (they come before any split, so
+    /// the shadow split would place it the same way).
+    pub fn shadow_choice(&self, r: &RouteInput<'_>, via: Via) -> Option<(UpstreamId, u32)> {
+        let s = self.shadow.as_ref()?;
+        let b = match via {
+            Via::Split { bucket, .. } if s.same_salt => bucket,
+            Via::Split { .. } | Via::Direct => bucket_of(&s.salt, &self.no_user_key, r).0,
+            Via::Override | Via::WhitelistUser | Via::WhitelistApp => return None,
+        };
+        let t = s
+            .targets
+            .iter()
+            .find(|t| b < t.edge)
+            .expect("the last edge is 1,000,000 and buckets are below it");
+        Some((t.upstream, b))
     }
 }
 

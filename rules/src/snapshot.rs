@@ -47,6 +47,9 @@ pub struct Snapshot {
     /// `identity.jwt`: how a request's token is found and judged (the gateway holds the
     /// keys).
     pub jwt: Option<CompiledJwt>,
+    /// Some fallback is a dry run or some route has a shadow split (see
+    /// [`Snapshot::has_shadow`]).
+    shadow: bool,
 }
 
 // === impl Snapshot ===
@@ -66,19 +69,23 @@ impl Snapshot {
             .iter()
             .map(|u| Arc::from(&*u.name))
             .collect();
+        let routes = Routes::new(parts.routes, Arc::clone(&upstream_names));
+        let governance = Governance::new(
+            parts.limits,
+            parts.fallbacks,
+            parts.breakers,
+            parts.active_plans,
+        );
+        let shadow = governance.has_shadow_fallbacks() || routes.iter().any(|r| r.shadow.is_some());
         Ok(Self {
             interfaces: parts.interfaces,
             classifier: parts.classifier,
             interface_names,
-            routes: Routes::new(parts.routes, Arc::clone(&upstream_names)),
+            routes,
             upstream_names,
             upstreams: parts.upstreams,
-            governance: Governance::new(
-                parts.limits,
-                parts.fallbacks,
-                parts.breakers,
-                parts.active_plans,
-            ),
+            governance,
+            shadow,
             overload: parts.overload,
             trusted_proxies: parts.trusted_proxies,
             jwt: parts.jwt,
@@ -117,6 +124,19 @@ impl Snapshot {
     /// rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
         self.governance.fallback(r)
+    }
+
+    /// Whether the decision has shadow rules to evaluate after routing (dry-run fallbacks,
+    /// shadow splits): decided once per load, so without them the request path pays one
+    /// branch. Dry-run breakers and admission are decided where their enforced forms are.
+    pub fn has_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// The dry-run fallback that would answer this request if it were enforced (see
+    /// [`Governance::shadow_fallback`](crate::govern::Governance::shadow_fallback)).
+    pub fn shadow_fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        self.governance.shadow_fallback(r)
     }
 
     /// The breaker guarding requests that `route` sends to `upstream`: one for that route, or

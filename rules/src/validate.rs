@@ -30,7 +30,7 @@ use crate::model::{
     SCHEMA_VERSION, SplitTarget, UpstreamKind,
 };
 use crate::overload::CompiledOverload;
-use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction};
+use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction, ShadowSplit};
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
@@ -121,6 +121,7 @@ struct RouteTarget {
     override_header: Option<HeaderName>,
     override_from: TrustedProxies,
     no_user_key: CompiledNoUserKey,
+    shadow: Option<ShadowSplit>,
 }
 
 struct Validator<'c> {
@@ -711,6 +712,7 @@ impl<'c> Validator<'c> {
                 override_header: t.override_header,
                 override_from: t.override_from,
                 no_user_key: t.no_user_key,
+                shadow: t.shadow,
             }));
         }
         for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {
@@ -831,6 +833,7 @@ impl<'c> Validator<'c> {
             );
         }
         let no_user_key = self.no_user_key(rp.key("no_user_key"), &r.no_user_key);
+        let shadow = self.shadow_split(c, rp, r);
         if self.reported_since(before) {
             return None;
         }
@@ -841,6 +844,36 @@ impl<'c> Validator<'c> {
             override_header,
             override_from: TrustedProxies::new(nets),
             no_user_key: no_user_key?,
+            shadow,
+        })
+    }
+
+    /// A route's `shadow_split`, checked like a split (its salt defaults to the route's).
+    fn shadow_split(&mut self, c: &Config, rp: &JsonPath, r: &Route) -> Option<ShadowSplit> {
+        if r.shadow_salt.as_deref() == Some("") {
+            self.err(
+                rp.key("shadow_salt"),
+                "shadow_salt must not be empty (omit it to use the rule's salt)",
+            );
+        }
+        let Some(targets) = &r.shadow_split else {
+            if r.shadow_salt.is_some() {
+                self.err(
+                    rp.key("shadow_salt"),
+                    "shadow_salt only applies to a `shadow_split`",
+                );
+            }
+            return None;
+        };
+        let targets = match self.split(c, &rp.key("shadow_split"), targets)? {
+            RouteAction::Split(t) => t,
+            RouteAction::Upstream(_) => return None,
+        };
+        let salt = r.shadow_salt.as_deref().unwrap_or(r.bucket_salt());
+        Some(ShadowSplit {
+            targets,
+            same_salt: salt == r.bucket_salt(),
+            salt: salt.into(),
         })
     }
 

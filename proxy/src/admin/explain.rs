@@ -6,7 +6,8 @@
 //! applies (its quota and whether it would refuse now), the fallback, the route with every
 //! rule considered, the breaker, and the final answer. On the admin port the limiters and
 //! breakers are the live ones, read without being changed; the command line decides against
-//! fresh state (no request counted yet).
+//! fresh state (no request counted yet). Rules in shadow mode get their verdict beside the
+//! real one (`shadow`, and the route decision's `shadow_split`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -61,6 +62,8 @@ pub struct Explanation {
     pub breaker: Option<BreakerReport>,
     /// What the gateway does.
     pub answer: AnswerReport,
+    /// What the rules in shadow mode would have done (nothing of it is done).
+    pub shadow: ShadowReport,
     /// Whether limiter and breaker state is the live gateway's (admin port) or fresh
     /// (command line).
     pub live_state: bool,
@@ -118,10 +121,26 @@ pub struct FallbackReport {
 pub struct BreakerReport {
     /// Breaker name.
     pub breaker: String,
-    /// `closed`, `open` or `half_open`.
+    /// `closed`, `open` or `half_open` (for a dry-run breaker: the state it would be in).
     pub state: &'static str,
+    /// `mode: dry_run`: it never refuses (see `shadow.breaker`).
+    pub dry_run: bool,
     /// Whether it lets the request through.
     pub pass: bool,
+}
+
+/// The shadow verdicts: what dry-run rules would do to the request if they were enforced.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShadowReport {
+    /// Dry-run admission would shed it (`admission.admitted` stays true).
+    pub shed: bool,
+    /// The dry-run fallback that would answer it.
+    pub fallback: Option<FallbackReport>,
+    /// The dry-run breaker that would refuse it (`breaker.pass` stays true).
+    pub breaker: Option<String>,
+    /// The upstream the route's shadow split would send it to, when not the route's choice
+    /// (the route decision's `shadow_split` has the details).
+    pub split: Option<String>,
 }
 
 /// The final answer.
@@ -187,14 +206,22 @@ fn explain_runtime(rt: &Runtime, q: &ExplainQuery, live: bool) -> Result<Explana
             ..admission
         },
         limits,
-        fallback: d.fallback.map(|f| FallbackReport {
-            rule: f.rule.name.to_string(),
-            fraction_ppm: f.rule.fraction_ppm,
-            bucket: f.bucket.map(|(b, _)| b),
-            status: f.rule.response.status.as_u16(),
-        }),
+        fallback: d.fallback.as_ref().map(fallback_report),
         breaker: breaker_report(&d.breaker),
         answer: answer_report(rt, &d),
+        shadow: ShadowReport {
+            shed: d.shadow.shed,
+            fallback: d.shadow.fallback.as_ref().map(fallback_report),
+            breaker: match &d.breaker {
+                BreakerVerdict::Pass {
+                    breaker,
+                    would_reject: true,
+                    ..
+                } => Some(breaker.name.0.to_string()),
+                _ => None,
+            },
+            split: d.shadow.split.map(|u| snap.upstream_name(u).to_string()),
+        },
         live_state: live,
     })
 }
@@ -295,6 +322,15 @@ fn limit_reports(
         .collect()
 }
 
+fn fallback_report(f: &rules::degrade::FallbackDecision<'_>) -> FallbackReport {
+    FallbackReport {
+        rule: f.rule.name.to_string(),
+        fraction_ppm: f.rule.fraction_ppm,
+        bucket: f.bucket.map(|(b, _)| b),
+        status: f.rule.response.status.as_u16(),
+    }
+}
+
 fn breaker_report(v: &BreakerVerdict<'_>) -> Option<BreakerReport> {
     let (b, pass) = match v {
         BreakerVerdict::Pass { breaker, .. } => (breaker, true),
@@ -304,6 +340,7 @@ fn breaker_report(v: &BreakerVerdict<'_>) -> Option<BreakerReport> {
     Some(BreakerReport {
         breaker: b.name.0.to_string(),
         state: b.state().label(),
+        dry_run: b.def.dry_run,
         pass,
     })
 }
@@ -394,11 +431,26 @@ impl fmt::Display for Explanation {
         if let Some(b) = &self.breaker {
             writeln!(
                 f,
-                "breaker: {:?} is {}: {}",
+                "breaker: {:?}{} is {}: {}",
                 b.breaker,
+                if b.dry_run { " (dry run)" } else { "" },
                 b.state,
                 if b.pass { "pass" } else { "answers instead" }
             )?;
+        }
+        let s = &self.shadow;
+        if s.shed {
+            writeln!(f, "shadow: admission (dry run) would shed it")?;
+        }
+        if let Some(fb) = &s.fallback {
+            writeln!(
+                f,
+                "shadow: fallback {:?} (dry run) would answer {} ({} ppm of users)",
+                fb.rule, fb.status, fb.fraction_ppm
+            )?;
+        }
+        if let Some(b) = &s.breaker {
+            writeln!(f, "shadow: breaker {b:?} (dry run) would answer instead")?;
         }
         let a = &self.answer;
         match (&a.upstream, &a.rule, a.status) {

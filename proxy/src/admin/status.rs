@@ -494,6 +494,10 @@ impl History {
                 name: &b.name.0,
                 upstream: &b.upstream.0,
                 state: b.state().label(),
+                mode: match b.def.dry_run {
+                    true => "dry_run",
+                    false => "enforce",
+                },
             })
             .collect();
 
@@ -672,6 +676,8 @@ struct BreakerView<'a> {
     name: &'a str,
     upstream: &'a str,
     state: &'static str,
+    /// `enforce`, or `dry_run` (its state is the one it would be in; it never refuses).
+    mode: &'static str,
 }
 
 #[derive(Debug, Serialize)]

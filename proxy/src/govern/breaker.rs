@@ -7,6 +7,11 @@
 //! `open_for` the next request half-opens it: `half_open_probes` requests go through; all
 //! succeeding closes it, any failing opens it again.
 //!
+//! A dry-run breaker (`mode: dry_run`) runs the same state machine on the same outcomes,
+//! but where it would refuse it lets the request through with a *shadow* permit, whose
+//! outcome it ignores (as it ignores a refused request's, which never happened): its
+//! states are what an enforced breaker's would be, and nobody is kept from the upstream.
+//!
 //! Time is passed in (nanoseconds since [`epoch`]), so the state machine is tested without
 //! sleeping. The closed state is read with one atomic load, so a healthy upstream's requests
 //! never take the lock to be admitted; they take it once, briefly, to record their outcome.
@@ -108,6 +113,9 @@ pub enum Admission {
     Pass(Permit),
     /// Do not call the upstream.
     Reject,
+    /// A dry-run breaker would not call the upstream: go ahead; the permit's outcome is not
+    /// counted.
+    Shadow(Permit),
 }
 
 /// Leave to call the upstream. Report the outcome with [`Permit::finish`]; a permit dropped
@@ -117,6 +125,8 @@ pub enum Admission {
 pub struct Permit {
     breaker: Arc<Breaker>,
     probe: bool,
+    /// Issued by a dry-run breaker in place of a refusal: its outcome is not recorded.
+    shadow: bool,
     done: bool,
 }
 
@@ -232,7 +242,7 @@ impl Breaker {
         let mut transition = None;
         if let Phase::Open { until } = inner.state {
             if now < until {
-                return (Admission::Reject, None);
+                return (self.refuse(), None);
             }
             transition = self.set(
                 &mut inner,
@@ -248,15 +258,28 @@ impl Breaker {
                 *issued += 1;
                 Admission::Pass(self.permit(true))
             }
-            _ => Admission::Reject,
+            _ => self.refuse(),
         };
         (admission, transition)
+    }
+
+    /// A refusal: or for a dry-run breaker, a shadow permit.
+    fn refuse(self: &Arc<Self>) -> Admission {
+        match self.def.dry_run {
+            true => {
+                let mut p = self.permit(false);
+                p.shadow = true;
+                Admission::Shadow(p)
+            }
+            false => Admission::Reject,
+        }
     }
 
     fn permit(self: &Arc<Self>, probe: bool) -> Permit {
         Permit {
             breaker: Arc::clone(self),
             probe,
+            shadow: false,
             done: false,
         }
     }
@@ -374,6 +397,9 @@ impl Permit {
     /// Report how the call went; returns the state change it caused, if any.
     pub fn finish(mut self, now: u64, result: CallResult, latency: Duration) -> Option<Transition> {
         self.done = true;
+        if self.shadow {
+            return None;
+        }
         self.breaker.record(now, result, latency, self.probe)
     }
 }

@@ -22,10 +22,12 @@ use http_body_util::Full;
 use rules::model::{LimitMode, OnStoreError};
 use rules::{RouteDecision, RouteInput, Snapshot};
 
-use self::breaker::{Admission, Breaker, Breakers, CallResult, Permit, Transition};
+use self::breaker::{Admission, Breaker, Breakers, CallResult, Permit, State, Transition};
 use self::cluster::ClusterStore;
 use self::limit::{Limiters, Outcome, Rejection, RemoteCheck, RuleLimiter};
-use crate::metrics::{BreakerLabels, LimitLabels, Metrics, Name, RuleLabels, TransitionLabels};
+use crate::metrics::{
+    BreakerLabels, LimitLabels, Metrics, Name, RuleLabels, ShadowBreakerLabels, TransitionLabels,
+};
 use crate::respond::{self, GatewayError};
 use crate::stats::Class;
 
@@ -65,6 +67,8 @@ pub enum BreakerVerdict<'r> {
         breaker: &'r Arc<Breaker>,
         /// Leave to call, with the duty to report.
         permit: Option<Permit>,
+        /// A dry-run breaker that would have refused the request (shadow verdict).
+        would_reject: bool,
     },
     /// Open: its answer or its alternate upstream instead.
     Open {
@@ -159,12 +163,18 @@ impl Governors {
         let b = &self.breakers.by_id[bi as usize];
         let Some(metrics) = metrics else {
             let breaker = b;
-            return match b.would_admit(breaker::now()) {
-                true => BreakerVerdict::Pass {
+            return match (b.would_admit(breaker::now()), b.def.dry_run) {
+                (true, _) => BreakerVerdict::Pass {
                     breaker,
                     permit: None,
+                    would_reject: false,
                 },
-                false => BreakerVerdict::Open { breaker },
+                (false, true) => BreakerVerdict::Pass {
+                    breaker,
+                    permit: None,
+                    would_reject: true,
+                },
+                (false, false) => BreakerVerdict::Open { breaker },
             };
         };
         let (admission, transition) = b.admit(breaker::now());
@@ -175,7 +185,24 @@ impl Governors {
             Admission::Pass(p) => BreakerVerdict::Pass {
                 breaker: b,
                 permit: Some(p),
+                would_reject: false,
             },
+            Admission::Shadow(p) => {
+                count_shadow_breaker(metrics, b, "would_reject");
+                tracing::debug!(
+                    target: "tidegate::shadow",
+                    kind = "breaker",
+                    breaker = &*b.name.0,
+                    upstream = &*b.upstream.0,
+                    state = b.state().label(),
+                    "breaker would refuse (dry run)"
+                );
+                BreakerVerdict::Pass {
+                    breaker: b,
+                    permit: Some(p),
+                    would_reject: true,
+                }
+            }
             Admission::Reject => {
                 metrics
                     .breaker_rejections
@@ -186,10 +213,21 @@ impl Governors {
         }
     }
 
-    /// Set every breaker's state gauge (at start-up and after a reload, so a breaker that
-    /// never changed state is still exported).
+    /// Count the requests a dry-run fallback would have answered.
+    pub fn count_shadow_fallback(&self, metrics: &Metrics, rule_id: u32) {
+        metrics
+            .shadow_fallback
+            .get_or_create(&RuleLabels {
+                rule: self.fallback_names[rule_id as usize].clone(),
+            })
+            .inc();
+    }
+
+    /// Set every enforced breaker's state gauge (at start-up and after a reload, so a breaker
+    /// that never changed state is still exported). A dry-run breaker's state is not the
+    /// upstream's: it is seen through `tidegate_shadow_breaker_total` and `explain`.
     pub fn export_states(&self, metrics: &Metrics) {
-        for b in &self.breakers.by_id {
+        for b in self.breakers.by_id.iter().filter(|b| !b.def.dry_run) {
             metrics
                 .breaker_state
                 .get_or_create(&breaker_labels(b))
@@ -314,7 +352,35 @@ fn breaker_labels(b: &Breaker) -> BreakerLabels {
     }
 }
 
+fn count_shadow_breaker(metrics: &Metrics, b: &Breaker, event: &'static str) {
+    metrics
+        .shadow_breaker
+        .get_or_create(&ShadowBreakerLabels {
+            breaker: b.name.clone(),
+            upstream: b.upstream.clone(),
+            event,
+        })
+        .inc();
+}
+
 fn on_transition(metrics: &Metrics, b: &Breaker, t: Transition) {
+    if b.def.dry_run {
+        // Its states are the ones an enforced breaker would go through: counted and logged
+        // as shadow, kept out of the families that say what the upstream gets.
+        if t.to == State::Open {
+            count_shadow_breaker(metrics, b, "would_open");
+        }
+        tracing::info!(
+            target: "tidegate::shadow",
+            kind = "breaker",
+            breaker = &*b.name.0,
+            upstream = &*b.upstream.0,
+            from = t.from.label(),
+            to = t.to.label(),
+            "circuit breaker state change (dry run)"
+        );
+        return;
+    }
     metrics
         .breaker_state
         .get_or_create(&breaker_labels(b))

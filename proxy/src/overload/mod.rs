@@ -18,6 +18,9 @@
 //! its window's mean latency, the admission level is raised or lowered from the window's
 //! queueing (see [`rules::overload::LevelController`]), and the gauges are exported.
 //!
+//! Admission in `mode: dry_run` moves its level the same way, but a request below it is
+//! counted (`tidegate_shadow_shed_total`) and let in: [`Verdict::WouldShed`].
+//!
 //! State survives reloads: a cap whose definition is unchanged keeps its [`Gate`] (slots in
 //! use, queue, adaptive limit), and an unchanged admission section keeps its level.
 
@@ -40,7 +43,9 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::metrics::{GateLabels, LevelLabels, Metrics, Name, OverloadRejectLabels};
+use crate::metrics::{
+    GateLabels, InterfaceLabels, LevelLabels, Metrics, Name, OverloadRejectLabels,
+};
 use crate::respond;
 
 /// Why overload protection refused a request (the `reason` label).
@@ -52,6 +57,17 @@ pub enum Reason {
     QueueFull = 1,
     /// No slot within `queue_timeout_ms`.
     QueueTimeout = 2,
+}
+
+/// Priority admission's verdict on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// At or above the level, or admission is off.
+    Admit,
+    /// Below the level: refused.
+    Shed,
+    /// Below the level of a dry-run admission: counted and let in.
+    WouldShed,
 }
 
 /// Overload state of one runtime.
@@ -74,6 +90,8 @@ pub struct Overload {
     /// Rejection counters by interface (last: no interface), by reason; taken from the
     /// metric family on first use, so counting a rejection is one atomic add.
     rejected: Vec<OnceLock<[Counter; 3]>>,
+    /// `tidegate_shadow_shed_total` by interface (last: no interface), the same way.
+    shadow_shed: Vec<OnceLock<Counter>>,
 }
 
 /// One concurrency cap: slots whose number can change, a bounded wait queue ordered by
@@ -331,6 +349,7 @@ impl Overload {
             upstreams,
             admission,
             rejected: (0..business.len()).map(|_| OnceLock::new()).collect(),
+            shadow_shed: (0..business.len()).map(|_| OnceLock::new()).collect(),
             business,
             queue_timeout: o.queue_timeout,
             retry_after: HeaderValue::from(o.retry_after_s),
@@ -347,15 +366,40 @@ impl Overload {
         iface_names: &[Name],
         metrics: &Metrics,
     ) -> bool {
+        self.verdict(interface, user, iface_names, metrics) != Verdict::Shed
+    }
+
+    /// [`Overload::admit`], telling a dry run's would-be refusal ([`Verdict::WouldShed`],
+    /// counted in `tidegate_shadow_shed_total`) from an admission.
+    pub fn verdict(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+        iface_names: &[Name],
+        metrics: &Metrics,
+    ) -> Verdict {
         let Some((a, slot, rank)) = self.rank(interface, user) else {
-            return true;
+            return Verdict::Admit;
         };
         a.offered[rank as usize].fetch_add(1, Ordering::Relaxed);
-        if LevelController::admits(a.level.load(Ordering::Relaxed), rank) {
-            return true;
+        let level = a.level.load(Ordering::Relaxed);
+        if LevelController::admits(level, rank) {
+            return Verdict::Admit;
+        }
+        if a.spec.dry_run {
+            self.shadow_counter(slot, iface_names, metrics).inc();
+            tracing::debug!(
+                target: "tidegate::shadow",
+                kind = "admission",
+                interface = &*self.interface_label(slot, iface_names).0,
+                rank,
+                level,
+                "admission would shed (dry run)"
+            );
+            return Verdict::WouldShed;
         }
         self.counters(slot, iface_names, metrics)[Reason::Admission as usize].inc();
-        false
+        Verdict::Shed
     }
 
     /// Whether [`Overload::admit`] would let the request in at `level` (the live level when
@@ -366,8 +410,29 @@ impl Overload {
         user: UserKey<'_>,
         level: Option<u32>,
     ) -> bool {
-        self.priority(interface, user, level)
-            .is_none_or(|(rank, level)| LevelController::admits(level, rank))
+        self.peek(interface, user, level) != Verdict::Shed
+    }
+
+    /// [`Overload::verdict`] at `level` (the live level when `None`), counting nothing.
+    pub fn peek(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+        level: Option<u32>,
+    ) -> Verdict {
+        let Some((rank, level)) = self.priority(interface, user, level) else {
+            return Verdict::Admit;
+        };
+        match (LevelController::admits(level, rank), self.dry_run()) {
+            (true, _) => Verdict::Admit,
+            (false, true) => Verdict::WouldShed,
+            (false, false) => Verdict::Shed,
+        }
+    }
+
+    /// Whether priority admission is a dry run.
+    pub fn dry_run(&self) -> bool {
+        self.admission.as_ref().is_some_and(|a| a.spec.dry_run)
     }
 
     /// The request's rank and the admission level it is judged at (`level`, or the live
@@ -433,12 +498,28 @@ impl Overload {
         })
     }
 
+    /// The interface label of a counter slot.
+    fn interface_label(&self, slot: usize, iface_names: &[Name]) -> Name {
+        iface_names
+            .get(slot)
+            .cloned()
+            .unwrap_or_else(|| Name::from("none"))
+    }
+
+    fn shadow_counter(&self, slot: usize, iface_names: &[Name], metrics: &Metrics) -> &Counter {
+        self.shadow_shed[slot].get_or_init(|| {
+            metrics
+                .shadow_shed
+                .get_or_create(&InterfaceLabels {
+                    interface: self.interface_label(slot, iface_names),
+                })
+                .clone()
+        })
+    }
+
     fn counters(&self, slot: usize, iface_names: &[Name], metrics: &Metrics) -> &[Counter; 3] {
         self.rejected[slot].get_or_init(|| {
-            let interface = iface_names
-                .get(slot)
-                .cloned()
-                .unwrap_or_else(|| Name::from("none"));
+            let interface = self.interface_label(slot, iface_names);
             Reason::ALL.map(|r| {
                 metrics
                     .overload_rejected

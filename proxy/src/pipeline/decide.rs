@@ -14,12 +14,19 @@
 //! 6. **breaker**: the chosen upstream's circuit breaker.
 //!
 //! The first phase that answers ends the decision; later phases are not run (their fields stay
-//! empty). It is synchronous and does no I/O, so the request path, the benchmarks, the fuzz
+//! empty).
+//!
+//! Rules in shadow mode (`mode: dry_run`, `shadow_split`) are decided beside the real ones,
+//! counted and logged (target `tidegate::shadow`, at debug), and never change the action:
+//! dry-run admission in the admission phase, dry-run fallbacks and shadow splits after the
+//! route phase (one branch when the snapshot has none), a dry-run breaker in the breaker
+//! phase. [`Decision::shadow`] and the breaker verdict carry what they would have done. It is synchronous and does no I/O, so the request path, the benchmarks, the fuzz
 //! target and `explain` all run this one function. [`Mode::Peek`] decides without side
 //! effects (no quota spent, no breaker probe taken, nothing counted), for `explain` on the
 //! live runtime.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +39,8 @@ use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, Ups
 use crate::conn::ConnInfo;
 use crate::govern::limit::{Outcome, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
+use crate::metrics::{Name, ShadowSplitLabels};
+use crate::overload::Verdict;
 use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
 use crate::stats::Class;
@@ -76,8 +85,23 @@ pub struct Decision<'r> {
     pub route: Option<RouteDecision<'r>>,
     /// The chosen upstream's breaker.
     pub breaker: BreakerVerdict<'r>,
+    /// What the dry-run rules would have done with it.
+    pub shadow: Shadow<'r>,
     /// What to do with it.
     pub action: Action,
+}
+
+/// The shadow verdicts of a request: what rules in shadow mode would have done, had they
+/// been enforced (a dry-run breaker's is [`BreakerVerdict::Pass::would_reject`]).
+#[derive(Debug, Default)]
+pub struct Shadow<'r> {
+    /// Dry-run admission would have shed it.
+    pub shed: bool,
+    /// The dry-run fallback that would have answered it.
+    pub fallback: Option<FallbackDecision<'r>>,
+    /// The upstream the route's shadow split would have sent it to, when not the one the
+    /// route chose.
+    pub split: Option<UpstreamId>,
 }
 
 /// What the gateway does with a request.
@@ -125,7 +149,10 @@ pub fn decide_classified<'r>(
     let input = route_input(&class, headers, client_ip, mode);
     // Each phase runs only if every phase before it let the request on.
     let identity_refused = class.invalid_id && rt.snapshot.rejects_invalid_id();
-    let admitted = !identity_refused && admit(rt, &input, mode);
+    let (admitted, shed) = match identity_refused {
+        true => (false, false),
+        false => admit(rt, &input, mode),
+    };
     let (limited, cluster) = match admitted {
         true => rt
             .governors
@@ -146,6 +173,13 @@ pub fn decide_classified<'r>(
         Some(r) => (rt.governors).breaker(&rt.snapshot, r, serve.then_some(&*rt.metrics)),
         None => BreakerVerdict::Unchecked,
     };
+    let mut shadow = Shadow {
+        shed,
+        ..Shadow::default()
+    };
+    if on && rt.snapshot.has_shadow() {
+        shadow_rules(rt, &input, route.as_ref(), serve, &mut shadow);
+    }
     let mut d = Decision {
         class,
         client_ip,
@@ -156,6 +190,7 @@ pub fn decide_classified<'r>(
         fallback,
         route,
         breaker,
+        shadow,
         action: Action::NoRoute,
     };
     d.action = action(rt, &mut d, serve);
@@ -185,15 +220,68 @@ fn route_input<'a>(
 }
 
 /// Overload admission: counted in the window's histogram when serving. A request without a
-/// user is ranked by its client address.
-fn admit(rt: &Runtime, input: &RouteInput<'_>, mode: Mode) -> bool {
+/// user is ranked by its client address. Whether it is let in, and whether a dry-run
+/// admission would have shed it.
+fn admit(rt: &Runtime, input: &RouteInput<'_>, mode: Mode) -> (bool, bool) {
     let user = user_key(input.m.user, input.client_ip);
-    match mode {
+    let v = match mode {
         Mode::Serve { .. } => {
             rt.overload
-                .admit(input.m.interface, user, &rt.interface_names, &rt.metrics)
+                .verdict(input.m.interface, user, &rt.interface_names, &rt.metrics)
         }
-        Mode::Peek { level } => rt.overload.would_admit(input.m.interface, user, level),
+        Mode::Peek { level } => rt.overload.peek(input.m.interface, user, level),
+    };
+    (v != Verdict::Shed, v == Verdict::WouldShed)
+}
+
+/// The dry-run fallbacks and the route's shadow split, for a request that reached the
+/// fallback phase; counted and logged when serving.
+fn shadow_rules<'r>(
+    rt: &'r Runtime,
+    input: &RouteInput<'_>,
+    route: Option<&RouteDecision<'r>>,
+    serve: bool,
+    shadow: &mut Shadow<'r>,
+) {
+    let snap = &rt.snapshot;
+    shadow.fallback = snap.shadow_fallback(input);
+    if let (Some(fb), true) = (&shadow.fallback, serve) {
+        rt.governors.count_shadow_fallback(&rt.metrics, fb.rule_id);
+        tracing::debug!(
+            target: "tidegate::shadow",
+            kind = "fallback",
+            rule = &**fb.rule_name,
+            user = input.m.user.unwrap_or("none"),
+            "fallback would answer (dry run)"
+        );
+    }
+    let Some(r) = route else { return };
+    let Some((to, _)) = r.rule.shadow_choice(input, r.via) else {
+        return;
+    };
+    if to == r.upstream {
+        return;
+    }
+    shadow.split = Some(to);
+    if serve {
+        let to = snap.upstream_name(to);
+        rt.metrics
+            .shadow_split
+            .get_or_create(&ShadowSplitLabels {
+                route: Name(Arc::clone(r.rule_name)),
+                from: Name(Arc::clone(r.upstream_name)),
+                to: Name(Arc::clone(to)),
+            })
+            .inc();
+        tracing::debug!(
+            target: "tidegate::shadow",
+            kind = "split",
+            route = &**r.rule_name,
+            from = &**r.upstream_name,
+            to = &**to,
+            user = input.m.user.unwrap_or("none"),
+            "shadow split would send elsewhere"
+        );
     }
 }
 

@@ -265,3 +265,38 @@ fn old_configs_still_load() {
     assert!(s.governance.limits.is_empty() && s.governance.fallbacks.is_empty());
     assert!(s.governance.breakers.is_empty());
 }
+
+/// A dry-run fallback never answers: the request path sees only the enforced ones (a less
+/// specific enforced rule still answers where the dry run matches), and the shadow lookup
+/// finds the dry run exactly for the users in its fraction, by the bucket formula.
+#[test]
+fn dry_run_fallback_is_shadow_only() {
+    let s = snap(
+        r#", "fallbacks": [
+      { "name": "try", "match": { "interfaces": ["share"], "apps": ["a1"] }, "fraction": "30%",
+        "mode": "dry_run", "response": {} },
+      { "name": "half", "match": { "interfaces": ["share"] }, "fraction": "50%", "response": {} } ]"#,
+    );
+    assert!(s.has_shadow());
+    let h = HeaderMap::new();
+    let bucket = crate::bucket::bucket;
+    let (mut real, mut shadow) = (0, 0);
+    for u in (0..10_000).map(|i| format!("user-{i}")) {
+        let r = input(&h, Some("a1"), Some(&u));
+        let f = s.fallback(&r).map(|d| &*d.rule.name);
+        assert_eq!(f, (bucket("half", &u) < 500_000).then_some("half"), "{u}");
+        let sf = s.shadow_fallback(&r).map(|d| &*d.rule.name);
+        assert_eq!(sf, (bucket("try", &u) < 300_000).then_some("try"), "{u}");
+        real += usize::from(f.is_some());
+        shadow += usize::from(sf.is_some());
+        let other = input(&h, Some("a2"), Some(&u));
+        assert!(
+            s.shadow_fallback(&other).is_none(),
+            "the enforced rule is the best there"
+        );
+    }
+    assert!(real > 4_000 && shadow > 2_500, "{real} {shadow}");
+    let plain = snap(r#", "fallbacks": [ { "name": "half", "fraction": "50%", "response": {} } ]"#);
+    assert!(!plain.has_shadow());
+    assert!(plain.shadow_fallback(&input(&h, None, Some("u"))).is_none());
+}

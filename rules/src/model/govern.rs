@@ -92,7 +92,7 @@ pub enum OnStoreError {
     FailClosed,
 }
 
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+pub(crate) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
@@ -118,6 +118,19 @@ pub enum LimitMode {
     #[default]
     Enforce,
     /// Let the request pass; count and log the would-be rejection.
+    DryRun,
+}
+
+/// Whether a fallback, a breaker or overload admission acts, or only counts what it would
+/// do (shadow mode): the rule is decided on real traffic, counted and logged, and the
+/// request goes on as if the rule were absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMode {
+    /// Act: answer locally, open, shed.
+    #[default]
+    Enforce,
+    /// Decide and count (`tidegate_shadow_*`), never act.
     DryRun,
 }
 
@@ -157,6 +170,11 @@ pub struct Fallback {
     pub no_user_key: NoUserKey,
     /// The answer.
     pub response: LocalResponse,
+    /// `enforce` (the default) answers locally; `dry_run` decides and counts the requests it
+    /// would answer (`tidegate_shadow_fallback_total`) and lets them go on to their route,
+    /// as if the rule were absent (an enforced fallback they also match still answers).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: RuleMode,
 }
 
 /// A response the gateway makes itself.
@@ -249,6 +267,12 @@ pub struct Breaker {
     /// While open, send requests here instead of answering locally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alternate_upstream: Option<String>,
+    /// `enforce` (the default) opens; `dry_run` runs the same state machine on real
+    /// outcomes but never refuses a request: each time it would open is counted
+    /// (`tidegate_shadow_breaker_total{event="would_open"}`), and so is each request it
+    /// would have kept from the upstream (`event="would_reject"`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: RuleMode,
 }
 
 // === impl Fallback ===

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::govern::RuleMode;
+
 /// The `overload` section: how the gateway keeps its upstreams at their best throughput
 /// when offered more than they can take.
 ///
@@ -200,6 +202,13 @@ pub struct Admission {
     /// edit). The level never goes below it. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<Priority>,
+    /// `enforce` (the default) sheds requests below the level; `dry_run` moves the level
+    /// the same way but sheds nobody: each request below it is counted
+    /// (`tidegate_shadow_shed_total`) and served. With nobody shed, an overload that the
+    /// shedding would have relieved goes on, so the dry-run level climbs higher than an
+    /// enforced one would: read it as "who would go first", not "how many".
+    #[serde(default, skip_serializing_if = "super::govern::is_default")]
+    pub mode: RuleMode,
 }
 
 fn default_queue_timeout_ms() -> u64 {
@@ -267,6 +276,7 @@ impl Default for Admission {
             shed_percent: default_shed_percent(),
             admit_percent: default_admit_percent(),
             floor: None,
+            mode: RuleMode::default(),
         }
     }
 }

@@ -38,6 +38,7 @@ fn spec(levels: u32) -> AdmissionSpec {
         admit: 0.01,
         floor: 0,
         priority_key: None,
+        dry_run: false,
     }
 }
 

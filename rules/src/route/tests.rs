@@ -304,3 +304,101 @@ fn override_only_from_listed_clients() {
     assert_eq!(upstream_of(&s, &from(Some("203.0.113.9"))), "v1");
     assert_eq!(upstream_of(&s, &from(None)), "v1");
 }
+
+/// A shadow split counts exactly the users whose bucket puts them elsewhere: with the route's
+/// salt, the users in its first 10% are "moved" to v2; with its own salt, those of the
+/// bucket under that salt. The real choice never changes, and pinned users are not counted.
+#[test]
+fn shadow_split_counts_by_bucket() {
+    let h = HeaderMap::new();
+    let users: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+    for (salt, shadow_salt) in [("canary", ""), ("canary", r#", "shadow_salt": "other""#)] {
+        let s = snap(&format!(
+            r#"[{{"name": "canary", "split": [{{"upstream": "v2", "weight": "1%"}}, {{"upstream": "v1", "weight": "rest"}}],
+                 "shadow_split": [{{"upstream": "v2", "weight": "10%"}}, {{"upstream": "v1", "weight": "rest"}}],
+                 "whitelist": [{{"upstream": "v1", "users": ["user-7"]}}]{shadow_salt}}}]"#
+        ));
+        let shadow_by = if shadow_salt.is_empty() {
+            salt
+        } else {
+            "other"
+        };
+        let (v1, v2) = (
+            s.upstream_by_name("v1").unwrap(),
+            s.upstream_by_name("v2").unwrap(),
+        );
+        let mut moved = 0;
+        let mut want = 0;
+        for u in &users {
+            let r = input(Some(u), None, &h);
+            let d = s.route(&r).unwrap();
+            let real = if crate::bucket::bucket(salt, u) < 10_000 {
+                v2
+            } else {
+                v1
+            };
+            let shadow = if crate::bucket::bucket(shadow_by, u) < 100_000 {
+                v2
+            } else {
+                v1
+            };
+            if u == "user-7" {
+                assert_eq!(d.upstream, v1);
+                assert_eq!(d.rule.shadow_choice(&r, d.via), None, "pinned: not split");
+                continue;
+            }
+            assert_eq!(d.upstream, real, "{u}");
+            let (to, _) = d.rule.shadow_choice(&r, d.via).expect("has a shadow split");
+            assert_eq!(to, shadow, "{u}");
+            moved += usize::from(to != d.upstream);
+            want += usize::from(shadow != real);
+        }
+        assert_eq!(moved, want);
+        assert!(
+            want > 1_000,
+            "{want}: the shadow split moves about 10% of users"
+        );
+    }
+    let plain = snap(r#"[{"name": "canary", "upstream": "v1"}]"#);
+    let r = input(Some("user-1"), None, &h);
+    let d = plain.route(&r).unwrap();
+    assert_eq!(d.rule.shadow_choice(&r, d.via), None, "no shadow split");
+    assert!(!plain.has_shadow());
+}
+
+/// A shadow split beside a single upstream is allowed and judged like a split; its
+/// mistakes are reported at `shadow_split` and `shadow_salt`.
+#[test]
+fn shadow_split_validation() {
+    let s = snap(
+        r#"[{"name": "one", "upstream": "v1", "shadow_split": [{"upstream": "v2", "weight": "50%"}, {"upstream": "v1", "weight": "rest"}]}]"#,
+    );
+    assert!(s.has_shadow());
+    let bad = |routes: &str| {
+        let text = format!(
+            r#"{{"schema_version": 1, "upstreams": {{"v1": {{"endpoints": ["127.0.0.1:1"]}}, "v2": {{"endpoints": ["127.0.0.1:2"]}}}}, "routes": {routes}}}"#
+        );
+        crate::load("t.json", text.as_bytes())
+            .expect_err("refused")
+            .to_string()
+    };
+    let e = bad(
+        r#"[{"name": "c", "upstream": "v1", "shadow_split": [{"upstream": "v2", "weight": "5%"}, {"upstream": "v1", "weight": "90%"}]}]"#,
+    );
+    assert!(
+        e.contains("routes[0].shadow_split") && e.contains("not 1000000 (100%)"),
+        "{e}"
+    );
+    let e = bad(
+        r#"[{"name": "c", "upstream": "v1", "shadow_split": [{"upstream": "v9", "weight": "rest"}]}]"#,
+    );
+    assert!(
+        e.contains("routes[0].shadow_split[0].upstream") && e.contains("unknown upstream \"v9\""),
+        "{e}"
+    );
+    let e = bad(r#"[{"name": "c", "upstream": "v1", "shadow_salt": "x"}]"#);
+    assert!(
+        e.contains("routes[0].shadow_salt") && e.contains("only applies to a `shadow_split`"),
+        "{e}"
+    );
+}

@@ -18,7 +18,9 @@ use crate::error::{JsonPath, did_you_mean};
 use crate::limit::{
     CompiledKeyPart, CompiledLimit, Exception, MAX_RATE_COUNT, fingerprint, parse_rate,
 };
-use crate::model::{Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse};
+use crate::model::{
+    Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, RuleMode,
+};
 use crate::plan;
 
 use super::{MAX_GOVERN_RULES, Validator, ambiguous_pairs};
@@ -291,6 +293,7 @@ impl Validator<'_> {
                     fraction_ppm: fraction_ppm?,
                     salt: f.bucket_salt().into(),
                     response: response?,
+                    mode: f.mode,
                     no_user_key: no_user_key?,
                 })
             };
@@ -479,6 +482,7 @@ impl Validator<'_> {
             open_for: Duration::from_millis(b.open_ms),
             half_open_probes: b.half_open_probes,
             when_open,
+            dry_run: b.mode == RuleMode::DryRun,
             fingerprint: fingerprint(b),
         })
     }

@@ -233,10 +233,12 @@ function renderFacts(s) {
   const br = $("breakers");
   const open = s.breakers.filter((b) => b.state !== "closed");
   const text = !s.breakers.length ? "none"
-    : open.length ? open.map((b) => (b.state === "open" ? "■ " : "▲ ") + b.name + " → " + b.upstream + ": " + b.state.replace("_", "-")).join("; ")
+    : open.length ? open.map((b) => (b.state === "open" ? "■ " : "▲ ") + b.name + " → " + b.upstream + ": " + b.state.replace("_", "-") + (b.mode === "dry_run" ? " (dry run)" : "")).join("; ")
     : "all " + s.breakers.length + " closed";
   setCell(br, text, open.length);
-  br.className = open.some((b) => b.state === "open") ? "state-open" : open.length ? "state-half_open" : "";
+  // A dry-run breaker's state is the one it would be in: shown, never alarmed on.
+  const real = open.filter((b) => b.mode !== "dry_run");
+  br.className = real.some((b) => b.state === "open") ? "state-open" : real.length ? "state-half_open" : "";
   const c = s.config;
   setCell($("cfg-generation"), String(c.generation));
   setCell($("cfg-hash"), c.hash || "—");

@@ -234,3 +234,45 @@ fn route_and_answer_off_line() {
     );
     assert!(text.contains("limits (1, live state)"), "{text}");
 }
+
+/// Every shadow verdict is reported next to the real one, in the text and the JSON: a
+/// dry-run fallback and a shadow split (100% to `v2`) beside the forward to `v1`; dry-run
+/// admission judged at a level that sheds `share`, beside `admitted`.
+#[test]
+fn shadow_verdicts_beside_the_real_ones() {
+    let rt = runtime(json!({
+        "routes": [ { "name": "default", "upstream": "v1",
+                      "shadow_split": [ { "upstream": "v2", "weight": "100%" } ] } ],
+        "fallbacks": [ { "name": "try-off", "match": { "interfaces": ["share"] },
+                         "mode": "dry_run", "response": { "status": 503 } } ],
+        "overload": { "enabled": true, "max_in_flight": 100,
+                      "interfaces": { "share": { "priority": "low" } },
+                      "admission": { "mode": "dry_run" } }
+    }));
+    let q = ExplainQuery {
+        level: Some(128),
+        ..query("/envelopes/7/share", "bob")
+    };
+    let e = explain_live(&rt, &q).unwrap();
+    assert_eq!(e.answer.upstream.as_deref(), Some("v1"), "{e}");
+    assert!(e.admission.admitted && e.fallback.is_none(), "{e}");
+    assert!(e.shadow.shed, "{e}");
+    assert_eq!(
+        e.shadow.fallback.as_ref().map(|f| &*f.rule),
+        Some("try-off")
+    );
+    assert_eq!(e.shadow.split.as_deref(), Some("v2"));
+    let text = e.to_string();
+    for line in [
+        "shadow: admission (dry run) would shed it",
+        "shadow: fallback \"try-off\" (dry run) would answer 503",
+        "shadow: split would send it to \"v2\"",
+        "answer: forward to upstream \"v1\"",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    assert!(matches!(
+        serve(&rt, "/envelopes/7/share", "bob"),
+        Action::Forward { upstream, .. } if upstream == rules::UpstreamId(0)
+    ));
+}

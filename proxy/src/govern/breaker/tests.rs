@@ -32,6 +32,7 @@ fn call_took(
     match b.admit(now).0 {
         Admission::Pass(p) => Some(p.finish(now, result, took)),
         Admission::Reject => None,
+        Admission::Shadow(_) => panic!("an enforced breaker refuses, it does not shadow"),
     }
 }
 
@@ -213,4 +214,49 @@ fn stale_results_are_ignored() {
         None
     );
     assert_eq!(b.state(), State::Open);
+}
+
+/// A dry-run breaker goes through the states an enforced one goes through on the same
+/// outcomes, and never refuses: where the enforced one refuses it hands out a shadow permit,
+/// whose outcome changes nothing (successes reported while open do not close it).
+#[test]
+fn dry_run_mirrors_states_and_never_refuses() {
+    let real = breaker("");
+    let dry = breaker(r#", "mode": "dry_run""#);
+    let mut opened = 0;
+    let mut shadowed = 0;
+    let mut step = |now: u64, result: CallResult| {
+        let (r, rt) = real.admit(now);
+        let (d, dt) = dry.admit(now);
+        assert_eq!(rt, dt, "at {now}");
+        let t = match (r, d) {
+            (Admission::Pass(p), Admission::Pass(q)) => {
+                let t = p.finish(now, result, Duration::from_millis(1));
+                assert_eq!(t, q.finish(now, result, Duration::from_millis(1)));
+                t
+            }
+            (Admission::Reject, Admission::Shadow(q)) => {
+                shadowed += 1;
+                assert_eq!(q.finish(now, result, Duration::from_millis(1)), None);
+                None
+            }
+            (r, d) => panic!("at {now}: enforced {r:?}, dry run {d:?}"),
+        };
+        opened += usize::from(t.is_some_and(|t| t.to == State::Open));
+        assert_eq!(real.state(), dry.state(), "at {now}");
+    };
+    for i in 0..10 {
+        step(i * MS, CallResult::Failure);
+    }
+    for i in 100..105 {
+        step(i * MS, CallResult::Success);
+    }
+    assert_eq!(dry.state(), State::Open);
+    step(600 * MS, CallResult::Success);
+    step(601 * MS, CallResult::Success);
+    assert_eq!(dry.state(), State::Closed, "two good probes close it");
+    for i in 700..710 {
+        step(i * MS, CallResult::Failure);
+    }
+    assert_eq!((opened, shadowed), (2, 5));
 }

@@ -30,12 +30,13 @@ use crate::model::{
     SCHEMA_VERSION, SplitTarget, UpstreamKind,
 };
 use crate::overload::CompiledOverload;
-use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction};
+use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction};
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod govern;
 mod identity;
+mod mirror;
 mod overload;
 
 /// Most route rules in one config.
@@ -121,6 +122,7 @@ struct RouteTarget {
     override_header: Option<HeaderName>,
     override_from: TrustedProxies,
     no_user_key: CompiledNoUserKey,
+    mirror: Option<CompiledMirror>,
 }
 
 struct Validator<'c> {
@@ -707,6 +709,7 @@ impl<'c> Validator<'c> {
                 override_header: t.override_header,
                 override_from: t.override_from,
                 no_user_key: t.no_user_key,
+                mirror: t.mirror,
             }));
         }
         for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {
@@ -827,6 +830,7 @@ impl<'c> Validator<'c> {
             );
         }
         let no_user_key = self.no_user_key(rp.key("no_user_key"), &r.no_user_key);
+        let mirror = self.mirror(c, rp, r);
         if self.reported_since(before) {
             return None;
         }
@@ -837,6 +841,7 @@ impl<'c> Validator<'c> {
             override_header,
             override_from: TrustedProxies::new(nets),
             no_user_key: no_user_key?,
+            mirror,
         })
     }
 

@@ -215,3 +215,94 @@ impl Drop for Slot {
         self.0.series.in_flight.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(max_in_flight: u32, metrics: &Arc<Metrics>) -> Arc<Mirror> {
+        let text = format!(
+            r#"{{"schema_version": 1,
+              "upstreams": {{"v1": {{"endpoints": ["127.0.0.1:1"]}}, "shadow": {{"endpoints": ["127.0.0.1:2"]}}}},
+              "routes": [{{"name": "r", "upstream": "v1",
+                "mirror": {{"upstream": "shadow", "fraction": "100%", "max_in_flight": {max_in_flight}}}}}]}}"#
+        );
+        let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
+        let def = snap.routes[0].mirror.as_ref().unwrap();
+        let up = Arc::new(Upstream::build(&snap.upstreams[def.upstream.0 as usize], None).unwrap());
+        Mirror::build("r", def, &up, metrics, None)
+    }
+
+    /// The tee hands over the body's pieces joined, once it has ended.
+    #[test]
+    fn tee_hands_over_the_whole_body() {
+        let (mut t, mut rx) = Tee::new(7);
+        t.push(&Bytes::from_static(b"abc"));
+        t.push(&Bytes::from_static(b"defg"));
+        t.finish();
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"abcdefg"));
+    }
+
+    /// Past its limit, or dropped before the end, the tee hands over nothing.
+    #[test]
+    fn tee_over_its_limit_or_cut_short_hands_over_nothing() {
+        let (mut t, mut rx) = Tee::new(3);
+        t.push(&Bytes::from_static(b"abcd"));
+        t.finish();
+        assert!(rx.try_recv().is_err());
+        let (mut t, mut rx) = Tee::new(10);
+        t.push(&Bytes::from_static(b"ab"));
+        drop(t);
+        assert!(rx.try_recv().is_err());
+    }
+
+    /// Copies in flight stop at the bound, the excess counted as dropped; a finished copy
+    /// gives its place back. The in-flight gauge follows.
+    #[tokio::test]
+    async fn claims_stop_at_the_bound() {
+        let metrics = Arc::new(Metrics::new());
+        let m = mirror(2, &metrics);
+        let (a, b) = (m.claim(), m.claim());
+        assert!(a.is_some() && b.is_some());
+        assert!(m.claim().is_none());
+        assert_eq!(m.in_flight(), 2);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"tidegate_mirror_requests_total{route="r",upstream="shadow",outcome="dropped"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tidegate_mirror_in_flight{route="r",upstream="shadow"} 2"#),
+            "{text}"
+        );
+        drop(a);
+        assert_eq!(m.in_flight(), 1);
+        assert!(m.claim().is_some());
+        drop(b);
+    }
+
+    /// A reload that keeps the mirror's definition keeps the mirror and its copies in
+    /// flight; another bound builds a new one.
+    #[tokio::test]
+    async fn reload_keeps_an_unchanged_mirror() {
+        let metrics = Arc::new(Metrics::new());
+        let m = mirror(2, &metrics);
+        let def = CompiledMirror {
+            upstream: rules::UpstreamId(0),
+            ppm: 1_000_000,
+            salt: "r#mirror".into(),
+            max_body_bytes: m.max_body,
+            max_in_flight: 2,
+        };
+        let kept = Mirror::build("r", &def, &m.upstream, &metrics, Some(&m));
+        assert!(Arc::ptr_eq(&kept, &m));
+        let other = CompiledMirror {
+            max_in_flight: 3,
+            ..def
+        };
+        let new = Mirror::build("r", &other, &m.upstream, &metrics, Some(&m));
+        assert!(!Arc::ptr_eq(&new, &m));
+    }
+}

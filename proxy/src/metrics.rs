@@ -210,6 +210,27 @@ pub struct ShadowSplitLabels {
     pub to: Name,
 }
 
+/// Labels of the per-mirror families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The route rule whose requests are copied.
+    pub route: Name,
+    /// The mirror upstream.
+    pub upstream: Name,
+}
+
+/// Labels of `tidegate_mirror_requests_total` and `tidegate_mirror_responses_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MirrorOutcomeLabels {
+    /// The route rule whose requests are copied.
+    pub route: Name,
+    /// The mirror upstream.
+    pub upstream: Name,
+    /// Requests: `sent`, `skipped_body`, `body_incomplete` or `dropped`; responses: the
+    /// status class (`2xx`, ...) or an error code (`upstream_timeout`, ...).
+    pub outcome: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -270,6 +291,14 @@ pub struct Metrics {
     pub shadow_shed: Family<InterfaceLabels, Counter>,
     /// Requests a route's shadow split would have sent to another upstream.
     pub shadow_split: Family<ShadowSplitLabels, Counter>,
+    /// Mirror copies by route, mirror upstream and what became of them before sending.
+    pub mirror_requests: Family<MirrorOutcomeLabels, Counter>,
+    /// Mirror copies' answers by status class, or their failures by error code.
+    pub mirror_responses: Family<MirrorOutcomeLabels, Counter>,
+    /// Time from sending a mirror copy to its response head.
+    pub mirror_latency: Family<MirrorLabels, Histogram>,
+    /// Mirror copies in flight now.
+    pub mirror_in_flight: Family<MirrorLabels, Gauge>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -518,12 +547,43 @@ impl Metrics {
             "Requests a route's shadow split would have sent to another upstream, by route, actual upstream and shadow upstream",
             shadow_split.clone(),
         );
+        let mirror_requests = Family::<MirrorOutcomeLabels, Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Mirror copies by route and mirror upstream: sent, skipped_body, body_incomplete or dropped",
+            mirror_requests.clone(),
+        );
+        let mirror_responses = Family::<MirrorOutcomeLabels, Counter>::default();
+        registry.register(
+            "mirror_responses",
+            "Answers to mirror copies by status class, or their failures by error code (discarded)",
+            mirror_responses.clone(),
+        );
+        let mirror_latency = Family::<MirrorLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs .. ~13 s, as the upstream latency
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "mirror_latency_seconds",
+            "Time from sending a mirror copy to its response head",
+            mirror_latency.clone(),
+        );
+        let mirror_in_flight = Family::<MirrorLabels, Gauge>::default();
+        registry.register(
+            "mirror_in_flight",
+            "Mirror copies in flight now",
+            mirror_in_flight.clone(),
+        );
         Self {
             registry,
             shadow_fallback,
             shadow_breaker,
             shadow_shed,
             shadow_split,
+            mirror_requests,
+            mirror_responses,
+            mirror_latency,
+            mirror_in_flight,
             overload_admission_level,
             overload_limit,
             overload_in_flight,

@@ -21,6 +21,7 @@ use crate::metrics::{Metrics, Name};
 use crate::overload::Overload;
 use crate::stats::Counters;
 use crate::upstream::Upstream;
+use crate::upstream::mirror::Mirror;
 use rules::overload::PriorityKey;
 
 /// Everything a request needs from the current config, published as one unit.
@@ -30,6 +31,9 @@ pub struct Runtime {
     pub snapshot: Snapshot,
     /// Runtime upstreams, indexed like `snapshot.upstreams`.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Route mirrors, indexed like the snapshot's routes (`None` for a route without one;
+    /// empty off-line, where nothing is forwarded).
+    pub mirrors: Vec<Option<Arc<Mirror>>>,
     /// Interface names as metric labels, indexed like `snapshot.interfaces`.
     pub interface_names: Vec<Name>,
     /// Limiter and breaker state (carried over a reload for unchanged rules).
@@ -114,8 +118,22 @@ impl Runtime {
                     .to_owned(),
             );
         }
+        let mirrors = snapshot
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let m = r.mirror.as_ref()?;
+                let kept = previous
+                    .and_then(|p| p.mirrors.get(i))
+                    .and_then(Option::as_ref);
+                let up = &upstreams[m.upstream.0 as usize];
+                Some(Mirror::build(&r.name, m, up, metrics, kept))
+            })
+            .collect();
         let mut rt = Self::with_state(snapshot, secrets.priority_key, previous, metrics);
         rt.upstreams = upstreams;
+        rt.mirrors = mirrors;
         rt.identity = identity;
         Ok(rt)
     }
@@ -148,6 +166,7 @@ impl Runtime {
         Self {
             snapshot,
             upstreams: Vec::new(),
+            mirrors: Vec::new(),
             interface_names,
             governors,
             overload,

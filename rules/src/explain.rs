@@ -67,6 +67,9 @@ pub struct Decision {
     /// would have sent it (never sent; counted when it differs from `upstream`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow_split: Option<ShadowChoice>,
+    /// The rule's mirror, and whether this request would be copied to it; `None` when the
+    /// rule has no mirror.
+    pub mirror: Option<MirrorShare>,
 }
 
 /// Where a route's shadow split would send a request.
@@ -78,6 +81,20 @@ pub struct ShadowChoice {
     pub bucket: u32,
     /// The shadow split's targets with their ppm and bucket ranges.
     pub split: Vec<SplitShare>,
+}
+
+/// A route's mirror, as it applies to one request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MirrorShare {
+    /// The upstream copies go to.
+    pub upstream: String,
+    /// Share of users mirrored, in parts per million.
+    pub ppm: u32,
+    /// The request's bucket under the mirror's salt (`None` at 0% or 100%: no hash needed).
+    pub bucket: Option<u32>,
+    /// Whether a copy would be sent (when the request is forwarded, its body is within
+    /// `max_body_bytes` and the mirror has room in flight).
+    pub mirrored: bool,
 }
 
 /// One target of a split, as configured.
@@ -186,6 +203,15 @@ impl Snapshot {
                 RouteAction::Upstream(_) => Vec::new(),
                 RouteAction::Split(edges) => shares(edges),
             };
+            let mirror = d.rule.mirror.as_ref().map(|m| {
+                let (mirrored, bucket) = d.rule.mirror_of(&input).unwrap_or((false, None));
+                MirrorShare {
+                    upstream: self.upstreams[m.upstream.0 as usize].name.to_string(),
+                    ppm: m.ppm,
+                    bucket: bucket.map(|(b, _)| b),
+                    mirrored,
+                }
+            });
             Decision {
                 rule: d.rule.name.to_string(),
                 upstream: self.upstreams[d.upstream.0 as usize].name.to_string(),
@@ -205,6 +231,7 @@ impl Snapshot {
                 }),
                 split,
                 shadow_split,
+                mirror,
             }
         });
         Explanation {
@@ -287,6 +314,14 @@ impl fmt::Display for Explanation {
                         s.upstream, s.bucket
                     )?;
                 }
+                if let Some(m) = &d.mirror {
+                    write!(f, "mirror: upstream {:?} {} ppm", m.upstream, m.ppm)?;
+                    if let Some(b) = m.bucket {
+                        write!(f, ", bucket {b}")?;
+                    }
+                    let yes = if m.mirrored { "copied" } else { "not copied" };
+                    writeln!(f, ": {yes}")?;
+                }
                 write!(
                     f,
                     "decision: rule {:?} → upstream {:?} via {}",
@@ -344,6 +379,40 @@ mod tests {
         assert!(
             text.contains("classification: app=douyin interface=grab user=bob"),
             "{text}"
+        );
+    }
+
+    /// A mirror reports its bucket and whether the request is copied, by the same rule
+    /// the request path uses.
+    #[test]
+    fn mirror_reported() {
+        let text = r#"{"schema_version": 1,
+          "upstreams": {"v1": {"endpoints": ["127.0.0.1:1"]}, "shadow": {"endpoints": ["127.0.0.1:2"]}},
+          "routes": [{"name": "default", "upstream": "v1",
+                      "mirror": {"upstream": "shadow", "fraction": "50%"}}]}"#;
+        let s = crate::load("t.json", text.as_bytes()).unwrap().snapshot;
+        let salt = "default#mirror";
+        let (mut seen_in, mut seen_out) = (false, false);
+        for user in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+            let e = explain(&s, "app", user, "/x");
+            let m = e.decision.as_ref().unwrap().mirror.clone().unwrap();
+            let b = crate::bucket::bucket(salt, user);
+            assert_eq!((m.upstream.as_str(), m.ppm), ("shadow", 500_000));
+            assert_eq!((m.bucket, m.mirrored), (Some(b), b < 500_000), "{user}");
+            seen_in |= m.mirrored;
+            seen_out |= !m.mirrored;
+            assert!(
+                e.to_string()
+                    .contains("mirror: upstream \"shadow\" 500000 ppm")
+            );
+        }
+        assert!(seen_in && seen_out, "both sides of the fraction exercised");
+        assert_eq!(
+            explain(&snap(), "douyin", "bob", "/x")
+                .decision
+                .unwrap()
+                .mirror,
+            None
         );
     }
 

@@ -512,6 +512,42 @@ pub struct Route {
     /// answers "what if I changed the weights": users keep their buckets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_salt: Option<String>,
+    /// A copy of a fraction of the requests this rule forwards, sent to another upstream
+    /// (shadow traffic); its answers are discarded. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// Request mirroring of a route: a fire-and-forget copy of a sticky fraction of its users'
+/// requests to another upstream. The client's answer never waits for the copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// The upstream the copies go to.
+    pub upstream: String,
+    /// Share of users mirrored, as a percentage with up to four decimals (`"30%"`). Give
+    /// exactly one of `fraction` or `fraction_ppm`: there is no default, because a copy of
+    /// every request doubles the load on the mirror.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<String>,
+    /// The same in parts per million (0..=1000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction_ppm: Option<u32>,
+    /// Salt of the mirror's user buckets. Default: the route's salt followed by `#mirror`,
+    /// so who is mirrored does not follow who is in a split's canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// Largest request body copied, in bytes. A request with a larger body, or with a body
+    /// of undeclared length (chunked), is not mirrored (counted as `skipped_body`), since
+    /// the copy is made as the body streams to the primary. Default: 65536. Range:
+    /// 0..=16777216.
+    #[serde(default = "default_mirror_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Most copies of this route in flight at once; beyond it copies are dropped (counted
+    /// as `dropped`), so a slow or hung mirror holds a bounded number of tasks and
+    /// sockets. Default: 64. Range: 1..=100000.
+    #[serde(default = "default_mirror_max_in_flight")]
+    pub max_in_flight: u32,
 }
 
 /// One target of a weighted split. Give exactly one of `weight` or `weight_ppm`.
@@ -548,6 +584,16 @@ impl Route {
     /// The salt of its user buckets: `salt`, or its name.
     pub fn bucket_salt(&self) -> &str {
         self.salt.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The salt of its mirror's user buckets: the mirror's `salt`, or the route's salt
+    /// followed by `#mirror`.
+    pub fn mirror_salt(&self) -> Option<String> {
+        let m = self.mirror.as_ref()?;
+        Some(match &m.salt {
+            Some(s) => s.clone(),
+            None => format!("{}#mirror", self.bucket_salt()),
+        })
     }
 }
 
@@ -637,6 +683,12 @@ fn default_read_timeout_ms() -> u64 {
 }
 fn default_pool_max_idle() -> u32 {
     256
+}
+fn default_mirror_max_body_bytes() -> u64 {
+    65_536
+}
+fn default_mirror_max_in_flight() -> u32 {
+    64
 }
 
 impl Default for Server {

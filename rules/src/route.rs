@@ -51,6 +51,8 @@ pub struct CompiledRoute {
     pub(crate) no_user_key: CompiledNoUserKey,
     /// Its `shadow_split`: evaluated per request, never sent to.
     pub shadow: Option<ShadowSplit>,
+    /// Where copies of a fraction of its requests go.
+    pub mirror: Option<CompiledMirror>,
 }
 
 /// A route's shadow split, compiled.
@@ -62,6 +64,21 @@ pub struct ShadowSplit {
     pub salt: Box<str>,
     /// The salt is the route's: a request the route split keeps its bucket (no second hash).
     pub(crate) same_salt: bool,
+}
+
+/// A route's mirror, compiled: everything the request path needs, decided at load time.
+#[derive(Debug)]
+pub struct CompiledMirror {
+    /// The upstream copies go to.
+    pub upstream: UpstreamId,
+    /// Share of users mirrored, in parts per million.
+    pub ppm: u32,
+    /// Salt of its user buckets (the route's `no_user_key` applies).
+    pub salt: Box<str>,
+    /// Largest request body copied.
+    pub max_body_bytes: u64,
+    /// Most copies in flight at once.
+    pub max_in_flight: u32,
 }
 
 /// What a route rule does with a request.
@@ -119,6 +136,8 @@ pub struct RouteDecision<'s> {
     pub upstream_name: &'s Arc<str>,
     /// How it was chosen.
     pub via: Via,
+    /// Whether a copy goes to the rule's mirror (always `false` without one).
+    pub mirrored: bool,
 }
 
 /// How a route rule chose its upstream.
@@ -221,6 +240,27 @@ impl CompiledRoute {
             .expect("the last edge is 1,000,000 and buckets are below it");
         Some((t.upstream, b))
     }
+
+    /// Whether a request goes to the rule's mirror too: `None` without a mirror, else the
+    /// answer and, when it took a hash, the bucket under the mirror's salt.
+    pub fn mirror_of(&self, r: &RouteInput<'_>) -> Option<(bool, Option<(u32, BucketKey)>)> {
+        let m = self.mirror.as_ref()?;
+        Some(match m.ppm {
+            // Every user, or none: no hash needed.
+            0 => (false, None),
+            BUCKETS => (true, None),
+            ppm => {
+                // A request bucketed by a random draw gets a draw of its own for the mirror
+                // (the same bits would mirror the split's first target first).
+                let r = RouteInput {
+                    random: r.random.rotate_left(32) ^ 0x6d69_7272_6f72,
+                    ..*r
+                };
+                let (b, key) = bucket_of(&m.salt, &self.no_user_key, &r);
+                (b < ppm, Some((b, key)))
+            }
+        })
+    }
 }
 
 // === impl RouteAction ===
@@ -293,6 +333,7 @@ impl Routes {
         let rule_id = self.index.best(&r.m, |i| &self.rules[i as usize].matcher)?;
         let rule = &self.rules[rule_id as usize];
         let (upstream, via) = rule.choose(&self.upstream_names, r);
+        let mirrored = rule.mirror.is_some() && rule.mirror_of(r).is_some_and(|(m, _)| m);
         Some(RouteDecision {
             rule,
             rule_id,
@@ -300,6 +341,7 @@ impl Routes {
             upstream,
             upstream_name: &self.upstream_names[upstream.0 as usize],
             via,
+            mirrored,
         })
     }
 

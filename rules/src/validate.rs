@@ -30,12 +30,13 @@ use crate::model::{
     SCHEMA_VERSION, SplitTarget, UpstreamKind,
 };
 use crate::overload::CompiledOverload;
-use crate::route::{CompiledNoUserKey, CompiledRoute, RouteAction, ShadowSplit};
+use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction, ShadowSplit};
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod govern;
 mod identity;
+mod mirror;
 mod overload;
 
 /// Most route rules in one config.
@@ -122,6 +123,7 @@ struct RouteTarget {
     override_from: TrustedProxies,
     no_user_key: CompiledNoUserKey,
     shadow: Option<ShadowSplit>,
+    mirror: Option<CompiledMirror>,
 }
 
 struct Validator<'c> {
@@ -713,6 +715,7 @@ impl<'c> Validator<'c> {
                 override_from: t.override_from,
                 no_user_key: t.no_user_key,
                 shadow: t.shadow,
+                mirror: t.mirror,
             }));
         }
         for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {
@@ -834,6 +837,7 @@ impl<'c> Validator<'c> {
         }
         let no_user_key = self.no_user_key(rp.key("no_user_key"), &r.no_user_key);
         let shadow = self.shadow_split(c, rp, r);
+        let mirror = self.mirror(c, rp, r);
         if self.reported_since(before) {
             return None;
         }
@@ -845,6 +849,7 @@ impl<'c> Validator<'c> {
             override_from: TrustedProxies::new(nets),
             no_user_key: no_user_key?,
             shadow,
+            mirror,
         })
     }
 

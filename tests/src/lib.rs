@@ -113,6 +113,57 @@ pub fn add_share_interface(config: &mut Value) {
         .push(json!({ "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }));
 }
 
+/// A listener that accepts connections and never reads from or answers them (a hung
+/// service); it holds every connection until dropped.
+#[derive(Debug)]
+pub struct Blackhole {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Blackhole {
+    /// Start one.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("a bound address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::Relaxed);
+                held.push(stream);
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The value of the series written exactly as `series` (`name{labels}`, labels in the
+/// order the gateway writes them) in a Prometheus text exposition, if present.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+}
+
 /// An address that was bound and then closed: connecting to it is refused.
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
@@ -134,10 +185,28 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
+/// A request the upstream has read to its end: its head and the start of its body.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Every header as received.
+    pub headers: HeaderMap,
+    /// The body's first [`KEPT_BODY_BYTES`] bytes.
+    pub body: Bytes,
+}
+
+/// Bytes of each request body an [`Upstream`] keeps for [`Upstream::received`].
+pub const KEPT_BODY_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 struct Log {
     seen: Mutex<Vec<Seen>>,
+    received: Mutex<Vec<Received>>,
     body_bytes: AtomicU64,
+    /// Wait before answering anything, in milliseconds (see [`Upstream::set_delay`]).
+    delay_ms: AtomicU64,
+    /// Requests being answered now, and the most there ever were at once.
+    busy: AtomicUsize,
+    most_busy: AtomicUsize,
 }
 
 /// A test upstream on `127.0.0.1:0` (HTTP/1.1 and h2c). It records every request head as
@@ -198,6 +267,23 @@ impl Upstream {
     pub fn body_bytes(&self) -> u64 {
         self.log.body_bytes.load(Ordering::Relaxed)
     }
+
+    /// Requests read to their end so far (head and body start), in the order they ended.
+    pub fn received(&self) -> Vec<Received> {
+        self.log.received.lock().expect("not poisoned").clone()
+    }
+
+    /// Make every answer from now on wait `d` first (a slow service), on top of `sleep_ms`.
+    pub fn set_delay(&self, d: Duration) {
+        self.log
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The most requests it was answering at once so far.
+    pub fn most_concurrent(&self) -> usize {
+        self.log.most_busy.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Upstream {
@@ -209,6 +295,20 @@ impl Drop for Upstream {
 type UpBody = BoxBody<Bytes, Infallible>;
 
 async fn upstream_answer(req: Request<Incoming>, log: &Log) -> Response<UpBody> {
+    /// Counts the request out however it ends (a client that goes away drops it).
+    struct Busy<'a>(&'a AtomicUsize);
+    impl Drop for Busy<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let busy = log.busy.fetch_add(1, Ordering::Relaxed) + 1;
+    let _busy = Busy(&log.busy);
+    log.most_busy.fetch_max(busy, Ordering::Relaxed);
+    upstream_answer_inner(req, log).await
+}
+
+async fn upstream_answer_inner(req: Request<Incoming>, log: &Log) -> Response<UpBody> {
     let (parts, mut body) = req.into_parts();
     let path = parts
         .uri
@@ -230,17 +330,25 @@ async fn upstream_answer(req: Request<Incoming>, log: &Log) -> Response<UpBody> 
         .collect();
     let num = |k: &str| query.get(k).and_then(|v| v.parse::<u64>().ok());
 
-    if let Some(ms) = num("sleep_ms") {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    let delay = log.delay_ms.load(Ordering::Relaxed) + num("sleep_ms").unwrap_or(0);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let mut body_len = 0u64;
+    let mut kept = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
         if let Some(d) = frame.data_ref() {
             body_len += d.len() as u64;
             log.body_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            let room = KEPT_BODY_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&d[..d.len().min(room)]);
         }
     }
+    log.received.lock().expect("not poisoned").push(Received {
+        headers: parts.headers.clone(),
+        body: Bytes::from(kept),
+    });
 
     if let Some(n) = num("download") {
         return Response::new(streamed_body(n).map_err(|e| match e {}).boxed());

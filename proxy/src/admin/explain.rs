@@ -155,6 +155,9 @@ pub struct AnswerReport {
     pub upstream: Option<String>,
     /// The rule that answered (limit, fallback, breaker).
     pub rule: Option<String>,
+    /// The mirror upstream a copy goes to, when forwarded and mirrored (a body over the
+    /// mirror's `max_body_bytes` or a mirror with no room in flight still skip the copy).
+    pub mirror: Option<String>,
 }
 
 /// Explain a query against a live runtime, changing nothing.
@@ -354,6 +357,12 @@ fn answer_report(rt: &Runtime, d: &Decision<'_>) -> AnswerReport {
                 status: None,
                 upstream: Some(name(*upstream)),
                 rule: None,
+                mirror: d
+                    .route
+                    .as_ref()
+                    .filter(|r| r.mirrored)
+                    .and_then(|r| r.rule.mirror.as_ref())
+                    .map(|m| name(m.upstream)),
             };
         }
         Action::NoRoute => ("no_route", None),
@@ -377,6 +386,7 @@ fn answer_report(rt: &Runtime, d: &Decision<'_>) -> AnswerReport {
         status: Some(status),
         upstream: None,
         rule,
+        mirror: None,
     }
 }
 
@@ -454,7 +464,13 @@ impl fmt::Display for Explanation {
         }
         let a = &self.answer;
         match (&a.upstream, &a.rule, a.status) {
-            (Some(u), _, _) => write!(f, "answer: forward to upstream {u:?}"),
+            (Some(u), _, _) => {
+                write!(f, "answer: forward to upstream {u:?}")?;
+                match &a.mirror {
+                    Some(m) => write!(f, ", and a copy to {m:?}"),
+                    None => Ok(()),
+                }
+            }
             (None, Some(r), Some(s)) => write!(f, "answer: {s} {} (rule {r:?})", a.kind),
             (None, _, Some(s)) => write!(f, "answer: {s} {}", a.kind),
             (None, _, None) => write!(f, "answer: {}", a.kind),

@@ -31,7 +31,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
@@ -124,6 +124,7 @@ impl Gateway {
         let record = Record::start(&rt, &d, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
         let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
+        let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);
         let step = self
             .wait_checks(&rt, interface, action, cluster, &parts.headers)
             .await;
@@ -132,9 +133,14 @@ impl Gateway {
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
                 hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
+                // The copy starts here, after hygiene (it carries the same forwarding
+                // headers), and is never waited for.
+                let tee = mirror
+                    .and_then(|id| rt.mirrors.get(id as usize)?.as_ref())
+                    .and_then(|m| m.start(&parts, body.is_end_stream()));
                 let upstream = &rt.upstreams[up.0 as usize];
                 let max_body = self.settings.max_body_bytes;
-                let result = upstream.forward(parts, body, max_body, cache).await;
+                let result = upstream.forward(parts, body, max_body, cache, tee).await;
                 self.finish(result.as_ref(), permit, held, started);
                 Answer::Exchange(Some(up), result)
             }

@@ -3,6 +3,7 @@
 //!
 //! - [`h1`]: the HTTP/1.1 client of our own for bodiless requests.
 //! - [`headers`]: header hygiene (hop-by-hop headers, `Host`, `X-Forwarded-For`).
+//! - [`mirror`]: fire-and-forget copies of requests to a route's mirror upstream.
 //!
 //! An HTTP/1.x downstream connection carries one request at a time, so it gets its own
 //! upstream connection ([`ConnCache`], created on its first request and reused until it
@@ -35,6 +36,7 @@ use rules::snapshot::UpstreamSpec;
 
 pub mod h1;
 pub mod headers;
+pub mod mirror;
 
 use crate::metrics::Name;
 use crate::respond::GatewayError;
@@ -87,10 +89,28 @@ pub struct UpBody {
 #[derive(Debug)]
 enum BodyState {
     Empty,
-    /// Not yet polled; shared with the forwarder, which takes it back for a retry.
-    Parked(Arc<Mutex<Option<Incoming>>>),
-    Streaming(Incoming),
+    /// Not yet polled; shared with the forwarder, which takes it back for a retry. The tee,
+    /// when a mirror wants a copy, travels with the body.
+    Parked(ParkedBody),
+    Streaming(Incoming, Option<Tee>),
+    /// A body held whole (a mirror's copy), sent as one piece.
+    Buffered(Bytes),
     Done,
+}
+
+/// The client's body before its first poll, and the mirror's tee that goes with it.
+type ParkedBody = Arc<Mutex<Option<(Incoming, Option<Tee>)>>>;
+
+/// A mirror's copy of a request body, taken as the body streams to the primary upstream:
+/// each piece is kept (a reference-count bump, not a copy) and the whole is handed over
+/// once the body has ended. Dropped before that (the body failed, grew past `limit`, or was
+/// not read to its end), it hands over nothing, and the mirror sends no copy.
+#[derive(Debug)]
+pub struct Tee {
+    pieces: Vec<Bytes>,
+    len: u64,
+    limit: u64,
+    done: Option<tokio::sync::oneshot::Sender<Bytes>>,
 }
 
 /// Errors of [`UpBody`].
@@ -273,12 +293,15 @@ impl Upstream {
     ///
     /// A connect failure is tried once more on another endpoint when the cluster has one;
     /// nothing else is retried, because the upstream may have acted on the request.
+    ///
+    /// `tee`, when given, receives a copy of the body as it streams (for a mirror).
     pub async fn forward(
         &self,
         parts: http::request::Parts,
         body: Incoming,
         max_body: u64,
         cache: Option<&Arc<ConnCache>>,
+        tee: Option<Tee>,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -290,14 +313,14 @@ impl Upstream {
         let slot = if body.is_end_stream() {
             None
         } else {
-            Some(Arc::new(Mutex::new(Some(body))))
+            Some(Arc::new(Mutex::new(Some((body, tee)))))
         };
         let hint = match &slot {
             Some(s) => s
                 .lock()
                 .expect("not poisoned")
                 .as_ref()
-                .map(Body::size_hint)
+                .map(|(b, _)| b.size_hint())
                 .unwrap_or_default(),
             None => SizeHint::with_exact(0),
         };
@@ -500,6 +523,56 @@ impl Upstream {
         }
     }
 
+    /// Send a mirror's copy of a request through the shared pool (never a downstream
+    /// connection's own connections, which belong to the primary's exchanges), then read
+    /// the answer to its end and discard it: at most [`mirror::DRAIN_BYTES`], each piece
+    /// within the read timeout. Returns the status and the time to the response head.
+    pub async fn send_copy(
+        &self,
+        mut parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, Duration), GatewayError> {
+        use http_body_util::BodyExt;
+        let started = Instant::now();
+        let ep = &self.endpoints[self.pick(None)];
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(Scheme::HTTP);
+        p.authority = Some(ep.authority.clone());
+        p.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(p).expect("scheme, authority and path make a URI");
+        parts.version = Version::HTTP_11;
+        let body = UpBody {
+            hint: SizeHint::with_exact(body.len() as u64),
+            state: BodyState::Buffered(body),
+            remaining: u64::MAX,
+        };
+        let req = Request::from_parts(parts, body);
+        let resp = match tokio::time::timeout(self.request_timeout, self.client.request(req)).await
+        {
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(classify_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let latency = started.elapsed();
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let mut left = mirror::DRAIN_BYTES;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(self.read_timeout, body.frame()).await
+        {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            if n > left {
+                break;
+            }
+            left -= n;
+        }
+        Ok((status, latency))
+    }
+
     /// A TCP connection to `ep`, within the connect timeout.
     async fn connect_tcp(&self, ep: &Endpoint) -> std::io::Result<tokio::net::TcpStream> {
         let tcp = tokio::time::timeout(
@@ -611,6 +684,44 @@ impl<T> Slots<T> {
     }
 }
 
+// === impl Tee ===
+
+impl Tee {
+    /// A tee that keeps at most `limit` bytes, and the receiver of the whole body.
+    pub fn new(limit: u64) -> (Self, tokio::sync::oneshot::Receiver<Bytes>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tee = Self {
+            pieces: Vec::new(),
+            len: 0,
+            limit,
+            done: Some(tx),
+        };
+        (tee, rx)
+    }
+
+    fn push(&mut self, d: &Bytes) {
+        self.len += d.len() as u64;
+        if self.len > self.limit {
+            // Over the bound (a body longer than it declared): no copy.
+            self.done = None;
+            self.pieces = Vec::new();
+        } else if self.done.is_some() {
+            self.pieces.push(d.clone());
+        }
+    }
+
+    fn finish(self) {
+        let Some(tx) = self.done else { return };
+        let body = match self.pieces.len() {
+            0 => Bytes::new(),
+            1 => self.pieces.into_iter().next().expect("one piece"),
+            _ => Bytes::from(self.pieces.concat()),
+        };
+        // The mirror may have given up waiting: nothing to do then.
+        let _ = tx.send(body);
+    }
+}
+
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
@@ -696,12 +807,17 @@ impl Body for UpBody {
                 BodyState::Parked(slot) => {
                     let taken = slot.lock().expect("not poisoned").take();
                     this.state = match taken {
-                        Some(b) => BodyState::Streaming(b),
+                        Some((b, tee)) => BodyState::Streaming(b, tee),
                         None => BodyState::Done,
                     };
                 }
-                BodyState::Streaming(b) => {
-                    return match Pin::new(b).poll_frame(cx) {
+                BodyState::Buffered(b) => {
+                    let data = std::mem::take(b);
+                    this.state = BodyState::Done;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Streaming(b, tee) => {
+                    return match Pin::new(&mut *b).poll_frame(cx) {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Some(d) = frame.data_ref() {
                                 let n = d.len() as u64;
@@ -710,11 +826,23 @@ impl Body for UpBody {
                                     return Poll::Ready(Some(Err(BodyError::TooLarge)));
                                 }
                                 this.remaining -= n;
+                                if let Some(t) = tee {
+                                    t.push(d);
+                                }
+                            }
+                            // hyper stops polling a body that says it has ended.
+                            if b.is_end_stream()
+                                && let Some(t) = tee.take()
+                            {
+                                t.finish();
                             }
                             Poll::Ready(Some(Ok(frame)))
                         }
                         Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                         Poll::Ready(None) => {
+                            if let Some(t) = tee.take() {
+                                t.finish();
+                            }
                             this.state = BodyState::Done;
                             Poll::Ready(None)
                         }
@@ -728,14 +856,16 @@ impl Body for UpBody {
     fn is_end_stream(&self) -> bool {
         match &self.state {
             BodyState::Empty | BodyState::Done => true,
-            BodyState::Streaming(b) => b.is_end_stream(),
+            BodyState::Streaming(b, _) => b.is_end_stream(),
+            BodyState::Buffered(b) => b.is_empty(),
             BodyState::Parked(_) => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.state {
-            BodyState::Streaming(b) => b.size_hint(),
+            BodyState::Streaming(b, _) => b.size_hint(),
+            BodyState::Buffered(b) => SizeHint::with_exact(b.len() as u64),
             _ => self.hint,
         }
     }

@@ -402,3 +402,62 @@ fn shadow_split_validation() {
         "{e}"
     );
 }
+
+/// A mirror copies exactly the users whose bucket under the mirror's salt (by default the
+/// route's salt and `#mirror`) is below its fraction; 0% and 100% need no hash.
+#[test]
+fn mirror_by_bucket() {
+    let with = |fraction: &str| {
+        snap(&format!(
+            r#"[{{"name": "r", "upstream": "v1", "mirror": {{"upstream": "v3", "fraction": "{fraction}"}}}}]"#
+        ))
+    };
+    let h = HeaderMap::new();
+    let s = with("30%");
+    let mut n = 0;
+    for i in 0..2_000 {
+        let u = format!("user-{i}");
+        let r = input(Some(&u), None, &h);
+        let want = crate::bucket::bucket("r#mirror", &u) < 300_000;
+        assert_eq!(s.route(&r).unwrap().mirrored, want, "{u}");
+        n += usize::from(want);
+    }
+    assert!((500..700).contains(&n), "about 30% of 2000: {n}");
+    let (all, none) = (with("100%"), with("0%"));
+    let r = input(Some("anyone"), None, &h);
+    assert_eq!(all.routes[0].mirror_of(&r), Some((true, None)));
+    assert_eq!(none.routes[0].mirror_of(&r), Some((false, None)));
+    assert!(
+        !snap(r#"[{"name": "r", "upstream": "v1"}]"#)
+            .route(&r)
+            .unwrap()
+            .mirrored
+    );
+}
+
+/// Anonymous requests bucketed by a random draw are not mirrored by the same bits that
+/// place them in a split: among the canary's requests, the mirror takes its own share.
+#[test]
+fn mirror_random_draw_independent_of_split() {
+    let s = snap(
+        r#"[{"name": "r", "no_user_key": "random",
+             "split": [{"upstream": "v2", "weight": "50%"}, {"upstream": "v1", "weight": "rest"}],
+             "mirror": {"upstream": "v3", "fraction": "50%"}}]"#,
+    );
+    let h = HeaderMap::new();
+    let (mut canary, mut both) = (0, 0);
+    for i in 0..4_000u64 {
+        let mut r = input(None, None, &h);
+        r.random = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let d = s.route(&r).unwrap();
+        if &*s.upstreams[d.upstream.0 as usize].name == "v2" {
+            canary += 1;
+            both += usize::from(d.mirrored);
+        }
+    }
+    let share = both as f64 / canary as f64;
+    assert!(
+        (0.4..0.6).contains(&share),
+        "mirrored share of canary: {share}"
+    );
+}

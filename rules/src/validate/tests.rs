@@ -406,3 +406,38 @@ fn unsafe_but_valid_is_warned() {
     );
     assert!(m.iter().any(|x| x.contains("which is not set")), "{m:#?}");
 }
+
+/// A mirror's faults are each reported at their field; a good one is clean.
+#[test]
+fn mirror_fields() {
+    let good = cfg(
+        r#"[{"name": "d", "upstream": "v1", "mirror": {"upstream": "v2", "fraction": "30%"}}]"#,
+        "",
+    );
+    assert_eq!(messages(&good), Vec::<String>::new());
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v1", "mirror": {"upstream": "v3", "fraction": "rest",
+             "salt": "", "max_body_bytes": 16777217, "max_in_flight": 0}},
+            {"name": "e", "match": {"apps": ["a"]}, "upstream": "v1",
+             "mirror": {"upstream": "v2", "fraction": "1%", "fraction_ppm": 10000}},
+            {"name": "f", "match": {"apps": ["b"]}, "upstream": "v1", "mirror": {"upstream": "v2"}},
+            {"name": "g", "match": {"apps": ["c"]}, "upstream": "v1",
+             "mirror": {"upstream": "v2", "fraction_ppm": 1000001}}]"#,
+        "",
+    );
+    let m = messages(&c);
+    let want = [
+        "routes[0].mirror.upstream: unknown upstream \"v3\"",
+        "routes[0].mirror.fraction: \"rest\": a fraction is a percentage",
+        "routes[0].mirror.salt: salt must not be empty",
+        "routes[0].mirror.max_body_bytes: 16777217 is out of range",
+        "routes[0].mirror.max_in_flight: 0 is out of range",
+        "routes[1].mirror.fraction_ppm: give either",
+        "routes[2].mirror: missing field `fraction`",
+        "routes[3].mirror.fraction_ppm: 1000001 is out of range",
+    ];
+    for w in want {
+        assert!(m.iter().any(|x| x.starts_with(w)), "{w} not in {m:#?}");
+    }
+    assert_eq!(m.len(), want.len(), "{m:#?}");
+}

@@ -276,3 +276,38 @@ fn shadow_verdicts_beside_the_real_ones() {
         Action::Forward { upstream, .. } if upstream == rules::UpstreamId(0)
     ));
 }
+
+/// A forwarded request of a mirrored user names the mirror in its answer; one the fraction
+/// leaves out, or one answered locally (limited), names none.
+#[test]
+fn mirror_in_the_answer() {
+    let with = |fraction: &str| {
+        runtime(json!({ "routes": [ { "name": "default", "upstream": "v1",
+            "mirror": { "upstream": "v2", "fraction": fraction } } ] }))
+    };
+    let rt = with("100%");
+    let e = explain_live(&rt, &query("/envelopes/7/share", "bob")).unwrap();
+    assert_eq!(e.answer.mirror.as_deref(), Some("v2"));
+    let m = e.route.decision.as_ref().unwrap().mirror.as_ref().unwrap();
+    assert!(m.mirrored && m.ppm == 1_000_000 && m.bucket.is_none());
+    assert!(
+        e.to_string()
+            .contains("answer: forward to upstream \"v1\", and a copy to \"v2\""),
+        "{e}"
+    );
+    // Refused by the limit: nothing is forwarded, so nothing is copied.
+    assert!(matches!(
+        serve(&rt, "/envelopes/7/grab", "bob"),
+        Action::Forward { .. }
+    ));
+    let e = explain_live(&rt, &query("/envelopes/7/grab", "bob")).unwrap();
+    assert_eq!((e.answer.kind, e.answer.mirror), ("rate_limited", None));
+
+    let e = explain_live(&with("0%"), &query("/envelopes/7/share", "bob")).unwrap();
+    assert_eq!(e.answer.mirror, None);
+    assert!(
+        e.to_string()
+            .contains("mirror: upstream \"v2\" 0 ppm: not copied"),
+        "{e}"
+    );
+}

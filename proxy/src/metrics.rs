@@ -226,7 +226,8 @@ pub struct MirrorOutcomeLabels {
     pub route: Name,
     /// The mirror upstream.
     pub upstream: Name,
-    /// Requests: `sent`, `skipped_body`, `body_incomplete` or `dropped`; responses: the
+    /// Requests: `sent`, `skipped_body`, `body_incomplete`, `dropped` or `skipped_down`;
+    /// responses: the
     /// status class (`2xx`, ...) or an error code (`upstream_timeout`, ...).
     pub outcome: &'static str,
 }
@@ -550,7 +551,7 @@ impl Metrics {
         let mirror_requests = Family::<MirrorOutcomeLabels, Counter>::default();
         registry.register(
             "mirror_requests",
-            "Mirror copies by route and mirror upstream: sent, skipped_body, body_incomplete or dropped",
+            "Mirror copies by route and mirror upstream: sent, skipped_body, body_incomplete, dropped or skipped_down",
             mirror_requests.clone(),
         );
         let mirror_responses = Family::<MirrorOutcomeLabels, Counter>::default();

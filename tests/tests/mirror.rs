@@ -213,7 +213,7 @@ async fn mirror_copies_the_bucketed_users_and_counts_them() {
 /// interleaved in one run: every primary request succeeds, and each p99 stays within a
 /// generous margin of the unmirrored baseline (waiting for any of those mirrors would cost
 /// 200 ms, or forever). The copies in flight never exceed `max_in_flight`: the rest are
-/// dropped and counted.
+/// dropped and counted. The refusing mirror is paused after a refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_costs_the_primary_nothing() {
     const BOUND: usize = 8;
@@ -331,14 +331,16 @@ async fn mirror_costs_the_primary_nothing() {
         BOUND,
         "the hung mirror holds exactly the bound"
     );
-    // The refusing mirror fails fast: each copy it was sent is counted as a failure.
+    // The refusing mirror fails fast, and after a refusal gets no copies for a while: each
+    // copy sent is counted as a failure, the rest as skipped.
     let dead = |m: &str, name: &str, outcome: &str| {
         metric_value(m, &series(name, "to-dead", "dead", Some(outcome))).unwrap_or(0.0)
     };
     let sent = dead(&m, "tidegate_mirror_requests_total", "sent");
     let dropped = dead(&m, "tidegate_mirror_requests_total", "dropped");
-    assert_eq!(sent + dropped, ROUNDS as f64, "{m}");
-    assert!(sent > 0.0, "{m}");
+    let paused = dead(&m, "tidegate_mirror_requests_total", "skipped_down");
+    assert_eq!(sent + dropped + paused, ROUNDS as f64, "{m}");
+    assert!(sent > 0.0 && paused > sent, "{m}");
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let m = metrics(&client, &gw).await;

@@ -10,10 +10,13 @@
 //! undeclared length, or longer than `max_body_bytes`, are not mirrored at all.
 //!
 //! Each mirror bounds its copies in flight: beyond `max_in_flight` a copy is dropped and
-//! counted, so a slow or hung mirror holds a bounded number of tasks, sockets and bodies.
+//! counted, so a slow or hung mirror holds a bounded number of tasks, sockets and bodies. A
+//! mirror that refuses a connection (down) gets no copies for [`DOWN_PAUSE`], so it costs a
+//! failed connect per pause rather than per request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, header};
@@ -24,9 +27,14 @@ use rules::route::CompiledMirror;
 
 use super::{Tee, Upstream};
 use crate::metrics::{Metrics, MirrorLabels, MirrorOutcomeLabels, Name, status_class};
+use crate::respond::GatewayError;
 
 /// Most bytes of a mirror's answer read (and discarded) before its connection is dropped.
 pub const DRAIN_BYTES: u64 = 1 << 20;
+
+/// How long a mirror that refused a connection gets no copies: a mirror that is down then
+/// costs one failed connect per pause, not one per mirrored request.
+pub const DOWN_PAUSE: Duration = Duration::from_secs(1);
 
 /// The header that marks a copy, so the mirror service can tell it from real traffic.
 pub static X_TIDEGATE_MIRROR: HeaderName = HeaderName::from_static("x-tidegate-mirror");
@@ -40,6 +48,10 @@ pub struct Mirror {
     max_in_flight: u32,
     /// Copies in flight; each task gives its slot back when it ends (see [`Slot`]).
     in_flight: AtomicU32,
+    /// Until when (nanoseconds after `epoch`) copies are skipped because the mirror refused
+    /// a connection; 0: not paused.
+    down_until: AtomicU64,
+    epoch: Instant,
     series: Series,
     labels: MirrorLabels,
     metrics: Arc<Metrics>,
@@ -51,6 +63,7 @@ struct Series {
     skipped_body: Counter,
     body_incomplete: Counter,
     dropped: Counter,
+    skipped_down: Counter,
     latency: Histogram,
     in_flight: Gauge,
 }
@@ -99,6 +112,7 @@ impl Mirror {
             skipped_body: counter("skipped_body"),
             body_incomplete: counter("body_incomplete"),
             dropped: counter("dropped"),
+            skipped_down: counter("skipped_down"),
             latency: metrics.mirror_latency.get_or_create(&labels).clone(),
             in_flight: metrics.mirror_in_flight.get_or_create(&labels).clone(),
         };
@@ -107,6 +121,8 @@ impl Mirror {
             max_body: def.max_body_bytes,
             max_in_flight: def.max_in_flight,
             in_flight: AtomicU32::new(0),
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
             series,
             labels,
             metrics: Arc::clone(metrics),
@@ -128,6 +144,10 @@ impl Mirror {
                 self.series.skipped_body.inc();
                 return None;
             }
+        }
+        if self.paused() {
+            self.series.skipped_down.inc();
+            return None;
         }
         let slot = self.claim()?;
         let mut copy = Request::new(());
@@ -167,6 +187,19 @@ impl Mirror {
         Some(Slot(Arc::clone(self)))
     }
 
+    /// Whether copies are paused after a refused connection (one atomic load while the
+    /// mirror has not refused any).
+    fn paused(&self) -> bool {
+        let until = self.down_until.load(Ordering::Relaxed);
+        until != 0 && (self.epoch.elapsed().as_nanos() as u64) < until
+    }
+
+    /// Pause copies for [`DOWN_PAUSE`].
+    fn pause(&self) {
+        let until = (self.epoch.elapsed() + DOWN_PAUSE).as_nanos() as u64;
+        self.down_until.store(until, Ordering::Relaxed);
+    }
+
     fn count_response(&self, outcome: &'static str) {
         self.metrics
             .mirror_responses
@@ -197,6 +230,9 @@ impl Slot {
                 m.count_response(status_class(status));
             }
             Err(e) => {
+                if e == GatewayError::UpstreamUnavailable {
+                    m.pause();
+                }
                 tracing::debug!(
                     route = &*m.labels.route.0,
                     upstream = &*m.labels.upstream.0,
@@ -281,6 +317,26 @@ mod tests {
         assert_eq!(m.in_flight(), 1);
         assert!(m.claim().is_some());
         drop(b);
+    }
+
+    /// After a refused connection copies are skipped (counted) until the pause ends.
+    #[tokio::test]
+    async fn a_refusing_mirror_is_paused() {
+        let metrics = Arc::new(Metrics::new());
+        let m = mirror(2, &metrics);
+        let (head, ()) = Request::new(()).into_parts();
+        assert!(!m.paused());
+        m.pause();
+        assert!(m.paused());
+        assert!(m.start(&head, true).is_none());
+        assert_eq!(m.in_flight(), 0, "no copy started");
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"tidegate_mirror_requests_total{route="r",upstream="shadow",outcome="skipped_down"} 1"#),
+            "{text}"
+        );
+        m.down_until.store(1, Ordering::Relaxed);
+        assert!(!m.paused(), "the pause is over");
     }
 
     /// A reload that keeps the mirror's definition keeps the mirror and its copies in

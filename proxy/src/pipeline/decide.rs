@@ -20,6 +20,7 @@
 //! live runtime.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,6 +97,89 @@ pub enum Action {
     Answer(Box<Response<Full<Bytes>>>, Class),
     /// No route rule matched (404 `no_route`).
     NoRoute,
+}
+
+/// What a decision came to, as the access log names it and `tidegate replay` reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Answered {
+    /// Routed to an upstream (`route` and `upstream` say which).
+    Forward,
+    /// Shed by overload admission.
+    Shed,
+    /// Refused by an enforced limit (`rule` names it).
+    Limited,
+    /// Answered by a fallback (`rule` names it).
+    Fallback,
+    /// No route rule matched.
+    NoRoute,
+    /// An open breaker answered or chose the alternate upstream (`rule` names the breaker).
+    Breaker,
+    /// Refused at classification (`identity.on_invalid: reject`).
+    InvalidIdentity,
+    /// Refused before any decision (a malformed head, a missing or invalid token).
+    Refused,
+}
+
+// === impl Answered ===
+
+impl Answered {
+    /// Every value, for parsing.
+    pub const ALL: [Answered; 8] = [
+        Self::Forward,
+        Self::Shed,
+        Self::Limited,
+        Self::Fallback,
+        Self::NoRoute,
+        Self::Breaker,
+        Self::InvalidIdentity,
+        Self::Refused,
+    ];
+
+    /// The access log's `decision` field.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Shed => "shed",
+            Self::Limited => "limited",
+            Self::Fallback => "fallback",
+            Self::NoRoute => "no_route",
+            Self::Breaker => "breaker",
+            Self::InvalidIdentity => "invalid_identity",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// The value whose [`Answered::label`] is `s`.
+    pub fn from_label(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.label() == s)
+    }
+}
+
+// === impl Decision ===
+
+impl Decision<'_> {
+    /// What it came to, and the rule that answered (limit, fallback or breaker), if one did.
+    pub fn answered(&self) -> (Answered, Option<&Arc<str>>) {
+        if self.identity_refused {
+            return (Answered::InvalidIdentity, None);
+        }
+        if !self.admitted {
+            return (Answered::Shed, None);
+        }
+        if let Some(r) = &self.limited {
+            return (Answered::Limited, Some(&r.rule.name.0));
+        }
+        if let Some(f) = &self.fallback {
+            return (Answered::Fallback, Some(f.rule_name));
+        }
+        match (&self.route, &self.breaker) {
+            (None, _) => (Answered::NoRoute, None),
+            (Some(_), BreakerVerdict::Open { breaker }) => {
+                (Answered::Breaker, Some(&breaker.name.0))
+            }
+            (Some(_), _) => (Answered::Forward, None),
+        }
+    }
 }
 
 /// Decide what to do with a request (see the module docs for the phases), for the client

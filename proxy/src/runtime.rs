@@ -141,6 +141,17 @@ impl Runtime {
         Self::with_state(snapshot, None, previous, metrics)
     }
 
+    /// [`Runtime::offline`] with user priorities keyed by `priority_key` (the key file of
+    /// `overload.admission.priority_key_file`, read with the config): `tidegate replay`,
+    /// which decides but never connects (no upstream client, no name resolved).
+    pub fn offline_keyed(
+        snapshot: Snapshot,
+        priority_key: Option<PriorityKey>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Self::with_state(snapshot, priority_key, None, metrics)
+    }
+
     /// [`Runtime::offline`] with user priorities keyed by `priority_key`.
     fn with_state(
         snapshot: Snapshot,

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
 use http::{HeaderMap, Response};
 use http_body_util::Full;
 use rules::degrade::{FallbackDecision, WhenOpen};
@@ -31,7 +32,7 @@ use rules::overload::UserKey;
 use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, UpstreamId};
 
 use crate::conn::ConnInfo;
-use crate::govern::limit::{Outcome, Rejection, RuleLimiter};
+use crate::govern::limit::{Limiters, Outcome, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
 use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
@@ -118,6 +119,22 @@ pub enum Answered {
     InvalidIdentity,
     /// Refused before any decision (a malformed head, a missing or invalid token).
     Refused,
+}
+
+/// A decision replayed from an access log line (`tidegate replay`): the phases of
+/// [`decide_classified`] in the same order, with limits counted by the caller's `limiters`
+/// (on a clock that follows the log's time), no breaker asked (their state came from
+/// upstream answers a log cannot replay), nothing counted, no answer built.
+#[derive(Debug)]
+pub struct Replayed<'r, C: Clock = DefaultClock> {
+    /// Whether overload admission let it in.
+    pub admitted: bool,
+    /// The enforced limit that refused it.
+    pub limited: Option<Rejection<C>>,
+    /// The fallback that answers it.
+    pub fallback: Option<FallbackDecision<'r>>,
+    /// The route rule and the upstream it chose.
+    pub route: Option<RouteDecision<'r>>,
 }
 
 // === impl Answered ===
@@ -244,6 +261,44 @@ pub fn decide_classified<'r>(
     };
     d.action = action(rt, &mut d, serve);
     d
+}
+
+/// Replay a logged request (`tidegate replay`): [`decide_classified`]'s phases, with
+/// overload admission judged at `admission` (the level, and the request's time in Unix
+/// seconds, whose hour ranks users) when given (else everyone is admitted), limits counted
+/// by `limiters` (local-scope rules only: cluster-scope ones are decided in Redis from the
+/// whole fleet's traffic), and `on_limit` told each limit's verdict. Requests without a user
+/// under `no_user_key: random` are bucketed by draw 0; the caller tells them by their
+/// [`rules::Via`] or bucket key.
+pub fn replay<'r, C: Clock + Clone>(
+    rt: &'r Runtime,
+    class: &Classified<'r>,
+    headers: &'r HeaderMap,
+    client_ip: Option<IpAddr>,
+    admission: Option<(u32, u64)>,
+    limiters: &Limiters<C>,
+    on_limit: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+) -> Replayed<'r, C> {
+    let input = route_input(class, headers, client_ip, Mode::Peek { level: None });
+    let admitted = admission.is_none_or(|(level, secs)| {
+        let user = user_key(input.m.user, input.client_ip);
+        (rt.overload).would_admit_at(input.m.interface, user, level, secs)
+    });
+    let limited = match admitted {
+        true => limiters.check_local(&rt.snapshot, &input, on_limit),
+        false => None,
+    };
+    let on = admitted && limited.is_none();
+    let fallback = on.then(|| rt.snapshot.fallback(&input)).flatten();
+    let route = (on && fallback.is_none())
+        .then(|| rt.snapshot.route(&input))
+        .flatten();
+    Replayed {
+        admitted,
+        limited,
+        fallback,
+        route,
+    }
 }
 
 /// What the phases read of a request.

@@ -27,6 +27,9 @@
 //!   housekeeping (`housekeep`) and the embedded grab backend (`embedded`).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the dashboard and `status.json`
 //!   (`admin::status`), and `explain` (`admin::explain`, also behind `tidegate explain`).
+//! - [`replay`]: `tidegate replay`: a recorded access log decided again under a candidate
+//!   config (`pipeline::decide::replay`, limits on the log's clock), the changes reported
+//!   per rule.
 //!
 //! Leaves every layer may use: [`stats`] (the dashboard's live counters), [`metrics`] (the
 //! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
@@ -47,6 +50,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod overload;
 pub mod pipeline;
+pub mod replay;
 pub mod respond;
 pub mod runtime;
 pub mod serve;

@@ -47,7 +47,21 @@ pub struct Runtime {
     /// The token verifier of `identity.jwt` (kept, cache and all, over a reload that
     /// changes neither its settings nor its keys).
     pub identity: Option<Arc<Verifier>>,
+    /// The request headers the rules read, which the access log records (values bounded)
+    /// so that `tidegate replay` can decide the request again: [`Snapshot::headers_read`]
+    /// without credentials ([`NEVER_LOGGED`]) and without the identity extractors' headers
+    /// (their result, the app and user, is logged). Computed here, once per config.
+    pub access_inputs: Box<[http::HeaderName]>,
 }
+
+/// Headers the access log never records, whatever the rules read: they carry credentials.
+pub const NEVER_LOGGED: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
 
 /// What a config names on disk that its rules need at run time, read with it (the rules
 /// read no files themselves).
@@ -145,6 +159,17 @@ impl Runtime {
         Self::with_state(snapshot, None, previous, metrics)
     }
 
+    /// [`Runtime::offline`] with user priorities keyed by `priority_key` (the key file of
+    /// `overload.admission.priority_key_file`, read with the config): `tidegate replay`,
+    /// which decides but never connects (no upstream client, no name resolved).
+    pub fn offline_keyed(
+        snapshot: Snapshot,
+        priority_key: Option<PriorityKey>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Self::with_state(snapshot, priority_key, None, metrics)
+    }
+
     /// [`Runtime::offline`] with user priorities keyed by `priority_key`.
     fn with_state(
         snapshot: Snapshot,
@@ -163,7 +188,13 @@ impl Runtime {
             &snapshot,
             previous.map(|p| (&p.snapshot, &*p.stats)),
         ));
+        let access_inputs = (snapshot.headers_read().into_iter())
+            .filter(|h| {
+                !NEVER_LOGGED.contains(&h.as_str()) && !snapshot.is_identity_header(h.as_str())
+            })
+            .collect();
         Self {
+            access_inputs,
             snapshot,
             upstreams: Vec::new(),
             mirrors: Vec::new(),

@@ -134,6 +134,11 @@ impl CompiledFallback {
     pub fn bucket_of(&self, r: &RouteInput<'_>) -> (u32, BucketKey) {
         bucket_of(&self.salt, &self.no_user_key, r)
     }
+
+    /// The request headers the rule reads: its conditions', its `no_user_key` header.
+    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        (self.matcher.header_names()).chain(self.no_user_key.header())
+    }
 }
 
 /// A fallback's fraction in ppm (default: all).

@@ -239,6 +239,15 @@ impl CompiledLimit {
         0
     }
 
+    /// The request headers the rule's conditions and key read.
+    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        let key = self.key.iter().filter_map(|p| match p {
+            CompiledKeyPart::Header(h) => Some(h),
+            _ => None,
+        });
+        self.matcher.header_names().chain(key)
+    }
+
     /// What a request this rule matched is counted as, or `None` when part of the key is
     /// missing and the rule says `skip`. `names` names interfaces (keys hash the name, not the
     /// ID, so they survive a reload that reorders interfaces); pass the snapshot.

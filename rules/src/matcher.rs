@@ -134,6 +134,11 @@ impl CompiledMatch {
         Ok(())
     }
 
+    /// The request headers the conditions read.
+    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        self.headers.iter().map(|(k, _)| k)
+    }
+
     /// Whether every condition holds.
     pub fn holds(&self, r: &MatchInput<'_>) -> bool {
         self.check(r).is_ok()

@@ -261,6 +261,25 @@ impl CompiledRoute {
             }
         })
     }
+
+    /// The request headers the rule reads: its conditions', the override header, the
+    /// `no_user_key` header.
+    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        let own = [self.override_header.as_ref(), self.no_user_key.header()];
+        self.matcher.header_names().chain(own.into_iter().flatten())
+    }
+}
+
+// === impl CompiledNoUserKey ===
+
+impl CompiledNoUserKey {
+    /// The header it reads, if it reads one.
+    pub(crate) fn header(&self) -> Option<&HeaderName> {
+        match self {
+            Self::Header(h) => Some(h),
+            Self::ClientIp | Self::Random => None,
+        }
+    }
 }
 
 // === impl RouteAction ===

@@ -103,6 +103,24 @@ impl Snapshot {
         self.classifier.is_identity_header(name)
     }
 
+    /// Every request header a rule reads (matcher conditions, override headers,
+    /// `no_user_key` and limit-key headers), sorted, each once: what a decision needs of a
+    /// request beyond its method, path, identity and client address. The identity
+    /// extractors' headers are not included (their result, the app and user, is). For
+    /// reload time: it walks every rule.
+    pub fn headers_read(&self) -> Vec<http::HeaderName> {
+        let gov = &self.governance;
+        let mut names: Vec<http::HeaderName> = (self.routes.iter())
+            .flat_map(|r| r.header_names())
+            .chain(gov.limits.iter().flat_map(|l| l.header_names()))
+            .chain(gov.fallbacks.iter().flat_map(|f| f.header_names()))
+            .cloned()
+            .collect();
+        names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
+    }
+
     /// Whether a request whose app or user ID is invalid ([`Classified::invalid_id`]) is
     /// refused (`identity.on_invalid: reject`) rather than treated as anonymous.
     pub fn rejects_invalid_id(&self) -> bool {

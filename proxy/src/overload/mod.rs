@@ -435,6 +435,29 @@ impl Overload {
         self.admission.as_ref().is_some_and(|a| a.spec.dry_run)
     }
 
+    /// Whether the request would be admitted at `level` with user priorities as they were
+    /// in the hour `unix_secs` falls in (they rotate hourly): `tidegate replay` judges each
+    /// logged request in its own hour, counting nothing.
+    pub fn would_admit_at(
+        &self,
+        interface: Option<InterfaceId>,
+        user: UserKey<'_>,
+        level: u32,
+        unix_secs: u64,
+    ) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let Some(a) = self.admission.as_deref() else {
+            return true;
+        };
+        let slot = interface.map_or(self.business.len() - 1, |i| i.0 as usize);
+        let b = business_of_rank(self.business[slot]);
+        let (epoch, levels) = (a.spec.epoch(unix_secs), a.spec.user_levels);
+        let rank = priority(b, user, epoch, levels, a.spec.priority_key.as_ref());
+        LevelController::admits(level, rank)
+    }
+
     /// The request's rank and the admission level it is judged at (`level`, or the live
     /// one), when priority admission is on.
     pub fn priority(

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
 use http::{HeaderMap, Response};
 use http_body_util::Full;
 use rules::degrade::{FallbackDecision, WhenOpen};
@@ -37,7 +38,7 @@ use rules::overload::UserKey;
 use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, UpstreamId};
 
 use crate::conn::ConnInfo;
-use crate::govern::limit::{Outcome, Rejection, RuleLimiter};
+use crate::govern::limit::{Limiters, Outcome, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
 use crate::metrics::{Name, ShadowSplitLabels};
 use crate::overload::Verdict;
@@ -122,6 +123,105 @@ pub enum Action {
     NoRoute,
 }
 
+/// What a decision came to, as the access log names it and `tidegate replay` reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Answered {
+    /// Routed to an upstream (`route` and `upstream` say which).
+    Forward,
+    /// Shed by overload admission.
+    Shed,
+    /// Refused by an enforced limit (`rule` names it).
+    Limited,
+    /// Answered by a fallback (`rule` names it).
+    Fallback,
+    /// No route rule matched.
+    NoRoute,
+    /// An open breaker answered or chose the alternate upstream (`rule` names the breaker).
+    Breaker,
+    /// Refused at classification (`identity.on_invalid: reject`).
+    InvalidIdentity,
+    /// Refused before any decision (a malformed head, a missing or invalid token).
+    Refused,
+}
+
+/// A decision replayed from an access log line (`tidegate replay`): the phases of
+/// [`decide_classified`] in the same order, with limits counted by the caller's `limiters`
+/// (on a clock that follows the log's time), no breaker asked (their state came from
+/// upstream answers a log cannot replay), nothing counted, no answer built.
+#[derive(Debug)]
+pub struct Replayed<'r, C: Clock = DefaultClock> {
+    /// Whether overload admission let it in.
+    pub admitted: bool,
+    /// The enforced limit that refused it.
+    pub limited: Option<Rejection<C>>,
+    /// The fallback that answers it.
+    pub fallback: Option<FallbackDecision<'r>>,
+    /// The route rule and the upstream it chose.
+    pub route: Option<RouteDecision<'r>>,
+}
+
+// === impl Answered ===
+
+impl Answered {
+    /// Every value, for parsing.
+    pub const ALL: [Answered; 8] = [
+        Self::Forward,
+        Self::Shed,
+        Self::Limited,
+        Self::Fallback,
+        Self::NoRoute,
+        Self::Breaker,
+        Self::InvalidIdentity,
+        Self::Refused,
+    ];
+
+    /// The access log's `decision` field.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Shed => "shed",
+            Self::Limited => "limited",
+            Self::Fallback => "fallback",
+            Self::NoRoute => "no_route",
+            Self::Breaker => "breaker",
+            Self::InvalidIdentity => "invalid_identity",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// The value whose [`Answered::label`] is `s`.
+    pub fn from_label(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.label() == s)
+    }
+}
+
+// === impl Decision ===
+
+impl Decision<'_> {
+    /// What it came to, and the rule that answered (limit, fallback or breaker), if one did.
+    pub fn answered(&self) -> (Answered, Option<&Arc<str>>) {
+        if self.identity_refused {
+            return (Answered::InvalidIdentity, None);
+        }
+        if !self.admitted {
+            return (Answered::Shed, None);
+        }
+        if let Some(r) = &self.limited {
+            return (Answered::Limited, Some(&r.rule.name.0));
+        }
+        if let Some(f) = &self.fallback {
+            return (Answered::Fallback, Some(f.rule_name));
+        }
+        match (&self.route, &self.breaker) {
+            (None, _) => (Answered::NoRoute, None),
+            (Some(_), BreakerVerdict::Open { breaker }) => {
+                (Answered::Breaker, Some(&breaker.name.0))
+            }
+            (Some(_), _) => (Answered::Forward, None),
+        }
+    }
+}
+
 /// Decide what to do with a request (see the module docs for the phases), for the client
 /// address `conn` and the runtime's trusted proxies give it (resolved once, here).
 pub fn decide<'r>(
@@ -195,6 +295,44 @@ pub fn decide_classified<'r>(
     };
     d.action = action(rt, &mut d, serve);
     d
+}
+
+/// Replay a logged request (`tidegate replay`): [`decide_classified`]'s phases, with
+/// overload admission judged at `admission` (the level, and the request's time in Unix
+/// seconds, whose hour ranks users) when given (else everyone is admitted), limits counted
+/// by `limiters` (local-scope rules only: cluster-scope ones are decided in Redis from the
+/// whole fleet's traffic), and `on_limit` told each limit's verdict. Requests without a user
+/// under `no_user_key: random` are bucketed by draw 0; the caller tells them by their
+/// [`rules::Via`] or bucket key.
+pub fn replay<'r, C: Clock + Clone>(
+    rt: &'r Runtime,
+    class: &Classified<'r>,
+    headers: &'r HeaderMap,
+    client_ip: Option<IpAddr>,
+    admission: Option<(u32, u64)>,
+    limiters: &Limiters<C>,
+    on_limit: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+) -> Replayed<'r, C> {
+    let input = route_input(class, headers, client_ip, Mode::Peek { level: None });
+    let admitted = admission.is_none_or(|(level, secs)| {
+        let user = user_key(input.m.user, input.client_ip);
+        (rt.overload).would_admit_at(input.m.interface, user, level, secs)
+    });
+    let limited = match admitted {
+        true => limiters.check_local(&rt.snapshot, &input, on_limit),
+        false => None,
+    };
+    let on = admitted && limited.is_none();
+    let fallback = on.then(|| rt.snapshot.fallback(&input)).flatten();
+    let route = (on && fallback.is_none())
+        .then(|| rt.snapshot.route(&input))
+        .flatten();
+    Replayed {
+        admitted,
+        limited,
+        fallback,
+        route,
+    }
 }
 
 /// What the phases read of a request.

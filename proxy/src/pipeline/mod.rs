@@ -121,7 +121,8 @@ impl Gateway {
             draw: self.next_random(),
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
-        let record = Record::start(&rt, &d, verdict, self.settings.access_log, started);
+        let req = request_parts(&parts);
+        let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
         let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
         let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);

@@ -13,7 +13,9 @@ use http::{HeaderName, HeaderValue, Response};
 use http_body_util::{Either, Full};
 use rules::{InterfaceId, UpstreamId};
 
-use super::decide::{Action, Decision};
+use rules::RequestParts;
+
+use super::decide::{Action, Answered, Decision};
 use super::identity::Verdict;
 use crate::conn::ConnInfo;
 use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
@@ -54,7 +56,8 @@ pub struct Record {
 }
 
 /// Client address, identity outcome, app, user and route rule of a request, for its access
-/// log line.
+/// log line, and what `tidegate replay` needs to decide it again: when it was decided, the
+/// method and path, the header values the rules read, and what the decision came to.
 #[derive(Debug)]
 struct Who {
     client: Option<std::net::IpAddr>,
@@ -64,7 +67,26 @@ struct Who {
     app: Option<String>,
     user: Option<String>,
     route: Option<Arc<str>>,
+    /// When it was decided, in microseconds since the Unix epoch: the clock a replay runs
+    /// the limits on (the line is written later, when the answer is known).
+    at_us: u64,
+    method: Option<http::Method>,
+    /// The path without the query (the rules never read the query, and it may carry
+    /// secrets), cut to [`MAX_LOGGED_PATH`] bytes and then ending in `…`.
+    path: String,
+    /// The values of [`Runtime::access_inputs`] the request carried (see [`log_inputs`]).
+    inputs: String,
+    answered: Answered,
+    /// The limit, fallback or breaker that answered.
+    rule: Option<Arc<str>>,
 }
+
+/// Longest path logged, in bytes.
+pub const MAX_LOGGED_PATH: usize = 256;
+/// Longest header value logged, in bytes: a longer one is logged by name alone.
+pub const MAX_LOGGED_VALUE: usize = 128;
+/// Longest `inputs` field, in bytes: headers past it are logged by name alone.
+pub const MAX_LOGGED_INPUTS: usize = 512;
 
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -75,6 +97,7 @@ impl Record {
     pub fn start(
         rt: &Runtime,
         d: &Decision<'_>,
+        req: RequestParts<'_>,
         identity: Verdict,
         access_log: bool,
         started: Instant,
@@ -86,12 +109,21 @@ impl Record {
         let tally = rt
             .stats
             .tally(d.class.interface, d.route.as_ref(), forwarded);
-        let who = access_log.then(|| Who {
-            client: d.client_ip,
-            identity: identity.log_field(),
-            app: d.class.app.as_deref().map(str::to_owned),
-            user: d.class.user.as_deref().map(str::to_owned),
-            route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
+        let who = access_log.then(|| {
+            let (answered, rule) = d.answered();
+            Who {
+                client: d.client_ip,
+                identity: identity.log_field(),
+                app: d.class.app.as_deref().map(str::to_owned),
+                user: d.class.user.as_deref().map(str::to_owned),
+                route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
+                at_us: unix_micros(),
+                method: Some(req.method.clone()),
+                path: bounded_path(req.path),
+                inputs: log_inputs(&rt.access_inputs, req.headers),
+                answered,
+                rule: rule.cloned(),
+            }
         });
         Self {
             tally,
@@ -113,12 +145,18 @@ impl Record {
             tally: rt.stats.tally(None, None, None),
             interface: None,
             started,
-            who: access_log.then_some(Who {
+            who: access_log.then(|| Who {
                 client: None,
                 identity,
                 app: None,
                 user: None,
                 route: None,
+                at_us: unix_micros(),
+                method: None,
+                path: String::new(),
+                inputs: String::new(),
+                answered: Answered::Refused,
+                rule: None,
             }),
         }
     }
@@ -183,33 +221,90 @@ impl Record {
                 status: status_class(status),
             });
 
-        if let Some(Who {
-            client,
-            identity,
-            app,
-            user,
-            route,
-        }) = &self.who
-        {
+        if let Some(w) = &self.who {
             let peer = conn.remote;
             tracing::info!(
                 target: "tidegate::access",
                 request_id = request_id.to_str().unwrap_or("-"),
-                client = %client.unwrap_or(peer.ip()),
+                client = %w.client.unwrap_or(peer.ip()),
                 peer = %peer,
-                identity = *identity,
-                app = app.as_deref().unwrap_or("none"),
+                identity = w.identity,
+                app = w.app.as_deref().unwrap_or("none"),
                 interface = iface.map(|n| &*n.0).unwrap_or("none"),
-                user = user.as_deref().unwrap_or("none"),
-                route = route.as_deref().unwrap_or("none"),
+                user = w.user.as_deref().unwrap_or("none"),
+                route = w.route.as_deref().unwrap_or("none"),
                 upstream = up.map(|u| &*u.name.0).unwrap_or("none"),
                 status = status.as_u16(),
                 duration_us = elapsed.as_micros() as u64,
+                at_us = w.at_us,
+                method = w.method.as_ref().map_or("", http::Method::as_str),
+                path = &*w.path,
+                inputs = &*w.inputs,
+                decision = w.answered.label(),
+                rule = w.rule.as_deref().unwrap_or("none"),
                 "request"
             );
         }
         resp
     }
+}
+
+/// Now, in microseconds since the Unix epoch.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The path as logged: cut at [`MAX_LOGGED_PATH`] bytes (on a character boundary) and then
+/// marked with `…`, which a request path (ASCII) never contains.
+fn bounded_path(path: &str) -> String {
+    if path.len() <= MAX_LOGGED_PATH {
+        return path.to_owned();
+    }
+    let mut end = MAX_LOGGED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
+}
+
+/// The `inputs` field: `name=value` for each of `names` the request carries, joined by `&`,
+/// the value percent-encoded (every byte outside printable ASCII, and `%`, `&`, `"`, `\`),
+/// so the field needs no JSON escaping. A value over [`MAX_LOGGED_VALUE`] bytes, or one
+/// that would take the field over [`MAX_LOGGED_INPUTS`], is logged as its name alone (a
+/// replay then knows the request is not replayable, rather than guessing). Empty, with no
+/// allocation, when the rules read no header.
+pub fn log_inputs(names: &[http::HeaderName], headers: &http::HeaderMap) -> String {
+    let mut out = String::new();
+    for name in names {
+        // Repeated headers: the rules compare the first value (`HeaderMap::get`).
+        let Some(v) = headers.get(name) else { continue };
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(name.as_str());
+        let room = MAX_LOGGED_INPUTS.saturating_sub(out.len() + 1);
+        if v.len() > MAX_LOGGED_VALUE || v.len() * 3 > room {
+            continue;
+        }
+        out.push('=');
+        for &b in v.as_bytes() {
+            match b {
+                b'%' | b'&' | b'"' | b'\\' => push_escaped(&mut out, b),
+                0x21..=0x7e | b' ' => out.push(char::from(b)),
+                _ => push_escaped(&mut out, b),
+            }
+        }
+    }
+    out
+}
+
+fn push_escaped(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 0xf)]));
 }
 
 fn none_label() -> Name {

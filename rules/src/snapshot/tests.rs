@@ -248,3 +248,43 @@ fn names_by_id() {
     assert_eq!(&**s.upstream_name(v1), "v1");
     assert_eq!(&**s.interface_name(InterfaceId(1)), "open");
 }
+
+/// Every header a rule reads is named once (what the access log must carry for a replay):
+/// route conditions, the override and `no_user_key` headers, limit conditions and keys,
+/// fallback conditions and `no_user_key`; the identity extractor's is not.
+#[test]
+fn headers_read() {
+    let text = r#"{
+  "schema_version": 1,
+  "identity": { "user": { "header": "x-user-id" } },
+  "interfaces": [ { "name": "grab", "method": "POST", "path": "/grab" } ],
+  "upstreams": { "v1": { "endpoints": ["127.0.0.1:9000"] }, "v2": { "endpoints": ["127.0.0.1:9001"] } },
+  "routes": [
+    { "name": "default", "upstream": "v1" },
+    { "name": "gray", "match": { "headers": { "x-env": "gray" } }, "upstream": "v2" },
+    { "name": "canary", "match": { "interfaces": ["grab"] },
+      "split": [ { "upstream": "v2", "weight": "5%" }, { "upstream": "v1", "weight": "rest" } ],
+      "override_header": "x-canary", "override_from": ["10.0.0.0/8"], "no_user_key": { "header": "x-device" } }
+  ],
+  "limits": [ { "name": "per-device", "match": { "headers": { "x-tier": "free" } },
+                "key": [ { "header": "x-device-id" } ], "rate": "5/s" } ],
+  "fallbacks": [ { "name": "off", "match": { "headers": { "x-env": "gray" }, "interfaces": ["grab"] },
+                   "no_user_key": { "header": "x-session" },
+                   "response": { "status": 200, "body": {} } } ]
+}"#;
+    let s = crate::load("t.json", text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .snapshot;
+    let names: Vec<String> = s.headers_read().iter().map(|h| h.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "x-canary",
+            "x-device",
+            "x-device-id",
+            "x-env",
+            "x-session",
+            "x-tier"
+        ]
+    );
+}

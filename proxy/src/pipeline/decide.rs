@@ -314,10 +314,12 @@ pub fn replay<'r, C: Clock + Clone>(
     on_limit: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
 ) -> Replayed<'r, C> {
     let input = route_input(class, headers, client_ip, Mode::Peek { level: None });
-    let admitted = admission.is_none_or(|(level, secs)| {
-        let user = user_key(input.m.user, input.client_ip);
-        (rt.overload).would_admit_at(input.m.interface, user, level, secs)
-    });
+    // Admission in dry run sheds nobody, at any level.
+    let admitted = rt.overload.dry_run()
+        || admission.is_none_or(|(level, secs)| {
+            let user = user_key(input.m.user, input.client_ip);
+            (rt.overload).would_admit_at(input.m.interface, user, level, secs)
+        });
     let limited = match admitted {
         true => limiters.check_local(&rt.snapshot, &input, on_limit),
         false => None,

@@ -392,3 +392,32 @@ fn replay_decides_as_the_request_path() {
         }
     }
 }
+
+/// Rules in shadow mode change no answer: a candidate whose only edits are a dry-run
+/// fallback over all of `grab` and dry-run admission judged at a level that would shed
+/// most requests replays to the recorded decisions.
+#[test]
+fn shadow_rules_change_no_answer() {
+    let live = runtime(&config(split("0%"), json!([]), json!([])));
+    let all = users(200);
+    let log = recorded_log(&live, &all);
+    let fb = json!([{ "name": "grab-off", "mode": "dry_run", "match": { "interfaces": ["grab"] },
+                      "response": { "status": 200, "body": {} } }]);
+    let mut cand = config(split("0%"), json!([]), fb);
+    cand["overload"] = json!({ "enabled": true, "max_in_flight": 100,
+                               "admission": { "mode": "dry_run" } });
+    let at = |mode: &str| {
+        let mut c = cand.clone();
+        c["overload"]["admission"]["mode"] = json!(mode);
+        let o = Options {
+            level: Some(4_000),
+            ..opts()
+        };
+        replay(runtime(&c), None, log.as_bytes(), o).unwrap()
+    };
+    let r = at("dry_run");
+    assert!(r.changes.is_empty(), "{r}");
+    // The same level enforced sheds: the test would see a dry run that sheds.
+    let r = at("enforce");
+    assert!(r.changes.iter().any(|c| c.kind == "newly_shed"), "{r}");
+}

@@ -82,15 +82,16 @@ async fn per_user_limit_on_grab() {
     assert!(server.shutdown().await);
 }
 
-/// An app-wide limit of 1,000/s (burst 20) under 3,000/s offered load for 10 s admits
-/// within 2% of 10,000.
+/// An app-wide limit of 500/s (burst 20) under 3,000/s offered load for 10 s admits within
+/// 2% of 5,000. The offered load only has to stay above twice the rate, which a generator
+/// sharing a busy 2-core machine with the gateway still manages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_wide_limit_under_load() {
     let up = Upstream::start().await;
     let server = start_gateway(&config_with_limits(
         &[up.addr],
         json!([{ "name": "app-wide", "match": { "apps": ["douyin"] },
-                 "key": ["app"], "rate": "1000/s", "burst": 20 }]),
+                 "key": ["app"], "rate": "500/s", "burst": 20 }]),
     ))
     .await;
     let gw = server.listen_addrs[0];
@@ -142,11 +143,11 @@ async fn app_wide_limit_under_load() {
         up.hits(),
     );
     eprintln!("offered {sent} in 10 s, admitted {hits}, refused {refused}");
-    assert!(sent >= 20_000, "the load generator kept up: {sent}");
+    assert!(sent >= 10_000, "the load generator kept up: {sent}");
     assert_eq!(hits + refused, sent, "every refusal stayed at the gateway");
     assert!(
-        hits.abs_diff(10_000) <= 200,
-        "admitted {hits}, not within 2% of 10,000"
+        hits.abs_diff(5_000) <= 100,
+        "admitted {hits}, not within 2% of 5,000"
     );
     assert!(server.shutdown().await);
 }

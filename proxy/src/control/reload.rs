@@ -216,9 +216,12 @@ impl Reloader {
                 // transition.
                 runtime.governors.export_states(&self.live.metrics);
                 self.live.runtime.store(Arc::new(runtime));
-                let generation = self.mark_applied(hash, &server, trigger, since);
+                // Recorded before the status moves on, so a generation shown on the admin
+                // port is already in the history (reloads are serial: none can come between).
+                let generation = self.status.lock().expect("not poisoned").generation + 1;
                 self.record_history(sources, generation, hash, trigger)
                     .await;
+                self.mark_applied(hash, &server, trigger, since);
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -261,14 +264,14 @@ impl Reloader {
         outcome
     }
 
-    /// Record a config just made live in the status and metrics; its generation.
+    /// Record a config just made live in the status and metrics.
     fn mark_applied(
         &self,
         hash: u64,
         server: &rules::model::Server,
         trigger: &str,
         since: Instant,
-    ) -> u64 {
+    ) {
         let mut st = self.status.lock().expect("not poisoned");
         *self.hash.lock().expect("not poisoned") = hash;
         st.generation += 1;
@@ -294,7 +297,6 @@ impl Reloader {
             elapsed_ms = since.elapsed().as_secs_f64() * 1e3,
             "config applied"
         );
-        st.generation
     }
 
     /// Keep an applied config in the history (under the reload's lock, so entries are in

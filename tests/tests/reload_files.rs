@@ -508,6 +508,17 @@ async fn freeze_refuses_frozen_edits_and_applies_editable_ones() {
     })
     .await;
     assert_eq!(c["freeze"]["active"], false, "{c}");
+    let logged = gw
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("change freeze edited"))
+        .expect("the freeze edit is logged");
+    assert!(
+        logged.contains("WARN")
+            && logged.contains("2100-01-01T00:00:00-05:00")
+            && logged.contains("2001-01-01T00:00:00Z"),
+        "with the old and new window: {logged}"
+    );
 
     // Now the route edit applies.
     cfg["routes"][0]["upstream"] = json!("v2");

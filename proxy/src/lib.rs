@@ -239,7 +239,7 @@ async fn start_inner(
             hash,
             live.clone(),
             embedded_addrs.clone(),
-            server_cfg.clone(),
+            config.clone(),
             reload::Beside {
                 include_dir: include,
                 certs: cert_stores.clone(),

@@ -32,10 +32,22 @@ enum Command {
         workers: Option<u16>,
     },
     /// Check a config file, like `nginx -t`: exit 0 with a summary, or 1 with every error.
+    ///
+    /// With `--at`, also report the file's change freeze at that time (active or not, what
+    /// stays editable). With `--against LIVE`, judge the edit from LIVE (the config in force)
+    /// to this file as a reload at `--at` (default: now) would: exit 1 listing every frozen
+    /// path it changes.
     Check {
         /// The config file.
         #[arg(long, short, default_value = "config/tidegate.json")]
         config: PathBuf,
+        /// A time to judge the freeze at: RFC 3339 with an offset
+        /// (`2026-12-31T20:00:00+08:00`). Default with `--against`: now.
+        #[arg(long, value_parser = parse_at)]
+        at: Option<At>,
+        /// The config in force, to judge this file as an edit of it under its freeze.
+        #[arg(long, value_name = "LIVE_FILE")]
+        against: Option<PathBuf>,
     },
     /// Print the JSON Schema of the config file.
     Schema,
@@ -195,6 +207,21 @@ enum Command {
     },
 }
 
+/// A time given on the command line, with its text for messages (`at TIME`, `now`).
+#[derive(Debug, Clone)]
+struct At {
+    time: rules::freeze::OffsetDateTime,
+    text: String,
+}
+
+/// `--at`: an RFC 3339 time with an offset.
+fn parse_at(s: &str) -> Result<At, String> {
+    Ok(At {
+        time: rules::model::parse_time(s)?,
+        text: format!("at {s}"),
+    })
+}
+
 /// `name=value`.
 fn parse_claim(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
@@ -206,24 +233,35 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => {
-            match read_config(&config).and_then(|loaded| check_admin_token(&config, loaded)) {
-                Ok(loaded) => {
-                    for w in rules::validate::warnings(&loaded.config) {
-                        eprintln!("{}: warning: {}: {}", config.display(), w.path, w.message);
-                    }
-                    println!("{}", tidegate::control::config::summary(&config, &loaded));
-                    ExitCode::SUCCESS
+        Command::Check {
+            config,
+            at,
+            against,
+        } => match read_config(&config).and_then(|loaded| check_admin_token(&config, loaded)) {
+            Ok(loaded) => {
+                for w in rules::validate::warnings(&loaded.config) {
+                    eprintln!("{}: warning: {}: {}", config.display(), w.path, w.message);
                 }
-                Err(errors) => {
-                    for e in &errors.0 {
-                        eprintln!("{e}");
+                println!("{}", tidegate::control::config::summary(&config, &loaded));
+                match (at, against) {
+                    (None, None) => ExitCode::SUCCESS,
+                    (at, against) => {
+                        let at = at.unwrap_or_else(|| At {
+                            time: std::time::SystemTime::now().into(),
+                            text: "now".to_owned(),
+                        });
+                        check_freeze(&config, &loaded, &at, against.as_deref())
                     }
-                    eprintln!("{}: {} error(s)", config.display(), errors.0.len());
-                    ExitCode::FAILURE
                 }
             }
-        }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{}: {} error(s)", config.display(), errors.0.len());
+                ExitCode::FAILURE
+            }
+        },
         Command::Token {
             key,
             alg,
@@ -484,6 +522,68 @@ fn diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
         print!("{}", d.render());
     }
     ExitCode::from(u8::from(!d.is_empty()))
+}
+
+/// `check --at/--against`: the file's own freeze at `at`, and, against the live file, what
+/// a reload at `at` would refuse.
+fn check_freeze(
+    file: &std::path::Path,
+    loaded: &rules::Loaded,
+    at: &At,
+    against: Option<&std::path::Path>,
+) -> ExitCode {
+    let (time, at) = (at.time, &at.text);
+    let window = |f: Option<&rules::model::Freeze>| match f.map(rules::freeze::Window::of) {
+        None => "none".to_owned(),
+        Some(Err(e)) => e,
+        Some(Ok(w)) if w.is_active(time) => format!(
+            "{}: active {at}; editable: {}",
+            w.describe(),
+            if w.freeze.editable.is_empty() {
+                "nothing but `freeze`".to_owned()
+            } else {
+                w.freeze.editable.join(", ")
+            }
+        ),
+        Some(Ok(w)) => format!("{}: not active {at}", w.describe()),
+    };
+    println!("freeze: {}", window(loaded.config.freeze.as_ref()));
+    let Some(live_path) = against else {
+        return ExitCode::SUCCESS;
+    };
+    let live = match read_config(live_path) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: the config in force does not load", live_path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "freeze in force ({}): {}",
+        live_path.display(),
+        window(live.config.freeze.as_ref())
+    );
+    match rules::freeze::check(
+        (&live.config, &live.snapshot),
+        (&loaded.config, &loaded.snapshot),
+        time,
+    ) {
+        Ok(()) => {
+            println!("a reload {at} would apply this edit");
+            ExitCode::SUCCESS
+        }
+        Err(refusal) => {
+            eprintln!("{}: {refusal}", file.display());
+            for p in &refusal.frozen {
+                eprintln!("frozen: {p}");
+            }
+            eprintln!("a reload {at} would refuse this edit; the config in force would stay live");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The history of the gateway running `config`: `--data-dir`, else the file's

@@ -2,7 +2,7 @@
 //!
 //! Every named rule (interface, upstream, route, limit, fallback, breaker, plan) is matched
 //! by name and compared field by field; the singletons (`server`, `identity`, `overload`,
-//! `active_plans`) are compared as wholes. On top of that, the two changes that move users
+//! `active_plans`, `freeze`) are compared as wholes. On top of that, the two changes that move users
 //! are measured **exactly, from the bucket ranges**: a route whose split (or upstream)
 //! changes, and a fallback whose fraction changes, report the share of users (of the
 //! requests the rule matches, in parts per million) that move and from where to where.
@@ -130,6 +130,7 @@ pub fn diff(old: (&Config, &Snapshot), new: (&Config, &Snapshot)) -> ConfigDiff 
         changed_only(named(&oc.breakers, &nc.breakers, |b| &b.name)),
     );
     push("overload", whole("overload", &oc.overload, &nc.overload));
+    push("freeze", whole("freeze", &oc.freeze, &nc.freeze));
     d
 }
 

@@ -33,6 +33,8 @@
 //!   its methods delegate to them.
 //! - [`explain`]: a routing decision with every rule considered and why.
 //! - [`include`]: a main file plus an included rules directory, merged into one config.
+//! - [`diff`]: what changes between two configs, rule by rule and field by field.
+//! - [`freeze`]: the change freeze: which changed paths a reload may apply in its window.
 //!
 //! The entry point is [`load`]: parse → validate → compile, returning either a [`Loaded`]
 //! config or every error, located.
@@ -43,6 +45,7 @@ pub mod degrade;
 pub mod diff;
 pub mod error;
 pub mod explain;
+pub mod freeze;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod govern;

@@ -15,10 +15,12 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod freeze;
 mod govern;
 mod matching;
 mod overload;
 
+pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
 pub use govern::{
     Breaker, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse, OnStoreError, Plan,
     RuleMode, WhenMissing,
@@ -83,6 +85,10 @@ pub struct Config {
     /// Default: off. Main file only (like `active_plans`), so switching it is a one-file edit.
     #[serde(default, skip_serializing_if = "is_default_overload")]
     pub overload: Overload,
+    /// A change freeze: a window during which a reload may change only what it lists as
+    /// editable. Default: none. Main file only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<Freeze>,
 }
 
 fn is_default_overload(o: &Overload) -> bool {

@@ -34,6 +34,7 @@ use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
+mod freeze;
 mod govern;
 mod identity;
 mod mirror;
@@ -220,6 +221,7 @@ impl<'c> Validator<'c> {
         let routes = self.routes(c, &interfaces);
         let governance = self.govern(c, &interfaces);
         self.overload(c, &interfaces);
+        self.freeze(c);
 
         if !self.issues.is_empty() {
             return None;

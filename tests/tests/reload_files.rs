@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tidegate_tests::{ChildGateway, Client, Upstream, config, get, h1_client, tidegate_bin};
+use tidegate_tests::{
+    ChildGateway, Client, Upstream, config, dead_addr, get, h1_client, tidegate_bin,
+};
 
 /// The gateway's read bound (`tidegate::control::config::READ_TIMEOUT`).
 const READ_BOUND: Duration = Duration::from_secs(5);
@@ -411,4 +413,164 @@ async fn history_lists_applied_configs_and_rollback_restores_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("00000099.json"));
+}
+
+/// A change freeze around now: `old`'s route to `v1`, a plan `gala` that answers every
+/// request 503 locally, and a window from 2000 to 2100 (offsets on purpose: the window is
+/// judged in absolute time).
+fn frozen(v1: SocketAddr, v2: SocketAddr) -> Value {
+    let mut c = config(&[v1]);
+    c["upstreams"] = json!({
+        "v1": { "endpoints": [v1.to_string()] },
+        "v2": { "endpoints": [v2.to_string()] }
+    });
+    c["routes"] = json!([{ "name": "main", "upstream": "v1" }]);
+    c["plans"] = json!({ "gala": { "fallbacks": [
+        { "name": "lite", "fraction": "100%", "response": { "status": 503 } }
+    ]}});
+    c["freeze"] = json!({
+        "name": "gala-night",
+        "start": "2000-01-01T08:00:00+08:00",
+        "end": "2100-01-01T00:00:00-05:00"
+    });
+    c
+}
+
+/// During a freeze a route edit is refused, naming the frozen path, while traffic stays on
+/// the old upstream; an `active_plans` edit applies; moving the freeze's end into the past
+/// applies too, and then the route edit does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_refuses_frozen_edits_and_applies_editable_ones() {
+    let (v1, v2) = (Upstream::start().await, Upstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("tidegate.json");
+    let write = |v: &Value| {
+        let tmp = main.with_file_name(".tidegate.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+        std::fs::rename(&tmp, &main).unwrap();
+    };
+    let mut cfg = frozen(v1.addr, v2.addr);
+    write(&cfg);
+    let gw = ChildGateway::spawn_file(&main, dir);
+    let client = h1_client();
+    let within = Duration::from_secs(5);
+    let (c, _) = wait_config(&client, gw.admin_addr, within, "start", |c| {
+        c["generation"] == 1
+    })
+    .await;
+    assert_eq!(c["freeze"]["active"], true, "{c}");
+    assert_eq!(c["freeze"]["editable"], json!(["active_plans"]), "{c}");
+
+    // A route edit: refused, the old route stays live.
+    let mut edit = cfg.clone();
+    edit["routes"][0]["upstream"] = json!("v2");
+    write(&edit);
+    let (c, _) = wait_config(&client, gw.admin_addr, within, "route edit refused", |c| {
+        c["last_error"].is_string()
+    })
+    .await;
+    let err = c["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("freeze: routes/main/upstream is frozen until 2100-01-01T00:00:00-05:00")
+            && err.contains("(window \"gala-night\"); editable: active_plans"),
+        "{err}"
+    );
+    assert_eq!(c["generation"], 1, "{c}");
+    for _ in 0..3 {
+        assert_eq!(get(&client, gw.addr, "/envelopes/1").await.status, 200);
+    }
+    assert_eq!(
+        (v1.hits(), v2.hits()),
+        (3, 0),
+        "traffic stays on the old route"
+    );
+    let metrics = get(&client, gw.admin_addr, "/metrics").await.text();
+    assert!(
+        metrics.contains("tidegate_config_reloads_total{outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
+
+    // Switching the plan on is editable: it applies, and the plan answers.
+    cfg["active_plans"] = json!(["gala"]);
+    write(&cfg);
+    wait_config(&client, gw.admin_addr, within, "plan switched on", |c| {
+        c["generation"] == 2 && c["last_error"].is_null()
+    })
+    .await;
+    assert_eq!(get(&client, gw.addr, "/envelopes/1").await.status, 503);
+
+    // Ending the freeze (in the past) applies, plan off in the same save being editable.
+    cfg["freeze"]["end"] = json!("2001-01-01T00:00:00Z");
+    cfg["active_plans"] = json!([]);
+    write(&cfg);
+    let (c, _) = wait_config(&client, gw.admin_addr, within, "freeze ended", |c| {
+        c["generation"] == 3
+    })
+    .await;
+    assert_eq!(c["freeze"]["active"], false, "{c}");
+    let logged = gw
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("change freeze edited"))
+        .expect("the freeze edit is logged");
+    assert!(
+        logged.contains("WARN")
+            && logged.contains("2100-01-01T00:00:00-05:00")
+            && logged.contains("2001-01-01T00:00:00Z"),
+        "with the old and new window: {logged}"
+    );
+
+    // Now the route edit applies.
+    cfg["routes"][0]["upstream"] = json!("v2");
+    write(&cfg);
+    wait_config(&client, gw.admin_addr, within, "route edit applied", |c| {
+        c["generation"] == 4 && c["last_error"].is_null()
+    })
+    .await;
+    assert_eq!(get(&client, gw.addr, "/envelopes/1").await.status, 200);
+    assert_eq!((v1.hits(), v2.hits()), (3, 1), "the new route is live");
+}
+
+/// `tidegate check --at T --against LIVE` refuses what a reload at T would refuse (exit 1,
+/// every frozen path listed) and accepts it outside the window; `--at` alone reports the
+/// file's own window.
+#[test]
+fn check_at_reports_what_a_reload_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, new) = (dir.path().join("live.json"), dir.path().join("new.json"));
+    let mut cfg = frozen(dead_addr(), dead_addr());
+    cfg["freeze"]["end"] = json!("2026-12-31T23:30:00+08:00");
+    std::fs::write(&live, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    cfg["routes"][0]["upstream"] = json!("v2");
+    cfg["active_plans"] = json!(["gala"]);
+    std::fs::write(&new, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let check = |args: &[&str]| {
+        let out = Command::new(tidegate_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&new)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let live = live.to_str().unwrap();
+    let (code, out) = check(&["--at", "2026-12-31T12:00:00Z", "--against", live]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("frozen: routes/main/upstream\n"), "{out}");
+    assert!(!out.contains("frozen: active_plans"), "{out}");
+    let (code, out) = check(&["--at", "2026-12-31T15:30:00Z", "--against", live]);
+    assert_eq!(code, Some(0), "the end is exclusive: {out}");
+    assert!(out.contains("would apply this edit"), "{out}");
+    let (code, out) = check(&["--at", "2026-12-31T20:00:00+08:00"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("active at 2026-12-31T20:00:00+08:00; editable: active_plans"),
+        "{out}"
+    );
 }

@@ -18,6 +18,11 @@
 //! new read and report it again. Once it returns, its (stale) result is dropped and the next
 //! trigger (or the poll) reads afresh. Shutdown never waits for it.
 //!
+//! During a change freeze (the live config's `freeze` window), an edit that changes a path
+//! the window does not leave editable is refused like an invalid one, naming the frozen
+//! path ([`rules::freeze`]); an edit of `freeze` itself always applies and is logged at warn.
+//! Start-up is never blocked by a freeze: a (re)start applies what is on disk.
+//!
 //! The config file's *directory* is watched, not the file: editors save by renaming a new
 //! file over the old one, Kubernetes ConfigMaps swap a `..data` symlink, and `cp` truncates
 //! then writes. A briefly empty or half-written file fails validation and is simply not
@@ -47,8 +52,8 @@ const DEBOUNCE: Duration = Duration::from_millis(40);
 /// size and modification time are compared this often.
 const POLL: Duration = Duration::from_secs(2);
 
-/// A runtime built from a file, with the file's hash, bootstrap section and own files.
-type Built = (Runtime, u64, rules::model::Server, Sources);
+/// A runtime built from a file, with the file's hash, config as written and own files.
+type Built = (Runtime, u64, Arc<rules::Config>, Sources);
 
 /// What one reload's blocking half produced (certificates are reported by the thread).
 #[derive(Debug)]
@@ -88,6 +93,18 @@ pub struct ReloadStatus {
     /// Set while an abandoned read (one that gave no answer within the bound) is still
     /// blocked: what it is stuck on. No new read starts until it returns.
     pub read_stuck: Option<String>,
+    /// The live config's change freeze, if it has one.
+    pub freeze: Option<FreezeStatus>,
+}
+
+/// The live change freeze, as the admin port reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FreezeStatus {
+    /// The window as written (name, start, end, editable).
+    #[serde(flatten)]
+    pub window: rules::model::Freeze,
+    /// Whether the window is in force now (a reload may then change only what is editable).
+    pub active: bool,
 }
 
 /// The result of one reload attempt.
@@ -114,6 +131,9 @@ pub struct Reloader {
     embedded: Vec<(String, SocketAddr)>,
     /// The bootstrap settings the process started with.
     bootstrap: rules::model::Server,
+    /// The live config as written: what a freeze compares an edit with. Written only by
+    /// `reload` (under `serial`), with the runtime it was built into.
+    config: Mutex<Arc<rules::Config>>,
     /// Written only by `reload` (under `serial`), read by the admin port.
     status: Mutex<ReloadStatus>,
     hash: Mutex<u64>,
@@ -145,13 +165,14 @@ impl Reloader {
         )
     }
 
-    /// A reloader for a gateway started from `path` with content hash `hash`.
+    /// A reloader for a gateway started from `path` (content hash `hash`, parsed as
+    /// `config`).
     pub fn new(
         path: PathBuf,
         hash: u64,
         live: Arc<Live>,
         embedded: Vec<(String, SocketAddr)>,
-        bootstrap: rules::model::Server,
+        config: rules::Config,
         beside: Beside,
     ) -> Self {
         let Beside {
@@ -172,13 +193,15 @@ impl Reloader {
                 restart_needed: None,
                 tls_last_error: None,
                 read_stuck: None,
+                freeze: freeze_status(config.freeze.as_ref()),
             }),
             hash: Mutex::new(hash),
             path,
             include_dir,
             live,
             embedded,
-            bootstrap,
+            bootstrap: config.server.clone(),
+            config: Mutex::new(Arc::new(config)),
             serial: tokio::sync::Mutex::new(()),
             certs,
             abandoned: Mutex::new(None),
@@ -201,7 +224,11 @@ impl Reloader {
 
     /// The live config's status.
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().expect("not poisoned").clone()
+        let mut st = self.status.lock().expect("not poisoned").clone();
+        if let Some(f) = &mut st.freeze {
+            f.active = freeze_active(&f.window, SystemTime::now());
+        }
+        st
     }
 
     /// Try to apply the file now. `since` is when the triggering event happened (for the
@@ -211,17 +238,31 @@ impl Reloader {
         let built = self.run_job(trigger).await.map(|job| job.built);
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
-            Ok(Ok(Some((runtime, hash, server, sources)))) => {
+            Ok(Ok(Some((runtime, hash, config, sources)))) => {
                 // Breakers new in this config get their state gauge now, not at their first
                 // transition.
                 runtime.governors.export_states(&self.live.metrics);
                 self.live.runtime.store(Arc::new(runtime));
+                let old = std::mem::replace(
+                    &mut *self.config.lock().expect("not poisoned"),
+                    config.clone(),
+                );
+                if old.freeze != config.freeze {
+                    tracing::warn!(
+                        old = %describe(old.freeze.as_ref()),
+                        new = %describe(config.freeze.as_ref()),
+                        trigger,
+                        "change freeze edited"
+                    );
+                }
+                self.status.lock().expect("not poisoned").freeze =
+                    freeze_status(config.freeze.as_ref());
                 // Recorded before the status moves on, so a generation shown on the admin
                 // port is already in the history (reloads are serial: none can come between).
                 let generation = self.status.lock().expect("not poisoned").generation + 1;
                 self.record_history(sources, generation, hash, trigger)
                     .await;
-                self.mark_applied(hash, &server, trigger, since);
+                self.mark_applied(hash, &config.server, trigger, since);
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -444,7 +485,15 @@ impl Reloader {
         for w in rules::validate::warnings(&loaded.config) {
             tracing::warn!(path = %w.path, "config: {}", w.message);
         }
-        let server = loaded.config.server.clone();
+        // Judged against the live config, at the time of the reload.
+        let live_config = self.config.lock().expect("not poisoned").clone();
+        rules::freeze::check(
+            (&live_config, &previous.snapshot),
+            (&loaded.config, &loaded.snapshot),
+            SystemTime::now().into(),
+        )
+        .map_err(|refusal| format!("{}: {refusal}", self.path.display()))?;
+        let config = Arc::new(loaded.config);
         progress.set(format!(
             "building the rules of {} (resolving upstream names)",
             self.path.display()
@@ -457,7 +506,7 @@ impl Reloader {
             &self.live.metrics,
         )
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        Ok(Some((runtime, hash, server, sources)))
+        Ok(Some((runtime, hash, config, sources)))
     }
 }
 
@@ -659,6 +708,24 @@ fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         v.extend(files.into_iter().map(stat));
     }
     v
+}
+
+/// The admin port's view of a freeze (`active` as of now).
+fn freeze_status(f: Option<&rules::model::Freeze>) -> Option<FreezeStatus> {
+    f.map(|f| FreezeStatus {
+        window: f.clone(),
+        active: freeze_active(f, SystemTime::now()),
+    })
+}
+
+fn freeze_active(f: &rules::model::Freeze, now: SystemTime) -> bool {
+    rules::freeze::Window::of(f).is_ok_and(|w| w.is_active(now.into()))
+}
+
+/// A freeze window for the log: `"gala-night" START → END`, or `none`.
+fn describe(f: Option<&rules::model::Freeze>) -> String {
+    f.and_then(|f| rules::freeze::Window::of(f).ok())
+        .map_or_else(|| "none".to_owned(), |w| w.describe())
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

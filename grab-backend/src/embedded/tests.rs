@@ -219,11 +219,14 @@ async fn snapshots_truncate_the_log() {
 async fn expiry_refunds_and_conserves_money() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&config(dir.path())).unwrap();
-    let short = store.create(new_env(3_000, 5, 1)).await.unwrap();
+    // Three seconds to live: the first grab must land before expiry even when a busy
+    // machine makes each fsync slow; then wait out the rest from the creation.
+    let created = tokio::time::Instant::now();
+    let short = store.create(new_env(3_000, 5, 3)).await.unwrap();
     let long = store.create(new_env(7_000, 5, 60)).await.unwrap();
     store.grab(short.id, "x").await.unwrap();
     store.grab(long.id, "x").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    tokio::time::sleep_until(created + Duration::from_millis(3_050)).await;
     assert_eq!(store.grab(short.id, "y").await, Err(GrabError::Expired));
     assert_eq!(store.refund_expired().await.unwrap(), 1);
     assert_eq!(store.refund_expired().await.unwrap(), 0);

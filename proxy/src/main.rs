@@ -611,7 +611,12 @@ fn history(config: &std::path::Path, data_dir: Option<PathBuf>, json: bool) -> E
         for e in &entries {
             println!(
                 "{:>6}  gen {:<4} {}  {:<7} {}  {}",
-                e.id, e.generation, e.hash, e.trigger, e.applied_at_ms, e.summary
+                e.meta.id,
+                e.meta.generation,
+                e.meta.hash,
+                e.meta.trigger,
+                e.meta.applied_at_ms,
+                e.meta.summary
             );
         }
         for e in &errors {

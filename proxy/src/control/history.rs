@@ -28,9 +28,9 @@ pub struct History {
     keep: usize,
 }
 
-/// One applied config.
+/// What the history says of one applied config, besides its files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Entry {
+pub struct Meta {
     /// Increases with every entry, across restarts.
     pub id: u64,
     /// The process's config generation when it was applied (1: at start).
@@ -43,6 +43,14 @@ pub struct Entry {
     pub trigger: String,
     /// What changed from the entry before, one line (`rules::diff`).
     pub summary: String,
+}
+
+/// One applied config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Its ID, generation, hash, time, trigger and summary.
+    #[serde(flatten)]
+    pub meta: Meta,
     /// The main config file.
     pub main: String,
     /// Its include directory, if it names one.
@@ -60,21 +68,12 @@ pub struct File {
     pub text: String,
 }
 
-/// An entry without its files, for listings.
+/// An entry without its files' text, for listings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Listed {
-    /// See [`Entry`].
-    pub id: u64,
-    /// See [`Entry`].
-    pub generation: u64,
-    /// See [`Entry`].
-    pub hash: String,
-    /// See [`Entry`].
-    pub applied_at_ms: u64,
-    /// See [`Entry`].
-    pub trigger: String,
-    /// See [`Entry`].
-    pub summary: String,
+    /// Its ID, generation, hash, time, trigger and summary.
+    #[serde(flatten)]
+    pub meta: Meta,
     /// The files' paths.
     pub files: Vec<String>,
 }
@@ -113,9 +112,9 @@ impl History {
         let ids = self.ids()?;
         let previous = ids.last().and_then(|&id| self.get(id).ok());
         if let Some(p) = &previous
-            && p.hash == hash
+            && p.meta.hash == hash
         {
-            return Ok(p.id);
+            return Ok(p.meta.id);
         }
         let files: Vec<File> = std::iter::once(&sources.main)
             .chain(&sources.fragments)
@@ -125,12 +124,14 @@ impl History {
             })
             .collect();
         let mut entry = Entry {
-            id: ids.last().map_or(1, |i| i + 1),
-            generation,
-            hash,
-            applied_at_ms: unix_ms(),
-            trigger: trigger.to_owned(),
-            summary: String::new(),
+            meta: Meta {
+                id: ids.last().map_or(1, |i| i + 1),
+                generation,
+                hash,
+                applied_at_ms: unix_ms(),
+                trigger: trigger.to_owned(),
+                summary: String::new(),
+            },
             main: sources.main.0.display().to_string(),
             include_dir: sources
                 .include_dir
@@ -138,13 +139,13 @@ impl History {
                 .map(|d| d.display().to_string()),
             files,
         };
-        entry.summary = match &previous {
+        entry.meta.summary = match &previous {
             Some(p) => summary(p, &entry),
             None => "first recorded config".into(),
         };
         self.write_new(&mut entry)?;
         self.prune()?;
-        Ok(entry.id)
+        Ok(entry.meta.id)
     }
 
     /// Write `entry` under its ID, or the next free one if another writer took it (two
@@ -152,17 +153,17 @@ impl History {
     fn write_new(&self, entry: &mut Entry) -> Result<(), String> {
         let tmp = self
             .dir
-            .join(format!(".tmp-{}-{}", std::process::id(), entry.id));
+            .join(format!(".tmp-{}-{}", std::process::id(), entry.meta.id));
         for _ in 0..100 {
             let bytes = serde_json::to_vec_pretty(&*entry).map_err(|e| e.to_string())?;
             write_synced(&tmp, &bytes)?;
-            let path = self.path_of(entry.id);
+            let path = self.path_of(entry.meta.id);
             // A hard link fails if the name exists, where a rename would replace it.
             let linked = std::fs::hard_link(&tmp, &path);
             let _ = std::fs::remove_file(&tmp);
             match linked {
                 Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => entry.id += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => entry.meta.id += 1,
                 Err(e) => return Err(format!("cannot write {}: {e}", path.display())),
             }
         }
@@ -208,8 +209,8 @@ impl History {
         let bytes = read_bounded(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         let entry: Entry = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a history entry: {e}", p.display()))?;
-        if entry.id != id {
-            return Err(format!("{}: holds entry {}", p.display(), entry.id));
+        if entry.meta.id != id {
+            return Err(format!("{}: holds entry {}", p.display(), entry.meta.id));
         }
         Ok(entry)
     }
@@ -225,12 +226,7 @@ impl History {
         for id in ids.into_iter().rev() {
             match self.get(id) {
                 Ok(e) => out.push(Listed {
-                    id: e.id,
-                    generation: e.generation,
-                    hash: e.hash,
-                    applied_at_ms: e.applied_at_ms,
-                    trigger: e.trigger,
-                    summary: e.summary,
+                    meta: e.meta,
                     files: e.files.into_iter().map(|f| f.path).collect(),
                 }),
                 Err(e) => errors.push(e),
@@ -245,7 +241,7 @@ pub fn load(entry: &Entry) -> Result<rules::Loaded, String> {
     let (main, fragments) = entry
         .files
         .split_first()
-        .ok_or_else(|| format!("entry {} has no files", entry.id))?;
+        .ok_or_else(|| format!("entry {} has no files", entry.meta.id))?;
     let fragments: Vec<(String, Vec<u8>)> = (fragments.iter())
         .map(|f| (f.path.clone(), f.text.clone().into_bytes()))
         .collect();
@@ -266,7 +262,10 @@ fn summary(previous: &Entry, current: &Entry) -> String {
         (Ok(p), Ok(c)) => {
             rules::diff::diff((&p.config, &p.snapshot), (&c.config, &c.snapshot)).summary()
         }
-        (Err(e), _) => format!("entry {} does not load with this build: {e}", previous.id),
+        (Err(e), _) => format!(
+            "entry {} does not load with this build: {e}",
+            previous.meta.id
+        ),
         (_, Err(e)) => format!("does not load with this build: {e}"),
     }
 }
@@ -275,11 +274,12 @@ fn summary(previous: &Entry, current: &Entry) -> String {
 /// last, each atomically; fragments in its include directory that it did not have are
 /// renamed aside. Returns what was written and what was moved aside.
 pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
-    load(entry).map_err(|e| format!("entry {} does not load with this build: {e}", entry.id))?;
+    load(entry)
+        .map_err(|e| format!("entry {} does not load with this build: {e}", entry.meta.id))?;
     let (main, fragments) = entry
         .files
         .split_first()
-        .ok_or_else(|| format!("entry {} has no files", entry.id))?;
+        .ok_or_else(|| format!("entry {} has no files", entry.meta.id))?;
     let mut moved = Vec::new();
     if let Some(dir) = &entry.include_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;

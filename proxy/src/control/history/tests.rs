@@ -37,10 +37,13 @@ fn records_changes_with_a_summary_skips_repeats_and_keeps_the_newest() {
     let (listed, errors) = h.list();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(listed.len(), 2);
-    assert_eq!(listed[0].summary, "routes: ~default (4.0000% v1 → v2)");
-    assert_eq!(listed[1].summary, "first recorded config");
+    assert_eq!(listed[0].meta.summary, "routes: ~default (4.0000% v1 → v2)");
+    assert_eq!(listed[1].meta.summary, "first recorded config");
     assert_eq!(
-        (listed[0].hash.as_str(), listed[0].trigger.as_str()),
+        (
+            listed[0].meta.hash.as_str(),
+            listed[0].meta.trigger.as_str()
+        ),
         ("000000000000000b", "watch")
     );
     for (i, w) in ["6%", "7%", "8%"].iter().enumerate() {
@@ -52,7 +55,7 @@ fn records_changes_with_a_summary_skips_repeats_and_keeps_the_newest() {
         )
         .expect("recorded");
     }
-    let ids: Vec<u64> = h.list().0.iter().map(|e| e.id).collect();
+    let ids: Vec<u64> = h.list().0.iter().map(|e| e.meta.id).collect();
     assert_eq!(ids, vec![5, 4, 3]);
     assert!(History::new(dir.path(), 0).is_none());
 }
@@ -67,16 +70,19 @@ fn a_taken_id_is_never_overwritten_and_a_corrupt_entry_is_reported() {
     // Another writer takes ID 2 between our listing and our write: simulated by a file
     // that is already there when the write happens.
     let mut e = h.get(1).expect("entry 1");
-    e.id = 2;
+    e.meta.id = 2;
     h.write_new(&mut e).expect("written");
-    assert_eq!(e.id, 2);
+    assert_eq!(e.meta.id, 2);
     let mut again = h.get(1).expect("entry 1");
-    again.id = 2;
+    again.meta.id = 2;
     h.write_new(&mut again).expect("written under the next ID");
-    assert_eq!(again.id, 3);
+    assert_eq!(again.meta.id, 3);
     std::fs::write(h.path_of(2), b"{ not json").expect("corrupting");
     let (listed, errors) = h.list();
-    assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 1]);
+    assert_eq!(
+        listed.iter().map(|e| e.meta.id).collect::<Vec<_>>(),
+        vec![3, 1]
+    );
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0].contains("00000002.json: not a history entry"),

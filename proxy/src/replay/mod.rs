@@ -189,7 +189,7 @@ struct Side {
 /// Names interned to small numbers (rule and upstream names of every side and the log).
 #[derive(Default)]
 struct Names {
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     names: Vec<Box<str>>,
 }
 

@@ -126,3 +126,12 @@ proptest! {
         prop_assert_eq!(fast.unwrap(), serde_json::from_str::<Line<'_>>(&text).unwrap());
     }
 }
+
+proptest! {
+    /// The word-at-a-time search finds what a byte-at-a-time one finds.
+    #[test]
+    fn quote_or_backslash_is_the_first(b in prop::collection::vec(prop::sample::select(vec![b'a', b'"', b'\\', 0x80, 0xa2, 0xdc, 0x00, 0x01, 0x21, 0x5d]), 0..40)) {
+        let naive = b.iter().position(|&c| c == b'"' || c == b'\\');
+        prop_assert_eq!(quote_or_backslash(&b), naive);
+    }
+}

@@ -24,6 +24,18 @@ fn the_gateways_own_lines_take_the_fast_path() {
     assert_eq!(scan(b"{}"), Some(Line::default()));
 }
 
+/// Lines a gateway wrote (the e2e test's: start-up, forward, fallback, limited), each read by
+/// the scanner, as `serde_json` reads it.
+#[test]
+fn a_gateways_log_takes_the_fast_path() {
+    let log = include_str!("gateway.jsonl");
+    for l in log.lines() {
+        let fast = scan(l.as_bytes()).unwrap_or_else(|| panic!("declined: {l}"));
+        assert_eq!(fast, serde_json::from_str::<Line<'_>>(l).unwrap());
+    }
+    assert_eq!(log.lines().count(), 5);
+}
+
 #[test]
 fn what_the_scanner_declines_serde_json_decides() {
     for (text, ok) in [

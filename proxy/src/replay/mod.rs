@@ -15,8 +15,8 @@
 //! in Redis from the whole fleet's traffic). Requests bucketed by a random draw (no user,
 //! `no_user_key: random`) have no replayable answer and are reported apart.
 //!
-//! The log is streamed line by line (one buffer reused; a line's fields are borrowed from
-//! it): memory is bounded by the config, the number of distinct changes, and
+//! The log is streamed line by line (each read where it lies in the reader's buffer; a
+//! line's fields are borrowed from it): memory is bounded by the config, the number of distinct changes, and
 //! [`Options::users_bound`] distinct users counted exactly (past it, counts say "at least").
 
 pub mod line;

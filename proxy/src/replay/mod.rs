@@ -15,8 +15,8 @@
 //! in Redis from the whole fleet's traffic). Requests bucketed by a random draw (no user,
 //! `no_user_key: random`) have no replayable answer and are reported apart.
 //!
-//! The log is streamed line by line (one buffer reused; a line's fields are borrowed from
-//! it): memory is bounded by the config, the number of distinct changes, and
+//! The log is streamed line by line (each read where it lies in the reader's buffer; a
+//! line's fields are borrowed from it): memory is bounded by the config, the number of distinct changes, and
 //! [`Options::users_bound`] distinct users counted exactly (past it, counts say "at least").
 
 pub mod line;
@@ -189,7 +189,7 @@ struct Side {
 /// Names interned to small numbers (rule and upstream names of every side and the log).
 #[derive(Default)]
 struct Names {
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     names: Vec<Box<str>>,
 }
 
@@ -261,19 +261,51 @@ impl Replay {
         }
     }
 
-    /// Replay every line of `input`.
+    /// Replay every line of `input`. Lines are read where they lie in `input`'s buffer; only
+    /// a line cut by the buffer's end is copied (into a buffer kept for the next one).
     pub fn read(&mut self, mut input: impl BufRead) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(4096);
+        let mut cut: Vec<u8> = Vec::new();
         loop {
-            buf.clear();
-            if input.read_until(b'\n', &mut buf)? == 0 {
+            let buf = match input.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                if !cut.is_empty() {
+                    self.raw_line(&cut, false);
+                }
                 return Ok(());
             }
-            let complete = buf.last() == Some(&b'\n');
-            let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            self.line(line, complete);
+            let mut start = 0;
+            if !cut.is_empty() {
+                let Some(end) = memchr::memchr(b'\n', buf) else {
+                    cut.extend_from_slice(buf);
+                    let n = buf.len();
+                    input.consume(n);
+                    continue;
+                };
+                cut.extend_from_slice(&buf[..end]);
+                self.raw_line(&cut, true);
+                cut.clear();
+                start = end + 1;
+            }
+            let base = start;
+            for end in memchr::memchr_iter(b'\n', &buf[base..]) {
+                let end = base + end;
+                self.raw_line(&buf[start..end], true);
+                start = end + 1;
+            }
+            cut.extend_from_slice(&buf[start..]);
+            let n = buf.len();
+            input.consume(n);
         }
+    }
+
+    /// A line without its newline: without a `\r` before it too.
+    fn raw_line(&mut self, line: &[u8], complete: bool) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        self.line(line, complete);
     }
 
     /// Replay one line (without its newline); `complete` is false for a last line without

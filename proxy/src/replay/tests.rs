@@ -421,3 +421,46 @@ fn shadow_rules_change_no_answer() {
     let r = at("enforce");
     assert!(r.changes.iter().any(|c| c.kind == "newly_shed"), "{r}");
 }
+
+/// Lines are read in place from the reader's buffer: a line cut by its end (any size, any
+/// place, a `\r\n` or a cut last line included) replays as when read whole.
+#[test]
+fn lines_cut_by_the_readers_buffer_replay_the_same() {
+    let live = runtime(&config(split("10%"), json!([]), json!([])));
+    let mut log = recorded_log(&live, &users(40));
+    log.push_str("not json\r\n\n");
+    log.push_str(&access(
+        9_000_000,
+        "/envelopes/1/grab",
+        "zed",
+        "forward",
+        "canary",
+        "v1",
+    ));
+    log.push_str("\r\n{\"target\":\"tidegate::acc");
+    let candidate = || runtime(&config(split("50%"), json!([]), json!([])));
+    let whole = replay(candidate(), None, log.as_bytes(), opts()).unwrap();
+    assert!(
+        whole.changed > 0 && whole.not_replayed.truncated_last_line,
+        "{whole}"
+    );
+    assert_eq!(whole.not_replayed.unparseable_lines, [41]);
+    for cap in [1, 2, 7, 64, 333] {
+        let reader = std::io::BufReader::with_capacity(cap, log.as_bytes());
+        let r = replay(candidate(), None, reader, opts()).unwrap();
+        let fields = |r: &Report| {
+            (
+                r.lines,
+                r.compared,
+                r.changed,
+                r.not_replayed.unparseable_lines.clone(),
+                r.not_replayed.truncated_last_line,
+                r.changes
+                    .iter()
+                    .map(|c| (c.requests, c.users))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(fields(&r), fields(&whole), "buffer of {cap}: {r}");
+    }
+}

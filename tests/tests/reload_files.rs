@@ -274,6 +274,19 @@ fn check_refuses_a_fifo() {
     assert!(took < Duration::from_secs(3), "check took {took:?}");
 }
 
+/// `/admin/config/history` once it lists `n` entries: an applied config is recorded just
+/// after it goes live (the record never delays it), so it may trail the status by moments.
+async fn history_of(client: &Client, admin: SocketAddr, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let h: Value = get(client, admin, "/admin/config/history").await.json();
+        if h["entries"].as_array().is_some_and(|e| e.len() >= n) || Instant::now() > deadline {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every applied config is kept: `/admin/config/history` lists them newest first with what
 /// changed; a broken edit is not recorded; `tidegate rollback --to 1` writes the first
 /// config back (fragment and main file), the running gateway applies it, and the history
@@ -343,9 +356,7 @@ async fn history_lists_applied_configs_and_rollback_restores_one() {
     )
     .await;
 
-    let history: Value = get(&client, gw.admin_addr, "/admin/config/history")
-        .await
-        .json();
+    let history = history_of(&client, gw.admin_addr, 3).await;
     eprintln!("{history:#}");
     let entries = history["entries"].as_array().unwrap();
     let summaries: Vec<&str> = entries
@@ -391,9 +402,7 @@ async fn history_lists_applied_configs_and_rollback_restores_one() {
     )
     .await;
     assert_eq!(c["generation"], 4, "{c}");
-    let history: Value = get(&client, gw.admin_addr, "/admin/config/history")
-        .await
-        .json();
+    let history = history_of(&client, gw.admin_addr, 4).await;
     let newest = &history["entries"][0];
     assert_eq!(
         (newest["id"].as_u64(), newest["hash"].as_str()),

@@ -257,12 +257,12 @@ impl Reloader {
                 }
                 self.status.lock().expect("not poisoned").freeze =
                     freeze_status(config.freeze.as_ref());
-                // Recorded before the status moves on, so a generation shown on the admin
-                // port is already in the history (reloads are serial: none can come between).
-                let generation = self.status.lock().expect("not poisoned").generation + 1;
+                let generation = self.mark_applied(hash, &config.server, trigger, since);
+                // After the swap, so keeping the record (a file write, and a diff against
+                // the entry before) never delays a config going live; the history lists it
+                // moments later. Under the reload lock, so entries keep the order applied.
                 self.record_history(sources, generation, hash, trigger)
                     .await;
-                self.mark_applied(hash, &config.server, trigger, since);
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -305,14 +305,14 @@ impl Reloader {
         outcome
     }
 
-    /// Record a config just made live in the status and metrics.
+    /// Record a config just made live in the status and metrics; its generation.
     fn mark_applied(
         &self,
         hash: u64,
         server: &rules::model::Server,
         trigger: &str,
         since: Instant,
-    ) {
+    ) -> u64 {
         let mut st = self.status.lock().expect("not poisoned");
         *self.hash.lock().expect("not poisoned") = hash;
         st.generation += 1;
@@ -338,6 +338,7 @@ impl Reloader {
             elapsed_ms = since.elapsed().as_secs_f64() * 1e3,
             "config applied"
         );
+        st.generation
     }
 
     /// Keep an applied config in the history (under the reload's lock, so entries are in

@@ -263,3 +263,31 @@ fn plans_a_trigger_may_switch_on_together_must_not_conflict() {
     let held = both.replacen("\"trigger\"", "\"auto\": false, \"trigger\"", 1);
     assert_eq!(messages(&held), Vec::<String>::new());
 }
+
+/// During a change freeze, `plans/*/auto` listed as editable lets an operator keep a
+/// trigger from switching its plan on, while the trigger's conditions stay frozen.
+#[test]
+fn a_freeze_can_leave_a_triggers_auto_switch_editable() {
+    let cfg = |auto: bool, ratio: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&config(&format!(
+            r#"{{ "calm": {{ "disable": ["l"], "auto": {auto}, "trigger": {{
+                "when": [ {{ "interface": "grab", "error_ratio_above": "{ratio}" }} ] }} }} }}"#
+        )))
+        .expect("json");
+        v["freeze"] = serde_json::json!({ "name": "gala", "start": "2026-12-31T18:00:00+08:00",
+            "end": "2026-12-31T23:30:00+08:00", "editable": ["active_plans", "plans/*/auto"] });
+        crate::load("t.json", v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let inside = crate::model::parse_time("2026-12-31T12:00:00Z").expect("a time");
+    let check = |old: &crate::Loaded, new: &crate::Loaded| {
+        crate::freeze::check(
+            (&old.config, &old.snapshot),
+            (&new.config, &new.snapshot),
+            inside,
+        )
+    };
+    let on = cfg(true, "20%");
+    check(&on, &cfg(false, "20%")).expect("auto is editable");
+    let r = check(&on, &cfg(true, "50%")).expect_err("the conditions are frozen");
+    assert_eq!(r.frozen, ["plans/calm/trigger/when/0/error_ratio_above"]);
+}

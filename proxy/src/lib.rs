@@ -171,8 +171,8 @@ async fn start_inner(
         embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
     let metrics = Arc::new(Metrics::new());
-    let mut runtime =
-        Runtime::build(snapshot, secrets, &lookup, None, &metrics).map_err(anyhow::Error::msg)?;
+    let mut runtime = Runtime::build(snapshot, secrets.clone(), &lookup, None, &metrics)
+        .map_err(anyhow::Error::msg)?;
     if let Some(redis) = &server_cfg.redis {
         let store = ClusterStore::connect(redis).context("server.redis")?;
         runtime.governors = govern::Governors::build_cluster(&runtime.snapshot, None, Some(store));
@@ -245,6 +245,7 @@ async fn start_inner(
                 certs: cert_stores.clone(),
                 admin_token: token.clone(),
                 history,
+                secrets,
             },
         )));
     }
@@ -267,6 +268,13 @@ async fn start_inner(
         stats.clone(),
         shutdown_rx.clone(),
     )));
+    if let Some(r) = &reloader {
+        tasks.push(tokio::spawn(reload::plans::run(
+            r.clone(),
+            stats.windows(),
+            shutdown_rx.clone(),
+        )));
+    }
 
     let (admin_listener, admin_addr) = serve::bind(&server_cfg.admin.address).await?;
     let admin = Arc::new(AdminState {

@@ -144,6 +144,26 @@ pub struct BreakerLabels {
     pub upstream: Name,
 }
 
+/// Labels of `tidegate_plan_active`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PlanLabels {
+    /// Plan name.
+    pub plan: Name,
+    /// `manual` (listed in `active_plans`) or `auto` (switched on by its trigger).
+    pub cause: &'static str,
+}
+
+/// Labels of `tidegate_plan_transitions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PlanTransitionLabels {
+    /// Plan name.
+    pub plan: Name,
+    /// `manual` or `auto`.
+    pub cause: &'static str,
+    /// `on` or `off`.
+    pub to: &'static str,
+}
+
 /// Labels of `tidegate_breaker_transitions_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TransitionLabels {
@@ -266,6 +286,10 @@ pub struct Metrics {
     pub fallbacks: Family<RuleLabels, Counter>,
     /// Breaker state by breaker: 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<BreakerLabels, Gauge>,
+    /// 1 while a plan is in force for that cause (`manual` or `auto`), else 0.
+    pub plan_active: Family<PlanLabels, Gauge>,
+    /// Plans switched on or off, by cause.
+    pub plan_transitions: Family<PlanTransitionLabels, Counter>,
     /// Breaker state changes by breaker and new state.
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     /// Requests an open (or probing) breaker kept from its upstream.
@@ -470,6 +494,18 @@ impl Metrics {
             "Circuit breaker state: 0 closed, 1 open, 2 half-open",
             breaker_state.clone(),
         );
+        let plan_active = Family::<PlanLabels, Gauge>::default();
+        registry.register(
+            "plan_active",
+            "1 while an emergency plan is in force, by plan and cause (manual or auto)",
+            plan_active.clone(),
+        );
+        let plan_transitions = Family::<PlanTransitionLabels, Counter>::default();
+        registry.register(
+            "plan_transitions",
+            "Emergency plans switched on or off, by plan, cause (manual or auto) and new state",
+            plan_transitions.clone(),
+        );
         let breaker_transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
             "breaker_transitions",
@@ -596,6 +632,8 @@ impl Metrics {
             limit_store_errors,
             fallbacks,
             breaker_state,
+            plan_active,
+            plan_transitions,
             breaker_transitions,
             breaker_rejections,
             config_reloads,

@@ -26,6 +26,8 @@
 //!   lookups: which limits apply, which fallback answers, which breaker guards.
 //! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
 //!   adaptive concurrency limit, as pure controllers.
+//! - [`trigger`]: plans that switch themselves on: compiled triggers over the gateway's own
+//!   figures, and the pure controller that runs them once per window.
 //! - [`validate`]: ranges, formats, references and ambiguity, reporting every problem at
 //!   once; builds the compiled parts above from the values it parsed, so compiling a valid
 //!   config cannot fail.
@@ -60,6 +62,7 @@ pub(crate) mod plan;
 pub mod route;
 pub mod snapshot;
 pub mod source;
+pub mod trigger;
 pub mod trusted;
 pub mod upstream;
 pub mod validate;

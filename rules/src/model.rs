@@ -22,8 +22,8 @@ mod overload;
 
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
 pub use govern::{
-    Breaker, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse, OnStoreError, Plan,
-    RuleMode, WhenMissing,
+    Breaker, Condition, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse,
+    OnStoreError, Plan, RuleMode, Trigger, WhenMissing,
 };
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};

@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub routes: Routes,
     /// Limits, fallbacks and breakers in force (active plans applied).
     pub governance: Governance,
+    /// Plans' triggers, in plan name order (run by the proxy's plan controller).
+    pub triggers: Vec<crate::trigger::CompiledTrigger>,
     /// Overload protection.
     pub overload: CompiledOverload,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
@@ -86,6 +88,7 @@ impl Snapshot {
             upstreams: parts.upstreams,
             governance,
             shadow,
+            triggers: parts.triggers,
             overload: parts.overload,
             trusted_proxies: parts.trusted_proxies,
             jwt: parts.jwt,

@@ -39,6 +39,7 @@ mod govern;
 mod identity;
 mod mirror;
 mod overload;
+mod trigger;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -82,6 +83,8 @@ pub(crate) struct Checked {
     pub(crate) fallbacks: Vec<CompiledFallback>,
     pub(crate) breakers: Vec<CompiledBreaker>,
     pub(crate) active_plans: Vec<Box<str>>,
+    /// Plans' triggers, in plan name order.
+    pub(crate) triggers: Vec<crate::trigger::CompiledTrigger>,
     pub(crate) overload: CompiledOverload,
     pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) jwt: Option<CompiledJwt>,
@@ -220,6 +223,7 @@ impl<'c> Validator<'c> {
         self.upstreams(c);
         let routes = self.routes(c, &interfaces);
         let governance = self.govern(c, &interfaces);
+        let triggers = self.triggers(c, &interfaces);
         self.overload(c, &interfaces);
         self.freeze(c);
 
@@ -248,6 +252,7 @@ impl<'c> Validator<'c> {
             fallbacks,
             breakers,
             active_plans: c.active_plans.iter().map(|p| p.as_str().into()).collect(),
+            triggers,
             overload: CompiledOverload::compile(c, &self.iface_ids, &self.upstream_ids),
             trusted_proxies,
             jwt,

@@ -1,7 +1,8 @@
 //! Degradation end to end: a fallback answering `share` locally; a 30% fallback that picks
 //! 30% of users, always the same ones; an emergency plan switched on by one edit that changes
 //! several rules at once; a circuit breaker that opens on a failing backend, serves the
-//! fallback, and closes through half-open once the backend recovers.
+//! fallback, and closes through half-open once the backend recovers; a plan that switches
+//! itself on when its upstream starts failing, and off once it recovers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,8 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tidegate_tests::api;
 use tidegate_tests::{
-    Client, Reply, TIMEOUT, Upstream, add_share_interface, config, get, h1_client, post_as, set,
-    start_gateway,
+    ChildGateway, Client, Reply, TIMEOUT, Upstream, add_share_interface, config, get, h1_client,
+    metric_value, post_as, set, start_gateway,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -387,4 +388,201 @@ async fn breaker_alternate_upstream() {
     }
     assert_eq!((backend.hits(), spare.hits()), (3, 4));
     assert!(server.shutdown().await);
+}
+
+/// Grab requests from fresh users, one after another, until `until` says stop; returns
+/// when each first and last degraded answer came, and how many of each status.
+async fn grab_until(
+    client: &Client,
+    gw: SocketAddr,
+    next_user: &mut usize,
+    mut until: impl FnMut(&Reply, Instant) -> bool,
+) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        *next_user += 1;
+        let r = post_as(
+            client,
+            gw,
+            "/envelopes/7/grab",
+            "app",
+            &format!("u{next_user}"),
+        )
+        .await;
+        if until(&r, Instant::now()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no end within {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+/// A plan with a trigger on `grab`'s error ratio: the upstream starts answering 500 and the
+/// plan goes on within `for_ms` plus one window (with margin), its 50% fallback answers;
+/// while the upstream still fails (seen through the other half) it stays on past
+/// `release_for_ms`; once the upstream recovers it goes off within `release_for_ms` plus one
+/// window. Each switch is logged at warn with its figures and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_switches_itself_on_a_failing_upstream_and_off_after_recovery() {
+    const FOR_MS: u64 = 1000;
+    const RELEASE_MS: u64 = 1500;
+    const WINDOW_MS: u64 = 1000;
+    // Scheduling slack on a loaded 2-core machine: the sampler's tick, a rebuild, the
+    // request that observes it.
+    const MARGIN_MS: u64 = 700;
+    let backend = Switchable::start().await;
+    let mut c = base(backend.addr);
+    set(
+        &mut c,
+        "plans",
+        json!({ "calm": {
+            "fallbacks": [ { "name": "grab-calm", "match": { "interfaces": ["grab"] },
+                             "fraction": "50%",
+                             "response": { "status": 200, "headers": { "x-degraded": "calm" },
+                                           "body": { "queued": true } } } ],
+            "trigger": { "when": [ { "interface": "grab", "error_ratio_above": "20%" } ],
+                         "for_ms": FOR_MS, "release_for_ms": RELEASE_MS, "min_requests": 10 }
+        } }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tidegate.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let gw = ChildGateway::spawn_file(&path, dir);
+    let client = h1_client();
+    let mut user = 0;
+
+    // Healthy for two windows: nothing degraded, the plan off.
+    let start = Instant::now();
+    grab_until(&client, gw.addr, &mut user, |r, now| {
+        assert_eq!(r.status, 200);
+        assert!(
+            !degraded(r),
+            "the plan is off while the upstream is healthy"
+        );
+        now - start > Duration::from_millis(2 * WINDOW_MS)
+    })
+    .await;
+
+    backend.failing.store(true, Ordering::SeqCst);
+    let failing_at = Instant::now();
+    let mut on_at = None;
+    grab_until(&client, gw.addr, &mut user, |r, now| {
+        if degraded(r) {
+            assert_eq!(r.json(), json!({ "queued": true }));
+            on_at = Some(now);
+            return true;
+        }
+        assert_eq!(r.status, 500, "the backend's own answer passes through");
+        false
+    })
+    .await;
+    let took = on_at.expect("switched on") - failing_at;
+    assert!(
+        took <= Duration::from_millis(FOR_MS + WINDOW_MS + MARGIN_MS),
+        "on after {took:?}"
+    );
+
+    let status = get(&client, gw.admin_addr, "/admin/status.json")
+        .await
+        .json();
+    let calm = &status["plans"][0];
+    assert_eq!(
+        (&calm["name"], &calm["active"], &calm["cause"]),
+        (&json!("calm"), &json!(true), &json!("auto")),
+        "{status}"
+    );
+    let reason = calm["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("error_ratio of grab "), "{reason}");
+    assert!(reason.contains(" above 20%, held for "), "{reason}");
+    assert_eq!(status["active_plans"], json!(["calm"]));
+
+    // An edit while the plan is on (here, of its description) keeps it on: the reload
+    // compiles the new file with the plans its triggers switched on.
+    c["plans"]["calm"]["description"] = json!("switched on by its trigger");
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let cfg = get(&client, gw.admin_addr, "/admin/config").await.json();
+        if cfg["generation"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit was not applied: {cfg}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Still failing: the half not degraded keeps the error ratio up, so the plan stays on
+    // past release_for_ms, and its fallback answers the other half.
+    let (mut deg, mut err) = (0, 0);
+    let held_from = Instant::now();
+    grab_until(&client, gw.addr, &mut user, |r, now| {
+        match degraded(r) {
+            true => deg += 1,
+            false => {
+                assert_eq!(r.status, 500);
+                err += 1;
+            }
+        }
+        now - held_from > Duration::from_millis(RELEASE_MS + WINDOW_MS)
+    })
+    .await;
+    assert!(deg > 20 && err > 20, "{deg} degraded, {err} failed");
+    let tail = get(&client, gw.admin_addr, "/admin/status.json")
+        .await
+        .json();
+    assert_eq!(tail["plans"][0]["active"], json!(true), "{tail}");
+
+    backend.failing.store(false, Ordering::SeqCst);
+    let recovered_at = Instant::now();
+    let mut last_degraded = recovered_at;
+    grab_until(&client, gw.addr, &mut user, |r, now| {
+        if degraded(r) {
+            last_degraded = now;
+        } else {
+            assert_eq!(r.status, 200, "recovered");
+        }
+        // Off once no request was degraded for a while (half of all users would be).
+        now - last_degraded > Duration::from_millis(500)
+    })
+    .await;
+    let took = last_degraded - recovered_at;
+    assert!(
+        took <= Duration::from_millis(RELEASE_MS + WINDOW_MS + MARGIN_MS),
+        "off after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(RELEASE_MS - WINDOW_MS),
+        "released after only {took:?}: release_for_ms was not waited for"
+    );
+
+    let metrics = get(&client, gw.admin_addr, "/metrics").await.text();
+    let m = |series: &str| metric_value(&metrics, series);
+    assert_eq!(
+        m("tidegate_plan_active{plan=\"calm\",cause=\"auto\"}"),
+        Some(0.0)
+    );
+    for to in ["on", "off"] {
+        let series =
+            format!("tidegate_plan_transitions_total{{plan=\"calm\",cause=\"auto\",to=\"{to}\"}}");
+        assert_eq!(m(&series), Some(1.0), "{series}\n{metrics}");
+    }
+    let status = get(&client, gw.admin_addr, "/admin/status.json")
+        .await
+        .json();
+    assert_eq!(status["plans"][0]["active"], json!(false), "{status}");
+    assert!(
+        status["plans"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("no condition held for")),
+        "{status}"
+    );
+
+    let warned = |msg: &str| {
+        (gw.log_lines().into_iter())
+            .find(|l| l.contains(msg) && l.contains("WARN") && l.contains("calm"))
+    };
+    let on = warned("plan switched on by its trigger").expect("the switch on is logged");
+    assert!(on.contains("error_ratio of grab"), "{on}");
+    let off = warned("plan switched off by its trigger").expect("the switch off is logged");
+    assert!(off.contains("no condition held for"), "{off}");
 }

@@ -20,8 +20,10 @@ use rules::route::RouteAction;
 use serde::Serialize;
 
 use crate::control::reload::Reloader;
+use crate::control::reload::plans::{SampledWindow, Windows};
 use crate::runtime::{Live, Runtime};
 use crate::stats::{CLASSES, Class, LAT_BUCKETS, quantile_ms};
+use rules::trigger::{InterfaceFigures, UpstreamFigures, Window};
 
 /// Seconds of history kept (and charted): five minutes.
 pub const HISTORY_SECS: usize = 300;
@@ -35,6 +37,9 @@ pub struct Stats {
     live: Arc<Live>,
     reloader: Option<Arc<Reloader>>,
     inner: Mutex<Sampled>,
+    /// Each second's figures with the runtime they were sampled from, for the plans'
+    /// triggers (the sampler is the counters' only reader).
+    windows: tokio::sync::watch::Sender<Option<Arc<SampledWindow>>>,
 }
 
 struct Sampled {
@@ -61,7 +66,14 @@ impl Stats {
                 history: History::new(unix_ms()),
                 doc: None,
             }),
+            windows: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Each second's figures as the sampler closes it (the latest only: a slow reader skips
+    /// windows rather than queueing them).
+    pub fn windows(&self) -> Windows {
+        self.windows.subscribe()
     }
 
     /// The status document (JSON) of the latest sample, serialized on first request.
@@ -81,8 +93,13 @@ impl Stats {
     fn tick(&self) {
         let rt = self.live.runtime.load_full();
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        s.history.push(&rt, unix_ms());
+        let window = s.history.push(&rt, unix_ms());
         s.doc = None;
+        drop(s);
+        self.windows.send_replace(Some(Arc::new(SampledWindow {
+            runtime: rt,
+            window,
+        })));
     }
 }
 
@@ -190,7 +207,17 @@ impl History {
 
     /// Take one second of counts from the live runtime. Rings are updated in place; only
     /// when the runtime changed (a reload) are series that left the config dropped.
-    fn push(&mut self, rt: &Runtime, now_ms: u64) {
+    /// Returns the second's figures, indexed like `rt`'s snapshot, for the plans' triggers.
+    fn push(&mut self, rt: &Runtime, now_ms: u64) -> Window {
+        let mut window = Window {
+            start_ms: self.t_ms.back().copied().unwrap_or(self.first_start_ms),
+            end_ms: now_ms,
+            interfaces: Vec::with_capacity(rt.snapshot.interfaces.len()),
+            upstreams: Vec::with_capacity(rt.snapshot.upstreams.len()),
+            admission_level: (rt.overload.admission.as_ref())
+                .filter(|_| rt.overload.enabled)
+                .map_or(0, |a| a.level()),
+        };
         if self.t_ms.len() == HISTORY_SECS {
             self.first_start_ms = self.t_ms.pop_front().unwrap_or(self.first_start_ms);
         }
@@ -202,7 +229,16 @@ impl History {
         let reloaded = std::mem::replace(&mut self.layout, layout) != layout;
 
         for (i, itf) in snap.interfaces.iter().enumerate() {
-            let counts = c.interfaces[i].take().map(|n| n as u32);
+            let counts = c.interfaces[i].take();
+            let n = |class: Class| counts[class as usize];
+            window.interfaces.push(InterfaceFigures {
+                ok: n(Class::Ok),
+                error: n(Class::Error),
+                limited: n(Class::Limited),
+                shed: n(Class::Shed),
+                degraded: n(Class::Degraded),
+            });
+            let counts = counts.map(|n| n as u32);
             push_ring(ring_of(&mut self.interfaces, &itf.name), len, counts);
         }
         let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
@@ -215,6 +251,10 @@ impl History {
                 p50_ms: quantile_ms(&h, 0.50).map(|v| v as f32),
                 p99_ms: quantile_ms(&h, 0.99).map(|v| v as f32),
             };
+            window.upstreams.push(UpstreamFigures {
+                calls: second.count.into(),
+                p99_ms: quantile_ms(&h, 0.99),
+            });
             push_ring(ring_of(&mut self.latency, &u.name), len, second);
             let hr = ring_of(&mut self.recent_hist, &u.name);
             hr.push_back(h);
@@ -256,6 +296,7 @@ impl History {
         if reloaded {
             self.prune(rt);
         }
+        window
     }
 
     /// Drop the series of names the runtime no longer has.
@@ -612,6 +653,7 @@ impl History {
                 }
             },
             active_plans: snap.governance.active_plans.iter().map(|p| &**p).collect(),
+            plans: reloader.map(Reloader::plans).unwrap_or_default(),
             breakers,
             interfaces,
             unclassified: self.rates(&self.unclassified, secs),
@@ -635,6 +677,9 @@ struct Document<'a> {
     config: ConfigView,
     admission: AdmissionView,
     active_plans: Vec<&'a str>,
+    /// Every plan of the live config: in force or not, why, and what its trigger saw
+    /// (empty without a config file).
+    plans: Vec<crate::control::reload::plans::PlanStatus>,
     breakers: Vec<BreakerView<'a>>,
     interfaces: Vec<InterfaceView<'a>>,
     unclassified: Rates,

@@ -41,7 +41,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::{Progress, READ_TIMEOUT, Sources, human, read_config_traced};
 use super::history::History;
-use crate::runtime::{Live, Runtime};
+use crate::runtime::{Live, Runtime, Secrets};
+
+pub mod plans;
 use crate::serve::tls::{CertStore, TlsError};
 
 /// How long the watcher waits for a burst of file events to settle. Short, because an edit
@@ -148,6 +150,11 @@ pub struct Reloader {
     admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
     /// Where applied configs are kept.
     history: Option<History>,
+    /// The plans' triggers and the plans in force (see [`plans`]).
+    plans: Mutex<plans::PlanControl>,
+    /// The key files read with the live config, for rebuilding it when a trigger switches a
+    /// plan (a switch reads no file).
+    secrets: Mutex<Secrets>,
 }
 
 // === impl Reloader ===
@@ -180,9 +187,10 @@ impl Reloader {
             certs,
             admin_token,
             history,
+            secrets,
         } = beside;
         live.metrics.config_generation.set(1);
-        Self {
+        let r = Self {
             status: Mutex::new(ReloadStatus {
                 file: path.display().to_string(),
                 generation: 1,
@@ -207,7 +215,11 @@ impl Reloader {
             abandoned: Mutex::new(None),
             admin_token,
             history,
-        }
+            plans: Mutex::default(),
+            secrets: Mutex::new(secrets),
+        };
+        r.export_plans();
+        r
     }
 
     /// Whether an abandoned read has returned since (so a fresh one can start).
@@ -257,6 +269,7 @@ impl Reloader {
                 }
                 self.status.lock().expect("not poisoned").freeze =
                     freeze_status(config.freeze.as_ref());
+                self.export_plans();
                 let generation = self.mark_applied(hash, &config.server, trigger, since);
                 // After the swap, so keeping the record (a file write, and a diff against
                 // the entry before) never delays a config going live; the history lists it
@@ -494,19 +507,32 @@ impl Reloader {
             SystemTime::now().into(),
         )
         .map_err(|refusal| format!("{}: {refusal}", self.path.display()))?;
+        // The plans its triggers have switched on stay on over an edit.
+        let snapshot = match self.compile_with_plans(&loaded.config) {
+            Ok(Some(with_plans)) => with_plans,
+            Ok(None) => loaded.snapshot,
+            Err(e) => {
+                return Err(format!(
+                    "{}: with the plans its triggers switched on: {e}",
+                    self.path.display()
+                ));
+            }
+        };
         let config = Arc::new(loaded.config);
         progress.set(format!(
             "building the rules of {} (resolving upstream names)",
             self.path.display()
         ));
+        let secrets = read.secrets.clone();
         let runtime = Runtime::build(
-            loaded.snapshot,
+            snapshot,
             read.secrets,
             &lookup,
             Some(&previous),
             &self.live.metrics,
         )
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        *self.secrets.lock().expect("not poisoned") = secrets;
         Ok(Some((runtime, hash, config, sources)))
     }
 }
@@ -522,6 +548,8 @@ pub struct Beside {
     pub admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
     /// The history of applied configs (`server.data_dir`), if kept.
     pub history: Option<History>,
+    /// The key files read with the config at start.
+    pub secrets: Secrets,
 }
 
 /// Why a reload's blocking half gave no result.

@@ -214,6 +214,73 @@ pub struct Plan {
     /// Names of base limits or fallbacks switched off while the plan is active.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disable: Vec<String>,
+    /// When the gateway switches the plan on by itself: conditions over its own figures,
+    /// held for a while. Default: none (the plan is on only while listed in `active_plans`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+    /// Whether `trigger` may switch the plan on. Default: `true` when there is a trigger.
+    /// `false` keeps the trigger written (and validated) but lets only `active_plans` switch
+    /// the plan on, for a plan under review. `active_plans` always wins over the trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<bool>,
+}
+
+/// A plan's trigger: it switches the plan on once some condition of `when` has held in
+/// every window (one second of the gateway's figures) for `for_ms`, and off once none has
+/// held for `release_for_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// The conditions; any one holding is enough. 1 to 32 of them.
+    pub when: Vec<Condition>,
+    /// How long a condition must hold before the plan is switched on, in milliseconds.
+    /// Default: 10000. Range: 0..=3600000 (0: at the end of the first window it holds).
+    #[serde(default = "default_trigger_for_ms")]
+    pub for_ms: u64,
+    /// How long no condition may hold before the plan is switched off, in milliseconds.
+    /// Default: 60000. Range: 0..=86400000. Longer than `for_ms`, so that a plan does not
+    /// flap on a failure that comes and goes.
+    #[serde(default = "default_release_for_ms")]
+    pub release_for_ms: u64,
+    /// Requests a window must hold (for a ratio: of the interface; for `p99_ms_above`: calls
+    /// to the upstream) before a condition over it can hold, so that three failures at 3 a.m.
+    /// do not switch a plan on. Default: 20. Range: 1..=1000000.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+}
+
+/// One condition of a trigger: exactly one measure, over an interface, an upstream, or
+/// (for the admission level) the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// The interface whose figures are watched (with the `*_ratio_above` measures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The upstream whose figures are watched (with `p99_ms_above`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Holds when the interface's errors (5xx from the upstream, gateway errors) exceed this
+    /// share of its requests that went to the upstream or failed (`"20%"`; degraded, limited
+    /// and shed requests are not counted either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_ratio_above: Option<String>,
+    /// Holds when the interface's requests refused by a rate limit exceed this share of all
+    /// its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited_ratio_above: Option<String>,
+    /// Holds when the interface's requests shed by overload protection exceed this share of
+    /// all its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shed_ratio_above: Option<String>,
+    /// Holds when the upstream's 99th percentile time to the response head exceeds this, in
+    /// milliseconds. Range: 1..=3600000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms_above: Option<u64>,
+    /// Holds when the overload admission level (the rank a request needs to be admitted)
+    /// exceeds this at the end of the window. Range: 0..=1000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_level_above: Option<u32>,
 }
 
 /// A circuit breaker on an upstream (or on one route's use of it).
@@ -301,4 +368,13 @@ fn default_open_ms() -> u64 {
 }
 fn default_half_open_probes() -> u32 {
     3
+}
+fn default_trigger_for_ms() -> u64 {
+    10_000
+}
+fn default_release_for_ms() -> u64 {
+    60_000
+}
+fn default_min_requests() -> u32 {
+    20
 }

@@ -93,6 +93,28 @@ impl Validator<'_> {
             self.err(path.clone(), msg.clone());
         }
         self.fallback_ties(&eff, "");
+        // A trigger may switch its plan on beside the active ones and the other triggered
+        // ones: all of them together must be switchable on.
+        let triggered: Vec<&str> = (c.plans.iter())
+            .filter(|(n, p)| {
+                p.trigger.is_some() && p.auto != Some(false) && !c.active_plans.contains(n)
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !triggered.is_empty() {
+            let mut all = plan::active(c);
+            all.extend(&triggered);
+            let when = " when the plans with a trigger are switched on beside the active ones";
+            let all_eff = plan::effective(c, &all);
+            for (path, msg) in &all_eff.conflicts {
+                if !eff.conflicts.iter().any(|(p, _)| p == path) {
+                    self.err(path.clone(), format!("{msg}{when}"));
+                }
+            }
+            if triggered.len() + c.active_plans.len() > 1 {
+                self.fallback_ties(&all_eff, when);
+            }
+        }
         let breakers = self.breakers(c);
         // The rules in force, picked by where they are written among those compiled above.
         let limits = eff

@@ -229,7 +229,14 @@ function renderFacts(s) {
   setCell($("admission"), a.level == null ? "—" : a.level === 0 ? "0 (admitting all)" : String(a.level),
     a.level == null ? "" : a.level);
   setCell($("shed"), fmtRate(a.shed_per_s) + "/s", a.shed_per_s.toFixed(3));
-  setCell($("plans"), s.active_plans.length ? "⚠ " + s.active_plans.join(", ") : "none");
+  // Each plan in force with why (a trigger's figures), then the plans a trigger may switch on.
+  const plans = s.plans || [];
+  const on = plans.filter((p) => p.active);
+  const armed = plans.filter((p) => !p.active && p.triggered).map((p) => p.name);
+  const inForce = !plans.length ? s.active_plans
+    : on.map((p) => p.name + " (" + p.cause + (p.cause === "auto" && p.reason ? ": " + p.reason : "") + ")");
+  setCell($("plans"), (inForce.length ? "⚠ " + inForce.join("; ") : "none")
+    + (armed.length ? " · trigger armed: " + armed.join(", ") : ""));
   const br = $("breakers");
   const open = s.breakers.filter((b) => b.state !== "closed");
   const text = !s.breakers.length ? "none"

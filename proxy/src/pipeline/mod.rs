@@ -39,6 +39,7 @@ pub use self::record::RespBody;
 use self::record::{Answer, Record, X_REQUEST_ID};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
+use crate::govern::limit::Pace;
 use crate::govern::{ClusterPending, finish_call};
 use crate::overload::Held;
 use crate::respond::GatewayError;
@@ -124,10 +125,10 @@ impl Gateway {
         let req = request_parts(&parts);
         let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
-        let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
+        let (interface, action, cluster, pace) = (d.class.interface, d.action, d.cluster, d.pace);
         let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);
         let step = self
-            .wait_checks(&rt, interface, action, cluster, &parts.headers)
+            .wait_checks(&rt, interface, action, cluster, pace, &parts.headers)
             .await;
         let answer = match step {
             Step::Answer(resp, class) => Answer::Local(resp, class),
@@ -150,14 +151,17 @@ impl Gateway {
     }
 
     /// The checks after the decision that may wait: cluster-scope limits (Redis), the
-    /// declared body size, then the overload slots. A request answered locally takes no
-    /// slot, and an upstream is never asked for a request refused here.
+    /// declared body size, the overload slots, then the turn of paced limits (waited for
+    /// holding the slots, so waiting requests count against the concurrency caps). A request
+    /// answered locally takes no slot and does not wait, and an upstream is never asked for
+    /// a request refused here.
     async fn wait_checks(
         &self,
         rt: &Runtime,
         interface: Option<InterfaceId>,
         mut action: Action,
         cluster: Option<ClusterPending>,
+        pace: Option<Pace>,
         headers: &HeaderMap,
     ) -> Step {
         if let Some(c) = cluster
@@ -180,13 +184,17 @@ impl Gateway {
                     &rt.interface_names,
                     &self.live.metrics,
                 );
-                match pending {
-                    None => Step::Forward(upstream, permit, None),
+                let held = match pending {
+                    None => None,
                     Some(p) => match p.acquire().await {
-                        Ok(held) => Step::Forward(upstream, permit, Some(held)),
-                        Err(resp) => Step::Answer(Box::new(resp), Class::Shed),
+                        Ok(held) => Some(held),
+                        Err(resp) => return Step::Answer(Box::new(resp), Class::Shed),
                     },
+                };
+                if let Some(p) = pace {
+                    p.wait().await;
                 }
+                Step::Forward(upstream, permit, held)
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The request path, as phases: **head → identity → decide → cluster limits → overload
-//! slots → forward → record**.
+//! slots → paced turn → forward → record**.
 //!
 //! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
 //! arc-swap load, no lock) and is served against that one version from start to end, so a
@@ -14,6 +14,8 @@
 //! - cluster limits: checks of cluster-scope limits that need Redis (bounded by the store
 //!   timeout), only for keys without a leased token.
 //! - overload slots: the concurrency caps' slots, queueing by business priority.
+//! - paced turn: a request over the rate of a limit with `max_delay_ms` sleeps until the
+//!   turn `decide` reserved for it, holding its slots (so waiters count against the caps).
 //! - forward: header hygiene, then the upstream exchange (`crate::upstream`).
 //! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
 

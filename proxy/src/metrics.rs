@@ -124,7 +124,7 @@ pub struct OutcomeLabels {
 pub struct LimitLabels {
     /// Limit rule name.
     pub rule: Name,
-    /// `allowed`, `limited` or `dry_run_limited`.
+    /// `allowed`, `limited`, `dry_run_limited`, `paced` or `dry_run_paced`.
     pub outcome: &'static str,
 }
 
@@ -279,6 +279,9 @@ pub struct Metrics {
     pub config_read_stuck: Gauge,
     /// Limit decisions by rule and outcome (a request checked by three limits counts three).
     pub limit_decisions: Family<LimitLabels, Counter>,
+    /// How long requests paced by a limit (`max_delay_ms`) were held for their turn, by
+    /// rule: one observation per paced request, its reserved wait.
+    pub limit_pace_delay: Family<RuleLabels, Histogram>,
     /// Cluster-scope limit checks the limit store (Redis) failed or timed out, by rule;
     /// each was answered by the rule's `on_store_error`.
     pub limit_store_errors: Family<RuleLabels, Counter>,
@@ -473,8 +476,17 @@ impl Metrics {
         let limit_decisions = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limit_decisions",
-            "Rate limit decisions, by rule and outcome (allowed, limited, dry_run_limited)",
+            "Rate limit decisions, by rule and outcome (allowed, limited, dry_run_limited, paced, dry_run_paced)",
             limit_decisions.clone(),
+        );
+        let limit_pace_delay = Family::<RuleLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms to about 65 s: the range of `max_delay_ms`.
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        registry.register(
+            "limit_pace_delay_seconds",
+            "Wait of requests paced by a limit's max_delay_ms, by rule",
+            limit_pace_delay.clone(),
         );
         let limit_store_errors = Family::<RuleLabels, Counter>::default();
         registry.register(
@@ -629,6 +641,7 @@ impl Metrics {
             overload_queue_delay_seconds,
             overload_overloaded,
             limit_decisions,
+            limit_pace_delay,
             limit_store_errors,
             fallbacks,
             breaker_state,

@@ -23,6 +23,13 @@ use crate::route::RouteInput;
 pub const MAX_RATE_COUNT: u32 = 1_000_000_000;
 /// Longest rate period.
 pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(30 * 86_400);
+/// Longest `max_delay_ms` of a paced limit: a minute (a request held longer has usually
+/// been given up by its client).
+pub const MAX_DELAY_MS: u64 = 60_000;
+/// Largest `max_queue` of a paced limit.
+pub const MAX_QUEUE: u32 = 100_000;
+/// `max_queue` when a paced limit gives none.
+pub const DEFAULT_MAX_QUEUE: u32 = 1_000;
 
 /// A parsed rate: `count` requests per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +51,15 @@ pub struct LimitQuota {
     pub label: Box<str>,
 }
 
+/// How a paced limit queues what exceeds its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// Longest wait: a request that would wait longer is refused at once.
+    pub max_delay: Duration,
+    /// Requests waiting at once, over all keys.
+    pub max_queue: u32,
+}
+
 /// A limit rule, compiled.
 #[derive(Debug)]
 pub struct CompiledLimit {
@@ -60,6 +76,8 @@ pub struct CompiledLimit {
     /// Its quotas: `[0]` is the base quota, then one per exception. A [`LimitKey`]'s
     /// `quota` indexes this.
     pub quotas: Vec<LimitQuota>,
+    /// Pace instead of refuse (`max_delay_ms`): how long an excess request may wait.
+    pub pacing: Option<Pacing>,
     /// A hash of the rule's whole definition: the proxy keeps a limiter's state across a
     /// reload exactly when name and fingerprint are unchanged.
     pub fingerprint: u64,
@@ -196,6 +214,10 @@ impl CompiledLimit {
             scope: l.scope,
             on_store_error: l.on_store_error,
             quotas,
+            pacing: l.max_delay_ms.map(|ms| Pacing {
+                max_delay: Duration::from_millis(ms),
+                max_queue: l.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            }),
             fingerprint: fingerprint(l),
             key,
             when_missing: l.when_missing,

@@ -1,7 +1,8 @@
 //! Rate limits end to end: a per-user limit on `grab` (the sixth request in a second gets 429
 //! with `Retry-After` and the `RateLimit` headers, another user is unaffected, and the
 //! upstream never sees a rejected request); an app-wide limit holding its rate under three
-//! times the load for ten seconds; a dry-run limit that only counts.
+//! times the load for ten seconds; a dry-run limit that only counts; a paced limit
+//! (`max_delay_ms`) that holds what exceeds its rate instead of refusing it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tidegate_tests::{
-    TIMEOUT, Upstream, config_with_limits, get, grab_as, h1_client, start_gateway,
+    TIMEOUT, Upstream, config_with_limits, get, grab_as, h1_client, metric_value, start_gateway,
 };
 
 /// A per-user limit of 5/s on `grab`: alice's sixth request in a burst is refused with 429,
@@ -175,5 +176,137 @@ async fn dry_run_counts_only() {
     ] {
         assert!(metrics.contains(want), "{want}\n{metrics}");
     }
+    assert!(server.shutdown().await);
+}
+
+/// A paced app-wide limit of 20/s (burst 1, `max_delay_ms: 1000`). Six clients that would
+/// send 60/s together for 5 s: the upstream gets the limit's rate (within 10% of 20/s over
+/// the measured run), and nobody gets a 429, since six waiting at once wait at most 300 ms.
+/// Then 40 requests at once from another app: the first is admitted, the next 20 get turns
+/// 50 ms apart (up to 1000 ms), and only the excess gets the 429, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_limit_holds_the_excess_instead_of_refusing() {
+    const RATE: f64 = 20.0;
+    let up = Upstream::start().await;
+    let server = start_gateway(&config_with_limits(
+        &[up.addr],
+        json!([{ "name": "paced", "match": { "interfaces": ["grab"] }, "key": ["app"],
+                 "rate": "20/s", "burst": 1, "max_delay_ms": 1000 }]),
+    ))
+    .await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+
+    // Six clients, each ticking every 100 ms (60/s together); a client held for its turn
+    // skips the ticks it missed.
+    let run_for = Duration::from_secs(5);
+    let refused = Arc::new(AtomicUsize::new(0));
+    let t0 = tokio::time::Instant::now();
+    let deadline = t0 + run_for;
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        let (client, refused) = (client.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                t0 + Duration::from_millis(17 * w),
+                Duration::from_millis(100),
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut sent = 0;
+            while tick.tick().await < deadline {
+                let r = grab_as(&client, gw, "flash", &format!("u{w}")).await;
+                sent += 1;
+                match r.status.as_u16() {
+                    200 => {}
+                    429 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += tokio::time::timeout(run_for + TIMEOUT, t)
+            .await
+            .expect("load finishes")
+            .unwrap();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let hits = up.hits();
+    let expected = 1.0 + RATE * elapsed;
+    eprintln!("sent {sent} in {elapsed:.2} s, upstream saw {hits} (expected {expected:.0})");
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "no 429 within max_delay_ms"
+    );
+    assert_eq!(hits, sent);
+    assert!(
+        (hits as f64 - expected).abs() <= 0.1 * expected,
+        "upstream saw {hits} in {elapsed:.2} s, not within 10% of {expected:.0}"
+    );
+
+    // A burst beyond what max_delay allows, from an app whose bucket is fresh.
+    let before = up.hits();
+    let burst_at = Instant::now();
+    let answers: Vec<(u16, Duration)> = futures_util::future::join_all((0..40).map(|i| {
+        let client = client.clone();
+        async move {
+            let r = grab_as(&client, gw, "burst", &format!("b{i}")).await;
+            (r.status.as_u16(), burst_at.elapsed())
+        }
+    }))
+    .await;
+    let admitted: Vec<Duration> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, t)| *t)
+        .collect();
+    let refusals: Vec<Duration> = answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(admitted.len() + refusals.len(), 40, "{answers:?}");
+    // Requests decided later find the queue's tail moved on by the time passed: one more
+    // turn per 50 ms between the first decision and the last refusal.
+    let spread = refusals.iter().max().copied().unwrap_or_default();
+    let slack = (spread.as_millis() / 50) as usize + 1;
+    assert!(
+        admitted.len() >= 21 && admitted.len() <= 21 + slack,
+        "admitted {} (spread {spread:?}): {answers:?}",
+        admitted.len()
+    );
+    assert_eq!(
+        up.hits() - before,
+        admitted.len(),
+        "429s never reached the upstream"
+    );
+    let slowest = admitted.iter().max().unwrap();
+    assert!(
+        spread < *slowest,
+        "refusals came at once ({spread:?}), before the last turn ({slowest:?})"
+    );
+    assert!(
+        *slowest >= Duration::from_millis(900)
+            && *slowest < Duration::from_millis(1000) + spread * 2 + Duration::from_millis(500),
+        "the last turn is about max_delay_ms away: {slowest:?}"
+    );
+
+    let metrics = get(&client, server.admin_addr, "/metrics").await.text();
+    let paced = metric_value(
+        &metrics,
+        "tidegate_limit_decisions_total{rule=\"paced\",outcome=\"paced\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(paced >= 20.0, "{metrics}");
+    let waits = metric_value(
+        &metrics,
+        "tidegate_limit_pace_delay_seconds_count{rule=\"paced\"}",
+    );
+    assert_eq!(waits, Some(paced), "{metrics}");
     assert!(server.shutdown().await);
 }

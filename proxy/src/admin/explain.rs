@@ -96,11 +96,16 @@ pub struct LimitReport {
     /// The quota it falls under: `default`, or an exception's label.
     pub quota: Option<String>,
     /// `allowed`, `limited`, `dry_run_limited` (would refuse, but only counts),
+    /// `paced` (over the rate, admitted after waiting its turn: `max_delay_ms`),
+    /// `dry_run_paced` (would wait, but does not),
     /// `no_key` (the key is missing and the rule skips such requests), `not_reached` (an
     /// earlier limit refused) or `in_redis` (cluster scope: decided by the shared store).
     pub verdict: &'static str,
     /// When limited: the wait before the key conforms again.
     pub retry_after_ms: Option<u64>,
+    /// When paced: how long it would wait for its turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 /// The fallback phase's answer.
@@ -306,6 +311,7 @@ fn limit_reports(
                 None => ("not_reached", None),
             };
             refused |= verdict == "limited";
+            let paced = matches!(verdict, "paced" | "dry_run_paced");
             LimitReport {
                 rule: rule.name.to_string(),
                 mode: match rule.mode {
@@ -319,7 +325,8 @@ fn limit_reports(
                 key: key.as_ref().map(|(k, _)| k.clone()),
                 quota: key.map(|(_, q)| q.to_owned()),
                 verdict,
-                retry_after_ms: wait.map(|w| w.as_millis().max(1) as u64),
+                retry_after_ms: wait.filter(|_| !paced).map(|w| w.as_millis().max(1) as u64),
+                wait_ms: wait.filter(|_| paced).map(|w| w.as_millis() as u64),
             }
         })
         .collect()
@@ -419,9 +426,10 @@ impl fmt::Display for Explanation {
                     write!(f, ", key {k}, quota {q}")?;
                 }
                 write!(f, "]: {}", l.verdict)?;
-                match l.retry_after_ms {
-                    Some(ms) => writeln!(f, " (retry after {ms} ms)")?,
-                    None => writeln!(f)?,
+                match (l.retry_after_ms, l.wait_ms) {
+                    (Some(ms), _) => writeln!(f, " (retry after {ms} ms)")?,
+                    (None, Some(ms)) => writeln!(f, " (would wait {ms} ms)")?,
+                    (None, None) => writeln!(f)?,
                 }
             }
         }

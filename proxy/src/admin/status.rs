@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::control::reload::Reloader;
 use crate::control::reload::plans::{SampledWindow, Windows};
+use crate::govern::limit::Outcome;
 use crate::runtime::{Live, Runtime};
 use crate::stats::{CLASSES, Class, LAT_BUCKETS, quantile_ms};
 use rules::trigger::{InterfaceFigures, UpstreamFigures, Window};
@@ -264,10 +265,16 @@ impl History {
         }
 
         for lim in &rt.governors.limiters.rules {
-            let now: [u64; 3] = lim
-                .counters
-                .get()
-                .map_or([0; 3], |cs| std::array::from_fn(|i| cs[i].get()));
+            // Paced requests were admitted (after their turn): the dashboard counts them as
+            // allowed.
+            let now: [u64; 3] = lim.counters.get().map_or([0; 3], |cs| {
+                let n = |o: Outcome| cs[o as usize].get();
+                [
+                    n(Outcome::Allowed) + n(Outcome::Paced) + n(Outcome::DryRunPaced),
+                    n(Outcome::Limited),
+                    n(Outcome::DryRunLimited),
+                ]
+            });
             let name: &str = &lim.name.0;
             let prev = match self.limit_prev.get_mut(name) {
                 Some(p) => p,

@@ -18,12 +18,12 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
@@ -32,7 +32,7 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue, Response, header};
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
-use rules::limit::{CompiledLimit, LimitQuota};
+use rules::limit::{CompiledLimit, LimitQuota, Pacing};
 use rules::model::{LimitMode, LimitScope};
 use rules::{RouteInput, Snapshot};
 
@@ -86,22 +86,69 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
     pub cluster: Option<ClusterLimiter>,
     /// One per quota, indexed like [`CompiledLimit::quotas`].
     quotas: Vec<QuotaLimiter<C>>,
+    /// For a paced rule (`max_delay_ms`): how long a request may wait, and the queue.
+    pub pacing: Option<PaceQueue>,
     /// `{"error":"rate_limited","rule":"NAME"` (the rest is added per answer).
     body_prefix: Bytes,
     /// `"NAME"` as a structured-field string, for the `RateLimit` header.
     sf_name: Box<str>,
-    /// Handles of this rule's decision counters (allowed, limited, dry-run limited), taken
+    /// Handles of this rule's decision counters (one per [`Outcome`], in order), taken
     /// from the metric family on first use so that counting a decision is one atomic add,
     /// not a family lookup.
-    pub counters: OnceLock<[Counter; 3]>,
+    pub counters: OnceLock<[Counter; Outcome::ALL.len()]>,
 }
 
 #[derive(Debug)]
 struct QuotaLimiter<C: Clock> {
+    /// Counts the requests of an unpaced rule (unused when `paced` is set).
     limiter: KeyedLimiter<C>,
     /// `RateLimit-Policy` for this quota, built once.
     policy: HeaderValue,
+    /// A paced rule's GCRA with reservations (governor has none: a refused request there
+    /// leaves the state as it was, so waiters could not be given distinct turns).
+    paced: Option<PacedQuota<C>>,
 }
+
+/// One quota of a paced rule: GCRA state in a [`KeyStore`] of its own, kept by our
+/// arithmetic (the same as governor's, plus reserving a future turn).
+#[derive(Debug)]
+struct PacedQuota<C: Clock> {
+    store: KeyStore,
+    /// Zero of the stored theoretical arrival times.
+    start: C::Instant,
+    /// Emission interval, in nanoseconds (governor's `t`).
+    interval: u64,
+    /// Burst tolerance, in nanoseconds: `interval × (burst − 1)` (governor's `tau`).
+    tolerance: u64,
+}
+
+/// The queue of a paced rule: requests waiting for their turn, over all its keys.
+#[derive(Debug)]
+pub struct PaceQueue {
+    /// Longest wait, in nanoseconds.
+    max_delay: u64,
+    /// Most requests waiting at once.
+    max_queue: u32,
+    /// Requests waiting now: raised by [`Waiter::enter`], lowered when the [`Waiter`] is
+    /// dropped (its wait is over, or the client went away).
+    waiting: Arc<AtomicU32>,
+}
+
+/// The wait of a request paced by one or more limits: it is forwarded at `until`, holding
+/// a place in each one's queue meanwhile.
+#[derive(Debug)]
+pub struct Pace {
+    /// When its turn comes (the latest of its limits' turns).
+    pub until: std::time::Instant,
+    /// Its places in the queues.
+    waiters: Vec<Waiter>,
+}
+
+/// A request's place in a paced rule's queue, held while it waits. Dropping it frees the
+/// place; the turn it reserved stays spent (not given back to the key: a later request is
+/// not moved earlier, so a client that leaves costs its key one interval).
+#[derive(Debug)]
+pub struct Waiter(Arc<AtomicU32>);
 
 /// The limiters of every limit rule in force, indexed like the snapshot's limits.
 #[derive(Debug)]
@@ -119,6 +166,11 @@ pub enum Outcome {
     Limited,
     /// Refused by a dry-run limit: counted, logged, and let through.
     DryRunLimited,
+    /// Over the rate of a paced limit, within its `max_delay_ms`: admitted after waiting
+    /// for its turn (the wait is the reported duration).
+    Paced,
+    /// A dry-run paced limit would have made it wait (it did not).
+    DryRunPaced,
 }
 
 /// A cluster-scope check that needs Redis: made after the synchronous decision, by
@@ -202,7 +254,13 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 3] = [Self::Allowed, Self::Limited, Self::DryRunLimited];
+    pub const ALL: [Outcome; 5] = [
+        Self::Allowed,
+        Self::Limited,
+        Self::DryRunLimited,
+        Self::Paced,
+        Self::DryRunPaced,
+    ];
 
     /// Metric label.
     pub fn label(self) -> &'static str {
@@ -210,6 +268,8 @@ impl Outcome {
             Self::Allowed => "allowed",
             Self::Limited => "limited",
             Self::DryRunLimited => "dry_run_limited",
+            Self::Paced => "paced",
+            Self::DryRunPaced => "dry_run_paced",
         }
     }
 }
@@ -251,6 +311,36 @@ impl KeyStore {
     fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
         // A panic while holding the lock cannot leave a half-written u64 behind.
         m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// GCRA with reservations, at `now` (nanoseconds since the store's zero): a request
+    /// conforming now is admitted as governor would (`Ok(0)`); one that would conform within
+    /// `max_wait` reserves the next turn (the key's arrival time moves on by one
+    /// `interval`, so the next waiter's turn comes one interval later) and gets its wait,
+    /// if `room()` says the queue has a place; any other is refused with its wait, the
+    /// state untouched. Nothing is stored while [`peeking`].
+    fn reserve(
+        &self,
+        key: u64,
+        now: u64,
+        q: (u64, u64),
+        max_wait: u64,
+        room: impl FnOnce() -> bool,
+    ) -> Result<u64, u64> {
+        let (interval, tolerance) = q;
+        let mut table = Self::lock(self.shard(key));
+        let tat = table.get(&key).copied().unwrap_or(now);
+        let wait = tat.saturating_sub(tolerance).saturating_sub(now);
+        if wait > max_wait || (wait > 0 && !room()) {
+            return Err(wait);
+        }
+        if !PEEKING.with(Cell::get) {
+            table.insert(key, tat.max(now) + interval);
+            if !self.used.load(Ordering::Relaxed) {
+                self.used.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(wait)
     }
 }
 
@@ -336,6 +426,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             .map(|q| QuotaLimiter {
                 limiter: KeyedLimiter::<C>::new(governor_quota(q), KeyStore::new(), clock.clone()),
                 policy: policy_header(&rule.name, q),
+                paced: rule.pacing.map(|_| PacedQuota::new(q, clock)),
             })
             .collect();
         let mut body_prefix = br#"{"error":"rate_limited","rule":"#.to_vec();
@@ -347,6 +438,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             cluster: (rule.scope == LimitScope::Cluster)
                 .then(|| ClusterLimiter::build(rule, lease)),
             quotas,
+            pacing: rule.pacing.map(PaceQueue::new),
             body_prefix: body_prefix.into(),
             sf_name: sf_string(&rule.name).into(),
             counters: OnceLock::new(),
@@ -363,9 +455,29 @@ impl<C: Clock + Clone> RuleLimiter<C> {
         }
     }
 
+    /// Count one request of a paced rule under `quota` and `key`: `Ok(wait)` if admitted
+    /// after `wait` (zero: now; else its turn is reserved), or `Err(wait)` if refused (it
+    /// would wait over `max_delay_ms`, or the queue is full). Unpaced rules: [`Self::check`].
+    pub fn pace(&self, quota: u16, key: u64) -> Result<Duration, Duration> {
+        let (Some(queue), q) = (&self.pacing, &self.quotas[quota as usize]) else {
+            return self.check(quota, key).map(|()| Duration::ZERO);
+        };
+        let p = q.paced.as_ref().expect("a paced rule has paced quotas");
+        let now = p.now(q.limiter.clock());
+        // A dry run never waits, so it takes no place in the queue.
+        let room = || self.mode == LimitMode::DryRun || queue.has_room();
+        p.store
+            .reserve(key, now, (p.interval, p.tolerance), queue.max_delay, room)
+            .map(Duration::from_nanos)
+            .map_err(Duration::from_nanos)
+    }
+
     /// Keys tracked over all quotas.
     pub fn tracked_keys(&self) -> usize {
-        self.quotas.iter().map(|q| q.limiter.len()).sum::<usize>()
+        self.quotas
+            .iter()
+            .map(|q| q.limiter.len() + q.paced.as_ref().map_or(0, |p| p.store.len()))
+            .sum::<usize>()
             + self
                 .cluster
                 .as_ref()
@@ -376,6 +488,11 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     pub fn retain_recent(&self) {
         for q in &self.quotas {
             q.limiter.retain_recent();
+            if let Some(p) = &q.paced {
+                // As governor sweeps: a key whose next turn is already due is like a new one.
+                let drop_below = p.now(q.limiter.clock()).saturating_sub(p.interval);
+                p.store.retain_recent(Nanos::from(drop_below));
+            }
         }
         if let Some(c) = &self.cluster {
             c.retain_recent();
@@ -449,6 +566,94 @@ fn sf_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+// === impl PacedQuota ===
+
+impl<C: Clock> PacedQuota<C> {
+    fn new(q: &LimitQuota, clock: &C) -> Self {
+        // Governor's arithmetic: `t` is the interval (at least 1ns), `tau` is `t × (burst − 1)`.
+        let interval = (q.rate.interval().as_nanos() as u64).max(1);
+        Self {
+            store: KeyStore::new(),
+            start: clock.now(),
+            interval,
+            tolerance: interval.saturating_mul(u64::from(q.burst.saturating_sub(1))),
+        }
+    }
+
+    /// Nanoseconds since the store's zero.
+    fn now(&self, clock: &C) -> u64 {
+        u64::from(clock.now().duration_since(self.start))
+    }
+}
+
+// === impl PaceQueue ===
+
+impl PaceQueue {
+    fn new(p: Pacing) -> Self {
+        Self {
+            max_delay: p.max_delay.as_nanos() as u64,
+            max_queue: p.max_queue,
+            waiting: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Whether a request may join: checked when its turn is reserved, counted when it
+    /// starts to wait ([`Waiter::enter`]), so two deciding at once may both join the last
+    /// place (the bound is exceeded by at most the requests being decided at that moment).
+    fn has_room(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) < self.max_queue
+    }
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+// === impl Pace ===
+
+impl Pace {
+    /// Add `lim`'s turn, `wait` after `now`, to the pace of a request (`None`: not yet
+    /// paced). A rule without pacing adds nothing.
+    pub fn join(
+        pace: &mut Option<Pace>,
+        lim: &RuleLimiter<impl Clock>,
+        now: std::time::Instant,
+        wait: Duration,
+    ) {
+        let Some(queue) = &lim.pacing else { return };
+        let until = now + wait;
+        let p = pace.get_or_insert_with(|| Pace {
+            until,
+            waiters: Vec::with_capacity(1),
+        });
+        p.until = p.until.max(until);
+        p.waiters.push(Waiter::enter(queue));
+    }
+
+    /// Wait for the turn; the queue places are given back when `self` is dropped (after the
+    /// wait, or when the request's future is dropped because its client went away).
+    pub async fn wait(&self) {
+        tokio::time::sleep_until(self.until.into()).await;
+    }
+}
+
+// === impl Waiter ===
+
+impl Waiter {
+    /// Take a place in `queue` for a request that is to wait.
+    pub fn enter(queue: &PaceQueue) -> Self {
+        queue.waiting.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(&queue.waiting))
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 // === impl Limiters ===
@@ -548,7 +753,8 @@ impl<C: Clock + Clone> Limiters<C> {
                 };
                 let lim = &self.rules[i as usize];
                 let verdict = match (&lim.cluster, remote.as_deref_mut()) {
-                    (None, _) => lim.check(key.quota, key.hash),
+                    (None, _) if lim.pacing.is_some() => lim.pace(key.quota, key.hash),
+                    (None, _) => lim.check(key.quota, key.hash).map(|()| Duration::ZERO),
                     (Some(_), None) => continue,
                     (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
                         Local::Admit { refill } => {
@@ -560,7 +766,7 @@ impl<C: Clock + Clone> Limiters<C> {
                                     refill_only: true,
                                 });
                             }
-                            Ok(())
+                            Ok(Duration::ZERO)
                         }
                         Local::Limited(wait) => Err(wait),
                         Local::Remote => {
@@ -575,7 +781,11 @@ impl<C: Clock + Clone> Limiters<C> {
                     },
                 };
                 match verdict {
-                    Ok(()) => observe(lim, Outcome::Allowed, Duration::ZERO),
+                    Ok(Duration::ZERO) => observe(lim, Outcome::Allowed, Duration::ZERO),
+                    Ok(wait) if lim.mode == LimitMode::DryRun => {
+                        observe(lim, Outcome::DryRunPaced, wait)
+                    }
+                    Ok(wait) => observe(lim, Outcome::Paced, wait),
                     Err(wait) if lim.mode == LimitMode::DryRun => {
                         observe(lim, Outcome::DryRunLimited, wait)
                     }

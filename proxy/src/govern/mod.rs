@@ -412,6 +412,14 @@ pub(crate) fn observe_limit(
     input: &RouteInput<'_>,
 ) {
     count_limit(metrics, lim, outcome);
+    if outcome == Outcome::Paced {
+        metrics
+            .limit_pace_delay
+            .get_or_create(&RuleLabels {
+                rule: lim.name.clone(),
+            })
+            .observe(wait.as_secs_f64());
+    }
     if outcome == Outcome::DryRunLimited {
         // The point of a dry run is to see who would be limited: log it (logs, unlike
         // metric labels, may carry user IDs).

@@ -38,7 +38,7 @@ use rules::overload::UserKey;
 use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, UpstreamId};
 
 use crate::conn::ConnInfo;
-use crate::govern::limit::{Limiters, Outcome, Rejection, RuleLimiter};
+use crate::govern::limit::{Limiters, Outcome, Pace, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
 use crate::metrics::{Name, ShadowSplitLabels};
 use crate::overload::Verdict;
@@ -80,6 +80,9 @@ pub struct Decision<'r> {
     pub limited: Option<Rejection>,
     /// Cluster-scope limit checks that need Redis: made by the pipeline before forwarding.
     pub cluster: Option<ClusterPending>,
+    /// The turn paced limits gave it: a forwarded request waits for it (holding its
+    /// overload slots). Only when serving.
+    pub pace: Option<Pace>,
     /// The fallback that answers it.
     pub fallback: Option<FallbackDecision<'r>>,
     /// The route rule and the upstream it chose.
@@ -253,17 +256,23 @@ pub fn decide_classified<'r>(
         true => (false, false),
         false => admit(rt, &input, mode),
     };
+    let mut pace = None;
     let (limited, cluster) = match admitted {
         true => rt
             .governors
             .check_limits(&rt.snapshot, &input, serve, |l, o, w| {
                 if serve {
                     crate::govern::observe_limit(&rt.metrics, l, o, w, &input);
+                    if o == Outcome::Paced {
+                        Pace::join(&mut pace, l, std::time::Instant::now(), w);
+                    }
                 }
                 on_limit(l, o, w)
             }),
         false => (None, None),
     };
+    // A refused request does not wait (its places in the queues are given back here).
+    let pace = pace.filter(|_| limited.is_none());
     let on = admitted && limited.is_none();
     let fallback = on.then(|| rt.snapshot.fallback(&input)).flatten();
     let route = (on && fallback.is_none())
@@ -287,6 +296,7 @@ pub fn decide_classified<'r>(
         admitted,
         limited,
         cluster,
+        pace,
         fallback,
         route,
         breaker,

@@ -1,5 +1,5 @@
 //! The request path, as phases: **head → identity → decide → cluster limits → overload
-//! slots → forward → record**.
+//! slots → paced turn → forward → record**.
 //!
 //! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
 //! arc-swap load, no lock) and is served against that one version from start to end, so a
@@ -14,6 +14,8 @@
 //! - cluster limits: checks of cluster-scope limits that need Redis (bounded by the store
 //!   timeout), only for keys without a leased token.
 //! - overload slots: the concurrency caps' slots, queueing by business priority.
+//! - paced turn: a request over the rate of a limit with `max_delay_ms` sleeps until the
+//!   turn `decide` reserved for it, holding its slots (so waiters count against the caps).
 //! - forward: header hygiene, then the upstream exchange (`crate::upstream`).
 //! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
 
@@ -39,6 +41,7 @@ pub use self::record::RespBody;
 use self::record::{Answer, Record, X_REQUEST_ID};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
+use crate::govern::limit::Pace;
 use crate::govern::{ClusterPending, finish_call};
 use crate::overload::Held;
 use crate::respond::GatewayError;
@@ -124,10 +127,10 @@ impl Gateway {
         let req = request_parts(&parts);
         let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
-        let (interface, action, cluster) = (d.class.interface, d.action, d.cluster);
+        let (interface, action, cluster, pace) = (d.class.interface, d.action, d.cluster, d.pace);
         let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);
         let step = self
-            .wait_checks(&rt, interface, action, cluster, &parts.headers)
+            .wait_checks(&rt, interface, action, cluster, pace, &parts.headers)
             .await;
         let answer = match step {
             Step::Answer(resp, class) => Answer::Local(resp, class),
@@ -150,14 +153,17 @@ impl Gateway {
     }
 
     /// The checks after the decision that may wait: cluster-scope limits (Redis), the
-    /// declared body size, then the overload slots. A request answered locally takes no
-    /// slot, and an upstream is never asked for a request refused here.
+    /// declared body size, the overload slots, then the turn of paced limits (waited for
+    /// holding the slots, so waiting requests count against the concurrency caps). A request
+    /// answered locally takes no slot and does not wait, and an upstream is never asked for
+    /// a request refused here.
     async fn wait_checks(
         &self,
         rt: &Runtime,
         interface: Option<InterfaceId>,
         mut action: Action,
         cluster: Option<ClusterPending>,
+        pace: Option<Pace>,
         headers: &HeaderMap,
     ) -> Step {
         if let Some(c) = cluster
@@ -180,13 +186,17 @@ impl Gateway {
                     &rt.interface_names,
                     &self.live.metrics,
                 );
-                match pending {
-                    None => Step::Forward(upstream, permit, None),
+                let held = match pending {
+                    None => None,
                     Some(p) => match p.acquire().await {
-                        Ok(held) => Step::Forward(upstream, permit, Some(held)),
-                        Err(resp) => Step::Answer(Box::new(resp), Class::Shed),
+                        Ok(held) => Some(held),
+                        Err(resp) => return Step::Answer(Box::new(resp), Class::Shed),
                     },
+                };
+                if let Some(p) = pace {
+                    p.wait().await;
                 }
+                Step::Forward(upstream, permit, held)
             }
         }
     }

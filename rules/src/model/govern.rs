@@ -68,6 +68,18 @@ pub struct Limit {
     /// service; choose fail closed where over-admission costs money.
     #[serde(default, skip_serializing_if = "is_default")]
     pub on_store_error: OnStoreError,
+    /// Pace instead of refuse: a request over the rate waits, in milliseconds, for at most
+    /// this long for its turn, and only one that would wait longer gets the 429 (nginx
+    /// `limit_req` without `nodelay`). Waiting requests are released one rate interval
+    /// apart, each holding its overload slots while it waits. Default: none (refuse at
+    /// once). Range: 1..=60000. Not with `scope: cluster`; a `dry_run` limit never waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_ms: Option<u64>,
+    /// With `max_delay_ms`: requests of this limit waiting at once, over all its keys;
+    /// one that finds the queue full gets the 429 at once. It bounds the memory waiting
+    /// requests hold. Default: 1000. Range: 1..=100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<u32>,
 }
 
 /// Where a limit's quota is counted.

@@ -16,7 +16,8 @@ use crate::degrade::{
 };
 use crate::error::{JsonPath, did_you_mean};
 use crate::limit::{
-    CompiledKeyPart, CompiledLimit, Exception, MAX_RATE_COUNT, fingerprint, parse_rate,
+    CompiledKeyPart, CompiledLimit, Exception, MAX_DELAY_MS, MAX_QUEUE, MAX_RATE_COUNT,
+    fingerprint, parse_rate,
 };
 use crate::model::{
     Breaker, Config, Fallback, KeyPart, Limit, LimitScope, LocalResponse, RuleMode,
@@ -230,6 +231,21 @@ impl Validator<'_> {
             .ok();
         if let Some(b) = l.burst {
             self.range(lp.key("burst"), b.into(), 1, MAX_RATE_COUNT.into());
+        }
+        if let Some(d) = l.max_delay_ms {
+            self.range(lp.key("max_delay_ms"), d, 1, MAX_DELAY_MS);
+            if l.scope == LimitScope::Cluster {
+                self.err(
+                    lp.key("max_delay_ms"),
+                    "a cluster-scope limit cannot pace: remove max_delay_ms or use scope local",
+                );
+            }
+        }
+        if let Some(q) = l.max_queue {
+            self.range(lp.key("max_queue"), q.into(), 1, MAX_QUEUE.into());
+            if l.max_delay_ms.is_none() {
+                self.err(lp.key("max_queue"), "max_queue needs max_delay_ms");
+            }
         }
         let mut exceptions = Vec::with_capacity(l.exceptions.len());
         for (k, v) in &l.exceptions {

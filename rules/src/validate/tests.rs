@@ -441,3 +441,43 @@ fn mirror_fields() {
     }
     assert_eq!(m.len(), want.len(), "{m:#?}");
 }
+
+/// `max_delay_ms`: in range, not on a cluster-scope limit; `max_queue` only with it.
+#[test]
+fn pacing_fields() {
+    let routes = r#"[{"name": "d", "upstream": "v1"}]"#;
+    let limits = |l: &str| format!(r#", "limits": [{l}]"#);
+    let ok = cfg(
+        routes,
+        &limits(r#"{"name": "p", "rate": "10/s", "max_delay_ms": 500, "max_queue": 50}"#),
+    );
+    assert_eq!(messages(&ok), Vec::<String>::new());
+    let compiled = crate::load("t.json", serde_json::to_vec(&ok).unwrap().as_slice()).unwrap();
+    let p = compiled.snapshot.governance.limits[0].pacing.unwrap();
+    assert_eq!(
+        (p.max_delay, p.max_queue),
+        (std::time::Duration::from_millis(500), 50)
+    );
+    let bad = cfg(
+        routes,
+        &format!(
+            r#"{}, "server": {{"redis": {{"url": "redis://127.0.0.1:6379"}}}}"#,
+            limits(
+                r#"{"name": "a", "rate": "10/s", "max_delay_ms": 0},
+                   {"name": "b", "rate": "10/s", "max_delay_ms": 60001, "max_queue": 0},
+                   {"name": "c", "rate": "10/s", "max_queue": 5},
+                   {"name": "d", "rate": "10/s", "scope": "cluster", "max_delay_ms": 100}"#
+            )
+        ),
+    );
+    assert_eq!(
+        messages(&bad),
+        [
+            "limits[0].max_delay_ms: 0 is out of range; allowed 1..=60000",
+            "limits[1].max_delay_ms: 60001 is out of range; allowed 1..=60000",
+            "limits[1].max_queue: 0 is out of range; allowed 1..=100000",
+            "limits[2].max_queue: max_queue needs max_delay_ms",
+            "limits[3].max_delay_ms: a cluster-scope limit cannot pace: remove max_delay_ms or use scope local",
+        ]
+    );
+}

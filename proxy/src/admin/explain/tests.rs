@@ -311,3 +311,23 @@ fn mirror_in_the_answer() {
         "{e}"
     );
 }
+
+/// A paced limit over its rate: explain says the request would wait its turn (and how
+/// long), not that it would be refused, and the text says "would wait".
+#[test]
+fn paced_limit_reports_the_wait() {
+    let rt = runtime(json!({
+        "limits": [ { "name": "paced", "match": { "interfaces": ["grab"] },
+                      "key": ["user"], "rate": "1/min", "burst": 1, "max_delay_ms": 60000 } ]
+    }));
+    assert!(matches!(
+        serve(&rt, "/envelopes/7/grab", "bob"),
+        Action::Forward { .. }
+    ));
+    let e = explain_live(&rt, &query("/envelopes/7/grab", "bob")).unwrap();
+    let l = &e.limits[0];
+    assert_eq!((l.verdict, l.retry_after_ms), ("paced", None));
+    assert!(l.wait_ms.unwrap() > 59_000, "{l:?}");
+    assert_eq!(e.answer.kind, "upstream");
+    assert!(e.to_string().contains("]: paced (would wait "), "{e}");
+}

@@ -327,3 +327,166 @@ fn rejection_headers_and_body() {
     assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
     assert_eq!(ceil_secs(Duration::ZERO), 1);
 }
+
+// === pacing (`max_delay_ms`) ===
+
+impl Rig {
+    /// One request; each limit's outcome and reported wait (in ms), and whether it was
+    /// refused.
+    fn pace(&self, user: &str) -> (bool, Vec<(Outcome, u128)>) {
+        let mut seen = Vec::new();
+        let input = RouteInput {
+            m: MatchInput {
+                app: Some("a"),
+                interface: None,
+                user: Some(user),
+                headers: &self.headers,
+            },
+            client_ip: Some(IpAddr::from([10, 0, 0, 1])),
+            random: 0,
+        };
+        let rej = self
+            .lim
+            .check(&self.snap, &input, |_, o, w| seen.push((o, w.as_millis())));
+        (rej.is_some(), seen)
+    }
+}
+
+/// 10/s, burst 1, max 500 ms: the first is admitted now, the next five get turns one
+/// interval apart (100..500 ms), the seventh would wait 600 ms and is refused without
+/// spending, and once time moves on the queue's tail moves with it.
+#[test]
+fn paced_turns_are_one_interval_apart() {
+    let rig = Rig::new(
+        r#"[{"name": "paced", "key": ["user"], "rate": "10/s", "burst": 1, "max_delay_ms": 500}]"#,
+    );
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Allowed, 0)]));
+    for k in 1..=5 {
+        assert_eq!(rig.pace("u"), (false, vec![(Outcome::Paced, 100 * k)]));
+    }
+    // Refused, twice: a refusal reserves nothing, so the tail stays at 600 ms.
+    assert_eq!(rig.pace("u"), (true, vec![(Outcome::Limited, 600)]));
+    assert_eq!(rig.pace("u"), (true, vec![(Outcome::Limited, 600)]));
+    // Another key has its own queue.
+    assert_eq!(rig.pace("v"), (false, vec![(Outcome::Allowed, 0)]));
+    rig.clock.advance(150 * MS);
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Paced, 450)]));
+    // Idle for long enough, the key is fresh again.
+    rig.clock.advance(2000 * MS);
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Allowed, 0)]));
+}
+
+/// The burst is admitted at once, as without pacing; only what exceeds it waits.
+#[test]
+fn pacing_starts_after_the_burst() {
+    let rig = Rig::new(r#"[{"name": "paced", "rate": "100/s", "burst": 3, "max_delay_ms": 1000}]"#);
+    for _ in 0..3 {
+        assert_eq!(rig.pace("u"), (false, vec![(Outcome::Allowed, 0)]));
+    }
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Paced, 10)]));
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Paced, 20)]));
+}
+
+/// With `max_queue: 2`, a third request waiting at once is refused even within
+/// `max_delay_ms`; a waiter that leaves (its place dropped) makes room again.
+#[test]
+fn a_full_queue_refuses_and_a_leaving_waiter_makes_room() {
+    let rig = Rig::new(
+        r#"[{"name": "paced", "key": ["user"], "rate": "10/s", "burst": 1,
+             "max_delay_ms": 5000, "max_queue": 2}]"#,
+    );
+    let rule = &rig.lim.rules[0];
+    let queue = rule.pacing.as_ref().unwrap();
+    assert!(!rig.pace("u").0);
+    let mut places = Vec::new();
+    for _ in 0..2 {
+        let (refused, seen) = rig.pace("u");
+        assert!(!refused && seen[0].0 == Outcome::Paced);
+        places.push(Waiter::enter(queue));
+    }
+    assert_eq!(queue.waiting(), 2);
+    // The queue is over all keys: another user finds it full too.
+    assert_eq!(rig.pace("v"), (false, vec![(Outcome::Allowed, 0)]));
+    assert!(
+        rig.pace("v").0,
+        "v's second request would wait: the queue is full"
+    );
+    assert!(rig.pace("u").0);
+    places.pop();
+    assert_eq!(queue.waiting(), 1);
+    let (refused, seen) = rig.pace("u");
+    assert!(!refused, "{seen:?}");
+    assert_eq!(seen, vec![(Outcome::Paced, 300)]);
+}
+
+/// A dry-run paced limit reports the wait it would impose and never refuses within
+/// `max_delay_ms`; past it, it reports a would-be refusal.
+#[test]
+fn dry_run_pacing_never_waits() {
+    let rig = Rig::new(
+        r#"[{"name": "paced", "rate": "10/s", "burst": 1, "max_delay_ms": 200,
+             "max_queue": 1, "mode": "dry_run"}]"#,
+    );
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Allowed, 0)]));
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::DryRunPaced, 100)]));
+    // max_queue does not bind a dry run: nobody waits.
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::DryRunPaced, 200)]));
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::DryRunLimited, 300)]));
+}
+
+/// Peeking (explain) tells the wait a request would get, and reserves nothing.
+#[test]
+fn peeking_reserves_no_turn() {
+    let rig = Rig::new(r#"[{"name": "paced", "rate": "10/s", "burst": 1, "max_delay_ms": 500}]"#);
+    assert!(!rig.pace("u").0);
+    for _ in 0..3 {
+        assert_eq!(
+            peeking(|| rig.pace("u")),
+            (false, vec![(Outcome::Paced, 100)])
+        );
+    }
+    assert_eq!(rig.pace("u"), (false, vec![(Outcome::Paced, 100)]));
+}
+
+/// Paced keys are swept like others once their last turn is past.
+#[test]
+fn paced_keys_are_evicted() {
+    let rig = Rig::new(
+        r#"[{"name": "paced", "key": ["user"], "rate": "10/s", "burst": 1, "max_delay_ms": 500}]"#,
+    );
+    for i in 0..100 {
+        for _ in 0..3 {
+            rig.pace(&format!("user-{i}"));
+        }
+    }
+    assert_eq!(rig.lim.retain_recent(), 100);
+    rig.clock.advance(250 * MS);
+    // The last turn is at 200 ms; the key's arrival time, 300 ms, is one interval on.
+    assert_eq!(
+        rig.lim.retain_recent(),
+        100,
+        "still inside the last interval"
+    );
+    rig.clock.advance(150 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0);
+}
+
+/// A pace joins every paced limit's queue and waits for the latest turn; dropping it
+/// gives the places back.
+#[test]
+fn a_pace_holds_its_places_until_dropped() {
+    let rig = Rig::new(
+        r#"[{"name": "a", "rate": "10/s", "max_delay_ms": 500},
+            {"name": "b", "rate": "10/s", "max_delay_ms": 500}]"#,
+    );
+    let now = std::time::Instant::now();
+    let mut pace = None;
+    Pace::join(&mut pace, &rig.lim.rules[0], now, 100 * MS);
+    Pace::join(&mut pace, &rig.lim.rules[1], now, 300 * MS);
+    let p = pace.unwrap();
+    assert_eq!(p.until, now + 300 * MS);
+    let waiting = |i: usize| rig.lim.rules[i].pacing.as_ref().unwrap().waiting();
+    assert_eq!((waiting(0), waiting(1)), (1, 1));
+    drop(p);
+    assert_eq!((waiting(0), waiting(1)), (0, 0));
+}

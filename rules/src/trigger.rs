@@ -135,6 +135,15 @@ pub enum Cause {
     Auto,
 }
 
+// === impl InterfaceFigures ===
+
+impl InterfaceFigures {
+    /// Every request answered in the window, however.
+    fn answered(&self) -> u64 {
+        self.ok + self.error + self.limited + self.shed + self.degraded
+    }
+}
+
 // === impl Measure ===
 
 impl Measure {
@@ -159,19 +168,11 @@ impl Measure {
             }
             Measure::LimitedRatio(i, ppm) => {
                 let f = iface(i);
-                ratio(
-                    f.limited,
-                    f.ok + f.error + f.limited + f.shed + f.degraded,
-                    ppm,
-                )
+                ratio(f.limited, f.answered(), ppm)
             }
             Measure::ShedRatio(i, ppm) => {
                 let f = iface(i);
-                ratio(
-                    f.shed,
-                    f.ok + f.error + f.limited + f.shed + f.degraded,
-                    ppm,
-                )
+                ratio(f.shed, f.answered(), ppm)
             }
             Measure::UpstreamP99(u, ms) => {
                 let f = w.upstreams.get(u.0 as usize).copied().unwrap_or_default();

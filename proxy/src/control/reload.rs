@@ -150,6 +150,9 @@ pub struct Reloader {
     admin_token: Option<Arc<ArcSwap<Vec<u8>>>>,
     /// Where applied configs are kept.
     history: Option<History>,
+    /// The thread that writes history entries, in the order applied: a write (with its
+    /// fsync) never holds the reload lock, so it never delays the next config either.
+    history_writer: Option<std::sync::mpsc::Sender<Record>>,
     /// The plans' triggers and the plans in force (see [`plans`]).
     plans: Mutex<plans::PlanControl>,
     /// The key files read with the live config, for rebuilding it when a trigger switches a
@@ -190,6 +193,7 @@ impl Reloader {
             secrets,
         } = beside;
         live.metrics.config_generation.set(1);
+        let history_writer = history.clone().and_then(spawn_history_writer);
         let r = Self {
             status: Mutex::new(ReloadStatus {
                 file: path.display().to_string(),
@@ -215,6 +219,7 @@ impl Reloader {
             abandoned: Mutex::new(None),
             admin_token,
             history,
+            history_writer,
             plans: Mutex::default(),
             secrets: Mutex::new(secrets),
         };
@@ -271,11 +276,11 @@ impl Reloader {
                     freeze_status(config.freeze.as_ref());
                 self.export_plans();
                 let generation = self.mark_applied(hash, &config.server, trigger, since);
-                // After the swap, so keeping the record (a file write, and a diff against
-                // the entry before) never delays a config going live; the history lists it
-                // moments later. Under the reload lock, so entries keep the order applied.
-                self.record_history(sources, generation, hash, trigger)
-                    .await;
+                // After the swap, and handed to the writer thread: keeping the record (a
+                // synced file write, and a diff against the entry before) never delays this
+                // config or the next; the history lists it moments later. Sent under the
+                // reload lock, so entries keep the order applied.
+                self.record_history(sources, generation, hash, trigger);
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -354,20 +359,23 @@ impl Reloader {
         st.generation
     }
 
-    /// Keep an applied config in the history (under the reload's lock, so entries are in
-    /// the order applied). A failure is logged: the config is live either way.
-    async fn record_history(&self, sources: Sources, generation: u64, hash: u64, trigger: &str) {
-        let Some(h) = self.history.clone() else {
+    /// Queue an applied config for the history. A failure is logged: the config is live
+    /// either way.
+    fn record_history(&self, sources: Sources, generation: u64, hash: u64, trigger: &str) {
+        let Some(tx) = &self.history_writer else {
             return;
         };
-        let trigger = trigger.to_owned();
-        let done =
-            tokio::task::spawn_blocking(move || h.record(&sources, generation, hash, &trigger))
-                .await;
-        match done {
-            Ok(Ok(id)) => tracing::debug!(id, generation, "config history: recorded"),
-            Ok(Err(e)) => tracing::warn!("config history: {e}"),
-            Err(e) => tracing::warn!("config history: the writer failed: {e}"),
+        let record = Record {
+            sources,
+            generation,
+            hash,
+            trigger: trigger.to_owned(),
+        };
+        if tx.send(record).is_err() {
+            tracing::warn!(
+                generation,
+                "config history: the writer has stopped; not recorded"
+            );
         }
     }
 
@@ -558,6 +566,37 @@ enum JobError {
     Failed(String),
     /// It gave no answer within the bound, or an abandoned one is still blocked.
     Stuck(String),
+}
+
+/// An applied config on its way to the history.
+struct Record {
+    sources: Sources,
+    generation: u64,
+    hash: u64,
+    trigger: String,
+}
+
+/// Start the thread that writes `history`'s entries one at a time, in the order received;
+/// it ends when the reloader (the only sender) is dropped.
+fn spawn_history_writer(history: History) -> Option<std::sync::mpsc::Sender<Record>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Record>();
+    let spawned = std::thread::Builder::new()
+        .name("tidegate-history".into())
+        .spawn(move || {
+            for r in rx {
+                match history.record(&r.sources, r.generation, r.hash, &r.trigger) {
+                    Ok(id) => tracing::debug!(id, r.generation, "config history: recorded"),
+                    Err(e) => tracing::warn!("config history: {e}"),
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!("config history: cannot start its writer ({e}); not kept");
+            None
+        }
+    }
 }
 
 /// Run the reloader: file events, SIGHUP and the poll, until shutdown.

@@ -18,8 +18,8 @@ use std::time::Duration;
 use rules::route::RouteAction;
 use rules::{InterfaceId, RouteDecision, Snapshot, UpstreamId};
 
-/// Log-scale latency buckets: four per power of two of microseconds, up to ~268 s.
-pub(crate) const LAT_BUCKETS: usize = 112;
+use rules::hist::lat_bucket;
+pub(crate) use rules::hist::{LAT_BUCKETS, quantile_ms};
 
 /// What became of a request, as the dashboard counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,46 +98,6 @@ impl Latency {
     pub(crate) fn take(&self) -> [u32; LAT_BUCKETS] {
         std::array::from_fn(|i| self.0[i].swap(0, Ordering::Relaxed) as u32)
     }
-}
-
-/// The bucket of a latency in microseconds: exact below 4 µs, then four buckets per power of
-/// two (each about 19% wide).
-fn lat_bucket(us: u64) -> usize {
-    if us < 4 {
-        return us as usize;
-    }
-    let msb = 63 - us.leading_zeros() as usize;
-    let sub = ((us >> (msb - 2)) & 3) as usize;
-    ((msb - 1) * 4 + sub).min(LAT_BUCKETS - 1)
-}
-
-/// The smallest latency (µs) in a bucket.
-fn lat_bucket_low(idx: usize) -> u64 {
-    if idx < 4 {
-        return idx as u64;
-    }
-    let msb = idx / 4 + 1;
-    (4 + (idx % 4) as u64) << (msb - 2)
-}
-
-/// The `q` quantile (0..1) of a histogram, in milliseconds (the bucket's midpoint), or
-/// `None` when it is empty.
-pub(crate) fn quantile_ms(h: &[u32; LAT_BUCKETS], q: f64) -> Option<f64> {
-    let total: u64 = h.iter().map(|&c| u64::from(c)).sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = ((q * total as f64).ceil() as u64).max(1);
-    let mut seen = 0u64;
-    for (i, &c) in h.iter().enumerate() {
-        seen += u64::from(c);
-        if seen >= rank {
-            let lo = lat_bucket_low(i) as f64;
-            let hi = lat_bucket_low(i + 1) as f64;
-            return Some((lo + hi) / 2.0 / 1000.0);
-        }
-    }
-    None
 }
 
 // === impl Counters ===

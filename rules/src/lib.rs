@@ -51,6 +51,7 @@ pub mod freeze;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod govern;
+pub mod hist;
 pub mod identity;
 pub mod ids;
 pub mod include;
@@ -59,6 +60,7 @@ pub mod matcher;
 pub mod model;
 pub mod overload;
 pub(crate) mod plan;
+pub mod ramp;
 pub mod route;
 pub mod snapshot;
 pub mod source;

@@ -19,6 +19,7 @@ mod freeze;
 mod govern;
 mod matching;
 mod overload;
+mod ramp;
 
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
 pub use govern::{
@@ -27,6 +28,7 @@ pub use govern::{
 };
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
+pub use ramp::{Guard, OnBreach, Ramp, Stop};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -522,6 +524,11 @@ pub struct Route {
     /// (shadow traffic); its answers are discarded. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// A guarded ramp of one of the split's targets: the gateway steps its weight up while
+    /// its figures hold up against another target's, and rolls it back when they do not.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<Ramp>,
 }
 
 /// Request mirroring of a route: a fire-and-forget copy of a sticky fraction of its users'

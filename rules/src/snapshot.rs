@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub governance: Governance,
     /// Plans' triggers, in plan name order (run by the proxy's plan controller).
     pub triggers: Vec<crate::trigger::CompiledTrigger>,
+    /// Ramps of the routes' splits, in route order (run by the proxy's ramp controller).
+    pub ramps: Vec<crate::ramp::CompiledRamp>,
     /// Overload protection.
     pub overload: CompiledOverload,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
@@ -89,6 +91,7 @@ impl Snapshot {
             governance,
             shadow,
             triggers: parts.triggers,
+            ramps: parts.ramps,
             overload: parts.overload,
             trusted_proxies: parts.trusted_proxies,
             jwt: parts.jwt,

@@ -30,6 +30,7 @@ use crate::model::{
     SCHEMA_VERSION, SplitTarget, UpstreamKind,
 };
 use crate::overload::CompiledOverload;
+use crate::ramp::CompiledRamp;
 use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction, ShadowSplit};
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
@@ -39,6 +40,7 @@ mod govern;
 mod identity;
 mod mirror;
 mod overload;
+mod ramp;
 mod trigger;
 
 /// Most route rules in one config.
@@ -77,6 +79,8 @@ pub(crate) struct Checked {
     pub(crate) classifier: Classifier,
     pub(crate) upstreams: Vec<UpstreamSpec>,
     pub(crate) routes: Vec<CompiledRoute>,
+    /// Ramps of the routes' splits, in route order.
+    pub(crate) ramps: Vec<CompiledRamp>,
     /// Limits in force (active plans applied), in check order.
     pub(crate) limits: Vec<CompiledLimit>,
     /// Fallbacks in force.
@@ -233,6 +237,7 @@ impl<'c> Validator<'c> {
         let (interfaces, router) = compiled_interfaces?;
         let (app, user) = identity?;
         let (limits, fallbacks, breakers) = governance?;
+        let (routes, ramps) = routes?;
         Some(Checked {
             interfaces,
             classifier: Classifier {
@@ -247,7 +252,8 @@ impl<'c> Validator<'c> {
                 .iter()
                 .map(|(name, u)| UpstreamSpec::new(name, u))
                 .collect(),
-            routes: routes?,
+            routes,
+            ramps,
             limits,
             fallbacks,
             breakers,
@@ -680,7 +686,12 @@ impl<'c> Validator<'c> {
     }
 
     /// The route rules, compiled.
-    fn routes(&mut self, c: &Config, interfaces: &HashSet<String>) -> Option<Vec<CompiledRoute>> {
+    /// The route rules, compiled, and the ramps of their splits (in route order).
+    fn routes(
+        &mut self,
+        c: &Config,
+        interfaces: &HashSet<String>,
+    ) -> Option<(Vec<CompiledRoute>, Vec<CompiledRamp>)> {
         let p = JsonPath::root().key("routes");
         if c.routes.is_empty() && !c.allow_empty_routes {
             self.err(
@@ -699,6 +710,7 @@ impl<'c> Validator<'c> {
             return None;
         }
         let mut compiled = Vec::with_capacity(c.routes.len());
+        let mut ramps = Vec::new();
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, r) in c.routes.iter().enumerate() {
             let rp = p.index(i);
@@ -710,6 +722,7 @@ impl<'c> Validator<'c> {
                 );
             }
             let target = self.route_target(c, &rp, r);
+            ramps.extend(self.ramp(&rp, r, i, target.as_ref().map(|t| &t.action)));
             let matcher = self.matcher(rp.key("match"), &r.matcher, r.bucket_salt(), interfaces);
             compiled.push(target.zip(matcher).map(|(t, matcher)| CompiledRoute {
                 name: r.name.as_str().into(),
@@ -734,7 +747,8 @@ impl<'c> Validator<'c> {
                 ),
             );
         }
-        compiled.into_iter().collect()
+        let compiled: Option<Vec<CompiledRoute>> = compiled.into_iter().collect();
+        Some((compiled?, ramps))
     }
 
     /// The ID of a named upstream.

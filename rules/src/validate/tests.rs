@@ -442,6 +442,52 @@ fn mirror_fields() {
     assert_eq!(m.len(), want.len(), "{m:#?}");
 }
 
+/// A ramp's faults are each reported at their field; a good one is clean.
+#[test]
+fn ramp_fields() {
+    let good = cfg(
+        r#"[{"name": "d", "split": [{"upstream": "v2", "weight": "0%"}, {"upstream": "v1", "weight": "rest"}],
+             "ramp": {"target": "v2", "steps": ["0.01%", "1%", "100%"]}}]"#,
+        "",
+    );
+    assert_eq!(messages(&good), Vec::<String>::new());
+    let mut c = cfg(
+        r#"[{"name": "d", "upstream": "v1", "ramp": {"target": "v2", "steps": ["1%"]}},
+            {"name": "e", "match": {"apps": ["a"]}, "split": [{"upstream": "v2", "weight": "0%"}, {"upstream": "v1", "weight": "rest"}],
+             "ramp": {"target": "v3", "steps": ["1%"]}},
+            {"name": "f", "match": {"apps": ["b"]}, "split": [{"upstream": "v2", "weight": "10%"}, {"upstream": "v1", "weight": "10%"}, {"upstream": "v3", "weight": "rest"}],
+             "ramp": {"target": "v2", "baseline": "v3", "steps": ["5%", "5%", "30%"], "hold_ms": 10,
+                      "guard": {"window_ms": 0, "min_requests": 0, "max_error_ratio_diff": "rest", "max_p99_ratio": 0.5}}},
+            {"name": "g", "match": {"apps": ["c"]}, "split": [{"upstream": "v2", "weight": "10%"}, {"upstream": "v1", "weight": "20%"}, {"upstream": "v3", "weight": "rest"}],
+             "ramp": {"target": "v1", "steps": []}},
+            {"name": "h", "match": {"apps": ["d"]}, "split": [{"upstream": "v2", "weight": "1%"}, {"upstream": "v1", "weight": "9%"}, {"upstream": "v3", "weight": "rest"}],
+             "ramp": {"target": "v2", "steps": ["5%", "20%"]}},
+            {"name": "i", "match": {"apps": ["e"]}, "split": [{"upstream": "v2", "weight": "0%"}, {"upstream": "v1", "weight": "rest"}],
+             "ramp": {"target": "v2", "steps": ["0%"]}}]"#,
+        "",
+    );
+    let v1 = c.upstreams["v1"].clone();
+    c.upstreams.insert("v3".into(), v1);
+    let m = messages(&c);
+    let want = [
+        "routes[0].ramp: a ramp needs a `split`",
+        "routes[1].ramp.target: \"v3\" is not a target of this split (v2, v1)",
+        "routes[2].ramp.hold_ms: 10 is out of range",
+        "routes[2].ramp.guard.window_ms: 0 is out of range",
+        "routes[2].ramp.guard.min_requests: 0 is out of range",
+        "routes[2].ramp.guard.max_p99_ratio: 0.5 is out of range",
+        "routes[2].ramp.guard.max_error_ratio_diff: \"rest\"",
+        "routes[2].ramp.baseline: \"v3\" is not next to \"v2\"",
+        "routes[3].ramp.baseline: \"v1\" has a target on each side",
+        "routes[4].ramp.steps[1]: \"20%\" is more than v2 and v1 have together as written (10%)",
+        "routes[5].ramp.steps[0]: a step of 0% sends nothing",
+    ];
+    for w in want {
+        assert!(m.iter().any(|x| x.starts_with(w)), "{w} not in {m:#?}");
+    }
+    assert_eq!(m.len(), want.len(), "{m:#?}");
+}
+
 /// `max_delay_ms`: in range, not on a cluster-scope limit; `max_queue` only with it.
 #[test]
 fn pacing_fields() {

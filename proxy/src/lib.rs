@@ -127,6 +127,43 @@ pub fn history_of(path: &std::path::Path, server: &rules::model::Server) -> Opti
     History::new(&base.join(&server.data_dir), server.history_keep)
 }
 
+/// The ramps of a gateway starting from the file at `path` (each resumed from its state
+/// file under `server.data_dir`, or at its first step), and the snapshot to start with:
+/// `snapshot` (compiled from `config` as written) with each ramp's target at its weight,
+/// so the first request is already routed as the ramp has it. Without a file there is no
+/// state to keep, and ramps stay at their written weights.
+fn start_ramps(
+    config: &rules::Config,
+    snapshot: rules::Snapshot,
+    path: Option<&std::path::Path>,
+    metrics: &Metrics,
+) -> anyhow::Result<(reload::ramps::RampControl, rules::Snapshot)> {
+    let Some(path) = path else {
+        if !snapshot.ramps.is_empty() {
+            tracing::warn!(
+                "ramps step only in a gateway started from a config file; their targets keep their written weights"
+            );
+        }
+        return Ok((reload::ramps::RampControl::default(), snapshot));
+    };
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let file = base
+        .join(&config.server.data_dir)
+        .join(reload::ramps::STATE_FILE);
+    let ramps = reload::ramps::RampControl::start(Some(file), &snapshot.ramps, metrics);
+    let weights = ramps.weights(ramps.ramps());
+    let snapshot = match rules::ramp::effective(config, ramps.ramps(), &weights) {
+        Some(c) => rules::Snapshot::compile(&c).map_err(|issues| {
+            let text: Vec<String> = (issues.iter())
+                .map(|i| format!("{}: {}", i.path, i.message))
+                .collect();
+            anyhow::anyhow!("with the ramps' weights: {}", text.join("; "))
+        })?,
+        None => snapshot,
+    };
+    Ok((ramps, snapshot))
+}
+
 async fn start_inner(
     loaded: Loaded,
     secrets: runtime::Secrets,
@@ -171,6 +208,7 @@ async fn start_inner(
         embedded.iter().map(|e| (e.name.clone(), e.addr)).collect();
     let lookup = |n: &str| embedded_addrs.iter().find(|(m, _)| m == n).map(|(_, a)| *a);
     let metrics = Arc::new(Metrics::new());
+    let (ramps, snapshot) = start_ramps(&config, snapshot, file.as_ref().map(|f| &*f.0), &metrics)?;
     let mut runtime = Runtime::build(snapshot, secrets.clone(), &lookup, None, &metrics)
         .map_err(anyhow::Error::msg)?;
     if let Some(redis) = &server_cfg.redis {
@@ -246,6 +284,7 @@ async fn start_inner(
                 admin_token: token.clone(),
                 history,
                 secrets,
+                ramps,
             },
         )));
     }

@@ -164,6 +164,40 @@ pub struct PlanTransitionLabels {
     pub to: &'static str,
 }
 
+/// Labels of `tidegate_ramp_weight_ppm`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RampLabels {
+    /// The route rule whose split is ramped.
+    pub route: Name,
+    /// The target ramped.
+    pub target: Name,
+}
+
+/// Labels of `tidegate_ramp_step` and of the ramp counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RampRouteLabels {
+    /// The route rule whose split is ramped.
+    pub route: Name,
+}
+
+/// Labels of `tidegate_ramp_transitions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RampTransitionLabels {
+    /// The route rule whose split is ramped.
+    pub route: Name,
+    /// `started`, `restarted`, `resumed`, `advanced`, `completed`, `held` or `rolled_back`.
+    pub to: &'static str,
+}
+
+/// Labels of `tidegate_ramp_verdicts_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RampVerdictLabels {
+    /// The route rule whose split is ramped.
+    pub route: Name,
+    /// `pass`, `breach` or `waiting`.
+    pub outcome: &'static str,
+}
+
 /// Labels of `tidegate_breaker_transitions_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TransitionLabels {
@@ -293,6 +327,14 @@ pub struct Metrics {
     pub plan_active: Family<PlanLabels, Gauge>,
     /// Plans switched on or off, by cause.
     pub plan_transitions: Family<PlanTransitionLabels, Counter>,
+    /// A ramped target's weight in force, in parts per million.
+    pub ramp_weight: Family<RampLabels, Gauge>,
+    /// A ramp's current step (1 for the first).
+    pub ramp_step: Family<RampRouteLabels, Gauge>,
+    /// Ramps' changes, by route and what they did.
+    pub ramp_transitions: Family<RampTransitionLabels, Counter>,
+    /// Judging windows of ramps, by route and outcome.
+    pub ramp_verdicts: Family<RampVerdictLabels, Counter>,
     /// Breaker state changes by breaker and new state.
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     /// Requests an open (or probing) breaker kept from its upstream.
@@ -518,6 +560,30 @@ impl Metrics {
             "Emergency plans switched on or off, by plan, cause (manual or auto) and new state",
             plan_transitions.clone(),
         );
+        let ramp_weight = Family::<RampLabels, Gauge>::default();
+        registry.register(
+            "ramp_weight_ppm",
+            "A ramped split target's weight in force, in parts per million, by route and target",
+            ramp_weight.clone(),
+        );
+        let ramp_step = Family::<RampRouteLabels, Gauge>::default();
+        registry.register(
+            "ramp_step",
+            "A ramp's current step (1 for the first), by route",
+            ramp_step.clone(),
+        );
+        let ramp_transitions = Family::<RampTransitionLabels, Counter>::default();
+        registry.register(
+            "ramp_transitions",
+            "Ramps started, advanced, completed, held or rolled back, by route",
+            ramp_transitions.clone(),
+        );
+        let ramp_verdicts = Family::<RampVerdictLabels, Counter>::default();
+        registry.register(
+            "ramp_verdicts",
+            "Ramp judging windows, by route and outcome (pass, breach, waiting)",
+            ramp_verdicts.clone(),
+        );
         let breaker_transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
             "breaker_transitions",
@@ -647,6 +713,10 @@ impl Metrics {
             breaker_state,
             plan_active,
             plan_transitions,
+            ramp_weight,
+            ramp_step,
+            ramp_transitions,
+            ramp_verdicts,
             breaker_transitions,
             breaker_rejections,
             config_reloads,

@@ -51,9 +51,35 @@ pub struct Counters {
     /// By route rule (indexed like `snapshot.routes`): forwarded requests per split target;
     /// empty for a rule with one upstream.
     pub(crate) splits: Vec<Vec<Arc<AtomicU64>>>,
+    /// By route rule, for a ramped split only: the ramp's target and baseline, with what
+    /// they answered (see [`Guarded`]). Empty when no split is ramped.
+    pub(crate) guarded: Vec<Option<Arc<Guarded>>>,
     /// This runtime's `tidegate_requests_total` handles (not carried over: the family keeps
     /// the counts, a new runtime just looks its handles up again).
     requests: crate::metrics::RequestSeries,
+}
+
+/// What a ramped split's target and baseline answered, for the ramp's guard: the route's
+/// requests forwarded to each of them (not requests a breaker sent elsewhere).
+#[derive(Debug)]
+pub struct Guarded {
+    /// Split slots of the target and the baseline.
+    pub(crate) slots: [u32; 2],
+    /// Upstream names of the target and the baseline (to carry counts over a reload).
+    names: [Arc<str>; 2],
+    /// The target's, then the baseline's.
+    pub(crate) sides: [Side; 2],
+}
+
+/// One side of a [`Guarded`] split.
+#[derive(Debug, Default)]
+pub struct Side {
+    /// Answered or failed calls.
+    pub(crate) requests: AtomicU64,
+    /// Of which errors ([`Class::Error`]).
+    pub(crate) errors: AtomicU64,
+    /// Their times to the response head.
+    pub(crate) latency: Latency,
 }
 
 /// Requests by [`Class`].
@@ -71,6 +97,8 @@ pub struct Tally {
     counters: Arc<Counters>,
     iface: u32,
     upstream: Option<u32>,
+    /// For a ramped split: the route and the side (0 target, 1 baseline) it went to.
+    guarded: Option<(u32, u8)>,
 }
 
 // === impl ClassCounts ===
@@ -180,7 +208,9 @@ impl Counters {
                     .collect(),
             })
             .collect();
+        let guarded = guarded(snap, previous.map(|(s, c)| (s, c, &old_routes)));
         Self {
+            guarded,
             requests: crate::metrics::RequestSeries::new(
                 snap.interfaces.len(),
                 snap.upstreams.len(),
@@ -199,6 +229,7 @@ impl Counters {
         route: Option<&RouteDecision<'_>>,
         forwarded_to: Option<UpstreamId>,
     ) -> Tally {
+        let mut guarded = None;
         if let (Some(r), Some(u)) = (route, forwarded_to) {
             // Only when the split's own choice is forwarded (not a breaker's alternate).
             if r.upstream == u
@@ -206,12 +237,66 @@ impl Counters {
                 && let Some(t) = targets.iter().position(|t| t.upstream == r.upstream)
             {
                 self.splits[r.rule_id as usize][t].fetch_add(1, Ordering::Relaxed);
+                if let Some(Some(g)) = self.guarded.get(r.rule_id as usize) {
+                    guarded = (g.slots.iter())
+                        .position(|&s| s == t as u32)
+                        .map(|side| (r.rule_id, side as u8));
+                }
             }
         }
         Tally {
             counters: Arc::clone(self),
             iface: interface.map_or(self.interfaces.len() as u32 - 1, |i| i.0),
             upstream: forwarded_to.map(|u| u.0),
+            guarded,
+        }
+    }
+}
+
+/// The [`Guarded`] counters of `snap`'s ramped splits, by route; those `previous` had for
+/// the same route, target and baseline are shared with it (see [`Counters::build`]).
+fn guarded(
+    snap: &Snapshot,
+    previous: Option<(&Snapshot, &Counters, &HashMap<&str, usize>)>,
+) -> Vec<Option<Arc<Guarded>>> {
+    if snap.ramps.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<Option<Arc<Guarded>>> = vec![None; snap.routes.len()];
+    for r in &snap.ramps {
+        let names = [
+            r.target_name.as_ref().into(),
+            r.baseline_name.as_ref().into(),
+        ];
+        let slots = [r.target_slot, r.baseline_slot];
+        let kept = previous.and_then(|(_, c, old_routes)| {
+            let g = c.guarded.get(*old_routes.get(&*r.route)?)?.as_ref()?;
+            (g.names == names && g.slots == slots).then(|| Arc::clone(g))
+        });
+        out[r.route_index as usize] = Some(kept.unwrap_or_else(|| {
+            Arc::new(Guarded {
+                slots,
+                names,
+                sides: Default::default(),
+            })
+        }));
+    }
+    out
+}
+
+// === impl Side ===
+
+impl Side {
+    /// Take (and zero) the counts since the last take.
+    pub(crate) fn take(&self) -> rules::ramp::TargetFigures {
+        let mut latency = rules::ramp::Hist::default();
+        for (a, b) in latency.0.iter_mut().zip(self.latency.take()) {
+            *a = u64::from(b);
+        }
+        rules::ramp::TargetFigures {
+            requests: self.requests.swap(0, Ordering::Relaxed),
+            errors: self.errors.swap(0, Ordering::Relaxed),
+            latency,
         }
     }
 }
@@ -251,6 +336,16 @@ impl Tally {
         // before the call (a shed request may have been on its way to an upstream).
         if let (Some(u), Class::Ok | Class::Error) = (self.upstream, class) {
             self.counters.upstreams[u as usize].observe(elapsed);
+            if let Some((route, side)) = self.guarded
+                && let Some(Some(g)) = self.counters.guarded.get(route as usize)
+            {
+                let s = &g.sides[side as usize];
+                s.requests.fetch_add(1, Ordering::Relaxed);
+                if class == Class::Error {
+                    s.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                s.latency.observe(elapsed);
+            }
         }
     }
 }

@@ -157,6 +157,10 @@ pub struct RampState {
     pub reason: String,
     /// The last verdict.
     pub verdict: Option<Verdict>,
+    /// The baseline's figures in the last window judged with requests on both sides: what a
+    /// step that leaves the baseline no weight is judged against.
+    #[serde(default)]
+    pub reference: Option<Summary>,
     /// The figures of the window being accumulated.
     #[serde(skip)]
     acc: Acc,
@@ -272,22 +276,28 @@ impl CompiledRamp {
         }
     }
 
+    /// The baseline's weight at `state`: what of the pair the target leaves it.
+    fn baseline_weight(&self, state: &RampState) -> u32 {
+        let pair =
+            self.written[self.target_slot as usize] + self.written[self.baseline_slot as usize];
+        pair.saturating_sub(self.weight(state))
+    }
+
     /// Judge a full window: the verdict, and whether it breaches.
-    fn judge(&self, t: &TargetFigures, b: &TargetFigures, at_ms: u64) -> Verdict {
-        let (ts, bs) = (t.summary(), b.summary());
-        let ratio = |f: &TargetFigures| f.errors as f64 / f.requests.max(1) as f64;
+    fn judge(&self, ts: Summary, bs: Summary, at_ms: u64) -> Verdict {
+        let ratio = |f: &Summary| f.errors as f64 / f.requests.max(1) as f64;
         let pct = |r: f64| format!("{:.2}%", r * 100.0);
         // Integer comparison of t.errors/t.requests - b.errors/b.requests > max/1e6.
-        let (te, tr) = (u128::from(t.errors), u128::from(t.requests.max(1)));
-        let (be, br) = (u128::from(b.errors), u128::from(b.requests.max(1)));
+        let (te, tr) = (u128::from(ts.errors), u128::from(ts.requests.max(1)));
+        let (be, br) = (u128::from(bs.errors), u128::from(bs.requests.max(1)));
         let lhs = (te * br) * 1_000_000;
         let rhs = (be * tr) * 1_000_000 + u128::from(self.max_error_diff_ppm) * tr * br;
         let error_breach = lhs > rhs;
         let allowed = format!("+{}%", f64::from(self.max_error_diff_ppm) / 10_000.0);
         let mut detail = format!(
             "error ratio {} vs {} (allowed {allowed})",
-            pct(ratio(t)),
-            pct(ratio(b))
+            pct(ratio(&ts)),
+            pct(ratio(&bs))
         );
         let p99_breach = match (ts.p99_ms, bs.p99_ms) {
             (Some(tp), Some(bp)) => {
@@ -332,6 +342,7 @@ impl RampState {
             since_ms: now_ms,
             reason,
             verdict: None,
+            reference: None,
             acc: Acc {
                 start_ms: now_ms,
                 ..Acc::default()
@@ -352,8 +363,9 @@ impl RampState {
 impl Controller {
     /// A controller that takes up `saved` (a state file) for the ramps that are as they
     /// were when it was written: each resumes at its recorded step and phase, its hold
-    /// starting again at `now_ms`. Ramps without a matching record start at their first
-    /// step at the next [`Controller::reconcile`].
+    /// starting again at `now_ms`. A ramp whose record is of another fingerprint (edited
+    /// while the gateway was down) starts at its first step; one without a record starts
+    /// there at the next [`Controller::reconcile`].
     pub fn restore(saved: Saved, ramps: &[CompiledRamp], now_ms: u64) -> (Self, Vec<Event>) {
         let mut c = Self::default();
         let mut events = Vec::new();
@@ -362,23 +374,37 @@ impl Controller {
                 continue;
             };
             if st.fingerprint != r.fingerprint || st.step >= r.steps.len() {
+                let new = RampState::new(
+                    r,
+                    now_ms,
+                    "edited since its state was recorded: first step".to_owned(),
+                );
+                events.push(Event {
+                    route: r.route.clone(),
+                    kind: EventKind::Restarted,
+                    from_ppm: r.written[r.target_slot as usize],
+                    to_ppm: r.weight(&new),
+                    reason: new.reason.clone(),
+                });
+                c.states.insert(r.route.clone(), new);
                 continue;
             }
             st.since_ms = now_ms;
             st.restart_window(now_ms);
             let w = r.weight(&st);
+            st.reason = format!(
+                "resumed from the state file: step {} of {} ({}), {:?}",
+                st.step + 1,
+                r.steps.len(),
+                percent(w),
+                st.phase
+            );
             events.push(Event {
                 route: r.route.clone(),
                 kind: EventKind::Resumed,
                 from_ppm: r.written[r.target_slot as usize],
                 to_ppm: w,
-                reason: format!(
-                    "resumed from the state file: step {} of {} ({}), {:?}",
-                    st.step + 1,
-                    r.steps.len(),
-                    percent(w),
-                    st.phase
-                ),
+                reason: st.reason.clone(),
             });
             c.states.insert(r.route.clone(), st);
         }
@@ -484,13 +510,20 @@ impl Controller {
             if end_ms.saturating_sub(st.acc.start_ms) < r.window_ms {
                 continue;
             }
-            let (t, b) = (&st.acc.target, &st.acc.baseline);
-            if t.requests < r.min_requests || b.requests < r.min_requests {
+            let (t, b) = (st.acc.target.summary(), st.acc.baseline.summary());
+            // A step that leaves the baseline no weight is judged against the baseline's
+            // last judged window (before this step), as it gets no requests to compare.
+            let alone = r.baseline_weight(st) == 0;
+            let b = match (alone, st.reference) {
+                (true, Some(reference)) => reference,
+                _ => b,
+            };
+            if t.requests < r.min_requests || (!alone && b.requests < r.min_requests) {
                 st.verdict = Some(Verdict {
                     at_ms: end_ms,
                     outcome: Outcome::Waiting,
-                    target: t.summary(),
-                    baseline: b.summary(),
+                    target: t,
+                    baseline: b,
                     detail: format!(
                         "waiting for {} requests each: target {}, baseline {}",
                         r.min_requests, t.requests, b.requests
@@ -498,7 +531,14 @@ impl Controller {
                 });
                 continue;
             }
-            let verdict = r.judge(t, b, end_ms);
+            let mut verdict = r.judge(t, b, end_ms);
+            if alone {
+                verdict
+                    .detail
+                    .push_str(" (baseline: its last window with requests)");
+            } else {
+                st.reference = Some(b);
+            }
             st.restart_window(end_ms);
             let from = r.weight(st);
             let event = |kind, to_ppm, reason: String| Event {

@@ -91,6 +91,8 @@ pub struct Window {
     pub upstreams: Vec<UpstreamFigures>,
     /// The admission level at the end of the window (0 without overload admission).
     pub admission_level: u32,
+    /// The ramped splits' figures, by route (for the ramps' guards).
+    pub ramps: Vec<crate::ramp::RampFigures>,
 }
 
 /// A plan switched on or off by its trigger.

@@ -11,7 +11,7 @@ use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -111,6 +111,70 @@ pub fn add_share_interface(config: &mut Value) {
         .as_array_mut()
         .expect("interfaces is an array")
         .push(json!({ "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }));
+}
+
+/// An upstream that answers 500 while `failing` is set and 200 otherwise, counting requests.
+pub struct Switchable {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Answer 500 while set.
+    pub failing: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Switchable {
+    /// Start one, healthy.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let failing = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (f, h) = (failing.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (f, h) = (f.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let status = if f.load(Ordering::SeqCst) {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        } else {
+                            StatusCode::OK
+                        };
+                        async move {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *r.status_mut() = status;
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            failing,
+            hits,
+            task,
+        }
+    }
+
+    /// Requests it has received.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A listener that accepts connections and never reads from or answers them (a hung

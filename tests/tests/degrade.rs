@@ -4,25 +4,16 @@
 //! fallback, and closes through half-open once the backend recovers; a plan that switches
 //! itself on when its upstream starts failing, and off once it recovers.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tidegate_tests::api;
 use tidegate_tests::{
-    ChildGateway, Client, Reply, TIMEOUT, Upstream, add_share_interface, config, get, h1_client,
-    metric_value, post_as, set, start_gateway,
+    ChildGateway, Client, Reply, Switchable, TIMEOUT, Upstream, add_share_interface, config, get,
+    h1_client, metric_value, post_as, set, start_gateway,
 };
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 /// The test config plus a `share` interface.
 fn base(up: SocketAddr) -> Value {
@@ -221,66 +212,6 @@ async fn plan_switches_several_rules() {
     );
     assert!(!degraded(&share(&client, gw, "u1").await));
     assert!(server.shutdown().await);
-}
-
-/// An upstream that answers 500 while `failing` is set and 200 otherwise, counting requests.
-struct Switchable {
-    addr: SocketAddr,
-    failing: Arc<AtomicBool>,
-    hits: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Switchable {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let failing = Arc::new(AtomicBool::new(false));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (f, h) = (failing.clone(), hits.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (f, h) = (f.clone(), h.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let status = if f.load(Ordering::SeqCst) {
-                            StatusCode::INTERNAL_SERVER_ERROR
-                        } else {
-                            StatusCode::OK
-                        };
-                        async move {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
-                            *r.status_mut() = status;
-                            Ok::<_, Infallible>(r)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Self {
-            addr,
-            failing,
-            hits,
-            task,
-        }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Switchable {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// A backend failing 100% opens the breaker after `min_calls` (inside the window); the

@@ -67,6 +67,9 @@ pub struct Explanation {
     /// Whether limiter and breaker state is the live gateway's (admin port) or fresh
     /// (command line).
     pub live_state: bool,
+    /// The ramp of the deciding route's split, where it is now (admin port only: the
+    /// command line routes by the written weights).
+    pub ramp: Option<crate::control::reload::ramps::RampStatus>,
 }
 
 /// The admission phase.
@@ -231,6 +234,7 @@ fn explain_runtime(rt: &Runtime, q: &ExplainQuery, live: bool) -> Result<Explana
             split: d.shadow.split.map(|u| snap.upstream_name(u).to_string()),
         },
         live_state: live,
+        ramp: None,
     })
 }
 
@@ -445,6 +449,21 @@ impl fmt::Display for Explanation {
             writeln!(f, "{route_rest}")?;
         } else {
             writeln!(f, "route: not reached")?;
+        }
+        if let Some(r) = &self.ramp {
+            write!(
+                f,
+                "ramp: {:?} at {} (step {} of {}, {:?})",
+                r.target,
+                r.weight,
+                r.step,
+                r.steps.len(),
+                r.phase
+            )?;
+            match &r.verdict {
+                Some(v) => writeln!(f, "; last window: {:?}: {}", v.outcome, v.detail)?,
+                None => writeln!(f)?,
+            }
         }
         if let Some(b) = &self.breaker {
             writeln!(

@@ -195,7 +195,14 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/admin/explain" => {
             let q = explain::query_from_url(req.uri().query().unwrap_or(""));
             let rt = state.live.runtime.load();
-            match q.and_then(|q| explain::explain_live(&rt, &q)) {
+            let explained = q.and_then(|q| explain::explain_live(&rt, &q)).map(|mut e| {
+                let rule = e.route.decision.as_ref().map(|d| d.rule.as_str());
+                if let (Some(rule), Some(r)) = (rule, &state.reloader) {
+                    e.ramp = r.ramps().into_iter().find(|s| s.route == rule);
+                }
+                e
+            });
+            match explained {
                 Ok(e) => json(
                     StatusCode::OK,
                     Bytes::from(serde_json::to_vec_pretty(&e).expect("an explanation serializes")),

@@ -218,6 +218,7 @@ impl History {
             admission_level: (rt.overload.admission.as_ref())
                 .filter(|_| rt.overload.enabled)
                 .map_or(0, |a| a.level()),
+            ramps: Vec::with_capacity(rt.snapshot.ramps.len()),
         };
         if self.t_ms.len() == HISTORY_SECS {
             self.first_start_ms = self.t_ms.pop_front().unwrap_or(self.first_start_ms);
@@ -298,6 +299,17 @@ impl History {
                 let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
                 push_ring(ring_of(rule, up), len, n);
             }
+        }
+
+        for r in &snap.ramps {
+            let Some(Some(g)) = c.guarded.get(r.route_index as usize) else {
+                continue;
+            };
+            window.ramps.push(rules::ramp::RampFigures {
+                route: r.route.clone(),
+                target: g.sides[0].take(),
+                baseline: g.sides[1].take(),
+            });
         }
 
         if reloaded {
@@ -661,6 +673,7 @@ impl History {
             },
             active_plans: snap.governance.active_plans.iter().map(|p| &**p).collect(),
             plans: reloader.map(Reloader::plans).unwrap_or_default(),
+            ramps: reloader.map(Reloader::ramps).unwrap_or_default(),
             breakers,
             interfaces,
             unclassified: self.rates(&self.unclassified, secs),
@@ -687,6 +700,9 @@ struct Document<'a> {
     /// Every plan of the live config: in force or not, why, and what its trigger saw
     /// (empty without a config file).
     plans: Vec<crate::control::reload::plans::PlanStatus>,
+    /// Every ramp of the live config: its step, weight, phase and last verdict (empty
+    /// without a config file).
+    ramps: Vec<crate::control::reload::ramps::RampStatus>,
     breakers: Vec<BreakerView<'a>>,
     interfaces: Vec<InterfaceView<'a>>,
     unclassified: Rates,

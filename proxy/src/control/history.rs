@@ -305,7 +305,7 @@ pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
 }
 
 /// Replace `path` by `bytes` in one rename, so a reader sees the old file or the new one.
-fn replace_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn replace_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("{}: not a file name", path.display()))?;

@@ -44,6 +44,7 @@ use super::history::History;
 use crate::runtime::{Live, Runtime, Secrets};
 
 pub mod plans;
+pub mod ramps;
 use crate::serve::tls::{CertStore, TlsError};
 
 /// How long the watcher waits for a burst of file events to settle. Short, because an edit
@@ -54,8 +55,15 @@ const DEBOUNCE: Duration = Duration::from_millis(40);
 /// size and modification time are compared this often.
 const POLL: Duration = Duration::from_secs(2);
 
-/// A runtime built from a file, with the file's hash, config as written and own files.
-type Built = (Runtime, u64, Arc<rules::Config>, Sources);
+/// A runtime built from a file, with the file's hash, config as written, own files, and
+/// ramps compiled from the config as written.
+type Built = (
+    Runtime,
+    u64,
+    Arc<rules::Config>,
+    Sources,
+    Vec<rules::ramp::CompiledRamp>,
+);
 
 /// What one reload's blocking half produced (certificates are reported by the thread).
 #[derive(Debug)]
@@ -155,6 +163,10 @@ pub struct Reloader {
     history_writer: Option<std::sync::mpsc::Sender<Record>>,
     /// The plans' triggers and the plans in force (see [`plans`]).
     plans: Mutex<plans::PlanControl>,
+    /// The ramps and where each is (see [`ramps`]).
+    ramps: Mutex<ramps::RampControl>,
+    /// Turns at writing the ramps' state file.
+    ramp_writes: tokio::sync::Mutex<()>,
     /// The key files read with the live config, for rebuilding it when a trigger switches a
     /// plan (a switch reads no file).
     secrets: Mutex<Secrets>,
@@ -191,6 +203,7 @@ impl Reloader {
             admin_token,
             history,
             secrets,
+            ramps,
         } = beside;
         live.metrics.config_generation.set(1);
         let history_writer = history.clone().and_then(spawn_history_writer);
@@ -221,6 +234,8 @@ impl Reloader {
             history,
             history_writer,
             plans: Mutex::default(),
+            ramps: Mutex::new(ramps),
+            ramp_writes: tokio::sync::Mutex::new(()),
             secrets: Mutex::new(secrets),
         };
         r.export_plans();
@@ -255,7 +270,7 @@ impl Reloader {
         let built = self.run_job(trigger).await.map(|job| job.built);
         let outcome = match built {
             Ok(Ok(None)) => ReloadOutcome::Unchanged,
-            Ok(Ok(Some((runtime, hash, config, sources)))) => {
+            Ok(Ok(Some((runtime, hash, config, sources, ramps)))) => {
                 // Breakers new in this config get their state gauge now, not at their first
                 // transition.
                 runtime.governors.export_states(&self.live.metrics);
@@ -281,6 +296,7 @@ impl Reloader {
                 // config or the next; the history lists it moments later. Sent under the
                 // reload lock, so entries keep the order applied.
                 self.record_history(sources, generation, hash, trigger);
+                self.ramps_reloaded(ramps).await;
                 ReloadOutcome::Applied
             }
             Ok(Err(message)) => {
@@ -515,13 +531,15 @@ impl Reloader {
             SystemTime::now().into(),
         )
         .map_err(|refusal| format!("{}: {refusal}", self.path.display()))?;
-        // The plans its triggers have switched on stay on over an edit.
-        let snapshot = match self.compile_with_plans(&loaded.config) {
-            Ok(Some(with_plans)) => with_plans,
+        // The plans its triggers have switched on stay on over an edit, and its ramps keep
+        // their steps (unless edited).
+        let ramps = loaded.snapshot.ramps.clone();
+        let snapshot = match self.compile_effective(&loaded.config, &ramps) {
+            Ok(Some(effective)) => effective,
             Ok(None) => loaded.snapshot,
             Err(e) => {
                 return Err(format!(
-                    "{}: with the plans its triggers switched on: {e}",
+                    "{}: with the plans its triggers switched on and the ramps' weights: {e}",
                     self.path.display()
                 ));
             }
@@ -541,7 +559,7 @@ impl Reloader {
         )
         .map_err(|e| format!("{}: {e}", self.path.display()))?;
         *self.secrets.lock().expect("not poisoned") = secrets;
-        Ok(Some((runtime, hash, config, sources)))
+        Ok(Some((runtime, hash, config, sources, ramps)))
     }
 }
 
@@ -558,6 +576,8 @@ pub struct Beside {
     pub history: Option<History>,
     /// The key files read with the config at start.
     pub secrets: Secrets,
+    /// The ramps, as taken up at start.
+    pub ramps: ramps::RampControl,
 }
 
 /// Why a reload's blocking half gave no result.

@@ -337,9 +337,9 @@ fn restore_resumes_the_recorded_step() {
     edited["steps"] = serde_json::json!(["2%", "50%"]);
     let (_, edited) = compiled(edited);
     let (mut r, ev) = Controller::restore(saved, &edited, 100_000);
-    assert!(ev.is_empty());
-    let ev = r.reconcile(&edited, 100_000);
-    assert_eq!((ev[0].kind, ev[0].to_ppm), (EventKind::Started, 20_000));
+    assert_eq!((ev[0].kind, ev[0].to_ppm), (EventKind::Restarted, 20_000));
+    assert!(r.reconcile(&edited, 100_000).is_empty());
+    assert_eq!(r.weights(&edited), [20_000]);
 }
 
 /// The effective config moves only the pair's common edge: users of the target stay in as
@@ -376,4 +376,33 @@ fn percent_prints_as_written() {
     assert_eq!(percent(1_000_000), "100%");
     assert_eq!(percent(0), "0%");
     assert_eq!(percent(125), "0.0125%");
+}
+
+/// At a step that leaves the baseline no weight (here the last, 90% of the pair's 90%),
+/// the target is judged against the baseline's last window with requests: healthy, it
+/// completes; failing, it is rolled back.
+#[test]
+fn a_step_without_baseline_traffic_is_judged_against_its_last_window() {
+    let (_, ramps) = compiled(ramp_json());
+    for failing in [false, true] {
+        let mut c = Controller::default();
+        c.reconcile(&ramps, 0);
+        run(&mut c, &ramps, 1..=9, |_| healthy());
+        assert_eq!(c.weights(&ramps), [900_000]);
+        let alone = |_| figures(side(500, if failing { 50 } else { 0 }, 10), side(0, 0, 10));
+        let ev = run(&mut c, &ramps, 10..=12, alone);
+        let want = match failing {
+            false => (12, EventKind::Completed, 900_000),
+            true => (10, EventKind::RolledBack, 0),
+        };
+        assert_eq!(ev, [want]);
+        let v = c.state("canary").unwrap().verdict.clone().unwrap();
+        assert_eq!(v.baseline.requests, 500, "the reference window");
+        assert!(
+            v.detail
+                .ends_with("(baseline: its last window with requests)"),
+            "{}",
+            v.detail
+        );
+    }
 }

@@ -28,6 +28,7 @@ fn window(i: u64, ok: u64, error: u64) -> Window {
         }],
         upstreams: vec![],
         admission_level: 0,
+        ramps: vec![],
     }
 }
 

@@ -237,6 +237,20 @@ function renderFacts(s) {
     : on.map((p) => p.name + " (" + p.cause + (p.cause === "auto" && p.reason ? ": " + p.reason : "") + ")");
   setCell($("plans"), (inForce.length ? "⚠ " + inForce.join("; ") : "none")
     + (armed.length ? " · trigger armed: " + armed.join(", ") : ""));
+  // Each ramp: where it is, and the figures of its last judged window.
+  const ramps = s.ramps || [];
+  const rampText = (r) => {
+    const v = r.verdict;
+    const last = v ? " · last window: " + v.outcome + " (" + v.detail + ")" : "";
+    const state = r.phase === "stepping" && r.stop ? "stopped (" + r.stop + ")" : r.phase.replace("_", " ");
+    return (r.phase === "rolled_back" ? "■ " : r.phase === "held" ? "▲ " : "")
+      + r.route + " → " + r.target + ": " + r.weight + ", step " + r.step + " of " + r.steps.length
+      + ", " + state + last;
+  };
+  const rp = $("ramps");
+  setCell(rp, ramps.length ? ramps.map(rampText).join("; ") : "none");
+  rp.className = ramps.some((r) => r.phase === "rolled_back") ? "state-open"
+    : ramps.some((r) => r.phase === "held") ? "state-half_open" : "";
   const br = $("breakers");
   const open = s.breakers.filter((b) => b.state !== "closed");
   const text = !s.breakers.length ? "none"

@@ -80,12 +80,20 @@ impl Reloader {
             let to = if c.on { "on" } else { "off" };
             tracing::warn!(plan = %c.plan, cause = "auto", figures = %c.reason, "plan switched {to} by its trigger");
         }
-        let _one_at_a_time = self.serial.lock().await;
         let config = self.config.lock().expect("not poisoned").clone();
         if self.plans_in_force(&config) == self.plans.lock().expect("not poisoned").in_force {
             // A manual plan the trigger switched: nothing in force changes.
             return;
         }
+        self.rebuild_live("plan switch").await;
+    }
+
+    /// Rebuild the live runtime from the live config with the plans and ramp weights now in
+    /// force (under the reload lock, so a rebuild and a file reload never race to store a
+    /// runtime), and publish the plans in force.
+    pub(super) async fn rebuild_live(self: &Arc<Self>, why: &'static str) {
+        let _one_at_a_time = self.serial.lock().await;
+        let config = self.config.lock().expect("not poisoned").clone();
         let this = Arc::clone(self);
         let built = tokio::task::spawn_blocking(move || this.rebuild(&config)).await;
         match built {
@@ -95,17 +103,19 @@ impl Reloader {
                 self.export_plans();
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "plan switch not applied; the previous rules stay live")
+                tracing::error!(error = %e, "{why} not applied; the previous rules stay live")
             }
-            Err(e) => tracing::error!(error = %e, "plan switch failed"),
+            Err(e) => tracing::error!(error = %e, "{why} failed"),
         }
     }
 
-    /// The live config compiled with the auto-active plans, built over the live runtime.
+    /// The live config compiled with the auto-active plans and the ramps' weights, built
+    /// over the live runtime.
     fn rebuild(&self, config: &rules::Config) -> Result<Runtime, String> {
-        let snapshot = match self.compile_with_plans(config)? {
+        let written = self.ramps.lock().expect("not poisoned").ramps().to_vec();
+        let snapshot = match self.compile_effective(config, &written)? {
             Some(s) => s,
-            // Every trigger released: the config as written.
+            // Every trigger released, every ramp as written: the config as written.
             None => rules::Snapshot::compile(config).map_err(|i| issues(&i))?,
         };
         let secrets = self.secrets.lock().expect("not poisoned").clone();
@@ -121,16 +131,22 @@ impl Reloader {
     }
 
     /// `config` compiled with its `active_plans` followed by the auto-active plans it still
-    /// has triggers for; `None` when there are none (its own snapshot is the one).
-    pub(super) fn compile_with_plans(
+    /// has triggers for, and with each of its ramps (`ramps`, compiled from it as written)
+    /// at the weight the ramp controller gives it; `None` when neither changes anything
+    /// (its own snapshot is the one).
+    pub(super) fn compile_effective(
         &self,
         config: &rules::Config,
+        ramps: &[rules::ramp::CompiledRamp],
     ) -> Result<Option<rules::Snapshot>, String> {
         let plans = self.plans_in_force(config);
-        if plans.iter().all(|(_, c)| *c == Cause::Manual) {
+        let auto = plans.iter().any(|(_, c)| *c == Cause::Auto);
+        let weights = self.ramps.lock().expect("not poisoned").weights(ramps);
+        let ramped = rules::ramp::effective(config, ramps, &weights);
+        if !auto && ramped.is_none() {
             return Ok(None);
         }
-        let mut c = config.clone();
+        let mut c = ramped.unwrap_or_else(|| config.clone());
         c.active_plans = plans.iter().map(|(p, _)| p.to_string()).collect();
         rules::Snapshot::compile(&c)
             .map(Some)
@@ -222,7 +238,8 @@ fn issues(i: &[rules::validate::Issue]) -> String {
         .join("; ")
 }
 
-/// Feed the reloader each window of figures the dashboard's sampler closes, until shutdown.
+/// Feed the reloader each window of figures the dashboard's sampler closes (for the plans'
+/// triggers and the ramps' guards), until shutdown.
 pub async fn run(
     reloader: Arc<Reloader>,
     mut windows: Windows,
@@ -237,5 +254,6 @@ pub async fn run(
             continue;
         };
         reloader.plan_window(&w.runtime, &w.window).await;
+        reloader.ramp_window(&w.window).await;
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! The window in force is the *live* config's `freeze`. While it is active, every path an
 //! edit changes (as [`crate::diff`] finds them, field by field) must be editable: listed in
-//! `freeze.editable`, or inside `freeze` itself, which is always editable so that a freeze can
-//! be lifted, moved or extended. Changes that only follow from another edit (the fallbacks a
+//! `freeze.editable`, inside `freeze` itself, which is always editable so that a freeze can
+//! be lifted, moved or extended, or a brake: a ramp's `stop` set, a plan's `auto` set to
+//! `false` (what the operator reaches for when a release or a trigger misbehaves). Changes that only follow from another edit (the fallbacks a
 //! plan brings when `active_plans` changes) are judged by that edit, not on their own.
 //!
 //! Lifting a freeze and making a frozen edit in one save is refused as a whole (a reload is
@@ -97,6 +98,21 @@ fn covers(pattern: &str, path: &str) -> bool {
         .all(|p| segs.next().is_some_and(|s| p == "*" || p == s))
 }
 
+/// Whether a changed path only applies a brake, which a freeze always allows: a ramp's
+/// `stop` set (to `hold` or `rollback`) or a plan's `auto` set to `false` in `new`. Taking
+/// a brake off is an edit like any other.
+fn is_brake(path: &str, new: &Config) -> bool {
+    let segs: Vec<&str> = path.split('/').collect();
+    match segs.as_slice() {
+        ["routes", route, "ramp", "stop"] => (new.routes.iter())
+            .find(|r| r.name == *route)
+            .and_then(|r| r.ramp.as_ref())
+            .is_some_and(|r| r.stop.is_some()),
+        ["plans", plan, "auto"] => new.plans.get(*plan).is_some_and(|p| p.auto == Some(false)),
+        _ => false,
+    }
+}
+
 /// The paths an edit changes, as `SECTION[/RULE]/FIELD...` (`routes/canary/split/0/weight`,
 /// `active_plans`); a rule added or removed is its own path (`limits/per-user`).
 pub fn changed_paths(d: &ConfigDiff) -> Vec<String> {
@@ -132,7 +148,8 @@ pub fn check(
         return Ok(());
     }
     let changed = changed_paths(&diff(old, new));
-    let frozen = window.frozen(&changed);
+    let mut frozen = window.frozen(&changed);
+    frozen.retain(|p| !is_brake(p, new.0));
     if frozen.is_empty() {
         return Ok(());
     }

@@ -224,3 +224,30 @@ fn the_window_describes_itself() {
     assert!(w.is_active(at(INSIDE)));
     assert!(!w.is_active(at("2027-01-01T00:00:00Z")));
 }
+
+/// Brakes stay editable in a freeze: a ramp's `stop` set, a plan's `auto` set to false.
+/// Taking them off, or any other ramp edit, is frozen.
+#[test]
+fn brakes_are_editable_in_a_freeze() {
+    let mut old = base();
+    old["routes"][1]["split"][0]["weight"] = json!("0%");
+    old["routes"][1]["ramp"] = json!({"target": "v2", "steps": ["1%", "10%"]});
+    old["plans"]["gala"]["trigger"] =
+        json!({"when": [{"interface": "grab", "error_ratio_above": "20%"}]});
+    for stop in ["hold", "rollback"] {
+        let mut new = old.clone();
+        new["routes"][1]["ramp"]["stop"] = json!(stop);
+        check_at(&old, &new, INSIDE).expect("stopping a ramp");
+        let r = check_at(&new, &old, INSIDE).expect_err("releasing the brake is frozen");
+        assert_eq!(r.frozen, ["routes/canary/ramp/stop"]);
+    }
+    let mut new = old.clone();
+    new["plans"]["gala"]["auto"] = json!(false);
+    check_at(&old, &new, INSIDE).expect("switching a trigger off");
+    let r = check_at(&new, &old, INSIDE).expect_err("switching it on again is frozen");
+    assert_eq!(r.frozen, ["plans/gala/auto"]);
+    let mut new = old.clone();
+    new["routes"][1]["ramp"]["steps"] = json!(["1%", "50%"]);
+    let r = check_at(&old, &new, INSIDE).expect_err("a ramp edit is frozen");
+    assert_eq!(r.frozen, ["routes/canary/ramp/steps/1"]);
+}

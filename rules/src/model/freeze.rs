@@ -35,7 +35,8 @@ pub struct Freeze {
     /// `identity`, `interfaces`, `upstreams`, `routes`, `limits`, `fallbacks`, `plans`,
     /// `active_plans`, `breakers`, `overload`. Default: `["active_plans"]` (switching
     /// emergency plans on and off is what a freeze is for). An empty list freezes everything
-    /// but `freeze` itself.
+    /// but `freeze` itself. Brakes are editable whatever the list: a ramp's `stop` set (to
+    /// `hold` or `rollback`) and a plan's `auto` set to `false`.
     #[serde(default = "default_editable")]
     pub editable: Vec<String>,
 }

@@ -23,8 +23,10 @@
 //! ```
 //!
 //! Beside it, the planes that hold the [`runtime::Live`] handle rather than the gateway:
-//! - [`control`]: the config file (`config`), hot reload (`reload`), background
-//!   housekeeping (`housekeep`) and the embedded grab backend (`embedded`).
+//! - [`control`]: the config file (`config`), hot reload (`reload`, with the plans' triggers
+//!   in `reload::plans` and the guarded ramps in `reload::ramps`), the config history
+//!   (`history`), background housekeeping (`housekeep`) and the embedded grab backend
+//!   (`embedded`).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the dashboard and `status.json`
 //!   (`admin::status`), and `explain` (`admin::explain`, also behind `tidegate explain`).
 //! - [`replay`]: `tidegate replay`: a recorded access log decided again under a candidate

@@ -10,6 +10,7 @@
 //!
 //! - [`error`]: located errors (`file:line:col path: message`).
 //! - [`ids`]: [`InterfaceId`] and [`UpstreamId`], the indices compiled rules refer by.
+//! - [`hist`]: log-scale latency histograms and their quantiles.
 //! - [`model`]: the config file's serde types (what operators write), with defaults and units.
 //! - [`bucket`]: the stable user-bucket hash and weight parsing.
 //! - [`source`]: bytes → [`model::Config`]: size, encoding, syntax, types, duplicate keys,
@@ -26,6 +27,8 @@
 //!   lookups: which limits apply, which fallback answers, which breaker guards.
 //! - [`overload`]: overload protection: request priorities, the DAGOR admission level and the
 //!   adaptive concurrency limit, as pure controllers.
+//! - [`ramp`]: guarded canary ramps: compiled ramps, the weights they give a split, and the
+//!   pure controller that steps, judges and rolls them back.
 //! - [`trigger`]: plans that switch themselves on: compiled triggers over the gateway's own
 //!   figures, and the pure controller that runs them once per window.
 //! - [`validate`]: ranges, formats, references and ambiguity, reporting every problem at

@@ -408,6 +408,7 @@ async fn plan_switches_itself_on_a_failing_upstream_and_off_after_recovery() {
     })
     .await;
     let took = on_at.expect("switched on") - failing_at;
+    eprintln!("plan switched on {took:?} after the upstream started failing");
     assert!(
         took <= Duration::from_millis(FOR_MS + WINDOW_MS + MARGIN_MS),
         "on after {took:?}"
@@ -477,6 +478,7 @@ async fn plan_switches_itself_on_a_failing_upstream_and_off_after_recovery() {
     })
     .await;
     let took = last_degraded - recovered_at;
+    eprintln!("plan switched off {took:?} after the upstream recovered");
     assert!(
         took <= Duration::from_millis(RELEASE_MS + WINDOW_MS + MARGIN_MS),
         "off after {took:?}"

@@ -113,6 +113,10 @@ async fn sender(
 
 /// Run Chromium headless with `args` on `url`, killed after `limit`; returns its stdout.
 fn chromium(args: &[&str], url: &str, limit: Duration) -> String {
+    // One browser at a time: three starting together on a 2-core machine that is also
+    // running the gateway and its load can each take over a minute.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let profile = tempfile::tempdir().expect("a temp dir");
     let mut child = Command::new(CHROMIUM)
         .args([

@@ -181,10 +181,7 @@ async fn plan_switches_several_rules() {
     c["active_plans"] = json!(["peak"]);
     std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
     let reloader = server.reloader.clone().expect("started from a file");
-    assert_eq!(
-        reloader.reload("test", Instant::now()).await,
-        api::ReloadOutcome::Applied
-    );
+    api::apply_written(&reloader).await;
 
     let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| async {
         post_as(&client, gw, "/envelopes/7/grab", "app", "u2")
@@ -206,10 +203,7 @@ async fn plan_switches_several_rules() {
     // And back: the base limit on open returns (with fresh state: it is a new rule again).
     c["active_plans"] = json!([]);
     std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
-    assert_eq!(
-        reloader.reload("test", Instant::now()).await,
-        api::ReloadOutcome::Applied
-    );
+    api::apply_written(&reloader).await;
     assert!(!degraded(&share(&client, gw, "u1").await));
     assert!(server.shutdown().await);
 }

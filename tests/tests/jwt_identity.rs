@@ -360,10 +360,7 @@ async fn keys_rotate_under_load_without_a_failed_request() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     write(&[old, new]);
-    assert_eq!(
-        reloader.reload("test", Instant::now()).await,
-        api::ReloadOutcome::Applied
-    );
+    api::apply_written(&reloader).await;
     overlap.store(true, Ordering::Relaxed);
     // Rewrite the overlap file in another order: a reload in the middle of the load.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -381,10 +378,7 @@ async fn keys_rotate_under_load_without_a_failed_request() {
 
     // The old key retired: its tokens are refused, the new key's pass.
     write(&[new]);
-    assert_eq!(
-        reloader.reload("test", Instant::now()).await,
-        api::ReloadOutcome::Applied
-    );
+    api::apply_written(&reloader).await;
     let r = get_with(gw, Some(&old_token), &[]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.json()["error"], "token_unknown_key");

@@ -64,6 +64,25 @@ pub struct CompiledInterface {
     pub method: Option<Method>,
     /// Its path template.
     pub path: Box<str>,
+    /// Its response cache, if it has one.
+    pub cache: Option<CacheSpec>,
+}
+
+/// An interface's response cache, compiled (see [`crate::model::Cache`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// How long an answer is served after its request was sent.
+    pub ttl: std::time::Duration,
+    /// Answers kept at once.
+    pub max_entries: u32,
+    /// Largest body kept, in bytes.
+    pub max_body_bytes: u32,
+    /// Whether the key holds the caller's identity.
+    pub vary_on_identity: bool,
+    /// Requests waiting at once for one key's upstream call.
+    pub max_waiters: u32,
+    /// Longest wait for another request's upstream call.
+    pub max_wait: std::time::Duration,
 }
 
 /// The interfaces declared on one path template: exact methods first, then `*`.

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use http::{HeaderName, Method};
 
 use crate::bucket::{BUCKETS, Weight, target_weight};
-use crate::classify::{Classifier, CompiledExtractor, CompiledInterface, MethodTable};
+use crate::classify::{CacheSpec, Classifier, CompiledExtractor, CompiledInterface, MethodTable};
 use crate::degrade::{CompiledBreaker, CompiledFallback};
 use crate::error::{JsonPath, did_you_mean};
 use crate::identity::CompiledJwt;
@@ -35,6 +35,7 @@ use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
+mod cache;
 mod freeze;
 mod govern;
 mod identity;
@@ -555,6 +556,12 @@ impl<'c> Validator<'c> {
                 }
             }
         }
+        let caches: Vec<Option<CacheSpec>> = c
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, itf)| self.cache(p.index(i), itf))
+            .collect();
         if self.reported_since(before) {
             return (names, None);
         }
@@ -562,11 +569,13 @@ impl<'c> Validator<'c> {
             .interfaces
             .iter()
             .zip(methods)
-            .map(|(itf, method)| {
+            .enumerate()
+            .map(|(i, (itf, method))| {
                 Some(CompiledInterface {
                     name: itf.name.as_str().into(),
                     method: method?,
                     path: itf.path.as_str().into(),
+                    cache: caches[i].clone(),
                 })
             })
             .collect::<Option<Vec<_>>>()

@@ -43,6 +43,9 @@ pub enum Answer {
     Local(Box<Response<Full<Bytes>>>, Class),
     /// The upstream it was meant for, and the exchange.
     Exchange(Option<UpstreamId>, Exchange),
+    /// An answer of that upstream kept by the interface's cache, or shared by another
+    /// request's call: counted like the upstream's, with no latency of its own.
+    Cached(UpstreamId, Response<UpstreamBody>),
 }
 
 /// What a request will be counted and logged under.
@@ -172,11 +175,16 @@ impl Record {
         let metrics = &*rt.metrics;
         let upstream = match &answer {
             Answer::Exchange(u, _) => *u,
+            Answer::Cached(u, _) => Some(*u),
             Answer::Local(..) => None,
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
         let (mut resp, class) = match answer {
             Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
+            Answer::Cached(_, resp) => {
+                let class = Class::of(resp.status(), true);
+                (resp.map(Either::Left), class)
+            }
             Answer::Exchange(_, Ok((resp, latency))) => {
                 if let Some(u) = up {
                     u.latency_histogram(metrics).observe(latency.as_secs_f64());

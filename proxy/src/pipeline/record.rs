@@ -33,11 +33,8 @@ pub type Exchange = Result<(Response<UpstreamBody>, Duration), GatewayError>;
 
 /// How a request was answered: by the gateway itself, or by an exchange with an upstream
 /// (or the error standing in for one: no route, body too large, upstream failure).
+// The exchange (the common case) is not boxed: that would allocate per forwarded request.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "the exchange is the common case: boxing it would allocate per forwarded request"
-)]
 pub enum Answer {
     /// A local answer and its class.
     Local(Box<Response<Full<Bytes>>>, Class),

@@ -249,3 +249,48 @@ async fn cache_keeps_identities_apart() {
     assert_eq!(up.hits(), 3);
     server.shutdown().await;
 }
+
+/// A cached answer still counts against limits: with a 3-per-user burst on `open`, a
+/// user's fourth and fifth reads are refused 429 although the answer is kept, and the
+/// upstream was asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_still_spend_quota() {
+    let up = Upstream::start().await;
+    let mut c = cached_config(up.addr, 60_000);
+    set(
+        &mut c,
+        "limits",
+        json!([{ "name": "open-per-user", "match": { "interfaces": ["open"] },
+                 "key": ["user"], "rate": "1/min", "burst": 3 }]),
+    );
+    let server = start_gateway(&c).await;
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let req = Request::get(format!("http://{gw}/envelopes/e1"))
+            .header("x-app-id", "app")
+            .header("x-user-id", "alice")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let r = send(&client, req).await;
+        let tag = r
+            .headers
+            .get("x-cache")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.push((r.status.as_u16(), tag));
+    }
+    let tag = |t: &str| Some(t.to_owned());
+    assert_eq!(
+        seen,
+        [
+            (200, tag("miss")),
+            (200, tag("hit")),
+            (200, tag("hit")),
+            (429, None),
+            (429, None)
+        ]
+    );
+    assert_eq!(up.hits(), 1);
+    server.shutdown().await;
+}

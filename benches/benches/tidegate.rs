@@ -39,6 +39,7 @@ mod routing {
                             interface: c.interface,
                             user: c.user.as_deref(),
                             headers: &headers,
+                            params: &[],
                         },
                         client_ip: None,
                         random: 0,

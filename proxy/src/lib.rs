@@ -11,12 +11,13 @@
 //!
 //! ```text
 //! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
-//!   └─ pipeline/   Gateway::handle: head → identity → decide → cluster limits → overload slots → forward → record
+//!   └─ pipeline/   Gateway::handle: head → identity → decide → cluster limits → overload slots → cache → forward → record
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
+//!                  ├─ cache.rs    interface response caches: keys, kept answers, coalesced misses
 //!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers
 //!                  ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
 //!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors
@@ -45,6 +46,7 @@
 //! fine) and returns a [`Server`] that reports its addresses and shuts down gracefully.
 
 pub mod admin;
+pub mod cache;
 pub mod conn;
 pub mod control;
 pub mod govern;

@@ -286,6 +286,15 @@ pub struct MirrorOutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `tidegate_cache_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// The cached interface.
+    pub interface: Name,
+    /// `hit`, `miss`, `coalesced`, `bypass` or `stored`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -369,6 +378,9 @@ pub struct Metrics {
     pub mirror_latency: Family<MirrorLabels, Histogram>,
     /// Mirror copies in flight now.
     pub mirror_in_flight: Family<MirrorLabels, Gauge>,
+    /// Requests to cached interfaces by what the cache did: `hit`, `miss`, `coalesced`,
+    /// `bypass`; and answers `stored`.
+    pub cache: Family<CacheLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -689,8 +701,15 @@ impl Metrics {
             "Mirror copies in flight now",
             mirror_in_flight.clone(),
         );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache",
+            "Requests to cached interfaces: hit (a kept answer), coalesced (another request's upstream answer), miss (went upstream), bypass (not cacheable); and stored (answers kept)",
+            cache.clone(),
+        );
         Self {
             registry,
+            cache,
             shadow_fallback,
             shadow_breaker,
             shadow_shed,

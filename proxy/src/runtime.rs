@@ -15,6 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rules::Snapshot;
 
+use crate::cache::ResponseCache;
 use crate::govern::Governors;
 use crate::jwt::{KeySet, Verifier};
 use crate::metrics::{Metrics, Name};
@@ -36,6 +37,10 @@ pub struct Runtime {
     pub mirrors: Vec<Option<Arc<Mirror>>>,
     /// Interface names as metric labels, indexed like `snapshot.interfaces`.
     pub interface_names: Vec<Name>,
+    /// Response caches, indexed like `snapshot.interfaces` (`None` for an interface without
+    /// one; empty off-line, where nothing is forwarded). Kept, answers and all, over a
+    /// reload that leaves the interface and its cache unchanged.
+    pub caches: Vec<Option<Arc<ResponseCache>>>,
     /// Limiter and breaker state (carried over a reload for unchanged rules).
     pub governors: Governors,
     /// Overload caps and admission level (carried over a reload when unchanged).
@@ -146,6 +151,34 @@ impl Runtime {
             })
             .collect();
         let mut rt = Self::with_state(snapshot, secrets.priority_key, previous, metrics);
+        rt.caches = rt
+            .snapshot
+            .interfaces
+            .iter()
+            .zip(&rt.interface_names)
+            .map(|(itf, name)| {
+                let spec = itf.cache.as_ref()?;
+                let kept = previous
+                    .and_then(|p| {
+                        let i = p
+                            .snapshot
+                            .interfaces
+                            .iter()
+                            .position(|x| x.name == itf.name)?;
+                        p.caches.get(i)?.clone()
+                    })
+                    .filter(|c| c.same(itf.method.as_ref(), &itf.path, spec));
+                Some(kept.unwrap_or_else(|| {
+                    Arc::new(ResponseCache::new(
+                        name,
+                        itf.method.clone(),
+                        &itf.path,
+                        spec.clone(),
+                        metrics,
+                    ))
+                }))
+            })
+            .collect();
         rt.upstreams = upstreams;
         rt.mirrors = mirrors;
         rt.identity = identity;
@@ -198,6 +231,7 @@ impl Runtime {
             snapshot,
             upstreams: Vec::new(),
             mirrors: Vec::new(),
+            caches: Vec::new(),
             interface_names,
             governors,
             overload,

@@ -12,8 +12,18 @@
 use std::borrow::Cow;
 
 use http::{HeaderMap, HeaderName, Method, header};
+use percent_encoding::percent_decode_str;
 
 use crate::ids::InterfaceId;
+
+/// Most distinct path parameters limit keys may read, over all limits: classification
+/// keeps their values in a fixed array, so reading them allocates nothing.
+pub const MAX_KEY_PARAMS: usize = 4;
+
+/// The values of the path parameters limit keys read, by slot (see
+/// [`Classifier::key_params`]): percent-decoded, borrowed from the path unless decoding
+/// changed them; `None` when the request's interface does not have the parameter.
+pub type PathParams<'a> = [Option<Cow<'a, [u8]>>; MAX_KEY_PARAMS];
 
 /// The classified identity of one request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -27,6 +37,9 @@ pub struct Classified<'a> {
     /// Whether an app or user ID was present but invalid (longer than `max_id_bytes`); it
     /// is then `None` above, so every phase sees the request as lacking it.
     pub invalid_id: bool,
+    /// The path parameters limit keys read, taken from the route match that found the
+    /// interface (no second lookup).
+    pub params: PathParams<'a>,
 }
 
 /// The parts of a request classification reads.
@@ -51,6 +64,25 @@ pub struct CompiledInterface {
     pub method: Option<Method>,
     /// Its path template.
     pub path: Box<str>,
+    /// Its response cache, if it has one.
+    pub cache: Option<CacheSpec>,
+}
+
+/// An interface's response cache, compiled (see [`crate::model::Cache`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// How long an answer is served after its request was sent.
+    pub ttl: std::time::Duration,
+    /// Answers kept at once.
+    pub max_entries: u32,
+    /// Largest body kept, in bytes.
+    pub max_body_bytes: u32,
+    /// Whether the key holds the caller's identity.
+    pub vary_on_identity: bool,
+    /// Requests waiting at once for one key's upstream call.
+    pub max_waiters: u32,
+    /// Longest wait for another request's upstream call.
+    pub max_wait: std::time::Duration,
 }
 
 /// The interfaces declared on one path template: exact methods first, then `*`.
@@ -69,6 +101,9 @@ pub(crate) struct Classifier {
     pub(crate) max_id_bytes: usize,
     /// Whether an invalid ID refuses the request (`identity.on_invalid: reject`).
     pub(crate) reject_invalid: bool,
+    /// The path parameters limit keys read (`{"path_param": NAME}`), slot by slot: a
+    /// request's values land in [`Classified::params`] at the same index.
+    pub(crate) key_params: Vec<Box<str>>,
 }
 
 /// An identity extractor, compiled.
@@ -104,6 +139,9 @@ impl Classifier {
                 .find(|(method, _)| method.as_ref().is_none_or(|x| x == req.method));
             if let Some((_, id)) = hit {
                 out.interface = Some(*id);
+                for (slot, name) in out.params.iter_mut().zip(&self.key_params) {
+                    *slot = m.params.get(&**name).map(|v| percent_decode_str(v).into());
+                }
                 params = Some(m.params);
             }
         }
@@ -228,5 +266,43 @@ mod tests {
         h.insert(header::COOKIE, "a=1; uid=\"bob\"; c=3".parse().unwrap());
         assert_eq!(cookie(&h, "uid"), Some("bob"));
         assert_eq!(cookie(&h, "zz"), None);
+    }
+
+    /// A key's path parameter is read from the route match, percent-decoded (so an encoded
+    /// ID is the same key), borrowed when there was nothing to decode; a template without
+    /// it leaves the slot empty.
+    #[test]
+    fn key_params() {
+        let mut router = matchit::Router::new();
+        router
+            .insert("/envelopes/{id}", vec![(None, InterfaceId(0))])
+            .unwrap();
+        router
+            .insert("/users/{uid}", vec![(None, InterfaceId(1))])
+            .unwrap();
+        let c = Classifier {
+            router,
+            app: CompiledExtractor::Header(HeaderName::from_static("x-app")),
+            user: CompiledExtractor::Header(HeaderName::from_static("x-user")),
+            max_id_bytes: 64,
+            reject_invalid: false,
+            key_params: vec!["id".into()],
+        };
+        let h = HeaderMap::new();
+        let at = |path| {
+            c.classify(RequestParts {
+                method: &Method::GET,
+                path,
+                query: None,
+                headers: &h,
+            })
+            .params[0]
+                .clone()
+        };
+        assert_eq!(at("/envelopes/e1"), Some(Cow::Borrowed(&b"e1"[..])));
+        assert!(matches!(at("/envelopes/e1"), Some(Cow::Borrowed(_))));
+        assert_eq!(at("/envelopes/%651"), Some(Cow::Owned(b"e1".to_vec())));
+        assert_eq!(at("/users/e1"), None);
+        assert_eq!(at("/nowhere"), None);
     }
 }

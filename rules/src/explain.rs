@@ -129,6 +129,7 @@ impl Snapshot {
                 interface: c.interface,
                 user,
                 headers: req.headers,
+                params: &c.params,
             },
             client_ip,
             random: 0,

@@ -72,7 +72,7 @@ pub mod trusted;
 pub mod upstream;
 pub mod validate;
 
-pub use classify::{Classified, RequestParts};
+pub use classify::{CacheSpec, Classified, RequestParts};
 pub use error::{ConfigError, ConfigErrors, JsonPath};
 pub use ids::{InterfaceId, UpstreamId};
 pub use matcher::MatchInput;

@@ -102,6 +102,8 @@ pub(crate) enum CompiledKeyPart {
     Interface,
     User,
     Header(HeaderName),
+    /// A path parameter: its slot in [`crate::Classified::params`], and its name.
+    PathParam(u8, Box<str>),
 }
 
 /// What a request is counted as under one limit.
@@ -227,8 +229,8 @@ impl CompiledLimit {
         }
     }
 
-    /// The key tuple, for display: `app`, `interface`, `user` or `header:NAME`; empty for
-    /// one shared quota.
+    /// The key tuple, for display: `app`, `interface`, `user`, `header:NAME` or
+    /// `path_param:NAME`; empty for one shared quota.
     pub fn key_parts(&self) -> Vec<String> {
         self.key
             .iter()
@@ -237,6 +239,7 @@ impl CompiledLimit {
                 CompiledKeyPart::Interface => "interface".to_owned(),
                 CompiledKeyPart::User => "user".to_owned(),
                 CompiledKeyPart::Header(h) => format!("header:{h}"),
+                CompiledKeyPart::PathParam(_, name) => format!("path_param:{name}"),
             })
             .collect()
     }
@@ -343,6 +346,12 @@ impl CompiledLimit {
                         .map(|v| v.as_bytes())
                         .filter(|v| !v.is_empty())
                 }
+                CompiledKeyPart::PathParam(slot, _) => {
+                    r.m.params
+                        .get(usize::from(*slot))
+                        .and_then(|v| v.as_deref())
+                        .filter(|v| !v.is_empty())
+                }
             };
             f(match (value, self.when_missing, r.client_ip) {
                 (Some(v), ..) => KeyPiece::Value(part, v),
@@ -372,6 +381,7 @@ impl CompiledKeyPart {
             Self::Interface => "interface".to_owned(),
             Self::User => "user".to_owned(),
             Self::Header(h) => format!("header {h}"),
+            Self::PathParam(_, name) => format!("path_param {name}"),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! apply to a request costs at most four hash lookups, whatever the number of rules. Within a
 //! bucket rules are sorted most specific first.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -24,6 +25,9 @@ pub struct MatchInput<'a> {
     pub user: Option<&'a str>,
     /// Request headers.
     pub headers: &'a HeaderMap,
+    /// The path parameters limit keys read ([`crate::Classified::params`]); `&[]` when the
+    /// caller has none.
+    pub params: &'a [Option<Cow<'a, [u8]>>],
 }
 
 /// One rule's conditions, compiled.

@@ -15,12 +15,14 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod cache;
 mod freeze;
 mod govern;
 mod matching;
 mod overload;
 mod ramp;
 
+pub use cache::Cache;
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
 pub use govern::{
     Breaker, Condition, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse,
@@ -405,6 +407,10 @@ pub struct Interface {
     /// Path template: literal segments and `{param}` segments, for example
     /// `/envelopes/{id}/grab`. Must start with `/`.
     pub path: String,
+    /// A short-lived cache of its answers, with request coalescing (method `GET`, `HEAD`
+    /// or `*`). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
 }
 
 /// An upstream cluster.

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use http::{HeaderName, Method};
 
 use crate::bucket::{BUCKETS, Weight, target_weight};
-use crate::classify::{Classifier, CompiledExtractor, CompiledInterface, MethodTable};
+use crate::classify::{CacheSpec, Classifier, CompiledExtractor, CompiledInterface, MethodTable};
 use crate::degrade::{CompiledBreaker, CompiledFallback};
 use crate::error::{JsonPath, did_you_mean};
 use crate::identity::CompiledJwt;
@@ -35,6 +35,7 @@ use crate::route::{CompiledMirror, CompiledNoUserKey, CompiledRoute, RouteAction
 use crate::trusted::{Cidr, TrustedProxies};
 use crate::upstream::{UpstreamSpec, upstream_ids};
 
+mod cache;
 mod freeze;
 mod govern;
 mod identity;
@@ -117,6 +118,14 @@ pub(crate) fn check(c: &Config) -> Result<Checked, Vec<Issue>> {
     }
 }
 
+/// The parameter names of a path template (`{id}`, and `{*rest}` as `rest`), in order.
+fn template_params(path: &str) -> Vec<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| name.strip_prefix('*').unwrap_or(name))
+        .collect()
+}
+
 /// Walks a config once: reports every problem, and builds the typed value of each part
 /// with no problem (`None` where there was one, so `None` always comes with an issue).
 /// The interfaces, compiled, and the router of their path templates.
@@ -146,6 +155,10 @@ struct Validator<'c> {
     /// picking those in force.
     limits: HashMap<JsonPath, CompiledLimit>,
     fallbacks: HashMap<JsonPath, CompiledFallback>,
+    /// Interface name → the parameter names of its path template.
+    iface_params: HashMap<&'c str, Vec<&'c str>>,
+    /// The path parameters limit keys read, by slot (the classifier's `key_params`).
+    key_params: Vec<Box<str>>,
 }
 
 impl<'c> Validator<'c> {
@@ -167,6 +180,12 @@ impl<'c> Validator<'c> {
                 .collect(),
             limits: HashMap::new(),
             fallbacks: HashMap::new(),
+            iface_params: c
+                .interfaces
+                .iter()
+                .map(|x| (x.name.as_str(), template_params(&x.path)))
+                .collect(),
+            key_params: Vec::new(),
         }
     }
 
@@ -246,6 +265,7 @@ impl<'c> Validator<'c> {
                 user,
                 max_id_bytes: c.identity.max_id_bytes as usize,
                 reject_invalid: c.identity.on_invalid == OnInvalidId::Reject,
+                key_params: std::mem::take(&mut self.key_params),
             },
             upstreams: c
                 .upstreams
@@ -536,6 +556,12 @@ impl<'c> Validator<'c> {
                 }
             }
         }
+        let caches: Vec<Option<CacheSpec>> = c
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, itf)| self.cache(p.index(i), itf))
+            .collect();
         if self.reported_since(before) {
             return (names, None);
         }
@@ -543,11 +569,13 @@ impl<'c> Validator<'c> {
             .interfaces
             .iter()
             .zip(methods)
-            .map(|(itf, method)| {
+            .enumerate()
+            .map(|(i, (itf, method))| {
                 Some(CompiledInterface {
                     name: itf.name.as_str().into(),
                     method: method?,
                     path: itf.path.as_str().into(),
+                    cache: caches[i].clone(),
                 })
             })
             .collect::<Option<Vec<_>>>()

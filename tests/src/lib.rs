@@ -113,6 +113,81 @@ pub fn add_share_interface(config: &mut Value) {
         .push(json!({ "name": "share", "method": "POST", "path": "/envelopes/{id}/share" }));
 }
 
+/// An HTTP relay in front of a real service (the grab backend, say): every request is
+/// counted by method and path, optionally held for `delay` (a slow service, so that
+/// concurrent requests overlap), and passed on whole; the service's answer is passed back.
+/// It tells how many requests reached the service behind a gateway.
+pub struct CountingRelay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(http::Method, String)>>>,
+    task: JoinHandle<()>,
+}
+
+impl CountingRelay {
+    /// Relay to `target`, holding each request `delay` before passing it on.
+    pub async fn start(target: SocketAddr, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("a bound address");
+        let seen: Arc<Mutex<Vec<(http::Method, String)>>> = Arc::default();
+        let (log, client) = (seen.clone(), h1_client());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (log, client) = (log.clone(), client.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (log, client) = (log.clone(), client.clone());
+                        async move {
+                            let (mut parts, body) = req.into_parts();
+                            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                            log.lock()
+                                .expect("not poisoned")
+                                .push((parts.method.clone(), path.to_owned()));
+                            parts.uri = format!("http://{target}{path}").parse().expect("a URI");
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            tokio::time::sleep(delay).await;
+                            let resp = client.request(Request::from_parts(parts, full(body))).await;
+                            let resp = match resp {
+                                Ok(r) => read_reply(r).await,
+                                Err(e) => panic!("the relayed service failed: {e}"),
+                            };
+                            let mut out = Response::new(Full::new(resp.body));
+                            *out.status_mut() = resp.status;
+                            *out.headers_mut() = resp.headers;
+                            Ok::<_, Infallible>(out)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    /// Requests relayed so far with this method and path (query included).
+    pub fn count(&self, method: &http::Method, path: &str) -> usize {
+        let seen = self.seen.lock().expect("not poisoned");
+        seen.iter()
+            .filter(|(m, p)| m == method && p == path)
+            .count()
+    }
+}
+
+impl Drop for CountingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// An upstream that answers 500 while `failing` is set and 200 otherwise, counting requests.
 pub struct Switchable {
     /// Where it listens.

@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
                 interface: grab.interface,
                 user: Some(user),
                 headers: &headers,
+                params: &[],
             },
             client_ip: Some(IpAddr::from([127, 0, 0, 1])),
             random: 0,

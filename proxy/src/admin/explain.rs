@@ -292,6 +292,7 @@ fn limit_reports(
             interface: d.class.interface,
             user: d.class.user.as_deref(),
             headers,
+            params: &d.class.params,
         },
         client_ip,
         random: 0,

@@ -680,9 +680,30 @@ impl History {
             limits,
             upstreams,
             canaries,
+            caches: caches(rt),
             series,
         }
     }
+}
+
+/// Each cached interface's counts since the gateway started, and its hit ratio: the share
+/// of its cacheable requests answered without an upstream call of their own.
+fn caches(rt: &Runtime) -> Vec<CacheView<'_>> {
+    (rt.snapshot.interfaces.iter().zip(&rt.caches))
+        .filter_map(|(itf, c)| {
+            let c = c.as_ref()?;
+            let (hits, coalesced, misses) = c.figures();
+            let total = hits + coalesced + misses;
+            Some(CacheView {
+                interface: &itf.name,
+                ttl_ms: c.spec.ttl.as_millis() as u64,
+                hits,
+                coalesced,
+                misses,
+                hit_ratio: (total > 0).then(|| (hits + coalesced) as f64 / total as f64),
+            })
+        })
+        .collect()
 }
 
 // === the document ===
@@ -709,7 +730,20 @@ struct Document<'a> {
     limits: Vec<LimitView<'a>>,
     upstreams: Vec<UpstreamView<'a>>,
     canaries: Vec<CanaryView<'a>>,
+    /// Every interface with a `cache`: its counts since start and hit ratio.
+    caches: Vec<CacheView<'a>>,
     series: SeriesView<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct CacheView<'a> {
+    interface: &'a str,
+    ttl_ms: u64,
+    hits: u64,
+    coalesced: u64,
+    misses: u64,
+    /// `(hits + coalesced) / (hits + coalesced + misses)`; `null` before any request.
+    hit_ratio: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]

@@ -360,6 +360,7 @@ fn route_input<'a>(
             interface: class.interface,
             user: class.user.as_deref(),
             headers,
+            params: &class.params,
         },
         client_ip,
         random: match mode {

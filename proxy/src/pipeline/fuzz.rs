@@ -34,6 +34,7 @@ pub fn decide(data: &[u8]) {
             app: input.app.as_deref().map(Into::into),
             user: input.user.as_deref().map(Into::into),
             invalid_id: false,
+            params: Default::default(),
         };
         decide_classified(
             rt,

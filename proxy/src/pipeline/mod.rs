@@ -1,5 +1,5 @@
 //! The request path, as phases: **head → identity → decide → cluster limits → overload
-//! slots → paced turn → forward → record**.
+//! slots → paced turn → cache → forward → record**.
 //!
 //! One [`Gateway`] serves every listener. Each request loads the live [`Runtime`] once (an
 //! arc-swap load, no lock) and is served against that one version from start to end, so a
@@ -16,6 +16,8 @@
 //! - overload slots: the concurrency caps' slots, queueing by business priority.
 //! - paced turn: a request over the rate of a limit with `max_delay_ms` sleeps until the
 //!   turn `decide` reserved for it, holding its slots (so waiters count against the caps).
+//! - cache: on an interface with `cache`, a `GET`/`HEAD` answered from a kept answer or
+//!   another request's upstream call, or led to the upstream to fill it (`crate::cache`).
 //! - forward: header hygiene, then the upstream exchange (`crate::upstream`).
 //! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
 
@@ -39,6 +41,7 @@ use rules::{InterfaceId, RequestParts, UpstreamId};
 use self::decide::{Action, Mode, decide};
 pub use self::record::RespBody;
 use self::record::{Answer, Record, X_REQUEST_ID};
+use crate::cache::{self, Lookup, ResponseCache};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
 use crate::govern::limit::Pace;
@@ -101,13 +104,13 @@ impl Gateway {
         }
     }
 
-    /// Serve one request. `cache` is the downstream connection's own upstream connections
+    /// Serve one request. `conns` is the downstream connection's own upstream connections
     /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
-        cache: Option<&Arc<ConnCache>>,
+        conns: Option<&Arc<ConnCache>>,
     ) -> Response<RespBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
@@ -127,6 +130,11 @@ impl Gateway {
         let req = request_parts(&parts);
         let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
         // Only what the later phases need is carried across the waits (a smaller future).
+        // The cache key is taken now, while the classification (app, user) is at hand.
+        let cached = match (&d.action, interface_cache(&rt, d.class.interface)) {
+            (Action::Forward { .. }, Some(c)) => c.key(&parts, &d.class).map(|key| (c, key)),
+            _ => None,
+        };
         let (interface, action, cluster, pace) = (d.class.interface, d.action, d.cluster, d.pace);
         let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);
         let step = self
@@ -136,6 +144,16 @@ impl Gateway {
             Step::Answer(resp, class) => Answer::Local(resp, class),
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
+                let lookup = match cached {
+                    Some((c, key)) => Some(c.lookup(key).await),
+                    None => None,
+                };
+                if let Some(Lookup::Answered(resp)) = lookup {
+                    // The upstream is not asked: the slots and the breaker's permit go
+                    // back unjudged.
+                    return record.finish(&rt, Answer::Cached(up, resp), request_id, conn);
+                }
+                let head_only = parts.method == http::Method::HEAD;
                 hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
                 // The copy starts here, after hygiene (it carries the same forwarding
                 // headers), and is never waited for.
@@ -144,8 +162,13 @@ impl Gateway {
                     .and_then(|m| m.start(&parts, body.is_end_stream()));
                 let upstream = &rt.upstreams[up.0 as usize];
                 let max_body = self.settings.max_body_bytes;
-                let result = upstream.forward(parts, body, max_body, cache, tee).await;
+                let result = upstream.forward(parts, body, max_body, conns, tee).await;
                 self.finish(result.as_ref(), permit, held, started);
+                let result = match lookup {
+                    Some(Lookup::Lead(lead)) => lead.fill(result, head_only, &rt.snapshot).await,
+                    Some(_) => cache::mark_miss(result),
+                    None => result,
+                };
                 Answer::Exchange(Some(up), result)
             }
         };
@@ -319,6 +342,11 @@ fn hygiene(
     keep_authority(parts);
     let peer_trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
     set_forwarding(&mut parts.headers, conn, peer_trusted);
+}
+
+/// The response cache of the request's interface, if it has one.
+fn interface_cache(rt: &Runtime, interface: Option<InterfaceId>) -> Option<&Arc<ResponseCache>> {
+    rt.caches.get(interface?.0 as usize)?.as_ref()
 }
 
 /// What classification reads of a request.

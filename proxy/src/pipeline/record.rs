@@ -33,16 +33,16 @@ pub type Exchange = Result<(Response<UpstreamBody>, Duration), GatewayError>;
 
 /// How a request was answered: by the gateway itself, or by an exchange with an upstream
 /// (or the error standing in for one: no route, body too large, upstream failure).
+// The exchange (the common case) is not boxed: that would allocate per forwarded request.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "the exchange is the common case: boxing it would allocate per forwarded request"
-)]
 pub enum Answer {
     /// A local answer and its class.
     Local(Box<Response<Full<Bytes>>>, Class),
     /// The upstream it was meant for, and the exchange.
     Exchange(Option<UpstreamId>, Exchange),
+    /// An answer of that upstream kept by the interface's cache, or shared by another
+    /// request's call: counted like the upstream's, with no latency of its own.
+    Cached(UpstreamId, Response<UpstreamBody>),
 }
 
 /// What a request will be counted and logged under.
@@ -172,11 +172,16 @@ impl Record {
         let metrics = &*rt.metrics;
         let upstream = match &answer {
             Answer::Exchange(u, _) => *u,
+            Answer::Cached(u, _) => Some(*u),
             Answer::Local(..) => None,
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
         let (mut resp, class) = match answer {
             Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
+            Answer::Cached(_, resp) => {
+                let class = Class::of(resp.status(), true);
+                (resp.map(Either::Left), class)
+            }
             Answer::Exchange(_, Ok((resp, latency))) => {
                 if let Some(u) = up {
                     u.latency_histogram(metrics).observe(latency.as_secs_f64());

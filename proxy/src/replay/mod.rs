@@ -549,11 +549,16 @@ impl Side {
             query: NO_QUERY,
             headers: q.headers,
         };
+        // The interface and the key's path parameters come from the logged path, as the
+        // gateway classified it; app and user from the line (they may have come from a
+        // token the log does not keep).
+        let routed = self.rt.snapshot.classify(parts);
         let class = Classified {
-            interface: self.rt.snapshot.classify(parts).interface,
+            interface: routed.interface,
             app: q.app.map(Into::into),
             user: q.user.map(Into::into),
             invalid_id: false,
+            params: routed.params,
         };
         let (limiters, dry_run) = (&self.limiters, &mut self.dry_run);
         let r: Replayed<'_, FakeRelativeClock> = decide::replay(

@@ -218,6 +218,42 @@ fn limits_are_simulated_in_the_logs_time() {
     assert_eq!(f.changes[0].requests, 8, "{f}");
 }
 
+/// A limit keyed on the envelope (`path_param: id`) is replayed from the logged path: the
+/// hot envelope's grabs beyond its burst are newly limited, whoever sent them and however
+/// its ID was encoded, and another envelope's are not.
+#[test]
+fn path_param_keys_are_replayed_from_the_path() {
+    let limit = json!([{ "name": "per-envelope", "match": { "interfaces": ["grab"] },
+                         "key": [{ "path_param": "id" }], "rate": "2/s", "burst": 2 }]);
+    let cand = runtime(&config(split("0%"), limit, json!([])));
+    let mut log = String::new();
+    for (ms, path, user) in [
+        (0, "/envelopes/hot/grab", "a"),
+        (1, "/envelopes/%68ot/grab", "b"),
+        (2, "/envelopes/hot/grab", "c"),
+        (3, "/envelopes/h%6Ft/grab", "d"),
+        (4, "/envelopes/cold/grab", "e"),
+        (5, "/envelopes/cold/grab", "f"),
+    ] {
+        log.push_str(&access(
+            5_000_000 + ms * 1000,
+            path,
+            user,
+            "forward",
+            "canary",
+            "v1",
+        ));
+        log.push('\n');
+    }
+    let r = replay(cand, None, log.as_bytes(), opts()).unwrap();
+    assert_eq!(r.changes.len(), 1, "{r}");
+    let c = &r.changes[0];
+    assert_eq!(
+        (c.kind, &*c.rule, c.requests, c.users),
+        ("newly_limited", "per-envelope", 2, 2)
+    );
+}
+
 /// A fallback for 50% of users: the newly degraded are exactly those below 500000 under the
 /// fallback's salt; requests without a user under `no_user_key: random` are not replayed
 /// but counted apart.

@@ -144,6 +144,8 @@ pub struct UpstreamBody {
 enum Received {
     Hyper(Incoming),
     Own(h1::ResponseBody),
+    /// A whole body already read (an answer kept by an interface's cache), handed out once.
+    Buffered(Option<Bytes>),
 }
 
 /// Errors of [`UpstreamBody`].
@@ -725,6 +727,12 @@ impl Tee {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
+    /// A body whose bytes are all here: an answer served from an interface's cache.
+    pub fn buffered(body: Bytes) -> Self {
+        let body = (!body.is_empty()).then_some(body);
+        Self::new(Received::Buffered(body), Duration::MAX)
+    }
+
     fn new(inner: Received, timeout: Duration) -> Self {
         Self {
             inner,
@@ -747,6 +755,7 @@ impl Body for UpstreamBody {
         let polled = match &mut this.inner {
             Received::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(ResponseBodyError::from),
             Received::Own(b) => Pin::new(b).poll_frame(cx).map_err(ResponseBodyError::from),
+            Received::Buffered(b) => return Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -779,6 +788,7 @@ impl Body for UpstreamBody {
         match &self.inner {
             Received::Hyper(b) => b.is_end_stream(),
             Received::Own(b) => b.is_end_stream(),
+            Received::Buffered(b) => b.is_none(),
         }
     }
 
@@ -786,6 +796,7 @@ impl Body for UpstreamBody {
         match &self.inner {
             Received::Hyper(b) => b.size_hint(),
             Received::Own(b) => b.size_hint(),
+            Received::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }

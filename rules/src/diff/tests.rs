@@ -55,6 +55,7 @@ fn routed(l: &Loaded, user: &str) -> String {
             interface: grab,
             user: Some(user),
             headers: &h,
+            params: &[],
         },
         client_ip: None,
         random: 0,

@@ -166,6 +166,7 @@ fn input<'a>(h: &'a HeaderMap, app: Option<&'a str>, user: Option<&'a str>) -> R
             interface: Some(crate::InterfaceId(1)),
             user,
             headers: h,
+            params: &[],
         },
         client_ip: Some(IpAddr::from([10, 1, 2, 3])),
         random: 7,
@@ -299,4 +300,84 @@ fn dry_run_fallback_is_shadow_only() {
     let plain = snap(r#", "fallbacks": [ { "name": "half", "fraction": "50%", "response": {} } ]"#);
     assert!(!plain.has_shadow());
     assert!(plain.shadow_fallback(&input(&h, None, Some("u"))).is_none());
+}
+
+/// A `path_param` key needs `match.interfaces`, each of whose templates has the parameter;
+/// each mistake is reported at the key part's path.
+#[test]
+fn path_param_key_validation() {
+    let m = messages(
+        r#", "limits": [
+      { "name": "a", "rate": "5/s", "key": [{"path_param": "id"}] },
+      { "name": "b", "rate": "5/s", "match": {"interfaces": ["grab", "share"]}, "key": [{"path_param": "uid"}] },
+      { "name": "c", "rate": "5/s", "match": {"interfaces": ["grab"]}, "key": [{"path_param": "id"}, {"path_param": "id"}] }
+    ]"#,
+    );
+    for want in [
+        "limits[0].key[0].path_param: a path_param key needs match.interfaces, each with {id}",
+        "limits[1].key[0].path_param: interface(s) [\"grab\", \"share\"] of match.interfaces have no {uid}",
+        "limits[2].key[1]: this key part is listed twice",
+    ] {
+        assert!(has(&m, want), "missing {want:?} in {m:#?}");
+    }
+    assert_eq!(m.len(), 3, "{m:#?}");
+    assert!(
+        messages(
+            r#", "limits": [ { "name": "a", "rate": "5/s", "match": {"interfaces": ["grab", "share"]}, "key": [{"path_param": "id"}] } ]"#
+        )
+        .is_empty()
+    );
+}
+
+/// A `path_param` key counts each envelope apart, whatever its percent-encoding, and the
+/// user's quota is not the envelope's; explain shows the value.
+#[test]
+fn path_param_keys() {
+    let s = snap(
+        r#", "limits": [ { "name": "hot", "match": {"interfaces": ["grab"]}, "key": [{"path_param": "id"}], "rate": "5/s" },
+                  { "name": "hot_user", "match": {"interfaces": ["grab", "share"]}, "key": [{"path_param": "id"}, "user"], "rate": "5/s" } ]"#,
+    );
+    let h = HeaderMap::new();
+    let key = |rule: usize, path: &str, user: Option<&str>| {
+        let c = s.classify(crate::RequestParts {
+            method: &http::Method::POST,
+            path,
+            query: None,
+            headers: &h,
+        });
+        let r = RouteInput {
+            m: MatchInput {
+                app: None,
+                interface: c.interface,
+                user,
+                headers: &h,
+                params: &c.params,
+            },
+            client_ip: Some(IpAddr::from([10, 1, 2, 3])),
+            random: 0,
+        };
+        let g = &s.governance;
+        (
+            g.limits[rule].key_of(&s, &r),
+            g.limits[rule].describe_key(&s, &r).map(|(k, _)| k),
+        )
+    };
+    let (e1, text) = key(0, "/envelopes/e1/grab", Some("alice"));
+    assert_eq!(text.as_deref(), Some("path_param id=\"e1\""));
+    assert_eq!(
+        e1,
+        key(0, "/envelopes/e1/grab", Some("bob")).0,
+        "one quota per envelope"
+    );
+    assert_eq!(
+        e1,
+        key(0, "/envelopes/%651/grab", None).0,
+        "decoded before hashing"
+    );
+    assert_ne!(e1, key(0, "/envelopes/e2/grab", Some("alice")).0);
+    // Both interfaces share the parameter's slot; with the user, each pair is a key.
+    let (a, _) = key(1, "/envelopes/e1/grab", Some("alice"));
+    assert_eq!(a, key(1, "/envelopes/e1/share", Some("alice")).0);
+    assert_ne!(a, key(1, "/envelopes/e1/grab", Some("bob")).0);
+    assert_eq!(s.governance.limits[0].key_parts(), ["path_param:id"]);
 }

@@ -26,9 +26,11 @@ pub struct Limit {
     /// Which requests are counted. Absent or `{}`: every request.
     #[serde(default, rename = "match")]
     pub matcher: Match,
-    /// What requests are counted by: a tuple of `"app"`, `"interface"`, `"user"` and
-    /// `{"header": "x-device-id"}`, each request of one tuple value sharing one quota.
-    /// Default: `[]`, one quota shared by every matching request (a global limit).
+    /// What requests are counted by: a tuple of `"app"`, `"interface"`, `"user"`,
+    /// `{"header": "x-device-id"}` and `{"path_param": "id"}`, each request of one tuple
+    /// value sharing one quota. Default: `[]`, one quota shared by every matching request
+    /// (a global limit). A `path_param` needs `match.interfaces`, every one of whose path
+    /// templates has that parameter: it gives one quota per envelope (hot-key protection).
     #[serde(default)]
     pub key: Vec<KeyPart>,
     /// The sustained rate: `"N/unit"` or `"N/Kunit"` with unit `s`, `min`, `h` or `d`
@@ -120,6 +122,9 @@ pub enum KeyPart {
     User,
     /// A request header's value (case-insensitive name).
     Header(String),
+    /// The value of a parameter of the interface's path template (`id` of
+    /// `/envelopes/{id}`), percent-decoded, so `%61` and `a` are one key.
+    PathParam(String),
 }
 
 /// Whether a limit rejects or only counts.

@@ -33,6 +33,7 @@ fn input<'a>(user: Option<&'a str>, app: Option<&'a str>, h: &'a HeaderMap) -> R
             interface: None,
             user,
             headers: h,
+            params: &[],
         },
         client_ip: None,
         random: 0,

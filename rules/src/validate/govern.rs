@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::bucket::BUCKETS;
+use crate::classify::MAX_KEY_PARAMS;
 use crate::degrade::{
     CompiledBreaker, CompiledFallback, CompiledResponse, WhenOpen, fraction_ppm, ratio_ppm,
 };
@@ -217,9 +218,13 @@ impl Validator<'_> {
                 KeyPart::Header(h) => self
                     .header_name(lp.key("key").index(k).key("header"), h)
                     .map(CompiledKeyPart::Header),
+                KeyPart::PathParam(name) => {
+                    self.path_param_key(lp.key("key").index(k).key("path_param"), l, name)
+                }
             });
             let id = match part {
                 KeyPart::Header(h) => format!("header {}", h.to_ascii_lowercase()),
+                KeyPart::PathParam(name) => format!("path_param {name}"),
                 other => format!("{other:?}"),
             };
             if !seen.insert(id) {
@@ -288,6 +293,58 @@ impl Validator<'_> {
             exceptions.into_iter().collect::<Option<_>>()?,
             key.into_iter().collect::<Option<_>>()?,
         ))
+    }
+
+    /// A `{"path_param": NAME}` key part: the limit must be restricted to interfaces whose
+    /// path templates all have `{NAME}`, so every request it counts has the value (a
+    /// request without it would all share one key, the opposite of a per-envelope quota).
+    /// Its slot among the parameters classification keeps.
+    fn path_param_key(&mut self, p: JsonPath, l: &Limit, name: &str) -> Option<CompiledKeyPart> {
+        let Some(list) = l.matcher.interfaces.as_ref().filter(|l| !l.is_empty()) else {
+            self.err(
+                p,
+                format!(
+                    "a path_param key needs match.interfaces, each with {{{name}}} in its path template"
+                ),
+            );
+            return None;
+        };
+        let missing: Vec<&str> = list
+            .iter()
+            .filter(|i| {
+                self.iface_params
+                    .get(i.as_str())
+                    .is_some_and(|params| !params.contains(&name))
+            })
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            self.err(
+                p,
+                format!(
+                    "interface(s) {missing:?} of match.interfaces have no {{{name}}} in their path template"
+                ),
+            );
+            return None;
+        }
+        let slot = match self.key_params.iter().position(|x| **x == *name) {
+            Some(slot) => slot,
+            None if self.key_params.len() < MAX_KEY_PARAMS => {
+                self.key_params.push(name.into());
+                self.key_params.len() - 1
+            }
+            None => {
+                self.err(
+                    p,
+                    format!(
+                        "limit keys may read at most {MAX_KEY_PARAMS} distinct path parameters ({:?} already); reuse one of them",
+                        self.key_params
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(CompiledKeyPart::PathParam(slot as u8, name.into()))
     }
 
     fn fallback_list(&mut self, p: JsonPath, list: &[Fallback], interfaces: &HashSet<String>) {

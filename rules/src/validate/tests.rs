@@ -527,3 +527,46 @@ fn pacing_fields() {
         ]
     );
 }
+
+fn cache_cfg(interfaces: &str) -> Config {
+    let text = format!(
+        r#"{{ "schema_version": 1, "interfaces": {interfaces},
+  "upstreams": {{ "v1": {{ "endpoints": ["127.0.0.1:9000"] }} }},
+  "routes": [{{ "name": "d", "upstream": "v1" }}] }}"#
+    );
+    parse("t.json", text.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// A cache is refused on a method whose answers must not be replayed, each range is
+/// checked at its path, and the memory bound holds; a good one compiles with its defaults.
+#[test]
+fn cache_validation() {
+    let m = messages(&cache_cfg(
+        r#"[ { "name": "grab", "method": "POST", "path": "/envelopes/{id}/grab", "cache": { "ttl_ms": 100 } },
+             { "name": "open", "method": "GET", "path": "/envelopes/{id}", "cache": { "ttl_ms": 0, "max_entries": 0, "max_body_bytes": 20000000, "max_waiters": 0, "max_wait_ms": 60001 } },
+             { "name": "big", "method": "GET", "path": "/big", "cache": { "ttl_ms": 60001, "max_entries": 1000000, "max_body_bytes": 16777216 } },
+             { "name": "huge", "method": "*", "path": "/huge", "cache": { "ttl_ms": 10, "max_entries": 1000000, "max_body_bytes": 16777216 } } ]"#,
+    ));
+    for want in [
+        "interfaces[0].cache: only GET and HEAD answers are cached; interface \"grab\" is POST",
+        "interfaces[1].cache.ttl_ms: 0 is out of range; allowed 1..=60000",
+        "interfaces[1].cache.max_entries: 0 is out of range; allowed 1..=1000000",
+        "interfaces[1].cache.max_body_bytes: 20000000 is out of range; allowed 1..=16777216",
+        "interfaces[1].cache.max_waiters: 0 is out of range; allowed 1..=100000",
+        "interfaces[1].cache.max_wait_ms: 60001 is out of range; allowed 1..=60000",
+        "interfaces[2].cache.ttl_ms: 60001 is out of range; allowed 1..=60000",
+        "interfaces[3].cache.max_entries: max_entries × max_body_bytes is 16777216000000 bytes; at most 1073741824 (1 GiB) are allowed",
+    ] {
+        assert!(m.iter().any(|x| x == want), "missing {want:?} in {m:#?}");
+    }
+    assert_eq!(m.len(), 8, "{m:#?}");
+    let c = cache_cfg(
+        r#"[ { "name": "open", "method": "GET", "path": "/envelopes/{id}", "cache": { "ttl_ms": 250 } } ]"#,
+    );
+    let checked = check(&c).expect("valid");
+    let spec = checked.interfaces[0].cache.clone().expect("compiled");
+    assert_eq!(spec.ttl, std::time::Duration::from_millis(250));
+    assert_eq!((spec.max_entries, spec.max_body_bytes), (10_000, 65_536));
+    assert!(spec.vary_on_identity, "per-identity unless said otherwise");
+    assert_eq!(spec.max_wait, std::time::Duration::from_secs(5));
+}

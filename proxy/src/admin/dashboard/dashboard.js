@@ -224,6 +224,19 @@ function renderUpstreams(s) {
   sweep(tbody, keys);
 }
 
+function renderCaches(s) {
+  const tbody = $("caches").tBodies[0];
+  const keys = [];
+  for (const c of s.caches || []) {
+    keys.push(c.interface);
+    const tr = row(tbody, c.interface, ["name", "ratio", "hits", "coalesced", "misses"], { "data-cache": c.interface });
+    setCell(cell(tr, "name"), c.interface + " (" + c.ttl_ms + " ms)");
+    setCell(cell(tr, "ratio"), fmtPct(c.hit_ratio), c.hit_ratio == null ? "" : c.hit_ratio.toFixed(4));
+    for (const k of ["hits", "coalesced", "misses"]) setCell(cell(tr, k), String(c[k]), c[k]);
+  }
+  sweep(tbody, keys);
+}
+
 function renderFacts(s) {
   const a = s.admission;
   setCell($("admission"), a.level == null ? "—" : a.level === 0 ? "0 (admitting all)" : String(a.level),
@@ -374,6 +387,7 @@ function render(s) {
   renderLevels(s);
   renderCanaries(s);
   renderUpstreams(s);
+  renderCaches(s);
   renderFacts(s);
   renderCharts(s);
   setCell($("updated"), "updated " + fmtTime(s.now_ms), s.now_ms);

@@ -223,6 +223,9 @@ async fn start_inner(
         Settings {
             max_body_bytes: server_cfg.limits.max_body_bytes,
             access_log: server_cfg.access_log.enabled,
+            max_upgraded_connections: server_cfg.limits.max_upgraded_connections,
+            upgrade_idle_timeout: Duration::from_millis(server_cfg.limits.upgrade_idle_timeout_ms),
+            shutdown: shutdown_rx.clone(),
         },
     ));
 

@@ -286,6 +286,22 @@ pub struct MirrorOutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `tidegate_upgrades_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    /// The route rule that allowed the upgrade.
+    pub route: Name,
+    /// `switched`, `declined`, `refused_capacity` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Labels of `tidegate_upgraded_closed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TunnelCloseLabels {
+    /// `closed`, `error`, `idle_timeout` or `shutdown`.
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -369,6 +385,12 @@ pub struct Metrics {
     pub mirror_latency: Family<MirrorLabels, Histogram>,
     /// Mirror copies in flight now.
     pub mirror_in_flight: Family<MirrorLabels, Gauge>,
+    /// Upgrade requests a route allowed, by route and what became of them.
+    pub upgrades: Family<UpgradeLabels, Counter>,
+    /// Upgraded connections (tunnels) open now.
+    pub upgraded_connections: Gauge,
+    /// Tunnels closed, by why.
+    pub upgraded_closed: Family<TunnelCloseLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -689,8 +711,29 @@ impl Metrics {
             "Mirror copies in flight now",
             mirror_in_flight.clone(),
         );
+        let upgrades = Family::<UpgradeLabels, Counter>::default();
+        registry.register(
+            "upgrades",
+            "Upgrade requests a route allowed, by route: switched (101, tunnel open), declined (another answer, passed through), refused_capacity (503, max_upgraded_connections) or failed (no answer, or a 101 for another protocol)",
+            upgrades.clone(),
+        );
+        let upgraded_connections = Gauge::default();
+        registry.register(
+            "upgraded_connections",
+            "Upgraded connections (tunnels) open now",
+            upgraded_connections.clone(),
+        );
+        let upgraded_closed = Family::<TunnelCloseLabels, Counter>::default();
+        registry.register(
+            "upgraded_closed",
+            "Tunnels closed: closed (a side ended), error, idle_timeout or shutdown",
+            upgraded_closed.clone(),
+        );
         Self {
             registry,
+            upgrades,
+            upgraded_connections,
+            upgraded_closed,
             shadow_fallback,
             shadow_breaker,
             shadow_shed,

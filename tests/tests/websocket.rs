@@ -49,6 +49,10 @@ impl EchoServer {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (h, o) = (h.clone(), o.clone());
                 tokio::spawn(async move {
+                    #[expect(
+                        clippy::result_large_err,
+                        reason = "tungstenite's handshake callback fixes the error type"
+                    )]
                     let record = |req: &Request, resp: Response| {
                         let path = req.uri().path().to_owned();
                         h.lock().unwrap().push((path, req.headers().clone()));
@@ -390,7 +394,7 @@ async fn cap_refuses_the_next_tunnel() {
     let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
     let client = h1_client();
 
-    let mut first = connect(gw, "/", "u1").await.expect("upgraded");
+    let first = connect(gw, "/", "u1").await.expect("upgraded");
     let _second = connect(gw, "/", "u2").await.expect("upgraded");
     let (status, body) = refusal(connect(gw, "/", "u3").await);
     assert_eq!(

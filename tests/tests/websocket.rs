@@ -458,7 +458,46 @@ async fn upgrade_is_stripped_without_the_opt_in() {
         assert!(s.headers.contains_key("sec-websocket-key"), "{s:?}");
     }
     assert_eq!(seen[0].path, "/envelopes/e1");
+
+    // The same handshake on the opted-in default route does carry the ask; this upstream
+    // answers 200 instead of switching, and that answer is passed through as it is.
+    let (status, body) = refusal(connect(gw, "/ws", "alice").await);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""path":"/ws""#), "{body}");
+    let asked = &up.seen()[2];
+    assert!(
+        asked.headers["upgrade"]
+            .as_bytes()
+            .eq_ignore_ascii_case(b"websocket")
+    );
+    let client = h1_client();
+    let declined = r#"tidegate_upgrades_total{route="default",outcome="declined"}"#;
+    let text = metrics(&client, server.admin_addr).await;
+    assert_eq!(metric_value(&text, declined), Some(1.0), "{text}");
+    assert_eq!(
+        metric_value(&text, "tidegate_upgraded_connections"),
+        Some(0.0)
+    );
     server.shutdown().await;
+}
+
+/// Shutdown closes open tunnels at once (they have no request boundary to wait for): the
+/// client sees its connection end, and the gateway's shutdown does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_tunnels() {
+    let echo_srv = EchoServer::start().await;
+    let server = start_gateway(&ws_config(echo_srv.addr)).await;
+    let mut ws = connect(server.listen_addrs[0], "/", "alice")
+        .await
+        .expect("upgraded");
+    assert_eq!(echo(&mut ws, Message::text("x")).await, Message::text("x"));
+    let t0 = Instant::now();
+    server.shutdown().await;
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(5)).await,
+        "the tunnel outlived the gateway"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
 
 /// A 101 is passed on only as the answer to the upgrade a route allowed: to a request that

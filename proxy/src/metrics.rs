@@ -291,7 +291,7 @@ pub struct MirrorOutcomeLabels {
 pub struct UpgradeLabels {
     /// The route rule that allowed the upgrade.
     pub route: Name,
-    /// `switched`, `declined`, `refused_capacity` or `failed`.
+    /// `switched`, `declined`, `failed`, `refused_capacity` or `refused`.
     pub outcome: &'static str,
 }
 
@@ -714,7 +714,7 @@ impl Metrics {
         let upgrades = Family::<UpgradeLabels, Counter>::default();
         registry.register(
             "upgrades",
-            "Upgrade requests a route allowed, by route: switched (101, tunnel open), declined (another answer, passed through), refused_capacity (503, max_upgraded_connections) or failed (no answer, or a 101 for another protocol)",
+            "Upgrade requests a route allowed, by route: switched (101, tunnel open), declined (another answer, passed through), failed (no answer, or a 101 for another protocol), refused_capacity (503, max_upgraded_connections) or refused (answered by the gateway after the decision: an overload cap, a cluster-scope limit)",
             upgrades.clone(),
         );
         let upgraded_connections = Gauge::default();

@@ -546,3 +546,53 @@ async fn unasked_switch_is_a_bad_gateway() {
     assert!(reply.text().ends_with(SMUGGLED), "{}", reply.text());
     server.shutdown().await;
 }
+
+/// An allowed upgrade that the gateway itself answers after the decision (here: no overload
+/// slot, the one slot held by a slow request) is counted `refused`, opens no tunnel and
+/// gives its tunnel place back (with a cap of one, the next upgrade gets its place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_after_the_decision_frees_its_place() {
+    let up = Upstream::start().await;
+    let mut c = ws_config(up.addr);
+    set(&mut c, "server/limits/max_upgraded_connections", json!(1));
+    set(
+        &mut c,
+        "overload",
+        json!({ "enabled": true, "max_in_flight": 1, "max_queue": 0 }),
+    );
+    let server = start_gateway(&c).await;
+    let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
+    let client = h1_client();
+
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { get(&client, gw, "/slow?sleep_ms=1500").await.status })
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    while up.hits() == 0 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = refusal(connect(gw, "/ws", "alice").await);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overloaded"), "{body}");
+    assert_eq!(slow.await.unwrap(), 200);
+
+    // The place is free again: this upstream declines, but the ask reaches it.
+    let (status, _) = refusal(connect(gw, "/ws", "alice").await);
+    assert_eq!(status, 200);
+    let text = metrics(&client, admin).await;
+    let series = |o: &str| format!(r#"tidegate_upgrades_total{{route="default",outcome="{o}"}}"#);
+    assert_eq!(metric_value(&text, &series("refused")), Some(1.0), "{text}");
+    assert_eq!(
+        metric_value(&text, &series("declined")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, &series("refused_capacity")),
+        None,
+        "{text}"
+    );
+    server.shutdown().await;
+}

@@ -161,14 +161,14 @@ impl Gateway {
                     .await
             }
         };
-        let upgrade = upgrade.and_then(Result::ok);
+        let mut upgrade = upgrade.and_then(Result::ok);
         let answer = match step {
             Step::Answer(resp, class) => Answer::Local(resp, class),
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
                 hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
                 let upstream = &rt.upstreams[up.0 as usize];
-                let result = match &upgrade {
+                let result = match &mut upgrade {
                     Some(u) => {
                         u.restore(&mut parts.headers);
                         u.check(upstream.forward_upgrade(parts).await, metrics)

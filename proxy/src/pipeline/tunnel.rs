@@ -55,6 +55,10 @@ pub struct Approved {
     permit: OwnedSemaphorePermit,
     /// The client's side, handed over by hyper once the 101 has been written.
     downstream: OnUpgrade,
+    /// The upstream's answer was judged (and counted) by [`Approved::check`]; one that
+    /// never was came from the gateway after the approval (an overload cap, a cluster-scope
+    /// limit).
+    forwarded: bool,
 }
 
 /// Why a tunnel closed: the `reason` label of `tidegate_upgraded_closed_total`.
@@ -107,6 +111,7 @@ impl Tunnels {
             route,
             permit,
             downstream,
+            forwarded: false,
         }))
     }
 }
@@ -123,10 +128,11 @@ impl Approved {
     /// The upstream's answer judged: a 101 must name the protocol asked for (and carry the
     /// connection's hand-over), else it is a bad gateway. Counts what is not a switch.
     pub fn check(
-        &self,
+        &mut self,
         result: Result<(Response<UpstreamBody>, Duration), GatewayError>,
         metrics: &Metrics,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
+        self.forwarded = true;
         let (resp, latency) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -161,6 +167,9 @@ impl Approved {
         metrics: &Arc<Metrics>,
     ) -> Response<super::RespBody> {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            if !self.forwarded {
+                count(metrics, &self.route, "refused");
+            }
             return resp;
         }
         let Some(upstream) = resp.extensions_mut().remove::<OnUpgrade>() else {

@@ -15,6 +15,7 @@
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
+//!        ├─ tunnel.rs   HTTP/1.1 upgrades a route allows: the cap, a 101 into a tunnel, idle timeout
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
 //!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers

@@ -1,11 +1,18 @@
 //! What the gateway knows of a downstream connection: the facts each of its requests is
-//! decided and forwarded with. Built once per connection by `serve`.
+//! decided and forwarded with, built once per connection by `serve`; and when its bytes
+//! last moved ([`Activity`], recorded by [`Tracked`]), which `serve`'s idle timeout and a
+//! tunnel's read.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use rules::trusted::TrustedProxies;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Per-connection facts: the peer's address (the client address unless the peer is a trusted
 /// proxy, see [`ConnInfo::client_ip`]; `X-Forwarded-For`) and the scheme it came in on.
@@ -23,6 +30,109 @@ pub struct ConnInfo {
     /// The last request's `Host` and the `Forwarded` element built for it: the next request
     /// on the connection with the same `Host` (nearly every one) reuses it.
     pub forwarded_last: Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+/// When a connection last moved bytes, how many requests it has in flight, and whether it
+/// has made any.
+pub struct Activity {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch` of the last read or write.
+    last_ms: AtomicU64,
+    /// Requests in flight on it (a connection with one is not idle, whatever its bytes say).
+    pub inflight: AtomicUsize,
+    /// A request head has been received.
+    pub started: AtomicBool,
+}
+
+impl Activity {
+    /// No bytes moved yet: idle from now.
+    pub fn new() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes moved now.
+    pub fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last moved.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An IO that records activity on every successful read or write.
+pub struct Tracked<I> {
+    /// The IO.
+    pub io: I,
+    /// Where its reads and writes are recorded.
+    pub activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 impl Clone for ConnInfo {

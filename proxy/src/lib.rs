@@ -15,6 +15,7 @@
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims
 //!        ├─ decide.rs   decide(): classify → admission → limits → fallback → route → breaker
+//!        ├─ tunnel.rs   HTTP/1.1 upgrades a route allows: the cap, a 101 into a tunnel, idle timeout
 //!        └─ record.rs   the response, metrics, dashboard counters, access log
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
 //!                  ├─ cache.rs    interface response caches: keys, kept answers, coalesced misses
@@ -225,6 +226,9 @@ async fn start_inner(
         Settings {
             max_body_bytes: server_cfg.limits.max_body_bytes,
             access_log: server_cfg.access_log.enabled,
+            max_upgraded_connections: server_cfg.limits.max_upgraded_connections,
+            upgrade_idle_timeout: Duration::from_millis(server_cfg.limits.upgrade_idle_timeout_ms),
+            shutdown: shutdown_rx.clone(),
         },
     ));
 

@@ -295,6 +295,22 @@ pub struct CacheLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `tidegate_upgrades_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    /// The route rule that allowed the upgrade.
+    pub route: Name,
+    /// `switched`, `declined`, `failed`, `refused_capacity` or `refused`.
+    pub outcome: &'static str,
+}
+
+/// Labels of `tidegate_upgraded_closed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TunnelCloseLabels {
+    /// `closed`, `error`, `idle_timeout` or `shutdown`.
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -381,6 +397,12 @@ pub struct Metrics {
     /// Requests to cached interfaces by what the cache did: `hit`, `miss`, `coalesced`,
     /// `bypass`; and answers `stored`.
     pub cache: Family<CacheLabels, Counter>,
+    /// Upgrade requests a route allowed, by route and what became of them.
+    pub upgrades: Family<UpgradeLabels, Counter>,
+    /// Upgraded connections (tunnels) open now.
+    pub upgraded_connections: Gauge,
+    /// Tunnels closed, by why.
+    pub upgraded_closed: Family<TunnelCloseLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -707,9 +729,30 @@ impl Metrics {
             "Requests to cached interfaces: hit (a kept answer), coalesced (another request's upstream answer), miss (went upstream), bypass (not cacheable); and stored (answers kept)",
             cache.clone(),
         );
+        let upgrades = Family::<UpgradeLabels, Counter>::default();
+        registry.register(
+            "upgrades",
+            "Upgrade requests a route allowed, by route: switched (101, tunnel open), declined (another answer, passed through), failed (no answer, or a 101 for another protocol), refused_capacity (503, max_upgraded_connections) or refused (answered by the gateway after the decision: an overload cap, a cluster-scope limit)",
+            upgrades.clone(),
+        );
+        let upgraded_connections = Gauge::default();
+        registry.register(
+            "upgraded_connections",
+            "Upgraded connections (tunnels) open now",
+            upgraded_connections.clone(),
+        );
+        let upgraded_closed = Family::<TunnelCloseLabels, Counter>::default();
+        registry.register(
+            "upgraded_closed",
+            "Tunnels closed: closed (a side ended), error, idle_timeout or shutdown",
+            upgraded_closed.clone(),
+        );
         Self {
             registry,
             cache,
+            upgrades,
+            upgraded_connections,
+            upgraded_closed,
             shadow_fallback,
             shadow_breaker,
             shadow_shed,

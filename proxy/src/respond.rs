@@ -37,6 +37,8 @@ pub enum GatewayError {
     /// A `fail_closed` cluster-scope limit could not reach its store (Redis) in time (503).
     /// See [`limit_store_unavailable`].
     LimitStoreUnavailable,
+    /// An upgrade request while `max_upgraded_connections` tunnels are open (503).
+    UpgradeCapacity,
     /// An app or user ID longer than `identity.max_id_bytes`, with
     /// `identity.on_invalid: reject` (400).
     InvalidIdentity,
@@ -62,6 +64,7 @@ impl GatewayError {
             Self::CircuitOpen => "circuit_open",
             Self::Overloaded => "overloaded",
             Self::LimitStoreUnavailable => "limit_store_unavailable",
+            Self::UpgradeCapacity => "upgrade_capacity",
             Self::InvalidIdentity => "invalid_identity",
             Self::Unauthorized(e) => e.code(),
         }
@@ -78,7 +81,8 @@ impl GatewayError {
             Self::Unavailable
             | Self::CircuitOpen
             | Self::Overloaded
-            | Self::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::LimitStoreUnavailable
+            | Self::UpgradeCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
@@ -97,6 +101,7 @@ impl GatewayError {
             Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
             Self::Overloaded => r#"{"error":"overloaded"}"#,
             Self::LimitStoreUnavailable => r#"{"error":"limit_store_unavailable"}"#,
+            Self::UpgradeCapacity => r#"{"error":"upgrade_capacity"}"#,
             Self::InvalidIdentity => r#"{"error":"invalid_identity"}"#,
             Self::Unauthorized(e) => e.body(),
         }

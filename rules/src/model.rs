@@ -260,6 +260,19 @@ pub struct ConnLimits {
     /// connections wait in the kernel's accept queue. Default: 10000. Range: 1..=1000000.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Most upgraded connections (tunnels: WebSocket and the other protocols a route's
+    /// `upgrade` allows) open at once over all listeners. An upgraded connection no longer
+    /// counts against `max_connections`; this cap bounds the sockets and tasks tunnels
+    /// hold. Over it an upgrade request is answered 503 `upgrade_capacity` before it is
+    /// forwarded. 0 refuses every upgrade. Default: 1024. Range: 0..=1000000.
+    #[serde(default = "default_max_upgraded_connections")]
+    pub max_upgraded_connections: u32,
+    /// An upgraded connection that moves no byte in either direction for this many
+    /// milliseconds is closed, both sides. Protocols that stay open while quiet should
+    /// send pings more often (WebSocket ping frames count as bytes). Default: 60000.
+    /// Range: 100..=86400000.
+    #[serde(default = "default_upgrade_idle_timeout_ms")]
+    pub upgrade_idle_timeout_ms: u64,
 }
 
 /// The access log.
@@ -535,6 +548,16 @@ pub struct Route {
     /// Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
+    /// Protocols an HTTP/1.1 client may switch this route's requests to with `Connection:
+    /// upgrade` and `Upgrade` (`["websocket"]`), compared case-insensitively. A request
+    /// asking for one of them (and only one protocol) is forwarded with its `Upgrade`
+    /// header kept, and a 101 from the upstream turns the connection into a tunnel. Each is
+    /// an HTTP token; `h2c` is refused (an h2c upgrade through a proxy lets a client talk
+    /// HTTP/2 to the upstream past every rule). At most 8. Default: none: `Upgrade` is
+    /// removed like any hop-by-hop header, so an upstream never receives an upgrade it was
+    /// not meant to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrade: Vec<String>,
 }
 
 /// Request mirroring of a route: a fire-and-forget copy of a sticky fraction of its users'
@@ -664,6 +687,12 @@ fn default_idle_timeout_ms() -> u64 {
 fn default_max_connections() -> u32 {
     10_000
 }
+fn default_max_upgraded_connections() -> u32 {
+    1024
+}
+fn default_upgrade_idle_timeout_ms() -> u64 {
+    60_000
+}
 fn default_app_extractor() -> Extractor {
     Extractor::Header("x-app-id".to_owned())
 }
@@ -748,6 +777,8 @@ impl Default for ConnLimits {
             h2_max_pending_reset_streams: default_h2_max_pending_reset_streams(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_connections: default_max_connections(),
+            max_upgraded_connections: default_max_upgraded_connections(),
+            upgrade_idle_timeout_ms: default_upgrade_idle_timeout_ms(),
         }
     }
 }

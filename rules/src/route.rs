@@ -53,6 +53,9 @@ pub struct CompiledRoute {
     pub shadow: Option<ShadowSplit>,
     /// Where copies of a fraction of its requests go.
     pub mirror: Option<CompiledMirror>,
+    /// The protocols its requests may switch to with HTTP/1.1 `Upgrade`, lowercase; empty:
+    /// none (the `Upgrade` header is removed).
+    pub upgrade: Box<[Box<str>]>,
 }
 
 /// A route's shadow split, compiled.
@@ -183,6 +186,14 @@ impl Eq for CompiledRoute {}
 // === impl CompiledRoute ===
 
 impl CompiledRoute {
+    /// Whether this rule lets a request switch to `protocol` (an `Upgrade` value the
+    /// caller has checked is a single token): compared case-insensitively, no allocation.
+    pub fn allows_upgrade(&self, protocol: &[u8]) -> bool {
+        self.upgrade
+            .iter()
+            .any(|p| p.as_bytes().eq_ignore_ascii_case(protocol))
+    }
+
     /// Choose the upstream for a request this rule matched; `upstream_names` names upstreams
     /// by ID (for the override header).
     pub fn choose(&self, upstream_names: &[Arc<str>], r: &RouteInput<'_>) -> (UpstreamId, Via) {

@@ -43,6 +43,7 @@ mod mirror;
 mod overload;
 mod ramp;
 mod trigger;
+mod upgrade;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -355,6 +356,18 @@ impl<'c> Validator<'c> {
             l.max_connections.into(),
             1,
             1_000_000,
+        );
+        self.range(
+            lp.key("max_upgraded_connections"),
+            l.max_upgraded_connections.into(),
+            0,
+            1_000_000,
+        );
+        self.range(
+            lp.key("upgrade_idle_timeout_ms"),
+            l.upgrade_idle_timeout_ms,
+            100,
+            86_400_000,
         );
         self.range(p.key("shutdown_grace_ms"), s.shutdown_grace_ms, 0, 600_000);
         self.range(p.key("history_keep"), s.history_keep.into(), 0, 1_000);
@@ -752,6 +765,7 @@ impl<'c> Validator<'c> {
             let target = self.route_target(c, &rp, r);
             ramps.extend(self.ramp(&rp, r, i, target.as_ref().map(|t| &t.action)));
             let matcher = self.matcher(rp.key("match"), &r.matcher, r.bucket_salt(), interfaces);
+            let upgrade = self.upgrade(&rp, &r.upgrade);
             compiled.push(target.zip(matcher).map(|(t, matcher)| CompiledRoute {
                 name: r.name.as_str().into(),
                 matcher,
@@ -764,6 +778,7 @@ impl<'c> Validator<'c> {
                 no_user_key: t.no_user_key,
                 shadow: t.shadow,
                 mirror: t.mirror,
+                upgrade,
             }));
         }
         for (a, b) in ambiguous_pairs(c.routes.iter().map(|r| (&r.matcher, r.bucket_salt()))) {

@@ -9,18 +9,34 @@
 //!   upstream, after hop-by-hop removal, receives none.
 //! - Hop-by-hop headers (including those `Connection` names) are removed here, before
 //!   classification, so every phase sees the headers the upstream will see.
+//! - An HTTP/1.1 request asking to switch protocols is noted ([`UpgradeAsk`]) before its
+//!   `Upgrade` goes with the other hop-by-hop headers: only when its route allows that
+//!   protocol is the header put back for the upstream (`pipeline::tunnel`). Only a sound
+//!   ask counts: HTTP/1.1, `Connection` naming `upgrade`, one `Upgrade` line naming one
+//!   protocol, no body (neither `Content-Length` above 0 nor `Transfer-Encoding`), and for
+//!   `websocket` a `GET` (RFC 6455 §4.1). Anything else is an ordinary request, its
+//!   `Upgrade` removed, so what follows its head on the connection is read as HTTP.
 //!
 //! A refusal is a 400 `bad_request`; nothing is decided, spent or forwarded.
 
 use http::request::Parts;
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, Method, Version, header};
 use rules::Snapshot;
 
 use crate::respond::GatewayError;
 use crate::upstream::headers::strip_hop_by_hop;
 
-/// Check the head and remove its hop-by-hop headers.
-pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<(), GatewayError> {
+/// An HTTP/1.1 request's ask to switch to one protocol, taken before its `Upgrade` header
+/// is removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeAsk {
+    /// The one protocol its `Upgrade` names (an HTTP token, as the client wrote it).
+    pub protocol: HeaderValue,
+}
+
+/// Check the head and remove its hop-by-hop headers; the request's ask to switch protocols,
+/// when it makes a sound one.
+pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Option<UpgradeAsk>, GatewayError> {
     host(parts)?;
     if let Some(c) = parts.headers.get(header::CONNECTION)
         && parts
@@ -32,8 +48,56 @@ pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<(), GatewayError> 
     {
         return Err(GatewayError::BadRequest);
     }
+    // One lookup for the common request without `Upgrade`.
+    let ask = match parts.headers.get(header::UPGRADE) {
+        Some(_) => upgrade_ask(parts),
+        None => None,
+    };
     strip_hop_by_hop(&mut parts.headers);
-    Ok(())
+    Ok(ask)
+}
+
+/// The ask of a request carrying `Upgrade`, if it is a sound one (see the module docs).
+fn upgrade_ask(parts: &Parts) -> Option<UpgradeAsk> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let h = &parts.headers;
+    let mut lines = h.get_all(header::UPGRADE).iter();
+    let (protocol, None) = (lines.next()?, lines.next()) else {
+        return None;
+    };
+    if protocol.is_empty() || !protocol.as_bytes().iter().all(|&b| is_tchar(b)) {
+        return None;
+    }
+    let names_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if !names_upgrade || has_body(h) {
+        return None;
+    }
+    if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") && parts.method != Method::GET {
+        return None;
+    }
+    Some(UpgradeAsk {
+        protocol: protocol.clone(),
+    })
+}
+
+/// Whether the head announces a body: bytes after it would be the body's, not the new
+/// protocol's, and which is which is exactly what smuggling plays on.
+fn has_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// At most one `Host`, agreeing with the target's authority when it has one.
@@ -116,8 +180,57 @@ mod tests {
                 ("x-keep", "y"),
             ],
         );
-        assert_eq!(sanitize(&mut ok, &s), Ok(()));
+        assert_eq!(sanitize(&mut ok, &s), Ok(None));
         assert!(ok.headers.get("x-secret").is_none() && ok.headers.get("connection").is_none());
         assert_eq!(ok.headers["x-keep"], "y");
+    }
+
+    /// Only a sound ask to switch protocols is noted: HTTP/1.1, `Connection: upgrade`, one
+    /// `Upgrade` protocol, no body, and a `GET` for websocket; `Upgrade` is removed always.
+    #[test]
+    fn upgrade_asks() {
+        let s = snap();
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        let ask = |p: &mut Parts| {
+            let a = sanitize(p, &s).unwrap();
+            assert!(p.headers.get("upgrade").is_none(), "{p:?}");
+            a.map(|a| a.protocol)
+        };
+        assert_eq!(ask(&mut parts("/", &ws)).unwrap(), "websocket");
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut h = ws.to_vec();
+            h.extend_from_slice(extra);
+            parts("/", &h)
+        };
+        assert_eq!(
+            ask(&mut with(&[("content-length", "0")])).unwrap(),
+            "websocket"
+        );
+        assert_eq!(ask(&mut with(&[("content-length", "5")])), None);
+        assert_eq!(ask(&mut with(&[("transfer-encoding", "chunked")])), None);
+        assert_eq!(ask(&mut with(&[("upgrade", "h2c")])), None);
+        assert_eq!(ask(&mut parts("/", &[("upgrade", "websocket")])), None);
+        assert_eq!(
+            ask(&mut parts(
+                "/",
+                &[("connection", "upgrade"), ("upgrade", "h2c, websocket")]
+            )),
+            None
+        );
+        let mut post = with(&[]);
+        post.method = Method::POST;
+        assert_eq!(ask(&mut post), None);
+        let mut other = parts("/", &[("connection", "upgrade"), ("upgrade", "x-proto")]);
+        other.method = Method::POST;
+        assert_eq!(ask(&mut other).unwrap(), "x-proto");
+        let mut old = with(&[]);
+        old.version = Version::HTTP_10;
+        assert_eq!(ask(&mut old), None);
+        let mut h2 = with(&[]);
+        h2.version = Version::HTTP_2;
+        assert_eq!(ask(&mut h2), None);
     }
 }

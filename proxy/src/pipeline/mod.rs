@@ -19,6 +19,9 @@
 //! - cache: on an interface with `cache`, a `GET`/`HEAD` answered from a kept answer or
 //!   another request's upstream call, or led to the upstream to fill it (`crate::cache`).
 //! - forward: header hygiene, then the upstream exchange (`crate::upstream`).
+//! - [`tunnel`]: for an HTTP/1.1 upgrade its route allows, a place under the tunnel cap
+//!   before the waits, the `Upgrade` put back for the upstream, and on a 101 the bytes
+//!   copied both ways; a 101 nobody asked for is refused (502).
 //! - [`record`]: metrics, the dashboard's counters and the access log, and the response.
 
 pub mod decide;
@@ -27,15 +30,17 @@ pub mod fuzz;
 pub mod head;
 pub mod identity;
 pub mod record;
+pub mod tunnel;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
 use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
@@ -60,6 +65,12 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// Write one access log line per request.
     pub access_log: bool,
+    /// Most upgraded connections open at once (`max_upgraded_connections`).
+    pub max_upgraded_connections: u32,
+    /// A tunnel without a byte moving for this long is closed (`upgrade_idle_timeout_ms`).
+    pub upgrade_idle_timeout: Duration,
+    /// The stop signal: tunnels close when it flips.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The gateway service shared by all connections.
@@ -68,6 +79,8 @@ pub struct Gateway {
     /// The live runtime and the metrics.
     pub live: Arc<Live>,
     settings: Settings,
+    /// Upgraded connections: their cap, idle timeout and stop signal.
+    tunnels: tunnel::Tunnels,
     /// Request-ID generator: a per-process random prefix and a counter.
     id_prefix: u64,
     id_counter: AtomicU64,
@@ -95,9 +108,15 @@ impl Gateway {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ u64::from(std::process::id()).rotate_left(32);
+        let tunnels = tunnel::Tunnels::new(
+            settings.max_upgraded_connections,
+            settings.upgrade_idle_timeout,
+            settings.shutdown.clone(),
+        );
         Self {
             live,
             settings,
+            tunnels,
             id_prefix,
             id_counter: AtomicU64::new(0),
             rand_counter: AtomicU64::new(0),
@@ -116,9 +135,12 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         let request_id = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
-        if let Err(e) = head::sanitize(&mut parts, &rt.snapshot) {
-            return self.refuse_head(&rt, e, parts.version, request_id, conn, started);
-        }
+        let ask = match head::sanitize(&mut parts, &rt.snapshot) {
+            // The client's side of the connection goes with the ask (hyper offers it only
+            // for an HTTP/1.1 request carrying `Upgrade`), never to anyone else.
+            Ok(ask) => ask.and_then(|a| Some((a, parts.extensions.remove::<OnUpgrade>()?))),
+            Err(e) => return self.refuse_head(&rt, e, parts.version, request_id, conn, started),
+        };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
             Ok(v) => v,
             Err(e) => return self.refuse_identity(&rt, e, request_id, conn, started),
@@ -137,9 +159,19 @@ impl Gateway {
         };
         let (interface, action, cluster, pace) = (d.class.interface, d.action, d.cluster, d.pace);
         let mirror = d.route.as_ref().filter(|r| r.mirrored).map(|r| r.rule_id);
-        let step = self
-            .wait_checks(&rt, interface, action, cluster, pace, &parts.headers)
-            .await;
+        let metrics = &self.live.metrics;
+        let upgrade =
+            ask.and_then(|a| (self.tunnels).approve(a, d.route.as_ref(), &action, metrics));
+        let step = match upgrade {
+            Some(Err(e)) => Step::Fail(None, e),
+            _ => {
+                self.wait_checks(&rt, interface, action, cluster, pace, &parts.headers)
+                    .await
+            }
+        };
+        let mut upgrade = upgrade.and_then(Result::ok);
+        // A tunnel is never answered from (or kept in) the cache.
+        let cached = cached.filter(|_| upgrade.is_none());
         let answer = match step {
             Step::Answer(resp, class) => Answer::Local(resp, class),
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
@@ -155,14 +187,23 @@ impl Gateway {
                 }
                 let head_only = parts.method == http::Method::HEAD;
                 hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
-                // The copy starts here, after hygiene (it carries the same forwarding
-                // headers), and is never waited for.
-                let tee = mirror
-                    .and_then(|id| rt.mirrors.get(id as usize)?.as_ref())
-                    .and_then(|m| m.start(&parts, body.is_end_stream()));
                 let upstream = &rt.upstreams[up.0 as usize];
-                let max_body = self.settings.max_body_bytes;
-                let result = upstream.forward(parts, body, max_body, conns, tee).await;
+                let result = match &mut upgrade {
+                    Some(u) => {
+                        u.restore(&mut parts.headers);
+                        u.check(upstream.forward_upgrade(parts).await, metrics)
+                    }
+                    None => {
+                        // The copy starts here, after hygiene (it carries the same
+                        // forwarding headers), and is never waited for.
+                        let tee = mirror
+                            .and_then(|id| rt.mirrors.get(id as usize)?.as_ref())
+                            .and_then(|m| m.start(&parts, body.is_end_stream()));
+                        let max_body = self.settings.max_body_bytes;
+                        let sent = upstream.forward(parts, body, max_body, conns, tee).await;
+                        tunnel::refuse_unasked_switch(sent)
+                    }
+                };
                 self.finish(result.as_ref(), permit, held, started);
                 let result = match lookup {
                     Some(Lookup::Lead(lead)) => lead.fill(result, head_only, &rt.snapshot).await,
@@ -172,7 +213,11 @@ impl Gateway {
                 Answer::Exchange(Some(up), result)
             }
         };
-        record.finish(&rt, answer, request_id, conn)
+        let resp = record.finish(&rt, answer, request_id, conn);
+        match upgrade {
+            Some(u) => u.open(resp, &self.tunnels, metrics),
+            None => resp,
+        }
     }
 
     /// The checks after the decision that may wait: cluster-scope limits (Redis), the

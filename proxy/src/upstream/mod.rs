@@ -430,6 +430,85 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Send an upgrade request (bodiless; `Connection: upgrade` and `Upgrade` set by the
+    /// caller) on a fresh connection of its own, never a cached one: when the upstream
+    /// answers 101 the connection becomes the tunnel, reached through the answer's
+    /// `hyper::upgrade::OnUpgrade` extension. A connect failure is tried once more on
+    /// another endpoint; the deadline to the response head is the upstream's
+    /// `request_timeout_ms`, as for any request.
+    pub async fn forward_upgrade(
+        &self,
+        parts: http::request::Parts,
+    ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut avoid = None;
+        loop {
+            let ep_idx = self.pick(avoid);
+            let ep = &self.endpoints[ep_idx];
+            let mut req = Request::new(UpBody {
+                state: BodyState::Empty,
+                remaining: 0,
+                hint: SizeHint::with_exact(0),
+            });
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = Uri::from(path.clone());
+            *req.headers_mut() = parts.headers.clone();
+            if !req.headers().contains_key(header::HOST) {
+                req.headers_mut().insert(header::HOST, ep.host.clone());
+            }
+            ep.inflight.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::timeout_at(deadline, self.send_upgrade(ep, req)).await;
+            ep.inflight.fetch_sub(1, Ordering::Relaxed);
+            match sent {
+                Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Ok(resp)) => {
+                    let resp =
+                        resp.map(|b| UpstreamBody::new(Received::Hyper(b), self.read_timeout));
+                    return Ok((resp, started.elapsed()));
+                }
+                Ok(Err(DirectError::Connect(e))) => {
+                    if avoid.is_none() && self.endpoints.len() > 1 {
+                        avoid = Some(ep_idx);
+                        continue;
+                    }
+                    return Err(classify_connect(&e));
+                }
+                Ok(Err(DirectError::Http(e))) => {
+                    return Err(classify_chain(&e).unwrap_or(GatewayError::UpstreamReset));
+                }
+                Ok(Err(DirectError::Own(e))) => {
+                    return Err(classify_chain(&e).unwrap_or(GatewayError::UpstreamReset));
+                }
+            }
+        }
+    }
+
+    /// One upgrade exchange on a new connection whose driver hands the connection over on
+    /// a 101 (`with_upgrades`).
+    async fn send_upgrade(
+        &self,
+        ep: &Endpoint,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, DirectError> {
+        let tcp = self.connect_tcp(ep).await.map_err(DirectError::Connect)?;
+        let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(DirectError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        send.send_request(req).await.map_err(DirectError::Http)
+    }
+
     /// Send on the downstream connection's own upstream connection (opening it first when
     /// there is none for this endpoint, or it closed). A request that a reused connection
     /// refused unsent (it was closing) is sent once more on a fresh one.

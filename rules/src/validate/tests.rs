@@ -570,3 +570,39 @@ fn cache_validation() {
     assert!(spec.vary_on_identity, "per-identity unless said otherwise");
     assert_eq!(spec.max_wait, std::time::Duration::from_secs(5));
 }
+
+/// A route's `upgrade` protocols are HTTP tokens, not `h2c`, each once, at most 8; the
+/// tunnel bounds are range-checked; a good list compiles lowercased and matches any case.
+#[test]
+fn upgrade_fields() {
+    let good = cfg(
+        r#"[{"name": "d", "upstream": "v1", "upgrade": ["WebSocket"]}]"#,
+        r#", "server": {"limits": {"max_upgraded_connections": 0, "upgrade_idle_timeout_ms": 100}}"#,
+    );
+    assert_eq!(messages(&good), Vec::<String>::new());
+    let snap = crate::Snapshot::compile(&good).unwrap();
+    let route = &snap.routes[0];
+    assert_eq!(&*route.upgrade, [Box::<str>::from("websocket")]);
+    assert!(route.allows_upgrade(b"websocket") && route.allows_upgrade(b"WEBSOCKET"));
+    assert!(!route.allows_upgrade(b"websocket2") && !route.allows_upgrade(b""));
+    let c = cfg(
+        r#"[{"name": "d", "upstream": "v1", "upgrade": ["", "web socket", "H2C", "websocket", "WebSocket"]},
+            {"name": "e", "match": {"apps": ["a"]}, "upstream": "v1",
+             "upgrade": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}]"#,
+        r#", "server": {"limits": {"max_upgraded_connections": 1000001, "upgrade_idle_timeout_ms": 99}}"#,
+    );
+    let m = messages(&c);
+    let want = [
+        "server.limits.max_upgraded_connections: 1000001 is out of range; allowed 0..=1000000",
+        "server.limits.upgrade_idle_timeout_ms: 99 is out of range; allowed 100..=86400000",
+        "routes[0].upgrade[0]: \"\": a protocol is 1..=64 bytes",
+        "routes[0].upgrade[1]: \"web socket\" contains ' '",
+        "routes[0].upgrade[2]: \"h2c\" is refused",
+        "routes[0].upgrade[4]: \"WebSocket\" is listed twice",
+        "routes[1].upgrade: 9 protocols; at most 8 are allowed",
+    ];
+    for w in want {
+        assert!(m.iter().any(|x| x.starts_with(w)), "{w} not in {m:#?}");
+    }
+    assert_eq!(m.len(), want.len(), "{m:#?}");
+}

@@ -37,6 +37,7 @@ use crate::upstream::{UpstreamSpec, upstream_ids};
 
 mod freeze;
 mod govern;
+mod health;
 mod identity;
 mod mirror;
 mod overload;
@@ -682,6 +683,7 @@ impl<'c> Validator<'c> {
                 0,
                 100_000,
             );
+            self.upstream_health(&up, u);
         }
     }
 

@@ -527,3 +527,5 @@ fn pacing_fields() {
         ]
     );
 }
+
+mod health;

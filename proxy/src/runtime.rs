@@ -91,7 +91,9 @@ impl Runtime {
     ///
     /// State worth keeping moves over from `previous` (the runtime being replaced by a
     /// reload): an upstream whose definition did not change keeps its client, so its pooled
-    /// connections stay warm instead of every reload causing a reconnect storm.
+    /// connections stay warm instead of every reload causing a reconnect storm, and its
+    /// health checker; one that changed is built anew, its endpoints keeping their health
+    /// (ejections, backoff, check verdicts) by name.
     pub fn build(
         snapshot: Snapshot,
         secrets: Secrets,
@@ -108,7 +110,12 @@ impl Runtime {
                     .and_then(|p| p.upstreams.iter().find(|u| u.same_definition(spec, addr)));
                 match kept {
                     Some(u) => Ok(u.clone()),
-                    None => Upstream::build(spec, addr).map(Arc::new),
+                    None => {
+                        // Rebuilt by an edit: its endpoints keep their health by name.
+                        let same_name = previous
+                            .and_then(|p| p.upstreams.iter().find(|u| *u.name.0 == *spec.name));
+                        Upstream::build(spec, addr, same_name.map(|u| &**u), metrics)
+                    }
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;

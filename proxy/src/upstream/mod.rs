@@ -821,6 +821,11 @@ impl Drop for Upstream {
 // === impl Endpoint ===
 
 impl Endpoint {
+    /// The address it resolves to now.
+    pub fn address(&self) -> SocketAddr {
+        self.resolved.load().addr
+    }
+
     /// Set its `tidegate_endpoint_healthy` to whether it is in rotation at `now`.
     fn export(&self, now: u64) {
         let usable = self.health.usable(&mut || now);

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tidegate_tests::killable::Killable;
-use tidegate_tests::{config, get, h1_client, metric_value, set, start_gateway};
+use tidegate_tests::{
+    config, get, h1_client, metric_value, send, set, start_gateway, streamed,
+};
 
 /// Load from a few tasks: each sends `GET /work` every `every`, recording when each
 /// request started (since `t0`) and whether it got a 200.
@@ -105,11 +107,11 @@ async fn passive_ejection_takes_a_hung_endpoint_out_within_a_second() {
         "before: {failed_before}/{before} failed; first second: {failed_first}/{first}; after: {failed_after}/{after}"
     );
     assert_eq!(failed_before, 0);
-    assert!(after >= 600, "the load ran: {after} requests after the first second");
     assert!(
         failed_after * 1000 <= after,
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
+    assert!(after >= 600, "the load ran: {after} requests after the first second");
 
     let m = metrics(server.admin_addr).await;
     let ep = eps[1].addr;
@@ -205,11 +207,11 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
     eprintln!(
         "first second: {failed_first}/{first} failed; after: {failed_after}/{after}; back in rotation {back_in:?} after restarting"
     );
-    assert!(after >= 600, "the load ran: {after} requests after the first second");
     assert!(
         failed_after * 1000 <= after,
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
+    assert!(after >= 600, "the load ran: {after} requests after the first second");
     assert!(back.hits() > 20, "in rotation again: {} requests", back.hits());
 
     let m = metrics(admin).await;
@@ -220,5 +222,41 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
         r#"tidegate_endpoint_ejections_total{{upstream="up",endpoint="{b}",reason="health_check"}}"#
     );
     assert_eq!(metric_value(&m, &checks), Some(1.0), "{m}");
+    server.shutdown().await;
+}
+
+/// A client cannot eject endpoints: request bodies that grow past `max_body_bytes` while
+/// streaming fail the exchange for the client's fault, which never counts against the
+/// endpoint, even with ejection after a single failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_faults_never_eject() {
+    let eps = [
+        Killable::start().await,
+        Killable::start().await,
+        Killable::start().await,
+    ];
+    let mut c = three_endpoint_config(
+        &[&eps[0], &eps[1], &eps[2]],
+        json!({"consecutive_failures": 1, "max_ejected_percent": 100}),
+    );
+    set(&mut c, "server/limits/max_body_bytes", json!(1024));
+    let server = start_gateway(&c).await;
+    let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
+    let client = h1_client();
+    for _ in 0..9 {
+        let req = http::Request::post(format!("http://{gw}/upload"))
+            .body(streamed(256 * 1024))
+            .unwrap();
+        let status = send(&client, req).await.status;
+        assert_eq!(status, 413);
+    }
+    let m = metrics(admin).await;
+    for ep in &eps {
+        let a = ep.addr;
+        let series = format!(
+            r#"tidegate_endpoint_ejections_total{{upstream="up",endpoint="{a}",reason="consecutive_failures"}}"#
+        );
+        assert_eq!(metric_value(&m, &series), Some(0.0), "{m}");
+    }
     server.shutdown().await;
 }

@@ -70,9 +70,7 @@ impl Killable {
                             } else {
                                 n.fetch_add(1, Ordering::SeqCst);
                             }
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                b"{}",
-                            ))))
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

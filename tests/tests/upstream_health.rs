@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tidegate_tests::killable::Killable;
-use tidegate_tests::{
-    config, get, h1_client, metric_value, send, set, start_gateway, streamed,
-};
+use tidegate_tests::{config, get, h1_client, metric_value, send, set, start_gateway, streamed};
 
 /// Load from a few tasks: each sends `GET /work` every `every`, recording when each
 /// request started (since `t0`) and whether it got a 200.
@@ -57,7 +55,10 @@ impl Load {
 
 /// (requests, failed) among those started in `[from, to)`.
 fn count(log: &[(Duration, bool)], from: Duration, to: Duration) -> (usize, usize) {
-    let window: Vec<_> = log.iter().filter(|(at, _)| *at >= from && *at < to).collect();
+    let window: Vec<_> = log
+        .iter()
+        .filter(|(at, _)| *at >= from && *at < to)
+        .collect();
     (window.len(), window.iter().filter(|(_, ok)| !ok).count())
 }
 
@@ -111,7 +112,10 @@ async fn passive_ejection_takes_a_hung_endpoint_out_within_a_second() {
         failed_after * 1000 <= after,
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
-    assert!(after >= 600, "the load ran: {after} requests after the first second");
+    assert!(
+        after >= 600,
+        "the load ran: {after} requests after the first second"
+    );
 
     let m = metrics(server.admin_addr).await;
     let ep = eps[1].addr;
@@ -119,7 +123,8 @@ async fn passive_ejection_takes_a_hung_endpoint_out_within_a_second() {
         r#"tidegate_endpoint_ejections_total{{upstream="up",endpoint="{ep}",reason="consecutive_failures"}}"#
     );
     assert_eq!(metric_value(&m, &ejected), Some(1.0), "{m}");
-    let healthy = |a: SocketAddr| format!(r#"tidegate_endpoint_healthy{{upstream="up",endpoint="{a}"}}"#);
+    let healthy =
+        |a: SocketAddr| format!(r#"tidegate_endpoint_healthy{{upstream="up",endpoint="{a}"}}"#);
     assert_eq!(metric_value(&m, &healthy(ep)), Some(0.0));
     assert_eq!(metric_value(&m, &healthy(eps[0].addr)), Some(1.0));
     server.shutdown().await;
@@ -211,8 +216,15 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
         failed_after * 1000 <= after,
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
-    assert!(after >= 600, "the load ran: {after} requests after the first second");
-    assert!(back.hits() > 20, "in rotation again: {} requests", back.hits());
+    assert!(
+        after >= 600,
+        "the load ran: {after} requests after the first second"
+    );
+    assert!(
+        back.hits() > 20,
+        "in rotation again: {} requests",
+        back.hits()
+    );
 
     let m = metrics(admin).await;
     let healthy = format!(r#"tidegate_endpoint_healthy{{upstream="up",endpoint="{b}"}}"#);
@@ -258,5 +270,96 @@ async fn client_faults_never_eject() {
         );
         assert_eq!(metric_value(&m, &series), Some(0.0), "{m}");
     }
+    server.shutdown().await;
+}
+
+/// Write `config` to `path` by rename (never half-written) and apply it at once.
+async fn reload_to(server: &tidegate_tests::api::Server, path: &std::path::Path, config: &Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    let reloader = server.reloader.as_ref().expect("started from a file");
+    let outcome = reloader.reload("test", Instant::now()).await;
+    assert!(
+        matches!(outcome, tidegate_tests::api::ReloadOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+}
+
+/// A reload that rebuilds the upstream keeps an endpoint's ejection (the hung endpoint gets
+/// no request after it), and leaves one health checker per upstream however many reloads
+/// rebuilt it; a reload that removes the checks stops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_endpoint_state_and_one_checker() {
+    let eps = [
+        Killable::start().await,
+        Killable::start().await,
+        Killable::start().await,
+    ];
+    let with = |timeout_ms: u64, checks: bool| {
+        let mut c = three_endpoint_config(
+            &[&eps[0], &eps[1], &eps[2]],
+            json!({"consecutive_failures": 1, "base_ejection_ms": 60000,
+                   "max_ejection_ms": 60000, "max_ejected_percent": 34}),
+        );
+        set(&mut c, "upstreams/up/request_timeout_ms", json!(timeout_ms));
+        if checks {
+            set(
+                &mut c,
+                "upstreams/up/health_check",
+                json!({"path": "/healthz", "interval_ms": 100, "timeout_ms": 80}),
+            );
+        }
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tidegate.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&with(300, false)).unwrap()).unwrap();
+    let server = tidegate_tests::api::start_from_file(&path).await.unwrap();
+    let (gw, admin) = (server.listen_addrs[0], server.admin_addr);
+    let client = h1_client();
+
+    // Eject the hung endpoint: one failure is enough here.
+    eps[1].hang();
+    let mut failed = 0;
+    for _ in 0..6 {
+        failed += usize::from(get(&client, gw, "/work").await.status != 200);
+    }
+    assert_eq!(failed, 1, "one timeout, then the endpoint is out");
+
+    // Rebuilt by an edit (another request timeout): still out.
+    reload_to(&server, &path, &with(400, false)).await;
+    for i in 0..30 {
+        assert_eq!(get(&client, gw, "/work").await.status, 200, "request {i}");
+    }
+    let m = metrics(admin).await;
+    let b = eps[1].addr;
+    let series = format!(
+        r#"tidegate_endpoint_ejections_total{{upstream="up",endpoint="{b}",reason="consecutive_failures"}}"#
+    );
+    assert_eq!(metric_value(&m, &series), Some(1.0), "{m}");
+
+    // Checks on, then three rebuilds: one checker, about ten checks a second per endpoint.
+    reload_to(&server, &path, &with(400, true)).await;
+    for t in [500, 600, 700] {
+        reload_to(&server, &path, &with(t, true)).await;
+    }
+    // Runtimes replaced just now may live on for a moment (the sampler holds the last
+    // sampled one up to a second), and their checkers with them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = eps[0].checks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let per_s = eps[0].checks() - before;
+    assert!(
+        (5..=15).contains(&per_s),
+        "{per_s} checks in a second at a 100 ms interval"
+    );
+
+    // Checks off: they stop.
+    reload_to(&server, &path, &with(700, false)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = eps[0].checks();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(eps[0].checks(), before, "no checker left");
     server.shutdown().await;
 }

@@ -19,7 +19,8 @@
 //!             └─ runtime.rs   Runtime (what one config compiles to) and Live (its handle)
 //!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers
 //!                  ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
-//!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors
+//!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors,
+//!                                 endpoint health (ejection, checks, re-resolution)
 //! ```
 //!
 //! Beside it, the planes that hold the [`runtime::Live`] handle rather than the gateway:

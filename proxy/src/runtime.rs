@@ -152,6 +152,9 @@ impl Runtime {
                 Some(Mirror::build(&r.name, m, up, metrics, kept))
             })
             .collect();
+        if let Some(p) = previous {
+            Upstream::retire_endpoints(&p.upstreams, &upstreams, metrics);
+        }
         let mut rt = Self::with_state(snapshot, secrets.priority_key, previous, metrics);
         rt.upstreams = upstreams;
         rt.mirrors = mirrors;

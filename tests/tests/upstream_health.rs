@@ -290,7 +290,10 @@ async fn reload_to(server: &tidegate_tests::api::Server, path: &std::path::Path,
         ),
         "{outcome:?}"
     );
-    assert!(reloader.status().generation > before, "the edit was applied");
+    assert!(
+        reloader.status().generation > before,
+        "the edit was applied"
+    );
 }
 
 /// A reload that rebuilds the upstream keeps an endpoint's ejection (the hung endpoint gets
@@ -368,5 +371,19 @@ async fn reloads_keep_endpoint_state_and_one_checker() {
     let before = eps[0].checks();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(eps[0].checks(), before, "no checker left");
+
+    // The hung endpoint leaves the config: its health series goes with it.
+    let mut two = with(700, false);
+    set(
+        &mut two,
+        "upstreams/up/endpoints",
+        json!([eps[0].addr.to_string(), eps[2].addr.to_string()]),
+    );
+    reload_to(&server, &path, &two).await;
+    let m = metrics(admin).await;
+    let healthy =
+        |a: SocketAddr| format!(r#"tidegate_endpoint_healthy{{upstream="up",endpoint="{a}"}}"#);
+    assert_eq!(metric_value(&m, &healthy(b)), None, "{m}");
+    assert_eq!(metric_value(&m, &healthy(eps[0].addr)), Some(1.0), "{m}");
     server.shutdown().await;
 }

@@ -59,7 +59,7 @@ pub struct Upstream {
     outlier: Option<Outlier>,
     /// Its health checker and re-resolver, aborted when it is dropped (each also holds only
     /// a `Weak` of it and ends when it is gone).
-    tasks: Vec<tokio::task::AbortHandle>,
+    tasks: std::sync::OnceLock<Box<[tokio::task::AbortHandle]>>,
     balance: Balance,
     /// Round-robin cursor.
     next: AtomicUsize,
@@ -299,35 +299,39 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
-            let mut tasks = Vec::new();
-            if let Some(rt) = &runtime {
-                if let Some(check) = &spec.health_check {
-                    let task = health::check_loop(me.clone(), check.clone());
-                    tasks.push(rt.spawn(task).abort_handle());
-                }
-                if endpoints.iter().any(|e| e.is_host_name) {
-                    let task = health::resolve_loop(me.clone(), spec.resolve_ttl);
-                    tasks.push(rt.spawn(task).abort_handle());
-                }
+        let up = Arc::new(Self {
+            name: upstream,
+            endpoints,
+            outlier: spec.outlier.map(Outlier::new),
+            tasks: std::sync::OnceLock::new(),
+            balance: spec.balance,
+            next: AtomicUsize::new(0),
+            request_timeout: spec.request_timeout,
+            read_timeout: spec.read_timeout,
+            client,
+            spec: spec.clone(),
+            embedded,
+            id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
+            latency: std::sync::OnceLock::new(),
+        });
+        // Started once the upstream is whole: a task that ran before would find no
+        // upstream behind its `Weak` and end at once.
+        let mut tasks = Vec::new();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let me = Arc::downgrade(&up);
+            if let Some(check) = &spec.health_check {
+                let task = health::check_loop(me.clone(), check.clone());
+                tasks.push(rt.spawn(task).abort_handle());
             }
-            Self {
-                name: upstream,
-                endpoints,
-                outlier: spec.outlier.map(Outlier::new),
-                tasks,
-                balance: spec.balance,
-                next: AtomicUsize::new(0),
-                request_timeout: spec.request_timeout,
-                read_timeout: spec.read_timeout,
-                client,
-                spec: spec.clone(),
-                embedded,
-                id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
-                latency: std::sync::OnceLock::new(),
+            if up.endpoints.iter().any(|e| e.is_host_name) {
+                tasks.push(
+                    rt.spawn(health::resolve_loop(me, spec.resolve_ttl))
+                        .abort_handle(),
+                );
             }
-        }))
+        }
+        let _ = up.tasks.set(tasks.into());
+        Ok(up)
     }
 
     /// Its series of `tidegate_upstream_latency_seconds` in `metrics` (the gateway's one
@@ -404,6 +408,24 @@ impl Upstream {
                 ejected_ms = length.as_millis() as u64,
                 "endpoint ejected after consecutive failures"
             );
+        }
+    }
+
+    /// Drop the `tidegate_endpoint_healthy` series of the endpoints of `old` that `new` no
+    /// longer has (by upstream and endpoint name), so a removed endpoint does not report
+    /// its last state for ever.
+    pub fn retire_endpoints(old: &[Arc<Upstream>], new: &[Arc<Upstream>], metrics: &Metrics) {
+        for u in old {
+            let kept = new.iter().find(|n| n.name == u.name);
+            for ep in &u.endpoints {
+                if kept.is_some_and(|k| k.endpoints.iter().any(|e| e.name == ep.name)) {
+                    continue;
+                }
+                metrics.endpoint_healthy.remove(&EndpointLabels {
+                    upstream: u.name.clone(),
+                    endpoint: ep.name.clone(),
+                });
+            }
         }
     }
 
@@ -812,7 +834,7 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.get().into_iter().flatten() {
             t.abort();
         }
     }

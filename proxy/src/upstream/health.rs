@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue, Method, header};
 use rules::snapshot::{HealthCheckSpec, OutlierSpec};
 
-use super::{Resolved, Upstream, h1};
+use super::{Endpoint, Resolved, Upstream, h1};
 
 /// The health of one endpoint: shared over reloads that keep it.
 #[derive(Debug)]
@@ -361,18 +361,27 @@ pub(super) async fn resolve_loop(up: Weak<Upstream>, ttl: Duration) {
         tick.tick().await;
         let Some(up) = up.upgrade() else { return };
         for ep in up.endpoints.iter().filter(|e| e.is_host_name) {
-            match resolve(&ep.name.0).await {
-                Ok(addr) if addr != ep.resolved.load().addr => {
-                    tracing::info!(upstream = %up.name.0, endpoint = %ep.name.0, %addr, "endpoint resolves to a new address");
-                    ep.resolved.store(std::sync::Arc::new(Resolved::new(addr)));
-                    ep.health.reset();
-                    ep.export(now_ms());
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(upstream = %up.name.0, endpoint = %ep.name.0, error = %e, "resolving the endpoint failed; keeping its last address");
-                }
-            }
+            apply_resolution(&up, ep, resolve(&ep.name.0).await);
+        }
+    }
+}
+
+/// Take a new resolution of `ep`: a changed address replaces the old one whole, and the
+/// endpoint's health starts afresh (it is another host now); a failure keeps the last good
+/// address. Returns whether the address changed.
+fn apply_resolution(up: &Upstream, ep: &Endpoint, resolved: Result<SocketAddr, String>) -> bool {
+    match resolved {
+        Ok(addr) if addr != ep.address() => {
+            tracing::info!(upstream = %up.name.0, endpoint = %ep.name.0, %addr, "endpoint resolves to a new address");
+            ep.resolved.store(std::sync::Arc::new(Resolved::new(addr)));
+            ep.health.reset();
+            ep.export(now_ms());
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(upstream = %up.name.0, endpoint = %ep.name.0, error = %e, "resolving the endpoint failed; keeping its last address");
+            false
         }
     }
 }

@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,4 +193,38 @@ fn rebuilt_upstream_keeps_endpoint_health() {
     ));
     assert_eq!(new.endpoints[0].health.snapshot(now_ms()).state, "ejected");
     assert_eq!(new.endpoints[1].health.snapshot(now_ms()).state, "healthy");
+}
+
+/// A host-name endpoint is re-resolved: a new address replaces the old one and clears its
+/// health record; a failed resolution keeps the last good address.
+#[test]
+fn re_resolution_swaps_the_address_or_keeps_the_last() {
+    let m = Metrics::new();
+    let text = r#"{"schema_version": 1,
+      "upstreams": {"v1": {"endpoints": ["localhost:9", "127.0.0.1:8"],
+        "outlier": {"consecutive_failures": 1, "max_ejected_percent": 100}}},
+      "routes": [{"name": "r", "upstream": "v1"}]}"#;
+    let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
+    let up = Upstream::build(&snap.upstreams[0], None, None, &m).unwrap();
+    let ep = &up.endpoints[0];
+    assert!(ep.is_host_name && !up.endpoints[1].is_host_name);
+    let first = ep.address();
+    assert_eq!(first.port(), 9);
+    up.failed(0);
+    assert_eq!(ep.health.snapshot(now_ms()).state, "ejected");
+
+    assert!(!apply_resolution(&up, ep, Err("no such host".into())));
+    assert_eq!(ep.address(), first, "a failure keeps the last good address");
+    assert!(!apply_resolution(&up, ep, Ok(first)), "unchanged");
+    assert_eq!(ep.health.snapshot(now_ms()).state, "ejected");
+
+    let moved: SocketAddr = "127.0.0.2:9".parse().unwrap();
+    assert!(apply_resolution(&up, ep, Ok(moved)));
+    assert_eq!(ep.address(), moved);
+    assert_eq!(ep.resolved.load().authority.as_str(), "127.0.0.2:9");
+    assert_eq!(
+        ep.health.snapshot(now_ms()).state,
+        "healthy",
+        "another host: a clean record"
+    );
 }

@@ -10,8 +10,8 @@
 //!   never more than `max_ejected_percent` of the upstream's endpoints at once.
 //! - **Active checks** ([`check_loop`]): a background task per upstream probes each
 //!   endpoint with a `GET` on a fresh connection every interval; thresholds of passed and
-//!   failed checks in a row move its verdict. A passed check also ends a passive ejection
-//!   (as Envoy does by default): the endpoint demonstrably answers again.
+//!   failed checks in a row move its verdict. An endpoint that comes back by its checks
+//!   also has a passive ejection ended: it demonstrably answers again.
 //! - **Re-resolution** ([`resolve_loop`]): host names are resolved again every
 //!   `resolve_ttl`; a failed resolution keeps the last good address.
 //!
@@ -147,18 +147,34 @@ impl EndpointHealth {
         }
     }
 
-    /// The active checks' verdict changed to `healthy`. A healthy verdict also ends a
-    /// passive ejection. Returns whether the verdict changed.
+    /// The active checks' verdict is `healthy`. Coming back (failing, now passing) also ends
+    /// a passive ejection: the endpoint demonstrably answers again. A passing verdict that
+    /// changes nothing leaves an ejection alone, since the requests that caused it know
+    /// more of the endpoint than its health path does. Returns whether the verdict changed.
     pub fn set_checked(&self, healthy: bool) -> bool {
         let was = self.checked_healthy.swap(healthy, Ordering::Relaxed);
-        if healthy {
+        if healthy && !was {
             self.ejected_until.store(0, Ordering::Relaxed);
             self.failures.store(0, Ordering::Relaxed);
-        } else if was {
+        } else if !healthy && was {
             self.reason
                 .store(Reason::HealthCheck as u8, Ordering::Relaxed);
         }
         was != healthy
+    }
+
+    /// Taken over by a rebuilt upstream: a verdict of checks it no longer runs, and an
+    /// ejection it no longer does, are dropped (nothing would ever end them otherwise, and
+    /// turning a mechanism off is how an operator gets an endpoint back).
+    pub fn adopt(&self, checks: bool, outlier: bool) {
+        if !checks {
+            self.checked_healthy.store(true, Ordering::Relaxed);
+        }
+        if !outlier {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Forget everything: the name now resolves to another host.

@@ -282,7 +282,11 @@ impl Upstream {
                 name,
                 resolved: ArcSwap::from_pointee(Resolved::new(addr)),
                 inflight: AtomicUsize::new(0),
-                health: kept.map_or_else(Default::default, |k| k.health.clone()),
+                health: kept.map_or_else(Default::default, |k| {
+                    k.health
+                        .adopt(spec.health_check.is_some(), spec.outlier.is_some());
+                    k.health.clone()
+                }),
                 healthy_gauge,
                 ejections,
             };

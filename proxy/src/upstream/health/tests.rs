@@ -111,12 +111,15 @@ fn cap_keeps_endpoints_in() {
     assert_eq!(fail(&none, &eps, 0, 10, 10), None);
 }
 
-/// Failing active checks take an endpoint out; a passing verdict brings it back and ends a
-/// passive ejection too.
+/// Failing active checks take an endpoint out; coming back by its checks ends a passive
+/// ejection too, but passing checks that change nothing leave an ejection alone.
 #[test]
 fn check_verdicts_move_the_endpoint() {
     let o = Outlier::new(spec(1, 10_000, 10_000, 100));
     let eps = endpoints(2);
+    assert!(fail(&o, &eps, 1, 1, 1).is_some());
+    assert!(!eps[1].set_checked(true), "already passing");
+    assert_eq!(eps[1].snapshot(2).state, "ejected", "still ejected");
     assert!(eps[0].set_checked(false));
     assert!(!eps[0].set_checked(false), "no change the second time");
     assert!(!eps[0].usable(&mut || 1));
@@ -193,6 +196,39 @@ fn rebuilt_upstream_keeps_endpoint_health() {
     ));
     assert_eq!(new.endpoints[0].health.snapshot(now_ms()).state, "ejected");
     assert_eq!(new.endpoints[1].health.snapshot(now_ms()).state, "healthy");
+}
+
+/// Turning ejection or the checks off in a reload brings back the endpoints they held out:
+/// nothing would end their state otherwise.
+#[test]
+fn turning_a_mechanism_off_releases_its_endpoints() {
+    let m = Metrics::new();
+    let old = upstream(
+        r#", "outlier": {"consecutive_failures": 1}, "health_check": {"path": "/h"}"#,
+        &m,
+    );
+    old.failed(0);
+    old.endpoints[1].health.set_checked(false);
+    let rebuilt = |extra: &str| {
+        let text = format!(
+            r#"{{"schema_version": 1,
+              "upstreams": {{"v1": {{"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]{extra}}}}},
+              "routes": [{{"name": "r", "upstream": "v1"}}]}}"#
+        );
+        let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
+        Upstream::build(&snap.upstreams[0], None, Some(&old), &m).unwrap()
+    };
+    // Both still on: both stay out.
+    let same =
+        rebuilt(r#", "outlier": {"consecutive_failures": 1}, "health_check": {"path": "/h"}"#);
+    assert_eq!(same.endpoints[0].health.snapshot(now_ms()).state, "ejected");
+    assert_eq!(
+        same.endpoints[1].health.snapshot(now_ms()).state,
+        "unhealthy"
+    );
+    let off = rebuilt(r#", "outlier": {"enabled": false}"#);
+    assert_eq!(off.endpoints[0].health.snapshot(now_ms()).state, "healthy");
+    assert_eq!(off.endpoints[1].health.snapshot(now_ms()).state, "healthy");
 }
 
 /// A host-name endpoint is re-resolved: a new address replaces the old one and clears its

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tidegate_tests::killable::Killable;
-use tidegate_tests::{config, get, h1_client, metric_value, send, set, start_gateway, streamed};
+use tidegate_tests::{
+    Upstream, config, get, h1_client, metric_value, send, set, start_gateway, streamed,
+};
 
 /// Load from a few tasks: each sends `GET /work` every `every`, recording when each
 /// request started (since `t0`) and whether it got a 200.
@@ -64,7 +66,11 @@ fn count(log: &[(Duration, bool)], from: Duration, to: Duration) -> (usize, usiz
 
 fn three_endpoint_config(eps: &[&Killable], outlier: Value) -> Value {
     let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.addr).collect();
-    let mut c = config(&addrs);
+    endpoints_config(&addrs, outlier)
+}
+
+fn endpoints_config(addrs: &[SocketAddr], outlier: Value) -> Value {
+    let mut c = config(addrs);
     set(&mut c, "upstreams/up/connect_timeout_ms", json!(200));
     set(&mut c, "upstreams/up/request_timeout_ms", json!(500));
     set(&mut c, "upstreams/up/outlier", outlier);
@@ -238,17 +244,20 @@ async fn active_checks_bring_a_recovered_endpoint_back() {
 }
 
 /// A client cannot eject endpoints: request bodies that grow past `max_body_bytes` while
-/// streaming fail the exchange for the client's fault, which never counts against the
-/// endpoint, even with ejection after a single failure.
+/// streaming, and bodies trickled in slower than `request_timeout_ms` (504, though the
+/// endpoint is fine), fail the exchange for the client's fault, which never counts against
+/// the endpoint, even with ejection after a single failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_faults_never_eject() {
+    // Upstreams that read the whole body before answering.
     let eps = [
-        Killable::start().await,
-        Killable::start().await,
-        Killable::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
     ];
-    let mut c = three_endpoint_config(
-        &[&eps[0], &eps[1], &eps[2]],
+    let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.addr).collect();
+    let mut c = endpoints_config(
+        &addrs,
         json!({"consecutive_failures": 1, "max_ejected_percent": 100}),
     );
     set(&mut c, "server/limits/max_body_bytes", json!(1024));
@@ -261,6 +270,26 @@ async fn client_faults_never_eject() {
             .unwrap();
         let status = send(&client, req).await.status;
         assert_eq!(status, 413);
+    }
+    // Three bodies that take a second each, against a 500 ms deadline, at once.
+    let trickled = (0..3).map(|_| {
+        let client = client.clone();
+        async move {
+            let pieces = futures_util::stream::unfold(0, |i| async move {
+                (i < 4).then_some(())?;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let piece = http_body::Frame::data(bytes::Bytes::from_static(b"x"));
+                Some((Ok::<_, std::io::Error>(piece), i + 1))
+            });
+            let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(pieces));
+            let req = http::Request::post(format!("http://{gw}/upload"))
+                .body(body)
+                .unwrap();
+            send(&client, req).await.status
+        }
+    });
+    for status in futures_util::future::join_all(trickled).await {
+        assert_eq!(status, 504);
     }
     let m = metrics(admin).await;
     for ep in &eps {

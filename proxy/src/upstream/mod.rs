@@ -562,7 +562,11 @@ impl Upstream {
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
                 Err(_elapsed) => {
-                    self.failed(ep_idx);
+                    // The deadline also runs while a request body streams in: a client that
+                    // trickles its body must not make the endpoint look failing.
+                    if slot.is_none() {
+                        self.failed(ep_idx);
+                    }
                     return Err(GatewayError::UpstreamTimeout);
                 }
                 Ok(Ok(resp)) => {
@@ -773,9 +777,9 @@ impl Upstream {
 }
 
 /// Whether a failed exchange counts against the endpoint for outlier ejection: it could
-/// not be reached, reset the connection or answered garbage, or did not answer in time.
-/// A client's own fault (its body too large or broken) never does, or any client could
-/// eject endpoints at will.
+/// not be reached, reset the connection or answered garbage, or did not answer in time
+/// (the deadline of a request with a body is judged by the caller). A client's own fault
+/// (its body too large or broken) never does, or any client could eject endpoints at will.
 fn upstream_at_fault(e: &GatewayError) -> bool {
     matches!(
         e,

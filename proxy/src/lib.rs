@@ -21,7 +21,8 @@
 //!                  ├─ cache.rs    interface response caches: keys, kept answers, coalesced misses
 //!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers
 //!                  ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
-//!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors
+//!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors,
+//!                                 endpoint health (ejection, checks, re-resolution)
 //! ```
 //!
 //! Beside it, the planes that hold the [`runtime::Live`] handle rather than the gateway:

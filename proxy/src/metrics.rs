@@ -311,6 +311,27 @@ pub struct TunnelCloseLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `tidegate_endpoint_healthy`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Upstream name.
+    pub upstream: Name,
+    /// The endpoint as configured (`host:port`), never a resolved or request-given address.
+    pub endpoint: Name,
+}
+
+/// Labels of `tidegate_endpoint_ejections_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// Upstream name.
+    pub upstream: Name,
+    /// The endpoint as configured.
+    pub endpoint: Name,
+    /// `consecutive_failures` (passive outlier ejection) or `health_check` (failed active
+    /// checks).
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -403,6 +424,10 @@ pub struct Metrics {
     pub upgraded_connections: Gauge,
     /// Tunnels closed, by why.
     pub upgraded_closed: Family<TunnelCloseLabels, Counter>,
+    /// 1 while an endpoint is in rotation, 0 while ejected or failing its health checks.
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    /// Endpoints taken out of rotation, by reason.
+    pub endpoint_ejections: Family<EjectionLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -747,12 +772,26 @@ impl Metrics {
             "Tunnels closed: closed (a side ended), error, idle_timeout or shutdown",
             upgraded_closed.clone(),
         );
+        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "endpoint_healthy",
+            "1 while an upstream endpoint is in rotation, 0 while ejected or failing its health checks",
+            endpoint_healthy.clone(),
+        );
+        let endpoint_ejections = Family::<EjectionLabels, Counter>::default();
+        registry.register(
+            "endpoint_ejections",
+            "Upstream endpoints taken out of rotation, by reason",
+            endpoint_ejections.clone(),
+        );
         Self {
             registry,
             cache,
             upgrades,
             upgraded_connections,
             upgraded_closed,
+            endpoint_healthy,
+            endpoint_ejections,
             shadow_fallback,
             shadow_breaker,
             shadow_shed,

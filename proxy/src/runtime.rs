@@ -96,7 +96,9 @@ impl Runtime {
     ///
     /// State worth keeping moves over from `previous` (the runtime being replaced by a
     /// reload): an upstream whose definition did not change keeps its client, so its pooled
-    /// connections stay warm instead of every reload causing a reconnect storm.
+    /// connections stay warm instead of every reload causing a reconnect storm, and its
+    /// health checker; one that changed is built anew, its endpoints keeping their health
+    /// (ejections, backoff, check verdicts) by name.
     pub fn build(
         snapshot: Snapshot,
         secrets: Secrets,
@@ -113,7 +115,12 @@ impl Runtime {
                     .and_then(|p| p.upstreams.iter().find(|u| u.same_definition(spec, addr)));
                 match kept {
                     Some(u) => Ok(u.clone()),
-                    None => Upstream::build(spec, addr).map(Arc::new),
+                    None => {
+                        // Rebuilt by an edit: its endpoints keep their health by name.
+                        let same_name = previous
+                            .and_then(|p| p.upstreams.iter().find(|u| *u.name.0 == *spec.name));
+                        Upstream::build(spec, addr, same_name.map(|u| &**u), metrics)
+                    }
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -150,6 +157,9 @@ impl Runtime {
                 Some(Mirror::build(&r.name, m, up, metrics, kept))
             })
             .collect();
+        if let Some(p) = previous {
+            Upstream::retire_endpoints(&p.upstreams, &upstreams, metrics);
+        }
         let mut rt = Self::with_state(snapshot, secrets.priority_key, previous, metrics);
         rt.caches = rt
             .snapshot

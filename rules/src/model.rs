@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 mod cache;
 mod freeze;
 mod govern;
+mod health;
 mod matching;
 mod overload;
 mod ramp;
@@ -28,6 +29,7 @@ pub use govern::{
     Breaker, Condition, Fallback, KeyPart, Limit, LimitMode, LimitScope, LocalResponse,
     OnStoreError, Plan, RuleMode, Trigger, WhenMissing,
 };
+pub use health::{HealthCheck, Outlier};
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 pub use ramp::{Guard, OnBreach, Ramp, Stop};
@@ -434,8 +436,8 @@ pub struct Upstream {
     /// backend, hosted in-process on a loopback port the gateway picks).
     #[serde(default)]
     pub kind: UpstreamKind,
-    /// `IP:port` or `host:port` of each endpoint (`static` only). Names are resolved once
-    /// at load time, never per request.
+    /// `IP:port` or `host:port` of each endpoint (`static` only). Names are resolved at
+    /// load time and again every `resolve_ttl_ms` in the background, never per request.
     #[serde(default)]
     pub endpoints: Vec<String>,
     /// How requests are spread over endpoints. Default: `round_robin`.
@@ -461,6 +463,18 @@ pub struct Upstream {
     /// Data directory of an `embedded` upstream. Default: `data/grab`.
     #[serde(default)]
     pub data_dir: Option<String>,
+    /// Active health checks of the endpoints. Default: none (no active checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Passive outlier ejection of endpoints whose exchanges keep failing. Default: on,
+    /// with the settings [`Outlier`] documents.
+    #[serde(default)]
+    pub outlier: Outlier,
+    /// How often endpoint host names are resolved again, in milliseconds (endpoints written
+    /// as IP addresses are never resolved). A failed resolution keeps the last good address.
+    /// Default: 30000. Range: 100..=86400000.
+    #[serde(default = "health::default_resolve_ttl_ms")]
+    pub resolve_ttl_ms: u64,
 }
 
 /// Kind of upstream.

@@ -8,6 +8,38 @@ use std::time::Duration;
 use crate::ids::UpstreamId;
 use crate::model::{Balance, DEFAULT_EMBEDDED_DATA_DIR, Upstream, UpstreamKind};
 
+/// Active health checks of an upstream, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSpec {
+    /// Path and query requested.
+    pub path: Box<str>,
+    /// Time between two checks of an endpoint.
+    pub interval: Duration,
+    /// Time for one check, connect included.
+    pub timeout: Duration,
+    /// Checks passed in a row that bring an endpoint back.
+    pub healthy_threshold: u32,
+    /// Checks failed in a row that take an endpoint out.
+    pub unhealthy_threshold: u32,
+    /// Passing statuses, both inclusive.
+    pub expected_status: (u16, u16),
+    /// `Host` of the check; `None`: the endpoint as configured.
+    pub host: Option<Box<str>>,
+}
+
+/// Passive outlier ejection of an upstream, compiled (present only when enabled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierSpec {
+    /// Failed exchanges in a row that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// Length of a first ejection.
+    pub base_ejection: Duration,
+    /// Longest ejection, and the quiet time that resets the backoff.
+    pub max_ejection: Duration,
+    /// Most endpoints ejected at once, in percent.
+    pub max_ejected_percent: u32,
+}
+
 /// An upstream, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSpec {
@@ -29,6 +61,12 @@ pub struct UpstreamSpec {
     pub pool_max_idle_per_endpoint: usize,
     /// Data directory of an embedded upstream.
     pub data_dir: Option<Box<str>>,
+    /// Active health checks, when configured.
+    pub health_check: Option<HealthCheckSpec>,
+    /// Passive outlier ejection, when enabled.
+    pub outlier: Option<OutlierSpec>,
+    /// How often endpoint host names are resolved again.
+    pub resolve_ttl: Duration,
 }
 
 // === impl UpstreamSpec ===
@@ -55,6 +93,24 @@ impl UpstreamSpec {
                 ),
                 UpstreamKind::Static => None,
             },
+            health_check: u.health_check.as_ref().map(|h| HealthCheckSpec {
+                path: h.path.as_str().into(),
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms),
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+                expected_status: (h.expected_status[0], h.expected_status[1]),
+                host: h.host.as_deref().map(Into::into),
+            }),
+            outlier: (u.outlier.enabled && u.outlier.max_ejected_percent > 0).then(|| {
+                OutlierSpec {
+                    consecutive_failures: u.outlier.consecutive_failures,
+                    base_ejection: Duration::from_millis(u.outlier.base_ejection_ms),
+                    max_ejection: Duration::from_millis(u.outlier.max_ejection_ms),
+                    max_ejected_percent: u.outlier.max_ejected_percent,
+                }
+            }),
+            resolve_ttl: Duration::from_millis(u.resolve_ttl_ms),
         }
     }
 }

@@ -38,6 +38,7 @@ use crate::upstream::{UpstreamSpec, upstream_ids};
 mod cache;
 mod freeze;
 mod govern;
+mod health;
 mod identity;
 mod mirror;
 mod overload;
@@ -723,6 +724,7 @@ impl<'c> Validator<'c> {
                 0,
                 100_000,
             );
+            self.upstream_health(&up, u);
         }
     }
 

@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 
 pub mod api;
 pub mod grab;
+pub mod killable;
 pub mod layout;
 pub mod raw;
 pub mod redis;

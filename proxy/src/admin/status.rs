@@ -93,6 +93,10 @@ impl Stats {
     /// Take one second of counts from the live runtime.
     fn tick(&self) {
         let rt = self.live.runtime.load_full();
+        // An ejection ends by time alone: the gauges catch up here, once a second.
+        for u in &rt.upstreams {
+            u.export_health();
+        }
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let window = s.history.push(&rt, unix_ms());
         s.doc = None;
@@ -485,10 +489,13 @@ impl History {
             })
             .collect();
 
+        let health_now = crate::upstream::health::now_ms();
+        let unix_now = unix_ms();
         let upstreams = snap
             .upstreams
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(i, u)| {
                 let mut h = [0u32; LAT_BUCKETS];
                 for s in self.recent_hist.get(&u.name).into_iter().flatten() {
                     for (a, b) in h.iter_mut().zip(s) {
@@ -496,11 +503,28 @@ impl History {
                     }
                 }
                 let n: u64 = h.iter().map(|&c| u64::from(c)).sum();
+                let endpoints = rt.upstreams.get(i).map_or_else(Vec::new, |up| {
+                    up.endpoints
+                        .iter()
+                        .map(|ep| {
+                            let h = ep.health.snapshot(health_now);
+                            EndpointView {
+                                address: &ep.name.0,
+                                resolved: ep.address().to_string(),
+                                state: h.state,
+                                ejected_until_ms: h.ejected_for_ms.map(|ms| unix_now + ms),
+                                reason: h.reason,
+                                consecutive_failures: h.consecutive_failures,
+                            }
+                        })
+                        .collect()
+                });
                 UpstreamView {
                     name: &u.name,
                     rate_per_s: per_s(n),
                     p50_ms: quantile_ms(&h, 0.50),
                     p99_ms: quantile_ms(&h, 0.99),
+                    endpoints,
                 }
             })
             .collect();
@@ -833,6 +857,23 @@ struct UpstreamView<'a> {
     rate_per_s: f64,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
+    endpoints: Vec<EndpointView<'a>>,
+}
+
+/// An upstream endpoint's health (docs/operations.md, "Endpoint health").
+#[derive(Debug, Serialize)]
+struct EndpointView<'a> {
+    /// As configured.
+    address: &'a str,
+    /// What it resolves to now.
+    resolved: String,
+    /// `healthy`, `ejected` or `unhealthy`.
+    state: &'static str,
+    /// While ejected: when the ejection ends, in Unix milliseconds.
+    ejected_until_ms: Option<u64>,
+    /// While out of rotation: `consecutive_failures` or `health_check`.
+    reason: Option<&'static str>,
+    consecutive_failures: u32,
 }
 
 #[derive(Debug, Serialize)]

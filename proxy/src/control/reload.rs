@@ -423,11 +423,14 @@ impl Reloader {
         let started = Instant::now();
         let (tx, mut rx) = oneshot::channel();
         let (this, p) = (self.clone(), progress.clone());
+        // The runtime the built upstreams start their health checkers on.
+        let tokio_rt = tokio::runtime::Handle::current();
         // A plain thread, not `spawn_blocking`: the runtime's shutdown must never wait for
         // a read that is blocked for good.
         std::thread::Builder::new()
             .name("tidegate-reload".into())
             .spawn(move || {
+                let _entered = tokio_rt.enter();
                 let certs = this
                     .certs
                     .iter()

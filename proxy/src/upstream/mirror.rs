@@ -265,7 +265,13 @@ mod tests {
         );
         let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
         let def = snap.routes[0].mirror.as_ref().unwrap();
-        let up = Arc::new(Upstream::build(&snap.upstreams[def.upstream.0 as usize], None).unwrap());
+        let up = Upstream::build(
+            &snap.upstreams[def.upstream.0 as usize],
+            None,
+            None,
+            metrics,
+        )
+        .unwrap();
         Mirror::build("r", def, &up, metrics, None)
     }
 

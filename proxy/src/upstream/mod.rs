@@ -2,6 +2,7 @@
 //! retry on connect failure.
 //!
 //! - [`h1`]: the HTTP/1.1 client of our own for bodiless requests.
+//! - [`health`]: endpoint health: passive outlier ejection, active checks, re-resolution.
 //! - [`headers`]: header hygiene (hop-by-hop headers, `Host`, `X-Forwarded-For`).
 //! - [`mirror`]: fire-and-forget copies of requests to a route's mirror upstream.
 //!
@@ -13,8 +14,9 @@
 //! (many at once) and callers without a cache use the shared pooled client of the upstream.
 //!
 //! An [`Upstream`] is built once per config load from a validated [`UpstreamSpec`]: endpoint
-//! names are resolved and their URI authorities parsed here, so the request path never parses
-//! an address. Bodies stream both ways; nothing is buffered whole.
+//! names are resolved and their URI authorities parsed here (and again by the background
+//! re-resolution), so the request path never parses an address. Bodies stream both ways;
+//! nothing is buffered whole.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
@@ -31,15 +34,19 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rules::model::{Balance, UpstreamKind};
 use rules::snapshot::UpstreamSpec;
 
 pub mod h1;
 pub mod headers;
+pub mod health;
 pub mod mirror;
 
-use crate::metrics::Name;
+use crate::metrics::{EjectionLabels, EndpointLabels, Metrics, Name};
 use crate::respond::GatewayError;
+use health::{EndpointHealth, Outlier, Reason};
 
 /// A runtime upstream cluster.
 #[derive(Debug)]
@@ -48,6 +55,11 @@ pub struct Upstream {
     pub name: Name,
     /// Its endpoints, resolved.
     pub endpoints: Vec<Endpoint>,
+    /// Passive outlier ejection, when enabled.
+    outlier: Option<Outlier>,
+    /// Its health checker and re-resolver, aborted when it is dropped (each also holds only
+    /// a `Weak` of it and ends when it is gone).
+    tasks: std::sync::OnceLock<Box<[tokio::task::AbortHandle]>>,
     balance: Balance,
     /// Round-robin cursor.
     next: AtomicUsize,
@@ -67,13 +79,29 @@ pub struct Upstream {
 /// One endpoint of an upstream.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// Its resolved address.
-    pub addr: SocketAddr,
+    /// As configured (`host:port`): its metrics label and its name in status.json.
+    pub name: Name,
+    /// Its current address: replaced whole by the re-resolution, read with one atomic load.
+    resolved: ArcSwap<Resolved>,
+    /// Whether `name` is a host name (re-resolved), not an IP address.
+    is_host_name: bool,
+    /// Requests in flight to it (for least-outstanding balancing).
+    inflight: AtomicUsize,
+    /// Its health, shared with the runtimes before and after a reload that keeps it.
+    pub health: Arc<EndpointHealth>,
+    /// Its `tidegate_endpoint_healthy` series.
+    healthy_gauge: Gauge,
+    /// Its `tidegate_endpoint_ejections_total` series, indexed like [`Reason::ALL`].
+    ejections: [Counter; 2],
+}
+
+/// An endpoint's address, and the forms the request path needs of it, built once.
+#[derive(Debug)]
+struct Resolved {
+    addr: SocketAddr,
     authority: Authority,
     /// The same as a `Host` value, for requests that came without one.
     host: HeaderValue,
-    /// Requests in flight to it (for least-outstanding balancing).
-    inflight: AtomicUsize,
 }
 
 /// The request body sent upstream: the client's body, with the size limit enforced while it
@@ -196,35 +224,77 @@ static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
 
 impl Upstream {
     /// Build from a validated spec. `embedded` is the address of the in-process backend for an
-    /// `embedded` upstream.
-    pub fn build(spec: &UpstreamSpec, embedded: Option<SocketAddr>) -> Result<Self, String> {
-        let addrs: Vec<SocketAddr> = match spec.kind {
-            UpstreamKind::Embedded => vec![embedded.ok_or_else(|| {
-                format!(
-                    "embedded upstream {:?} is not running (adding one needs a restart)",
-                    spec.name
-                )
-            })?],
-            UpstreamKind::Static => {
-                let mut v = Vec::new();
-                for e in &spec.endpoints {
-                    v.push(resolve(e)?);
-                }
-                v
+    /// `embedded` upstream. `previous` is the upstream of the same name being replaced, if
+    /// any: each endpoint it shares (as configured) keeps its health, and a host name that
+    /// fails to resolve now keeps the address it had there.
+    ///
+    /// Its health checker and re-resolver are started here (when configured, and when a
+    /// tokio runtime is running: never off-line), and stop when it is dropped.
+    pub fn build(
+        spec: &UpstreamSpec,
+        embedded: Option<SocketAddr>,
+        previous: Option<&Upstream>,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, String> {
+        let named: Vec<(Box<str>, Option<SocketAddr>)> = match spec.kind {
+            UpstreamKind::Embedded => {
+                let addr = embedded.ok_or_else(|| {
+                    format!(
+                        "embedded upstream {:?} is not running (adding one needs a restart)",
+                        spec.name
+                    )
+                })?;
+                vec![(addr.to_string().into(), Some(addr))]
             }
+            UpstreamKind::Static => spec.endpoints.iter().map(|e| (e.clone(), None)).collect(),
         };
-        let endpoints = addrs
-            .into_iter()
-            .map(|addr| {
-                let text = addr.to_string();
-                Endpoint {
-                    addr,
-                    host: HeaderValue::from_str(&text).expect("a socket address is a header value"),
-                    authority: Authority::try_from(text).expect("a socket address is an authority"),
-                    inflight: AtomicUsize::new(0),
-                }
-            })
-            .collect();
+        let upstream = Name(spec.name.as_ref().into());
+        let mut endpoints = Vec::with_capacity(named.len());
+        for (text, fixed) in named {
+            let kept = previous.and_then(|p| p.endpoints.iter().find(|e| *e.name.0 == *text));
+            let addr = match (fixed, resolve(&text)) {
+                (Some(a), _) | (None, Ok(a)) => a,
+                (None, Err(e)) => match kept {
+                    Some(k) => {
+                        let a = k.resolved.load().addr;
+                        tracing::warn!(upstream = %spec.name, endpoint = %text, error = %e, %a, "resolving the endpoint failed; keeping its last address");
+                        a
+                    }
+                    None => return Err(e),
+                },
+            };
+            let name = Name(text.as_ref().into());
+            let labels = EndpointLabels {
+                upstream: upstream.clone(),
+                endpoint: name.clone(),
+            };
+            let ejections = Reason::ALL.map(|r| {
+                metrics
+                    .endpoint_ejections
+                    .get_or_create(&EjectionLabels {
+                        upstream: upstream.clone(),
+                        endpoint: name.clone(),
+                        reason: r.label(),
+                    })
+                    .clone()
+            });
+            let healthy_gauge = metrics.endpoint_healthy.get_or_create(&labels).clone();
+            let ep = Endpoint {
+                is_host_name: fixed.is_none() && text.parse::<SocketAddr>().is_err(),
+                name,
+                resolved: ArcSwap::from_pointee(Resolved::new(addr)),
+                inflight: AtomicUsize::new(0),
+                health: kept.map_or_else(Default::default, |k| {
+                    k.health
+                        .adopt(spec.health_check.is_some(), spec.outlier.is_some());
+                    k.health.clone()
+                }),
+                healthy_gauge,
+                ejections,
+            };
+            ep.export(health::now_ms());
+            endpoints.push(ep);
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(spec.connect_timeout));
@@ -235,9 +305,11 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Ok(Self {
-            name: Name(spec.name.as_ref().into()),
+        let up = Arc::new(Self {
+            name: upstream,
             endpoints,
+            outlier: spec.outlier.map(Outlier::new),
+            tasks: std::sync::OnceLock::new(),
             balance: spec.balance,
             next: AtomicUsize::new(0),
             request_timeout: spec.request_timeout,
@@ -247,7 +319,25 @@ impl Upstream {
             embedded,
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
             latency: std::sync::OnceLock::new(),
-        })
+        });
+        // Started once the upstream is whole: a task that ran before would find no
+        // upstream behind its `Weak` and end at once.
+        let mut tasks = Vec::new();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let me = Arc::downgrade(&up);
+            if let Some(check) = &spec.health_check {
+                let task = health::check_loop(me.clone(), check.clone());
+                tasks.push(rt.spawn(task).abort_handle());
+            }
+            if up.endpoints.iter().any(|e| e.is_host_name) {
+                tasks.push(
+                    rt.spawn(health::resolve_loop(me, spec.resolve_ttl))
+                        .abort_handle(),
+                );
+            }
+        }
+        let _ = up.tasks.set(tasks.into());
+        Ok(up)
     }
 
     /// Its series of `tidegate_upstream_latency_seconds` in `metrics` (the gateway's one
@@ -271,23 +361,86 @@ impl Upstream {
         self.spec == *spec && self.embedded == embedded
     }
 
-    /// Choose an endpoint, avoiding `avoid` when there is another.
+    /// Choose an endpoint in rotation (neither ejected nor failing its health checks),
+    /// avoiding `avoid` when there is another. When none is, the least bad one: an upstream
+    /// never refuses for lack of a healthy endpoint, it tries the likeliest.
+    ///
+    /// Costs an atomic load or two per endpoint looked at, and reads the clock only while
+    /// an endpoint has been ejected.
     fn pick(&self, avoid: Option<usize>) -> usize {
         let n = self.endpoints.len();
         if n == 1 {
             return 0;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let i = match self.balance {
-            Balance::RoundRobin => start,
-            Balance::LeastOutstanding => (0..n)
-                .map(|k| (start + k) % n)
-                .min_by_key(|&i| self.endpoints[i].inflight.load(Ordering::Relaxed))
-                .unwrap_or(start),
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(health::now_ms);
+        let mut order = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| Some(i) != avoid);
+        let found = match self.balance {
+            Balance::RoundRobin => order.find(|&i| self.endpoints[i].health.usable(&mut now)),
+            Balance::LeastOutstanding => order
+                .filter(|&i| self.endpoints[i].health.usable(&mut now))
+                .min_by_key(|&i| self.endpoints[i].inflight.load(Ordering::Relaxed)),
         };
-        match avoid {
-            Some(a) if a == i => (i + 1) % n,
-            _ => i,
+        found.unwrap_or_else(|| self.least_bad(start, avoid))
+    }
+
+    /// Every endpoint (but `avoid`) is out of rotation: the one likeliest to answer.
+    #[cold]
+    fn least_bad(&self, start: usize, avoid: Option<usize>) -> usize {
+        let n = self.endpoints.len();
+        let now = health::now_ms();
+        (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| Some(i) != avoid)
+            .min_by_key(|&i| self.endpoints[i].health.badness(now))
+            .unwrap_or(start)
+    }
+
+    /// Count an exchange with endpoint `i` that failed for the upstream's fault, ejecting
+    /// it when that makes enough in a row.
+    fn failed(&self, i: usize) {
+        let Some(outlier) = &self.outlier else { return };
+        let ep = &self.endpoints[i];
+        let now = health::now_ms();
+        let all = self.endpoints.iter().map(|e| &*e.health);
+        if let Some(length) = outlier.failed(&ep.health, all, now) {
+            ep.ejected(Reason::ConsecutiveFailures);
+            tracing::warn!(
+                upstream = %self.name.0,
+                endpoint = %ep.name.0,
+                ejected_ms = length.as_millis() as u64,
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Drop the `tidegate_endpoint_healthy` series of the endpoints of `old` that `new` no
+    /// longer has (by upstream and endpoint name), so a removed endpoint does not report
+    /// its last state for ever.
+    pub fn retire_endpoints(old: &[Arc<Upstream>], new: &[Arc<Upstream>], metrics: &Metrics) {
+        for u in old {
+            let kept = new.iter().find(|n| n.name == u.name);
+            for ep in &u.endpoints {
+                if kept.is_some_and(|k| k.endpoints.iter().any(|e| e.name == ep.name)) {
+                    continue;
+                }
+                metrics.endpoint_healthy.remove(&EndpointLabels {
+                    upstream: u.name.clone(),
+                    endpoint: ep.name.clone(),
+                });
+            }
+        }
+    }
+
+    /// Set every endpoint's `tidegate_endpoint_healthy` to whether it is in rotation now
+    /// (an ejection ends by time alone: the status sampler calls this every second).
+    pub fn export_health(&self) {
+        let now = health::now_ms();
+        for ep in &self.endpoints {
+            ep.export(now);
         }
     }
 
@@ -334,6 +487,7 @@ impl Upstream {
         loop {
             let ep_idx = self.pick(avoid);
             let ep = &self.endpoints[ep_idx];
+            let to = ep.resolved.load();
             let body = UpBody {
                 state: match &slot {
                     None => BodyState::Empty,
@@ -358,20 +512,22 @@ impl Upstream {
             *req.uri_mut() = if cache.is_some() {
                 // It still needs a Host.
                 if !req.headers().contains_key(header::HOST) {
-                    req.headers_mut().insert(header::HOST, ep.host.clone());
+                    req.headers_mut().insert(header::HOST, to.host.clone());
                 }
                 Uri::from(path.clone())
             } else {
                 Uri::from_parts({
                     let mut p = http::uri::Parts::default();
                     p.scheme = Some(Scheme::HTTP);
-                    p.authority = Some(ep.authority.clone());
+                    p.authority = Some(to.authority.clone());
                     p.path_and_query = Some(path.clone());
                     p
                 })
                 .expect("scheme, authority and path make a URI")
             };
 
+            // The guard is not held across the exchange.
+            drop(to);
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             let res = match &cache {
                 Some(c) => {
@@ -407,14 +563,25 @@ impl Upstream {
             };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
-                Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+                Err(_elapsed) => {
+                    // The deadline also runs while a request body streams in: a client that
+                    // trickles its body must not make the endpoint look failing.
+                    if slot.is_none() {
+                        self.failed(ep_idx);
+                    }
+                    return Err(GatewayError::UpstreamTimeout);
+                }
                 Ok(Ok(resp)) => {
+                    ep.health.succeeded();
                     return Ok((
                         resp.map(|b| UpstreamBody::new(b, self.read_timeout)),
                         started.elapsed(),
                     ));
                 }
                 Ok(Err((is_connect, answer))) => {
+                    if upstream_at_fault(&answer) {
+                        self.failed(ep_idx);
+                    }
                     let body_still_here = slot
                         .as_ref()
                         .is_none_or(|s| s.lock().expect("not poisoned").is_some());
@@ -460,30 +627,42 @@ impl Upstream {
             *req.uri_mut() = Uri::from(path.clone());
             *req.headers_mut() = parts.headers.clone();
             if !req.headers().contains_key(header::HOST) {
-                req.headers_mut().insert(header::HOST, ep.host.clone());
+                let host = ep.resolved.load().host.clone();
+                req.headers_mut().insert(header::HOST, host);
             }
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             let sent = tokio::time::timeout_at(deadline, self.send_upgrade(ep, req)).await;
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match sent {
-                Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+                Err(_elapsed) => {
+                    self.failed(ep_idx);
+                    return Err(GatewayError::UpstreamTimeout);
+                }
                 Ok(Ok(resp)) => {
+                    ep.health.succeeded();
                     let resp =
                         resp.map(|b| UpstreamBody::new(Received::Hyper(b), self.read_timeout));
                     return Ok((resp, started.elapsed()));
                 }
                 Ok(Err(DirectError::Connect(e))) => {
+                    self.failed(ep_idx);
                     if avoid.is_none() && self.endpoints.len() > 1 {
                         avoid = Some(ep_idx);
                         continue;
                     }
                     return Err(classify_connect(&e));
                 }
-                Ok(Err(DirectError::Http(e))) => {
-                    return Err(classify_chain(&e).unwrap_or(GatewayError::UpstreamReset));
-                }
-                Ok(Err(DirectError::Own(e))) => {
-                    return Err(classify_chain(&e).unwrap_or(GatewayError::UpstreamReset));
+                Ok(Err(err)) => {
+                    let answer = match &err {
+                        DirectError::Http(e) => classify_chain(e),
+                        DirectError::Own(e) => classify_chain(e),
+                        DirectError::Connect(_) => None,
+                    }
+                    .unwrap_or(GatewayError::UpstreamReset);
+                    if upstream_at_fault(&answer) {
+                        self.failed(ep_idx);
+                    }
+                    return Err(answer);
                 }
             }
         }
@@ -616,6 +795,7 @@ impl Upstream {
         use http_body_util::BodyExt;
         let started = Instant::now();
         let ep = &self.endpoints[self.pick(None)];
+        let authority = ep.resolved.load().authority.clone();
         let path = parts
             .uri
             .path_and_query()
@@ -623,7 +803,7 @@ impl Upstream {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut p = http::uri::Parts::default();
         p.scheme = Some(Scheme::HTTP);
-        p.authority = Some(ep.authority.clone());
+        p.authority = Some(authority);
         p.path_and_query = Some(path);
         parts.uri = Uri::from_parts(p).expect("scheme, authority and path make a URI");
         parts.version = Version::HTTP_11;
@@ -656,9 +836,10 @@ impl Upstream {
 
     /// A TCP connection to `ep`, within the connect timeout.
     async fn connect_tcp(&self, ep: &Endpoint) -> std::io::Result<tokio::net::TcpStream> {
+        let addr = ep.resolved.load().addr;
         let tcp = tokio::time::timeout(
             self.spec.connect_timeout,
-            tokio::net::TcpStream::connect(ep.addr),
+            tokio::net::TcpStream::connect(addr),
         )
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
@@ -686,6 +867,19 @@ impl Upstream {
         });
         Ok(send)
     }
+}
+
+/// Whether a failed exchange counts against the endpoint for outlier ejection: it could
+/// not be reached, reset the connection or answered garbage, or did not answer in time
+/// (the deadline of a request with a body is judged by the caller). A client's own fault
+/// (its body too large or broken) never does, or any client could eject endpoints at will.
+fn upstream_at_fault(e: &GatewayError) -> bool {
+    matches!(
+        e,
+        GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamReset
+            | GatewayError::UpstreamTimeout
+    )
 }
 
 /// A failed connect: a timeout answers 504, anything else 502.
@@ -729,7 +923,7 @@ fn classify_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
     }
 }
 
-/// Resolve `host:port` once, at load time.
+/// Resolve `host:port` at load time (the background re-resolution uses tokio's resolver).
 fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     endpoint
@@ -737,6 +931,48 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("resolving {endpoint:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{endpoint:?} resolved to no address"))
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in self.tasks.get().into_iter().flatten() {
+            t.abort();
+        }
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    /// The address it resolves to now.
+    pub fn address(&self) -> SocketAddr {
+        self.resolved.load().addr
+    }
+
+    /// Set its `tidegate_endpoint_healthy` to whether it is in rotation at `now`.
+    fn export(&self, now: u64) {
+        let usable = self.health.usable(&mut || now);
+        self.healthy_gauge.set(i64::from(usable));
+    }
+
+    /// It has just left the rotation for `reason`.
+    fn ejected(&self, reason: Reason) {
+        self.ejections[reason as usize].inc();
+        self.healthy_gauge.set(0);
+    }
+}
+
+// === impl Resolved ===
+
+impl Resolved {
+    fn new(addr: SocketAddr) -> Self {
+        let text = addr.to_string();
+        Self {
+            addr,
+            host: HeaderValue::from_str(&text).expect("a socket address is a header value"),
+            authority: Authority::try_from(text).expect("a socket address is an authority"),
+        }
+    }
 }
 
 // === impl Slots ===

@@ -606,3 +606,5 @@ fn upgrade_fields() {
     }
     assert_eq!(m.len(), want.len(), "{m:#?}");
 }
+
+mod health;

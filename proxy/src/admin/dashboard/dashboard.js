@@ -92,7 +92,7 @@ function row(tbody, key, cols, attrs) {
       const td = document.createElement(c === "name" ? "th" : "td");
       if (c === "name") td.scope = "row";
       td.dataset.col = c;
-      if (!["name", "level", "limit", "util", "target", "rule"].includes(c)) td.className = "num";
+      if (!["name", "level", "limit", "util", "target", "rule", "out"].includes(c)) td.className = "num";
       tr.appendChild(td);
     }
     tbody.appendChild(tr);
@@ -215,11 +215,20 @@ function renderUpstreams(s) {
   const keys = [];
   for (const u of s.upstreams) {
     keys.push(u.name);
-    const tr = row(tbody, u.name, ["name", "rate", "p50", "p99"], { "data-upstream": u.name });
+    const tr = row(tbody, u.name, ["name", "rate", "p50", "p99", "endpoints", "out"], { "data-upstream": u.name });
     setCell(cell(tr, "name"), u.name);
     setCell(cell(tr, "rate"), fmtRate(u.rate_per_s), u.rate_per_s.toFixed(3));
     setCell(cell(tr, "p50"), fmtMs(u.p50_ms), u.p50_ms);
     setCell(cell(tr, "p99"), fmtMs(u.p99_ms), u.p99_ms);
+    // Endpoint health: how many are in rotation, and why each other one is not.
+    const eps = u.endpoints || [];
+    const up = eps.filter((e) => e.state === "healthy").length;
+    setCell(cell(tr, "endpoints"), up + "/" + eps.length, up);
+    const out = eps.filter((e) => e.state !== "healthy").map((e) => {
+      const left = e.ejected_until_ms ? ", " + Math.max(0, Math.ceil((e.ejected_until_ms - Date.now()) / 1000)) + " s" : "";
+      return e.address + " " + e.state + " (" + e.reason + left + ")";
+    });
+    setCell(cell(tr, "out"), out.length ? out.join("; ") : "—", out.length);
   }
   sweep(tbody, keys);
 }

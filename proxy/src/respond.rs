@@ -24,6 +24,10 @@ pub enum GatewayError {
     UpstreamReset,
     /// Connect or response-head timeout (504).
     UpstreamTimeout,
+    /// The TLS handshake with every endpoint tried failed: a certificate not trusted or
+    /// not naming the server, a refused client certificate, or no HTTP/2 where `http2`
+    /// was configured (502).
+    UpstreamTls,
     /// The gateway is shutting down or not ready (503).
     Unavailable,
     /// A rate limit refused the request (429). The body also names the rule (built by the
@@ -59,6 +63,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamTls => "upstream_tls",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
             Self::CircuitOpen => "circuit_open",
@@ -76,7 +81,9 @@ impl GatewayError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest | Self::InvalidIdentity => StatusCode::BAD_REQUEST,
-            Self::UpstreamUnavailable | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable | Self::UpstreamReset | Self::UpstreamTls => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable
             | Self::CircuitOpen
@@ -96,6 +103,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => r#"{"error":"upstream_unavailable"}"#,
             Self::UpstreamReset => r#"{"error":"upstream_reset"}"#,
             Self::UpstreamTimeout => r#"{"error":"upstream_timeout"}"#,
+            Self::UpstreamTls => r#"{"error":"upstream_tls"}"#,
             Self::Unavailable => r#"{"error":"unavailable"}"#,
             Self::RateLimited => r#"{"error":"rate_limited"}"#,
             Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
@@ -184,6 +192,7 @@ mod tests {
             GatewayError::UpstreamUnavailable,
             GatewayError::UpstreamReset,
             GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamTls,
             GatewayError::Unavailable,
             GatewayError::RateLimited,
             GatewayError::CircuitOpen,

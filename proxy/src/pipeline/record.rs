@@ -196,7 +196,8 @@ impl Record {
                     Some(u),
                     GatewayError::UpstreamTimeout
                     | GatewayError::UpstreamUnavailable
-                    | GatewayError::UpstreamReset,
+                    | GatewayError::UpstreamReset
+                    | GatewayError::UpstreamTls,
                 ) = (up, e)
                 {
                     metrics

@@ -4,7 +4,7 @@
 //! Bodies are built once (static bytes); answering costs no allocation beyond the response.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::jwt::TokenError;
@@ -163,6 +163,59 @@ pub fn overloaded(retry_after: &HeaderValue) -> Response<Full<Bytes>> {
     r.headers_mut()
         .insert(header::RETRY_AFTER, retry_after.clone());
     r
+}
+
+/// The gateway's own answer `resp` to a gRPC request, as gRPC: HTTP 200,
+/// `content-type: application/grpc`, no message, and the status in `grpc-status` and
+/// `grpc-message` of the head. That is gRPC over HTTP/2's trailers-only response (the head
+/// ends the stream, so it is the trailers too), what a gRPC server sends for a call that
+/// fails before any message; every gRPC client reads it as the call's status. Other
+/// headers (`Retry-After`, `RateLimit`) are kept. `degraded`: answered by a fallback or an
+/// open breaker, whose configured body means nothing to a gRPC client: `UNAVAILABLE`.
+pub fn grpc<B>(resp: Response<B>, degraded: bool, empty: B) -> Response<B> {
+    let (mut parts, _) = resp.into_parts();
+    let (code, message) = grpc_status(parts.status, degraded);
+    parts.status = StatusCode::OK;
+    let h = &mut parts.headers;
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from_static(code),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-message"),
+        HeaderValue::from_static(message),
+    );
+    Response::from_parts(parts, empty)
+}
+
+/// The gRPC status (code and message) of a gateway answer with HTTP `status`. Limits and
+/// body size are `RESOURCE_EXHAUSTED` (8); refusals that a retry elsewhere or later may
+/// cure (overload, drain, an upstream that failed or timed out, a degraded answer) are
+/// `UNAVAILABLE` (14); the rest follow gRPC's HTTP-to-gRPC mapping.
+fn grpc_status(status: StatusCode, degraded: bool) -> (&'static str, &'static str) {
+    if degraded {
+        return (
+            "14",
+            "degraded: answered by a fallback or an open circuit breaker",
+        );
+    }
+    match status.as_u16() {
+        429 => ("8", "rate limited"),
+        413 => ("8", "request body too large"),
+        400 => ("13", "bad request"),
+        401 => ("16", "unauthenticated"),
+        403 => ("7", "permission denied"),
+        404 => ("12", "no route"),
+        502 => ("14", "upstream unavailable"),
+        503 => ("14", "unavailable"),
+        504 => ("14", "upstream timeout"),
+        _ => ("2", "unknown"),
+    }
 }
 
 /// A canned answer (fallback or open breaker), built at load time: cloning its body is a

@@ -48,6 +48,7 @@ use rules::model::{Balance, Protocol, UpstreamKind};
 use rules::snapshot::UpstreamSpec;
 
 pub mod connect;
+pub mod grpc;
 pub mod h1;
 pub mod h2;
 pub mod headers;
@@ -85,6 +86,8 @@ pub struct Upstream {
     id: u64,
     /// How it is reached when it has `tls` or speaks HTTP/2.
     secure: Option<Secure>,
+    /// Its `tidegate_grpc_status_total` series.
+    grpc: Arc<grpc::StatusCounts>,
     /// The fingerprint of its TLS client, to tell whether a reload changed a file.
     tls_fingerprint: Option<u64>,
     /// Its `tidegate_upstream_latency_seconds` series, looked up once.
@@ -197,6 +200,8 @@ pub struct UpstreamBody {
     // Whether `idle` counts from the current wait (disarmed by each piece of data).
     armed: bool,
     timeout: Duration,
+    /// A gRPC answer's status series, counted by the `grpc-status` of its trailers.
+    grpc: Option<Arc<grpc::StatusCounts>>,
 }
 
 /// Which client read the response.
@@ -423,7 +428,7 @@ impl Upstream {
             .timer(TokioTimer::new())
             .build(connector);
         let up = Arc::new(Self {
-            name: upstream,
+            name: upstream.clone(),
             endpoints,
             outlier: spec.outlier.map(Outlier::new),
             tasks: std::sync::OnceLock::new(),
@@ -436,6 +441,10 @@ impl Upstream {
             embedded,
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
             secure,
+            grpc: Arc::new(grpc::StatusCounts::new(
+                &metrics.grpc_status,
+                upstream.clone(),
+            )),
             tls_fingerprint: tls.map(|t| t.fingerprint),
             latency: std::sync::OnceLock::new(),
         });
@@ -680,10 +689,12 @@ impl Upstream {
                 }
                 Ok(Ok(resp)) => {
                     ep.health.succeeded();
-                    return Ok((
-                        resp.map(|b| UpstreamBody::new(b, self.read_timeout)),
-                        started.elapsed(),
-                    ));
+                    let grpc = self.grpc_status(resp.headers());
+                    let resp = resp.map(|b| UpstreamBody {
+                        grpc,
+                        ..UpstreamBody::new(b, self.read_timeout)
+                    });
+                    return Ok((resp, started.elapsed()));
                 }
                 Ok(Err((is_connect, answer))) => {
                     if upstream_at_fault(&answer) {
@@ -937,6 +948,16 @@ impl Upstream {
         Ok((status, latency))
     }
 
+    /// For a gRPC answer, the series its status is counted in when its trailers come; a
+    /// trailers-only answer (the status in the head) is counted now. One header look-up
+    /// for any other answer.
+    fn grpc_status(&self, head: &http::HeaderMap) -> Option<Arc<grpc::StatusCounts>> {
+        if !grpc::is_grpc(head) || self.grpc.count(head) {
+            return None;
+        }
+        Some(self.grpc.clone())
+    }
+
     /// Shape `req` for the shared clients: for cleartext HTTP/1.1 the absolute URI of the
     /// endpoint's address (the plain pool's key); over TLS the endpoint as configured
     /// (the TLS pool's key, mapped to its address by the connector); for HTTP/2 the
@@ -969,7 +990,7 @@ impl Upstream {
                     host.and_then(|h| Authority::try_from(h.as_bytes()).ok())
                         .unwrap_or_else(|| configured.clone())
                 });
-                if !s.h2.is_empty() && is_grpc(req.headers()) {
+                if !s.h2.is_empty() && grpc::is_grpc(req.headers()) {
                     req.headers_mut()
                         .insert(header::TE, HeaderValue::from_static("trailers"));
                 }
@@ -1050,17 +1071,6 @@ fn upstream_at_fault(e: &GatewayError) -> bool {
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamTls
     )
-}
-
-/// Whether a request is gRPC (`content-type: application/grpc`, `application/grpc+proto`,
-/// ...): what decides that the gateway's own answers to it are gRPC statuses.
-pub fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16
-            && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';'))
-    })
 }
 
 /// A failed connect: a failed TLS handshake answers 502 `upstream_tls`, a timeout 504,
@@ -1240,6 +1250,7 @@ impl UpstreamBody {
             idle: None,
             armed: false,
             timeout,
+            grpc: None,
         }
     }
 }
@@ -1261,6 +1272,11 @@ impl Body for UpstreamBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;
+                if let Some(t) = frame.trailers_ref()
+                    && let Some(g) = this.grpc.take()
+                {
+                    g.count(t);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

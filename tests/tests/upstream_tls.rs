@@ -280,3 +280,44 @@ async fn http2_by_prior_knowledge_and_alpn() {
     assert_eq!(tls_errors(&server, "tls_h1_only"), 1.0);
     assert!(server.shutdown().await);
 }
+
+/// A CA bundle replaced on disk is picked up by the watcher without a signal: an upstream
+/// refused under the wrong CA (502 `upstream_tls`) is served once the right one is written.
+#[tokio::test]
+async fn replaced_ca_file_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert();
+    let other = test_cert();
+    put_cert(dir.path(), "ca.pem", &other);
+    let up = Upstream::start_tls(tls_server(&cert, &[b"http/1.1"], None)).await;
+    let mut c = config(&[up.addr]);
+    set(
+        &mut c,
+        "upstreams/up/tls",
+        json!({ "ca_file": "ca.pem", "server_name": "localhost" }),
+    );
+    let server = start_in(dir.path(), &c).await.expect("starts");
+    let gw = server.listen_addrs[0];
+    let client = h1_client();
+    let r = get(&client, gw, "/envelopes/1").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+
+    // Written whole then renamed in, as deployment tools do.
+    std::fs::copy(&cert.cert_path, dir.path().join(".ca.pem.tmp")).unwrap();
+    std::fs::rename(dir.path().join(".ca.pem.tmp"), dir.path().join("ca.pem")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = get(&client, gw, "/envelopes/1").await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never picked up: {}",
+            r.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.hits(), 1);
+    assert!(server.shutdown().await);
+}

@@ -33,14 +33,15 @@ pub struct Connector {
     connect_timeout: Duration,
 }
 
+/// One endpoint as the connector reaches it.
 #[derive(Debug)]
-struct Target {
+pub(super) struct Target {
     /// The endpoint as configured: the authority of the pool's URIs.
-    name: Box<str>,
+    pub(super) name: Box<str>,
     /// Its address, shared with the endpoint (swapped by re-resolution).
-    resolved: Arc<ArcSwap<Resolved>>,
+    pub(super) resolved: Arc<ArcSwap<Resolved>>,
     /// The name its certificate must carry (TLS only).
-    server_name: Option<ServerName<'static>>,
+    pub(super) server_name: Option<ServerName<'static>>,
 }
 
 /// The TLS handshake with an endpoint failed: untrusted or mismatched certificate, no
@@ -62,26 +63,15 @@ pub struct Io(TokioIo<Stream>);
 // === impl Connector ===
 
 impl Connector {
-    /// A connector for `endpoints` (name, shared address, server name), with `tls` when the
-    /// upstream has it.
+    /// A connector for `targets` (indexed like the upstream's endpoints), with `tls` when
+    /// the upstream has it.
     pub(super) fn new(
-        endpoints: Vec<(
-            Box<str>,
-            Arc<ArcSwap<Resolved>>,
-            Option<ServerName<'static>>,
-        )>,
+        targets: Vec<Target>,
         tls: Option<&TlsClient>,
         connect_timeout: Duration,
     ) -> Self {
         Self {
-            targets: endpoints
-                .into_iter()
-                .map(|(name, resolved, server_name)| Target {
-                    name,
-                    resolved,
-                    server_name,
-                })
-                .collect(),
+            targets: targets.into(),
             tls: tls.map(|t| t.config.clone()),
             connect_timeout,
         }

@@ -313,7 +313,11 @@ impl Secure {
                     format!("upstream {:?}: endpoint {:?}: {e}", spec.name, ep.name.0)
                 })?,
             );
-            targets.push((ep.name.0.as_ref().into(), ep.resolved.clone(), name));
+            targets.push(connect::Target {
+                name: ep.name.0.as_ref().into(),
+                resolved: ep.resolved.clone(),
+                server_name: name,
+            });
         }
         let connector = connect::Connector::new(targets, tls.map(|(_, c)| c), spec.connect_timeout);
         let pool = (!h2).then(|| {

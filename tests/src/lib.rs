@@ -347,6 +347,8 @@ struct Log {
     /// Requests being answered now, and the most there ever were at once.
     busy: AtomicUsize,
     most_busy: AtomicUsize,
+    /// Connections accepted (TLS ones counted whether their handshake succeeds or not).
+    connections: AtomicUsize,
 }
 
 /// A test upstream on `127.0.0.1:0` (HTTP/1.1 and h2c). It records every request head as
@@ -388,6 +390,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                l.connections.fetch_add(1, Ordering::Relaxed);
                 let log = l.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -434,6 +437,11 @@ impl Upstream {
         self.log
             .delay_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.log.connections.load(Ordering::Relaxed)
     }
 
     /// The most requests it was answering at once so far.

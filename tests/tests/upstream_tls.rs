@@ -220,7 +220,8 @@ async fn bad_files_refuse_the_load_and_keep_the_old_rules() {
 }
 
 /// `protocol: http2` reaches the upstream as HTTP/2: in cleartext by prior knowledge, over
-/// TLS by ALPN h2, for requests from HTTP/1.1 and HTTP/2 client connections alike. A
+/// TLS by ALPN h2, for requests from HTTP/1.1 and HTTP/2 client connections alike, all on
+/// one connection per endpoint (concurrent calls multiplexed). A
 /// TLS upstream that does not agree to h2 fails clearly (502 `upstream_tls`).
 #[tokio::test]
 async fn http2_by_prior_knowledge_and_alpn() {
@@ -272,6 +273,21 @@ async fn http2_by_prior_knowledge_and_alpn() {
             .all(|s| s.version == http::Version::HTTP_2)
     );
     assert_eq!(h2tls.hits(), 4);
+
+    // Concurrent requests from 16 more client connections, each held 100 ms by the
+    // upstream so that they overlap: all multiplexed on the one connection per endpoint.
+    let calls = (0..16).map(|_| async {
+        let r = get(&h1_client(), gw, "/envelopes/8?sleep_ms=100").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    futures_util::future::join_all(calls).await;
+    assert!(h2c.most_concurrent() > 1, "the calls overlapped");
+    assert_eq!(
+        h2c.connections(),
+        1,
+        "one HTTP/2 connection for every request"
+    );
+    assert_eq!(h2tls.connections(), 1);
 
     let r = tidegate_tests::post(&h1_client(), gw, "/envelopes", "").await;
     assert_eq!(r.status, 502, "{}", r.text());

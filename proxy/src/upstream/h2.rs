@@ -81,6 +81,8 @@ impl H2Conn {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            // An idle connection is kept for the next request, so it is the one to check.
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| DirectError::Connect(io::Error::other(e)))?;

@@ -260,4 +260,42 @@ mod tests {
             assert_eq!(v["error"], e.code());
         }
     }
+
+    /// A gateway answer to a gRPC request becomes a trailers-only gRPC answer: 200,
+    /// `application/grpc`, no body, the status by the answer's cause, other headers kept.
+    #[test]
+    fn grpc_answers() {
+        let cases = [
+            (GatewayError::RateLimited.response(), false, "8"),
+            (GatewayError::BodyTooLarge.response(), false, "8"),
+            (overloaded(&HeaderValue::from_static("1")), false, "14"),
+            (GatewayError::CircuitOpen.response(), false, "14"),
+            (GatewayError::UpstreamTls.response(), false, "14"),
+            (GatewayError::UpstreamTimeout.response(), false, "14"),
+            (GatewayError::NoRoute.response(), false, "12"),
+            (
+                GatewayError::Unauthorized(TokenError::Missing).response(),
+                false,
+                "16",
+            ),
+            // A fallback answering 200 with its JSON body: degraded, UNAVAILABLE.
+            (json(StatusCode::OK, Bytes::from_static(b"{}")), true, "14"),
+        ];
+        for (resp, degraded, code) in cases {
+            let was = resp.status();
+            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+            let g = grpc(resp, degraded, Full::default());
+            assert_eq!(g.status(), StatusCode::OK, "{was}");
+            let h = g.headers();
+            assert_eq!(h[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(h["grpc-status"], code, "{was} degraded={degraded}");
+            assert!(h.contains_key("grpc-message"));
+            assert!(!h.contains_key(header::CONTENT_LENGTH));
+            assert_eq!(h.get(header::RETRY_AFTER), retry.as_ref(), "{was}");
+            assert!(
+                http_body::Body::is_end_stream(g.body()),
+                "{was}: no message"
+            );
+        }
+    }
 }

@@ -332,6 +332,16 @@ pub struct EjectionLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `tidegate_grpc_status_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GrpcStatusLabels {
+    /// Upstream name.
+    pub upstream: Name,
+    /// The gRPC status code's name (`OK`, `NOT_FOUND`, ...), or `unknown` for a
+    /// `grpc-status` outside the 17 codes.
+    pub code: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -428,6 +438,8 @@ pub struct Metrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     /// Endpoints taken out of rotation, by reason.
     pub endpoint_ejections: Family<EjectionLabels, Counter>,
+    /// gRPC statuses (`grpc-status`) upstreams answered with, by upstream and code.
+    pub grpc_status: Family<GrpcStatusLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -784,8 +796,15 @@ impl Metrics {
             "Upstream endpoints taken out of rotation, by reason",
             endpoint_ejections.clone(),
         );
+        let grpc_status = Family::<GrpcStatusLabels, Counter>::default();
+        registry.register(
+            "grpc_status",
+            "gRPC statuses answered by upstreams (grpc-status in the trailers, or the head of a trailers-only answer)",
+            grpc_status.clone(),
+        );
         Self {
             registry,
+            grpc_status,
             cache,
             upgrades,
             upgraded_connections,

@@ -22,6 +22,7 @@ mod health;
 mod matching;
 mod overload;
 mod ramp;
+mod upstream_tls;
 
 pub use cache::Cache;
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
@@ -33,6 +34,7 @@ pub use health::{HealthCheck, Outlier};
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 pub use ramp::{Guard, OnBreach, Ramp, Stop};
+pub use upstream_tls::{Protocol, UpstreamTls};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -95,6 +97,10 @@ pub struct Config {
     /// editable. Default: none. Main file only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<Freeze>,
+}
+
+fn is_http1(p: &Protocol) -> bool {
+    *p == Protocol::Http1
 }
 
 fn is_default_overload(o: &Overload) -> bool {
@@ -475,6 +481,14 @@ pub struct Upstream {
     /// Default: 30000. Range: 100..=86400000.
     #[serde(default = "health::default_resolve_ttl_ms")]
     pub resolve_ttl_ms: u64,
+    /// TLS to the endpoints (`static` only), certificates always verified. Default: none
+    /// (cleartext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// `http1` (the default) or `http2` (`static` only): prior knowledge without `tls`,
+    /// ALPN `h2` with it.
+    #[serde(default, skip_serializing_if = "is_http1")]
+    pub protocol: Protocol,
 }
 
 /// Kind of upstream.

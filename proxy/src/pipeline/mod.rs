@@ -55,6 +55,7 @@ use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
+use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::{keep_authority, set_forwarding};
 use crate::upstream::{ConnCache, UpstreamBody};
 
@@ -143,7 +144,10 @@ impl Gateway {
         };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
             Ok(v) => v,
-            Err(e) => return self.refuse_identity(&rt, e, request_id, conn, started),
+            Err(e) => {
+                let grpc = is_grpc(&parts.headers);
+                return self.refuse_identity(&rt, e, grpc, request_id, conn, started);
+            }
         };
         let mode = Mode::Serve {
             draw: self.next_random(),
@@ -296,11 +300,13 @@ impl Gateway {
         &self,
         rt: &Runtime,
         e: crate::jwt::TokenError,
+        grpc: bool,
         request_id: HeaderValue,
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, e.code(), self.settings.access_log, started);
+        let record =
+            Record::unclassified(rt, e.code(), self.settings.access_log, started).grpc(grpc);
         let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
         record.finish(rt, answer, request_id, conn)
     }

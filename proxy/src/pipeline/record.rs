@@ -19,10 +19,11 @@ use super::decide::{Action, Answered, Decision};
 use super::identity::Verdict;
 use crate::conn::ConnInfo;
 use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
-use crate::respond::GatewayError;
+use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
 use crate::stats::{Class, Tally};
 use crate::upstream::UpstreamBody;
+use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::strip_hop_by_hop;
 
 /// The response body: the upstream's, streamed, or one the gateway made.
@@ -53,6 +54,8 @@ pub struct Record {
     started: Instant,
     /// Who asked and where it was routed, for the access log (copied only when it is on).
     who: Option<Who>,
+    /// The request is gRPC: the gateway's own answers to it are gRPC statuses.
+    grpc: bool,
 }
 
 /// Client address, identity outcome, app, user and route rule of a request, for its access
@@ -130,7 +133,14 @@ impl Record {
             interface: d.class.interface,
             started,
             who,
+            grpc: is_grpc(req.headers),
         }
+    }
+
+    /// Answer as gRPC (when `grpc`) if the gateway answers itself.
+    pub fn grpc(mut self, grpc: bool) -> Self {
+        self.grpc = grpc;
+        self
     }
 
     /// What a request refused before its decision is counted under: no interface, no
@@ -144,6 +154,7 @@ impl Record {
         Self {
             tally: rt.stats.tally(None, None, None),
             interface: None,
+            grpc: false,
             started,
             who: access_log.then(|| Who {
                 client: None,
@@ -176,6 +187,7 @@ impl Record {
             Answer::Local(..) => None,
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
+        let own = matches!(answer, Answer::Local(..) | Answer::Exchange(_, Err(_)));
         let (mut resp, class) = match answer {
             Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
             Answer::Cached(_, resp) => {
@@ -196,7 +208,8 @@ impl Record {
                     Some(u),
                     GatewayError::UpstreamTimeout
                     | GatewayError::UpstreamUnavailable
-                    | GatewayError::UpstreamReset,
+                    | GatewayError::UpstreamReset
+                    | GatewayError::UpstreamTls,
                 ) = (up, e)
                 {
                     metrics
@@ -249,6 +262,12 @@ impl Record {
                 rule = w.rule.as_deref().unwrap_or("none"),
                 "request"
             );
+        }
+        // Counted and logged above under the status it stands for (429, 503, ...), so the
+        // dashboards and metrics read the same for gRPC and other clients.
+        if own && self.grpc {
+            let empty = Either::Right(Full::default());
+            resp = respond::grpc(resp, class == Class::Degraded, empty);
         }
         resp
     }

@@ -608,3 +608,4 @@ fn upgrade_fields() {
 }
 
 mod health;
+mod upstream_tls;

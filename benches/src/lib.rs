@@ -50,9 +50,11 @@ pub fn synthetic_config(n: usize) -> String {
 /// With `rules`, the realistic rule set: 1,000 route rules over (app, interface) pairs, every
 /// odd one a 5% canary split to `v2`; 1,000 limits, one per (app, interface) pair; a
 /// per-user limit keyed by user ID (10/s, burst 10: the comparison's 100,000 users never
-/// reach it, so every request is counted but none refused); and a fallback on `share` the
+/// reach it, so every request is counted but none refused); a global limit in dry run (one
+/// key for all requests, never reached); a circuit breaker on `v1` (closed: every request
+/// routed there takes a permit and records its outcome); and a fallback on `share` the
 /// load never hits. The comparison's request, `GET /envelopes/{id}` as `app7`, matches a
-/// split rule, its pair's limit and the per-user limit.
+/// split rule, its pair's limit, the per-user limit and the dry-run global limit.
 pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> String {
     const IFACES: [(&str, &str, &str); 5] = [
         ("create", "POST", "/envelopes"),
@@ -68,6 +70,7 @@ pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> Str
     let mut routes = vec![r#"{"name": "default", "upstream": "v1"}"#.to_owned()];
     let mut limits = Vec::new();
     let mut fallbacks = Vec::new();
+    let mut breakers = Vec::new();
     if rules {
         for i in 0..1000 {
             let app = i / IFACES.len();
@@ -86,6 +89,11 @@ pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> Str
             ));
         }
         limits.push(r#"{"name":"per-user","key":["user"],"rate":"10/s","burst":10}"#.to_owned());
+        limits.push(r#"{"name":"global-dry","rate":"1000000/s","mode":"dry_run"}"#.to_owned());
+        breakers.push(
+            r#"{"name":"v1-breaker","upstream":"v1","window_ms":10000,"min_calls":100,"error_ratio":"50%","open_ms":5000,"response":{"status":503}}"#
+                .to_owned(),
+        );
         fallbacks.push(
             r#"{"name":"share-off","match":{"interfaces":["share"]},"response":{"status":200,"headers":{"x-tidegate-fallback":"1"}}}"#
                 .to_owned(),
@@ -101,7 +109,8 @@ pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> Str
   "upstreams": {{"v1": {{"endpoints": ["{backend}"]}}, "v2": {{"endpoints": ["{backend}"]}}}},
   "routes": [{}],
   "limits": [{}],
-  "fallbacks": [{}]}}
+  "fallbacks": [{}],
+  "breakers": [{}]}}
 "#,
         interfaces.join(", "),
         routes.join(
@@ -113,6 +122,10 @@ pub fn peer_config(rules: bool, listen: &str, admin: &str, backend: &str) -> Str
   "
         ),
         fallbacks.join(
+            ",
+  "
+        ),
+        breakers.join(
             ",
   "
         ),

@@ -6,10 +6,15 @@
 #   benches/peers/run.sh                 # from the repository root (or anywhere inside it)
 #
 # Environment: ROUNDS (3), SECS per measurement (5), CONNS (50), RATE for the fixed-rate
-# latency measurement (5000 req/s), PROXY_CPU (0) and LOAD_CPU (1): the proxy under test is
-# pinned to PROXY_CPU, the load tool and the backend share LOAD_CPU (one core each side, so
-# every proxy gets the same single core; on one core nginx runs one worker, HAProxy one
-# thread and Tidegate one runtime worker). OUT (target/peers): where results go.
+# latency measurement (5000 req/s), PROXY_CPU (0) and LOAD_CPU (1). The proxy under test is
+# always pinned to PROXY_CPU (on one core nginx runs one worker, HAProxy one thread and
+# Tidegate one runtime worker); LAYOUT says where the backend goes:
+#   split   the load tool and the backend share LOAD_CPU: the proxy has its core to itself;
+#   shared  the backend shares PROXY_CPU with the proxy, the load tool has LOAD_CPU: the
+#           proxy competes with the backend for its core (as a sidecar or a small box does);
+# LAYOUT="split shared" (the default) measures both, one after the other, with the same
+# processes (the backend is re-pinned between them), and prints one table per layout.
+# OUT (target/peers): where results go (rounds-LAYOUT.tsv, table-LAYOUT.md, table.md).
 # BASELINE=/path/to/an/older/tidegate adds a sixth target, `tidegate-baseline`: that binary
 # with the realistic rules, in the same rounds, for an A/B of a code change under the same
 # noise.
@@ -28,6 +33,10 @@ RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/peers}
+LAYOUT=${LAYOUT:-split shared}
+for l in $LAYOUT; do
+    case "$l" in split|shared) ;; *) echo "LAYOUT: split, shared or both (\"split shared\"), not $l" >&2; exit 2 ;; esac
+done
 BIN=$ROOT/target/release
 
 need=()
@@ -89,6 +98,7 @@ TICK=$(getconf CLK_TCK)
 
 BACKEND_PORT=$(port)
 taskset -c "$LOAD_CPU" "$BIN/bench-backend" "127.0.0.1:$BACKEND_PORT" 1 >"$DIR/backend.log" 2>&1 &
+BACKEND_PID=$!
 PIDS+=($!)
 wait_port "$BACKEND_PORT"
 
@@ -135,55 +145,74 @@ load() { # target closed|open secs json
         "${mode[@]}" --quiet --json "$4" >/dev/null
 }
 
-echo "rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
-echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors user_us_per_req" | tee "$OUT/rounds.tsv"
-for r in $(seq "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do
-        load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
-        before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
-        ubefore=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
-        load "$t" closed "$SECS" "$DIR/max.json"
-        after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
-        uafter=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
-        load "$t" open "$SECS" "$DIR/fixed.json"
-        reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
-        errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")
-        errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed.json")))
-        line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "$(( after - before ))" \
-            --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed.json" \
-            --argjson ucpu "$(( uafter - ubefore ))" \
-            '[$r, $t, (.overall.rps|floor), .overall.latency_ms.p50, .overall.latency_ms.p99,
-              (if $reqs > 0 then ($cpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end),
-              $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs,
-              (if $reqs > 0 then ($ucpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end)] | @tsv' "$DIR/max.json")
-        echo "$line" | tee -a "$OUT/rounds.tsv"
+# One layout's rounds and table: pins the backend for it (the proxies stay on PROXY_CPU).
+measure() { # split|shared
+    local backend_cpu where
+    case "$1" in
+        split) backend_cpu=$LOAD_CPU
+            where="proxy alone on cpu $PROXY_CPU; load tool and backend on cpu $LOAD_CPU" ;;
+        shared) backend_cpu=$PROXY_CPU
+            where="proxy and backend on cpu $PROXY_CPU; load tool on cpu $LOAD_CPU" ;;
+    esac
+    taskset -a -p -c "$backend_cpu" "$BACKEND_PID" >/dev/null
+    echo "layout=$1 rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU backend-cpu=$backend_cpu"
+    echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors user_us_per_req" | tee "$OUT/rounds-$1.tsv"
+    for r in $(seq "$ROUNDS"); do
+        for t in "${TARGETS[@]}"; do
+            load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
+            before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+            ubefore=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
+            load "$t" closed "$SECS" "$DIR/max.json"
+            after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
+            uafter=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
+            load "$t" open "$SECS" "$DIR/fixed.json"
+            reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
+            errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")
+            errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed.json")))
+            line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "$(( after - before ))" \
+                --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed.json" \
+                --argjson ucpu "$(( uafter - ubefore ))" \
+                '[$r, $t, (.overall.rps|floor), .overall.latency_ms.p50, .overall.latency_ms.p99,
+                  (if $reqs > 0 then ($cpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end),
+                  $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs,
+                  (if $reqs > 0 then ($ucpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end)] | @tsv' "$DIR/max.json")
+            echo "$line" | tee -a "$OUT/rounds-$1.tsv"
+        done
     done
-done
 
-# Medians over the rounds, and ratios against the direct backend and against nginx.
-awk -F'\t' -v targets="${TARGETS[*]}" '
-    NR == 1 { next }
-    { n[$2]++; rps[$2, n[$2]] = $3; p50[$2, n[$2]] = $4; p99[$2, n[$2]] = $5; cpu[$2, n[$2]] = $6;
-      f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9; usr[$2, n[$2]] = $10 }
-    function med(a, t, k,   v, i, j, x, m) {
-        m = n[t]; for (i = 1; i <= m; i++) v[i] = a[t, i]
-        for (i = 2; i <= m; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
-        return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
-    }
-    END {
-        nt = split(targets, order, " ")
-        for (i = 1; i <= nt; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
-        printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | of it user µs/req | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
-        printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        for (i = 1; i <= nt; i++) {
-            t = order[i]
-            printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
-                med(p50, t), med(p99, t), (t == "direct" ? "-" : sprintf("%.1f", C[t])),
-                (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])),
-                (t == "direct" ? "-" : sprintf("%.1f", med(usr, t))), med(f50, t), med(f99, t), err[t]
+    # Medians over the rounds, and ratios against the direct backend and against nginx.
+    awk -F'\t' -v targets="${TARGETS[*]}" -v layout="$1" -v where="$where" '
+        NR == 1 { next }
+        { n[$2]++; rps[$2, n[$2]] = $3; p50[$2, n[$2]] = $4; p99[$2, n[$2]] = $5; cpu[$2, n[$2]] = $6;
+          f50[$2, n[$2]] = $7; f99[$2, n[$2]] = $8; err[$2] += $9; usr[$2, n[$2]] = $10 }
+        function med(a, t, k,   v, i, j, x, m) {
+            m = n[t]; for (i = 1; i <= m; i++) v[i] = a[t, i]
+            for (i = 2; i <= m; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+            return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
         }
-        printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
-        if (R["tidegate-baseline"] > 0)
-            printf "tidegate-rules against the baseline binary: %.2fx req/s, %.2fx CPU per request\n", R["tidegate-rules"] / R["tidegate-baseline"], C["tidegate-rules"] / C["tidegate-baseline"]
-    }' "$OUT/rounds.tsv" | tee "$OUT/table.md"
-echo "medians of $ROUNDS rounds; per-round figures in $OUT/rounds.tsv, this table in $OUT/table.md"
+        END {
+            nt = split(targets, order, " ")
+            printf "layout %s: %s\n\n", layout, where
+            for (i = 1; i <= nt; i++) { t = order[i]; R[t] = med(rps, t); C[t] = med(cpu, t) }
+            printf "| target | req/s | × direct | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx CPU | of it user µs/req | p50 ms @ fixed rate | p99 ms @ fixed rate | errors |\n"
+            printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            for (i = 1; i <= nt; i++) {
+                t = order[i]
+                printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.2f | %.2f | %d |\n", t, R[t], R[t] / R["direct"], R[t] / R["nginx"],
+                    med(p50, t), med(p99, t), (t == "direct" ? "-" : sprintf("%.1f", C[t])),
+                    (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])),
+                    (t == "direct" ? "-" : sprintf("%.1f", med(usr, t))), med(f50, t), med(f99, t), err[t]
+            }
+            printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
+            if (R["tidegate-baseline"] > 0)
+                printf "tidegate-rules against the baseline binary: %.2fx req/s, %.2fx CPU per request\n", R["tidegate-rules"] / R["tidegate-baseline"], C["tidegate-rules"] / C["tidegate-baseline"]
+        }' "$OUT/rounds-$1.tsv" | tee "$OUT/table-$1.md"
+    echo "layout $1: medians of $ROUNDS rounds; per-round figures in $OUT/rounds-$1.tsv, this table in $OUT/table-$1.md"
+}
+
+: >"$OUT/table.md"
+for l in $LAYOUT; do
+    measure "$l"
+    { cat "$OUT/table-$l.md"; echo; } >>"$OUT/table.md"
+done
+echo "all layouts' tables in $OUT/table.md"

@@ -27,8 +27,11 @@ pub struct Governance {
     shadow_fallback_index: Option<MatchIndex>,
     /// Circuit breakers in config order.
     pub breakers: Vec<CompiledBreaker>,
-    /// (upstream, route) → breaker index; route `None` for upstream-wide breakers.
-    pub(crate) breaker_by: HashMap<(u32, Option<u32>), u32>,
+    /// (upstream, route) → breaker index, for breakers on one route's use of an upstream.
+    pub(crate) breaker_by: HashMap<(u32, u32), u32>,
+    /// Upstream → breaker index of its upstream-wide breaker, indexed by upstream ID (up to
+    /// the highest one guarded): the common lookup is one bounds-checked load, no hashing.
+    breaker_by_upstream: Box<[Option<u32>]>,
     /// The plans in force, in order.
     pub active_plans: Vec<Box<str>>,
     /// Names of the limits, fallbacks and breakers by index, for cheap clones.
@@ -59,11 +62,22 @@ impl Governance {
         let fallback_index = MatchIndex::build(fallbacks[..enforced].iter().map(|f| &f.matcher));
         let shadow_fallback_index = (enforced < fallbacks.len())
             .then(|| MatchIndex::build(fallbacks.iter().map(|f| &f.matcher)));
-        let breaker_by = breakers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| ((b.upstream.0, b.route), i as u32))
-            .collect();
+        let mut breaker_by = HashMap::new();
+        let mut breaker_by_upstream = Vec::new();
+        for (i, b) in breakers.iter().enumerate() {
+            match b.route {
+                Some(r) => {
+                    breaker_by.insert((b.upstream.0, r), i as u32);
+                }
+                None => {
+                    let u = b.upstream.0 as usize;
+                    if breaker_by_upstream.len() <= u {
+                        breaker_by_upstream.resize(u + 1, None);
+                    }
+                    breaker_by_upstream[u] = Some(i as u32);
+                }
+            }
+        }
         Self {
             limit_names: limits.iter().map(|l| Arc::from(&*l.name)).collect(),
             fallback_names: fallbacks.iter().map(|f| Arc::from(&*f.name)).collect(),
@@ -75,6 +89,7 @@ impl Governance {
             shadow_fallback_index,
             breakers,
             breaker_by,
+            breaker_by_upstream: breaker_by_upstream.into(),
             active_plans,
         }
     }
@@ -155,13 +170,16 @@ impl Governance {
     /// else one for the whole upstream.
     pub fn breaker_for(&self, upstream: UpstreamId, route: Option<u32>) -> Option<u32> {
         let by = &self.breaker_by;
-        if by.is_empty() {
-            return None;
-        }
-        route
-            .and_then(|r| by.get(&(upstream.0, Some(r))))
-            .or_else(|| by.get(&(upstream.0, None)))
-            .copied()
+        let on_route = match route {
+            Some(r) if !by.is_empty() => by.get(&(upstream.0, r)).copied(),
+            _ => None,
+        };
+        on_route.or_else(|| {
+            (self.breaker_by_upstream)
+                .get(upstream.0 as usize)
+                .copied()
+                .flatten()
+        })
     }
 }
 

@@ -82,6 +82,9 @@ pub struct CompiledLimit {
     /// reload exactly when name and fingerprint are unchanged.
     pub fingerprint: u64,
     key: Vec<CompiledKeyPart>,
+    /// The hash of an empty key tuple (one key for all requests), computed at load time:
+    /// such a rule (a global or per-pair limit) hashes nothing per request.
+    fixed_hash: Option<u64>,
     when_missing: WhenMissing,
     exc_users: HashMap<Box<str>, u16>,
     exc_apps: HashMap<Box<str>, u16>,
@@ -221,6 +224,7 @@ impl CompiledLimit {
                 max_queue: l.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             }),
             fingerprint: fingerprint(l),
+            fixed_hash: key.is_empty().then(|| KeyHasher::new().finish()),
             key,
             when_missing: l.when_missing,
             exc_users,
@@ -281,6 +285,12 @@ impl CompiledLimit {
         names: &(impl InterfaceNames + ?Sized),
         r: &RouteInput<'_>,
     ) -> Option<LimitKey> {
+        if let Some(hash) = self.fixed_hash {
+            return Some(LimitKey {
+                quota: self.quota_of(&r.m),
+                hash,
+            });
+        }
         let mut h = KeyHasher::new();
         let found = self.walk_key(names, r, |piece| match piece {
             KeyPiece::Value(_, v) => {

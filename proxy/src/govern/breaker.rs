@@ -14,9 +14,12 @@
 //!
 //! Time is passed in (nanoseconds since [`epoch`]), so the state machine is tested without
 //! sleeping. The closed state is read with one atomic load, so a healthy upstream's requests
-//! never take the lock to be admitted; they take it once, briefly, to record their outcome.
+//! never take the lock to be admitted, and the outcome of a call made while closed is
+//! counted in the window with atomic adds: the lock is taken only to rotate a bucket into a
+//! new interval (once per bucket per tenth of the window), to change state, and for
+//! half-open probes.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -75,13 +78,15 @@ pub struct Breaker {
 struct Core {
     /// Mirror of the state for the lock-free closed-state check.
     fast: AtomicU8,
+    /// Outcome counts of the closed state. Added to without the lock; buckets are rotated,
+    /// and the window cleared, under it.
+    window: Window,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug)]
 struct Inner {
     state: Phase,
-    window: Window,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,13 +102,15 @@ struct Window {
     buckets: [Bucket; BUCKETS],
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// One interval's counts. `epoch` is written (with the counts reset before it) only under
+/// the breaker's lock; the counts are added to without it once `epoch` is the caller's.
+#[derive(Debug, Default)]
 struct Bucket {
     /// Index of the bucket-length interval this bucket counts (`now / bucket_ns`).
-    epoch: u64,
-    calls: u32,
-    failures: u32,
-    slow: u32,
+    epoch: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
 }
 
 /// The breaker's verdict on one request.
@@ -174,12 +181,12 @@ impl Breaker {
             def,
             core: Arc::new(Core {
                 fast: AtomicU8::new(State::Closed as u8),
+                window: Window {
+                    bucket_ns,
+                    buckets: Default::default(),
+                },
                 inner: Mutex::new(Inner {
                     state: Phase::Closed,
-                    window: Window {
-                        bucket_ns,
-                        buckets: [Bucket::default(); BUCKETS],
-                    },
                 }),
             }),
         }
@@ -235,9 +242,19 @@ impl Breaker {
     /// May a request call the upstream at `now`? Also returns the transition to half-open
     /// when this request is the one that ends the open period.
     pub fn admit(self: &Arc<Self>, now: u64) -> (Admission, Option<Transition>) {
+        self.admit_at(|| now)
+    }
+
+    /// [`Breaker::admit`], reading the time only when the breaker is not closed (a closed
+    /// breaker admits whatever the time).
+    pub fn admit_at(
+        self: &Arc<Self>,
+        now: impl FnOnce() -> u64,
+    ) -> (Admission, Option<Transition>) {
         if self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
             return (Admission::Pass(self.permit(false)), None);
         }
+        let now = now();
         let mut inner = self.lock();
         let mut transition = None;
         if let Phase::Open { until } = inner.state {
@@ -293,6 +310,26 @@ impl Breaker {
     ) -> Option<Transition> {
         let slow = self.def.slow_call.is_some_and(|s| latency >= s);
         let bad = result == CallResult::Failure || slow;
+        let failure = result == CallResult::Failure;
+        let window = &self.core.window;
+        // The common path: a call made while closed, counted without the lock. The lock is
+        // taken when the call's bucket must be rotated first, or when the counts trip it.
+        if !probe && self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
+            match window.add(now, failure, slow) {
+                Some(counts) if !self.trips(counts) => return None,
+                Some(_) => {
+                    // Tripped: decided again under the lock (another call may have opened
+                    // it meanwhile), without counting this call twice.
+                    let mut inner = self.lock();
+                    let counts = window.counts(now / window.bucket_ns);
+                    return match inner.state {
+                        Phase::Closed if self.trips(counts) => self.open(&mut inner, now),
+                        _ => None,
+                    };
+                }
+                None => {}
+            }
+        }
         let mut inner = self.lock();
         match (inner.state, probe) {
             (Phase::HalfOpen { issued, succeeded }, true) => {
@@ -300,7 +337,7 @@ impl Breaker {
                     let until = now + self.def.open_for.as_nanos() as u64;
                     self.set(&mut inner, Phase::Open { until })
                 } else if succeeded + 1 >= self.def.half_open_probes {
-                    inner.window.clear();
+                    window.clear();
                     self.set(&mut inner, Phase::Closed)
                 } else {
                     inner.state = Phase::HalfOpen {
@@ -311,27 +348,33 @@ impl Breaker {
                 }
             }
             (Phase::Closed, false) => {
-                let (calls, failures, slows) =
-                    inner.window.add(now, result == CallResult::Failure, slow);
-                let d = &self.def;
-                let over = |n: u32, ppm: u32| {
-                    u64::from(n) * 1_000_000 >= u64::from(ppm) * u64::from(calls)
-                };
-                let trips = calls >= d.min_calls
-                    && (over(failures, d.error_ratio_ppm)
-                        || (d.slow_call.is_some() && over(slows, d.slow_ratio_ppm)));
-                if trips {
-                    inner.window.clear();
-                    let until = now + d.open_for.as_nanos() as u64;
-                    self.set(&mut inner, Phase::Open { until })
-                } else {
-                    None
+                // Under the lock: the bucket is rotated here if it has to be.
+                let counts = window.add_locked(now, failure, slow);
+                match self.trips(counts) {
+                    true => self.open(&mut inner, now),
+                    false => None,
                 }
             }
             // A call admitted before the state changed, or a probe of a finished half-open
             // round: it says nothing about the current state.
             _ => None,
         }
+    }
+
+    /// Whether the closed window's (calls, failures, slow calls) open the breaker.
+    fn trips(&self, (calls, failures, slows): (u32, u32, u32)) -> bool {
+        let d = &self.def;
+        let over = |n: u32, ppm: u32| u64::from(n) * 1_000_000 >= u64::from(ppm) * u64::from(calls);
+        calls >= d.min_calls
+            && (over(failures, d.error_ratio_ppm)
+                || (d.slow_call.is_some() && over(slows, d.slow_ratio_ppm)))
+    }
+
+    /// Closed → open at `now` (under the lock).
+    fn open(&self, inner: &mut Inner, now: u64) -> Option<Transition> {
+        self.core.window.clear();
+        let until = now + self.def.open_for.as_nanos() as u64;
+        self.set(inner, Phase::Open { until })
     }
 
     fn release_probe(&self) {
@@ -353,31 +396,74 @@ fn phase_state(p: Phase) -> State {
 // === impl Window ===
 
 impl Window {
-    /// Count one call at `now`; returns the window's (calls, failures, slow calls).
-    fn add(&mut self, now: u64, failure: bool, slow: bool) -> (u32, u32, u32) {
+    /// Count one call at `now` without the lock, if its bucket already counts `now`'s
+    /// interval; returns the window's (calls, failures, slow calls). `None`: the bucket must
+    /// be rotated first ([`Window::add_locked`]).
+    fn add(&self, now: u64, failure: bool, slow: bool) -> Option<(u32, u32, u32)> {
         let epoch = now / self.bucket_ns;
-        let b = &mut self.buckets[(epoch % BUCKETS as u64) as usize];
-        if b.epoch != epoch {
-            *b = Bucket {
-                epoch,
-                ..Bucket::default()
-            };
+        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        if b.epoch.load(Ordering::Acquire) != epoch {
+            return None;
         }
-        b.calls += 1;
-        b.failures += u32::from(failure);
-        b.slow += u32::from(slow);
-        // Buckets of the last BUCKETS intervals, this one included.
-        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
-            .iter()
-            .filter(|b| b.epoch >= oldest && b.epoch <= epoch && b.calls > 0)
-            .fold((0, 0, 0), |(c, f, s), b| {
-                (c + b.calls, f + b.failures, s + b.slow)
-            })
+        b.bump(failure, slow);
+        Some(self.counts(epoch))
     }
 
-    fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
+    /// [`Window::add`] under the breaker's lock: the bucket is moved to `now`'s interval
+    /// (its counts reset) first if it counts another.
+    fn add_locked(&self, now: u64, failure: bool, slow: bool) -> (u32, u32, u32) {
+        let epoch = now / self.bucket_ns;
+        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        if b.epoch.load(Ordering::Acquire) != epoch {
+            // Counts first, then the epoch that lets lock-free adds in (Release): an add
+            // that sees the new epoch lands after the reset.
+            b.calls.store(0, Ordering::Relaxed);
+            b.failures.store(0, Ordering::Relaxed);
+            b.slow.store(0, Ordering::Relaxed);
+            b.epoch.store(epoch, Ordering::Release);
+        }
+        b.bump(failure, slow);
+        self.counts(epoch)
+    }
+
+    /// (calls, failures, slow calls) of the buckets of the last BUCKETS intervals up to
+    /// `epoch`, this one included.
+    fn counts(&self, epoch: u64) -> (u32, u32, u32) {
+        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
+        self.buckets.iter().fold((0, 0, 0), |(c, f, s), b| {
+            let e = b.epoch.load(Ordering::Acquire);
+            let calls = b.calls.load(Ordering::Relaxed);
+            if e < oldest || e > epoch || calls == 0 {
+                return (c, f, s);
+            }
+            let failures = b.failures.load(Ordering::Relaxed);
+            let slow = b.slow.load(Ordering::Relaxed);
+            (c + calls, f + failures, s + slow)
+        })
+    }
+
+    /// Forget every count (under the lock).
+    fn clear(&self) {
+        for b in &self.buckets {
+            b.calls.store(0, Ordering::Relaxed);
+            b.failures.store(0, Ordering::Relaxed);
+            b.slow.store(0, Ordering::Relaxed);
+            b.epoch.store(0, Ordering::Release);
+        }
+    }
+}
+
+// === impl Bucket ===
+
+impl Bucket {
+    fn bump(&self, failure: bool, slow: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if failure {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow {
+            self.slow.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -396,6 +482,21 @@ impl Permit {
 
     /// Report how the call went; returns the state change it caused, if any.
     pub fn finish(mut self, now: u64, result: CallResult, latency: Duration) -> Option<Transition> {
+        self.report(now, result, latency)
+    }
+
+    /// [`Permit::finish`] without giving the permit up (its breaker stays at hand for the
+    /// caller to report a transition, with no reference count taken); a permit reported
+    /// once is spent: dropping it afterwards does nothing.
+    pub fn report(
+        &mut self,
+        now: u64,
+        result: CallResult,
+        latency: Duration,
+    ) -> Option<Transition> {
+        if self.done {
+            return None;
+        }
         self.done = true;
         if self.shadow {
             return None;

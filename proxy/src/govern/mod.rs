@@ -177,7 +177,7 @@ impl Governors {
                 (false, false) => BreakerVerdict::Open { breaker },
             };
         };
-        let (admission, transition) = b.admit(breaker::now());
+        let (admission, transition) = b.admit_at(breaker::now);
         if let Some(t) = transition {
             on_transition(metrics, b, t);
         }
@@ -244,7 +244,7 @@ pub fn finish_call(
     outcome: Result<http::StatusCode, GatewayError>,
     latency: Duration,
 ) {
-    let Some(p) = permit else { return };
+    let Some(mut p) = permit else { return };
     let result = match outcome {
         Ok(s) if s.is_server_error() => CallResult::Failure,
         Ok(_) => CallResult::Success,
@@ -256,9 +256,8 @@ pub fn finish_call(
         ) => CallResult::Failure,
         Err(_) => return, // dropping the permit gives a probe slot back
     };
-    let b = Arc::clone(p.breaker());
-    if let Some(t) = p.finish(breaker::now(), result, latency) {
-        on_transition(metrics, &b, t);
+    if let Some(t) = p.report(breaker::now(), result, latency) {
+        on_transition(metrics, p.breaker(), t);
     }
 }
 

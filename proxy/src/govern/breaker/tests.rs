@@ -260,3 +260,31 @@ fn dry_run_mirrors_states_and_never_refuses() {
     }
     assert_eq!((opened, shadowed), (2, 5));
 }
+
+/// Outcomes recorded at once from several threads, without the lock, are all counted: the
+/// window holds every call of the bucket, and a call in a later interval rotates its bucket.
+#[test]
+fn concurrent_outcomes_are_all_counted() {
+    let b = breaker("");
+    let threads = 4;
+    let calls = 5_000;
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..calls {
+                    assert_eq!(call(&b, MS, CallResult::Success), Some(None));
+                }
+            });
+        }
+    });
+    let w = &b.core.window;
+    let epoch = MS / w.bucket_ns;
+    assert_eq!(w.counts(epoch), (threads * calls, 0, 0));
+    assert_eq!(b.state(), State::Closed);
+    // 0.25 s later: another bucket, the first still in the 1 s window.
+    assert_eq!(call(&b, 250 * MS, CallResult::Failure), Some(None));
+    assert_eq!(
+        w.counts(250 * MS / w.bucket_ns),
+        (threads * calls + 1, 1, 0)
+    );
+}

@@ -151,11 +151,12 @@ struct History {
     /// Per upstream: the last [`RATE_WINDOW_SECS`] histograms, for the table's percentiles.
     recent_hist: ByName<VecDeque<[u32; LAT_BUCKETS]>>,
     /// Per limit rule: allowed, limited and dry-run-limited decisions of each second.
-    limits: ByName<VecDeque<[u32; 3]>>,
+    limits: Series<VecDeque<[u32; 3]>>,
     /// Per limit rule: the Prometheus counters' values at the previous sample.
-    limit_prev: ByName<[u64; 3]>,
-    /// Per route rule, per target upstream: forwarded requests of each second.
-    splits: ByName<ByName<VecDeque<u32>>>,
+    limit_prev: Series<Option<[u64; 3]>>,
+    /// Per route rule and target upstream ([`split_key`]): forwarded requests of each
+    /// second.
+    splits: Series<VecDeque<u32>>,
     /// Identity of the runtime sampled last (its counters' address): a change means a
     /// reload, after which series of names that left the config are dropped.
     layout: usize,
@@ -189,6 +190,82 @@ fn ring_of<'m, T>(map: &'m mut ByName<VecDeque<T>>, name: &str) -> &'m mut VecDe
     map.get_mut(name).expect("just inserted")
 }
 
+/// Series of one kind (one per limit rule, or per split target), by name, bound to the
+/// sampled runtime's order once per runtime: a second's sample reaches each series by its
+/// index in the runtime, with no lookup by name (a thousand rules made those lookups most
+/// of the sampler's cost). Names survive reloads as with [`ByName`].
+#[derive(Debug, Default)]
+struct Series<V> {
+    /// Name → slot in `values`.
+    slots: ByName<usize>,
+    values: Vec<V>,
+    /// The name of each slot.
+    names: Vec<Box<str>>,
+    /// The slot of each of the bound runtime's series, in its order.
+    bound: Vec<usize>,
+}
+
+impl<V: Default> Series<V> {
+    /// The series of `name`, if it has one.
+    fn get(&self, name: &str) -> Option<&V> {
+        self.slots.get(name).map(|&i| &self.values[i])
+    }
+
+    /// Bind the runtime's series, in its order (a new name gets a new, default series).
+    fn bind<N: AsRef<str>>(&mut self, names: impl Iterator<Item = N>) {
+        self.bound.clear();
+        for name in names {
+            let name = name.as_ref();
+            let slot = match self.slots.get(name) {
+                Some(&i) => i,
+                None => {
+                    self.values.push(V::default());
+                    self.names.push(name.into());
+                    self.slots.insert(name.into(), self.values.len() - 1);
+                    self.values.len() - 1
+                }
+            };
+            self.bound.push(slot);
+        }
+    }
+
+    /// The series of the bound runtime's `i`-th name.
+    fn at(&mut self, i: usize) -> &mut V {
+        &mut self.values[self.bound[i]]
+    }
+
+    /// Drop the series the bound runtime does not have.
+    fn prune(&mut self) {
+        let mut keep = vec![false; self.values.len()];
+        for &i in &self.bound {
+            keep[i] = true;
+        }
+        let mut remap = vec![usize::MAX; self.values.len()];
+        let values = std::mem::take(&mut self.values);
+        let names = std::mem::take(&mut self.names);
+        for (i, (v, n)) in values.into_iter().zip(names).enumerate() {
+            if keep[i] {
+                remap[i] = self.values.len();
+                self.values.push(v);
+                self.names.push(n);
+            }
+        }
+        self.slots = (self.names.iter())
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        for i in &mut self.bound {
+            *i = remap[*i];
+        }
+    }
+}
+
+/// The [`Series`] name of a split's target: route and upstream names (neither has a
+/// control character).
+fn split_key(route: &str, upstream: &str) -> String {
+    format!("{route}\u{1}{upstream}")
+}
+
 fn last_n<T>(ring: &VecDeque<T>, n: usize) -> impl Iterator<Item = &T> {
     ring.iter().skip(ring.len().saturating_sub(n))
 }
@@ -203,9 +280,9 @@ impl History {
             unclassified: VecDeque::with_capacity(HISTORY_SECS),
             latency: ByName::default(),
             recent_hist: ByName::default(),
-            limits: ByName::default(),
-            limit_prev: ByName::default(),
-            splits: ByName::default(),
+            limits: Series::default(),
+            limit_prev: Series::default(),
+            splits: Series::default(),
             layout: 0,
         }
     }
@@ -233,6 +310,9 @@ impl History {
         let c = &rt.stats;
         let layout = Arc::as_ptr(c) as usize;
         let reloaded = std::mem::replace(&mut self.layout, layout) != layout;
+        if reloaded {
+            self.bind(rt);
+        }
 
         for (i, itf) in snap.interfaces.iter().enumerate() {
             let counts = c.interfaces[i].take();
@@ -269,7 +349,7 @@ impl History {
             }
         }
 
-        for lim in &rt.governors.limiters.rules {
+        for (li, lim) in rt.governors.limiters.rules.iter().enumerate() {
             // Paced requests were admitted (after their turn): the dashboard counts them as
             // allowed.
             let now: [u64; 3] = lim.counters.get().map_or([0; 3], |cs| {
@@ -280,28 +360,21 @@ impl History {
                     n(Outcome::DryRunLimited),
                 ]
             });
-            let name: &str = &lim.name.0;
-            let prev = match self.limit_prev.get_mut(name) {
-                Some(p) => p,
-                None => self.limit_prev.entry(name.into()).or_insert(now),
-            };
-            let before = std::mem::replace(prev, now);
+            let before = self.limit_prev.at(li).replace(now).unwrap_or(now);
             let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
-            push_ring(ring_of(&mut self.limits, name), len, delta);
+            push_ring(self.limits.at(li), len, delta);
         }
 
+        // Split targets, in the order `bind` gave them.
+        let mut si = 0;
         for (ri, r) in snap.routes.iter().enumerate() {
             let RouteAction::Split(targets) = &r.action else {
                 continue;
             };
-            let rule = match self.splits.get_mut(&r.name) {
-                Some(m) => m,
-                None => self.splits.entry(r.name.clone()).or_default(),
-            };
-            for (ti, t) in targets.iter().enumerate() {
-                let up = &snap.upstreams[t.upstream.0 as usize].name;
+            for ti in 0..targets.len() {
                 let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
-                push_ring(ring_of(rule, up), len, n);
+                push_ring(self.splits.at(si), len, n);
+                si += 1;
             }
         }
 
@@ -322,6 +395,24 @@ impl History {
         window
     }
 
+    /// Bind the per-rule series to a new runtime's rules (see [`Series`]).
+    fn bind(&mut self, rt: &Runtime) {
+        let snap = &rt.snapshot;
+        let limits = || rt.governors.limiters.rules.iter().map(|l| &*l.name.0);
+        self.limits.bind(limits());
+        self.limit_prev.bind(limits());
+        let splits = snap.routes.iter().flat_map(|r| {
+            let targets = match &r.action {
+                RouteAction::Split(targets) => &targets[..],
+                RouteAction::Upstream(_) => &[],
+            };
+            targets.iter().map(|t| {
+                split_key(&r.name, &snap.upstreams[t.upstream.0 as usize].name)
+            })
+        });
+        self.splits.bind(splits);
+    }
+
     /// Drop the series of names the runtime no longer has.
     fn prune(&mut self, rt: &Runtime) {
         let snap = &rt.snapshot;
@@ -330,37 +421,9 @@ impl History {
         let upstreams: HashSet<&str> = snap.upstreams.iter().map(|u| &*u.name).collect();
         self.latency.retain(|k, _| upstreams.contains(&**k));
         self.recent_hist.retain(|k, _| upstreams.contains(&**k));
-        let limits: HashSet<&str> = rt
-            .governors
-            .limiters
-            .rules
-            .iter()
-            .map(|l| &*l.name.0)
-            .collect();
-        self.limits.retain(|k, _| limits.contains(&**k));
-        self.limit_prev.retain(|k, _| limits.contains(&**k));
-        let splits: HashMap<&str, HashSet<&str>> = snap
-            .routes
-            .iter()
-            .filter_map(|r| match &r.action {
-                RouteAction::Split(targets) => Some((
-                    &*r.name,
-                    targets
-                        .iter()
-                        .map(|t| &*snap.upstreams[t.upstream.0 as usize].name)
-                        .collect(),
-                )),
-                RouteAction::Upstream(_) => None,
-            })
-            .collect();
-        self.splits
-            .retain(|rule, targets| match splits.get(&**rule) {
-                Some(keep) => {
-                    targets.retain(|up, _| keep.contains(&**up));
-                    true
-                }
-                None => false,
-            });
+        self.limits.prune();
+        self.limit_prev.prune();
+        self.splits.prune();
     }
 
     /// Seconds covered by the last `n` buckets, and that window's start and end.
@@ -542,8 +605,7 @@ impl History {
                     .map(|t| {
                         let up = &*snap.upstreams[t.upstream.0 as usize].name;
                         self.splits
-                            .get(&r.name)
-                            .and_then(|m| m.get(up))
+                            .get(&split_key(&r.name, up))
                             .map_or(0, |ring| {
                                 last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
                             })

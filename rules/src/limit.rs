@@ -291,6 +291,21 @@ impl CompiledLimit {
                 hash,
             });
         }
+        // The common shape, one part present and short (a user ID): the bytes the general
+        // path would hash, laid out in a small buffer at once.
+        if let [part] = &self.key[..]
+            && let Some(v) = part_value(part, names, r)
+            && v.len() <= SHORT_VALUE
+        {
+            let mut buf = [0u8; 5 + SHORT_VALUE];
+            buf[0] = 1;
+            buf[1..5].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            buf[5..5 + v.len()].copy_from_slice(v);
+            return Some(LimitKey {
+                quota: self.quota_of(&r.m),
+                hash: xxh3_64(&buf[..5 + v.len()]),
+            });
+        }
         let mut h = KeyHasher::new();
         let found = self.walk_key(names, r, |piece| match piece {
             KeyPiece::Value(_, v) => {
@@ -344,25 +359,7 @@ impl CompiledLimit {
         mut f: impl FnMut(KeyPiece<'a>),
     ) -> bool {
         for part in &self.key {
-            let value: Option<&[u8]> = match part {
-                CompiledKeyPart::App => r.m.app.map(str::as_bytes),
-                CompiledKeyPart::User => r.m.user.map(str::as_bytes),
-                CompiledKeyPart::Interface => {
-                    r.m.interface.map(|i| names.interface_name(i).as_bytes())
-                }
-                CompiledKeyPart::Header(name) => {
-                    r.m.headers
-                        .get(name)
-                        .map(|v| v.as_bytes())
-                        .filter(|v| !v.is_empty())
-                }
-                CompiledKeyPart::PathParam(slot, _) => {
-                    r.m.params
-                        .get(usize::from(*slot))
-                        .and_then(|v| v.as_deref())
-                        .filter(|v| !v.is_empty())
-                }
-            };
+            let value = part_value(part, names, r);
             f(match (value, self.when_missing, r.client_ip) {
                 (Some(v), ..) => KeyPiece::Value(part, v),
                 (None, WhenMissing::Skip, _) => return false,
@@ -371,6 +368,35 @@ impl CompiledLimit {
             });
         }
         true
+    }
+}
+
+/// Longest single key value hashed through the small buffer of [`CompiledLimit::key_of`].
+const SHORT_VALUE: usize = 59;
+
+/// The request's value of one key part; `None` when missing (or empty).
+#[inline]
+fn part_value<'a>(
+    part: &CompiledKeyPart,
+    names: &'a (impl InterfaceNames + ?Sized),
+    r: &RouteInput<'a>,
+) -> Option<&'a [u8]> {
+    match part {
+        CompiledKeyPart::App => r.m.app.map(str::as_bytes),
+        CompiledKeyPart::User => r.m.user.map(str::as_bytes),
+        CompiledKeyPart::Interface => r.m.interface.map(|i| names.interface_name(i).as_bytes()),
+        CompiledKeyPart::Header(name) => {
+            r.m.headers
+                .get(name)
+                .map(|v| v.as_bytes())
+                .filter(|v| !v.is_empty())
+        }
+        CompiledKeyPart::PathParam(slot, _) => {
+            r.m.params
+                .get(usize::from(*slot))
+                .and_then(|v| v.as_deref())
+                .filter(|v| !v.is_empty())
+        }
     }
 }
 

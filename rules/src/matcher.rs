@@ -143,6 +143,18 @@ impl CompiledMatch {
         self.headers.iter().map(|(k, _)| k)
     }
 
+    /// [`CompiledMatch::holds`] for a rule the index gave as a candidate for this request:
+    /// its app and interface conditions hold by construction (it was filed under the
+    /// request's app and interface, or under "any"), so only the narrowing conditions are
+    /// checked, and a rule without any is a match with no work.
+    #[inline]
+    fn holds_as_candidate(&self, r: &MatchInput<'_>) -> bool {
+        if self.users.is_none() && self.user_buckets.is_none() && self.headers.is_empty() {
+            return true;
+        }
+        self.check(r).is_ok()
+    }
+
     /// Whether every condition holds.
     pub fn holds(&self, r: &MatchInput<'_>) -> bool {
         self.check(r).is_ok()
@@ -237,7 +249,7 @@ impl MatchIndex {
                 if best.is_some_and(|(s, _)| s >= m.specificity) {
                     break; // sorted: nothing further in this list can beat `best`
                 }
-                if m.holds(r) {
+                if m.holds_as_candidate(r) {
                     best = Some((m.specificity, ri));
                     break;
                 }
@@ -256,7 +268,11 @@ impl MatchIndex {
     ) {
         out.clear();
         for list in self.candidates(r.app, r.interface) {
-            out.extend(list.iter().copied().filter(|&ri| matcher(ri).holds(r)));
+            out.extend(
+                list.iter()
+                    .copied()
+                    .filter(|&ri| matcher(ri).holds_as_candidate(r)),
+            );
         }
         out.sort_unstable();
         out.dedup();

@@ -381,3 +381,32 @@ fn path_param_keys() {
     assert_ne!(a, key(1, "/envelopes/e1/grab", Some("bob")).0);
     assert_eq!(s.governance.limits[0].key_parts(), ["path_param:id"]);
 }
+
+/// Limit keys hash the tuple's bytes (tag, length, value per part) whatever the path taken:
+/// a short one-part key, a long one, two parts, and a rule with no key (hashed at load).
+#[test]
+fn limit_key_hashes() {
+    use xxhash_rust::xxh3::xxh3_64;
+    let s = snap(
+        r#", "limits": [ { "name": "u", "key": ["user"], "rate": "5/s" },
+                  { "name": "ua", "key": ["user", "app"], "rate": "5/s" },
+                  { "name": "all", "rate": "5/s" } ]"#,
+    );
+    let piece = |v: &str| {
+        let mut b = vec![1u8];
+        b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        b.extend_from_slice(v.as_bytes());
+        b
+    };
+    let h = HeaderMap::new();
+    let long = "x".repeat(300);
+    for user in ["bob", &"y".repeat(59), &"z".repeat(60), &long] {
+        let r = input(&h, Some("app1"), Some(user));
+        let [u, ua, all] = [0, 1, 2].map(|i| s.governance.limits[i].key_of(&s, &r).unwrap());
+        assert_eq!(u.hash, xxh3_64(&piece(user)), "{}", user.len());
+        let mut both = piece(user);
+        both.extend(piece("app1"));
+        assert_eq!(ua.hash, xxh3_64(&both));
+        assert_eq!(all.hash, xxh3_64(&[]));
+    }
+}

@@ -406,9 +406,9 @@ impl History {
                 RouteAction::Split(targets) => &targets[..],
                 RouteAction::Upstream(_) => &[],
             };
-            targets.iter().map(|t| {
-                split_key(&r.name, &snap.upstreams[t.upstream.0 as usize].name)
-            })
+            targets
+                .iter()
+                .map(|t| split_key(&r.name, &snap.upstreams[t.upstream.0 as usize].name))
         });
         self.splits.bind(splits);
     }
@@ -604,11 +604,9 @@ impl History {
                     .iter()
                     .map(|t| {
                         let up = &*snap.upstreams[t.upstream.0 as usize].name;
-                        self.splits
-                            .get(&split_key(&r.name, up))
-                            .map_or(0, |ring| {
-                                last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
-                            })
+                        self.splits.get(&split_key(&r.name, up)).map_or(0, |ring| {
+                            last_n(ring, SHARE_WINDOW_SECS).map(|&n| u64::from(n)).sum()
+                        })
                     })
                     .collect();
                 let total: u64 = counts.iter().sum();

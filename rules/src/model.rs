@@ -22,6 +22,7 @@ mod health;
 mod matching;
 mod overload;
 mod ramp;
+mod tracing;
 
 pub use cache::Cache;
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
@@ -33,6 +34,7 @@ pub use health::{HealthCheck, Outlier};
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 pub use ramp::{Guard, OnBreach, Ramp, Stop};
+pub use tracing::{ParentSampled, Tracing};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -97,6 +99,10 @@ pub struct Config {
     pub freeze: Option<Freeze>,
 }
 
+fn is_default_tracing(t: &Tracing) -> bool {
+    *t == Tracing::default()
+}
+
 fn is_default_overload(o: &Overload) -> bool {
     *o == Overload::default()
 }
@@ -121,6 +127,10 @@ pub struct Server {
     /// The per-request access log.
     #[serde(default)]
     pub access_log: AccessLog,
+    /// Trace context propagation (W3C `traceparent`/`tracestate`) and the gateway's
+    /// spans. Default: propagation on, 10% of new traces sampled.
+    #[serde(default, skip_serializing_if = "is_default_tracing")]
+    pub tracing: Tracing,
     /// The Redis that cluster-scope limits count in. Default: none (every limit must then
     /// be `scope: local`). Bootstrap: changing it needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -761,6 +771,7 @@ impl Default for Server {
             limits: ConnLimits::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             access_log: AccessLog::default(),
+            tracing: Tracing::default(),
             redis: None,
             trusted_proxies: Vec::new(),
             data_dir: default_data_dir(),

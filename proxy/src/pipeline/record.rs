@@ -22,6 +22,7 @@ use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
 use crate::respond::GatewayError;
 use crate::runtime::Runtime;
 use crate::stats::{Class, Tally};
+use crate::trace::TraceContext;
 use crate::upstream::UpstreamBody;
 use crate::upstream::headers::strip_hop_by_hop;
 
@@ -87,6 +88,14 @@ pub const MAX_LOGGED_PATH: usize = 256;
 pub const MAX_LOGGED_VALUE: usize = 128;
 /// Longest `inputs` field, in bytes: headers past it are logged by name alone.
 pub const MAX_LOGGED_INPUTS: usize = 512;
+
+/// What identifies a request to others: its request ID (sent back as `X-Request-Id`) and
+/// its trace context, when propagation is on.
+#[derive(Debug, Clone)]
+pub struct Ids {
+    pub request: HeaderValue,
+    pub trace: Option<TraceContext>,
+}
 
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -166,7 +175,7 @@ impl Record {
         self,
         rt: &Runtime,
         answer: Answer,
-        request_id: HeaderValue,
+        ids: Ids,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
         let metrics = &*rt.metrics;
@@ -213,7 +222,8 @@ impl Record {
                 )
             }
         };
-        resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        resp.headers_mut()
+            .insert(&X_REQUEST_ID, ids.request.clone());
 
         let status = resp.status();
         let elapsed = self.started.elapsed();
@@ -228,9 +238,14 @@ impl Record {
 
         if let Some(w) = &self.who {
             let peer = conn.remote;
+            let (mut tbuf, mut sbuf) = ([0u8; 32], [0u8; 16]);
+            let trace_id = ids.trace.as_ref().map(|t| t.trace_hex(&mut tbuf));
+            let span_id = ids.trace.as_ref().map(|t| t.span_hex(&mut sbuf));
             tracing::info!(
                 target: "tidegate::access",
-                request_id = request_id.to_str().unwrap_or("-"),
+                request_id = ids.request.to_str().unwrap_or("-"),
+                trace_id,
+                span_id,
                 client = %w.client.unwrap_or(peer.ip()),
                 peer = %peer,
                 identity = w.identity,

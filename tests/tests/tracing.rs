@@ -1,12 +1,17 @@
 //! Tracing: W3C `traceparent`/`tracestate` continued or started by the gateway, the
-//! upstream told the gateway's span as its parent, and the trace ID in the access log.
+//! upstream told the gateway's span as its parent, and the trace ID in the access log;
+//! sampled spans exported over OTLP/HTTP to a real receiver, batched off the request path.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use serde_json::{Value, json};
-use tidegate_tests::{ChildGateway, Seen, Upstream, config, full, h1_client, send, set};
+use tidegate_tests::otlp::{Collector, attribute, hex};
+use tidegate_tests::{
+    Blackhole, ChildGateway, Seen, Upstream, config, dead_addr, full, get, h1_client, metric_value,
+    send, set,
+};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
@@ -168,4 +173,218 @@ async fn propagation_off_passes_headers_through() {
     let seen = up.seen();
     assert_eq!(seen[0].headers["traceparent"], odd);
     assert!(!seen[1].headers.contains_key("traceparent"));
+}
+
+/// A config exporting to `endpoint` at `ratio`, batches sent after 20 ms.
+fn export_config(up: &Upstream, endpoint: &str, ratio: f64) -> Value {
+    let mut c = config(&[up.addr]);
+    set(
+        &mut c,
+        "server/tracing",
+        json!({ "otlp_endpoint": endpoint, "sample_ratio": ratio, "export_interval_ms": 20,
+                "service_name": "edge-test" }),
+    );
+    c
+}
+
+/// The gateway's metric `series`, 0 when absent.
+async fn metric(gw: &ChildGateway, series: &str) -> f64 {
+    let text = get(&h1_client(), gw.admin_addr, "/metrics").await.text();
+    metric_value(&text, series).unwrap_or(0.0)
+}
+
+/// Wait (bounded) until `f` holds.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// At ratio 1 every request's span reaches the receiver: its trace and span IDs are the
+/// ones the upstream was told, its parent the caller's span, and its attributes the phase
+/// outcomes (interface, app, route, upstream, decision, status), never the user.
+#[tokio::test]
+async fn spans_exported_with_phase_outcomes() {
+    let up = Upstream::start().await;
+    let collector = Collector::start().await;
+    let mut c = export_config(&up, &collector.endpoint(), 1.0);
+    set(
+        &mut c,
+        "limits",
+        json!([{ "name": "one-open", "match": { "interfaces": ["open"] },
+        "key": ["app"], "rate": "1/min", "burst": 1 }]),
+    );
+    let gw = ChildGateway::spawn(&c);
+    let client = h1_client();
+    let open = |tp: Option<&str>| {
+        let mut req = Request::get(format!("http://{}/envelopes/7", gw.addr))
+            .header("x-app-id", "app7")
+            .header("x-user-id", "secret-user-42");
+        if let Some(tp) = tp {
+            req = req.header("traceparent", tp);
+        }
+        req.body(full(Bytes::new())).expect("a valid request")
+    };
+    let caller = format!("00-{TRACE}-{PARENT}-00");
+    assert_eq!(send(&client, open(Some(&caller))).await.status, 200);
+    assert_eq!(
+        send(&client, open(None)).await.status,
+        429,
+        "the limit answers"
+    );
+    eventually("two spans", async || collector.spans().len() >= 2).await;
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 2);
+    assert_eq!(collector.malformed(), 0);
+
+    let seen = up.seen();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the limited request never reached the upstream"
+    );
+    let told = upstream_traceparent(&seen[0]);
+    let fwd = spans
+        .iter()
+        .find(|s| hex(&s.span.trace_id) == TRACE)
+        .expect("the continued trace");
+    assert_eq!(fwd.service, "edge-test");
+    assert_eq!(
+        hex(&fwd.span.span_id),
+        told[2],
+        "the span the upstream was told"
+    );
+    assert_eq!(told[3], "01", "sampled at ratio 1");
+    assert_eq!(hex(&fwd.span.parent_span_id), PARENT);
+    assert!(fwd.span.end_time_unix_nano >= fwd.span.start_time_unix_nano);
+    assert!(fwd.span.start_time_unix_nano > 1_700_000_000_000_000_000);
+    let attrs = [
+        ("tidegate.interface", "open"),
+        ("tidegate.app", "app7"),
+        ("tidegate.route", "default"),
+        ("tidegate.upstream", "up"),
+        ("tidegate.decision", "forward"),
+        ("http.request.method", "GET"),
+        ("http.response.status_code", "200"),
+    ];
+    for (k, v) in attrs {
+        assert_eq!(
+            attribute(&fwd.span, k).as_deref(),
+            Some(v),
+            "{k}: {:?}",
+            fwd.span
+        );
+    }
+    let limited = spans
+        .iter()
+        .find(|s| hex(&s.span.trace_id) != TRACE)
+        .expect("a new trace");
+    assert!(limited.span.parent_span_id.is_empty(), "a root span");
+    assert_eq!(
+        attribute(&limited.span, "tidegate.decision").as_deref(),
+        Some("limited")
+    );
+    assert_eq!(
+        attribute(&limited.span, "tidegate.rule").as_deref(),
+        Some("one-open")
+    );
+    assert_eq!(
+        attribute(&limited.span, "http.response.status_code").as_deref(),
+        Some("429")
+    );
+    for s in &spans {
+        let all = format!("{:?}", s.span);
+        assert!(
+            !all.contains("secret-user-42"),
+            "the user ID is exported: {all}"
+        );
+    }
+    eventually("the export counted", async || {
+        metric(&gw, "tidegate_trace_spans_exported_total").await == 2.0
+    })
+    .await;
+}
+
+/// At ratio 0 (and no caller's flag followed) nothing is exported.
+#[tokio::test]
+async fn ratio_zero_exports_nothing() {
+    let up = Upstream::start().await;
+    let collector = Collector::start().await;
+    let gw = ChildGateway::spawn(&export_config(&up, &collector.endpoint(), 0.0));
+    let sampled = format!("00-{TRACE}-{PARENT}-01");
+    for _ in 0..20 {
+        assert_eq!(get_with(gw.addr, &[("traceparent", &sampled)]).await, 200);
+    }
+    // Ten export intervals: a span would have been sent by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(collector.requests(), 0);
+    assert_eq!(
+        metric(&gw, "tidegate_trace_spans_exported_total").await,
+        0.0
+    );
+}
+
+/// `n` sequential requests; how long they took. Every one must succeed.
+async fn timed_requests(addr: std::net::SocketAddr, n: usize) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        assert_eq!(get_with(addr, &[]).await, 200);
+    }
+    start.elapsed()
+}
+
+/// With the collector down (a refused port) requests succeed as fast as without export
+/// (within noise), and the failed batches are counted as dropped.
+#[tokio::test]
+async fn collector_down_does_not_slow_requests() {
+    let up = Upstream::start().await;
+    let base = ChildGateway::spawn(&config(&[up.addr]));
+    let dead = format!("http://{}/v1/traces", dead_addr());
+    let gw = ChildGateway::spawn(&export_config(&up, &dead, 1.0));
+    // Warm both, then alternate rounds so drift hits both alike.
+    timed_requests(base.addr, 20).await;
+    timed_requests(gw.addr, 20).await;
+    let (mut t_base, mut t_export) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..3 {
+        t_base += timed_requests(base.addr, 100).await;
+        t_export += timed_requests(gw.addr, 100).await;
+    }
+    eprintln!("300 requests: {t_base:?} without export, {t_export:?} exporting to a dead port");
+    assert!(
+        t_export < t_base * 2 + Duration::from_millis(200),
+        "export to a dead collector slowed requests: {t_export:?} against {t_base:?}"
+    );
+    let failed = "tidegate_trace_spans_dropped_total{reason=\"export_failed\"}";
+    eventually("failed exports counted", async || {
+        metric(&gw, failed).await > 0.0
+    })
+    .await;
+}
+
+/// A collector that accepts and never answers holds the export task on one batch: the
+/// queue (4 spans) fills, and further spans are dropped and counted while every request is
+/// answered at once; a request never waits for the exporter.
+#[tokio::test]
+async fn full_queue_drops_spans_never_requests() {
+    let up = Upstream::start().await;
+    let hung = Blackhole::start().await;
+    let mut c = export_config(&up, &format!("http://{}/v1/traces", hung.addr), 1.0);
+    set(&mut c, "server/tracing/max_queue", json!(4));
+    set(&mut c, "server/tracing/max_batch", json!(1));
+    set(&mut c, "server/tracing/export_timeout_ms", json!(60_000));
+    let gw = ChildGateway::spawn(&c);
+    let took = tokio::time::timeout(Duration::from_secs(10), timed_requests(gw.addr, 50))
+        .await
+        .expect("requests are not held by a stuck exporter");
+    eprintln!("50 requests with a hung collector: {took:?}");
+    let full = "tidegate_trace_spans_dropped_total{reason=\"queue_full\"}";
+    // One span in the stuck export, four queued: the rest were dropped.
+    assert!(
+        metric(&gw, full).await >= 45.0,
+        "queue_full drops: {}",
+        metric(&gw, full).await
+    );
+    assert!(hung.accepted() >= 1);
 }

@@ -45,7 +45,7 @@ use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
 pub use self::record::RespBody;
-use self::record::{Answer, Ids, Record, X_REQUEST_ID};
+use self::record::{Answer, Ids, Record, Recorder, X_REQUEST_ID};
 use crate::cache::{self, Lookup, ResponseCache};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
@@ -55,6 +55,7 @@ use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
+use crate::trace::export::Exporter;
 use crate::trace::{Sampler, TraceContext};
 use crate::upstream::headers::{keep_authority, set_forwarding};
 use crate::upstream::{ConnCache, UpstreamBody};
@@ -74,6 +75,8 @@ pub struct Settings {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Trace context propagation (`server.tracing`), when `propagate` is on.
     pub trace: Option<Sampler>,
+    /// The OTLP span exporter, when `server.tracing.otlp_endpoint` is set.
+    pub export: Option<Exporter>,
 }
 
 /// The gateway service shared by all connections.
@@ -158,7 +161,7 @@ impl Gateway {
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
         let req = request_parts(&parts);
-        let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
+        let record = Record::start(&rt, &d, req, verdict, self.recorder(&ids), started);
         // Only what the later phases need is carried across the waits (a smaller future).
         // The cache key is taken now, while the classification (app, user) is at hand.
         let cached = match (&d.action, interface_cache(&rt, d.class.interface)) {
@@ -289,7 +292,7 @@ impl Gateway {
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, "unverified", self.settings.access_log, started);
+        let record = Record::unclassified(rt, "unverified", self.recorder(&ids), started);
         let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), ids, conn);
         if version < http::Version::HTTP_2 {
             resp.headers_mut()
@@ -308,7 +311,7 @@ impl Gateway {
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, e.code(), self.settings.access_log, started);
+        let record = Record::unclassified(rt, e.code(), self.recorder(&ids), started);
         let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
         record.finish(rt, answer, ids, conn)
     }
@@ -347,6 +350,16 @@ impl Gateway {
                 headers.insert(&X_REQUEST_ID, v.clone());
                 v
             }
+        }
+    }
+
+    /// Where the record phase writes: the access log when it is on, and the exporter when
+    /// the request's span is sampled.
+    fn recorder(&self, ids: &Ids) -> Recorder {
+        let sampled = ids.trace.is_some_and(|t| t.sampled);
+        Recorder {
+            log: self.settings.access_log,
+            export: self.settings.export.as_ref().filter(|_| sampled).cloned(),
         }
     }
 

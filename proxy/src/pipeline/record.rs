@@ -23,6 +23,7 @@ use crate::respond::GatewayError;
 use crate::runtime::Runtime;
 use crate::stats::{Class, Tally};
 use crate::trace::TraceContext;
+use crate::trace::export::{Exporter, SpanRecord};
 use crate::upstream::UpstreamBody;
 use crate::upstream::headers::strip_hop_by_hop;
 
@@ -52,8 +53,19 @@ pub struct Record {
     tally: Tally,
     interface: Option<InterfaceId>,
     started: Instant,
-    /// Who asked and where it was routed, for the access log (copied only when it is on).
+    /// Who asked and where it was routed, for the access log and the span (copied only
+    /// when one of them is written).
     who: Option<Who>,
+    to: Recorder,
+}
+
+/// Where a request's record goes besides the metrics.
+#[derive(Debug)]
+pub struct Recorder {
+    /// The access log.
+    pub log: bool,
+    /// The span exporter, for a sampled request when export is on.
+    pub export: Option<Exporter>,
 }
 
 /// Client address, identity outcome, app, user and route rule of a request, for its access
@@ -108,7 +120,7 @@ impl Record {
         d: &Decision<'_>,
         req: RequestParts<'_>,
         identity: Verdict,
-        access_log: bool,
+        to: Recorder,
         started: Instant,
     ) -> Self {
         let forwarded = match &d.action {
@@ -118,7 +130,7 @@ impl Record {
         let tally = rt
             .stats
             .tally(d.class.interface, d.route.as_ref(), forwarded);
-        let who = access_log.then(|| {
+        let who = (to.log || to.export.is_some()).then(|| {
             let (answered, rule) = d.answered();
             Who {
                 client: d.client_ip,
@@ -139,6 +151,7 @@ impl Record {
             interface: d.class.interface,
             started,
             who,
+            to,
         }
     }
 
@@ -147,14 +160,14 @@ impl Record {
     pub fn unclassified(
         rt: &Runtime,
         identity: &'static str,
-        access_log: bool,
+        to: Recorder,
         started: Instant,
     ) -> Self {
         Self {
             tally: rt.stats.tally(None, None, None),
             interface: None,
             started,
-            who: access_log.then(|| Who {
+            who: (to.log || to.export.is_some()).then(|| Who {
                 client: None,
                 identity,
                 app: None,
@@ -167,6 +180,7 @@ impl Record {
                 answered: Answered::Refused,
                 rule: None,
             }),
+            to,
         }
     }
 
@@ -236,7 +250,7 @@ impl Record {
                 status: status_class(status),
             });
 
-        if let Some(w) = &self.who {
+        if let Some(w) = self.who.as_ref().filter(|_| self.to.log) {
             let peer = conn.remote;
             let (mut tbuf, mut sbuf) = ([0u8; 32], [0u8; 16]);
             let trace_id = ids.trace.as_ref().map(|t| t.trace_hex(&mut tbuf));
@@ -265,8 +279,35 @@ impl Record {
                 "request"
             );
         }
+        if let (Some(exp), Some(w), Some(t)) = (&self.to.export, self.who, ids.trace) {
+            let end_unix_ns = unix_nanos();
+            exp.offer(SpanRecord {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                parent_id: t.parent_id,
+                start_unix_ns: end_unix_ns.saturating_sub(elapsed.as_nanos() as u64),
+                end_unix_ns,
+                method: w.method,
+                status: status.as_u16(),
+                request_id: ids.request,
+                interface: iface.cloned(),
+                app: w.app,
+                route: w.route,
+                upstream: up.map(|u| u.name.clone()),
+                decision: w.answered.label(),
+                rule: w.rule,
+                identity: w.identity,
+            });
+        }
         resp
     }
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Now, in microseconds since the Unix epoch.

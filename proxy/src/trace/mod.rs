@@ -5,7 +5,10 @@
 //! bounds, and dropped otherwise.
 //!
 //! Everything here is fixed-size and on the stack: a request's [`TraceContext`] is `Copy`,
-//! and IDs are formatted into byte arrays, never a `String`.
+//! and IDs are formatted into byte arrays, never a `String`. Sampled spans are exported
+//! over OTLP by [`export`], off the request path.
+
+pub mod export;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 

@@ -16,5 +16,47 @@ impl Validator<'_> {
                 format!("{} is out of range; allowed 0..=1", t.sample_ratio),
             );
         }
+        if let Some(e) = &t.otlp_endpoint {
+            self.otlp_endpoint(p.key("otlp_endpoint"), e);
+        }
+        if t.service_name.is_empty() || t.service_name.len() > 128 {
+            self.err(p.key("service_name"), "a service name is 1..=128 bytes");
+        }
+        self.range(p.key("max_queue"), t.max_queue.into(), 1, 1_000_000);
+        self.range(
+            p.key("max_batch"),
+            t.max_batch.into(),
+            1,
+            t.max_queue.clamp(1, 1_000_000).into(),
+        );
+        self.range(
+            p.key("export_interval_ms"),
+            t.export_interval_ms,
+            10,
+            60_000,
+        );
+        self.range(p.key("export_timeout_ms"), t.export_timeout_ms, 100, 60_000);
+    }
+
+    /// `http://host[:port]/path`: what the exporter's plain HTTP client can reach.
+    fn otlp_endpoint(&mut self, p: JsonPath, e: &str) {
+        let Ok(uri) = e.parse::<http::Uri>() else {
+            self.err(p, format!("{e:?} is not a URL"));
+            return;
+        };
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http"), Some(h)) if !h.is_empty() => {}
+            (Some("https"), _) => self.err(
+                p.clone(),
+                "TLS to the collector (https://) is not built in; use http:// to a collector on a private network or loopback",
+            ),
+            _ => self.err(
+                p.clone(),
+                format!("{e:?} is not an http:// URL with a host: write http://host:4318/v1/traces"),
+            ),
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            self.err(p, "credentials in the URL are not supported");
+        }
     }
 }

@@ -235,8 +235,8 @@ async fn start_inner(
                 let t = &server_cfg.tracing;
                 trace::Sampler::new(t.sample_ratio, t.parent_sampled)
             }),
+            // Validation refuses an endpoint without `propagate`.
             export: trace::export::ExportSettings::from_config(&server_cfg.tracing)
-                .filter(|_| server_cfg.tracing.propagate)
                 .map(|s| trace::export::Exporter::start(s, metrics.clone())),
         },
     ));

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Uri, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -30,6 +30,9 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, Name, SpanDropLabels};
+
+/// Largest collector answer read; a longer one fails the export.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// One request's span, as the record phase hands it over: owned, so building the
 /// protobuf happens on the export task, not on the request path.
@@ -146,12 +149,12 @@ async fn run(mut rx: mpsc::Receiver<SpanRecord>, s: ExportSettings, metrics: Arc
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))
             .expect("a valid request");
-        // The answer is read to its end (it is small) so the connection is kept for the
-        // next batch.
+        // The answer is read to its end so the connection is kept for the next batch, and
+        // bounded: OTLP answers are a few bytes (a partial-success message at most).
         let exchange = async {
             let resp = client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            resp.into_body()
+            Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?;

@@ -18,6 +18,12 @@ impl Validator<'_> {
         }
         if let Some(e) = &t.otlp_endpoint {
             self.otlp_endpoint(p.key("otlp_endpoint"), e);
+            if !t.propagate {
+                self.err(
+                    p.key("otlp_endpoint"),
+                    "exporting spans needs `propagate`: without it no request has a span",
+                );
+            }
         }
         if t.service_name.is_empty() || t.service_name.len() > 128 {
             self.err(p.key("service_name"), "a service name is 1..=128 bytes");

@@ -22,7 +22,8 @@
 //!                  ├─ govern/     limiters (limit.rs), cluster limits (cluster.rs), breakers
 //!                  ├─ overload/   DAGOR admission, concurrency caps, adaptive limits
 //!                  └─ upstream/   endpoints, connection cache, own HTTP/1.1 client, headers, mirrors,
-//!                                 endpoint health (ejection, checks, re-resolution)
+//!                                 endpoint health (ejection, checks, re-resolution), upstream
+//!                                 TLS, HTTP/2 connections, gRPC status counts
 //! ```
 //!
 //! Beside it, the planes that hold the [`runtime::Live`] handle rather than the gateway:

@@ -340,6 +340,16 @@ pub struct EjectionLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `tidegate_grpc_status_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GrpcStatusLabels {
+    /// Upstream name.
+    pub upstream: Name,
+    /// The gRPC status code's name (`OK`, `NOT_FOUND`, ...), or `unknown` for a
+    /// `grpc-status` outside the 17 codes.
+    pub code: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -440,6 +450,8 @@ pub struct Metrics {
     pub trace_spans_exported: Counter,
     /// Sampled spans dropped, by why.
     pub trace_spans_dropped: Family<SpanDropLabels, Counter>,
+    /// gRPC statuses (`grpc-status`) upstreams answered with, by upstream and code.
+    pub grpc_status: Family<GrpcStatusLabels, Counter>,
 }
 
 /// Handles into `tidegate_requests_total` for one runtime, one per (interface, upstream,
@@ -808,10 +820,17 @@ impl Metrics {
             "Sampled request spans not exported: queue_full (the export queue was at max_queue) or export_failed (the collector refused, failed or timed out)",
             trace_spans_dropped.clone(),
         );
+        let grpc_status = Family::<GrpcStatusLabels, Counter>::default();
+        registry.register(
+            "grpc_status",
+            "gRPC statuses answered by upstreams (grpc-status in the trailers, or the head of a trailers-only answer)",
+            grpc_status.clone(),
+        );
         Self {
             registry,
             trace_spans_exported,
             trace_spans_dropped,
+            grpc_status,
             cache,
             upgrades,
             upgraded_connections,

@@ -4,7 +4,7 @@
 //! Bodies are built once (static bytes); answering costs no allocation beyond the response.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::jwt::TokenError;
@@ -24,6 +24,10 @@ pub enum GatewayError {
     UpstreamReset,
     /// Connect or response-head timeout (504).
     UpstreamTimeout,
+    /// The TLS handshake with every endpoint tried failed: a certificate not trusted or
+    /// not naming the server, a refused client certificate, or no HTTP/2 where `http2`
+    /// was configured (502).
+    UpstreamTls,
     /// The gateway is shutting down or not ready (503).
     Unavailable,
     /// A rate limit refused the request (429). The body also names the rule (built by the
@@ -59,6 +63,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamTls => "upstream_tls",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
             Self::CircuitOpen => "circuit_open",
@@ -76,7 +81,9 @@ impl GatewayError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest | Self::InvalidIdentity => StatusCode::BAD_REQUEST,
-            Self::UpstreamUnavailable | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable | Self::UpstreamReset | Self::UpstreamTls => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable
             | Self::CircuitOpen
@@ -96,6 +103,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => r#"{"error":"upstream_unavailable"}"#,
             Self::UpstreamReset => r#"{"error":"upstream_reset"}"#,
             Self::UpstreamTimeout => r#"{"error":"upstream_timeout"}"#,
+            Self::UpstreamTls => r#"{"error":"upstream_tls"}"#,
             Self::Unavailable => r#"{"error":"unavailable"}"#,
             Self::RateLimited => r#"{"error":"rate_limited"}"#,
             Self::CircuitOpen => r#"{"error":"circuit_open"}"#,
@@ -157,6 +165,59 @@ pub fn overloaded(retry_after: &HeaderValue) -> Response<Full<Bytes>> {
     r
 }
 
+/// The gateway's own answer `resp` to a gRPC request, as gRPC: HTTP 200,
+/// `content-type: application/grpc`, no message, and the status in `grpc-status` and
+/// `grpc-message` of the head. That is gRPC over HTTP/2's trailers-only response (the head
+/// ends the stream, so it is the trailers too), what a gRPC server sends for a call that
+/// fails before any message; every gRPC client reads it as the call's status. Other
+/// headers (`Retry-After`, `RateLimit`) are kept. `degraded`: answered by a fallback or an
+/// open breaker, whose configured body means nothing to a gRPC client: `UNAVAILABLE`.
+pub fn grpc<B>(resp: Response<B>, degraded: bool, empty: B) -> Response<B> {
+    let (mut parts, _) = resp.into_parts();
+    let (code, message) = grpc_status(parts.status, degraded);
+    parts.status = StatusCode::OK;
+    let h = &mut parts.headers;
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from_static(code),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-message"),
+        HeaderValue::from_static(message),
+    );
+    Response::from_parts(parts, empty)
+}
+
+/// The gRPC status (code and message) of a gateway answer with HTTP `status`. Limits and
+/// body size are `RESOURCE_EXHAUSTED` (8); refusals that a retry elsewhere or later may
+/// cure (overload, drain, an upstream that failed or timed out, a degraded answer) are
+/// `UNAVAILABLE` (14); the rest follow gRPC's HTTP-to-gRPC mapping.
+fn grpc_status(status: StatusCode, degraded: bool) -> (&'static str, &'static str) {
+    if degraded {
+        return (
+            "14",
+            "degraded: answered by a fallback or an open circuit breaker",
+        );
+    }
+    match status.as_u16() {
+        429 => ("8", "rate limited"),
+        413 => ("8", "request body too large"),
+        400 => ("13", "bad request"),
+        401 => ("16", "unauthenticated"),
+        403 => ("7", "permission denied"),
+        404 => ("12", "no route"),
+        502 => ("14", "upstream unavailable"),
+        503 => ("14", "unavailable"),
+        504 => ("14", "upstream timeout"),
+        _ => ("2", "unknown"),
+    }
+}
+
 /// A canned answer (fallback or open breaker), built at load time: cloning its body is a
 /// reference-count bump.
 pub fn canned(c: &rules::degrade::CompiledResponse) -> Response<Full<Bytes>> {
@@ -184,6 +245,7 @@ mod tests {
             GatewayError::UpstreamUnavailable,
             GatewayError::UpstreamReset,
             GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamTls,
             GatewayError::Unavailable,
             GatewayError::RateLimited,
             GatewayError::CircuitOpen,
@@ -196,6 +258,44 @@ mod tests {
         {
             let v: serde_json::Value = serde_json::from_str(e.body()).unwrap();
             assert_eq!(v["error"], e.code());
+        }
+    }
+
+    /// A gateway answer to a gRPC request becomes a trailers-only gRPC answer: 200,
+    /// `application/grpc`, no body, the status by the answer's cause, other headers kept.
+    #[test]
+    fn grpc_answers() {
+        let cases = [
+            (GatewayError::RateLimited.response(), false, "8"),
+            (GatewayError::BodyTooLarge.response(), false, "8"),
+            (overloaded(&HeaderValue::from_static("1")), false, "14"),
+            (GatewayError::CircuitOpen.response(), false, "14"),
+            (GatewayError::UpstreamTls.response(), false, "14"),
+            (GatewayError::UpstreamTimeout.response(), false, "14"),
+            (GatewayError::NoRoute.response(), false, "12"),
+            (
+                GatewayError::Unauthorized(TokenError::Missing).response(),
+                false,
+                "16",
+            ),
+            // A fallback answering 200 with its JSON body: degraded, UNAVAILABLE.
+            (json(StatusCode::OK, Bytes::from_static(b"{}")), true, "14"),
+        ];
+        for (resp, degraded, code) in cases {
+            let was = resp.status();
+            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+            let g = grpc(resp, degraded, Full::default());
+            assert_eq!(g.status(), StatusCode::OK, "{was}");
+            let h = g.headers();
+            assert_eq!(h[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(h["grpc-status"], code, "{was} degraded={degraded}");
+            assert!(h.contains_key("grpc-message"));
+            assert!(!h.contains_key(header::CONTENT_LENGTH));
+            assert_eq!(h.get(header::RETRY_AFTER), retry.as_ref(), "{was}");
+            assert!(
+                http_body::Body::is_end_stream(g.body()),
+                "{was}: no message"
+            );
         }
     }
 }

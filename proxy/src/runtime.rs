@@ -76,6 +76,9 @@ pub struct Secrets {
     pub jwks: Option<Arc<KeySet>>,
     /// The key of `overload.admission.priority_key_file`.
     pub priority_key: Option<PriorityKey>,
+    /// The TLS client of each upstream with `tls`, by upstream name, built from the files
+    /// it names (or the system's trust store).
+    pub upstream_tls: std::collections::HashMap<Box<str>, crate::upstream::tls::TlsClient>,
 }
 
 /// The live runtime and the metrics: the handle every background task holds.
@@ -111,15 +114,19 @@ impl Runtime {
             .iter()
             .map(|spec| {
                 let addr = embedded(&spec.name);
-                let kept = previous
-                    .and_then(|p| p.upstreams.iter().find(|u| u.same_definition(spec, addr)));
+                let tls = secrets.upstream_tls.get(&spec.name);
+                let kept = previous.and_then(|p| {
+                    p.upstreams
+                        .iter()
+                        .find(|u| u.same_definition(spec, addr, tls))
+                });
                 match kept {
                     Some(u) => Ok(u.clone()),
                     None => {
                         // Rebuilt by an edit: its endpoints keep their health by name.
                         let same_name = previous
                             .and_then(|p| p.upstreams.iter().find(|u| *u.name.0 == *spec.name));
-                        Upstream::build(spec, addr, same_name.map(|u| &**u), metrics)
+                        Upstream::build(spec, addr, tls, same_name.map(|u| &**u), metrics)
                     }
                 }
             })

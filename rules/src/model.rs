@@ -23,6 +23,7 @@ mod matching;
 mod overload;
 mod ramp;
 mod tracing;
+mod upstream_tls;
 
 pub use cache::Cache;
 pub use freeze::{FREEZE_SECTIONS, Freeze, parse_time};
@@ -35,6 +36,7 @@ pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 pub use ramp::{Guard, OnBreach, Ramp, Stop};
 pub use tracing::{ParentSampled, Tracing};
+pub use upstream_tls::{Protocol, UpstreamTls};
 
 /// The only `schema_version` this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -101,6 +103,10 @@ pub struct Config {
 
 fn is_default_tracing(t: &Tracing) -> bool {
     *t == Tracing::default()
+}
+
+fn is_http1(p: &Protocol) -> bool {
+    *p == Protocol::Http1
 }
 
 fn is_default_overload(o: &Overload) -> bool {
@@ -485,6 +491,14 @@ pub struct Upstream {
     /// Default: 30000. Range: 100..=86400000.
     #[serde(default = "health::default_resolve_ttl_ms")]
     pub resolve_ttl_ms: u64,
+    /// TLS to the endpoints (`static` only), certificates always verified. Default: none
+    /// (cleartext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// `http1` (the default) or `http2` (`static` only): prior knowledge without `tls`,
+    /// ALPN `h2` with it.
+    #[serde(default, skip_serializing_if = "is_http1")]
+    pub protocol: Protocol,
 }
 
 /// Kind of upstream.

@@ -18,6 +18,12 @@ use crate::hist::{LAT_BUCKETS, lat_bucket, quantile_ms};
 use crate::ids::UpstreamId;
 use crate::model::{Config, OnBreach, Stop};
 
+/// How far short of a window's or a hold's length the fed windows may fall and still
+/// count as covering it. The proxy feeds one window per second, each ending when its timer
+/// fires, a few milliseconds either side of the second: without the slack, a 1000 ms
+/// window ending 999 ms after the last would wait one more second.
+pub const TICK_SLACK_MS: u64 = 100;
+
 /// A ramp, compiled from a route's `ramp` and `split`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompiledRamp {
@@ -507,7 +513,7 @@ impl Controller {
                 st.acc.target.add(&f.target);
                 st.acc.baseline.add(&f.baseline);
             }
-            if end_ms.saturating_sub(st.acc.start_ms) < r.window_ms {
+            if end_ms.saturating_sub(st.acc.start_ms) + TICK_SLACK_MS < r.window_ms {
                 continue;
             }
             let (t, b) = (st.acc.target.summary(), st.acc.baseline.summary());
@@ -567,7 +573,7 @@ impl Controller {
                 events.push(event(kind, to, st.reason.clone()));
             } else if may_advance
                 && r.stop.is_none()
-                && end_ms.saturating_sub(st.since_ms) >= r.hold_ms
+                && end_ms.saturating_sub(st.since_ms) + TICK_SLACK_MS >= r.hold_ms
             {
                 let held = end_ms.saturating_sub(st.since_ms);
                 if st.step + 1 < r.steps.len() {

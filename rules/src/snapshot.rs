@@ -22,7 +22,7 @@ use crate::trusted::TrustedProxies;
 use crate::validate::{self, Issue};
 
 pub use crate::classify::CompiledInterface;
-pub use crate::upstream::{HealthCheckSpec, OutlierSpec, UpstreamSpec};
+pub use crate::upstream::{HealthCheckSpec, OutlierSpec, TlsSpec, UpstreamSpec};
 
 /// Compiled rules.
 #[derive(Debug)]

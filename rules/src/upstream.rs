@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::ids::UpstreamId;
-use crate::model::{Balance, DEFAULT_EMBEDDED_DATA_DIR, Upstream, UpstreamKind};
+use crate::model::{Balance, DEFAULT_EMBEDDED_DATA_DIR, Protocol, Upstream, UpstreamKind};
 
 /// Active health checks of an upstream, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,18 @@ pub struct OutlierSpec {
     pub max_ejected_percent: u32,
 }
 
+/// TLS to an upstream, compiled: the names of its files (read by the proxy, relative to the
+/// config file) and the name to verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    /// CA bundle; `None`: the system's trust store.
+    pub ca_file: Option<Box<str>>,
+    /// SNI and verified name; `None`: each endpoint's host.
+    pub server_name: Option<Box<str>>,
+    /// Client certificate chain and key for mutual TLS, both or neither.
+    pub client_identity: Option<(Box<str>, Box<str>)>,
+}
+
 /// An upstream, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSpec {
@@ -67,6 +79,10 @@ pub struct UpstreamSpec {
     pub outlier: Option<OutlierSpec>,
     /// How often endpoint host names are resolved again.
     pub resolve_ttl: Duration,
+    /// TLS, when configured.
+    pub tls: Option<TlsSpec>,
+    /// HTTP version spoken to it.
+    pub protocol: Protocol,
 }
 
 // === impl UpstreamSpec ===
@@ -111,6 +127,16 @@ impl UpstreamSpec {
                 }
             }),
             resolve_ttl: Duration::from_millis(u.resolve_ttl_ms),
+            tls: u.tls.as_ref().map(|t| TlsSpec {
+                ca_file: t.ca_file.as_deref().map(Into::into),
+                server_name: t.server_name.as_deref().map(Into::into),
+                client_identity: t
+                    .client_cert_file
+                    .as_deref()
+                    .zip(t.client_key_file.as_deref())
+                    .map(|(c, k)| (c.into(), k.into())),
+            }),
+            protocol: u.protocol,
         }
     }
 }

@@ -46,6 +46,7 @@ mod ramp;
 mod tracing;
 mod trigger;
 mod upgrade;
+mod upstream_tls;
 
 /// Most route rules in one config.
 pub const MAX_ROUTES: usize = 200_000;
@@ -727,6 +728,7 @@ impl<'c> Validator<'c> {
                 100_000,
             );
             self.upstream_health(&up, u);
+            self.upstream_transport(&up, u);
         }
     }
 
@@ -770,6 +772,9 @@ impl<'c> Validator<'c> {
             ramps.extend(self.ramp(&rp, r, i, target.as_ref().map(|t| &t.action)));
             let matcher = self.matcher(rp.key("match"), &r.matcher, r.bucket_salt(), interfaces);
             let upgrade = self.upgrade(&rp, &r.upgrade);
+            if !upgrade.is_empty() {
+                self.upgrade_targets(c, &rp, r);
+            }
             compiled.push(target.zip(matcher).map(|(t, matcher)| CompiledRoute {
                 name: r.name.as_str().into(),
                 matcher,

@@ -348,6 +348,8 @@ struct Log {
     /// Requests being answered now, and the most there ever were at once.
     busy: AtomicUsize,
     most_busy: AtomicUsize,
+    /// Connections accepted (TLS ones counted whether their handshake succeeds or not).
+    connections: AtomicUsize,
 }
 
 /// A test upstream on `127.0.0.1:0` (HTTP/1.1 and h2c). It records every request head as
@@ -370,6 +372,16 @@ pub struct Upstream {
 impl Upstream {
     /// Start one.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Start one behind TLS with `cfg` (see [`tls_server`]): HTTP/1.1 or HTTP/2 by what
+    /// the connection speaks. A connection whose handshake fails is dropped unserved.
+    pub async fn start_tls(cfg: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
         let addr = listener.local_addr().expect("a bound address");
         let log = Arc::new(Log::default());
@@ -379,15 +391,22 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                l.connections.fetch_add(1, Ordering::Relaxed);
                 let log = l.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let log = log.clone();
                         async move { Ok::<_, Infallible>(upstream_answer(req, &log).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => auto.serve_connection(TokioIo::new(stream), svc).await,
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(s) => auto.serve_connection(TokioIo::new(s), svc).await,
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -419,6 +438,11 @@ impl Upstream {
         self.log
             .delay_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.log.connections.load(Ordering::Relaxed)
     }
 
     /// The most requests it was answering at once so far.
@@ -673,8 +697,14 @@ pub struct TestCert {
 
 /// Generate a certificate for `localhost` and write it out.
 pub fn test_cert() -> TestCert {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("generating a certificate");
+    test_cert_for(&["localhost"])
+}
+
+/// Generate a self-signed certificate for `names` (DNS names or IP addresses, each a
+/// subject alternative name) and write it out.
+pub fn test_cert_for(names: &[&str]) -> TestCert {
+    let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let ck = rcgen::generate_simple_self_signed(names).expect("generating a certificate");
     let dir = tempfile::tempdir().expect("a temp dir");
     let cert_path = dir.path().join("cert.pem");
     let key_path = dir.path().join("key.pem");
@@ -702,6 +732,39 @@ pub fn tls_client(
         .expect("supported versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A server config presenting `cert`, offering `alpn` (none: no ALPN at all), and, with
+/// `client_ca`, requiring a client certificate that chains to it.
+pub fn tls_server(
+    cert: &TestCert,
+    alpn: &[&[u8]],
+    client_ca: Option<&TestCert>,
+) -> Arc<rustls::ServerConfig> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("supported versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der.clone()).expect("a valid certificate");
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .expect("a client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let key = PrivateKeyDer::from_pem_file(&cert.key_path).expect("the key file");
+    let mut cfg = builder
+        .with_single_cert(vec![cert.der.clone()], key)
+        .expect("a usable certificate and key");
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(cfg)
 }

@@ -123,7 +123,16 @@ async fn redis_retry_after_kill9_returns_the_first_envelope() {
         return;
     };
     let url = redis.url();
-    let args = ["--store", "redis", "--redis-url", url.as_str()];
+    // A durable Redis syncs every write: on a busy disk one call can take seconds, which
+    // is not what this test is about.
+    let args = [
+        "--store",
+        "redis",
+        "--redis-url",
+        url.as_str(),
+        "--redis-timeout-ms",
+        "10000",
+    ];
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(dir.path(), &args).await.unwrap();
     let backend = retry_after_kill9(backend, async || {

@@ -12,6 +12,7 @@
 //! [`read_config_within`] (a detached thread, abandoned after a bound) or, for reloads, the
 //! same pattern in `reload`; [`Progress`] says which file the read was stuck on.
 
+use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -250,6 +251,7 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
                 .key("priority_key_file");
             named.read(f, at, priority_key)
         });
+    let upstream_tls = upstream_tls(&loaded, &mut named);
     if !issues.is_empty() {
         let text = String::from_utf8_lossy(&bytes);
         return Err(rules::locate_all(&name, &text, issues));
@@ -260,6 +262,7 @@ pub fn read_config_traced(path: &Path, progress: &Progress) -> Result<Read, Conf
         secrets: Secrets {
             jwks: keys,
             priority_key,
+            upstream_tls,
         },
         sources: Sources {
             main: (path.to_path_buf(), bytes),
@@ -304,6 +307,56 @@ impl NamedFiles<'_> {
             })
             .ok()
     }
+}
+
+/// The TLS client of every upstream with `tls`: its files read beside the config (and
+/// hashed into the content version, so replacing a certificate is a reload) and the rustls
+/// config built, once per load. A file that is missing or does not parse, or a key that
+/// does not match its certificate, is reported at the field naming it and refuses the load.
+fn upstream_tls(
+    loaded: &Loaded,
+    named: &mut NamedFiles<'_>,
+) -> HashMap<Box<str>, crate::upstream::tls::TlsClient> {
+    use crate::upstream::tls::{TlsClient, TlsFiles};
+    let mut out = HashMap::new();
+    for spec in &loaded.snapshot.upstreams {
+        let Some(t) = &spec.tls else { continue };
+        let at = JsonPath::root()
+            .key("upstreams")
+            .key(&*spec.name)
+            .key("tls");
+        let bytes = |b: &[u8]| Ok(b.to_vec());
+        let mut ok = true;
+        let ca = t.ca_file.as_deref().map(|f| {
+            let read = named.read(f, at.key("ca_file"), bytes);
+            ok &= read.is_some();
+            read.unwrap_or_default()
+        });
+        let identity = t.client_identity.as_ref().map(|(c, k)| {
+            let cert = named.read(c, at.key("client_cert_file"), bytes);
+            let key = named.read(k, at.key("client_key_file"), bytes);
+            ok &= cert.is_some() && key.is_some();
+            (cert.unwrap_or_default(), key.unwrap_or_default())
+        });
+        if !ok {
+            continue;
+        }
+        named
+            .progress
+            .set(format!("building the TLS client of upstream {}", spec.name));
+        match TlsClient::build(spec.protocol, &TlsFiles { ca, identity }) {
+            Ok(c) => {
+                if t.ca_file.is_none() {
+                    // The system store is read at every load: its content is part of the
+                    // version too, so a reload after it changed builds the client anew.
+                    named.hasher.update(&c.fingerprint.to_le_bytes());
+                }
+                out.insert(spec.name.clone(), c);
+            }
+            Err(message) => named.issues.push(Issue { path: at, message }),
+        }
+    }
+    out
 }
 
 /// The SipHash key for user priorities from a key file's bytes: SHA-256 of the whole file,

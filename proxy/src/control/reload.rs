@@ -187,6 +187,23 @@ impl Reloader {
         )
     }
 
+    /// The files the live upstreams' `tls` sections name (CA bundles, client certificates
+    /// and keys), resolved against the config file: replacing one is a reload.
+    fn upstream_tls_paths(&self) -> Vec<PathBuf> {
+        let rt = self.live.runtime.load();
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        rt.snapshot
+            .upstreams
+            .iter()
+            .filter_map(|u| u.tls.as_ref())
+            .flat_map(|t| {
+                let identity = t.client_identity.iter().flat_map(|(c, k)| [c, k]);
+                t.ca_file.iter().chain(identity)
+            })
+            .map(|f| base.join(&**f))
+            .collect()
+    }
+
     /// A reloader for a gateway started from `path` (content hash `hash`, parsed as
     /// `config`).
     pub fn new(
@@ -668,6 +685,9 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
                             // The key file of `identity.jwt` (beside the config; elsewhere
                             // the poll finds its edits).
                             || keys.jwks_path().is_some_and(|j| j.file_name() == name)
+                            // An upstream's CA bundle, client certificate or key (beside
+                            // the config; elsewhere the poll finds its edits).
+                            || keys.upstream_tls_paths().iter().any(|f| f.file_name() == name)
                             // The admin token file.
                             || keys.admin_token_path().is_some_and(|t| t.file_name() == name)
                             // A rules fragment in the include directory.
@@ -772,8 +792,8 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>)
 }
 
 /// Size and modification time of the config file (following symlinks), the key file of
-/// `identity.jwt`, the listeners' certificates and keys, and every file in the include
-/// directory.
+/// `identity.jwt`, the files of the upstreams' `tls`, the listeners' certificates and keys,
+/// and every file in the include directory.
 fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let stat = |p: PathBuf| {
         let m = std::fs::metadata(&p).ok();
@@ -787,6 +807,7 @@ fn fingerprint_of(r: &Reloader) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     if let Some(t) = r.admin_token_path() {
         v.push(stat(t));
     }
+    v.extend(r.upstream_tls_paths().into_iter().map(stat));
     for c in &r.certs {
         v.push(stat(PathBuf::from(&c.cert_path)));
         v.push(stat(PathBuf::from(&c.key_path)));

@@ -251,7 +251,8 @@ pub fn finish_call(
         Err(
             GatewayError::UpstreamTimeout
             | GatewayError::UpstreamUnavailable
-            | GatewayError::UpstreamReset,
+            | GatewayError::UpstreamReset
+            | GatewayError::UpstreamTls,
         ) => CallResult::Failure,
         Err(_) => return, // dropping the permit gives a probe slot back
     };

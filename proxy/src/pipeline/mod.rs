@@ -57,6 +57,7 @@ use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
 use crate::trace::export::Exporter;
 use crate::trace::{Sampler, TraceContext};
+use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::{keep_authority, set_forwarding};
 use crate::upstream::{ConnCache, UpstreamBody};
 
@@ -154,7 +155,10 @@ impl Gateway {
         };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
             Ok(v) => v,
-            Err(e) => return self.refuse_identity(&rt, e, ids, conn, started),
+            Err(e) => {
+                let grpc = is_grpc(&parts.headers);
+                return self.refuse_identity(&rt, e, grpc, ids, conn, started);
+            }
         };
         let mode = Mode::Serve {
             draw: self.next_random(),
@@ -307,11 +311,12 @@ impl Gateway {
         &self,
         rt: &Runtime,
         e: crate::jwt::TokenError,
+        grpc: bool,
         ids: Ids,
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, e.code(), self.recorder(&ids), started);
+        let record = Record::unclassified(rt, e.code(), self.recorder(&ids), started).grpc(grpc);
         let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
         record.finish(rt, answer, ids, conn)
     }

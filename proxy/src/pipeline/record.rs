@@ -19,12 +19,13 @@ use super::decide::{Action, Answered, Decision};
 use super::identity::Verdict;
 use crate::conn::ConnInfo;
 use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
-use crate::respond::GatewayError;
+use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
 use crate::stats::{Class, Tally};
 use crate::trace::TraceContext;
 use crate::trace::export::{Exporter, SpanRecord};
 use crate::upstream::UpstreamBody;
+use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::strip_hop_by_hop;
 
 /// The response body: the upstream's, streamed, or one the gateway made.
@@ -56,6 +57,8 @@ pub struct Record {
     /// Who asked and where it was routed, for the access log and the span (copied only
     /// when one of them is written).
     who: Option<Who>,
+    /// The request is gRPC: the gateway's own answers to it are gRPC statuses.
+    grpc: bool,
     to: Recorder,
 }
 
@@ -152,7 +155,14 @@ impl Record {
             started,
             who,
             to,
+            grpc: is_grpc(req.headers),
         }
+    }
+
+    /// Answer as gRPC (when `grpc`) if the gateway answers itself.
+    pub fn grpc(mut self, grpc: bool) -> Self {
+        self.grpc = grpc;
+        self
     }
 
     /// What a request refused before its decision is counted under: no interface, no
@@ -166,6 +176,7 @@ impl Record {
         Self {
             tally: rt.stats.tally(None, None, None),
             interface: None,
+            grpc: false,
             started,
             who: (to.log || to.export.is_some()).then(|| Who {
                 client: None,
@@ -199,6 +210,7 @@ impl Record {
             Answer::Local(..) => None,
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
+        let own = matches!(answer, Answer::Local(..) | Answer::Exchange(_, Err(_)));
         let (mut resp, class) = match answer {
             Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
             Answer::Cached(_, resp) => {
@@ -219,7 +231,8 @@ impl Record {
                     Some(u),
                     GatewayError::UpstreamTimeout
                     | GatewayError::UpstreamUnavailable
-                    | GatewayError::UpstreamReset,
+                    | GatewayError::UpstreamReset
+                    | GatewayError::UpstreamTls,
                 ) = (up, e)
                 {
                     metrics
@@ -298,6 +311,12 @@ impl Record {
                 rule: w.rule,
                 identity: w.identity,
             });
+        }
+        // Counted and logged above under the status it stands for (429, 503, ...), so the
+        // dashboards and metrics read the same for gRPC and other clients.
+        if own && self.grpc {
+            let empty = Either::Right(Full::default());
+            resp = respond::grpc(resp, class == Class::Degraded, empty);
         }
         resp
     }

@@ -269,6 +269,7 @@ mod tests {
             &snap.upstreams[def.upstream.0 as usize],
             None,
             None,
+            None,
             metrics,
         )
         .unwrap();

@@ -2,6 +2,9 @@
 //! retry on connect failure.
 //!
 //! - [`h1`]: the HTTP/1.1 client of our own for bodiless requests.
+//! - [`tls`], [`connect`], [`h2`]: upstreams with `tls` or `protocol: http2`: the verified
+//!   rustls client built at load, the connector (TCP then TLS within the connect timeout),
+//!   and one multiplexed HTTP/2 connection per endpoint.
 //! - [`health`]: endpoint health: passive outlier ejection, active checks, re-resolution.
 //! - [`headers`]: header hygiene (hop-by-hop headers, `Host`, `X-Forwarded-For`).
 //! - [`mirror`]: fire-and-forget copies of requests to a route's mirror upstream.
@@ -12,6 +15,11 @@
 //! traffic) is sent by [`h1`], driven by the downstream connection's own task; one with
 //! a body by a hyper client connection of its own. Requests of HTTP/2 downstream connections
 //! (many at once) and callers without a cache use the shared pooled client of the upstream.
+//!
+//! An upstream with `tls` or `protocol: http2` takes none of the downstream connection's
+//! own connections: over TLS with HTTP/1.1, a pooled client of its own (the TLS handshake
+//! is paid once per pooled connection, not per downstream connection); with HTTP/2, one
+//! connection per endpoint that every request shares ([`h2`]). Trailers pass both ways.
 //!
 //! An [`Upstream`] is built once per config load from a validated [`UpstreamSpec`]: endpoint
 //! names are resolved and their URI authorities parsed here (and again by the background
@@ -36,13 +44,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use rules::model::{Balance, UpstreamKind};
+use rules::model::{Balance, Protocol, UpstreamKind};
 use rules::snapshot::UpstreamSpec;
 
+pub mod connect;
+pub mod grpc;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod health;
 pub mod mirror;
+pub mod tls;
 
 use crate::metrics::{EjectionLabels, EndpointLabels, Metrics, Name};
 use crate::respond::GatewayError;
@@ -72,6 +84,12 @@ pub struct Upstream {
     embedded: Option<SocketAddr>,
     /// Unique per built upstream: what a [`ConnCache`] entry is keyed by.
     id: u64,
+    /// How it is reached when it has `tls` or speaks HTTP/2.
+    secure: Option<Secure>,
+    /// Its `tidegate_grpc_status_total` series.
+    grpc: Arc<grpc::StatusCounts>,
+    /// The fingerprint of its TLS client, to tell whether a reload changed a file.
+    tls_fingerprint: Option<u64>,
     /// Its `tidegate_upstream_latency_seconds` series, looked up once.
     latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
@@ -82,7 +100,8 @@ pub struct Endpoint {
     /// As configured (`host:port`): its metrics label and its name in status.json.
     pub name: Name,
     /// Its current address: replaced whole by the re-resolution, read with one atomic load.
-    resolved: ArcSwap<Resolved>,
+    /// Shared with the [`connect::Connector`] of an upstream with `tls` or HTTP/2.
+    resolved: Arc<ArcSwap<Resolved>>,
     /// Whether `name` is a host name (re-resolved), not an IP address.
     is_host_name: bool,
     /// Requests in flight to it (for least-outstanding balancing).
@@ -93,6 +112,22 @@ pub struct Endpoint {
     healthy_gauge: Gauge,
     /// Its `tidegate_endpoint_ejections_total` series, indexed like [`Reason::ALL`].
     ejections: [Counter; 2],
+}
+
+/// How an upstream with `tls` or `protocol: http2` is reached.
+#[derive(Debug)]
+struct Secure {
+    connector: connect::Connector,
+    /// `https` with TLS, else `http`.
+    scheme: Scheme,
+    /// Each endpoint as configured, as a URI authority: the pooled client's key for it
+    /// (mapped back to its address by the connector), and an HTTP/2 request's
+    /// `:authority` when the client sent no `Host`.
+    authorities: Box<[Authority]>,
+    /// `http1` over TLS: the pooled client, shared by every downstream connection.
+    pool: Option<Client<connect::Connector, UpBody>>,
+    /// `http2`: one connection per endpoint, indexed like the endpoints (empty otherwise).
+    h2: Box<[h2::H2Conn]>,
 }
 
 /// An endpoint's address, and the forms the request path needs of it, built once.
@@ -165,6 +200,8 @@ pub struct UpstreamBody {
     // Whether `idle` counts from the current wait (disarmed by each piece of data).
     armed: bool,
     timeout: Duration,
+    /// A gRPC answer's status series, counted by the `grpc-status` of its trailers.
+    grpc: Option<Arc<grpc::StatusCounts>>,
 }
 
 /// Which client read the response.
@@ -220,6 +257,91 @@ enum DirectError {
 
 static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
 
+// === impl DirectError ===
+
+impl DirectError {
+    /// Whether the request was never sent (a connect failure: retryable on another
+    /// endpoint), and what to answer.
+    fn answer(self) -> (bool, GatewayError) {
+        match self {
+            DirectError::Connect(io) => (true, classify_connect(&io)),
+            DirectError::Http(e) => (
+                false,
+                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
+            ),
+            DirectError::Own(e) => (
+                false,
+                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
+            ),
+        }
+    }
+}
+
+// === impl Secure ===
+
+impl Secure {
+    /// How `spec` is reached, when it has `tls` or speaks HTTP/2 (`None` for cleartext
+    /// HTTP/1.1). `tls` is its TLS client, built from its files; required with `tls`.
+    fn build(
+        spec: &UpstreamSpec,
+        endpoints: &[Endpoint],
+        tls: Option<&tls::TlsClient>,
+    ) -> Result<Option<Self>, String> {
+        let h2 = spec.protocol == Protocol::Http2;
+        if spec.tls.is_none() && !h2 {
+            return Ok(None);
+        }
+        let (tls, scheme) = match (&spec.tls, tls) {
+            (None, _) => (None, Scheme::HTTP),
+            (Some(t), Some(client)) => (Some((t, client)), Scheme::HTTPS),
+            (Some(_), None) => {
+                return Err(format!(
+                    "upstream {:?}: its tls files were not read (start the gateway from the config file)",
+                    spec.name
+                ));
+            }
+        };
+        let mut targets = Vec::with_capacity(endpoints.len());
+        let mut authorities = Vec::with_capacity(endpoints.len());
+        for ep in endpoints {
+            let name = tls
+                .map(|(t, _)| tls::server_name(t, &ep.name.0))
+                .transpose()
+                .map_err(|e| format!("upstream {:?}: {e}", spec.name))?;
+            authorities.push(
+                Authority::try_from(&*ep.name.0).map_err(|e| {
+                    format!("upstream {:?}: endpoint {:?}: {e}", spec.name, ep.name.0)
+                })?,
+            );
+            targets.push(connect::Target {
+                name: ep.name.0.as_ref().into(),
+                resolved: ep.resolved.clone(),
+                server_name: name,
+            });
+        }
+        let connector = connect::Connector::new(targets, tls.map(|(_, c)| c), spec.connect_timeout);
+        let pool = (!h2).then(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(spec.pool_max_idle_per_endpoint)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector.clone())
+        });
+        Ok(Some(Self {
+            connector,
+            scheme,
+            authorities: authorities.into(),
+            pool,
+            h2: if h2 {
+                endpoints.iter().map(|_| h2::H2Conn::default()).collect()
+            } else {
+                Box::default()
+            },
+        }))
+    }
+}
+
 // === impl Upstream ===
 
 impl Upstream {
@@ -230,9 +352,12 @@ impl Upstream {
     ///
     /// Its health checker and re-resolver are started here (when configured, and when a
     /// tokio runtime is running: never off-line), and stop when it is dropped.
+    ///
+    /// `tls` is its TLS client, built from the files its `tls` names when it has one.
     pub fn build(
         spec: &UpstreamSpec,
         embedded: Option<SocketAddr>,
+        tls: Option<&tls::TlsClient>,
         previous: Option<&Upstream>,
         metrics: &Metrics,
     ) -> Result<Arc<Self>, String> {
@@ -282,7 +407,7 @@ impl Upstream {
             let ep = Endpoint {
                 is_host_name: fixed.is_none() && text.parse::<SocketAddr>().is_err(),
                 name,
-                resolved: ArcSwap::from_pointee(Resolved::new(addr)),
+                resolved: Arc::new(ArcSwap::from_pointee(Resolved::new(addr))),
                 inflight: AtomicUsize::new(0),
                 health: kept.map_or_else(Default::default, |k| {
                     k.health
@@ -295,6 +420,7 @@ impl Upstream {
             ep.export(health::now_ms());
             endpoints.push(ep);
         }
+        let secure = Secure::build(spec, &endpoints, tls)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(spec.connect_timeout));
@@ -306,7 +432,7 @@ impl Upstream {
             .timer(TokioTimer::new())
             .build(connector);
         let up = Arc::new(Self {
-            name: upstream,
+            name: upstream.clone(),
             endpoints,
             outlier: spec.outlier.map(Outlier::new),
             tasks: std::sync::OnceLock::new(),
@@ -318,6 +444,12 @@ impl Upstream {
             spec: spec.clone(),
             embedded,
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed) as u64,
+            secure,
+            grpc: Arc::new(grpc::StatusCounts::new(
+                &metrics.grpc_status,
+                upstream.clone(),
+            )),
+            tls_fingerprint: tls.map(|t| t.fingerprint),
             latency: std::sync::OnceLock::new(),
         });
         // Started once the upstream is whole: a task that ran before would find no
@@ -356,9 +488,17 @@ impl Upstream {
         })
     }
 
-    /// Whether `spec` (with this embedded address) describes this very upstream.
-    pub fn same_definition(&self, spec: &UpstreamSpec, embedded: Option<SocketAddr>) -> bool {
-        self.spec == *spec && self.embedded == embedded
+    /// Whether `spec` (with this embedded address and TLS client) describes this very
+    /// upstream.
+    pub fn same_definition(
+        &self,
+        spec: &UpstreamSpec,
+        embedded: Option<SocketAddr>,
+        tls: Option<&tls::TlsClient>,
+    ) -> bool {
+        self.spec == *spec
+            && self.embedded == embedded
+            && self.tls_fingerprint == tls.map(|t| t.fingerprint)
     }
 
     /// Choose an endpoint in rotation (neither ejected nor failing its health checks),
@@ -460,6 +600,8 @@ impl Upstream {
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
+        // TLS and HTTP/2 connections are shared, never a downstream connection's own.
+        let cache = cache.filter(|_| self.secure.is_none());
         let path = parts
             .uri
             .path_and_query()
@@ -509,22 +651,15 @@ impl Upstream {
             *req.version_mut() = Version::HTTP_11;
             // A connection of our own speaks to this endpoint only: the origin-form target
             // is enough. The shared pool picks its connection by the absolute URI.
-            *req.uri_mut() = if cache.is_some() {
+            if cache.is_some() {
                 // It still needs a Host.
                 if !req.headers().contains_key(header::HOST) {
                     req.headers_mut().insert(header::HOST, to.host.clone());
                 }
-                Uri::from(path.clone())
+                *req.uri_mut() = Uri::from(path.clone());
             } else {
-                Uri::from_parts({
-                    let mut p = http::uri::Parts::default();
-                    p.scheme = Some(Scheme::HTTP);
-                    p.authority = Some(to.authority.clone());
-                    p.path_and_query = Some(path.clone());
-                    p
-                })
-                .expect("scheme, authority and path make a URI")
-            };
+                self.pooled_target(&mut req, ep_idx, &to, path.clone());
+            }
 
             // The guard is not held across the exchange.
             drop(to);
@@ -540,26 +675,11 @@ impl Upstream {
                             .await
                             .map(|r| r.map(|resp| resp.map(Received::Hyper)))
                     };
-                    sent.map(|r| {
-                        r.map_err(|e| match e {
-                            DirectError::Connect(io) => (true, classify_connect(&io)),
-                            DirectError::Http(e) => (
-                                false,
-                                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
-                            ),
-                            DirectError::Own(e) => (
-                                false,
-                                classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
-                            ),
-                        })
-                    })
+                    sent.map(|r| r.map_err(DirectError::answer))
                 }
-                None => tokio::time::timeout_at(deadline, self.client.request(req))
+                None => tokio::time::timeout_at(deadline, self.send_pooled(ep_idx, req))
                     .await
-                    .map(|r| {
-                        r.map(|resp| resp.map(Received::Hyper))
-                            .map_err(|e| (e.is_connect(), classify_error(&e)))
-                    }),
+                    .map(|r| r.map(|resp| resp.map(Received::Hyper))),
             };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
@@ -573,10 +693,12 @@ impl Upstream {
                 }
                 Ok(Ok(resp)) => {
                     ep.health.succeeded();
-                    return Ok((
-                        resp.map(|b| UpstreamBody::new(b, self.read_timeout)),
-                        started.elapsed(),
-                    ));
+                    let grpc = self.grpc_status(resp.headers());
+                    let resp = resp.map(|b| UpstreamBody {
+                        grpc,
+                        ..UpstreamBody::new(b, self.read_timeout)
+                    });
+                    return Ok((resp, started.elapsed()));
                 }
                 Ok(Err((is_connect, answer))) => {
                     if upstream_at_fault(&answer) {
@@ -794,29 +916,25 @@ impl Upstream {
     ) -> Result<(http::StatusCode, Duration), GatewayError> {
         use http_body_util::BodyExt;
         let started = Instant::now();
-        let ep = &self.endpoints[self.pick(None)];
-        let authority = ep.resolved.load().authority.clone();
+        let ep_idx = self.pick(None);
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut p = http::uri::Parts::default();
-        p.scheme = Some(Scheme::HTTP);
-        p.authority = Some(authority);
-        p.path_and_query = Some(path);
-        parts.uri = Uri::from_parts(p).expect("scheme, authority and path make a URI");
         parts.version = Version::HTTP_11;
         let body = UpBody {
             hint: SizeHint::with_exact(body.len() as u64),
             state: BodyState::Buffered(body),
             remaining: u64::MAX,
         };
-        let req = Request::from_parts(parts, body);
-        let resp = match tokio::time::timeout(self.request_timeout, self.client.request(req)).await
-        {
+        let mut req = Request::from_parts(parts, body);
+        let to = self.endpoints[ep_idx].resolved.load_full();
+        self.pooled_target(&mut req, ep_idx, &to, path);
+        let sent = tokio::time::timeout(self.request_timeout, self.send_pooled(ep_idx, req));
+        let resp = match sent.await {
             Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(classify_error(&e)),
+            Ok(Err((_, e))) => return Err(e),
             Ok(Ok(r)) => r,
         };
         let latency = started.elapsed();
@@ -832,6 +950,82 @@ impl Upstream {
             left -= n;
         }
         Ok((status, latency))
+    }
+
+    /// For a gRPC answer, the series its status is counted in when its trailers come; a
+    /// trailers-only answer (the status in the head) is counted now. One header look-up
+    /// for any other answer.
+    fn grpc_status(&self, head: &http::HeaderMap) -> Option<Arc<grpc::StatusCounts>> {
+        if !grpc::is_grpc(head) || self.grpc.count(head) {
+            return None;
+        }
+        Some(self.grpc.clone())
+    }
+
+    /// Shape `req` for the shared clients: for cleartext HTTP/1.1 the absolute URI of the
+    /// endpoint's address (the plain pool's key); over TLS the endpoint as configured
+    /// (the TLS pool's key, mapped to its address by the connector); for HTTP/2 the
+    /// client's authority as `:authority` (an HTTP/2 request carries no `Host`, RFC 9113
+    /// §8.3.1), and `te: trailers`, which a gRPC request must carry.
+    fn pooled_target(
+        &self,
+        req: &mut Request<UpBody>,
+        ep_idx: usize,
+        to: &Resolved,
+        path: PathAndQuery,
+    ) {
+        let mut p = http::uri::Parts::default();
+        p.path_and_query = Some(path);
+        match &self.secure {
+            None => {
+                p.scheme = Some(Scheme::HTTP);
+                p.authority = Some(to.authority.clone());
+            }
+            Some(s) => {
+                p.scheme = Some(s.scheme.clone());
+                let configured = &s.authorities[ep_idx];
+                p.authority = Some(if s.h2.is_empty() {
+                    configured.clone()
+                } else {
+                    *req.version_mut() = Version::HTTP_2;
+                    // One copy of the Host value per request: `:authority` must be a
+                    // parsed authority.
+                    let host = req.headers_mut().remove(header::HOST);
+                    host.and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                        .unwrap_or_else(|| configured.clone())
+                });
+                if !s.h2.is_empty() && grpc::is_grpc(req.headers()) {
+                    req.headers_mut()
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+            }
+        }
+        *req.uri_mut() = Uri::from_parts(p).expect("scheme, authority and path make a URI");
+    }
+
+    /// Send `req` (shaped by [`Self::pooled_target`]) on a shared connection to endpoint
+    /// `ep_idx`: the plain pool, the TLS pool, or the endpoint's HTTP/2 connection. An error
+    /// says whether the request was never sent (a connect failure, retryable elsewhere) and
+    /// what to answer.
+    async fn send_pooled(
+        &self,
+        ep_idx: usize,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, (bool, GatewayError)> {
+        let sent = match &self.secure {
+            Some(s) if !s.h2.is_empty() => {
+                return s.h2[ep_idx]
+                    .send(&s.connector, ep_idx, req)
+                    .await
+                    .map_err(DirectError::answer);
+            }
+            Some(s) => {
+                let pool = s.pool.as_ref().expect("a TLS HTTP/1.1 upstream has a pool");
+                pool.request(req).await
+            }
+            None => self.client.request(req).await,
+        };
+        sent.map_err(|e| (e.is_connect(), classify_error(&e)))
     }
 
     /// A TCP connection to `ep`, within the connect timeout.
@@ -879,12 +1073,16 @@ fn upstream_at_fault(e: &GatewayError) -> bool {
         GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamReset
             | GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamTls
     )
 }
 
-/// A failed connect: a timeout answers 504, anything else 502.
+/// A failed connect: a failed TLS handshake answers 502 `upstream_tls`, a timeout 504,
+/// anything else 502.
 fn classify_connect(e: &std::io::Error) -> GatewayError {
-    if e.kind() == std::io::ErrorKind::TimedOut {
+    if connect::is_handshake(e) {
+        GatewayError::UpstreamTls
+    } else if e.kind() == std::io::ErrorKind::TimedOut {
         GatewayError::UpstreamTimeout
     } else {
         GatewayError::UpstreamUnavailable
@@ -914,7 +1112,9 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> Option<GatewayError>
 /// Map a client error to the answer: our own body limit, a timeout, a connect failure, or
 /// anything else the upstream did (reset, garbage, early close).
 fn classify_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
-    if let Some(g) = classify_chain(e) {
+    if connect::is_handshake(e) {
+        GatewayError::UpstreamTls
+    } else if let Some(g) = classify_chain(e) {
         g
     } else if e.is_connect() {
         GatewayError::UpstreamUnavailable
@@ -1054,6 +1254,7 @@ impl UpstreamBody {
             idle: None,
             armed: false,
             timeout,
+            grpc: None,
         }
     }
 }
@@ -1075,6 +1276,11 @@ impl Body for UpstreamBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;
+                if let Some(t) = frame.trailers_ref()
+                    && let Some(g) = this.grpc.take()
+                {
+                    g.count(t);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

@@ -406,3 +406,27 @@ fn a_step_without_baseline_traffic_is_judged_against_its_last_window() {
         );
     }
 }
+
+/// Windows fed a few milliseconds short of the second still close a judging window and a
+/// hold on time.
+#[test]
+fn timer_jitter_does_not_cost_a_window() {
+    let (_, ramps) = compiled(ramp_json());
+    let mut c = Controller::default();
+    c.reconcile(&ramps, 0);
+    // Ticks at 999, 1998, 2997 ms.
+    let mut events = Vec::new();
+    for i in 1..=3u64 {
+        let end = i * 999;
+        for e in c.step(&ramps, &healthy(), end, true) {
+            events.push((end, e.kind));
+        }
+        let v = c.state("canary").unwrap().verdict.clone().unwrap();
+        assert_eq!(
+            (v.at_ms, v.outcome),
+            (end, Outcome::Pass),
+            "judged at {end}"
+        );
+    }
+    assert_eq!(events, [(2997, EventKind::Advanced)]);
+}

@@ -642,3 +642,4 @@ fn tracing_checked() {
 }
 
 mod health;
+mod upstream_tls;

@@ -336,7 +336,9 @@ impl Reloader {
             events
         };
         if !events.is_empty() {
-            self.save_ramps().await;
+            // Not under the reload lock: the file's fsync must not delay the next reload.
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.save_ramps().await });
         }
     }
 

@@ -140,7 +140,7 @@ fn upstream(extra: &str, metrics: &Metrics) -> Arc<Upstream> {
           "routes": [{{"name": "r", "upstream": "v1"}}]}}"#
     );
     let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
-    Upstream::build(&snap.upstreams[0], None, None, metrics).unwrap()
+    Upstream::build(&snap.upstreams[0], None, None, None, metrics).unwrap()
 }
 
 /// The balancer skips an ejected endpoint, counts the ejection in the metrics, and with
@@ -189,7 +189,7 @@ fn rebuilt_upstream_keeps_endpoint_health() {
       "upstreams": {"v1": {"endpoints": ["127.0.0.1:3", "127.0.0.1:4"], "connect_timeout_ms": 5}},
       "routes": [{"name": "r", "upstream": "v1"}]}"#;
     let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
-    let new = Upstream::build(&snap.upstreams[0], None, Some(&old), &m).unwrap();
+    let new = Upstream::build(&snap.upstreams[0], None, None, Some(&old), &m).unwrap();
     assert!(Arc::ptr_eq(
         &new.endpoints[0].health,
         &old.endpoints[2].health
@@ -216,7 +216,7 @@ fn turning_a_mechanism_off_releases_its_endpoints() {
               "routes": [{{"name": "r", "upstream": "v1"}}]}}"#
         );
         let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
-        Upstream::build(&snap.upstreams[0], None, Some(&old), &m).unwrap()
+        Upstream::build(&snap.upstreams[0], None, None, Some(&old), &m).unwrap()
     };
     // Both still on: both stay out.
     let same =
@@ -241,7 +241,7 @@ fn re_resolution_swaps_the_address_or_keeps_the_last() {
         "outlier": {"consecutive_failures": 1, "max_ejected_percent": 100}}},
       "routes": [{"name": "r", "upstream": "v1"}]}"#;
     let snap = rules::load("t.json", text.as_bytes()).unwrap().snapshot;
-    let up = Upstream::build(&snap.upstreams[0], None, None, &m).unwrap();
+    let up = Upstream::build(&snap.upstreams[0], None, None, None, &m).unwrap();
     let ep = &up.endpoints[0];
     assert!(ep.is_host_name && !up.endpoints[1].is_host_name);
     let first = ep.address();

@@ -61,7 +61,7 @@ pub struct RampStatus {
     pub stop: Option<rules::model::Stop>,
     /// When the current step or phase began (Unix milliseconds).
     pub since_ms: u64,
-    /// How long a step holds, and a judging window lasts (ms).
+    /// How long a step holds (ms).
     pub hold_ms: u64,
     /// Length of a judging window (ms).
     pub window_ms: u64,

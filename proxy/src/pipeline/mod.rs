@@ -382,9 +382,9 @@ impl Gateway {
         let trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
         // Trace and span IDs are read by others (and chosen by nobody but the gateway):
         // drawn from the thread's CSPRNG, not the counter behind `next_random`.
-        let mut rng = rand::rng();
-        let ids = [rng.random(), rng.random(), rng.random()];
-        let draw = rng.random();
+        let mut r = [0u64; 4];
+        rand::rng().fill(&mut r[..]);
+        let [draw, ids @ ..] = r;
         Some(TraceContext::continue_or_start(
             headers, sampler, trusted, draw, ids,
         ))

@@ -135,16 +135,26 @@ impl Record {
             .tally(d.class.interface, d.route.as_ref(), forwarded);
         let who = (to.log || to.export.is_some()).then(|| {
             let (answered, rule) = d.answered();
+            // A span carries neither the user, the path nor the inputs: copied for the log.
+            let log = to.log;
             Who {
                 client: d.client_ip,
                 identity: identity.log_field(),
                 app: d.class.app.as_deref().map(str::to_owned),
-                user: d.class.user.as_deref().map(str::to_owned),
+                user: d.class.user.as_deref().filter(|_| log).map(str::to_owned),
                 route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
                 at_us: unix_micros(),
                 method: Some(req.method.clone()),
-                path: bounded_path(req.path),
-                inputs: log_inputs(&rt.access_inputs, req.headers),
+                path: if log {
+                    bounded_path(req.path)
+                } else {
+                    String::new()
+                },
+                inputs: if log {
+                    log_inputs(&rt.access_inputs, req.headers)
+                } else {
+                    String::new()
+                },
                 answered,
                 rule: rule.cloned(),
             }

@@ -3,32 +3,24 @@
 //! The request path only offers a finished [`SpanRecord`] to a bounded queue
 //! ([`Exporter::offer`]): when the queue is full the span is dropped and counted, so a slow
 //! or dead collector never makes a request wait. One task drains the queue into batches of
-//! at most `max_batch` spans (or whatever arrived within `export_interval_ms` of a batch's
-//! first span), encodes each as an OTLP `ExportTraceServiceRequest` (protobuf) and POSTs it,
-//! one request at a time, each bounded by `export_timeout_ms`. A failed batch is dropped and
-//! counted, never retried: spans are diagnostics, and a retry backlog is what the queue
-//! bound exists to prevent.
+//! at most `max_batch` spans (whatever is queued `export_interval_ms` after a batch's first
+//! span, or sooner once a full batch is), encodes each as an OTLP
+//! `ExportTraceServiceRequest` (protobuf, written by [`super::otlp`]) and POSTs it, one
+//! request at a time, each bounded by `export_timeout_ms`. A failed batch is dropped and counted, never retried: spans are
+//! diagnostics, and a retry backlog is what the queue bound exists to prevent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Uri, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{
-    AnyValue, InstrumentationScope, KeyValue, any_value::Value,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode,
-};
-use prost::Message as _;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
+use super::otlp::Encoder;
 use crate::metrics::{Metrics, Name, SpanDropLabels};
 
 /// Largest collector answer read; a longer one fails the export.
@@ -63,6 +55,9 @@ pub struct SpanRecord {
 #[derive(Debug, Clone)]
 pub struct Exporter {
     tx: mpsc::Sender<SpanRecord>,
+    /// Told when a full batch is queued, so the export task need not wake for every span.
+    full: Arc<Notify>,
+    max_batch: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -84,14 +79,23 @@ impl Exporter {
     /// is dropped, after sending what was queued.
     pub fn start(settings: ExportSettings, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(settings.max_queue);
-        tokio::spawn(run(rx, settings, metrics.clone()));
-        Self { tx, metrics }
+        let full = Arc::new(Notify::new());
+        let max_batch = settings.max_batch;
+        tokio::spawn(run(rx, full.clone(), settings, metrics.clone()));
+        Self {
+            tx,
+            full,
+            max_batch,
+            metrics,
+        }
     }
 
     /// Queue a span for export, or drop and count it when the queue is full. Never waits.
     pub fn offer(&self, span: SpanRecord) {
         if self.tx.try_send(span).is_err() {
             self.dropped("queue_full", 1);
+        } else if self.tx.max_capacity() - self.tx.capacity() >= self.max_batch {
+            self.full.notify_one();
         }
     }
 
@@ -123,28 +127,44 @@ impl ExportSettings {
 }
 
 /// The export task: batch, encode, POST, count; until the queue's senders are gone.
-async fn run(mut rx: mpsc::Receiver<SpanRecord>, s: ExportSettings, metrics: Arc<Metrics>) {
+///
+/// A batch starts with the first span queued; the task then sleeps until the batch's
+/// deadline, or until the request path says a full batch is queued, and takes what is
+/// there. Spans arriving in between do not wake it: at a high sampled rate, a wake per span
+/// cost more than encoding it.
+async fn run(
+    mut rx: mpsc::Receiver<SpanRecord>,
+    full: Arc<Notify>,
+    s: ExportSettings,
+    metrics: Arc<Metrics>,
+) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let resource = Resource {
-        attributes: vec![string_kv("service.name", s.service_name.clone())],
-        ..Default::default()
-    };
+    let mut encoder = Encoder::new(&s.service_name);
+    // Each batch's body is split off this buffer; once the exchange has dropped it, the
+    // next batch reuses the same allocation.
+    let mut out = BytesMut::new();
     let mut batch = Vec::with_capacity(s.max_batch);
     loop {
         if rx.recv_many(&mut batch, s.max_batch).await == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + s.interval;
-        while batch.len() < s.max_batch {
-            let room = s.max_batch - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        if batch.len() < s.max_batch {
+            let deadline = tokio::time::Instant::now() + s.interval;
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = full.notified() => {}
+            }
+            while batch.len() < s.max_batch {
+                match rx.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(_) => break,
+                }
             }
         }
         let n = batch.len() as u64;
-        let body = encode(&resource, batch.drain(..));
+        encoder.encode(batch.drain(..), &mut out);
+        let body = out.split().freeze();
         let req = Request::post(s.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))
@@ -169,95 +189,5 @@ async fn run(mut rx: mpsc::Receiver<SpanRecord>, s: ExportSettings, metrics: Arc
                 dropped(&metrics, "export_failed", n);
             }
         }
-    }
-}
-
-/// One OTLP request holding `spans`.
-fn encode(resource: &Resource, spans: impl Iterator<Item = SpanRecord>) -> Bytes {
-    let req = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(resource.clone()),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "tidegate".to_owned(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    ..Default::default()
-                }),
-                spans: spans.map(span).collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
-    Bytes::from(req.encode_to_vec())
-}
-
-/// A request's OTLP span: kind server, named after the method and interface (the route
-/// template, never the path, which may carry IDs), with the phase outcomes as attributes.
-/// The user ID is not exported (it may be personal data); the app ID is.
-fn span(r: SpanRecord) -> Span {
-    let interface = r.interface.as_ref().map_or("none", |n| &*n.0);
-    let method = r.method.as_ref().map_or("", http::Method::as_str);
-    let mut attributes = vec![
-        string_kv("http.request.method", method.to_owned()),
-        int_kv("http.response.status_code", i64::from(r.status)),
-        string_kv("tidegate.interface", interface.to_owned()),
-        string_kv("tidegate.decision", r.decision.to_owned()),
-        string_kv("tidegate.identity", r.identity.to_owned()),
-        string_kv(
-            "tidegate.request_id",
-            r.request_id.to_str().unwrap_or("-").to_owned(),
-        ),
-    ];
-    let optional = [
-        ("tidegate.app", r.app.as_deref()),
-        ("tidegate.route", r.route.as_deref()),
-        ("tidegate.upstream", r.upstream.as_ref().map(|n| &*n.0)),
-        ("tidegate.rule", r.rule.as_deref()),
-    ];
-    for (k, v) in optional {
-        if let Some(v) = v {
-            attributes.push(string_kv(k, v.to_owned()));
-        }
-    }
-    let code = if r.status >= 500 {
-        StatusCode::Error
-    } else {
-        StatusCode::Unset
-    };
-    Span {
-        trace_id: r.trace_id.to_vec(),
-        span_id: r.span_id.to_vec(),
-        parent_span_id: r.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
-        // The W3C flags: only `sampled`, and only sampled spans are exported.
-        flags: 0x01,
-        name: format!("{method} {interface}").trim_start().to_owned(),
-        kind: SpanKind::Server as i32,
-        start_time_unix_nano: r.start_unix_ns,
-        end_time_unix_nano: r.end_unix_ns,
-        attributes,
-        status: Some(Status {
-            code: code as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn string_kv(key: &str, v: String) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(v)),
-        }),
-    }
-}
-
-fn int_kv(key: &str, v: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(Value::IntValue(v)),
-        }),
     }
 }

@@ -9,6 +9,7 @@
 //! over OTLP by [`export`], off the request path.
 
 pub mod export;
+pub mod otlp;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -74,8 +75,12 @@ impl TraceContext {
         draw: u64,
         ids: [u64; 3],
     ) -> Self {
-        let parent = incoming(headers);
-        if parent.is_none() || !tracestate_valid(headers) {
+        let found = find(headers);
+        let parent = match found.traceparent {
+            Found::One(v) => parse_traceparent(v.as_bytes()),
+            Found::None | Found::Many => None,
+        };
+        if found.tracestate && (parent.is_none() || !tracestate_valid(headers)) {
             headers.remove(&TRACESTATE);
         }
         let span_id = nonzero_span(ids[2]);
@@ -155,12 +160,45 @@ impl Sampler {
 
 /// The request's `traceparent`, if it has exactly one and it is valid.
 pub fn incoming(headers: &HeaderMap) -> Option<Parent> {
-    let mut all = headers.get_all(&TRACEPARENT).iter();
-    let v = all.next()?;
-    if all.next().is_some() {
-        return None;
+    match find(headers).traceparent {
+        Found::One(v) => parse_traceparent(v.as_bytes()),
+        Found::None | Found::Many => None,
     }
-    parse_traceparent(v.as_bytes())
+}
+
+/// How many fields of a name a request has.
+enum Found<'a> {
+    None,
+    One(&'a HeaderValue),
+    Many,
+}
+
+/// The trace headers a request carries.
+struct TraceHeaders<'a> {
+    traceparent: Found<'a>,
+    tracestate: bool,
+}
+
+/// The trace headers, in one pass over the fields. Most requests carry neither, and a
+/// request head holds a few fields (at most `server.limits.max_headers`): comparing each
+/// name's length first costs less than hashing both names for lookups that mostly miss.
+fn find(headers: &HeaderMap) -> TraceHeaders<'_> {
+    let mut t = TraceHeaders {
+        traceparent: Found::None,
+        tracestate: false,
+    };
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n.len() == TRACEPARENT.as_str().len() && n == TRACEPARENT.as_str() {
+            t.traceparent = match t.traceparent {
+                Found::None => Found::One(value),
+                Found::One(_) | Found::Many => Found::Many,
+            };
+        } else if n.len() == TRACESTATE.as_str().len() && n == TRACESTATE.as_str() {
+            t.tracestate = true;
+        }
+    }
+    t
 }
 
 /// A `traceparent` value per W3C Trace Context §3.2: `version-traceid-parentid-flags`,
@@ -268,11 +306,32 @@ fn unhex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
 }
 
 fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
+    let mut words = bytes.chunks_exact(4);
+    let mut digits = out.chunks_exact_mut(8);
+    for (w, d) in (&mut words).zip(&mut digits) {
+        let w = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+        d.copy_from_slice(&hex_word(w).to_be_bytes());
     }
+    for (&b, pair) in words
+        .remainder()
+        .iter()
+        .zip(digits.into_remainder().chunks_exact_mut(2))
+    {
+        pair.copy_from_slice(&hex_word(u32::from(b)).to_be_bytes()[6..]);
+    }
+}
+
+/// The 8 lowercase hex digits of `x`, most significant first in the big-endian bytes:
+/// each nibble spread into a byte of its own, then turned into `0`-`9` or `a`-`f` for all
+/// eight at once (IDs are formatted on every request).
+fn hex_word(x: u32) -> u64 {
+    let x = u64::from(x);
+    let mut v = (x & 0xffff_0000) << 16 | (x & 0xffff);
+    v = (v & 0x0000_ff00_0000_ff00) << 8 | (v & 0x0000_00ff_0000_00ff);
+    v = (v & 0x00f0_00f0_00f0_00f0) << 4 | (v & 0x000f_000f_000f_000f);
+    // 1 in each byte whose nibble is 10 or more: those get `a` - `0` - 10 more.
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    v + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)
 }
 
 /// A random ID is all zeros once in 2^128 draws; the spec forbids it, so it becomes 1.

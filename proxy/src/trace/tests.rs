@@ -187,3 +187,21 @@ proptest! {
         prop_assert_eq!((p.trace_id, p.span_id, p.sampled), (ctx.trace_id, ctx.span_id, sampled));
     }
 }
+
+#[test]
+fn hex_digits_match_the_formatter() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut rng = StdRng::seed_from_u64(16);
+    for len in [0usize, 1, 2, 3, 4, 5, 8, 9, 16] {
+        for _ in 0..200 {
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let mut out = vec![0u8; 2 * len];
+            super::hex_into(&bytes, &mut out);
+            let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(std::str::from_utf8(&out).unwrap(), want);
+        }
+    }
+    let mut out = [0u8; 8];
+    super::hex_into(&[0x00, 0x9a, 0xf0, 0xff], &mut out);
+    assert_eq!(&out, b"009af0ff");
+}

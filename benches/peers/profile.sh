@@ -12,6 +12,10 @@
 # figures compare. Needs valgrind (and nginx or haproxy for those modes: apt-get install
 # nginx haproxy). Uses the release binaries in target/release (build them first);
 # TIDEGATE=/path/to/another/tidegate profiles that binary instead (an older build, for A/B).
+# TRACING='{"sample_ratio": 0.1, "otlp_endpoint": "http://@BACKEND@/v1/traces"}' sets the
+# gateway's `server.tracing` to that object (rules|norules), `@BACKEND@` replaced by the
+# backend's address: bench-backend answers every POST 200, so it stands in for the OTLP
+# collector and the export's whole cost (encoding, the POSTs) is counted.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MODE=${1:-rules}
@@ -42,6 +46,14 @@ PIDS+=($!)
 case "$MODE" in
     rules|norules)
         "$BIN/bench-config" "$MODE" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" >"$DIR/gw.json"
+        if [ -n "${TRACING:-}" ]; then
+            TRACING=${TRACING//@BACKEND@/127.0.0.1:$BACK} python3 - "$DIR/gw.json" <<'PY'
+import json, os, sys
+c = json.load(open(sys.argv[1]))
+c["server"]["tracing"] = json.loads(os.environ["TRACING"])
+json.dump(c, open(sys.argv[1], "w"))
+PY
+        fi
         PROXY=("${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers "${WORKERS:-1}") ;;
     nginx|haproxy)
         conf=$([ "$MODE" = nginx ] && echo nginx.conf || echo haproxy.cfg)

@@ -63,6 +63,7 @@ pub mod runtime;
 pub mod serve;
 pub mod shutdown;
 pub mod stats;
+pub mod trace;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -231,6 +232,13 @@ async fn start_inner(
             max_upgraded_connections: server_cfg.limits.max_upgraded_connections,
             upgrade_idle_timeout: Duration::from_millis(server_cfg.limits.upgrade_idle_timeout_ms),
             shutdown: shutdown_rx.clone(),
+            trace: server_cfg.tracing.propagate.then(|| {
+                let t = &server_cfg.tracing;
+                trace::Sampler::new(t.sample_ratio, t.parent_sampled)
+            }),
+            // Validation refuses an endpoint without `propagate`.
+            export: trace::export::ExportSettings::from_config(&server_cfg.tracing)
+                .map(|s| trace::export::Exporter::start(s, metrics.clone())),
         },
     ));
 

@@ -320,6 +320,14 @@ pub struct EndpointLabels {
     pub endpoint: Name,
 }
 
+/// Labels of `tidegate_trace_spans_dropped_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SpanDropLabels {
+    /// `queue_full` (the export queue was at `max_queue`) or `export_failed` (the collector
+    /// refused, failed or timed out: the batch is not retried).
+    pub reason: &'static str,
+}
+
 /// Labels of `tidegate_endpoint_ejections_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct EjectionLabels {
@@ -438,6 +446,10 @@ pub struct Metrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     /// Endpoints taken out of rotation, by reason.
     pub endpoint_ejections: Family<EjectionLabels, Counter>,
+    /// Sampled spans the OTLP collector accepted.
+    pub trace_spans_exported: Counter,
+    /// Sampled spans dropped, by why.
+    pub trace_spans_dropped: Family<SpanDropLabels, Counter>,
     /// gRPC statuses (`grpc-status`) upstreams answered with, by upstream and code.
     pub grpc_status: Family<GrpcStatusLabels, Counter>,
 }
@@ -796,6 +808,18 @@ impl Metrics {
             "Upstream endpoints taken out of rotation, by reason",
             endpoint_ejections.clone(),
         );
+        let trace_spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Sampled request spans the OTLP collector accepted",
+            trace_spans_exported.clone(),
+        );
+        let trace_spans_dropped = Family::<SpanDropLabels, Counter>::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Sampled request spans not exported: queue_full (the export queue was at max_queue) or export_failed (the collector refused, failed or timed out)",
+            trace_spans_dropped.clone(),
+        );
         let grpc_status = Family::<GrpcStatusLabels, Counter>::default();
         registry.register(
             "grpc_status",
@@ -804,6 +828,8 @@ impl Metrics {
         );
         Self {
             registry,
+            trace_spans_exported,
+            trace_spans_dropped,
             grpc_status,
             cache,
             upgrades,

@@ -22,6 +22,7 @@ mod health;
 mod matching;
 mod overload;
 mod ramp;
+mod tracing;
 mod upstream_tls;
 
 pub use cache::Cache;
@@ -34,6 +35,7 @@ pub use health::{HealthCheck, Outlier};
 pub use matching::{BucketRangeSpec, Match, NoUserKey};
 pub use overload::{Adaptive, Admission, InterfaceOverload, Overload, Priority, UpstreamOverload};
 pub use ramp::{Guard, OnBreach, Ramp, Stop};
+pub use tracing::{ParentSampled, Tracing};
 pub use upstream_tls::{Protocol, UpstreamTls};
 
 /// The only `schema_version` this build understands.
@@ -99,6 +101,10 @@ pub struct Config {
     pub freeze: Option<Freeze>,
 }
 
+fn is_default_tracing(t: &Tracing) -> bool {
+    *t == Tracing::default()
+}
+
 fn is_http1(p: &Protocol) -> bool {
     *p == Protocol::Http1
 }
@@ -127,6 +133,10 @@ pub struct Server {
     /// The per-request access log.
     #[serde(default)]
     pub access_log: AccessLog,
+    /// Trace context propagation (W3C `traceparent`/`tracestate`) and the gateway's
+    /// spans. Default: propagation on, 10% of new traces sampled.
+    #[serde(default, skip_serializing_if = "is_default_tracing")]
+    pub tracing: Tracing,
     /// The Redis that cluster-scope limits count in. Default: none (every limit must then
     /// be `scope: local`). Bootstrap: changing it needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -775,6 +785,7 @@ impl Default for Server {
             limits: ConnLimits::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             access_log: AccessLog::default(),
+            tracing: Tracing::default(),
             redis: None,
             trusted_proxies: Vec::new(),
             data_dir: default_data_dir(),

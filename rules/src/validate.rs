@@ -43,6 +43,7 @@ mod identity;
 mod mirror;
 mod overload;
 mod ramp;
+mod tracing;
 mod trigger;
 mod upgrade;
 mod upstream_tls;
@@ -373,6 +374,7 @@ impl<'c> Validator<'c> {
         );
         self.range(p.key("shutdown_grace_ms"), s.shutdown_grace_ms, 0, 600_000);
         self.range(p.key("history_keep"), s.history_keep.into(), 0, 1_000);
+        self.tracing(&s.tracing);
         if s.data_dir.trim().is_empty() {
             self.err(p.key("data_dir"), "must name a directory");
         }

@@ -34,6 +34,7 @@ pub mod api;
 pub mod grab;
 pub mod killable;
 pub mod layout;
+pub mod otlp;
 pub mod raw;
 pub mod redis;
 

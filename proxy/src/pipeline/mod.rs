@@ -45,7 +45,7 @@ use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
 pub use self::record::RespBody;
-use self::record::{Answer, Record, X_REQUEST_ID};
+use self::record::{Answer, Ids, Record, Recorder, X_REQUEST_ID};
 use crate::cache::{self, Lookup, ResponseCache};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
@@ -55,6 +55,8 @@ use crate::overload::Held;
 use crate::respond::GatewayError;
 use crate::runtime::{Live, Runtime};
 use crate::stats::Class;
+use crate::trace::export::Exporter;
+use crate::trace::{Sampler, TraceContext};
 use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::{keep_authority, set_forwarding};
 use crate::upstream::{ConnCache, UpstreamBody};
@@ -72,6 +74,10 @@ pub struct Settings {
     pub upgrade_idle_timeout: Duration,
     /// The stop signal: tunnels close when it flips.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Trace context propagation (`server.tracing`), when `propagate` is on.
+    pub trace: Option<Sampler>,
+    /// The OTLP span exporter, when `server.tracing.otlp_endpoint` is set.
+    pub export: Option<Exporter>,
 }
 
 /// The gateway service shared by all connections.
@@ -136,17 +142,22 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         let request_id = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
+        let trace = self.trace(&mut parts.headers, conn, &rt);
+        let ids = Ids {
+            request: request_id,
+            trace,
+        };
         let ask = match head::sanitize(&mut parts, &rt.snapshot) {
             // The client's side of the connection goes with the ask (hyper offers it only
             // for an HTTP/1.1 request carrying `Upgrade`), never to anyone else.
             Ok(ask) => ask.and_then(|a| Some((a, parts.extensions.remove::<OnUpgrade>()?))),
-            Err(e) => return self.refuse_head(&rt, e, parts.version, request_id, conn, started),
+            Err(e) => return self.refuse_head(&rt, e, parts.version, ids, conn, started),
         };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
             Ok(v) => v,
             Err(e) => {
                 let grpc = is_grpc(&parts.headers);
-                return self.refuse_identity(&rt, e, grpc, request_id, conn, started);
+                return self.refuse_identity(&rt, e, grpc, ids, conn, started);
             }
         };
         let mode = Mode::Serve {
@@ -154,7 +165,7 @@ impl Gateway {
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
         let req = request_parts(&parts);
-        let record = Record::start(&rt, &d, req, verdict, self.settings.access_log, started);
+        let record = Record::start(&rt, &d, req, verdict, self.recorder(&ids), started);
         // Only what the later phases need is carried across the waits (a smaller future).
         // The cache key is taken now, while the classification (app, user) is at hand.
         let cached = match (&d.action, interface_cache(&rt, d.class.interface)) {
@@ -187,7 +198,7 @@ impl Gateway {
                 if let Some(Lookup::Answered(resp)) = lookup {
                     // The upstream is not asked: the slots and the breaker's permit go
                     // back unjudged.
-                    return record.finish(&rt, Answer::Cached(up, resp), request_id, conn);
+                    return record.finish(&rt, Answer::Cached(up, resp), ids, conn);
                 }
                 let head_only = parts.method == http::Method::HEAD;
                 hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
@@ -217,7 +228,7 @@ impl Gateway {
                 Answer::Exchange(Some(up), result)
             }
         };
-        let resp = record.finish(&rt, answer, request_id, conn);
+        let resp = record.finish(&rt, answer, ids, conn);
         match upgrade {
             Some(u) => u.open(resp, &self.tunnels, metrics),
             None => resp,
@@ -281,12 +292,12 @@ impl Gateway {
         rt: &Runtime,
         e: GatewayError,
         version: http::Version,
-        request_id: HeaderValue,
+        ids: Ids,
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record = Record::unclassified(rt, "unverified", self.settings.access_log, started);
-        let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), request_id, conn);
+        let record = Record::unclassified(rt, "unverified", self.recorder(&ids), started);
+        let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), ids, conn);
         if version < http::Version::HTTP_2 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -301,14 +312,13 @@ impl Gateway {
         rt: &Runtime,
         e: crate::jwt::TokenError,
         grpc: bool,
-        request_id: HeaderValue,
+        ids: Ids,
         conn: &ConnInfo,
         started: Instant,
     ) -> Response<RespBody> {
-        let record =
-            Record::unclassified(rt, e.code(), self.settings.access_log, started).grpc(grpc);
+        let record = Record::unclassified(rt, e.code(), self.recorder(&ids), started).grpc(grpc);
         let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
-        record.finish(rt, answer, request_id, conn)
+        record.finish(rt, answer, ids, conn)
     }
 
     /// Give the overload slots back and report the call to the breaker. (A request that
@@ -346,6 +356,38 @@ impl Gateway {
                 v
             }
         }
+    }
+
+    /// Where the record phase writes: the access log when it is on, and the exporter when
+    /// the request's span is sampled.
+    fn recorder(&self, ids: &Ids) -> Recorder {
+        let sampled = ids.trace.is_some_and(|t| t.sampled);
+        Recorder {
+            log: self.settings.access_log,
+            export: self.settings.export.as_ref().filter(|_| sampled).cloned(),
+        }
+    }
+
+    /// The request's trace context, continued from its `traceparent` or started, and the
+    /// `traceparent` the upstream gets put in its headers; none when propagation is off.
+    fn trace(
+        &self,
+        headers: &mut HeaderMap,
+        conn: &ConnInfo,
+        rt: &Runtime,
+    ) -> Option<TraceContext> {
+        use rand::Rng as _;
+        let sampler = self.settings.trace.as_ref()?;
+        let trusted = &rt.snapshot.trusted_proxies;
+        let trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
+        // Trace and span IDs are read by others (and chosen by nobody but the gateway):
+        // drawn from the thread's CSPRNG, not the counter behind `next_random`.
+        let mut r = [0u64; 4];
+        rand::rng().fill(&mut r[..]);
+        let [draw, ids @ ..] = r;
+        Some(TraceContext::continue_or_start(
+            headers, sampler, trusted, draw, ids,
+        ))
     }
 
     /// A uniformly distributed number for decisions that need a random draw (splitmix64 over

@@ -22,6 +22,8 @@ use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
 use crate::respond::{self, GatewayError};
 use crate::runtime::Runtime;
 use crate::stats::{Class, Tally};
+use crate::trace::TraceContext;
+use crate::trace::export::{Exporter, SpanRecord};
 use crate::upstream::UpstreamBody;
 use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::strip_hop_by_hop;
@@ -52,10 +54,21 @@ pub struct Record {
     tally: Tally,
     interface: Option<InterfaceId>,
     started: Instant,
-    /// Who asked and where it was routed, for the access log (copied only when it is on).
+    /// Who asked and where it was routed, for the access log and the span (copied only
+    /// when one of them is written).
     who: Option<Who>,
     /// The request is gRPC: the gateway's own answers to it are gRPC statuses.
     grpc: bool,
+    to: Recorder,
+}
+
+/// Where a request's record goes besides the metrics.
+#[derive(Debug)]
+pub struct Recorder {
+    /// The access log.
+    pub log: bool,
+    /// The span exporter, for a sampled request when export is on.
+    pub export: Option<Exporter>,
 }
 
 /// Client address, identity outcome, app, user and route rule of a request, for its access
@@ -91,6 +104,14 @@ pub const MAX_LOGGED_VALUE: usize = 128;
 /// Longest `inputs` field, in bytes: headers past it are logged by name alone.
 pub const MAX_LOGGED_INPUTS: usize = 512;
 
+/// What identifies a request to others: its request ID (sent back as `X-Request-Id`) and
+/// its trace context, when propagation is on.
+#[derive(Debug, Clone)]
+pub struct Ids {
+    pub request: HeaderValue,
+    pub trace: Option<TraceContext>,
+}
+
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 // === impl Record ===
@@ -102,7 +123,7 @@ impl Record {
         d: &Decision<'_>,
         req: RequestParts<'_>,
         identity: Verdict,
-        access_log: bool,
+        to: Recorder,
         started: Instant,
     ) -> Self {
         let forwarded = match &d.action {
@@ -112,18 +133,28 @@ impl Record {
         let tally = rt
             .stats
             .tally(d.class.interface, d.route.as_ref(), forwarded);
-        let who = access_log.then(|| {
+        let who = (to.log || to.export.is_some()).then(|| {
             let (answered, rule) = d.answered();
+            // A span carries neither the user, the path nor the inputs: copied for the log.
+            let log = to.log;
             Who {
                 client: d.client_ip,
                 identity: identity.log_field(),
                 app: d.class.app.as_deref().map(str::to_owned),
-                user: d.class.user.as_deref().map(str::to_owned),
+                user: d.class.user.as_deref().filter(|_| log).map(str::to_owned),
                 route: d.route.as_ref().map(|r| Arc::clone(r.rule_name)),
                 at_us: unix_micros(),
                 method: Some(req.method.clone()),
-                path: bounded_path(req.path),
-                inputs: log_inputs(&rt.access_inputs, req.headers),
+                path: if log {
+                    bounded_path(req.path)
+                } else {
+                    String::new()
+                },
+                inputs: if log {
+                    log_inputs(&rt.access_inputs, req.headers)
+                } else {
+                    String::new()
+                },
                 answered,
                 rule: rule.cloned(),
             }
@@ -133,6 +164,7 @@ impl Record {
             interface: d.class.interface,
             started,
             who,
+            to,
             grpc: is_grpc(req.headers),
         }
     }
@@ -148,7 +180,7 @@ impl Record {
     pub fn unclassified(
         rt: &Runtime,
         identity: &'static str,
-        access_log: bool,
+        to: Recorder,
         started: Instant,
     ) -> Self {
         Self {
@@ -156,7 +188,7 @@ impl Record {
             interface: None,
             grpc: false,
             started,
-            who: access_log.then(|| Who {
+            who: (to.log || to.export.is_some()).then(|| Who {
                 client: None,
                 identity,
                 app: None,
@@ -169,6 +201,7 @@ impl Record {
                 answered: Answered::Refused,
                 rule: None,
             }),
+            to,
         }
     }
 
@@ -177,7 +210,7 @@ impl Record {
         self,
         rt: &Runtime,
         answer: Answer,
-        request_id: HeaderValue,
+        ids: Ids,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
         let metrics = &*rt.metrics;
@@ -226,7 +259,8 @@ impl Record {
                 )
             }
         };
-        resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        resp.headers_mut()
+            .insert(&X_REQUEST_ID, ids.request.clone());
 
         let status = resp.status();
         let elapsed = self.started.elapsed();
@@ -239,11 +273,16 @@ impl Record {
                 status: status_class(status),
             });
 
-        if let Some(w) = &self.who {
+        if let Some(w) = self.who.as_ref().filter(|_| self.to.log) {
             let peer = conn.remote;
+            let (mut tbuf, mut sbuf) = ([0u8; 32], [0u8; 16]);
+            let trace_id = ids.trace.as_ref().map(|t| t.trace_hex(&mut tbuf));
+            let span_id = ids.trace.as_ref().map(|t| t.span_hex(&mut sbuf));
             tracing::info!(
                 target: "tidegate::access",
-                request_id = request_id.to_str().unwrap_or("-"),
+                request_id = ids.request.to_str().unwrap_or("-"),
+                trace_id,
+                span_id,
                 client = %w.client.unwrap_or(peer.ip()),
                 peer = %peer,
                 identity = w.identity,
@@ -263,6 +302,26 @@ impl Record {
                 "request"
             );
         }
+        if let (Some(exp), Some(w), Some(t)) = (&self.to.export, self.who, ids.trace) {
+            let end_unix_ns = unix_nanos();
+            exp.offer(SpanRecord {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                parent_id: t.parent_id,
+                start_unix_ns: end_unix_ns.saturating_sub(elapsed.as_nanos() as u64),
+                end_unix_ns,
+                method: w.method,
+                status: status.as_u16(),
+                request_id: ids.request,
+                interface: iface.cloned(),
+                app: w.app,
+                route: w.route,
+                upstream: up.map(|u| u.name.clone()),
+                decision: w.answered.label(),
+                rule: w.rule,
+                identity: w.identity,
+            });
+        }
         // Counted and logged above under the status it stands for (429, 503, ...), so the
         // dashboards and metrics read the same for gRPC and other clients.
         if own && self.grpc {
@@ -271,6 +330,13 @@ impl Record {
         }
         resp
     }
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Now, in microseconds since the Unix epoch.

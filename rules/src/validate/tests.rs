@@ -607,5 +607,39 @@ fn upgrade_fields() {
     assert_eq!(m.len(), want.len(), "{m:#?}");
 }
 
+/// `server.tracing`: the sampling ratio is a fraction; an unknown field or word is refused.
+#[test]
+fn tracing_checked() {
+    let route = r#"[{"name": "d", "upstream": "v1"}]"#;
+    let ok = cfg(
+        route,
+        r#", "server": {"tracing": {"sample_ratio": 1, "parent_sampled": "never"}}"#,
+    );
+    assert!(messages(&ok).is_empty(), "{:#?}", messages(&ok));
+    let m = messages(&cfg(
+        route,
+        r#", "server": {"tracing": {"sample_ratio": 1.5}}"#,
+    ));
+    assert_eq!(
+        m,
+        ["server.tracing.sample_ratio: 1.5 is out of range; allowed 0..=1"]
+    );
+    let m = messages(&cfg(
+        route,
+        r#", "server": {"tracing": {"sample_ratio": -0.1}}"#,
+    ));
+    assert_eq!(m.len(), 1, "{m:#?}");
+    for bad in [r#"{"sampled": 1}"#, r#"{"parent_sampled": "always"}"#] {
+        let text = format!(
+            r#"{{"schema_version": 1, "upstreams": {{"v1": {{"endpoints": ["127.0.0.1:9000"]}}}},
+            "routes": {route}, "server": {{"tracing": {bad}}}}}"#
+        );
+        assert!(
+            parse("t.json", text.as_bytes()).is_err(),
+            "{bad} was accepted"
+        );
+    }
+}
+
 mod health;
 mod upstream_tls;

@@ -3,7 +3,7 @@ use proptest::prelude::*;
 use super::*;
 
 /// A line as the gateway writes it (`tracing-subscriber`'s flat JSON, fields in its order).
-const GATEWAY_LINE: &str = r#"{"timestamp":"2026-05-29T00:00:00.000000Z","level":"INFO","message":"request","target":"tidegate::access","request_id":"5f0c2a7e9b1d4c3a-0000000000000001","client":"10.1.2.3","peer":"10.1.2.3:40000","identity":"unverified","app":"app7","interface":"grab","user":"u42","route":"r36","upstream":"v1","status":200,"duration_us":412,"at_us":1780000000000050,"method":"POST","path":"/envelopes/42/grab","inputs":"x-tier=gold","decision":"forward","rule":"none"}"#;
+const GATEWAY_LINE: &str = r#"{"timestamp":"2026-05-29T00:00:00.000000Z","level":"INFO","message":"request","target":"tidegate::access","request_id":"5f0c2a7e9b1d4c3a-0000000000000001","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7","client":"10.1.2.3","peer":"10.1.2.3:40000","identity":"unverified","app":"app7","interface":"grab","user":"u42","route":"r36","upstream":"v1","status":200,"duration_us":412,"at_us":1780000000000050,"method":"POST","path":"/envelopes/42/grab","inputs":"x-tier=gold","decision":"forward","rule":"none"}"#;
 
 #[test]
 fn the_gateways_own_lines_take_the_fast_path() {

@@ -239,6 +239,7 @@ async fn start_inner(
     let shared = serve::Shared {
         gateway,
         builder: Arc::new(serve::builder(limits)),
+        h1: serve::h1::Limits::new(limits),
         conn_permits: conn_permits.clone(),
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),

@@ -207,7 +207,8 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         *buf = whole;
         return Parsed::Handoff;
     };
-    let mut headers = HeaderMap::with_capacity(p.fields.len());
+    // Room for what the gateway adds (request ID, forwarding headers): no regrowth later.
+    let mut headers = HeaderMap::with_capacity(p.fields.len() + 8);
     for (name, a, b) in p.fields.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(a..b))
             .expect("checked above as hyper's parser and the http crate require");

@@ -10,7 +10,8 @@
 //! The request path, top to bottom (dependencies point down, never up):
 //!
 //! ```text
-//! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
+//! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs),
+//!                the own HTTP/1.x server, hyper for the rest  (serve/h1/)
 //!   └─ pipeline/   Gateway::handle: head → identity → decide → cluster limits → overload slots → cache → forward → record
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims

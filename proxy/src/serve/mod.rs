@@ -3,13 +3,20 @@
 //! One accept loop per listener. A connection first takes a permit from the shared
 //! `max_connections` semaphore (beyond the cap, new connections wait in the kernel's accept
 //! queue instead of exhausting file descriptors), then runs in its own task: the TLS
-//! handshake (never in the accept loop), then hyper's auto-detecting HTTP/1.1 + HTTP/2
-//! server. The same task enforces the first-request deadline and the idle timeout and, on
-//! shutdown, asks hyper to finish in-flight requests and close.
+//! handshake (never in the accept loop), then the gateway's own HTTP/1.x server ([`h1`]),
+//! which serves ordinary requests itself (heads parsed with `httparse` into
+//! `http::request::Parts`, the answer written with one `write`) and hands the connection,
+//! with the bytes it has read, to hyper's auto-detecting HTTP/1.1 + HTTP/2 server at the
+//! first request that is not ordinary (the HTTP/2 preface, upgrades, `Expect`, chunked or
+//! large bodies, anything hyper would refuse). hyper stays the reference for all of those.
+//! The same task enforces the first-request deadline, each later head's deadline and the idle
+//! timeout and, on shutdown, finishes the request in flight and closes (on hyper, by asking
+//! it to).
 //!
 //! The first-request deadline: a connection must have delivered the head of its first
 //! request within `header_read_timeout_ms` of being accepted (TLS handshake included), or it
-//! is closed. hyper's own HTTP/1 header timeout does not cover this: it starts only once
+//! is closed. On the fast path it is one deadline with the head's own; after a handoff,
+//! hyper's own HTTP/1 header timeout does not cover it: that starts only once
 //! hyper-util has read enough of the first bytes to tell HTTP/1 from HTTP/2, which it waits
 //! for with no timeout, and HTTP/2 has no head deadline at all. Without it a connection that
 //! sends nothing, or trickles the HTTP/2 preface a byte at a time, would be held until the

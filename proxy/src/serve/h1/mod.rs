@@ -85,6 +85,8 @@ impl Limits {
 }
 
 /// What the start of the buffer holds.
+// Returned by value once per request: boxing the head would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Parsed {
     /// An incomplete head: read more.

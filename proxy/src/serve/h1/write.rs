@@ -191,29 +191,18 @@ pub(super) fn head(
     }
     out.extend_from_slice(b"\r\n");
     // Connection: what the version needs said.
-    let mut add_connection: Option<&[u8]> = None;
-    match req.version {
-        Version::HTTP_10 if keep => {
-            if !headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| connection_has(v.as_bytes(), b"keep-alive"))
-            {
-                add_connection = Some(b"keep-alive");
-            }
-        }
-        Version::HTTP_10 => {}
-        _ if !keep => {
-            if !headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| connection_has(v.as_bytes(), b"close"))
-            {
-                add_connection = Some(b"close");
-            }
-        }
-        _ => {}
-    }
+    let says = |token: &[u8]| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| connection_has(v.as_bytes(), token))
+    };
+    let add_connection: Option<&[u8]> = match req.version {
+        Version::HTTP_10 if keep && !says(b"keep-alive") => Some(b"keep-alive"),
+        Version::HTTP_10 => None,
+        _ if !keep && !says(b"close") => Some(b"close"),
+        _ => None,
+    };
     let mut has_date = false;
     for (name, value) in headers.iter() {
         if name == header::DATE {

@@ -235,6 +235,13 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
     })
 }
 
+/// Whether `buf` starts the HTTP/2 connection preface (as far as it goes).
+fn h2_preface(buf: &[u8]) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let n = buf.len().min(PREFACE.len());
+    buf[..n] == PREFACE[..n]
+}
+
 /// hyper's `Content-Length` value rule: plain ASCII digits, no sign or space, fitting a u64.
 fn digits(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
@@ -312,6 +319,9 @@ where
             if !buf.is_empty() {
                 match parse(&mut buf, &c.limits, &mut parser) {
                     Parsed::Request(h) => break h,
+                    // The HTTP/2 preface after HTTP/1 requests: hyper's HTTP/1 server closes
+                    // on it; its auto-detection would wait for the rest with no deadline.
+                    Parsed::Handoff if !first && h2_preface(&buf) => return Outcome::Closed,
                     Parsed::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
                     Parsed::Partial => {}
                 }

@@ -265,3 +265,13 @@ async fn small_response_is_one_write() {
     assert!(s.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"));
     assert!(s.ends_with("\r\n\r\nhello"));
 }
+
+/// The HTTP/2 preface is recognised as far as it has come (after HTTP/1 requests the
+/// connection is closed on it, as hyper's HTTP/1 server does).
+#[test]
+fn h2_preface_prefixes() {
+    assert!(h2_preface(b"PRI * HTTP/2"));
+    assert!(h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"));
+    assert!(!h2_preface(b"PRI / HTTP/1.1\r\n\r\n"));
+    assert!(!h2_preface(b"GET / HTTP/1.1\r\n"));
+}

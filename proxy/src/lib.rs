@@ -10,7 +10,8 @@
 //! The request path, top to bottom (dependencies point down, never up):
 //!
 //! ```text
-//! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs)
+//! serve/         accept, connection caps, first-request deadline, TLS  (serve/tls.rs),
+//!                the own HTTP/1.x server, hyper for the rest  (serve/h1/)
 //!   └─ pipeline/   Gateway::handle: head → identity → decide → cluster limits → overload slots → cache → forward → record
 //!        ├─ head.rs     one Host, Connection may not name Host or identity headers, hop-by-hop out
 //!        ├─ identity.rs identity.jwt: the token verified (jwt/), identity headers set from its claims
@@ -247,6 +248,7 @@ async fn start_inner(
     let shared = serve::Shared {
         gateway,
         builder: Arc::new(serve::builder(limits)),
+        h1: serve::h1::Limits::new(limits),
         conn_permits: conn_permits.clone(),
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),

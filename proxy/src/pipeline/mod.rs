@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use rules::{InterfaceId, RequestParts, UpstreamId};
 
@@ -59,7 +59,7 @@ use crate::trace::export::Exporter;
 use crate::trace::{Sampler, TraceContext};
 use crate::upstream::grpc::is_grpc;
 use crate::upstream::headers::{keep_authority, set_forwarding};
-use crate::upstream::{ConnCache, UpstreamBody};
+use crate::upstream::{ConnCache, ReqBody, UpstreamBody};
 
 /// Settings of the request path that come from bootstrap config.
 #[derive(Debug, Clone)]
@@ -134,7 +134,7 @@ impl Gateway {
     /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         conn: &ConnInfo,
         conns: Option<&Arc<ConnCache>>,
     ) -> Response<RespBody> {

@@ -3,13 +3,20 @@
 //! One accept loop per listener. A connection first takes a permit from the shared
 //! `max_connections` semaphore (beyond the cap, new connections wait in the kernel's accept
 //! queue instead of exhausting file descriptors), then runs in its own task: the TLS
-//! handshake (never in the accept loop), then hyper's auto-detecting HTTP/1.1 + HTTP/2
-//! server. The same task enforces the first-request deadline and the idle timeout and, on
-//! shutdown, asks hyper to finish in-flight requests and close.
+//! handshake (never in the accept loop), then the gateway's own HTTP/1.x server ([`h1`]),
+//! which serves ordinary requests itself (heads parsed with `httparse` into
+//! `http::request::Parts`, the answer written with one `write`) and hands the connection,
+//! with the bytes it has read, to hyper's auto-detecting HTTP/1.1 + HTTP/2 server at the
+//! first request that is not ordinary (the HTTP/2 preface, upgrades, `Expect`, chunked or
+//! large bodies, anything hyper would refuse). hyper stays the reference for all of those.
+//! The same task enforces the first-request deadline, each later head's deadline and the idle
+//! timeout and, on shutdown, finishes the request in flight and closes (on hyper, by asking
+//! it to).
 //!
 //! The first-request deadline: a connection must have delivered the head of its first
 //! request within `header_read_timeout_ms` of being accepted (TLS handshake included), or it
-//! is closed. hyper's own HTTP/1 header timeout does not cover this: it starts only once
+//! is closed. On the fast path it is one deadline with the head's own; after a handoff,
+//! hyper's own HTTP/1 header timeout does not cover it: that starts only once
 //! hyper-util has read enough of the first bytes to tell HTTP/1 from HTTP/2, which it waits
 //! for with no timeout, and HTTP/2 has no head deadline at all. Without it a connection that
 //! sends nothing, or trickles the HTTP/2 preface a byte at a time, would be held until the
@@ -34,11 +41,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+pub mod h1;
 pub mod tls;
 
 use crate::conn::{Activity, ConnInfo, Tracked};
 use crate::pipeline::Gateway;
-use crate::upstream::ConnCache;
+use crate::upstream::{ConnCache, ReqBody};
 
 /// What every connection of every listener shares.
 #[derive(Clone)]
@@ -47,6 +55,8 @@ pub struct Shared {
     pub gateway: Arc<Gateway>,
     /// hyper's server settings (timeouts, sizes, h2 limits), built once.
     pub builder: Arc<auto::Builder<TokioExecutor>>,
+    /// The HTTP/1 fast path's head limits (hyper's, see [`builder`]).
+    pub h1: h1::Limits,
     /// One permit per open connection.
     pub conn_permits: Arc<Semaphore>,
     /// Close idle keep-alive connections after this long.
@@ -142,22 +152,53 @@ pub async fn accept_loop(
     }
 }
 
-/// Serve one connection, accepted at `accepted`, to completion.
+/// Serve one connection, accepted at `accepted`, to completion: on the HTTP/1 fast path
+/// ([`h1`]) while its requests are ordinary, then, from the first that is not (or from the
+/// start for HTTP/2), with hyper.
 async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared, accepted: tokio::time::Instant)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let remote = info.remote;
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         io,
         activity: activity.clone(),
     };
-    let gateway = shared.gateway.clone();
-    let act = activity.clone();
     // This connection's own upstream connection, for its HTTP/1.x requests (one at a time).
     let upstream_conn = Arc::new(ConnCache::default());
     let info = Arc::new(info);
+    let fast = h1::Conn {
+        gateway: &shared.gateway,
+        info: &info,
+        cache: &upstream_conn,
+        activity: &activity,
+        limits: shared.h1,
+        idle_timeout: shared.idle_timeout,
+        first_deadline: accepted + shared.handshake_timeout,
+        shutdown: shared.shutdown.clone(),
+    };
+    match h1::serve(io, fast).await {
+        h1::Outcome::Closed => {}
+        h1::Outcome::Handoff(io) => {
+            serve_hyper(io, info, upstream_conn, activity, shared, accepted).await
+        }
+    }
+}
+
+/// Serve the rest of a connection with hyper's auto-detecting HTTP/1.1 + HTTP/2 server.
+async fn serve_hyper<I>(
+    io: I,
+    info: Arc<ConnInfo>,
+    upstream_conn: Arc<ConnCache>,
+    activity: Arc<Activity>,
+    shared: &Shared,
+    accepted: tokio::time::Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let remote = info.remote;
+    let gateway = shared.gateway.clone();
+    let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = gateway.clone();
         let info = info.clone();
@@ -166,7 +207,9 @@ where
         async move {
             act.started.store(true, Ordering::Relaxed);
             act.inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = gateway.handle(req, &info, cache.as_ref()).await;
+            let resp = gateway
+                .handle(req.map(ReqBody::Hyper), &info, cache.as_ref())
+                .await;
             act.inflight.fetch_sub(1, Ordering::Relaxed);
             act.touch();
             Ok::<_, Infallible>(resp)

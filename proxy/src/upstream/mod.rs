@@ -155,14 +155,69 @@ enum BodyState {
     /// Not yet polled; shared with the forwarder, which takes it back for a retry. The tee,
     /// when a mirror wants a copy, travels with the body.
     Parked(ParkedBody),
-    Streaming(Incoming, Option<Tee>),
+    Streaming(ReqBody, Option<Tee>),
     /// A body held whole (a mirror's copy), sent as one piece.
     Buffered(Bytes),
     Done,
 }
 
 /// The client's body before its first poll, and the mirror's tee that goes with it.
-type ParkedBody = Arc<Mutex<Option<(Incoming, Option<Tee>)>>>;
+type ParkedBody = Arc<Mutex<Option<(ReqBody, Option<Tee>)>>>;
+
+/// A request body as a downstream server hands it over: hyper's (HTTP/2, and HTTP/1
+/// connections handed to hyper), or one the gateway's own HTTP/1 server (`serve::h1`) read
+/// whole with the head (`None`: no body, or already sent).
+#[derive(Debug)]
+pub enum ReqBody {
+    /// hyper's streaming body.
+    Hyper(Incoming),
+    /// A body read whole.
+    Full(Option<Bytes>),
+}
+
+impl ReqBody {
+    /// No body.
+    pub const EMPTY: ReqBody = ReqBody::Full(None);
+}
+
+impl From<Incoming> for ReqBody {
+    fn from(b: Incoming) -> Self {
+        ReqBody::Hyper(b)
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
 
 /// A mirror's copy of a request body, taken as the body streams to the primary upstream:
 /// each piece is kept (a reference-count bump, not a copy) and the whole is handed over
@@ -593,7 +648,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         parts: http::request::Parts,
-        body: Incoming,
+        body: ReqBody,
         max_body: u64,
         cache: Option<&Arc<ConnCache>>,
         tee: Option<Tee>,

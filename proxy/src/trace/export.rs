@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Uri, header};
+use http::{Request, Uri, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,35 +21,11 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{Notify, mpsc};
 
 use super::otlp::Encoder;
-use crate::metrics::{Metrics, Name, SpanDropLabels};
+pub use super::otlp::SpanRecord;
+use crate::metrics::{Metrics, SpanDropLabels};
 
 /// Largest collector answer read; a longer one fails the export.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
-
-/// One request's span, as the record phase hands it over: owned, so building the
-/// protobuf happens on the export task, not on the request path.
-#[derive(Debug)]
-pub struct SpanRecord {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub parent_id: Option<[u8; 8]>,
-    pub start_unix_ns: u64,
-    pub end_unix_ns: u64,
-    pub method: Option<http::Method>,
-    pub status: u16,
-    pub request_id: HeaderValue,
-    pub interface: Option<Name>,
-    pub app: Option<String>,
-    pub route: Option<Arc<str>>,
-    pub upstream: Option<Name>,
-    /// `forward`, `limited`, `shed`, `fallback`, `breaker`, `no_route`, ... (the access
-    /// log's `decision`).
-    pub decision: &'static str,
-    /// The limit, fallback or breaker that answered.
-    pub rule: Option<Arc<str>>,
-    /// The identity phase's outcome (the access log's `identity`).
-    pub identity: &'static str,
-}
 
 /// The request path's handle on the export queue: a clone is one sender.
 #[derive(Debug, Clone)]

@@ -12,9 +12,37 @@
 //!
 //! Field numbers are those of `opentelemetry/proto/{collector/trace,trace,common,resource}/v1`.
 
-use bytes::BytesMut;
+use std::sync::Arc;
 
-use super::export::SpanRecord;
+use bytes::BytesMut;
+use http::HeaderValue;
+
+use crate::metrics::Name;
+
+/// One request's span, as the record phase hands it over: owned, so building the
+/// protobuf happens on the export task, not on the request path.
+#[derive(Debug)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_id: Option<[u8; 8]>,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub method: Option<http::Method>,
+    pub status: u16,
+    pub request_id: HeaderValue,
+    pub interface: Option<Name>,
+    pub app: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Name>,
+    /// `forward`, `limited`, `shed`, `fallback`, `breaker`, `no_route`, ... (the access
+    /// log's `decision`).
+    pub decision: &'static str,
+    /// The limit, fallback or breaker that answered.
+    pub rule: Option<Arc<str>>,
+    /// The identity phase's outcome (the access log's `identity`).
+    pub identity: &'static str,
+}
 
 /// Protobuf wire types.
 const LEN: u8 = 2;

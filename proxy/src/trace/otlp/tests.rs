@@ -15,9 +15,8 @@ use opentelemetry_proto::tonic::trace::v1::{
 use prost::Message as _;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::Encoder;
+use super::{Encoder, SpanRecord};
 use crate::metrics::Name;
-use crate::trace::export::SpanRecord;
 
 fn reference(service: &str, spans: &[SpanRecord]) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {

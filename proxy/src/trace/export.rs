@@ -51,13 +51,29 @@ pub struct ExportSettings {
 // === impl Exporter ===
 
 impl Exporter {
-    /// Start the export task (on the current runtime); it ends when every [`Exporter`]
-    /// is dropped, after sending what was queued.
+    /// Start the export task on a thread and runtime of its own; it ends when every
+    /// [`Exporter`] is dropped, after sending what was queued.
+    ///
+    /// Not on the request workers: encoding a batch of up to `max_batch` spans would hold a
+    /// worker for its length, and the batch deadline's timer would sit in the workers'
+    /// timer wheel, looked at every time a worker parks.
     pub fn start(settings: ExportSettings, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(settings.max_queue);
         let full = Arc::new(Notify::new());
         let max_batch = settings.max_batch;
-        tokio::spawn(run(rx, full.clone(), settings, metrics.clone()));
+        let task = run(rx, full.clone(), settings, metrics.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let spawned = rt.map_err(|e| e.to_string()).and_then(|rt| {
+            std::thread::Builder::new()
+                .name("tidegate-export".into())
+                .spawn(move || rt.block_on(task))
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "span export not started: spans will be dropped");
+        }
         Self {
             tx,
             full,

@@ -270,9 +270,11 @@ fn summary(previous: &Entry, current: &Entry) -> String {
     }
 }
 
-/// Write `entry`'s files back where they were read from, fragments first and the main file
-/// last, each atomically; fragments in its include directory that it did not have are
-/// renamed aside. Returns what was written and what was moved aside.
+/// Write `entry`'s files back where they were read from; fragments in its include directory
+/// that it did not have are renamed aside. Every file is first written and synced beside its
+/// place, then all renames run in one burst, so a running gateway's watcher (which settles
+/// for tens of milliseconds) reads the whole old set, never a half-restored one. Returns what
+/// was written and what was moved aside.
 pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
     load(entry)
         .map_err(|e| format!("entry {} does not load with this build: {e}", entry.meta.id))?;
@@ -280,25 +282,43 @@ pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
         .files
         .split_first()
         .ok_or_else(|| format!("entry {} has no files", entry.meta.id))?;
-    let mut moved = Vec::new();
+    let mut aside = Vec::new();
     if let Some(dir) = &entry.include_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
         let keep: Vec<&str> = fragments.iter().map(|f| f.path.as_str()).collect();
         let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {dir}: {e}"))?;
+        let stamp = unix_ms();
         for p in rd.filter_map(Result::ok).map(|e| e.path()) {
             let is_fragment = p.extension().is_some_and(|x| x == "json");
             if is_fragment && !keep.contains(&&*p.display().to_string()) {
-                let aside = PathBuf::from(format!("{}.replaced-{}", p.display(), unix_ms()));
-                std::fs::rename(&p, &aside)
-                    .map_err(|e| format!("cannot move {} aside: {e}", p.display()))?;
-                moved.push(aside);
+                let to = PathBuf::from(format!("{}.replaced-{stamp}", p.display()));
+                aside.push((p, to));
             }
         }
     }
-    let mut written = Vec::new();
+    // Fragments first and the main file last, in case the burst is interrupted.
+    let mut staged = Vec::new();
     for f in fragments.iter().chain(std::iter::once(main)) {
         let p = PathBuf::from(&f.path);
-        replace_atomically(&p, f.text.as_bytes())?;
+        match stage(&p, f.text.as_bytes()) {
+            Ok(tmp) => staged.push((tmp, p)),
+            Err(e) => {
+                for (tmp, _) in &staged {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut moved = Vec::new();
+    for (from, to) in aside {
+        std::fs::rename(&from, &to)
+            .map_err(|e| format!("cannot move {} aside: {e}", from.display()))?;
+        moved.push(to);
+    }
+    let mut written = Vec::new();
+    for (tmp, p) in staged {
+        rename_into_place(&tmp, &p)?;
         written.push(p);
     }
     Ok((written, moved))
@@ -306,6 +326,12 @@ pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
 
 /// Replace `path` by `bytes` in one rename, so a reader sees the old file or the new one.
 pub(crate) fn replace_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = stage(path, bytes)?;
+    rename_into_place(&tmp, path)
+}
+
+/// Write and sync `bytes` to a hidden file beside `path`, ready to be renamed over it.
+fn stage(path: &Path, bytes: &[u8]) -> Result<PathBuf, String> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("{}: not a file name", path.display()))?;
@@ -315,8 +341,12 @@ pub(crate) fn replace_atomically(path: &Path, bytes: &[u8]) -> Result<(), String
         std::process::id()
     ));
     write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    Ok(tmp)
+}
+
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<(), String> {
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
         format!("cannot replace {}: {e}", path.display())
     })
 }

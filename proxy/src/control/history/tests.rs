@@ -150,3 +150,43 @@ fn an_entry_that_does_not_load_is_refused_before_anything_is_written() {
     assert!(err.contains("does not load"), "{err}");
     assert_eq!(std::fs::read_to_string(&main).expect("main"), "live");
 }
+
+#[test]
+fn a_file_that_cannot_be_staged_leaves_every_file_as_it_was() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let main = dir.path().join("tidegate.json");
+    let conf_d = dir.path().join("conf.d");
+    std::fs::create_dir(&conf_d).expect("mkdir");
+    let main_text = r#"{"schema_version": 1, "include_dir": "conf.d",
+        "upstreams": {"v1": {"endpoints": ["127.0.0.1:9000"]}},
+        "routes": [{"name": "default", "upstream": "v1"}]}"#;
+    let frag = conf_d.join("limits.json");
+    let h = History::new(&dir.path().join("data"), 5).expect("keeps some");
+    let src = Sources {
+        main: (main.clone(), main_text.as_bytes().to_vec()),
+        include_dir: Some(conf_d.clone()),
+        fragments: vec![(frag.clone(), br#"{"limits": []}"#.to_vec())],
+    };
+    h.record(&src, 1, 1, "start").expect("recorded");
+    std::fs::write(&main, "live").expect("writing");
+    std::fs::write(&frag, "{}").expect("writing");
+    let extra = conf_d.join("zz-extra.json");
+    std::fs::write(&extra, "{}").expect("writing");
+    // The main file's staging name is taken by a directory: its write fails, after the
+    // fragment's succeeded.
+    let blocker = dir
+        .path()
+        .join(format!(".tidegate.json.rollback-{}", std::process::id()));
+    std::fs::create_dir(&blocker).expect("mkdir");
+
+    let err = rollback(&h.get(1).expect("entry 1")).expect_err("refused");
+    assert!(err.contains("rollback-"), "{err}");
+    assert_eq!(std::fs::read_to_string(&main).expect("main"), "live");
+    assert_eq!(std::fs::read_to_string(&frag).expect("fragment"), "{}");
+    assert!(extra.exists(), "nothing moved aside");
+    let left: Vec<String> = std::fs::read_dir(&conf_d)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "no staged file left behind: {left:?}");
+}

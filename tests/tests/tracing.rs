@@ -129,6 +129,43 @@ async fn traceparent_continued_or_started() {
     }
 }
 
+/// Every way out to the upstream carries exactly one `traceparent`, the gateway's span in
+/// the caller's trace: a bodiless HTTP/1.1 request (written into the head of the
+/// connection's own upstream connection), one with a body (hyper's client), and an h2c one
+/// (the shared pool).
+#[tokio::test]
+async fn every_upstream_path_carries_one_traceparent() {
+    let up = Upstream::start().await;
+    let gw = ChildGateway::spawn(&traced_config(&up));
+    let good = format!("00-{TRACE}-{PARENT}-01");
+    let req = |method: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{}/x", gw.addr))
+            .header("traceparent", &good)
+            .body(full(Bytes::from_static(body.as_bytes())))
+            .expect("a valid request")
+    };
+    assert_eq!(send(&h1_client(), req("GET", "")).await.status, 200);
+    assert_eq!(send(&h1_client(), req("POST", "a body")).await.status, 200);
+    let h2 = send(&tidegate_tests::h2c_client(), req("GET", "")).await;
+    assert_eq!(
+        (h2.status.as_u16(), h2.version),
+        (200, http::Version::HTTP_2)
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    let mut spans = Vec::new();
+    for s in &seen {
+        let tp = upstream_traceparent(s);
+        assert_eq!(tp[1], TRACE, "{tp:?}");
+        assert_ne!(tp[2], PARENT, "{tp:?}");
+        spans.push(tp[2].clone());
+    }
+    spans.dedup();
+    assert_eq!(spans.len(), 3, "a span per request: {spans:?}");
+}
+
 /// An untrusted client cannot switch sampling on with its `sampled` flag (at ratio 0 the
 /// upstream is told `00`), while a peer in `server.trusted_proxies` can; with
 /// `parent_sampled: any`, anyone can.

@@ -206,17 +206,24 @@ impl Gateway {
                 let result = match &mut upgrade {
                     Some(u) => {
                         u.restore(&mut parts.headers);
+                        if let Some(t) = &ids.trace {
+                            t.put(&mut parts.headers);
+                        }
                         u.check(upstream.forward_upgrade(parts).await, metrics)
                     }
                     None => {
                         // The copy starts here, after hygiene (it carries the same
-                        // forwarding headers), and is never waited for.
-                        let tee = mirror
-                            .and_then(|id| rt.mirrors.get(id as usize)?.as_ref())
-                            .and_then(|m| m.start(&parts, body.is_end_stream()));
+                        // forwarding headers and `traceparent`), and is never waited for.
+                        let mirror = mirror.and_then(|id| rt.mirrors.get(id as usize)?.as_ref());
+                        let mut trace = ids.trace;
+                        if let (Some(t), Some(_)) = (trace, mirror) {
+                            t.put(&mut parts.headers);
+                            trace = None;
+                        }
+                        let tee = mirror.and_then(|m| m.start(&parts, body.is_end_stream()));
                         let max_body = self.settings.max_body_bytes;
-                        let sent = upstream.forward(parts, body, max_body, conns, tee).await;
-                        tunnel::refuse_unasked_switch(sent)
+                        let sent = upstream.forward(parts, body, max_body, conns, tee, trace);
+                        tunnel::refuse_unasked_switch(sent.await)
                     }
                 };
                 self.finish(result.as_ref(), permit, held, started);
@@ -368,8 +375,9 @@ impl Gateway {
         }
     }
 
-    /// The request's trace context, continued from its `traceparent` or started, and the
-    /// `traceparent` the upstream gets put in its headers; none when propagation is off.
+    /// The request's trace context, continued from its `traceparent` or started (the
+    /// client's is taken out of the headers: the upstream gets the gateway's, written as
+    /// the request goes out); none when propagation is off.
     fn trace(
         &self,
         headers: &mut HeaderMap,

@@ -23,6 +23,8 @@ pub const MAX_TRACESTATE_BYTES: usize = 512;
 
 /// Length of a version-00 `traceparent`: `vv-<32 hex>-<16 hex>-ff`.
 const TRACEPARENT_LEN: usize = 55;
+/// Length of `traceparent: <value>\r\n`.
+pub const TRACEPARENT_LINE_LEN: usize = 13 + TRACEPARENT_LEN + 2;
 const SAMPLED: u8 = 0x01;
 
 /// The trace a request belongs to and the gateway's span in it.
@@ -67,7 +69,9 @@ impl TraceContext {
     /// with). `trusted` says the peer is one of `server.trusted_proxies`; `draw` is a
     /// uniformly random number for the sampling decision, `ids` three more for the new
     /// IDs (trace ID high and low halves, span ID).
-    /// The headers are left with the `traceparent` the upstream should see.
+    /// The headers are left without a `traceparent`: the upstream's is written from the
+    /// context as the request goes out ([`Self::put`], or [`Self::header_line`] straight
+    /// into an HTTP/1 head), so the common request never grows its header map for it.
     pub fn continue_or_start(
         headers: &mut HeaderMap,
         sampler: &Sampler,
@@ -76,15 +80,19 @@ impl TraceContext {
         ids: [u64; 3],
     ) -> Self {
         let found = find(headers);
-        let parent = match found.traceparent {
-            Found::One(v) => parse_traceparent(v.as_bytes()),
-            Found::None | Found::Many => None,
+        let (parent, present) = match found.traceparent {
+            Found::One(v) => (parse_traceparent(v.as_bytes()), true),
+            Found::Many => (None, true),
+            Found::None => (None, false),
         };
         if found.tracestate && (parent.is_none() || !tracestate_valid(headers)) {
             headers.remove(&TRACESTATE);
         }
+        if present {
+            headers.remove(&TRACEPARENT);
+        }
         let span_id = nonzero_span(ids[2]);
-        let ctx = match parent {
+        match parent {
             Some(p) => Self {
                 trace_id: p.trace_id,
                 span_id,
@@ -97,11 +105,25 @@ impl TraceContext {
                 parent_id: None,
                 sampled: sampler.decide(None, trusted, draw),
             },
-        };
+        }
+    }
+
+    /// Put the `traceparent` the upstream gets in `headers`.
+    pub fn put(&self, headers: &mut HeaderMap) {
         let mut buf = [0u8; TRACEPARENT_LEN];
-        let v = HeaderValue::from_bytes(ctx.format(&mut buf)).expect("hex is a valid value");
+        let v = HeaderValue::from_bytes(self.format(&mut buf)).expect("hex is a valid value");
         headers.insert(&TRACEPARENT, v);
-        ctx
+    }
+
+    /// `traceparent: <value>\r\n`: the upstream's field as a line of an HTTP/1 head.
+    pub fn header_line<'b>(&self, buf: &'b mut [u8; TRACEPARENT_LINE_LEN]) -> &'b [u8] {
+        const NAME: &[u8] = b"traceparent: ";
+        let (name, rest) = buf.split_at_mut(NAME.len());
+        name.copy_from_slice(NAME);
+        let (value, end) = rest.split_at_mut(TRACEPARENT_LEN);
+        self.format(value.try_into().expect("sized above"));
+        end.copy_from_slice(b"\r\n");
+        buf
     }
 
     /// `00-<trace id>-<span id>-<flags>`: the `traceparent` the upstream gets.

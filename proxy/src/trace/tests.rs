@@ -62,6 +62,8 @@ fn continued_with_new_span() {
     ]);
     let s = sampler(0.0, ParentSampled::Any);
     let ctx = TraceContext::continue_or_start(&mut h, &s, false, 0, [7, 8, 9]);
+    assert!(!h.contains_key(&TRACEPARENT), "the incoming one is gone");
+    ctx.put(&mut h);
     let p = parse_traceparent(GOOD.as_bytes()).unwrap();
     assert_eq!(ctx.trace_id, p.trace_id);
     assert_eq!(ctx.parent_id, Some(p.span_id));
@@ -89,6 +91,8 @@ fn invalid_or_absent_starts_a_new_trace() {
     ] {
         let mut h = h;
         let ctx = TraceContext::continue_or_start(&mut h, &s, true, 0, [1, 2, 3]);
+        assert!(!h.contains_key(&TRACEPARENT), "the incoming ones are gone");
+        ctx.put(&mut h);
         assert_eq!(ctx.parent_id, None);
         assert_eq!(u128::from_be_bytes(ctx.trace_id), 1 << 64 | 2);
         assert!(ctx.sampled);
@@ -99,10 +103,24 @@ fn invalid_or_absent_starts_a_new_trace() {
     // Zero draws never make a zero ID.
     let mut h = HeaderMap::new();
     let ctx = TraceContext::continue_or_start(&mut h, &s, true, 0, [0, 0, 0]);
+    ctx.put(&mut h);
     assert!(
         parse_traceparent(h[&TRACEPARENT].as_bytes()).is_some(),
         "{ctx:?}"
     );
+}
+
+/// The line written straight into an HTTP/1 head says what `put` would.
+#[test]
+fn header_line_matches_the_field() {
+    let s = sampler(1.0, ParentSampled::Any);
+    let mut h = headers(&[(&TRACEPARENT, GOOD)]);
+    let ctx = TraceContext::continue_or_start(&mut h, &s, false, 0, [1, 2, 3]);
+    ctx.put(&mut h);
+    let mut buf = [0u8; TRACEPARENT_LINE_LEN];
+    let line = ctx.header_line(&mut buf);
+    let want = format!("traceparent: {}\r\n", h[&TRACEPARENT].to_str().unwrap());
+    assert_eq!(line, want.as_bytes());
 }
 
 /// Whose `sampled` flag is followed: an untrusted client cannot switch sampling on (or off)

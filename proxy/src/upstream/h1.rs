@@ -226,10 +226,17 @@ impl Conn {
 // === the request head ===
 
 /// Encode a request head: `method path HTTP/1.1`, the header fields as they are (names are
-/// lowercase, values were validated when parsed or built), `content-length: 0` for a
-/// bodiless method that conventionally carries a body, and the blank line.
-pub fn encode_head(method: &Method, path: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
-    let mut size = method.as_str().len() + path.len() + 16;
+/// lowercase, values were validated when parsed or built), `extra` (whole field lines, each
+/// ending in CRLF, made by the gateway), `content-length: 0` for a bodiless method that
+/// conventionally carries a body, and the blank line.
+pub fn encode_head(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    extra: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let mut size = method.as_str().len() + path.len() + extra.len() + 16;
     for (n, v) in headers {
         size += n.as_str().len() + v.len() + 4;
     }
@@ -244,6 +251,7 @@ pub fn encode_head(method: &Method, path: &str, headers: &HeaderMap, out: &mut V
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(extra);
     if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
         && !headers.contains_key(header::CONTENT_LENGTH)
     {

@@ -18,6 +18,7 @@
 # collector and the export's whole cost (encoding, the POSTs) is counted.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/benches/peers/common.sh"
 MODE=${1:-rules}
 RATE=${RATE:-400}
 SECS=${SECS:-10}
@@ -25,19 +26,7 @@ CONNS=${CONNS:-10}
 BIN=$ROOT/target/release
 DIR=$(mktemp -d /tmp/tidegate-profile.XXXXXX)
 PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on $1" >&2; return 1
-}
+trap stop_started EXIT
 BACK=$(port); LISTEN=$(port); ADMIN=$(port)
 "$BIN/bench-backend" "127.0.0.1:$BACK" >"$DIR/backend.log" 2>&1 &
 PIDS+=($!)

@@ -25,6 +25,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/benches/peers/common.sh"
 cd "$ROOT"
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-5}
@@ -66,24 +67,11 @@ cp "$BIN"/{tidegate,tidegate-pressure,bench-backend,bench-config} "$DIR/bin/"
 BIN=$DIR/bin
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_started
     rm -rf "$DIR"
 }
 trap cleanup EXIT
 
-# A free loopback port.
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
-    || echo $((20000 + RANDOM % 20000)); }
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on port $1; logs:" >&2
-    tail -n 5 "$DIR"/*.log >&2 || true
-    return 1
-}
 # CPU time (clock ticks) of a process and its children (nginx's workers): utime + stime, or
 # utime alone with `user`.
 cpu_ticks() { # pid [user]

@@ -94,24 +94,30 @@ fn check(rt: &Runtime, d: &Decision<'_>) {
     }
 }
 
+/// Run `f` on each input of fuzz target `target`'s committed corpus and of its kept crash
+/// inputs (`fuzz/corpus/<target>`, `fuzz/artifacts/<target>`); how many there were.
+#[cfg(test)]
+pub(crate) fn replay_corpus(target: &str, mut f: impl FnMut(&[u8])) -> usize {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut n = 0;
+    for d in ["corpus", "artifacts"] {
+        let Ok(entries) = std::fs::read_dir(root.join(d).join(target)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            f(&std::fs::read(e.path()).unwrap());
+            n += 1;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     /// Replay the committed corpus of the `decide` target (and any crash inputs kept).
     #[test]
     fn replay_corpus() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut n = 0;
-        for d in ["corpus/decide", "artifacts/decide"] {
-            let Ok(entries) = std::fs::read_dir(root.join(d)) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                super::decide(&std::fs::read(e.path()).unwrap());
-                n += 1;
-            }
-        }
+        let n = super::replay_corpus("decide", super::decide);
         assert!(
             n >= 5,
             "the committed corpus is replayed ({n} inputs found)"

@@ -156,22 +156,10 @@ async fn hyper_serve(data: Bytes) -> Option<Seen> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     /// Replay the committed corpus of the `h1_head` target (and any crash inputs kept).
     #[test]
     fn replay_corpus() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut n = 0;
-        for d in ["corpus/h1_head", "artifacts/h1_head"] {
-            let Ok(entries) = std::fs::read_dir(root.join(d)) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                super::differential(&std::fs::read(e.path()).unwrap());
-                n += 1;
-            }
-        }
+        let n = crate::pipeline::fuzz::replay_corpus("h1_head", super::differential);
         assert!(
             n >= 10,
             "the committed corpus is replayed ({n} inputs found)"

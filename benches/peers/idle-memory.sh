@@ -15,6 +15,7 @@
 # that binary instead. Needs nginx (apt-get install nginx).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/benches/peers/common.sh"
 CONNS=${CONNS:-10000}
 SETTLE=${SETTLE:-3}
 BIN=$ROOT/target/release
@@ -31,19 +32,7 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
 fi
 ulimit -n "$want"
 PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on $1" >&2; return 1
-}
+trap stop_started EXIT
 
 cat >"$DIR/idle.py" <<'EOF'
 """Open N idle keep-alive connections (one request each); print RSS before and with them."""
@@ -72,7 +61,7 @@ def rss_kib():
 before = rss_kib()
 sel = selectors.DefaultSelector()
 socks, answered, t0 = [], 0, time.time()
-BATCH = 500  # connect in batches: the listener's accept queue is finite
+BATCH = 100  # connect in batches: the listeners' accept queues (the backend's too) are finite
 for start in range(0, n, BATCH):
     pending = 0
     for i in range(start, min(n, start + BATCH)):
@@ -102,7 +91,7 @@ for start in range(0, n, BATCH):
                 if k.strip().lower() == b"content-length":
                     length = int(v)
             if not head.startswith(b"HTTP/1.1 200"):
-                sys.exit(f"unexpected answer: {head[:80]!r}")
+                sys.exit(f"unexpected answer after {answered} answers: {bytes(buf)!r}")
             if len(body) >= length:
                 sel.unregister(key.fileobj)
                 pending -= 1
@@ -130,11 +119,11 @@ measure() { # name port pid...
 
 # Tidegate: the realistic rules, one worker, connections kept idle long enough.
 LISTEN=$(port); ADMIN=$(port)
-"$BIN/bench-config" rules "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" |
+"$BIN/bench-config" "${RULES:-rules}" "127.0.0.1:$LISTEN" "127.0.0.1:$ADMIN" "127.0.0.1:$BACK" |
     python3 -c 'import json,sys; c=json.load(sys.stdin)
 c["server"]["limits"] = {"idle_timeout_ms": 600000, "max_connections": 20000}
 json.dump(c, sys.stdout)' >"$DIR/gw.json"
-RUST_LOG=warn "${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers 1 >"$DIR/gw.log" 2>&1 &
+RUST_LOG=${RUST_LOG:-warn} "${TIDEGATE:-$BIN/tidegate}" run --config "$DIR/gw.json" --workers 1 >"$DIR/gw.log" 2>&1 &
 TG=$!
 PIDS+=($TG)
 wait_port "$LISTEN"

@@ -300,3 +300,79 @@ async fn upstream_closing_idle_connections_is_invisible_to_gets() {
     assert!(gw.shutdown().await);
     server.abort();
 }
+
+/// A client connection idle past the park delay (its buffers and its upstream connection's
+/// given back) serves on: the next request, arriving in pieces with a 6 KB field, is
+/// answered over the same upstream connection.
+#[tokio::test]
+async fn a_parked_connection_serves_on() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let gw = start_gateway(&config(&[up])).await;
+    let mut c = tokio::net::TcpStream::connect(gw.listen_addrs[0])
+        .await
+        .unwrap();
+    let answer = async |c: &mut tokio::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let big = format!(
+        "GET /b HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "v".repeat(6000)
+    );
+    for piece in big.as_bytes().chunks(20).take(3) {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    c.write_all(&big.as_bytes()[60..]).await.unwrap();
+    assert!(answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    c.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream connection is kept while parked"
+    );
+    assert!(gw.shutdown().await);
+    server.abort();
+}

@@ -192,7 +192,7 @@ impl Gateway {
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
                 let lookup = match cached {
-                    Some((c, key)) => Some(c.lookup(key).await),
+                    Some((c, key)) => Some(Box::pin(c.lookup(key)).await),
                     None => None,
                 };
                 if let Some(Lookup::Answered(resp)) = lookup {
@@ -209,7 +209,7 @@ impl Gateway {
                         if let Some(t) = &ids.trace {
                             t.put(&mut parts.headers);
                         }
-                        u.check(upstream.forward_upgrade(parts).await, metrics)
+                        u.check(Box::pin(upstream.forward_upgrade(parts)).await, metrics)
                     }
                     None => {
                         // The copy starts here, after hygiene (it carries the same
@@ -228,7 +228,9 @@ impl Gateway {
                 };
                 self.finish(result.as_ref(), permit, held, started);
                 let result = match lookup {
-                    Some(Lookup::Lead(lead)) => lead.fill(result, head_only, &rt.snapshot).await,
+                    Some(Lookup::Lead(lead)) => {
+                        Box::pin(lead.fill(result, head_only, &rt.snapshot)).await
+                    }
                     Some(_) => cache::mark_miss(result),
                     None => result,
                 };
@@ -256,8 +258,10 @@ impl Gateway {
         pace: Option<Pace>,
         headers: &HeaderMap,
     ) -> Step {
+        // Boxed, as every rarer path of a request is: the request's future is as large as
+        // its largest state, and it lives inline in each HTTP/1 connection's task.
         if let Some(c) = cluster
-            && let Some((resp, class)) = c.resolve(&self.live.metrics).await
+            && let Some((resp, class)) = Box::pin(c.resolve(&self.live.metrics)).await
         {
             action = Action::Answer(Box::new(resp), class);
         }

@@ -127,28 +127,39 @@ pub async fn accept_loop(
         let info = ConnInfo::new(remote, proto.clone());
         let shared = shared.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let task = async move {
             shared.gateway.live.metrics.connections.inc();
             shared.gateway.live.metrics.connections_accepted.inc();
             match tls {
                 None => serve_io(stream, info, &shared, accepted).await,
-                Some(certs) => {
-                    // The pair current at accept time: certificates replaced on disk are
-                    // picked up by new handshakes without a restart.
-                    let acceptor = certs.acceptor();
-                    let deadline = accepted + shared.handshake_timeout;
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_io(s, info, &shared, accepted).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(client = %remote, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(client = %remote, "TLS handshake timed out"),
-                    }
-                }
+                // Boxed: a task's future is as large as its largest state, and a plain
+                // connection should not carry the handshake's.
+                Some(certs) => Box::pin(serve_tls(stream, certs, info, &shared, accepted)).await,
             }
             shared.gateway.live.metrics.connections.dec();
             drop(permit);
-        });
+        };
+        tokio::spawn(task);
+    }
+}
+
+/// Serve a TLS connection: the handshake (within the handshake timeout), then its requests.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    certs: Arc<tls::CertStore>,
+    info: ConnInfo,
+    shared: &Shared,
+    accepted: tokio::time::Instant,
+) {
+    let remote = info.remote;
+    // The pair current at accept time: certificates replaced on disk are picked up by new
+    // handshakes without a restart.
+    let acceptor = certs.acceptor();
+    let deadline = accepted + shared.handshake_timeout;
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => serve_io(s, info, shared, accepted).await,
+        Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(client = %remote, "TLS handshake timed out"),
     }
 }
 
@@ -179,8 +190,18 @@ where
     };
     match h1::serve(io, fast).await {
         h1::Outcome::Closed => {}
+        // Boxed: hyper's connection state is larger than the fast path's, and most
+        // connections never get there.
         h1::Outcome::Handoff(io) => {
-            serve_hyper(io, info, upstream_conn, activity, shared, accepted).await
+            Box::pin(serve_hyper(
+                io,
+                info,
+                upstream_conn,
+                activity,
+                shared,
+                accepted,
+            ))
+            .await
         }
     }
 }

@@ -141,6 +141,14 @@ impl Conn {
         }
     }
 
+    /// Give back the read buffer while the connection idles (it is taken again, at the
+    /// next exchange, when needed).
+    pub fn park(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+    }
+
     /// Send a request head (the request has no body) and read the response head.
     /// `Err((e, received))`: `received` is false when nothing of the response arrived, so a reused
     /// connection that turned out closed may be retried on a fresh one.

@@ -736,13 +736,17 @@ impl Upstream {
                             .await
                             .map(|r| r.map(|resp| resp.map(Received::Own)))
                     } else {
-                        tokio::time::timeout_at(deadline, self.send_direct(c, ep_idx, req))
+                        // hyper's paths are boxed: their futures are several KB, and the
+                        // common request's (this one's own connection, above) lives inline in
+                        // its connection's task.
+                        let direct = Box::pin(self.send_direct(c, ep_idx, req));
+                        tokio::time::timeout_at(deadline, direct)
                             .await
                             .map(|r| r.map(|resp| resp.map(Received::Hyper)))
                     };
                     sent.map(|r| r.map_err(DirectError::answer))
                 }
-                None => tokio::time::timeout_at(deadline, self.send_pooled(ep_idx, req))
+                None => tokio::time::timeout_at(deadline, Box::pin(self.send_pooled(ep_idx, req)))
                     .await
                     .map(|r| r.map(|resp| resp.map(Received::Hyper))),
             };
@@ -1248,6 +1252,20 @@ impl Resolved {
 impl<T> Default for Slots<T> {
     fn default() -> Self {
         Self(Mutex::new(Vec::new()))
+    }
+}
+
+// === impl ConnCache ===
+
+impl ConnCache {
+    /// Give back the read buffers of the idle connections of our own: the downstream
+    /// connection has been idle a while, and an idle one should hold its sockets and little
+    /// else. (hyper's connections keep theirs.)
+    pub fn park(&self) {
+        let mut own = self.own.0.lock().expect("not poisoned");
+        for (_, c) in own.iter_mut() {
+            c.park();
+        }
     }
 }
 

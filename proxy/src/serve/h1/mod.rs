@@ -58,6 +58,12 @@ pub const MAX_FIELDS: usize = 128;
 /// Read size: what hyper's read strategy starts with.
 const READ_CHUNK: usize = 8192;
 
+/// A connection idle this long between requests gives its buffers back (its own and its
+/// upstream connections'): thousands of idle keep-alive clients then cost their sockets and
+/// tasks, not 8 KB buffers each. Short enough that most idle time is parked; long enough
+/// that a busy connection never pays for it.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// The head limits of a connection: hyper's settings for it (see `super::builder`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -314,6 +320,7 @@ where
             deadline = deadline.min(c.first_deadline);
         }
         let idle_at = start + c.idle_timeout;
+        let mut park_at = Some(start + PARK_AFTER);
         let mut armed: Option<Instant> = None;
         let head = loop {
             if !buf.is_empty() {
@@ -329,7 +336,7 @@ where
                 return close(io).await;
             }
             let until = if buf.is_empty() {
-                deadline.min(idle_at)
+                park_at.map_or(deadline, |p| p.min(deadline)).min(idle_at)
             } else {
                 deadline
             };
@@ -337,7 +344,10 @@ where
                 timer.as_mut().reset(until);
                 armed = Some(until);
             }
-            if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            // A parked connection reads into whatever the first read allocates (tokio asks
+            // a `BytesMut` with no room for 64 bytes); the full chunk comes once bytes do.
+            let parked = park_at.is_none() && buf.is_empty();
+            if !parked && buf.capacity() - buf.len() < READ_CHUNK / 2 {
                 buf.reserve(READ_CHUNK);
             }
             tokio::select! {
@@ -347,6 +357,13 @@ where
                     Ok(_) => {}
                 },
                 _ = timer.as_mut() => {
+                    if buf.is_empty() && park_at.is_some_and(|p| until == p) {
+                        park_at = None;
+                        buf = BytesMut::new();
+                        out = Vec::new();
+                        c.cache.park();
+                        continue;
+                    }
                     tracing::debug!(client = %c.info.remote, "no complete request head before the deadline; closing");
                     return Outcome::Closed;
                 }
@@ -366,6 +383,8 @@ where
         c.activity.started.store(true, Ordering::Relaxed);
         c.activity.inflight.fetch_add(1, Ordering::Relaxed);
         let req = Request::from_parts(parts, ReqBody::Full(body));
+        // Inline (a box would cost an allocation and a copy per request): the request's
+        // rarer paths are boxed where they start, so this state stays small.
         let resp = c.gateway.handle(req, c.info, Some(c.cache)).await;
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
         c.activity.touch();

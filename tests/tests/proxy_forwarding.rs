@@ -253,12 +253,16 @@ async fn streamed_body_over_limit_is_413() {
     assert!(gw.shutdown().await);
 }
 
-/// An upstream that answers one request per connection, keep-alive in form, and then closes
-/// (a keep-alive timeout of zero). Requests on one client connection, back to back and with
-/// pauses, all get answered: a closed idle upstream connection is noticed before use, and a
-/// GET that raced the close is sent again on a fresh connection.
-#[tokio::test]
-async fn upstream_closing_idle_connections_is_invisible_to_gets() {
+/// A raw HTTP/1.1 upstream answering `200 ok` to each request head, counting the connections
+/// it accepts. Without `keep_alive` it closes each connection after its first answer, which
+/// still says nothing of closing (a keep-alive timeout of zero).
+async fn raw_upstream(
+    keep_alive: bool,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = l.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -269,19 +273,32 @@ async fn upstream_closing_idle_connections_is_invisible_to_gets() {
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() || !keep_alive {
+                            return;
+                        }
+                    }
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                // Dropped: closed right after the answer, without `Connection: close`.
             });
         }
     });
+    (up, accepted, server)
+}
+
+/// An upstream that answers one request per connection, keep-alive in form, and then closes
+/// (a keep-alive timeout of zero). Requests on one client connection, back to back and with
+/// pauses, all get answered: a closed idle upstream connection is noticed before use, and a
+/// GET that raced the close is sent again on a fresh connection.
+#[tokio::test]
+async fn upstream_closing_idle_connections_is_invisible_to_gets() {
+    let (up, accepted, server) = raw_upstream(false).await;
     let gw = start_gateway(&config(&[up])).await;
     let client = h1_client();
     for i in 0..40 {
@@ -306,32 +323,7 @@ async fn upstream_closing_idle_connections_is_invisible_to_gets() {
 /// answered over the same upstream connection.
 #[tokio::test]
 async fn a_parked_connection_serves_on() {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    let server = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        got.drain(..end + 4);
-                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let (up, accepted, server) = raw_upstream(true).await;
     let gw = start_gateway(&config(&[up])).await;
     let mut c = tokio::net::TcpStream::connect(gw.listen_addrs[0])
         .await

@@ -90,20 +90,27 @@ fn a_taken_id_is_never_overwritten_and_a_corrupt_entry_is_reported() {
     );
 }
 
+/// A main file that includes `conf.d`, as [`with_include_dir`] lays it out.
+const MAIN_WITH_INCLUDE: &str = r#"{"schema_version": 1, "include_dir": "conf.d",
+        "upstreams": {"v1": {"endpoints": ["127.0.0.1:9000"]}},
+        "routes": [{"name": "default", "upstream": "v1"}]}"#;
+
+/// The main file's path in `dir` and its include directory, created.
+fn with_include_dir(dir: &Path) -> (PathBuf, PathBuf) {
+    let conf_d = dir.join("conf.d");
+    std::fs::create_dir(&conf_d).expect("mkdir");
+    (dir.join("tidegate.json"), conf_d)
+}
+
 #[test]
 fn rollback_writes_the_files_back_and_moves_new_fragments_aside() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let main = dir.path().join("tidegate.json");
-    let conf_d = dir.path().join("conf.d");
-    std::fs::create_dir(&conf_d).expect("mkdir");
-    let main_text = r#"{"schema_version": 1, "include_dir": "conf.d",
-        "upstreams": {"v1": {"endpoints": ["127.0.0.1:9000"]}},
-        "routes": [{"name": "default", "upstream": "v1"}]}"#;
+    let (main, conf_d) = with_include_dir(dir.path());
     let frag = conf_d.join("limits.json");
     let frag_text = r#"{"limits": [{"name": "per-user", "key": ["user"], "rate": "5/s"}]}"#;
     let h = History::new(&dir.path().join("data"), 5).expect("keeps some");
     let src = Sources {
-        main: (main.clone(), main_text.as_bytes().to_vec()),
+        main: (main.clone(), MAIN_WITH_INCLUDE.as_bytes().to_vec()),
         include_dir: Some(conf_d.clone()),
         fragments: vec![(frag.clone(), frag_text.as_bytes().to_vec())],
     };
@@ -117,7 +124,10 @@ fn rollback_writes_the_files_back_and_moves_new_fragments_aside() {
 
     let (written, moved) = rollback(&h.get(1).expect("entry 1")).expect("rolled back");
     assert_eq!(written, vec![frag.clone(), main.clone()]);
-    assert_eq!(std::fs::read_to_string(&main).expect("main"), main_text);
+    assert_eq!(
+        std::fs::read_to_string(&main).expect("main"),
+        MAIN_WITH_INCLUDE
+    );
     assert_eq!(std::fs::read_to_string(&frag).expect("fragment"), frag_text);
     assert!(!extra.exists());
     assert_eq!(moved.len(), 1);
@@ -154,16 +164,11 @@ fn an_entry_that_does_not_load_is_refused_before_anything_is_written() {
 #[test]
 fn a_file_that_cannot_be_staged_leaves_every_file_as_it_was() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let main = dir.path().join("tidegate.json");
-    let conf_d = dir.path().join("conf.d");
-    std::fs::create_dir(&conf_d).expect("mkdir");
-    let main_text = r#"{"schema_version": 1, "include_dir": "conf.d",
-        "upstreams": {"v1": {"endpoints": ["127.0.0.1:9000"]}},
-        "routes": [{"name": "default", "upstream": "v1"}]}"#;
+    let (main, conf_d) = with_include_dir(dir.path());
     let frag = conf_d.join("limits.json");
     let h = History::new(&dir.path().join("data"), 5).expect("keeps some");
     let src = Sources {
-        main: (main.clone(), main_text.as_bytes().to_vec()),
+        main: (main.clone(), MAIN_WITH_INCLUDE.as_bytes().to_vec()),
         include_dir: Some(conf_d.clone()),
         fragments: vec![(frag.clone(), br#"{"limits": []}"#.to_vec())],
     };

@@ -127,7 +127,7 @@ pub async fn accept_loop(
         let info = ConnInfo::new(remote, proto.clone());
         let shared = shared.clone();
         let tls = tls.clone();
-        let task = async move {
+        tokio::spawn(async move {
             shared.gateway.live.metrics.connections.inc();
             shared.gateway.live.metrics.connections_accepted.inc();
             match tls {
@@ -138,8 +138,7 @@ pub async fn accept_loop(
             }
             shared.gateway.live.metrics.connections.dec();
             drop(permit);
-        };
-        tokio::spawn(task);
+        });
     }
 }
 

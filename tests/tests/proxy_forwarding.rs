@@ -76,14 +76,25 @@ async fn forwarded_for_from_untrusted_peer_is_replaced() {
     let req = Request::get(format!("http://{}/xff", gw.listen_addrs[0]))
         .header("x-forwarded-for", "203.0.113.7")
         .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=203.0.113.7")
+        .header("x-real-ip", "203.0.113.7")
         .body(full(""))
         .unwrap();
     let r = send(&h1_client(), req).await;
     assert_eq!(r.status, StatusCode::OK);
     let h = &up.seen()[0].headers;
-    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    let all = |n: &str| h.get_all(n).iter().collect::<Vec<_>>();
+    assert_eq!(all("x-forwarded-for"), ["127.0.0.1"]);
     // The proto describes the gateway's own listener; a client cannot claim https.
-    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(all("x-forwarded-proto"), ["http"]);
+    assert_eq!(all("forwarded").len(), 1, "{h:?}");
+    assert!(
+        h["forwarded"]
+            .to_str()
+            .unwrap()
+            .starts_with("for=127.0.0.1;")
+    );
+    assert!(!h.contains_key("x-real-ip"), "{h:?}");
     assert!(gw.shutdown().await);
 }
 

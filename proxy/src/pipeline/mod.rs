@@ -58,7 +58,7 @@ use crate::stats::Class;
 use crate::trace::export::Exporter;
 use crate::trace::{Sampler, TraceContext};
 use crate::upstream::grpc::is_grpc;
-use crate::upstream::headers::{keep_authority, set_forwarding};
+use crate::upstream::headers::{Forwarding, Outgoing, forwarding, keep_authority};
 use crate::upstream::{ConnCache, ReqBody, UpstreamBody};
 
 /// Settings of the request path that come from bootstrap config.
@@ -201,28 +201,28 @@ impl Gateway {
                     return record.finish(&rt, Answer::Cached(up, resp), ids, conn);
                 }
                 let head_only = parts.method == http::Method::HEAD;
-                hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
+                let forwarding = hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
+                let mut extra = Outgoing {
+                    trace: ids.trace,
+                    forwarding,
+                };
                 let upstream = &rt.upstreams[up.0 as usize];
                 let result = match &mut upgrade {
                     Some(u) => {
                         u.restore(&mut parts.headers);
-                        if let Some(t) = &ids.trace {
-                            t.put(&mut parts.headers);
-                        }
+                        extra.put(&mut parts.headers);
                         u.check(Box::pin(upstream.forward_upgrade(parts)).await, metrics)
                     }
                     None => {
                         // The copy starts here, after hygiene (it carries the same
                         // forwarding headers and `traceparent`), and is never waited for.
                         let mirror = mirror.and_then(|id| rt.mirrors.get(id as usize)?.as_ref());
-                        let mut trace = ids.trace;
-                        if let (Some(t), Some(_)) = (trace, mirror) {
-                            t.put(&mut parts.headers);
-                            trace = None;
+                        if mirror.is_some() {
+                            std::mem::take(&mut extra).put(&mut parts.headers);
                         }
                         let tee = mirror.and_then(|m| m.start(&parts, body.is_end_stream()));
                         let max_body = self.settings.max_body_bytes;
-                        let sent = upstream.forward(parts, body, max_body, conns, tee, trace);
+                        let sent = upstream.forward(parts, body, max_body, conns, tee, extra);
                         tunnel::refuse_unasked_switch(sent.await)
                     }
                 };
@@ -437,16 +437,17 @@ fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
 }
 
 /// Header hygiene before forwarding (hop-by-hop headers are already gone: see [`head`]):
-/// the authority kept as `Host`, the forwarding headers written (a client's own replaced
-/// unless its peer is `trusted`).
+/// the authority kept as `Host`, and the forwarding headers: a trusted peer's chain extended
+/// here; any other client's claims removed, and the gateway's own returned, to be written
+/// as the request goes out.
 fn hygiene(
     parts: &mut http::request::Parts,
     conn: &ConnInfo,
     trusted: &rules::trusted::TrustedProxies,
-) {
+) -> Option<Forwarding> {
     keep_authority(parts);
     let peer_trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
-    set_forwarding(&mut parts.headers, conn, peer_trusted);
+    forwarding(&mut parts.headers, conn, peer_trusted)
 }
 
 /// The response cache of the request's interface, if it has one.

@@ -31,6 +31,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::headers::Outgoing;
+
 /// Most header fields accepted in an upstream's response (hyper's default).
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted (status line and header fields); offsets in it fit a u16.
@@ -234,14 +236,14 @@ impl Conn {
 // === the request head ===
 
 /// Encode a request head: `method path HTTP/1.1`, the header fields as they are (names are
-/// lowercase, values were validated when parsed or built), `extra` (whole field lines, each
-/// ending in CRLF, made by the gateway), `content-length: 0` for a bodiless method that
+/// lowercase, values were validated when parsed or built), what the gateway adds as the
+/// request goes out (`extra`), `content-length: 0` for a bodiless method that
 /// conventionally carries a body, and the blank line.
 pub fn encode_head(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-    extra: &[u8],
+    extra: &Outgoing,
     out: &mut Vec<u8>,
 ) {
     let mut size = method.as_str().len() + path.len() + extra.len() + 16;
@@ -259,7 +261,7 @@ pub fn encode_head(
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(extra);
+    extra.write(out);
     if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
         && !headers.contains_key(header::CONTENT_LENGTH)
     {

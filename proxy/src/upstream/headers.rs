@@ -1,10 +1,11 @@
 //! Header hygiene between the client and the upstream: hop-by-hop headers removed both
 //! ways, the authority kept as `Host`, and the forwarding headers (`X-Forwarded-For`,
-//! `-Proto`, `-Host`, `Forwarded`) written by the gateway ([`set_forwarding`]).
+//! `-Proto`, `-Host`, `Forwarded`) written by the gateway ([`forwarding`], [`Outgoing`]).
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::conn::ConnInfo;
+use crate::trace::{TRACEPARENT_LINE_LEN, TraceContext};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -102,17 +103,18 @@ fn append_list(h: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
     }
 }
 
-/// Write the forwarding headers for the hop from the peer to the gateway.
+/// The forwarding headers for the hop from the peer to the gateway.
 ///
 /// From a peer that is not a trusted proxy (`peer_trusted` false), whatever the client sent
 /// about addresses, scheme or host (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`,
-/// `X-Real-IP`, `X-Client-IP`, `True-Client-IP`) is removed and replaced by the gateway's
-/// own view: `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: <scheme>`, `X-Forwarded-Host:
-/// <Host>` and `Forwarded: for=<peer>;proto=<scheme>;host=<Host>`. From a trusted proxy the
-/// chain is kept: the peer is appended to `X-Forwarded-For` and this hop to `Forwarded`,
-/// and `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. Call after
+/// `X-Real-IP`, `X-Client-IP`, `True-Client-IP`) is removed here, and the gateway's own view
+/// is returned, to be written as the request goes out ([`Outgoing`]): `X-Forwarded-For:
+/// <peer>`, `X-Forwarded-Proto: <scheme>`, `X-Forwarded-Host: <Host>` and `Forwarded:
+/// for=<peer>;proto=<scheme>;host=<Host>`. From a trusted proxy the chain is kept and
+/// written here: the peer is appended to `X-Forwarded-For` and this hop to `Forwarded`, and
+/// `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. Call after
 /// [`keep_authority`] (the `Host` it keeps is the one forwarded).
-pub fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
+pub fn forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) -> Option<Forwarding> {
     let host = h.get(header::HOST).cloned();
     let forwarded = forwarded_element(conn, host.as_ref());
     if peer_trusted {
@@ -124,21 +126,101 @@ pub fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
             h.insert(&X_FORWARDED_HOST, host);
         }
         append_list(h, &FORWARDED, forwarded.as_bytes());
-        return;
+        return None;
     }
-    // `insert` replaces every client-sent line of the four written below; the rest go. One
-    // pass over the names (most requests carry none of them) instead of three hash lookups.
-    if h.keys().any(is_address_claim) {
-        for n in [&X_REAL_IP, &X_CLIENT_IP, &TRUE_CLIENT_IP] {
+    // One pass over the names (most requests carry none of these) instead of seven hash
+    // lookups for removals that find nothing.
+    if h.keys().any(is_client_claim) {
+        for n in CLAIMS {
             h.remove(n);
         }
     }
-    h.insert(&X_FORWARDED_FOR, conn.remote_ip.clone());
-    h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
-    if let Some(host) = host {
-        h.insert(&X_FORWARDED_HOST, host);
+    Some(Forwarding {
+        for_: conn.remote_ip.clone(),
+        proto: conn.proto.clone(),
+        host,
+        forwarded,
+    })
+}
+
+/// The forwarding headers the gateway writes for a peer that is not a trusted proxy.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    for_: HeaderValue,
+    proto: HeaderValue,
+    host: Option<HeaderValue>,
+    forwarded: HeaderValue,
+}
+
+impl Forwarding {
+    fn fields(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        [
+            (&X_FORWARDED_FOR, Some(&self.for_)),
+            (&X_FORWARDED_PROTO, Some(&self.proto)),
+            (&X_FORWARDED_HOST, self.host.as_ref()),
+            (&FORWARDED, Some(&self.forwarded)),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| Some((n, v?)))
     }
-    h.insert(&FORWARDED, forwarded);
+}
+
+/// What the gateway adds to a request as it goes out: its `traceparent`, and the forwarding
+/// headers of a peer that is not a trusted proxy. The gateway's own HTTP/1 client writes
+/// them straight into the head it encodes ([`Outgoing::write`]); every other way out puts
+/// them in the header map first ([`Outgoing::put`]). Either way the upstream sees the same
+/// fields, and the common request does not grow its header map for them.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    /// The request's trace context, when propagation is on.
+    pub trace: Option<TraceContext>,
+    /// The forwarding headers, unless the peer is a trusted proxy (written already).
+    pub forwarding: Option<Forwarding>,
+}
+
+impl Outgoing {
+    /// Put the fields in `h` (replacing any of the same names).
+    pub fn put(&self, h: &mut HeaderMap) {
+        if let Some(t) = &self.trace {
+            t.put(h);
+        }
+        for (n, v) in self.forwarding.iter().flat_map(Forwarding::fields) {
+            h.insert(n, v.clone());
+        }
+    }
+
+    /// Append the fields to an HTTP/1 head, one `name: value` line each.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        if let Some(t) = &self.trace {
+            let mut line = [0u8; TRACEPARENT_LINE_LEN];
+            out.extend_from_slice(t.header_line(&mut line));
+        }
+        for (n, v) in self.forwarding.iter().flat_map(Forwarding::fields) {
+            out.extend_from_slice(n.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The bytes [`Outgoing::write`] appends.
+    pub fn len(&self) -> usize {
+        let trace = if self.trace.is_some() {
+            TRACEPARENT_LINE_LEN
+        } else {
+            0
+        };
+        let fields = self.forwarding.iter().flat_map(Forwarding::fields);
+        trace
+            + fields
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+    }
+
+    /// Whether there is nothing to add.
+    pub fn is_empty(&self) -> bool {
+        self.trace.is_none() && self.forwarding.is_none()
+    }
 }
 
 /// This hop as one `Forwarded` element (RFC 7239 §4): `for=<peer>;proto=<scheme>` and
@@ -184,14 +266,23 @@ fn build_forwarded(conn: &ConnInfo, host: &HeaderValue) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| conn.forwarded.clone())
 }
 
-/// Whether `n` is one of the address headers only the gateway (or a trusted proxy) may set
-/// besides the four it writes: compared only when the length fits.
-fn is_address_claim(n: &HeaderName) -> bool {
+/// What a client may not say about the hop from it: the four fields the gateway writes and
+/// the address headers only the gateway (or a trusted proxy) may set.
+static CLAIMS: [&HeaderName; 7] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+    &FORWARDED,
+    &X_REAL_IP,
+    &X_CLIENT_IP,
+    &TRUE_CLIENT_IP,
+];
+
+/// Whether `n` is one of [`CLAIMS`]: compared only when the length fits.
+fn is_client_claim(n: &HeaderName) -> bool {
     let s = n.as_str();
     match s.len() {
-        9 => s == X_REAL_IP.as_str(),
-        11 => s == X_CLIENT_IP.as_str(),
-        14 => s == TRUE_CLIENT_IP.as_str(),
+        9 | 11 | 14 | 15 | 16 | 17 => CLAIMS.iter().any(|c| c.as_str() == s),
         _ => false,
     }
 }
@@ -205,6 +296,55 @@ fn is_tchar(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`forwarding`], its fields put in the map at once.
+    fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
+        let forwarding = forwarding(h, conn, peer_trusted);
+        Outgoing {
+            trace: None,
+            forwarding,
+        }
+        .put(h);
+    }
+
+    /// What [`Outgoing::write`] adds to a head says what [`Outgoing::put`] puts in the map,
+    /// and [`Outgoing::len`] is its length.
+    #[test]
+    fn written_lines_match_the_fields_put() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "example.test".parse().unwrap());
+        h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        let trace = crate::trace::TraceContext {
+            trace_id: [7; 16],
+            span_id: [9; 8],
+            parent_id: None,
+            sampled: true,
+        };
+        let extra = Outgoing {
+            trace: Some(trace),
+            forwarding: forwarding(&mut h, &conn("10.0.0.9:1234", "http"), false),
+        };
+        assert!(
+            h.get("x-forwarded-for").is_none(),
+            "the claim is gone at once"
+        );
+        let mut lines = Vec::new();
+        extra.write(&mut lines);
+        assert_eq!(lines.len(), extra.len());
+        let mut put = HeaderMap::new();
+        extra.put(&mut put);
+        let text = String::from_utf8(lines).unwrap();
+        let written: Vec<(&str, &str)> = text
+            .split_terminator("\r\n")
+            .map(|l| l.split_once(": ").unwrap())
+            .collect();
+        assert_eq!(written.len(), 5, "{text}");
+        assert_eq!(written.len(), put.len());
+        for (n, v) in written {
+            assert_eq!(put[n], v, "{n}");
+        }
+        assert!(Outgoing::default().is_empty() && !extra.is_empty());
+    }
 
     /// Headers named in `Connection` go, and so do the fixed hop-by-hop ones; others stay.
     #[test]
@@ -267,11 +407,15 @@ mod tests {
             ("x-real-ip", true),
             ("x-client-ip", true),
             ("true-client-ip", true),
+            ("x-forwarded-for", true),
+            ("x-forwarded-proto", true),
+            ("x-forwarded-host", true),
+            ("forwarded", true),
             ("x-real-ix", false),
-            ("x-forwarded-for", false),
+            ("x-forwarded-fox", false),
             ("host", false),
         ] {
-            assert_eq!(is_address_claim(&HeaderName::from_static(n)), claim, "{n}");
+            assert_eq!(is_client_claim(&HeaderName::from_static(n)), claim, "{n}");
         }
     }
 

@@ -355,7 +355,13 @@ async fn probe(to: std::sync::Arc<Resolved>, configured: &str, spec: &HealthChec
         );
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         let mut head = Vec::new();
-        h1::encode_head(&Method::GET, &spec.path, &headers, &[], &mut head);
+        h1::encode_head(
+            &Method::GET,
+            &spec.path,
+            &headers,
+            &Default::default(),
+            &mut head,
+        );
         let mut conn = h1::Conn::new(tcp);
         let h = conn.exchange(&Method::GET, &head).await.ok()?;
         Some(h.parts.status.as_u16())

@@ -58,7 +58,7 @@ pub mod tls;
 
 use crate::metrics::{EjectionLabels, EndpointLabels, Metrics, Name};
 use crate::respond::GatewayError;
-use crate::trace::{self, TraceContext};
+use headers::Outgoing;
 use health::{EndpointHealth, Outlier, Reason};
 
 /// A runtime upstream cluster.
@@ -645,9 +645,9 @@ impl Upstream {
     /// A connect failure is tried once more on another endpoint when the cluster has one;
     /// nothing else is retried, because the upstream may have acted on the request.
     ///
-    /// `tee`, when given, receives a copy of the body as it streams (for a mirror). `trace`,
-    /// when given, is the `traceparent` the upstream gets: written straight into the head
-    /// on a connection of our own, put in the header map for hyper's.
+    /// `tee`, when given, receives a copy of the body as it streams (for a mirror). `extra`
+    /// is what the gateway adds to the request: written straight into the head on a
+    /// connection of our own, put in the header map for hyper's.
     pub async fn forward(
         &self,
         parts: http::request::Parts,
@@ -655,7 +655,7 @@ impl Upstream {
         max_body: u64,
         cache: Option<&Arc<ConnCache>>,
         tee: Option<Tee>,
-        trace: Option<TraceContext>,
+        extra: Outgoing,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -721,8 +721,8 @@ impl Upstream {
             }
 
             let own = cache.is_some() && slot.is_none();
-            if let Some(t) = trace.filter(|_| !own) {
-                t.put(req.headers_mut());
+            if !own {
+                extra.put(req.headers_mut());
             }
 
             // The guard is not held across the exchange.
@@ -731,7 +731,7 @@ impl Upstream {
             let res = match &cache {
                 Some(c) => {
                     let sent = if own {
-                        let own = self.send_own(c, ep_idx, &req, trace.as_ref());
+                        let own = self.send_own(c, ep_idx, &req, &extra);
                         tokio::time::timeout_at(deadline, own)
                             .await
                             .map(|r| r.map(|resp| resp.map(Received::Own)))
@@ -937,13 +937,11 @@ impl Upstream {
         cache: &Arc<ConnCache>,
         ep_idx: usize,
         req: &Request<UpBody>,
-        trace: Option<&TraceContext>,
+        extra: &Outgoing,
     ) -> Result<Response<h1::ResponseBody>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let mut line = [0u8; trace::TRACEPARENT_LINE_LEN];
-        let extra = trace.map_or(&[][..], |t| t.header_line(&mut line));
         let mut head = Vec::new();
         h1::encode_head(req.method(), path, req.headers(), extra, &mut head);
         let mut fresh_only = false;

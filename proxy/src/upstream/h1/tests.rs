@@ -249,7 +249,13 @@ type Returned = Arc<Mutex<Vec<Conn>>>;
 async fn fetch(conn: Conn, method: Method, returned: &Returned) -> Result<(u16, Vec<u8>), Error> {
     let mut conn = conn;
     let mut head = Vec::new();
-    encode_head(&method, "/x", &HeaderMap::new(), &[], &mut head);
+    encode_head(
+        &method,
+        "/x",
+        &HeaderMap::new(),
+        &Outgoing::default(),
+        &mut head,
+    );
     let h = conn.exchange(&method, &head).await.map_err(|(e, _)| e)?;
     let r = returned.clone();
     let body = conn.into_body(&h, move |c| r.lock().unwrap().push(c));
@@ -284,7 +290,13 @@ async fn connection_reused_after_whole_bodies() {
     // The upstream has no more answers and closes: nothing of an answer came, so a reused
     // connection's request may be sent again.
     let mut head = Vec::new();
-    encode_head(&Method::GET, "/x", &HeaderMap::new(), &[], &mut head);
+    encode_head(
+        &Method::GET,
+        "/x",
+        &HeaderMap::new(),
+        &Outgoing::default(),
+        &mut head,
+    );
     let err = conn.exchange(&Method::GET, &head).await.unwrap_err();
     assert!(matches!(err, (Error::Closed, false)), "{err:?}");
 }
@@ -348,7 +360,7 @@ fn encodes_request_heads() {
     h.append("x-a", HeaderValue::from_static("1"));
     h.append("x-a", HeaderValue::from_static("2"));
     let mut out = Vec::new();
-    encode_head(&Method::GET, "/p?q=1", &h, &[], &mut out);
+    encode_head(&Method::GET, "/p?q=1", &h, &Outgoing::default(), &mut out);
     assert_eq!(
         String::from_utf8(out).unwrap(),
         "GET /p?q=1 HTTP/1.1\r\nhost: example\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
@@ -358,11 +370,11 @@ fn encodes_request_heads() {
         &Method::POST,
         "/",
         &HeaderMap::new(),
-        b"x-b: 3\r\n",
+        &Outgoing::default(),
         &mut out,
     );
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "POST / HTTP/1.1\r\nx-b: 3\r\ncontent-length: 0\r\n\r\n"
+        "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
     );
 }

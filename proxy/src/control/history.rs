@@ -303,17 +303,17 @@ pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
         match stage(&p, f.text.as_bytes()) {
             Ok(tmp) => staged.push((tmp, p)),
             Err(e) => {
-                for (tmp, _) in &staged {
-                    let _ = std::fs::remove_file(tmp);
-                }
+                discard(&staged);
                 return Err(e);
             }
         }
     }
     let mut moved = Vec::new();
     for (from, to) in aside {
-        std::fs::rename(&from, &to)
-            .map_err(|e| format!("cannot move {} aside: {e}", from.display()))?;
+        if let Err(e) = std::fs::rename(&from, &to) {
+            discard(&staged);
+            return Err(format!("cannot move {} aside: {e}", from.display()));
+        }
         moved.push(to);
     }
     let mut written = Vec::new();
@@ -322,6 +322,13 @@ pub fn rollback(entry: &Entry) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
         written.push(p);
     }
     Ok((written, moved))
+}
+
+/// Remove staged files that will not be renamed into place.
+fn discard(staged: &[(PathBuf, PathBuf)]) {
+    for (tmp, _) in staged {
+        let _ = std::fs::remove_file(tmp);
+    }
 }
 
 /// Replace `path` by `bytes` in one rename, so a reader sees the old file or the new one.

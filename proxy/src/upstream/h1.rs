@@ -31,7 +31,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::headers::Outgoing;
+use super::headers::{Outgoing, push_field};
 
 /// Most header fields accepted in an upstream's response (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -256,10 +256,7 @@ pub fn encode_head(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (n, v) in headers {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(out, n, v);
     }
     extra.write(out);
     if matches!(*method, Method::POST | Method::PUT | Method::PATCH)

@@ -196,10 +196,7 @@ impl Outgoing {
             out.extend_from_slice(t.header_line(&mut line));
         }
         for (n, v) in self.forwarding.iter().flat_map(Forwarding::fields) {
-            out.extend_from_slice(n.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_field(out, n, v);
         }
     }
 
@@ -221,6 +218,14 @@ impl Outgoing {
     pub fn is_empty(&self) -> bool {
         self.trace.is_none() && self.forwarding.is_none()
     }
+}
+
+/// Append `name: value` and CRLF: one field line of an HTTP/1 head.
+pub fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// This hop as one `Forwarded` element (RFC 7239 §4): `for=<peer>;proto=<scheme>` and

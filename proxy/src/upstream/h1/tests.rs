@@ -377,4 +377,25 @@ fn encodes_request_heads() {
         String::from_utf8(out).unwrap(),
         "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
     );
+    // What the gateway adds goes after the request's own fields, before the framing.
+    let extra = Outgoing {
+        trace: Some(crate::trace::TraceContext {
+            trace_id: [0xab; 16],
+            span_id: [0xcd; 8],
+            parent_id: None,
+            sampled: true,
+        }),
+        forwarding: None,
+    };
+    let mut out = Vec::new();
+    encode_head(&Method::POST, "/", &h, &extra, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!(
+            "POST / HTTP/1.1\r\nhost: example\r\nx-a: 1\r\nx-a: 2\r\n\
+             traceparent: 00-{}-{}-01\r\ncontent-length: 0\r\n\r\n",
+            "ab".repeat(16),
+            "cd".repeat(8)
+        )
+    );
 }

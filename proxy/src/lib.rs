@@ -40,8 +40,9 @@
 //!
 //! Leaves every layer may use: [`stats`] (the dashboard's live counters), [`metrics`] (the
 //! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
-//! facts), [`jwt`] (token verification: keys, the cache, and minting for `tidegate token`)
-//! and [`shutdown`] (the stop signal).
+//! facts), [`names`] (the HTTP/1 parsers' header names, remembered per thread), [`jwt`]
+//! (token verification: keys, the cache, and minting for `tidegate token`) and [`shutdown`]
+//! (the stop signal).
 //!
 //! `cargo test -p tidegate-tests --test layout` fails on any import circle among these
 //! modules (and those of `rules`).
@@ -56,6 +57,7 @@ pub mod control;
 pub mod govern;
 pub mod jwt;
 pub mod metrics;
+pub mod names;
 pub mod overload;
 pub mod pipeline;
 pub mod replay;

@@ -105,7 +105,17 @@ pub struct Tally {
 
 impl ClassCounts {
     pub(crate) fn take(&self) -> [u64; CLASSES] {
-        std::array::from_fn(|i| self.0[i].swap(0, Ordering::Relaxed))
+        std::array::from_fn(|i| take(&self.0[i]))
+    }
+}
+
+/// A counter's value, reset to zero. A zero counter (most of a large config's, in a given
+/// second) is only read: a count that lands between the read and the next sample is taken
+/// then.
+pub(crate) fn take(c: &AtomicU64) -> u64 {
+    match c.load(Ordering::Relaxed) {
+        0 => 0,
+        _ => c.swap(0, Ordering::Relaxed),
     }
 }
 

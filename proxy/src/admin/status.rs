@@ -11,7 +11,6 @@
 //! counters (already one atomic per decision) and takes differences.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -144,7 +143,8 @@ struct History {
     first_start_ms: u64,
     /// End of each bucket (the sample time), oldest first.
     t_ms: VecDeque<u64>,
-    interfaces: ByName<VecDeque<[u32; CLASSES]>>,
+    /// Per interface: its requests of each second, by class.
+    interfaces: Series<VecDeque<[u32; CLASSES]>>,
     unclassified: VecDeque<[u32; CLASSES]>,
     /// Per upstream: requests, p50 and p99 (ms) of each second.
     latency: ByName<VecDeque<LatSecond>>,
@@ -179,6 +179,17 @@ fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
     while ring.len() > len {
         ring.pop_front();
     }
+}
+
+/// [`push_ring`], except that a series that has been zero all along stays empty: most of a
+/// large config's interfaces, limits and split targets see no request in a given second,
+/// and the sampler then only reads their counters. Readers take a short ring as zeros
+/// before its first entry.
+fn push_sparse<T: Copy + Default + PartialEq>(ring: &mut VecDeque<T>, len: usize, v: T) {
+    if ring.is_empty() && v == T::default() {
+        return;
+    }
+    push_ring(ring, len, v);
 }
 
 /// The ring of `name` in `map`, created empty (to be zero-filled by [`push_ring`]) for a new
@@ -276,7 +287,7 @@ impl History {
             started_ms: now_ms,
             first_start_ms: now_ms,
             t_ms: VecDeque::with_capacity(HISTORY_SECS),
-            interfaces: ByName::default(),
+            interfaces: Series::default(),
             unclassified: VecDeque::with_capacity(HISTORY_SECS),
             latency: ByName::default(),
             recent_hist: ByName::default(),
@@ -314,7 +325,7 @@ impl History {
             self.bind(rt);
         }
 
-        for (i, itf) in snap.interfaces.iter().enumerate() {
+        for i in 0..snap.interfaces.len() {
             let counts = c.interfaces[i].take();
             let n = |class: Class| counts[class as usize];
             window.interfaces.push(InterfaceFigures {
@@ -324,8 +335,7 @@ impl History {
                 shed: n(Class::Shed),
                 degraded: n(Class::Degraded),
             });
-            let counts = counts.map(|n| n as u32);
-            push_ring(ring_of(&mut self.interfaces, &itf.name), len, counts);
+            push_sparse(self.interfaces.at(i), len, counts.map(|n| n as u32));
         }
         let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
         push_ring(&mut self.unclassified, len, none);
@@ -362,7 +372,7 @@ impl History {
             });
             let before = self.limit_prev.at(li).replace(now).unwrap_or(now);
             let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
-            push_ring(self.limits.at(li), len, delta);
+            push_sparse(self.limits.at(li), len, delta);
         }
 
         // Split targets, in the order `bind` gave them.
@@ -372,8 +382,8 @@ impl History {
                 continue;
             };
             for ti in 0..targets.len() {
-                let n = c.splits[ri][ti].swap(0, Ordering::Relaxed) as u32;
-                push_ring(self.splits.at(si), len, n);
+                let n = crate::stats::take(&c.splits[ri][ti]) as u32;
+                push_sparse(self.splits.at(si), len, n);
                 si += 1;
             }
         }
@@ -398,6 +408,7 @@ impl History {
     /// Bind the per-rule series to a new runtime's rules (see [`Series`]).
     fn bind(&mut self, rt: &Runtime) {
         let snap = &rt.snapshot;
+        (self.interfaces).bind(snap.interfaces.iter().map(|i| &*i.name));
         let limits = || rt.governors.limiters.rules.iter().map(|l| &*l.name.0);
         self.limits.bind(limits());
         self.limit_prev.bind(limits());
@@ -416,8 +427,7 @@ impl History {
     /// Drop the series of names the runtime no longer has.
     fn prune(&mut self, rt: &Runtime) {
         let snap = &rt.snapshot;
-        let interfaces: HashSet<&str> = snap.interfaces.iter().map(|i| &*i.name).collect();
-        self.interfaces.retain(|k, _| interfaces.contains(&**k));
+        self.interfaces.prune();
         let upstreams: HashSet<&str> = snap.upstreams.iter().map(|u| &*u.name).collect();
         self.latency.retain(|k, _| upstreams.contains(&**k));
         self.recent_hist.retain(|k, _| upstreams.contains(&**k));
@@ -647,7 +657,8 @@ impl History {
 
         let shed: f64 = self
             .interfaces
-            .values()
+            .values
+            .iter()
             .chain(std::iter::once(&self.unclassified))
             .map(|r| self.rates(r, secs).shed)
             .sum();
@@ -681,7 +692,8 @@ impl History {
         let mut outcome_totals: Vec<[u32; CLASSES]> = vec![[0; CLASSES]; self.t_ms.len()];
         for ring in self
             .interfaces
-            .values()
+            .values
+            .iter()
             .chain(std::iter::once(&self.unclassified))
         {
             let skip = outcome_totals.len().saturating_sub(ring.len());
@@ -707,11 +719,12 @@ impl History {
                 .interfaces
                 .iter()
                 .map(|itf| {
-                    let ring: Vec<_> = self
-                        .interfaces
-                        .get(&itf.name)
-                        .map(|r| r.iter().copied().collect())
-                        .unwrap_or_default();
+                    // Zeros before a sparse ring's first entry (see `push_sparse`).
+                    let ring = self.interfaces.get(&itf.name);
+                    let have = ring.map_or(0, VecDeque::len);
+                    let ring: Vec<_> = std::iter::repeat_n([0; CLASSES], self.t_ms.len() - have)
+                        .chain(ring.into_iter().flatten().copied())
+                        .collect();
                     Named {
                         name: &itf.name,
                         series: by_outcome(&ring),
@@ -1000,5 +1013,20 @@ mod tests {
         }
         assert_eq!(r.len(), HISTORY_SECS);
         assert_eq!(last_n(&r, RATE_WINDOW_SECS).count(), RATE_WINDOW_SECS);
+    }
+
+    /// A series that has been zero all along takes no room; its first count is placed in
+    /// its second like any other (the zeros before it filled in), and after that every
+    /// second is kept, zeros too.
+    #[test]
+    fn a_zero_series_stays_empty_until_its_first_count() {
+        let mut r: VecDeque<u32> = VecDeque::new();
+        for len in 1..=4 {
+            push_sparse(&mut r, len, 0);
+        }
+        assert!(r.is_empty());
+        push_sparse(&mut r, 5, 3);
+        push_sparse(&mut r, 6, 0);
+        assert_eq!(r, [0, 0, 0, 0, 3, 0]);
     }
 }

@@ -418,8 +418,10 @@ impl Gateway {
     fn next_request_id(&self) -> HeaderValue {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 33];
-        HeaderValue::from_bytes(format_hex(self.id_prefix, n, &mut buf))
-            .expect("hex is a valid header value")
+        format_hex(self.id_prefix, n, &mut buf);
+        // One allocation, shared by the request's and the response's copy (a value copied
+        // from a slice is one allocation, and another on its first clone).
+        HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).expect("hex is a valid header value")
     }
 }
 

@@ -163,7 +163,7 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         };
         let base = bytes.as_ptr() as usize;
         for h in req.headers.iter() {
-            let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            let Ok(name) = crate::names::header_name(h.name.as_bytes()) else {
                 return Parsed::Handoff;
             };
             if !h

@@ -42,6 +42,8 @@ pub struct Activity {
     pub inflight: AtomicUsize,
     /// A request head has been received.
     pub started: AtomicBool,
+    /// Whether [`Tracked`] records reads and writes (see [`Activity::untracked`]).
+    tracking: AtomicBool,
 }
 
 impl Activity {
@@ -52,7 +54,27 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            tracking: AtomicBool::new(true),
         }
+    }
+
+    /// Like [`Activity::new`], but reads and writes are not recorded until
+    /// [`Activity::track`]: for a connection on the own HTTP/1 server, whose loop keeps its
+    /// own deadlines (a clock read per read and write would be spent for nothing).
+    pub fn untracked() -> Self {
+        let a = Self::new();
+        a.tracking.store(false, Ordering::Relaxed);
+        a
+    }
+
+    /// Record reads and writes from now on, counting now as the last activity.
+    pub fn track(&self) {
+        self.tracking.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn tracking(&self) -> bool {
+        self.tracking.load(Ordering::Relaxed)
     }
 
     /// Bytes moved now.
@@ -90,7 +112,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        if matches!(r, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.activity.tracking()
+        {
             self.activity.touch();
         }
         r
@@ -104,7 +129,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) && self.activity.tracking() {
             self.activity.touch();
         }
         r
@@ -116,7 +141,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) && self.activity.tracking() {
             self.activity.touch();
         }
         r

@@ -100,6 +100,21 @@ enum Phase {
 struct Window {
     bucket_ns: u64,
     buckets: [Bucket; BUCKETS],
+    /// One past the latest epoch a failure or slow call was counted in (0: none yet). A
+    /// good call when every bad one has left the window cannot trip the breaker (no
+    /// failures, no slow calls), so it skips summing the buckets. Never lowered (a clear
+    /// leaves it: a stale high value only costs a sum).
+    last_bad: AtomicU64,
+}
+
+/// What [`Window::add`] did.
+enum Added {
+    /// Counted; the window's (calls, failures, slow calls).
+    Counts((u32, u32, u32)),
+    /// Counted: a good call with no bad one in the window.
+    Clean,
+    /// Not counted: the bucket must be rotated first ([`Window::add_locked`]).
+    Rotate,
 }
 
 /// One interval's counts. `epoch` is written (with the counts reset before it) only under
@@ -184,6 +199,7 @@ impl Breaker {
                 window: Window {
                     bucket_ns,
                     buckets: Default::default(),
+                    last_bad: AtomicU64::new(0),
                 },
                 inner: Mutex::new(Inner {
                     state: Phase::Closed,
@@ -315,9 +331,10 @@ impl Breaker {
         // The common path: a call made while closed, counted without the lock. The lock is
         // taken when the call's bucket must be rotated first, or when the counts trip it.
         if !probe && self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
-            match window.add(now, failure, slow) {
-                Some(counts) if !self.trips(counts) => return None,
-                Some(_) => {
+            match window.add(now, failure, slow, self.zero_ratio()) {
+                Added::Clean => return None,
+                Added::Counts(counts) if !self.trips(counts) => return None,
+                Added::Counts(_) => {
                     // Tripped: decided again under the lock (another call may have opened
                     // it meanwhile), without counting this call twice.
                     let mut inner = self.lock();
@@ -327,7 +344,7 @@ impl Breaker {
                         _ => None,
                     };
                 }
-                None => {}
+                Added::Rotate => {}
             }
         }
         let mut inner = self.lock();
@@ -359,6 +376,13 @@ impl Breaker {
             // round: it says nothing about the current state.
             _ => None,
         }
+    }
+
+    /// Whether a ratio of 0% makes calls alone open the breaker (then even a window of good
+    /// calls is summed).
+    fn zero_ratio(&self) -> bool {
+        let d = &self.def;
+        d.error_ratio_ppm == 0 || (d.slow_call.is_some() && d.slow_ratio_ppm == 0)
     }
 
     /// Whether the closed window's (calls, failures, slow calls) open the breaker.
@@ -397,16 +421,35 @@ fn phase_state(p: Phase) -> State {
 
 impl Window {
     /// Count one call at `now` without the lock, if its bucket already counts `now`'s
-    /// interval; returns the window's (calls, failures, slow calls). `None`: the bucket must
-    /// be rotated first ([`Window::add_locked`]).
-    fn add(&self, now: u64, failure: bool, slow: bool) -> Option<(u32, u32, u32)> {
+    /// interval (see [`Added`]). `zero_ratio`: a good call may trip it too.
+    fn add(&self, now: u64, failure: bool, slow: bool, zero_ratio: bool) -> Added {
         let epoch = now / self.bucket_ns;
         let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
         if b.epoch.load(Ordering::Acquire) != epoch {
-            return None;
+            return Added::Rotate;
         }
-        b.bump(failure, slow);
-        Some(self.counts(epoch))
+        self.bump(b, epoch, failure, slow);
+        // SeqCst with `bump`'s: of a good call and a concurrent bad one, either the good one
+        // sees `last_bad`, or the bad one's sum sees the good one's call.
+        if !(failure || slow || zero_ratio) && self.last_bad.load(Ordering::SeqCst) <= oldest(epoch)
+        {
+            return Added::Clean;
+        }
+        Added::Counts(self.counts(epoch))
+    }
+
+    /// Count a call in bucket `b` of `epoch`.
+    fn bump(&self, b: &Bucket, epoch: u64, failure: bool, slow: bool) {
+        if failure || slow {
+            self.last_bad.fetch_max(epoch + 1, Ordering::SeqCst);
+        }
+        b.calls.fetch_add(1, Ordering::SeqCst);
+        if failure {
+            b.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow {
+            b.slow.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// [`Window::add`] under the breaker's lock: the bucket is moved to `now`'s interval
@@ -422,17 +465,17 @@ impl Window {
             b.slow.store(0, Ordering::Relaxed);
             b.epoch.store(epoch, Ordering::Release);
         }
-        b.bump(failure, slow);
+        self.bump(b, epoch, failure, slow);
         self.counts(epoch)
     }
 
     /// (calls, failures, slow calls) of the buckets of the last BUCKETS intervals up to
     /// `epoch`, this one included.
     fn counts(&self, epoch: u64) -> (u32, u32, u32) {
-        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
+        let oldest = oldest(epoch);
         self.buckets.iter().fold((0, 0, 0), |(c, f, s), b| {
             let e = b.epoch.load(Ordering::Acquire);
-            let calls = b.calls.load(Ordering::Relaxed);
+            let calls = b.calls.load(Ordering::SeqCst);
             if e < oldest || e > epoch || calls == 0 {
                 return (c, f, s);
             }
@@ -453,18 +496,9 @@ impl Window {
     }
 }
 
-// === impl Bucket ===
-
-impl Bucket {
-    fn bump(&self, failure: bool, slow: bool) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        if failure {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if slow {
-            self.slow.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+/// The oldest epoch of the window that ends with `epoch`.
+fn oldest(epoch: u64) -> u64 {
+    epoch.saturating_sub(BUCKETS as u64 - 1)
 }
 
 // === impl Permit ===

@@ -169,7 +169,8 @@ async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared, accepted: tokio::ti
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
+    // Untracked while the fast path serves it: its loop has its own deadlines.
+    let activity = Arc::new(Activity::untracked());
     let io = Tracked {
         io,
         activity: activity.clone(),
@@ -192,6 +193,7 @@ where
         // Boxed: hyper's connection state is larger than the fast path's, and most
         // connections never get there.
         h1::Outcome::Handoff(io) => {
+            activity.track();
             Box::pin(serve_hyper(
                 io,
                 info,

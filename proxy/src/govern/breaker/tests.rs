@@ -288,3 +288,43 @@ fn concurrent_outcomes_are_all_counted() {
         (threads * calls + 1, 1, 0)
     );
 }
+
+/// A good call can open it too: the one that brings a window of failures to `min_calls`.
+#[test]
+fn a_good_call_reaching_min_calls_opens_it() {
+    let b = breaker("");
+    for i in 0..9 {
+        assert_eq!(call(&b, i * MS, CallResult::Failure), Some(None));
+    }
+    assert_eq!(
+        call(&b, 9 * MS, CallResult::Success),
+        Some(OPENED),
+        "9 of 10"
+    );
+}
+
+/// Good calls made after every failure has left the window skip the sum, and still count:
+/// ten of them and ten failures are 50%.
+#[test]
+fn good_calls_after_old_failures_still_count() {
+    let b = breaker("");
+    for i in 0..5 {
+        assert_eq!(call(&b, i * MS, CallResult::Failure), Some(None));
+    }
+    let later = 2000 * MS;
+    for i in 0..10 {
+        assert_eq!(call(&b, later + i * MS, CallResult::Success), Some(None));
+    }
+    for i in 10..19 {
+        assert_eq!(
+            call(&b, later + i * MS, CallResult::Failure),
+            Some(None),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        call(&b, later + 19 * MS, CallResult::Failure),
+        Some(OPENED),
+        "10 of 20"
+    );
+}

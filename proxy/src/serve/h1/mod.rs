@@ -387,7 +387,6 @@ where
         // rarer paths are boxed where they start, so this state stays small.
         let resp = c.gateway.handle(req, c.info, Some(c.cache)).await;
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
-        c.activity.touch();
         // On shutdown the answer in flight is the connection's last.
         let keep = keep_alive && !*c.shutdown.borrow();
         let framing = write::Request { version, head_only };

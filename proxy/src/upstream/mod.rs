@@ -657,8 +657,9 @@ impl Upstream {
         tee: Option<Tee>,
         extra: Outgoing,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        // One clock read for both.
+        let now = tokio::time::Instant::now();
+        let (started, deadline) = (now.into_std(), now + self.request_timeout);
         // TLS and HTTP/2 connections are shared, never a downstream connection's own.
         let cache = cache.filter(|_| self.secure.is_none());
         let path = parts

@@ -55,6 +55,9 @@ pub enum Error {
     /// The response was not valid HTTP/1.x, or broke a limit.
     #[error("invalid upstream response: {0}")]
     Invalid(&'static str),
+    /// No whole response head by the exchange's deadline.
+    #[error("upstream did not answer in time")]
+    Timeout,
 }
 
 /// One upstream HTTP/1.1 connection, owned by one downstream connection.
@@ -63,6 +66,12 @@ pub struct Conn {
     io: TcpStream,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
+    /// The request head being sent: kept, one allocation for the connection's life.
+    wbuf: Vec<u8>,
+    /// The exchange's deadline: one timer for the connection's life. Each exchange moves it
+    /// later, which only updates the armed entry (a timer per exchange cost an insertion
+    /// into tokio's timer wheel and a removal from it).
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// A response head and how its body is framed.
@@ -128,6 +137,9 @@ impl Conn {
         Self {
             io,
             rbuf: BytesMut::with_capacity(READ_RESERVE),
+            wbuf: Vec::new(),
+            // Not armed until the first exchange sets its deadline.
+            timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
         }
     }
 
@@ -149,32 +161,33 @@ impl Conn {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
         }
+        self.wbuf = Vec::new();
     }
 
-    /// Send a request head (the request has no body) and read the response head.
+    /// Send a request head (the request has no body; `encode` writes it into the buffer it
+    /// is given) and read the response head, by `deadline`.
     /// `Err((e, received))`: `received` is false when nothing of the response arrived, so a reused
     /// connection that turned out closed may be retried on a fresh one.
-    pub async fn exchange(&mut self, method: &Method, head: &[u8]) -> Result<Head, (Error, bool)> {
-        if let Err(e) = self.io.write_all(head).await {
-            return Err((e.into(), false));
-        }
-        let mut received = false;
-        loop {
-            match parse_head(&mut self.rbuf, method) {
-                Ok(Some(Parsed::Final(h))) => return Ok(h),
-                Ok(Some(Parsed::Interim)) => continue,
-                Ok(None) => {}
-                Err(e) => return Err((e, true)),
-            }
-            if self.rbuf.len() >= MAX_HEAD_BYTES {
-                return Err((Error::Invalid("response head too large"), true));
-            }
-            self.rbuf.reserve(READ_RESERVE);
-            match self.io.read_buf(&mut self.rbuf).await {
-                Ok(0) => return Err((Error::Closed, received)),
-                Ok(_) => received = true,
-                Err(e) => return Err((e.into(), received)),
-            }
+    pub async fn exchange(
+        &mut self,
+        method: &Method,
+        deadline: tokio::time::Instant,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Head, (Error, bool)> {
+        self.wbuf.clear();
+        encode(&mut self.wbuf);
+        self.timer.as_mut().reset(deadline);
+        let Conn {
+            io,
+            rbuf,
+            wbuf,
+            timer,
+        } = self;
+        tokio::select! {
+            biased;
+            r = exchange_io(io, rbuf, wbuf, method) => r,
+            // Whatever arrived, the connection is out of step now: never retried.
+            () = timer.as_mut() => Err((Error::Timeout, true)),
         }
     }
 
@@ -280,6 +293,36 @@ pub fn idempotent(m: &Method) -> bool {
 enum Parsed {
     Final(Head),
     Interim,
+}
+
+/// [`Conn::exchange`] without its deadline.
+async fn exchange_io(
+    io: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    head: &[u8],
+    method: &Method,
+) -> Result<Head, (Error, bool)> {
+    if let Err(e) = io.write_all(head).await {
+        return Err((e.into(), false));
+    }
+    let mut received = false;
+    loop {
+        match parse_head(rbuf, method) {
+            Ok(Some(Parsed::Final(h))) => return Ok(h),
+            Ok(Some(Parsed::Interim)) => continue,
+            Ok(None) => {}
+            Err(e) => return Err((e, true)),
+        }
+        if rbuf.len() >= MAX_HEAD_BYTES {
+            return Err((Error::Invalid("response head too large"), true));
+        }
+        rbuf.reserve(READ_RESERVE);
+        match io.read_buf(rbuf).await {
+            Ok(0) => return Err((Error::Closed, received)),
+            Ok(_) => received = true,
+            Err(e) => return Err((e.into(), received)),
+        }
+    }
 }
 
 /// Parse one response head from the front of `buf`, consuming it. `Ok(None)`: incomplete.

@@ -354,16 +354,18 @@ async fn probe(to: std::sync::Arc<Resolved>, configured: &str, spec: &HealthChec
             HeaderValue::from_static("tidegate-health"),
         );
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let mut head = Vec::new();
-        h1::encode_head(
-            &Method::GET,
-            &spec.path,
-            &headers,
-            &Default::default(),
-            &mut head,
-        );
+        let encode = |head: &mut Vec<u8>| {
+            h1::encode_head(
+                &Method::GET,
+                &spec.path,
+                &headers,
+                &Default::default(),
+                head,
+            );
+        };
         let mut conn = h1::Conn::new(tcp);
-        let h = conn.exchange(&Method::GET, &head).await.ok()?;
+        let deadline = tokio::time::Instant::now() + spec.timeout;
+        let h = conn.exchange(&Method::GET, deadline, encode).await.ok()?;
         Some(h.parts.status.as_u16())
     };
     match tokio::time::timeout(spec.timeout, exchange).await {

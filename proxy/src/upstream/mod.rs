@@ -325,6 +325,7 @@ impl DirectError {
                 false,
                 classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
             ),
+            DirectError::Own(h1::Error::Timeout) => (false, GatewayError::UpstreamTimeout),
             DirectError::Own(e) => (
                 false,
                 classify_chain(&e).unwrap_or(GatewayError::UpstreamReset),
@@ -732,10 +733,9 @@ impl Upstream {
             let res = match &cache {
                 Some(c) => {
                     let sent = if own {
-                        let own = self.send_own(c, ep_idx, &req, &extra);
-                        tokio::time::timeout_at(deadline, own)
-                            .await
-                            .map(|r| r.map(|resp| resp.map(Received::Own)))
+                        // The deadline is the exchange's own (see `h1::Conn::exchange`).
+                        let own = self.send_own(c, ep_idx, &req, &extra, deadline).await;
+                        Ok(own.map(|resp| resp.map(Received::Own)))
                     } else {
                         // hyper's paths are boxed: their futures are several KB, and the
                         // common request's (this one's own connection, above) lives inline in
@@ -939,12 +939,13 @@ impl Upstream {
         ep_idx: usize,
         req: &Request<UpBody>,
         extra: &Outgoing,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<h1::ResponseBody>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let mut head = Vec::new();
-        h1::encode_head(req.method(), path, req.headers(), extra, &mut head);
+        let encode =
+            |out: &mut Vec<u8>| h1::encode_head(req.method(), path, req.headers(), extra, out);
         let mut fresh_only = false;
         loop {
             let cached = if fresh_only {
@@ -957,12 +958,15 @@ impl Upstream {
                 c.is_idle_usable().then_some(c)
             }) {
                 Some(c) => (c, true),
-                None => (
-                    h1::Conn::new(self.connect_tcp(ep).await.map_err(DirectError::Connect)?),
-                    false,
-                ),
+                None => {
+                    let connect = tokio::time::timeout_at(deadline, self.connect_tcp(ep));
+                    match connect.await {
+                        Ok(tcp) => (h1::Conn::new(tcp.map_err(DirectError::Connect)?), false),
+                        Err(_) => return Err(DirectError::Own(h1::Error::Timeout)),
+                    }
+                }
             };
-            match conn.exchange(req.method(), &head).await {
+            match conn.exchange(req.method(), deadline, encode).await {
                 Ok(h) => {
                     let home = cache.clone();
                     let body = conn.into_body(&h, move |c| home.own.put(key, c));

@@ -166,13 +166,7 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
             let Ok(name) = crate::names::header_name(h.name.as_bytes()) else {
                 return Parsed::Handoff;
             };
-            if !h
-                .value
-                .iter()
-                .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
-            {
-                return Parsed::Handoff;
-            }
+            // Values are checked as they become `HeaderValue`s, below.
             match name {
                 header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT => {
                     return Parsed::Handoff;
@@ -208,18 +202,16 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
     }
     let head = buf.split_to(head_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
-        // Put the head back: hyper answers it.
-        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-        whole.extend_from_slice(&head);
-        whole.extend_from_slice(buf);
-        *buf = whole;
-        return Parsed::Handoff;
+        return give_back(head, buf);
     };
     // Room for what the gateway adds (request ID, forwarding headers): no regrowth later.
     let mut headers = HeaderMap::with_capacity(p.fields.len() + 8);
     for (name, a, b) in p.fields.drain(..) {
-        let value = HeaderValue::from_maybe_shared(head.slice(a..b))
-            .expect("checked above as hyper's parser and the http crate require");
+        // The http crate's rule is hyper's: visible ASCII, obs-text, space and tab.
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(a..b)) else {
+            // The rest of the fields go with the drain.
+            return give_back(head, buf);
+        };
         headers.append(name, value);
     }
     let body = match body_len {
@@ -239,6 +231,15 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         body,
         keep_alive,
     })
+}
+
+/// Put a head taken from `buf` back in front of it: hyper answers it.
+fn give_back(head: Bytes, buf: &mut BytesMut) -> Parsed {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    Parsed::Handoff
 }
 
 /// Whether `buf` starts the HTTP/2 connection preface (as far as it goes).

@@ -86,6 +86,8 @@ fn hands_off_the_unusual() {
         b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", // obs-fold
         b"GET / HTTP/1.1\r\nX Y: a\r\n\r\n",
         b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x7fb\r\nY: c\r\n\r\nGET / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.2\r\n\r\n",
         b"GET /a b HTTP/1.1\r\n\r\n",
     ] {

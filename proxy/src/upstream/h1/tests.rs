@@ -1,4 +1,5 @@
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -246,17 +247,60 @@ async fn canned(answers: Vec<Vec<&'static [u8]>>, linger: bool) -> std::net::Soc
 
 type Returned = Arc<Mutex<Vec<Conn>>>;
 
+/// A deadline no test reaches.
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(60)
+}
+
+/// What writes a bodiless `method /x` head.
+fn encoder(method: &Method) -> impl FnOnce(&mut Vec<u8>) + '_ {
+    move |out| encode_head(method, "/x", &HeaderMap::new(), &Outgoing::default(), out)
+}
+
+/// Each exchange is held to its own deadline by the connection's one timer: a later one
+/// is not cut short by an earlier exchange's (still armed in the timer wheel), and an
+/// earlier one fires on time.
+#[tokio::test]
+async fn each_exchange_keeps_its_own_deadline() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        // The first answer at once, the second after 300 ms, then none.
+        for pause in [0, 300] {
+            let _ = s.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            s.write_all(ok).await.unwrap();
+        }
+        let _ = s.read(&mut buf).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+    let get = Method::GET;
+    let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+    let h = conn.exchange(&get, soon, encoder(&get)).await.unwrap();
+    assert_eq!(h.parts.status, 200);
+    let later = tokio::time::Instant::now() + Duration::from_secs(5);
+    let h = conn.exchange(&get, later, encoder(&get)).await;
+    assert_eq!(
+        h.unwrap().parts.status,
+        200,
+        "cut short by the first deadline"
+    );
+    let started = std::time::Instant::now();
+    let soon = tokio::time::Instant::now() + Duration::from_millis(150);
+    let err = conn.exchange(&get, soon, encoder(&get)).await.unwrap_err();
+    assert!(matches!(err, (Error::Timeout, true)), "{err:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(150), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
 async fn fetch(conn: Conn, method: Method, returned: &Returned) -> Result<(u16, Vec<u8>), Error> {
     let mut conn = conn;
-    let mut head = Vec::new();
-    encode_head(
-        &method,
-        "/x",
-        &HeaderMap::new(),
-        &Outgoing::default(),
-        &mut head,
-    );
-    let h = conn.exchange(&method, &head).await.map_err(|(e, _)| e)?;
+    let h = (conn.exchange(&method, far(), encoder(&method)).await).map_err(|(e, _)| e)?;
     let r = returned.clone();
     let body = conn.into_body(&h, move |c| r.lock().unwrap().push(c));
     let data = body.collect().await?.to_bytes();
@@ -289,15 +333,10 @@ async fn connection_reused_after_whole_bodies() {
     }
     // The upstream has no more answers and closes: nothing of an answer came, so a reused
     // connection's request may be sent again.
-    let mut head = Vec::new();
-    encode_head(
-        &Method::GET,
-        "/x",
-        &HeaderMap::new(),
-        &Outgoing::default(),
-        &mut head,
-    );
-    let err = conn.exchange(&Method::GET, &head).await.unwrap_err();
+    let err = (conn
+        .exchange(&Method::GET, far(), encoder(&Method::GET))
+        .await)
+        .unwrap_err();
     assert!(matches!(err, (Error::Closed, false)), "{err:?}");
 }
 

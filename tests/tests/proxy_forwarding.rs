@@ -147,6 +147,27 @@ async fn request_id_kept_or_generated() {
     let seen = up.seen();
     assert_eq!(&seen[1].headers["x-request-id"], ida);
     assert_eq!(&seen[2].headers["x-request-id"], idb);
+
+    // An unusable first value (empty, or over 128 bytes) is replaced, every line of it.
+    for bad in [String::new(), "x".repeat(129)] {
+        let req = Request::get(format!("http://{addr}/rid"))
+            .header("x-request-id", bad.as_str())
+            .header("x-request-id", "second-line")
+            .body(full(""))
+            .unwrap();
+        let r = send(&client, req).await;
+        let id = &r.headers["x-request-id"];
+        assert!(!id.is_empty() && id != "second-line", "{id:?}");
+        let seen = up.seen();
+        let sent: Vec<_> = seen
+            .last()
+            .unwrap()
+            .headers
+            .get_all("x-request-id")
+            .iter()
+            .collect();
+        assert_eq!(sent, [id], "the upstream sees the generated ID alone");
+    }
     assert!(gw.shutdown().await);
 }
 

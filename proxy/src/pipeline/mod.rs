@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::Entry;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
 use hyper::body::Body as _;
@@ -44,8 +45,8 @@ use hyper::upgrade::OnUpgrade;
 use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
-pub use self::record::RespBody;
-use self::record::{Answer, Ids, Record, Recorder, X_REQUEST_ID};
+use self::record::{Answer, Ids, Record, Recorder};
+pub use self::record::{RespBody, X_REQUEST_ID};
 use crate::cache::{self, Lookup, ResponseCache};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
@@ -132,32 +133,38 @@ impl Gateway {
 
     /// Serve one request. `conns` is the downstream connection's own upstream connections
     /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
+    ///
+    /// Returns the response and the request's ID, which the caller sends as
+    /// `X-Request-Id` ([`with_request_id`] puts it in the header map; the own HTTP/1 writer
+    /// writes it into the head, one insert fewer).
     pub async fn handle(
         &self,
         req: Request<ReqBody>,
         conn: &ConnInfo,
         conns: Option<&Arc<ConnCache>>,
-    ) -> Response<RespBody> {
+    ) -> (Response<RespBody>, HeaderValue) {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let request_id = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
         let trace = self.trace(&mut parts.headers, conn, &rt);
         let ids = Ids {
-            request: request_id,
+            request: request_id.clone(),
             trace,
         };
+        // One function (a nested one would move the request's parts into its own state).
+        let id = move |resp| (resp, request_id);
         let ask = match head::sanitize(&mut parts, &rt.snapshot) {
             // The client's side of the connection goes with the ask (hyper offers it only
             // for an HTTP/1.1 request carrying `Upgrade`), never to anyone else.
             Ok(ask) => ask.and_then(|a| Some((a, parts.extensions.remove::<OnUpgrade>()?))),
-            Err(e) => return self.refuse_head(&rt, e, parts.version, ids, conn, started),
+            Err(e) => return id(self.refuse_head(&rt, e, parts.version, ids, conn, started)),
         };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
             Ok(v) => v,
             Err(e) => {
                 let grpc = is_grpc(&parts.headers);
-                return self.refuse_identity(&rt, e, grpc, ids, conn, started);
+                return id(self.refuse_identity(&rt, e, grpc, ids, conn, started));
             }
         };
         let mode = Mode::Serve {
@@ -198,7 +205,7 @@ impl Gateway {
                 if let Some(Lookup::Answered(resp)) = lookup {
                     // The upstream is not asked: the slots and the breaker's permit go
                     // back unjudged.
-                    return record.finish(&rt, Answer::Cached(up, resp), ids, conn);
+                    return id(record.finish(&rt, Answer::Cached(up, resp), ids, conn));
                 }
                 let head_only = parts.method == http::Method::HEAD;
                 let forwarding = hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
@@ -239,8 +246,8 @@ impl Gateway {
         };
         let resp = record.finish(&rt, answer, ids, conn);
         match upgrade {
-            Some(u) => u.open(resp, &self.tunnels, metrics),
-            None => resp,
+            Some(u) => id(u.open(resp, &self.tunnels, metrics)),
+            None => id(resp),
         }
     }
 
@@ -359,13 +366,15 @@ impl Gateway {
         // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto/-Host,
         // Forwarded, Host): one growth of the map, if any, instead of one per insert.
         headers.reserve(6);
-        match headers.get(&X_REQUEST_ID) {
-            Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
-            _ => {
+        // One hash and probe for the look-up and the insert.
+        match headers.entry(&X_REQUEST_ID) {
+            Entry::Occupied(e) if !e.get().is_empty() && e.get().len() <= 128 => e.get().clone(),
+            Entry::Occupied(mut e) => {
                 let v = self.next_request_id();
-                headers.insert(&X_REQUEST_ID, v.clone());
+                e.insert(v.clone()); // every value of the name replaced
                 v
             }
+            Entry::Vacant(e) => e.insert(self.next_request_id()).clone(),
         }
     }
 
@@ -423,6 +432,13 @@ impl Gateway {
         // from a slice is one allocation, and another on its first clone).
         HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).expect("hex is a valid header value")
     }
+}
+
+/// `resp` with its request's ID as `X-Request-Id` (replacing any the upstream sent), for a
+/// response [`Gateway::handle`] returned.
+pub fn with_request_id(mut resp: Response<RespBody>, id: HeaderValue) -> Response<RespBody> {
+    resp.headers_mut().insert(&X_REQUEST_ID, id);
+    resp
 }
 
 /// `{prefix:016x}-{n:016x}` into `buf`, without allocating.

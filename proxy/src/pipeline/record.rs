@@ -112,7 +112,7 @@ pub struct Ids {
     pub trace: Option<TraceContext>,
 }
 
-pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 // === impl Record ===
 
@@ -259,9 +259,6 @@ impl Record {
                 )
             }
         };
-        resp.headers_mut()
-            .insert(&X_REQUEST_ID, ids.request.clone());
-
         let status = resp.status();
         let elapsed = self.started.elapsed();
         self.tally.record(class, elapsed);

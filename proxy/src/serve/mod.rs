@@ -229,9 +229,10 @@ async fn serve_hyper<I>(
         async move {
             act.started.store(true, Ordering::Relaxed);
             act.inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = gateway
+            let (resp, id) = gateway
                 .handle(req.map(ReqBody::Hyper), &info, cache.as_ref())
                 .await;
+            let resp = crate::pipeline::with_request_id(resp, id);
             act.inflight.fetch_sub(1, Ordering::Relaxed);
             act.touch();
             Ok::<_, Infallible>(resp)

@@ -386,11 +386,15 @@ where
         let req = Request::from_parts(parts, ReqBody::Full(body));
         // Inline (a box would cost an allocation and a copy per request): the request's
         // rarer paths are boxed where they start, so this state stays small.
-        let resp = c.gateway.handle(req, c.info, Some(c.cache)).await;
+        let (resp, id) = c.gateway.handle(req, c.info, Some(c.cache)).await;
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
         // On shutdown the answer in flight is the connection's last.
         let keep = keep_alive && !*c.shutdown.borrow();
-        let framing = write::Request { version, head_only };
+        let framing = write::Request {
+            version,
+            head_only,
+            id: &id,
+        };
         match write::response(&mut io, &mut out, resp, framing, keep).await {
             Ok(true) if !*c.shutdown.borrow() => {}
             Ok(_) => return close(io).await,

@@ -154,7 +154,12 @@ fn framed(
     for (n, v) in headers {
         h.append(*n, HeaderValue::from_static(v));
     }
-    let req = Request { version, head_only };
+    let id = HeaderValue::from_static("rid-1");
+    let req = Request {
+        version,
+        head_only,
+        id: &id,
+    };
     let (f, k) = head(
         &mut out,
         StatusCode::from_u16(status).unwrap(),
@@ -172,7 +177,9 @@ fn framed(
 #[test]
 fn response_framing() {
     let (s, f, k) = framed(200, &[("x", "1")], Some(5), Version::HTTP_11, false, true);
-    assert!(s.starts_with("HTTP/1.1 200 OK\r\nx: 1\r\ncontent-length: 5\r\ndate: "));
+    assert!(s.starts_with(
+        "HTTP/1.1 200 OK\r\nx: 1\r\nx-request-id: rid-1\r\ncontent-length: 5\r\ndate: "
+    ));
     assert!(s.ends_with(" GMT\r\n\r\n"));
     assert_eq!((f, k), (Framing::Length(5), true));
 
@@ -229,6 +236,21 @@ fn response_framing() {
     assert!(!k);
     let (s, _, k) = framed(200, &[], Some(0), Version::HTTP_11, false, false);
     assert!(s.contains("connection: close\r\n") && !k);
+
+    // The request's ID is the gateway's, whatever the upstream said.
+    let (s, _, _) = framed(
+        200,
+        &[
+            ("X-Request-Id", "upstream's"),
+            ("x-request-id", "and another"),
+        ],
+        Some(0),
+        Version::HTTP_11,
+        false,
+        true,
+    );
+    assert_eq!(s.matches("x-request-id").count(), 1, "{s}");
+    assert!(s.contains("x-request-id: rid-1\r\n"), "{s}");
 }
 
 /// A whole response with a small body goes out in one write.
@@ -254,9 +276,11 @@ async fn small_response_is_one_write() {
     let mut w = Writes(Vec::new());
     let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
     let resp = http::Response::new(http_body_util::Either::Right(body));
+    let id = HeaderValue::from_static("rid-1");
     let req = Request {
         version: Version::HTTP_11,
         head_only: false,
+        id: &id,
     };
     let keep = write::response(&mut w, &mut Vec::new(), resp, req, true)
         .await
@@ -264,7 +288,7 @@ async fn small_response_is_one_write() {
     assert!(keep);
     assert_eq!(w.0.len(), 1, "one write");
     let s = String::from_utf8(w.0[0].clone()).unwrap();
-    assert!(s.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"));
+    assert!(s.starts_with("HTTP/1.1 200 OK\r\nx-request-id: rid-1\r\ncontent-length: 5\r\n"));
     assert!(s.ends_with("\r\n\r\nhello"));
 }
 

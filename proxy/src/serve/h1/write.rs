@@ -7,22 +7,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Buf;
 use futures_util::FutureExt;
-use http::{HeaderMap, Response, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{connection_has, digits};
-use crate::pipeline::RespBody;
+use crate::pipeline::{RespBody, X_REQUEST_ID};
 
 /// Buffered body bytes flushed at this size.
 const FLUSH_AT: usize = 64 * 1024;
 
-/// What of the request the response's framing depends on.
+/// What of the request the response's head depends on.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Request {
+pub(super) struct Request<'a> {
     pub(super) version: Version,
     pub(super) head_only: bool,
+    /// Sent as `X-Request-Id` (any the response has is dropped).
+    pub(super) id: &'a HeaderValue,
 }
 
 /// How the body goes on the wire.
@@ -44,7 +46,7 @@ pub(super) async fn response<I: AsyncWrite + Unpin>(
     io: &mut I,
     out: &mut Vec<u8>,
     resp: Response<RespBody>,
-    req: Request,
+    req: Request<'_>,
     keep_alive: bool,
 ) -> std::io::Result<bool> {
     let (mut parts, mut body) = resp.into_parts();
@@ -132,7 +134,7 @@ pub(super) fn head(
     reason: Option<&[u8]>,
     headers: &mut HeaderMap,
     exact: Option<u64>,
-    req: Request,
+    req: Request<'_>,
     keep_alive: bool,
 ) -> (Framing, bool) {
     let mut keep = keep_alive;
@@ -207,12 +209,17 @@ pub(super) fn head(
     for (name, value) in headers.iter() {
         if name == header::DATE {
             has_date = true;
+        } else if *name == X_REQUEST_ID {
+            continue; // the gateway's own, below
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(req.id.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if let Some(c) = add_connection {
         out.extend_from_slice(b"connection: ");
         out.extend_from_slice(c);

@@ -68,10 +68,10 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request head being sent: kept, one allocation for the connection's life.
     wbuf: Vec<u8>,
-    /// The exchange's deadline: one timer for the connection's life. Each exchange moves it
-    /// later, which only updates the armed entry (a timer per exchange cost an insertion
-    /// into tokio's timer wheel and a removal from it).
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The exchange's deadline: one timer while the connection is busy. Each exchange moves
+    /// it later, which only updates the armed entry (a timer per exchange cost an insertion
+    /// into tokio's timer wheel and a removal from it). Dropped when the connection parks.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A response head and how its body is framed.
@@ -138,8 +138,7 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_RESERVE),
             wbuf: Vec::new(),
-            // Not armed until the first exchange sets its deadline.
-            timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+            timer: None,
         }
     }
 
@@ -155,13 +154,14 @@ impl Conn {
         }
     }
 
-    /// Give back the read buffer while the connection idles (it is taken again, at the
-    /// next exchange, when needed).
+    /// Give back the buffers and the timer while the connection idles (they are taken
+    /// again at the next exchange).
     pub fn park(&mut self) {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
         }
         self.wbuf = Vec::new();
+        self.timer = None;
     }
 
     /// Send a request head (the request has no body; `encode` writes it into the buffer it
@@ -176,13 +176,16 @@ impl Conn {
     ) -> Result<Head, (Error, bool)> {
         self.wbuf.clear();
         encode(&mut self.wbuf);
-        self.timer.as_mut().reset(deadline);
-        let Conn {
-            io,
-            rbuf,
-            wbuf,
-            timer,
-        } = self;
+        let timer = match &mut self.timer {
+            Some(t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        let Conn { io, rbuf, wbuf, .. } = self;
         tokio::select! {
             biased;
             r = exchange_io(io, rbuf, wbuf, method) => r,

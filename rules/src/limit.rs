@@ -277,6 +277,12 @@ impl CompiledLimit {
         self.matcher.header_names().chain(key)
     }
 
+    /// Whether every request the rule counts shares one key (a global or per-pair limit:
+    /// no key parts).
+    pub fn single_key(&self) -> bool {
+        self.fixed_hash.is_some()
+    }
+
     /// What a request this rule matched is counted as, or `None` when part of the key is
     /// missing and the rule says `skip`. `names` names interfaces (keys hash the name, not the
     /// ID, so they survive a reload that reorders interfaces); pass the snapshot.

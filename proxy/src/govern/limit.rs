@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -53,12 +53,18 @@ const SHARDS: usize = 64;
 /// one store (tens of nanoseconds), and a plain `u64` value keeps entries at 16 bytes.
 #[derive(Debug)]
 pub struct KeyStore {
+    /// Empty for a [`KeyStore::single`] store.
     shards: Box<[Mutex<Table>]>,
     /// Whether a key may be tracked: set when one is inserted, cleared by a sweep that
     /// leaves every shard empty, so sweeping a limiter nobody used costs one load (a
     /// thousand rules with a few busy ones is the common shape).
     used: AtomicBool,
+    /// A [`KeyStore::single`] store's one state ([`NO_TAT`]: none).
+    single: Option<AtomicU64>,
 }
+
+/// No state for the key (a [`KeyStore::single`] store's empty value).
+const NO_TAT: u64 = u64::MAX;
 
 type Table = HashMap<u64, u64, BuildHasherDefault<MixHasher>>;
 
@@ -301,6 +307,46 @@ impl KeyStore {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
             used: AtomicBool::new(false),
+            single: None,
+        }
+    }
+
+    /// An empty store for a rule whose requests all share one key (a global or pair limit):
+    /// that key's state in one atomic, updated by compare-and-swap as governor's direct
+    /// limiters do, instead of a shard lock and a hash probe; and no shards (a thousand
+    /// pair limits are a thousand of these). The key passed in is not looked at. Not for
+    /// paced rules ([`KeyStore::reserve`] needs shards).
+    pub fn single() -> Self {
+        Self {
+            shards: Box::new([]),
+            used: AtomicBool::new(false),
+            single: Some(AtomicU64::new(NO_TAT)),
+        }
+    }
+
+    /// [`StateStore::measure_and_replace`] on a [`KeyStore::single`] store's state `a`.
+    fn replace_single<T, E>(
+        &self,
+        a: &AtomicU64,
+        f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    ) -> Result<T, E> {
+        let state = |v: u64| (v != NO_TAT).then(|| Nanos::from(v));
+        let mut cur = a.load(Ordering::Acquire);
+        if PEEKING.with(Cell::get) {
+            return f(state(cur)).map(|(out, _)| out);
+        }
+        loop {
+            // A refused request leaves the state as it was.
+            let (out, tat) = f(state(cur))?;
+            match a.compare_exchange_weak(cur, tat.into(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if !self.used.load(Ordering::Relaxed) {
+                        self.used.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(out);
+                }
+                Err(now) => cur = now,
+            }
         }
     }
 
@@ -357,6 +403,9 @@ impl StateStore for KeyStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
+        if let Some(a) = &self.single {
+            return self.replace_single(a, f);
+        }
         let mut table = Self::lock(self.shard(*key));
         if PEEKING.with(Cell::get) {
             return f(table.get(key).map(|&tat| Nanos::from(tat))).map(|(out, _)| out);
@@ -387,6 +436,17 @@ impl ShrinkableKeyedStateStore<u64> for KeyStore {
             return;
         }
         let drop_below: u64 = drop_below.into();
+        if let Some(a) = &self.single {
+            let cur = a.load(Ordering::Acquire);
+            if cur != NO_TAT && cur <= drop_below {
+                // A request that moved it meanwhile wins.
+                let _ = a.compare_exchange(cur, NO_TAT, Ordering::AcqRel, Ordering::Acquire);
+            }
+            if a.load(Ordering::Acquire) != NO_TAT {
+                self.used.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
         let mut left = false;
         for shard in &*self.shards {
             // One shard at a time: requests wait for at most one shard's sweep.
@@ -411,11 +471,14 @@ impl ShrinkableKeyedStateStore<u64> for KeyStore {
         if !self.used.load(Ordering::Relaxed) {
             return 0;
         }
+        if let Some(a) = &self.single {
+            return usize::from(a.load(Ordering::Acquire) != NO_TAT);
+        }
         self.shards.iter().map(|s| Self::lock(s).len()).sum()
     }
 
     fn is_empty(&self) -> bool {
-        !self.used.load(Ordering::Relaxed) || self.shards.iter().all(|s| Self::lock(s).is_empty())
+        self.len() == 0
     }
 }
 
@@ -429,7 +492,14 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             .quotas
             .iter()
             .map(|q| QuotaLimiter {
-                limiter: KeyedLimiter::<C>::new(governor_quota(q), KeyStore::new(), clock.clone()),
+                limiter: KeyedLimiter::<C>::new(
+                    governor_quota(q),
+                    match rule.single_key() && rule.pacing.is_none() {
+                        true => KeyStore::single(),
+                        false => KeyStore::new(),
+                    },
+                    clock.clone(),
+                ),
                 policy: policy_header(&rule.name, q),
                 paced: rule.pacing.map(|_| PacedQuota::new(q, clock)),
             })

@@ -494,3 +494,72 @@ fn a_pace_holds_its_places_until_dropped() {
     drop(p);
     assert_eq!((waiting(0), waiting(1)), (0, 0));
 }
+
+/// A one-key store (an atomic) decides as the sharded one, request by request, over 2,000
+/// irregular arrivals of one key; its idle state is dropped by the same sweep; a peek
+/// leaves it as it was.
+#[test]
+fn single_key_store_decides_as_the_sharded_one() {
+    let clock = FakeRelativeClock::default();
+    let quota = Quota::with_period(100 * MS)
+        .unwrap()
+        .allow_burst(NonZeroU32::new(5).unwrap());
+    let single = KeyedLimiter::new(quota, KeyStore::single(), clock.clone());
+    let sharded = KeyedLimiter::new(quota, KeyStore::new(), clock.clone());
+    let verdict = |l: &KeyedLimiter<FakeRelativeClock>| {
+        l.check_key(&7)
+            .map(|_| ())
+            .map_err(|n| n.wait_time_from(clock.now()))
+    };
+    assert_eq!(single.len(), 0);
+    let mut x: u64 = 99;
+    let mut refused = 0;
+    for i in 0..2000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        clock.advance(Duration::from_nanos((x >> 33) % 60_000_000));
+        let (a, b) = (verdict(&single), verdict(&sharded));
+        assert_eq!(a, b, "arrival {i}");
+        refused += usize::from(a.is_err());
+    }
+    assert!(refused > 100, "{refused}");
+    // Idle long enough, the state is as fresh as none and goes.
+    single.retain_recent();
+    assert_eq!(single.len(), 1);
+    clock.advance(Duration::from_secs(2));
+    single.retain_recent();
+    assert_eq!(single.len(), 0);
+    // Peeks answer without spending: the whole burst is still there after ten.
+    let peeked: Vec<bool> = peeking(|| (0..10).map(|_| verdict(&single).is_ok()).collect());
+    assert_eq!(peeked, [true; 10]);
+    let burst: Vec<bool> = (0..6).map(|_| verdict(&single).is_ok()).collect();
+    assert_eq!(burst, [true, true, true, true, true, false]);
+    assert_eq!(single.len(), 1);
+}
+
+/// Rules without key parts (a global limit) get the one-key store, decide by the reference
+/// algorithm, and count one key.
+#[test]
+fn a_global_limit_matches_the_reference() {
+    let rig = Rig::new(r#"[{"name": "global", "rate": "10/s", "burst": 5}]"#);
+    assert!(rig.snap.governance.limits[0].single_key());
+    assert!(rig.lim.rules[0].quotas[0].limiter.is_empty());
+    let mut x: u64 = 4242;
+    let mut now = 0u64;
+    let mut arrivals = Vec::new();
+    let mut got = Vec::new();
+    for i in 0..2000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let gap = (x >> 33) % 60_000_000;
+        rig.clock.advance(Duration::from_nanos(gap));
+        now += gap;
+        arrivals.push(now);
+        // Every user shares the one key.
+        got.push(rig.admitted("a", &format!("u{}", i % 7)));
+    }
+    assert_eq!(got, reference(&arrivals, 100_000_000, 5));
+    assert_eq!(rig.lim.rules[0].tracked_keys(), 1);
+}

@@ -4,7 +4,8 @@
 //! 64-bit key; this module counts. Each quota of each rule is one governor `RateLimiter`
 //! over a [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
 //! theoretical arrival time, another `u64`), so a tracked key costs about 16 bytes of table
-//! plus hash-table slack, whatever the length of the user ID. Keys whose state has become
+//! plus hash-table slack, whatever the length of the user ID (a rule with one key for every
+//! request, a global or pair limit, keeps it in one atomic instead). Keys whose state has become
 //! indistinguishable from a fresh one are dropped by [`Limiters::retain_recent`], which a
 //! housekeeping task runs periodically, so memory follows the active users, not every user
 //! ever seen.

@@ -95,6 +95,18 @@ fn reference(arrivals_ns: &[u64], t_ns: u64, burst: u64) -> Vec<bool> {
         .collect()
 }
 
+/// `n` deterministic irregular gaps of 0..60 ms, in nanoseconds (a linear congruential
+/// sequence from `seed`).
+fn irregular_gaps(seed: u64, n: usize) -> impl Iterator<Item = u64> {
+    let mut x = seed;
+    (0..n).map(move |_| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % 60_000_000
+    })
+}
+
 /// 10/s with burst 5: five at once, then one every 100 ms, exactly; the refusal says when.
 #[test]
 fn gcra_sequence_10_per_s_burst_5() {
@@ -136,16 +148,10 @@ fn gcra_sequence_10_per_s_burst_5() {
 #[test]
 fn gcra_matches_reference() {
     let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
-    // Deterministic irregular gaps of 0..60 ms (a linear congruential sequence).
-    let mut x: u64 = 12345;
     let mut now = 0u64;
     let mut arrivals = Vec::new();
     let mut got = Vec::new();
-    for _ in 0..2000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let gap = (x >> 33) % 60_000_000;
+    for gap in irregular_gaps(12345, 2000) {
         rig.clock.advance(Duration::from_nanos(gap));
         now += gap;
         arrivals.push(now);
@@ -512,13 +518,9 @@ fn single_key_store_decides_as_the_sharded_one() {
             .map_err(|n| n.wait_time_from(clock.now()))
     };
     assert_eq!(single.len(), 0);
-    let mut x: u64 = 99;
     let mut refused = 0;
-    for i in 0..2000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        clock.advance(Duration::from_nanos((x >> 33) % 60_000_000));
+    for (i, gap) in irregular_gaps(99, 2000).enumerate() {
+        clock.advance(Duration::from_nanos(gap));
         let (a, b) = (verdict(&single), verdict(&sharded));
         assert_eq!(a, b, "arrival {i}");
         refused += usize::from(a.is_err());
@@ -545,15 +547,10 @@ fn a_global_limit_matches_the_reference() {
     let rig = Rig::new(r#"[{"name": "global", "rate": "10/s", "burst": 5}]"#);
     assert!(rig.snap.governance.limits[0].single_key());
     assert!(rig.lim.rules[0].quotas[0].limiter.is_empty());
-    let mut x: u64 = 4242;
     let mut now = 0u64;
     let mut arrivals = Vec::new();
     let mut got = Vec::new();
-    for i in 0..2000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let gap = (x >> 33) % 60_000_000;
+    for (i, gap) in irregular_gaps(4242, 2000).enumerate() {
         rig.clock.advance(Duration::from_nanos(gap));
         now += gap;
         arrivals.push(now);

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::Entry;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
@@ -92,6 +92,8 @@ pub struct Gateway {
     /// Request-ID generator: a per-process random prefix and a counter.
     id_prefix: u64,
     id_counter: AtomicU64,
+    /// The prefix's half of every request ID, written once.
+    id_template: [u8; ID_LEN],
     /// Counter behind [`Gateway::next_random`].
     rand_counter: AtomicU64,
 }
@@ -127,6 +129,11 @@ impl Gateway {
             tunnels,
             id_prefix,
             id_counter: AtomicU64::new(0),
+            id_template: {
+                let mut t = [0; ID_LEN];
+                format_hex(id_prefix, 0, &mut t);
+                t
+            },
             rand_counter: AtomicU64::new(0),
         }
     }
@@ -426,12 +433,34 @@ impl Gateway {
 
     fn next_request_id(&self) -> HeaderValue {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 33];
-        format_hex(self.id_prefix, n, &mut buf);
-        // One allocation, shared by the request's and the response's copy (a value copied
-        // from a slice is one allocation, and another on its first clone).
-        HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).expect("hex is a valid header value")
+        let mut buf = self.id_template;
+        hex16(n, &mut buf[17..]);
+        HeaderValue::from_maybe_shared(id_bytes(&buf)).expect("hex is a valid header value")
     }
+}
+
+/// Length of a request ID the gateway makes.
+const ID_LEN: usize = 33;
+
+/// IDs cut from one block of this thread's (see [`id_bytes`]).
+const IDS_PER_BLOCK: usize = 64;
+
+thread_local! {
+    static ID_BLOCK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// `id` as shared bytes cut from a per-thread block: one allocation per
+/// [`IDS_PER_BLOCK`] requests instead of one each, and the request's and the response's copy
+/// share it. A block is freed when the last ID cut from it is dropped.
+fn id_bytes(id: &[u8; ID_LEN]) -> Bytes {
+    ID_BLOCK.with(|b| {
+        let mut block = b.borrow_mut();
+        if block.capacity() < ID_LEN {
+            *block = BytesMut::with_capacity(ID_LEN * IDS_PER_BLOCK);
+        }
+        block.extend_from_slice(id);
+        block.split_to(ID_LEN).freeze()
+    })
 }
 
 /// `resp` with its request's ID as `X-Request-Id` (replacing any the upstream sent), for a
@@ -442,16 +471,19 @@ pub fn with_request_id(mut resp: Response<RespBody>, id: HeaderValue) -> Respons
 }
 
 /// `{prefix:016x}-{n:016x}` into `buf`, without allocating.
-fn format_hex(prefix: u64, n: u64, buf: &mut [u8; 33]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in buf[..16].iter_mut().enumerate() {
-        *b = HEX[((prefix >> (60 - 4 * i)) & 0xf) as usize];
-    }
+fn format_hex(prefix: u64, n: u64, buf: &mut [u8; ID_LEN]) -> &[u8] {
+    hex16(prefix, &mut buf[..16]);
     buf[16] = b'-';
-    for (i, b) in buf[17..].iter_mut().enumerate() {
+    hex16(n, &mut buf[17..]);
+    buf
+}
+
+/// `n` as 16 lower-case hex digits into `out` (16 bytes).
+fn hex16(n: u64, out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out[..16].iter_mut().enumerate() {
         *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    buf
 }
 
 /// Header hygiene before forwarding (hop-by-hop headers are already gone: see [`head`]):
@@ -503,5 +535,23 @@ mod tests {
             format_hex(0xabc, 1, &mut a),
             b"0000000000000abc-0000000000000001"
         );
+    }
+
+    /// IDs cut from shared blocks keep their own bytes, across block boundaries and while
+    /// every earlier one is still alive.
+    #[test]
+    fn request_ids_cut_from_blocks_keep_their_bytes() {
+        let n = IDS_PER_BLOCK as u64 * 3 + 5;
+        let ids: Vec<Bytes> = (0..n)
+            .map(|i| {
+                let mut b = [0u8; ID_LEN];
+                format_hex(7, i, &mut b);
+                id_bytes(&b)
+            })
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let mut want = [0u8; ID_LEN];
+            assert_eq!(&id[..], format_hex(7, i as u64, &mut want));
+        }
     }
 }

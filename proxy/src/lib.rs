@@ -55,6 +55,7 @@ pub mod cache;
 pub mod conn;
 pub mod control;
 pub mod govern;
+pub mod header_maps;
 pub mod jwt;
 pub mod metrics;
 pub mod names;

@@ -218,6 +218,19 @@ async fn dead_upstream_is_502() {
 async fn connect_failure_retries_next_endpoint() {
     let up = Upstream::start().await;
     let gw = start_gateway(&config(&[dead_addr(), up.addr])).await;
+    // Requests without a Host get the endpoint's, and a retry the live endpoint's, not the
+    // dead one's it was first meant for (endpoints take turns: some of these try the dead one
+    // first).
+    for i in 0..4 {
+        let (status, _, body) = raw_exchange(
+            gw.listen_addrs[0],
+            &format!("GET /nohost/{i} HTTP/1.0\r\n\r\n"),
+        )
+        .await;
+        assert!(status.contains(" 200 "), "request {i}: {status}");
+        let body: Value = serde_json::from_slice(&body).expect("the upstream's echo");
+        assert_eq!(body["headers"]["host"], up.addr.to_string(), "request {i}");
+    }
     let client = h1_client();
     for i in 0..10 {
         let r = if i % 2 == 0 {
@@ -240,7 +253,7 @@ async fn connect_failure_retries_next_endpoint() {
             "request {i}"
         );
     }
-    assert_eq!(up.hits(), 10);
+    assert_eq!(up.hits(), 14);
     assert!(gw.shutdown().await);
 }
 

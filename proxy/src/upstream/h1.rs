@@ -375,7 +375,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     }
 
     // Room for the few the gateway adds (the request ID) without growing.
-    let mut headers = HeaderMap::with_capacity(n + 2);
+    let mut headers = crate::header_maps::take(n + 2);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_coded = false;

@@ -663,6 +663,11 @@ impl Upstream {
         let (started, deadline) = (now.into_std(), now + self.request_timeout);
         // TLS and HTTP/2 connections are shared, never a downstream connection's own.
         let cache = cache.filter(|_| self.secure.is_none());
+        if let Some(c) = cache
+            && body.is_end_stream()
+        {
+            return self.forward_own(parts, c, &extra, started, deadline).await;
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -722,30 +727,20 @@ impl Upstream {
                 self.pooled_target(&mut req, ep_idx, &to, path.clone());
             }
 
-            let own = cache.is_some() && slot.is_none();
-            if !own {
-                extra.put(req.headers_mut());
-            }
+            extra.put(req.headers_mut());
 
             // The guard is not held across the exchange.
             drop(to);
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             let res = match &cache {
                 Some(c) => {
-                    let sent = if own {
-                        // The deadline is the exchange's own (see `h1::Conn::exchange`).
-                        let own = self.send_own(c, ep_idx, &req, &extra, deadline).await;
-                        Ok(own.map(|resp| resp.map(Received::Own)))
-                    } else {
-                        // hyper's paths are boxed: their futures are several KB, and the
-                        // common request's (this one's own connection, above) lives inline in
-                        // its connection's task.
-                        let direct = Box::pin(self.send_direct(c, ep_idx, req));
-                        tokio::time::timeout_at(deadline, direct)
-                            .await
-                            .map(|r| r.map(|resp| resp.map(Received::Hyper)))
-                    };
-                    sent.map(|r| r.map_err(DirectError::answer))
+                    // hyper's paths are boxed: their futures are several KB, and the
+                    // common request's (`forward_own`) lives inline in its connection's task.
+                    let direct = Box::pin(self.send_direct(c, ep_idx, req));
+                    tokio::time::timeout_at(deadline, direct).await.map(|r| {
+                        r.map(|resp| resp.map(Received::Hyper))
+                            .map_err(DirectError::answer)
+                    })
                 }
                 None => tokio::time::timeout_at(deadline, Box::pin(self.send_pooled(ep_idx, req)))
                     .await
@@ -761,15 +756,7 @@ impl Upstream {
                     }
                     return Err(GatewayError::UpstreamTimeout);
                 }
-                Ok(Ok(resp)) => {
-                    ep.health.succeeded();
-                    let grpc = self.grpc_status(resp.headers());
-                    let resp = resp.map(|b| UpstreamBody {
-                        grpc,
-                        ..UpstreamBody::new(b, self.read_timeout)
-                    });
-                    return Ok((resp, started.elapsed()));
-                }
+                Ok(Ok(resp)) => return Ok(self.received(ep, resp, started)),
                 Ok(Err((is_connect, answer))) => {
                     if upstream_at_fault(&answer) {
                         self.failed(ep_idx);
@@ -785,6 +772,74 @@ impl Upstream {
                 }
             }
         }
+    }
+}
+
+impl Upstream {
+    /// [`Upstream::forward`] for a bodiless request over the downstream connection's own
+    /// HTTP/1.1 connections. The exchange only borrows the request, so the retry after a
+    /// connect failure needs no copy of it, and no `Request` or absolute target is built.
+    async fn forward_own(
+        &self,
+        mut parts: http::request::Parts,
+        cache: &Arc<ConnCache>,
+        extra: &Outgoing,
+        started: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
+        let mut avoid = None;
+        loop {
+            let ep_idx = self.pick(avoid);
+            let ep = &self.endpoints[ep_idx];
+            // A request without a Host gets this endpoint's (taken out again for a retry on
+            // another).
+            let added_host = !parts.headers.contains_key(header::HOST) && {
+                let host = ep.resolved.load().host.clone();
+                parts.headers.insert(header::HOST, host);
+                true
+            };
+            ep.inflight.fetch_add(1, Ordering::Relaxed);
+            // The deadline is the exchange's own (see `h1::Conn::exchange`).
+            let sent = self.send_own(cache, ep_idx, &parts, extra, deadline).await;
+            ep.inflight.fetch_sub(1, Ordering::Relaxed);
+            match sent {
+                Ok(resp) => {
+                    crate::header_maps::give(parts.headers);
+                    return Ok(self.received(ep, resp.map(Received::Own), started));
+                }
+                Err(e) => {
+                    let (is_connect, answer) = e.answer();
+                    if upstream_at_fault(&answer) {
+                        self.failed(ep_idx);
+                    }
+                    if is_connect && avoid.is_none() && self.endpoints.len() > 1 {
+                        if added_host {
+                            parts.headers.remove(header::HOST);
+                        }
+                        avoid = Some(ep_idx);
+                        continue;
+                    }
+                    return Err(answer);
+                }
+            }
+        }
+    }
+
+    /// A response head received from `ep`: counted as the endpoint's success, its body set
+    /// to count gRPC statuses when it is gRPC, with the time it took.
+    fn received(
+        &self,
+        ep: &Endpoint,
+        resp: Response<Received>,
+        started: Instant,
+    ) -> (Response<UpstreamBody>, Duration) {
+        ep.health.succeeded();
+        let grpc = self.grpc_status(resp.headers());
+        let resp = resp.map(|b| UpstreamBody {
+            grpc,
+            ..UpstreamBody::new(b, self.read_timeout)
+        });
+        (resp, started.elapsed())
     }
 }
 
@@ -937,15 +992,15 @@ impl Upstream {
         &self,
         cache: &Arc<ConnCache>,
         ep_idx: usize,
-        req: &Request<UpBody>,
+        req: &http::request::Parts,
         extra: &Outgoing,
         deadline: tokio::time::Instant,
     ) -> Result<Response<h1::ResponseBody>, DirectError> {
         let ep = &self.endpoints[ep_idx];
         let key = (self.id, ep_idx);
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let encode =
-            |out: &mut Vec<u8>| h1::encode_head(req.method(), path, req.headers(), extra, out);
+        let (method, headers) = (&req.method, &req.headers);
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let encode = |out: &mut Vec<u8>| h1::encode_head(method, path, headers, extra, out);
         let mut fresh_only = false;
         loop {
             let cached = if fresh_only {
@@ -966,13 +1021,13 @@ impl Upstream {
                     }
                 }
             };
-            match conn.exchange(req.method(), deadline, encode).await {
+            match conn.exchange(method, deadline, encode).await {
                 Ok(h) => {
                     let home = cache.clone();
                     let body = conn.into_body(&h, move |c| home.own.put(key, c));
                     return Ok(Response::from_parts(h.parts, body));
                 }
-                Err((_, false)) if reused && h1::idempotent(req.method()) => {
+                Err((_, false)) if reused && h1::idempotent(method) => {
                     fresh_only = true;
                 }
                 Err((e, _)) => return Err(DirectError::Own(e)),

@@ -39,7 +39,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version, header};
+use http::{HeaderName, HeaderValue, Method, Request, Uri, Version, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -205,7 +205,7 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         return give_back(head, buf);
     };
     // Room for what the gateway adds (request ID, forwarding headers): no regrowth later.
-    let mut headers = HeaderMap::with_capacity(p.fields.len() + 8);
+    let mut headers = crate::header_maps::take(p.fields.len() + 8);
     for (name, a, b) in p.fields.drain(..) {
         // The http crate's rule is hyper's: visible ASCII, obs-text, space and tab.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(a..b)) else {

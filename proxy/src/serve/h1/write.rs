@@ -64,6 +64,7 @@ pub(super) async fn response<I: AsyncWrite + Unpin>(
         req,
         keep_alive,
     );
+    crate::header_maps::give(std::mem::take(&mut parts.headers));
     if framing == Framing::None {
         io.write_all(out).await?;
         io.flush().await?;

@@ -164,7 +164,7 @@ fn framed(
         &mut out,
         StatusCode::from_u16(status).unwrap(),
         None,
-        &mut h,
+        &h,
         exact,
         req,
         keep,
@@ -251,6 +251,55 @@ fn response_framing() {
     );
     assert_eq!(s.matches("x-request-id").count(), 1, "{s}");
     assert!(s.contains("x-request-id: rid-1\r\n"), "{s}");
+
+    // A coding the response arrived with is the gateway's to choose: dropped, and the
+    // body framed by its exact size.
+    let (s, f, _) = framed(
+        200,
+        &[("transfer-encoding", "chunked")],
+        Some(5),
+        Version::HTTP_11,
+        false,
+        true,
+    );
+    assert!(!s.contains("transfer-encoding"), "{s}");
+    assert!(s.contains("content-length: 5\r\n"), "{s}");
+    assert_eq!(f, Framing::Length(5));
+
+    // `close` on any `Connection` line closes, whatever the others say.
+    let (s, _, k) = framed(
+        200,
+        &[("connection", "keep-alive"), ("connection", "x, Close")],
+        Some(0),
+        Version::HTTP_11,
+        false,
+        true,
+    );
+    assert!(!k, "{s}");
+    assert_eq!(s.matches("connection:").count(), 2, "{s}");
+
+    // HTTP/1.0 already told keep-alive is not told twice.
+    let (s, _, k) = framed(
+        200,
+        &[("connection", "keep-alive")],
+        Some(0),
+        Version::HTTP_10,
+        false,
+        true,
+    );
+    assert!(k);
+    assert_eq!(s.matches("keep-alive").count(), 1, "{s}");
+
+    // The first `Content-Length` frames the body.
+    let (_, f, _) = framed(
+        200,
+        &[("content-length", "7")],
+        Some(7),
+        Version::HTTP_11,
+        false,
+        true,
+    );
+    assert_eq!(f, Framing::Length(7));
 }
 
 /// A whole response with a small body goes out in one write.

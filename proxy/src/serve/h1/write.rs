@@ -59,7 +59,7 @@ pub(super) async fn response<I: AsyncWrite + Unpin>(
         out,
         parts.status,
         reason,
-        &mut parts.headers,
+        &parts.headers,
         body.size_hint().exact(),
         req,
         keep_alive,
@@ -133,29 +133,34 @@ pub(super) fn head(
     out: &mut Vec<u8>,
     status: StatusCode,
     reason: Option<&[u8]>,
-    headers: &mut HeaderMap,
+    headers: &HeaderMap,
     exact: Option<u64>,
     req: Request<'_>,
     keep_alive: bool,
 ) -> (Framing, bool) {
+    // One pass over the fields for what the framing depends on (a map look-up each would
+    // hash the name every time).
     let mut keep = keep_alive;
-    if headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| connection_has(v.as_bytes(), b"close"))
-    {
+    let (mut says_close, mut says_keep_alive) = (false, false);
+    let mut declared_field = None;
+    for (name, value) in headers.iter() {
+        if name == header::CONNECTION {
+            says_close |= connection_has(value.as_bytes(), b"close");
+            says_keep_alive |= connection_has(value.as_bytes(), b"keep-alive");
+        } else if name == header::CONTENT_LENGTH && declared_field.is_none() {
+            declared_field = Some(value);
+        }
+    }
+    if says_close {
         keep = false;
     }
     let code = status.as_u16();
     let no_length = status.is_informational() || code == 204 || code == 304;
     let can_body = !(req.head_only || no_length);
-    if no_length && code != 304 {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    // The gateway's framing replaces any coding a response arrived with.
-    headers.remove(header::TRANSFER_ENCODING);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
+    // A length where none may be is not passed on (a 304's describes the resource).
+    let drop_length = no_length && code != 304;
+    let declared = declared_field
+        .filter(|_| !drop_length)
         .and_then(|v| digits(v.as_bytes()));
     let mut add_length = None;
     let mut chunked = false;
@@ -194,24 +199,23 @@ pub(super) fn head(
     }
     out.extend_from_slice(b"\r\n");
     // Connection: what the version needs said.
-    let says = |token: &[u8]| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| connection_has(v.as_bytes(), token))
-    };
     let add_connection: Option<&[u8]> = match req.version {
-        Version::HTTP_10 if keep && !says(b"keep-alive") => Some(b"keep-alive"),
+        Version::HTTP_10 if keep && !says_keep_alive => Some(b"keep-alive"),
         Version::HTTP_10 => None,
-        _ if !keep && !says(b"close") => Some(b"close"),
+        _ if !keep && !says_close => Some(b"close"),
         _ => None,
     };
     let mut has_date = false;
     for (name, value) in headers.iter() {
         if name == header::DATE {
             has_date = true;
-        } else if *name == X_REQUEST_ID {
-            continue; // the gateway's own, below
+        } else if *name == X_REQUEST_ID
+            || name == header::TRANSFER_ENCODING
+            || (drop_length && name == header::CONTENT_LENGTH)
+        {
+            // The request ID is the gateway's, below; so is the framing, which replaces any
+            // coding the response arrived with.
+            continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");

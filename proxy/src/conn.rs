@@ -27,9 +27,9 @@ pub struct ConnInfo {
     /// This hop's `Forwarded` element without a host (`for=<peer>;proto=<scheme>`, RFC 7239),
     /// preformatted: a request adds only its `;host=`.
     pub forwarded: HeaderValue,
-    /// The last request's `Host` and the `Forwarded` element built for it: the next request
-    /// on the connection with the same `Host` (nearly every one) reuses it.
-    pub forwarded_last: Mutex<Option<(HeaderValue, HeaderValue)>>,
+    /// The forwarding headers built for the last request's `Host`: the next request on the
+    /// connection with the same `Host` (nearly every one) reuses them.
+    pub forwarded_last: Mutex<Option<Arc<crate::upstream::headers::Hop>>>,
 }
 
 /// When a connection last moved bytes, how many requests it has in flight, and whether it

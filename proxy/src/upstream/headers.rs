@@ -2,6 +2,9 @@
 //! ways, the authority kept as `Host`, and the forwarding headers (`X-Forwarded-For`,
 //! `-Proto`, `-Host`, `Forwarded`) written by the gateway ([`forwarding`], [`Outgoing`]).
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::conn::ConnInfo;
@@ -115,17 +118,16 @@ fn append_list(h: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
 /// `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. Call after
 /// [`keep_authority`] (the `Host` it keeps is the one forwarded).
 pub fn forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) -> Option<Forwarding> {
-    let host = h.get(header::HOST).cloned();
-    let forwarded = forwarded_element(conn, host.as_ref());
+    let hop = hop(conn, h.get(header::HOST));
     if peer_trusted {
         append_list(h, &X_FORWARDED_FOR, conn.remote_ip.as_bytes());
         if !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
         }
-        if let (false, Some(host)) = (h.contains_key(&X_FORWARDED_HOST), host) {
-            h.insert(&X_FORWARDED_HOST, host);
+        if let (false, Some(host)) = (h.contains_key(&X_FORWARDED_HOST), &hop.host) {
+            h.insert(&X_FORWARDED_HOST, host.clone());
         }
-        append_list(h, &FORWARDED, forwarded.as_bytes());
+        append_list(h, &FORWARDED, hop.forwarded.as_bytes());
         return None;
     }
     // One pass over the names (most requests carry none of these) instead of seven hash
@@ -135,24 +137,43 @@ pub fn forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) -> Opt
             h.remove(n);
         }
     }
-    Some(Forwarding {
-        for_: conn.remote_ip.clone(),
-        proto: conn.proto.clone(),
-        host,
-        forwarded,
-    })
+    Some(Forwarding(hop))
 }
 
 /// The forwarding headers the gateway writes for a peer that is not a trusted proxy.
 #[derive(Debug, Clone)]
-pub struct Forwarding {
+pub struct Forwarding(Arc<Hop>);
+
+/// This hop as the forwarding headers describe it, for one `Host` on one connection, with
+/// the field lines the gateway's HTTP/1 client writes, made once.
+#[derive(Debug)]
+pub struct Hop {
     for_: HeaderValue,
     proto: HeaderValue,
     host: Option<HeaderValue>,
+    /// This hop's `Forwarded` element.
     forwarded: HeaderValue,
+    /// [`Hop::fields`] as HTTP/1 field lines.
+    lines: Bytes,
 }
 
-impl Forwarding {
+impl Hop {
+    fn new(conn: &ConnInfo, host: Option<&HeaderValue>) -> Self {
+        let mut hop = Self {
+            for_: conn.remote_ip.clone(),
+            proto: conn.proto.clone(),
+            host: host.cloned(),
+            forwarded: forwarded_element(conn, host),
+            lines: Bytes::new(),
+        };
+        let mut lines = Vec::new();
+        for (n, v) in hop.fields() {
+            push_field(&mut lines, n, v);
+        }
+        hop.lines = lines.into();
+        hop
+    }
+
     fn fields(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
         [
             (&X_FORWARDED_FOR, Some(&self.for_)),
@@ -162,6 +183,28 @@ impl Forwarding {
         ]
         .into_iter()
         .filter_map(|(n, v)| Some((n, v?)))
+    }
+}
+
+/// The connection's [`Hop`] for `host`: the last request's when its `Host` was the same.
+fn hop(conn: &ConnInfo, host: Option<&HeaderValue>) -> Arc<Hop> {
+    let mut last = conn
+        .forwarded_last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = &*last
+        && h.host.as_ref() == host
+    {
+        return h.clone();
+    }
+    let h = Arc::new(Hop::new(conn, host));
+    *last = Some(h.clone());
+    h
+}
+
+impl Forwarding {
+    fn fields(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        self.0.fields()
     }
 }
 
@@ -195,8 +238,8 @@ impl Outgoing {
             let mut line = [0u8; TRACEPARENT_LINE_LEN];
             out.extend_from_slice(t.header_line(&mut line));
         }
-        for (n, v) in self.forwarding.iter().flat_map(Forwarding::fields) {
-            push_field(out, n, v);
+        if let Some(f) = &self.forwarding {
+            out.extend_from_slice(&f.0.lines);
         }
     }
 
@@ -207,11 +250,7 @@ impl Outgoing {
         } else {
             0
         };
-        let fields = self.forwarding.iter().flat_map(Forwarding::fields);
-        trace
-            + fields
-                .map(|(n, v)| n.as_str().len() + v.len() + 4)
-                .sum::<usize>()
+        trace + self.forwarding.as_ref().map_or(0, |f| f.0.lines.len())
     }
 
     /// Whether there is nothing to add.
@@ -232,21 +271,10 @@ pub fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 /// `;host=<host>` when there is one; an IPv6 peer as `for="[v6]"`, a host that is not a
 /// token (a port's `:`) as a quoted string.
 fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> HeaderValue {
-    let Some(host) = host else {
-        return conn.forwarded.clone();
-    };
-    let mut last = conn
-        .forwarded_last
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some((h, f)) = &*last
-        && h == host
-    {
-        return f.clone();
+    match host {
+        None => conn.forwarded.clone(),
+        Some(host) => build_forwarded(conn, host),
     }
-    let f = build_forwarded(conn, host);
-    *last = Some((host.clone(), f.clone()));
-    f
 }
 
 /// [`forwarded_element`] with a host, built.
@@ -424,30 +452,33 @@ mod tests {
         }
     }
 
-    /// The `Forwarded` element of a connection's requests: reused while the `Host` stays,
-    /// rebuilt when it changes.
+    /// A connection's forwarding headers: reused while the `Host` stays, rebuilt for
+    /// another (or none), and the lines written are the fields'.
     #[test]
-    fn forwarded_reused_per_host() {
+    fn hop_reused_per_host() {
         let c = conn("10.0.0.9:1234", "http");
         let a = HeaderValue::from_static("a.test");
         let b = HeaderValue::from_static("b.test:80");
+        let first = hop(&c, Some(&a));
+        assert_eq!(first.forwarded, "for=10.0.0.9;proto=http;host=a.test");
+        assert!(Arc::ptr_eq(&first, &hop(&c, Some(&a))), "reused");
+        let other = hop(&c, Some(&b));
         assert_eq!(
-            forwarded_element(&c, Some(&a)),
-            "for=10.0.0.9;proto=http;host=a.test"
-        );
-        assert_eq!(
-            forwarded_element(&c, Some(&a)),
-            "for=10.0.0.9;proto=http;host=a.test"
-        );
-        assert_eq!(
-            forwarded_element(&c, Some(&b)),
+            other.forwarded,
             "for=10.0.0.9;proto=http;host=\"b.test:80\""
         );
-        assert_eq!(forwarded_element(&c, None), "for=10.0.0.9;proto=http");
         assert_eq!(
-            forwarded_element(&c, Some(&a)),
-            "for=10.0.0.9;proto=http;host=a.test"
+            &other.lines[..],
+            b"x-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\
+              x-forwarded-host: b.test:80\r\n\
+              forwarded: for=10.0.0.9;proto=http;host=\"b.test:80\"\r\n"
         );
+        let none = hop(&c, None);
+        assert_eq!(none.forwarded, "for=10.0.0.9;proto=http");
+        assert!(none.host.is_none() && !none.lines.windows(6).any(|w| w == b"-host:"));
+        let again = hop(&c, Some(&a));
+        assert!(!Arc::ptr_eq(&first, &again), "rebuilt after another host");
+        assert_eq!(again.lines, first.lines);
     }
 
     /// An IPv6 peer is quoted and bracketed in `Forwarded`; no `Host`, no host part.

@@ -68,9 +68,9 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request head being sent: kept, one allocation for the connection's life.
     wbuf: Vec<u8>,
-    /// The exchange's deadline: one timer while the connection is busy. Each exchange moves
-    /// it later, which only updates the armed entry (a timer per exchange cost an insertion
-    /// into tokio's timer wheel and a removal from it). Dropped when the connection parks.
+    /// The exchange's deadline: one timer while the connection is busy, armed no later than
+    /// the current exchange's deadline (a timer per exchange cost an insertion into tokio's
+    /// timer wheel and a removal from it). Dropped when the connection parks.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -177,6 +177,10 @@ impl Conn {
         self.wbuf.clear();
         encode(&mut self.wbuf);
         let timer = match &mut self.timer {
+            // Armed no later than this deadline (an earlier exchange's): left as it is, since
+            // a reset costs a clock conversion per exchange. Waking early, it is moved to this
+            // deadline below.
+            Some(t) if t.deadline() <= deadline => t,
             Some(t) => {
                 t.as_mut().reset(deadline);
                 t
@@ -186,11 +190,21 @@ impl Conn {
                 .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         let Conn { io, rbuf, wbuf, .. } = self;
-        tokio::select! {
-            biased;
-            r = exchange_io(io, rbuf, wbuf, method) => r,
-            // Whatever arrived, the connection is out of step now: never retried.
-            () = timer.as_mut() => Err((Error::Timeout, true)),
+        let io = exchange_io(io, rbuf, wbuf, method);
+        tokio::pin!(io);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut io => return r,
+                () = timer.as_mut() => {
+                    if tokio::time::Instant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    // Whatever arrived, the connection is out of step now: never retried.
+                    return Err((Error::Timeout, true));
+                }
+            }
         }
     }
 

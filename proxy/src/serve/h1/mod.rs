@@ -309,9 +309,12 @@ where
     let mut parser = Parser::default();
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut first = true;
-    // One timer for the connection, reset for each wait.
+    // One timer for the connection, armed no later than the wait's deadline: moved earlier
+    // when a wait needs it, but not later (a reset per request costs a clock conversion);
+    // waking early, it is moved to the deadline then.
     let timer = tokio::time::sleep_until(c.first_deadline);
     tokio::pin!(timer);
+    let mut armed = c.first_deadline;
     loop {
         // The wait for a head: the absolute head deadline; and, while nothing of it has
         // come, the idle timeout.
@@ -322,7 +325,6 @@ where
         }
         let idle_at = start + c.idle_timeout;
         let mut park_at = Some(start + PARK_AFTER);
-        let mut armed: Option<Instant> = None;
         let head = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, &c.limits, &mut parser) {
@@ -341,9 +343,9 @@ where
             } else {
                 deadline
             };
-            if armed != Some(until) {
+            if armed > until {
                 timer.as_mut().reset(until);
-                armed = Some(until);
+                armed = until;
             }
             // A parked connection reads into whatever the first read allocates (tokio asks
             // a `BytesMut` with no room for 64 bytes); the full chunk comes once bytes do.
@@ -358,6 +360,11 @@ where
                     Ok(_) => {}
                 },
                 _ = timer.as_mut() => {
+                    if Instant::now() < until {
+                        timer.as_mut().reset(until);
+                        armed = until;
+                        continue;
+                    }
                     if buf.is_empty() && park_at.is_some_and(|p| until == p) {
                         park_at = None;
                         buf = BytesMut::new();

@@ -363,6 +363,48 @@ async fn upstream_closing_idle_connections_is_invisible_to_gets() {
     server.abort();
 }
 
+/// A keep-alive connection's next head may take its whole `header_read_timeout`, even when
+/// an earlier wait's (shorter) deadline is still armed: that one waking is not this one's.
+#[tokio::test]
+async fn a_later_head_keeps_its_own_deadline() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(
+        &mut cfg,
+        "server/limits/header_read_timeout_ms",
+        json!(5_000),
+    );
+    let gw = start_gateway(&cfg).await;
+    let mut c = tokio::net::TcpStream::connect(gw.listen_addrs[0])
+        .await
+        .unwrap();
+    let answer = async |c: &mut tokio::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"}") {
+                return String::from_utf8(got).unwrap();
+            }
+        }
+    };
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    // Half a head at once, the rest past the first wait's park delay (1 s).
+    c.write_all(b"GET /b HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    c.write_all(b"st: x\r\n\r\n").await.unwrap();
+    assert!(answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    assert!(gw.shutdown().await);
+}
+
 /// A client connection idle past the park delay (its buffers and its upstream connection's
 /// given back) serves on: the next request, arriving in pieces with a 6 KB field, is
 /// answered over the same upstream connection.

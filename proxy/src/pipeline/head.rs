@@ -34,10 +34,19 @@ pub struct UpgradeAsk {
     pub protocol: HeaderValue,
 }
 
-/// Check the head and remove its hop-by-hop headers; the request's ask to switch protocols,
-/// when it makes a sound one.
-pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Option<UpgradeAsk>, GatewayError> {
-    host(parts)?;
+/// What the head phase found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sane {
+    /// The request's ask to switch protocols, when it makes a sound one.
+    pub ask: Option<UpgradeAsk>,
+    /// Its one `Host`, if any (the later phases leave it as it is: the identity headers may
+    /// not be `Host`, nor may `Connection` name it).
+    pub host: Option<HeaderValue>,
+}
+
+/// Check the head and remove its hop-by-hop headers (see the module docs).
+pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Sane, GatewayError> {
+    let host = host(parts)?;
     if let Some(c) = parts.headers.get(header::CONNECTION)
         && parts
             .headers
@@ -54,7 +63,7 @@ pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Option<UpgradeAsk>
         None => None,
     };
     strip_hop_by_hop(&mut parts.headers);
-    Ok(ask)
+    Ok(Sane { ask, host })
 }
 
 /// The ask of a request carrying `Upgrade`, if it is a sound one (see the module docs).
@@ -101,23 +110,20 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// At most one `Host`, agreeing with the target's authority when it has one.
-fn host(parts: &Parts) -> Result<(), GatewayError> {
+fn host(parts: &Parts) -> Result<Option<HeaderValue>, GatewayError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
         return Err(GatewayError::BadRequest);
     }
-    match (first, parts.uri.authority()) {
-        (Some(h), Some(a)) => {
-            // The authority without its (deprecated) userinfo.
-            let target = a.as_str().rsplit('@').next().unwrap_or_default();
-            match h.as_bytes().eq_ignore_ascii_case(target.as_bytes()) {
-                true => Ok(()),
-                false => Err(GatewayError::BadRequest),
-            }
+    if let (Some(h), Some(a)) = (first, parts.uri.authority()) {
+        // The authority without its (deprecated) userinfo.
+        let target = a.as_str().rsplit('@').next().unwrap_or_default();
+        if !h.as_bytes().eq_ignore_ascii_case(target.as_bytes()) {
+            return Err(GatewayError::BadRequest);
         }
-        _ => Ok(()),
     }
+    Ok(first.cloned())
 }
 
 /// Whether a `Connection` value names `Host` or an identity header.
@@ -180,7 +186,12 @@ mod tests {
                 ("x-keep", "y"),
             ],
         );
-        assert_eq!(sanitize(&mut ok, &s), Ok(None));
+        assert_eq!(sanitize(&mut ok, &s).map(|s| s.ask), Ok(None));
+        let mut with_host = parts("/", &[("host", "a.example")]);
+        assert_eq!(
+            sanitize(&mut with_host, &s).map(|s| s.host),
+            Ok(Some(HeaderValue::from_static("a.example")))
+        );
         assert!(ok.headers.get("x-secret").is_none() && ok.headers.get("connection").is_none());
         assert_eq!(ok.headers["x-keep"], "y");
     }
@@ -197,7 +208,7 @@ mod tests {
         let ask = |p: &mut Parts| {
             let a = sanitize(p, &s).unwrap();
             assert!(p.headers.get("upgrade").is_none(), "{p:?}");
-            a.map(|a| a.protocol)
+            a.ask.map(|a| a.protocol)
         };
         assert_eq!(ask(&mut parts("/", &ws)).unwrap(), "websocket");
         let with = |extra: &[(&'static str, &'static str)]| {

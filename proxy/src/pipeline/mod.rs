@@ -161,10 +161,13 @@ impl Gateway {
         };
         // One function (a nested one would move the request's parts into its own state).
         let id = move |resp| (resp, request_id);
-        let ask = match head::sanitize(&mut parts, &rt.snapshot) {
+        let (ask, host) = match head::sanitize(&mut parts, &rt.snapshot) {
             // The client's side of the connection goes with the ask (hyper offers it only
             // for an HTTP/1.1 request carrying `Upgrade`), never to anyone else.
-            Ok(ask) => ask.and_then(|a| Some((a, parts.extensions.remove::<OnUpgrade>()?))),
+            Ok(head::Sane { ask, host }) => (
+                ask.and_then(|a| Some((a, parts.extensions.remove::<OnUpgrade>()?))),
+                host,
+            ),
             Err(e) => return id(self.refuse_head(&rt, e, parts.version, ids, conn, started)),
         };
         let verdict = match identity::phase(&rt, &mut parts.headers) {
@@ -215,7 +218,8 @@ impl Gateway {
                     return id(record.finish(&rt, Answer::Cached(up, resp), ids, conn));
                 }
                 let head_only = parts.method == http::Method::HEAD;
-                let forwarding = hygiene(&mut parts, conn, &rt.snapshot.trusted_proxies);
+                let trusted = &rt.snapshot.trusted_proxies;
+                let forwarding = hygiene(&mut parts, host, conn, trusted);
                 let mut extra = Outgoing {
                     trace: ids.trace,
                     forwarding,
@@ -492,12 +496,13 @@ fn hex16(n: u64, out: &mut [u8]) {
 /// as the request goes out.
 fn hygiene(
     parts: &mut http::request::Parts,
+    host: Option<HeaderValue>,
     conn: &ConnInfo,
     trusted: &rules::trusted::TrustedProxies,
 ) -> Option<Forwarding> {
-    keep_authority(parts);
+    let host = keep_authority(parts, host);
     let peer_trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
-    forwarding(&mut parts.headers, conn, peer_trusted)
+    forwarding(&mut parts.headers, host.as_ref(), conn, peer_trusted)
 }
 
 /// The response cache of the request's interface, if it has one.

@@ -69,17 +69,21 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 /// has no `Host` header, only `:authority` (in the URI), and the forwarded URI names the
 /// endpoint instead; without this an h2 client's upstream would see the endpoint address
 /// as `Host` while an HTTP/1.1 client's sees the name it used.
-pub fn keep_authority(parts: &mut http::request::Parts) {
-    if parts.headers.contains_key(header::HOST) {
-        return;
+///
+/// `host` is the request's `Host` (see `pipeline::head`); returns the one it has now.
+pub fn keep_authority(
+    parts: &mut http::request::Parts,
+    host: Option<HeaderValue>,
+) -> Option<HeaderValue> {
+    if host.is_some() {
+        return host;
     }
-    if let Some(a) = parts.uri.authority() {
-        // Never the (deprecated) userinfo part.
-        let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(host_port) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
+    // Never the (deprecated) userinfo part.
+    let a = parts.uri.authority()?;
+    let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+    let v = HeaderValue::from_str(host_port).ok()?;
+    parts.headers.insert(header::HOST, v.clone());
+    Some(v)
 }
 
 /// Append `item` to the list header `name`, joining every existing line into one
@@ -115,10 +119,15 @@ fn append_list(h: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
 /// <peer>`, `X-Forwarded-Proto: <scheme>`, `X-Forwarded-Host: <Host>` and `Forwarded:
 /// for=<peer>;proto=<scheme>;host=<Host>`. From a trusted proxy the chain is kept and
 /// written here: the peer is appended to `X-Forwarded-For` and this hop to `Forwarded`, and
-/// `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. Call after
-/// [`keep_authority`] (the `Host` it keeps is the one forwarded).
-pub fn forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) -> Option<Forwarding> {
-    let hop = hop(conn, h.get(header::HOST));
+/// `X-Forwarded-Proto`/`-Host` are set only when the proxy sent none. `host` is the
+/// request's `Host` as [`keep_authority`] returned it.
+pub fn forwarding(
+    h: &mut HeaderMap,
+    host: Option<&HeaderValue>,
+    conn: &ConnInfo,
+    peer_trusted: bool,
+) -> Option<Forwarding> {
+    let hop = hop(conn, host);
     if peer_trusted {
         append_list(h, &X_FORWARDED_FOR, conn.remote_ip.as_bytes());
         if !h.contains_key(&X_FORWARDED_PROTO) {
@@ -332,7 +341,8 @@ mod tests {
 
     /// [`forwarding`], its fields put in the map at once.
     fn set_forwarding(h: &mut HeaderMap, conn: &ConnInfo, peer_trusted: bool) {
-        let forwarding = forwarding(h, conn, peer_trusted);
+        let host = h.get(header::HOST).cloned();
+        let forwarding = forwarding(h, host.as_ref(), conn, peer_trusted);
         Outgoing {
             trace: None,
             forwarding,
@@ -355,7 +365,12 @@ mod tests {
         };
         let extra = Outgoing {
             trace: Some(trace),
-            forwarding: forwarding(&mut h, &conn("10.0.0.9:1234", "http"), false),
+            forwarding: forwarding(
+                &mut h,
+                Some(&HeaderValue::from_static("example.test")),
+                &conn("10.0.0.9:1234", "http"),
+                false,
+            ),
         };
         assert!(
             h.get("x-forwarded-for").is_none(),

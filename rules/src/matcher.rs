@@ -4,9 +4,16 @@
 //! buckets rules by the app and interface they constrain so that finding the rules that can
 //! apply to a request costs at most four hash lookups, whatever the number of rules. Within a
 //! bucket rules are sorted most specific first.
+//!
+//! The four lists of an (app, interface) pair, merged, are remembered per thread ([`Memo`]):
+//! a stream of requests repeats a few pairs, and a remembered pair costs one hash of the app
+//! and a compare instead of the four lookups and the merge.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -65,8 +72,47 @@ type FastHash = foldhash::fast::RandomState;
 /// Rules bucketed by (app, interface). Rule IDs are indices into the caller's rule list.
 #[derive(Debug, Default)]
 pub struct MatchIndex {
+    /// This index among all built in the process (never reused): the memo's key.
+    id: u64,
     by_app: HashMap<Box<str>, IfaceTable, FastHash>,
     any_app: IfaceTable,
+}
+
+/// Source of [`MatchIndex`] IDs; 0 is an index that was never built (and is not memoized).
+static NEXT_INDEX_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Per-thread memo of merged candidate lists, direct-mapped (see the module docs). A slot's
+/// key is exact (the index, the interface and the app's bytes), so a hit gives what the
+/// lookups would; an app that changes with every request only replaces slots.
+struct Memo {
+    slots: Vec<Slot>,
+    hasher: foldhash::fast::FixedState,
+}
+
+/// Memo size (a power of two).
+const MEMO_SLOTS: usize = 256;
+/// Longer app IDs are looked up each time (keys stay inline).
+const MEMO_APP_MAX: usize = 32;
+/// `Slot::app_len` of a request without an app.
+const NO_APP: u8 = u8::MAX;
+
+#[derive(Default)]
+struct Slot {
+    index: u64,
+    interface: u32,
+    app_len: u8,
+    app: [u8; MEMO_APP_MAX],
+    /// The candidates: most specific first, then by rule ID, each once.
+    list: Vec<u32>,
+}
+
+thread_local! {
+    static MEMO: RefCell<Memo> = const {
+        RefCell::new(Memo {
+            slots: Vec::new(),
+            hasher: foldhash::fast::FixedState::with_seed(0x7469_6465_6761_7465),
+        })
+    };
 }
 
 #[derive(Debug, Default)]
@@ -198,6 +244,7 @@ impl MatchIndex {
                 }
             }
         }
+        index.id = NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed);
         let key = |i: &u32| (std::cmp::Reverse(spec[*i as usize]), *i);
         for t in index
             .by_app
@@ -235,9 +282,70 @@ impl MatchIndex {
         ]
     }
 
+    /// The candidates of (`app`, `interface`) merged, most specific first, then by rule ID,
+    /// given to `f`: from this thread's memo, or looked up (and remembered).
+    fn with_candidates<'m, R>(
+        &self,
+        app: Option<&str>,
+        interface: Option<InterfaceId>,
+        matcher: &impl Fn(u32) -> &'m CompiledMatch,
+        f: impl FnOnce(&[u32]) -> R,
+    ) -> Option<R> {
+        let app_bytes = app.map_or(&[][..], str::as_bytes);
+        if self.id == 0 || app_bytes.len() > MEMO_APP_MAX {
+            return None;
+        }
+        let app_len = app.map_or(NO_APP, |a| a.len() as u8);
+        let iface = interface.map_or(u32::MAX, |i| i.0);
+        MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            let m = &mut *m;
+            if m.slots.is_empty() {
+                m.slots.resize_with(MEMO_SLOTS, Slot::default);
+            }
+            let h = m.hasher.hash_one((self.id, iface, app_bytes));
+            let slot = &mut m.slots[h as usize & (MEMO_SLOTS - 1)];
+            let hit = slot.index == self.id
+                && slot.interface == iface
+                && slot.app_len == app_len
+                && slot.app[..app_bytes.len()] == *app_bytes;
+            if !hit {
+                slot.list.clear();
+                for list in self.candidates(app, interface) {
+                    slot.list.extend_from_slice(list);
+                }
+                slot.list
+                    .sort_unstable_by_key(|&i| (std::cmp::Reverse(matcher(i).specificity), i));
+                slot.list.dedup();
+                slot.index = self.id;
+                slot.interface = iface;
+                slot.app_len = app_len;
+                slot.app[..app_bytes.len()].copy_from_slice(app_bytes);
+            }
+            Some(f(&slot.list))
+        })
+    }
+
     /// The most specific rule whose conditions hold. Validation guarantees that two matching
     /// rules never share a specificity, so the answer does not depend on rule order.
     pub fn best<'m>(
+        &self,
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+    ) -> Option<u32> {
+        let merged = self.with_candidates(r.app, r.interface, &matcher, |list| {
+            list.iter()
+                .copied()
+                .find(|&ri| matcher(ri).holds_as_candidate(r))
+        });
+        match merged {
+            Some(best) => best,
+            None => self.best_looked_up(r, matcher),
+        }
+    }
+
+    /// [`MatchIndex::best`] from the four lists.
+    fn best_looked_up<'m>(
         &self,
         r: &MatchInput<'_>,
         matcher: impl Fn(u32) -> &'m CompiledMatch,
@@ -267,6 +375,17 @@ impl MatchIndex {
         out: &mut Vec<u32>,
     ) {
         out.clear();
+        let merged = self.with_candidates(r.app, r.interface, &matcher, |list| {
+            out.extend(
+                list.iter()
+                    .copied()
+                    .filter(|&ri| matcher(ri).holds_as_candidate(r)),
+            );
+        });
+        if merged.is_some() {
+            out.sort_unstable();
+            return;
+        }
         for list in self.candidates(r.app, r.interface) {
             out.extend(
                 list.iter()
@@ -285,6 +404,75 @@ fn push_rule(t: &mut IfaceTable, ifaces: Option<&[InterfaceId]>, rule: u32) {
         Some(list) => {
             for id in list {
                 t.by_iface.entry(id.0).or_default().push(rule);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const APPS: [&str; 3] = ["a", "b", "c"];
+    const USERS: [&str; 2] = ["u1", "u2"];
+
+    /// A rule from three masks: apps, interfaces (0..3) and users it lists (0: any).
+    fn rule((apps, ifaces, users): (u8, u8, u8)) -> CompiledMatch {
+        let pick = |mask: u8, all: &[&str]| {
+            (mask != 0).then(|| {
+                (all.iter().enumerate())
+                    .filter(|(i, _)| mask & (1 << i) != 0)
+                    .map(|(_, s)| (*s).to_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let m = Match {
+            apps: pick(apps, &APPS),
+            users: pick(users, &USERS),
+            ..Match::default()
+        };
+        let interfaces = (ifaces != 0).then(|| {
+            (0..3)
+                .filter(|i| ifaces & (1 << i) != 0)
+                .map(InterfaceId)
+                .collect()
+        });
+        CompiledMatch::new(&m, "salt", interfaces, Vec::new())
+    }
+
+    proptest! {
+        /// Through the memo (a first request fills a slot, a second hits it), `all` finds
+        /// exactly the rules that hold, in ID order, and `best` one of the most specific;
+        /// each case's index is new, so slots left by earlier cases must not be taken.
+        #[test]
+        fn memoized_lookups_find_what_holds(
+            masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..24),
+        ) {
+            let rules: Vec<CompiledMatch> = masks.into_iter().map(rule).collect();
+            let index = MatchIndex::build(rules.iter());
+            let headers = HeaderMap::new();
+            let long = "x".repeat(MEMO_APP_MAX + 1);
+            let apps = [None, Some("a"), Some("b"), Some("c"), Some("zz"), Some(&*long)];
+            for app in apps {
+                for interface in [None, Some(0), Some(1), Some(2), Some(3)].map(|i| i.map(InterfaceId)) {
+                    for user in [None, Some("u1"), Some("u2"), Some("u3")] {
+                        let r = MatchInput { app, interface, user, headers: &headers, params: &[] };
+                        let want: Vec<u32> = (0..rules.len() as u32)
+                            .filter(|&i| rules[i as usize].holds(&r))
+                            .collect();
+                        let top = want.iter().map(|&i| rules[i as usize].specificity).max();
+                        for _ in 0..2 {
+                            let mut all = Vec::new();
+                            index.all(&r, |i| &rules[i as usize], &mut all);
+                            prop_assert_eq!(&all, &want);
+                            let best = index.best(&r, |i| &rules[i as usize]);
+                            prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
+                            prop_assert!(best.is_none_or(|i| want.contains(&i)));
+                        }
+                    }
+                }
             }
         }
     }

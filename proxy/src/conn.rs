@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use rules::trusted::TrustedProxies;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,7 +30,21 @@ pub struct ConnInfo {
     pub forwarded: HeaderValue,
     /// The forwarding headers built for the last request's `Host`: the next request on the
     /// connection with the same `Host` (nearly every one) reuses them.
-    pub forwarded_last: Mutex<Option<Arc<crate::upstream::headers::Hop>>>,
+    pub forwarded_last: Mutex<Option<Arc<Hop>>>,
+}
+
+/// This hop as the forwarding headers describe it, for one `Host` on one connection, with
+/// the field lines the gateway's HTTP/1 client writes, made once (built and read by
+/// `upstream::headers`).
+#[derive(Debug)]
+pub struct Hop {
+    pub(crate) for_: HeaderValue,
+    pub(crate) proto: HeaderValue,
+    pub(crate) host: Option<HeaderValue>,
+    /// This hop's `Forwarded` element.
+    pub(crate) forwarded: HeaderValue,
+    /// Its fields as HTTP/1 field lines.
+    pub(crate) lines: Bytes,
 }
 
 /// When a connection last moved bytes, how many requests it has in flight, and whether it

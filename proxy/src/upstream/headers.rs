@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::conn::ConnInfo;
+use crate::conn::{ConnInfo, Hop};
 use crate::trace::{TRACEPARENT_LINE_LEN, TraceContext};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -152,19 +152,6 @@ pub fn forwarding(
 /// The forwarding headers the gateway writes for a peer that is not a trusted proxy.
 #[derive(Debug, Clone)]
 pub struct Forwarding(Arc<Hop>);
-
-/// This hop as the forwarding headers describe it, for one `Host` on one connection, with
-/// the field lines the gateway's HTTP/1 client writes, made once.
-#[derive(Debug)]
-pub struct Hop {
-    for_: HeaderValue,
-    proto: HeaderValue,
-    host: Option<HeaderValue>,
-    /// This hop's `Forwarded` element.
-    forwarded: HeaderValue,
-    /// [`Hop::fields`] as HTTP/1 field lines.
-    lines: Bytes,
-}
 
 impl Hop {
     fn new(conn: &ConnInfo, host: Option<&HeaderValue>) -> Self {

@@ -40,7 +40,8 @@
 //!
 //! Leaves every layer may use: [`stats`] (the dashboard's live counters), [`metrics`] (the
 //! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
-//! facts), [`names`] (the HTTP/1 parsers' header names, remembered per thread), [`jwt`]
+//! facts), [`names`] and [`header_maps`] (the HTTP/1 parsers' header names and header
+//! maps, reused per thread), [`jwt`]
 //! (token verification: keys, the cache, and minting for `tidegate token`) and [`shutdown`]
 //! (the stop signal).
 //!

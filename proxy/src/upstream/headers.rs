@@ -158,7 +158,10 @@ impl Hop {
         let mut hop = Self {
             for_: conn.remote_ip.clone(),
             proto: conn.proto.clone(),
-            host: host.cloned(),
+            // A copy of its own: the request's value is a slice of the connection's read
+            // buffer, which a kept reference would pin (8 KB) for the connection's life,
+            // parked or not.
+            host: host.map(|h| HeaderValue::from_bytes(h.as_bytes()).unwrap_or_else(|_| h.clone())),
             forwarded: forwarded_element(conn, host),
             lines: Bytes::new(),
         };
@@ -481,6 +484,22 @@ mod tests {
         let again = hop(&c, Some(&a));
         assert!(!Arc::ptr_eq(&first, &again), "rebuilt after another host");
         assert_eq!(again.lines, first.lines);
+    }
+
+    /// The kept `Host` is a copy, not a slice of the head it came in (which would keep the
+    /// connection's whole read buffer alive while the connection idles).
+    #[test]
+    fn hop_keeps_no_slice_of_the_request() {
+        let head = bytes::Bytes::from(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n".to_vec());
+        let host = HeaderValue::from_maybe_shared(head.slice(22..28)).unwrap();
+        assert_eq!(host, "a.test");
+        let hop = hop(&conn("10.0.0.9:1234", "http"), Some(&host));
+        let kept = hop.host.as_ref().unwrap().as_bytes().as_ptr_range();
+        let buf = head.as_ptr_range();
+        assert!(
+            kept.end <= buf.start || kept.start >= buf.end,
+            "a slice of the head"
+        );
     }
 
     /// An IPv6 peer is quoted and bracketed in `Forwarded`; no `Host`, no host part.

@@ -363,6 +363,22 @@ async fn upstream_closing_idle_connections_is_invisible_to_gets() {
     server.abort();
 }
 
+/// Read from `c` until what came ends with `end` (each read within 10 s, the connection
+/// not closed before).
+async fn read_until(c: &mut tokio::net::TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end) {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
 /// A keep-alive connection's next head may take its whole `header_read_timeout`, even when
 /// an earlier wait's (shorter) deadline is still armed: that one waking is not this one's.
 #[tokio::test]
@@ -378,21 +394,8 @@ async fn a_later_head_keeps_its_own_deadline() {
     let mut c = tokio::net::TcpStream::connect(gw.listen_addrs[0])
         .await
         .unwrap();
-    let answer = async |c: &mut tokio::net::TcpStream| {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-            if got.ends_with(b"}") {
-                return String::from_utf8(got).unwrap();
-            }
-        }
-    };
+    // The echo upstream's answer is a JSON object.
+    let answer = async |c: &mut tokio::net::TcpStream| read_until(c, b"}").await;
     c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -415,19 +418,7 @@ async fn a_parked_connection_serves_on() {
     let mut c = tokio::net::TcpStream::connect(gw.listen_addrs[0])
         .await
         .unwrap();
-    let answer = async |c: &mut tokio::net::TcpStream| {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(b"\r\n\r\nok") {
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8(got).unwrap()
-    };
+    let answer = async |c: &mut tokio::net::TcpStream| read_until(c, b"\r\n\r\nok").await;
     c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();

@@ -5,7 +5,7 @@
 //! apply to a request costs at most four hash lookups, whatever the number of rules. Within a
 //! bucket rules are sorted most specific first.
 //!
-//! The four lists of an (app, interface) pair, merged, are remembered per thread ([`Memo`]):
+//! The four lists of an (app, interface) pair, merged, are remembered per thread (`Memo`):
 //! a stream of requests repeats a few pairs, and a remembered pair costs one hash of the app
 //! and a compare instead of the four lookups and the merge.
 
@@ -93,6 +93,8 @@ struct Memo {
 const MEMO_SLOTS: usize = 256;
 /// Longer app IDs are looked up each time (keys stay inline).
 const MEMO_APP_MAX: usize = 32;
+/// Longer candidate lists are not kept (a slot's memory stays small whatever the config).
+const MEMO_LIST_MAX: usize = 64;
 /// `Slot::app_len` of a request without an app.
 const NO_APP: u8 = u8::MAX;
 
@@ -310,8 +312,12 @@ impl MatchIndex {
                 && slot.app_len == app_len
                 && slot.app[..app_bytes.len()] == *app_bytes;
             if !hit {
+                let lists = self.candidates(app, interface);
+                if lists.iter().map(|l| l.len()).sum::<usize>() > MEMO_LIST_MAX {
+                    return None;
+                }
                 slot.list.clear();
-                for list in self.candidates(app, interface) {
+                for list in lists {
                     slot.list.extend_from_slice(list);
                 }
                 slot.list
@@ -442,13 +448,35 @@ mod tests {
         CompiledMatch::new(&m, "salt", interfaces, Vec::new())
     }
 
+    /// A pair with more candidates than a slot keeps is answered, and left out of the memo.
+    #[test]
+    fn long_candidate_lists_are_not_kept() {
+        let rules: Vec<CompiledMatch> = (0..MEMO_LIST_MAX + 1).map(|_| rule((0, 0, 1))).collect();
+        let index = MatchIndex::build(rules.iter());
+        let headers = HeaderMap::new();
+        let r = MatchInput {
+            app: Some("a"),
+            interface: None,
+            user: Some("u1"),
+            headers: &headers,
+            params: &[],
+        };
+        let mut all = Vec::new();
+        index.all(&r, |i| &rules[i as usize], &mut all);
+        assert_eq!(all.len(), MEMO_LIST_MAX + 1);
+        assert!(index.best(&r, |i| &rules[i as usize]).is_some());
+        let kept = MEMO.with(|m| m.borrow().slots.iter().any(|s| s.index == index.id));
+        assert!(!kept, "a long list was kept");
+    }
+
     proptest! {
         /// Through the memo (a first request fills a slot, a second hits it), `all` finds
         /// exactly the rules that hold, in ID order, and `best` one of the most specific;
-        /// each case's index is new, so slots left by earlier cases must not be taken.
+        /// each case's index is new, so slots left by earlier cases must not be taken. Over 64
+        /// candidates, a pair is looked up each time instead.
         #[test]
         fn memoized_lookups_find_what_holds(
-            masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..24),
+            masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..100),
         ) {
             let rules: Vec<CompiledMatch> = masks.into_iter().map(rule).collect();
             let index = MatchIndex::build(rules.iter());

@@ -3,9 +3,10 @@
 //! Each request on the fast path builds two maps: the request's (the server's parser) and
 //! the response's (the upstream client's parser). A fresh `HeaderMap` is two allocations (its
 //! index and its entries, the latter over 1 KB for a typical head) and two frees when it
-//! drops: about 500 instructions a request, spent on memory that is the same size every
-//! time. [`take`] hands out a cleared map from this thread's spares and [`give`] returns one
-//! whose request is done with it, so a steady stream allocates none.
+//! drops, for memory that is the same size every time. [`take`] hands out a cleared map
+//! from this thread's spares and [`give`] returns one whose request is done with it, so a
+//! steady stream allocates none (clearing still drops the entries: the saving measured
+//! about 190 instructions a request).
 //!
 //! A returned map is cleared (entries dropped, index reset, hash state back to the fast one)
 //! before it is kept, so nothing of one request reaches the next. Only a few maps are kept

@@ -37,7 +37,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::Entry;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Full;
 use hyper::body::Body as _;
@@ -152,7 +151,7 @@ impl Gateway {
     ) -> (Response<RespBody>, HeaderValue) {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
-        let request_id = self.request_id(&mut parts.headers);
+        let (request_id, fresh_id) = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
         let trace = self.trace(&mut parts.headers, conn, &rt);
         let ids = Ids {
@@ -221,6 +220,7 @@ impl Gateway {
                 let trusted = &rt.snapshot.trusted_proxies;
                 let forwarding = hygiene(&mut parts, host, conn, trusted);
                 let mut extra = Outgoing {
+                    request_id: fresh_id.then(|| ids.request.clone()),
                     trace: ids.trace,
                     forwarding,
                 };
@@ -371,22 +371,17 @@ impl Gateway {
         }
     }
 
-    /// The client's `X-Request-Id` when it sent a usable one, else a new one (added to the
-    /// request, so the upstream sees it too).
-    fn request_id(&self, headers: &mut HeaderMap) -> HeaderValue {
-        // Room for what the gateway adds (request ID, X-Forwarded-For/-Proto/-Host,
-        // Forwarded, Host): one growth of the map, if any, instead of one per insert.
-        headers.reserve(6);
-        // One hash and probe for the look-up and the insert.
-        match headers.entry(&X_REQUEST_ID) {
-            Entry::Occupied(e) if !e.get().is_empty() && e.get().len() <= 128 => e.get().clone(),
-            Entry::Occupied(mut e) => {
-                let v = self.next_request_id();
-                e.insert(v.clone()); // every value of the name replaced
-                v
-            }
-            Entry::Vacant(e) => e.insert(self.next_request_id()).clone(),
+    /// The client's `X-Request-Id` when it sent a usable one, else a new one, and whether it
+    /// is new. A new one reaches the upstream with the gateway's other added fields
+    /// ([`Outgoing`]), not through the header map (an insert, and a hash of the name, fewer
+    /// per request); an unusable one is taken out of the map.
+    fn request_id(&self, headers: &mut HeaderMap) -> (HeaderValue, bool) {
+        match headers.get(&X_REQUEST_ID) {
+            Some(v) if !v.is_empty() && v.len() <= 128 => return (v.clone(), false),
+            Some(_) => drop(headers.remove(&X_REQUEST_ID)), // every value of the name
+            None => {}
         }
+        (self.next_request_id(), true)
     }
 
     /// Where the record phase writes: the access log when it is on, and the exporter when

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response};
+use http::{HeaderValue, Response};
 use http_body_util::{Either, Full};
 use rules::{InterfaceId, UpstreamId};
 
@@ -112,7 +112,7 @@ pub struct Ids {
     pub trace: Option<TraceContext>,
 }
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::upstream::headers::X_REQUEST_ID;
 
 // === impl Record ===
 

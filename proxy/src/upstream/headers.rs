@@ -214,6 +214,8 @@ impl Forwarding {
 /// fields, and the common request does not grow its header map for them.
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
+    /// The request ID the gateway gave it (the client sent none it could use).
+    pub request_id: Option<HeaderValue>,
     /// The request's trace context, when propagation is on.
     pub trace: Option<TraceContext>,
     /// The forwarding headers, unless the peer is a trusted proxy (written already).
@@ -223,6 +225,9 @@ pub struct Outgoing {
 impl Outgoing {
     /// Put the fields in `h` (replacing any of the same names).
     pub fn put(&self, h: &mut HeaderMap) {
+        if let Some(id) = &self.request_id {
+            h.insert(&X_REQUEST_ID, id.clone());
+        }
         if let Some(t) = &self.trace {
             t.put(h);
         }
@@ -233,6 +238,9 @@ impl Outgoing {
 
     /// Append the fields to an HTTP/1 head, one `name: value` line each.
     pub fn write(&self, out: &mut Vec<u8>) {
+        if let Some(id) = &self.request_id {
+            push_field(out, &X_REQUEST_ID, id);
+        }
         if let Some(t) = &self.trace {
             let mut line = [0u8; TRACEPARENT_LINE_LEN];
             out.extend_from_slice(t.header_line(&mut line));
@@ -249,12 +257,14 @@ impl Outgoing {
         } else {
             0
         };
-        trace + self.forwarding.as_ref().map_or(0, |f| f.0.lines.len())
+        let id =
+            (self.request_id.as_ref()).map_or(0, |v| X_REQUEST_ID.as_str().len() + v.len() + 4);
+        id + trace + self.forwarding.as_ref().map_or(0, |f| f.0.lines.len())
     }
 
     /// Whether there is nothing to add.
     pub fn is_empty(&self) -> bool {
-        self.trace.is_none() && self.forwarding.is_none()
+        self.request_id.is_none() && self.trace.is_none() && self.forwarding.is_none()
     }
 }
 
@@ -298,6 +308,9 @@ fn build_forwarded(conn: &ConnInfo, host: &HeaderValue) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| conn.forwarded.clone())
 }
 
+/// The request's ID: the client's, or one the gateway gave it; sent back on the response.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// What a client may not say about the hop from it: the four fields the gateway writes and
 /// the address headers only the gateway (or a trusted proxy) may set.
 static CLAIMS: [&HeaderName; 7] = [
@@ -334,8 +347,8 @@ mod tests {
         let host = h.get(header::HOST).cloned();
         let forwarding = forwarding(h, host.as_ref(), conn, peer_trusted);
         Outgoing {
-            trace: None,
             forwarding,
+            ..Outgoing::default()
         }
         .put(h);
     }
@@ -354,6 +367,7 @@ mod tests {
             sampled: true,
         };
         let extra = Outgoing {
+            request_id: Some(HeaderValue::from_static("tg-1")),
             trace: Some(trace),
             forwarding: forwarding(
                 &mut h,
@@ -376,7 +390,7 @@ mod tests {
             .split_terminator("\r\n")
             .map(|l| l.split_once(": ").unwrap())
             .collect();
-        assert_eq!(written.len(), 5, "{text}");
+        assert_eq!(written.len(), 6, "{text}");
         assert_eq!(written.len(), put.len());
         for (n, v) in written {
             assert_eq!(put[n], v, "{n}");

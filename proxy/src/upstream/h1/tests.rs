@@ -418,6 +418,7 @@ fn encodes_request_heads() {
     );
     // What the gateway adds goes after the request's own fields, before the framing.
     let extra = Outgoing {
+        request_id: Some(HeaderValue::from_static("tg-7")),
         trace: Some(crate::trace::TraceContext {
             trace_id: [0xab; 16],
             span_id: [0xcd; 8],
@@ -432,7 +433,7 @@ fn encodes_request_heads() {
         String::from_utf8(out).unwrap(),
         format!(
             "POST / HTTP/1.1\r\nhost: example\r\nx-a: 1\r\nx-a: 2\r\n\
-             traceparent: 00-{}-{}-01\r\ncontent-length: 0\r\n\r\n",
+             x-request-id: tg-7\r\ntraceparent: 00-{}-{}-01\r\ncontent-length: 0\r\n\r\n",
             "ab".repeat(16),
             "cd".repeat(8)
         )

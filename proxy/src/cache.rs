@@ -290,6 +290,7 @@ pub fn mark_miss(
     mut result: Result<(Response<UpstreamBody>, std::time::Duration), GatewayError>,
 ) -> Result<(Response<UpstreamBody>, std::time::Duration), GatewayError> {
     if let Ok((resp, _)) = &mut result {
+        crate::upstream::materialize(resp, UpstreamBody::take_raw);
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static("miss"));
     }
@@ -320,10 +321,11 @@ impl Lead {
         head_only: bool,
         snap: &Snapshot,
     ) -> Result<(Response<UpstreamBody>, std::time::Duration), GatewayError> {
-        let (resp, latency) = match result {
+        let (mut resp, latency) = match result {
             Ok(ok) => ok,
             Err(e) => return Err(e), // the waiters make their own calls (drop)
         };
+        crate::upstream::materialize(&mut resp, UpstreamBody::take_raw);
         let (mut head, body) = resp.into_parts();
         if !self.cache.keepable(&head, head_only, snap) {
             let mut resp = Response::from_parts(head, body);

@@ -359,6 +359,8 @@ struct Log {
 /// - `download=N`: answer with N bytes streamed in 64 KiB chunks;
 /// - `hop=1`: answer with hop-by-hop headers (`Connection: x-up-secret`, `x-up-secret`,
 ///   `Keep-Alive`) that a proxy must strip;
+/// - `ka=1`: answer with `Connection: keep-alive`, `Keep-Alive: timeout=5` and
+///   `Proxy-Connection: keep-alive` (hop-by-hop, naming no other field);
 /// - otherwise: read the body (counting, never buffering it) and answer 200 with JSON
 ///   `{"method", "path", "version", "body_len", "headers": {name: value}}`.
 #[derive(Debug)]
@@ -537,6 +539,12 @@ async fn upstream_answer_inner(req: Request<Incoming>, log: &Log) -> Response<Up
     );
     resp.headers_mut()
         .insert("content-type", "application/json".parse().expect("valid"));
+    if num("ka") == Some(1) {
+        let h = resp.headers_mut();
+        h.insert("connection", "keep-alive".parse().expect("valid"));
+        h.insert("keep-alive", "timeout=5".parse().expect("valid"));
+        h.insert("proxy-connection", "keep-alive".parse().expect("valid"));
+    }
     if num("hop") == Some(1) {
         let h = resp.headers_mut();
         h.insert("connection", "x-up-secret".parse().expect("valid"));

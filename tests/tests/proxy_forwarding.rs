@@ -446,3 +446,49 @@ async fn a_parked_connection_serves_on() {
     assert!(gw.shutdown().await);
     server.abort();
 }
+
+/// The own upstream client keeps an answer's fields as they came; both servers pass them
+/// on, hop-by-hop ones stripped: the fast path's writer, and hyper's, which serves a
+/// connection after a request the fast path hands to it (a chunked body). A bodiless
+/// request there still goes out on the connection's own upstream connection.
+#[tokio::test]
+async fn answers_keep_the_upstreams_fields_on_both_servers() {
+    let up = Upstream::start().await;
+    let gw = start_gateway(&config(&[up.addr])).await;
+    let check = |answer: &str, path: &str| {
+        assert!(answer.starts_with("200 OK"), "{answer}");
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        assert!(answer.contains("x-request-id: "), "{answer}");
+        assert!(answer.contains(&format!("\"path\":\"{path}\"")), "{answer}");
+        let lower = answer.to_ascii_lowercase();
+        assert!(
+            !lower.contains("keep-alive"),
+            "hop-by-hop passed on: {answer}"
+        );
+    };
+    let (status, head, body) = raw_exchange(
+        gw.listen_addrs[0],
+        "GET /a?ka=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let fast = format!(
+        "{}\n{head}\n{}",
+        &status[9..],
+        String::from_utf8_lossy(&body)
+    );
+    check(&fast, "/a?ka=1");
+    let r = exchange(
+        gw.listen_addrs[0],
+        b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /c?ka=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let text = r.text();
+    check(text.rsplit("HTTP/1.1 ").next().unwrap(), "/c?ka=1");
+    assert_eq!(up.hits(), 3);
+    assert!(gw.shutdown().await);
+}

@@ -45,7 +45,7 @@ use rules::{InterfaceId, RequestParts, UpstreamId};
 
 use self::decide::{Action, Mode, decide};
 use self::record::{Answer, Ids, Record, Recorder};
-pub use self::record::{RespBody, X_REQUEST_ID};
+pub use self::record::{RespBody, X_REQUEST_ID, take_raw};
 use crate::cache::{self, Lookup, ResponseCache};
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
@@ -465,6 +465,7 @@ fn id_bytes(id: &[u8; ID_LEN]) -> Bytes {
 /// `resp` with its request's ID as `X-Request-Id` (replacing any the upstream sent), for a
 /// response [`Gateway::handle`] returned.
 pub fn with_request_id(mut resp: Response<RespBody>, id: HeaderValue) -> Response<RespBody> {
+    crate::upstream::materialize(&mut resp, record::take_raw);
     resp.headers_mut().insert(&X_REQUEST_ID, id);
     resp
 }

@@ -31,6 +31,15 @@ use crate::upstream::headers::strip_hop_by_hop;
 /// The response body: the upstream's, streamed, or one the gateway made.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
+/// The upstream's header fields that `body` holds as they came, if it does (once; see
+/// `upstream::h1::RawFields`).
+pub fn take_raw(body: &mut RespBody) -> Option<crate::upstream::h1::RawFields> {
+    match body {
+        Either::Left(u) => u.take_raw(),
+        Either::Right(_) => None,
+    }
+}
+
 /// The upstream's response and the time to its head, or the error standing in for it.
 pub type Exchange = Result<(Response<UpstreamBody>, Duration), GatewayError>;
 

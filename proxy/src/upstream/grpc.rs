@@ -52,12 +52,15 @@ pub struct StatusCounts {
 /// Whether a request or response is gRPC (`content-type: application/grpc`, or a subtype
 /// such as `application/grpc+proto`).
 pub fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16
-            && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';'))
-    })
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| is_grpc_type(v.as_bytes()))
+}
+
+/// Whether a `Content-Type` value is gRPC's.
+pub fn is_grpc_type(v: &[u8]) -> bool {
+    v.len() >= 16
+        && v[..16].eq_ignore_ascii_case(b"application/grpc")
+        && matches!(v.get(16), None | Some(b'+' | b';'))
 }
 
 /// The index in [`CODES`] of a `grpc-status` value: its code, or the last for anything

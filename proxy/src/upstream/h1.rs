@@ -33,6 +33,11 @@ use tokio::net::TcpStream;
 
 use super::headers::{Outgoing, push_field};
 
+mod raw;
+
+use raw::Kind;
+pub use raw::RawFields;
+
 /// Most header fields accepted in an upstream's response (hyper's default).
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted (status line and header fields); offsets in it fit a u16.
@@ -77,8 +82,10 @@ pub struct Conn {
 /// A response head and how its body is framed.
 #[derive(Debug)]
 pub struct Head {
-    /// Status, version (always HTTP/1.1 here) and header fields.
+    /// Status, version (always HTTP/1.1 here) and header fields (none when `raw` has them).
     pub parts: http::response::Parts,
+    /// The fields as they came, when kept so (see [`RawFields`]).
+    raw: Option<RawFields>,
     framing: Framing,
     /// Whether the connection may carry another request once this body is read.
     keep_alive: bool,
@@ -100,6 +107,15 @@ type Home = Box<dyn FnOnce(Conn) + Send>;
 pub struct ResponseBody {
     state: State,
     hint: SizeHint,
+    /// The head's fields, when kept as they came (the response's map is then empty).
+    raw: Option<RawFields>,
+}
+
+impl ResponseBody {
+    /// The head's fields as they came, if they were kept so (once).
+    pub fn take_raw(&mut self) -> Option<RawFields> {
+        self.raw.take()
+    }
 }
 
 #[derive(Debug)]
@@ -211,7 +227,7 @@ impl Conn {
     /// The body of the response whose head [`Conn::exchange`] returned. The connection goes
     /// to `home` as soon as the body has been read whole (at once, before this returns, when
     /// it is already buffered), when the exchange allows reuse.
-    pub fn into_body<F>(mut self, head: &Head, home: F) -> ResponseBody
+    pub fn into_body<F>(mut self, head: &mut Head, home: F) -> ResponseBody
     where
         F: FnOnce(Conn) + Send + 'static,
     {
@@ -235,6 +251,7 @@ impl Conn {
             return ResponseBody {
                 state: State::Full(body.filter(|b| !b.is_empty())),
                 hint,
+                raw: head.raw.take(),
             };
         }
         let decoder = match head.framing {
@@ -251,6 +268,7 @@ impl Conn {
                 failed: None,
             })),
             hint,
+            raw: head.raw.take(),
         }
     }
 
@@ -380,6 +398,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
             f.value.len() as u16,
         );
     }
+    // Names in lower case, as a header map has them: kept as they came, they are written
+    // as they are.
+    for &(ns, nl, _, _) in &spans[..n] {
+        buf[usize::from(ns)..][..usize::from(nl)].make_ascii_lowercase();
+    }
     let head = buf.split_to(len).freeze();
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -388,42 +411,75 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         return Ok(Some(Parsed::Interim));
     }
 
-    // Room for the few the gateway adds (the request ID) without growing.
-    let mut headers = crate::header_maps::take(n + 2);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_coded = false;
     let mut close = minor == 0; // HTTP/1.0: no persistent connections assumed
-    for &(ns, nl, vs, vl) in &spans[..n] {
-        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-        let name = crate::names::header_name(&head[ns..ns + nl])
-            .map_err(|_| Error::Invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| Error::Invalid("bad header value"))?;
-        if name == header::CONTENT_LENGTH {
-            let v = parse_length(value.as_bytes())?;
-            if length.is_some_and(|l| l != v) {
-                return Err(Error::Invalid("conflicting content-length"));
-            }
-            length = Some(v);
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_coded = true;
-            // Only the last coding counts: chunked must be the final one.
-            chunked = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for t in value.as_bytes().split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
+    // Kept as they came unless the gateway would change more than it notes (see `raw`).
+    let mut raw = (n <= raw::RAW_MAX).then(|| RawFields::new(head.clone()));
+    for &span in &spans[..n] {
+        let (ns, nl, vs, vl) = span;
+        let name = &head[usize::from(ns)..][..usize::from(nl)];
+        let value = &head[usize::from(vs)..][..usize::from(vl)];
+        let kind = match Field::of(name) {
+            Field::ContentLength => {
+                let v = parse_length(value)?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(Error::Invalid("conflicting content-length"));
                 }
+                length = Some(v);
+                Kind::Length(v)
             }
+            Field::TransferEncoding => {
+                transfer_coded = true;
+                // Only the last coding counts: chunked must be the final one.
+                chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                Kind::HopByHop
+            }
+            Field::Connection => {
+                for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let is_close = t.eq_ignore_ascii_case(b"close");
+                    close |= is_close;
+                    // Another name it lists would be stripped as well: a map's work.
+                    if !(is_close || t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+                        raw = None;
+                    }
+                }
+                Kind::HopByHop
+            }
+            Field::HopByHop => Kind::HopByHop,
+            Field::RequestId => Kind::RequestId,
+            Field::Date => Kind::Date,
+            // A gRPC answer's status is counted from its header map.
+            Field::ContentType if super::grpc::is_grpc_type(value) => {
+                raw = None;
+                Kind::Pass
+            }
+            Field::ContentType | Field::Other => Kind::Pass,
+        };
+        if let Some(r) = &mut raw {
+            r.push(span, kind);
         }
-        headers.append(name, value);
     }
+    let mut headers = match raw {
+        Some(_) => None,
+        None => {
+            // Room for the few the gateway adds (the request ID) without growing.
+            let mut headers = crate::header_maps::take(n + 2);
+            for &(ns, nl, vs, vl) in &spans[..n] {
+                let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+                let name = crate::names::header_name(&head[ns..ns + nl])
+                    .map_err(|_| Error::Invalid("bad header name"))?;
+                let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                    .map_err(|_| Error::Invalid("bad header value"))?;
+                headers.append(name, value);
+            }
+            Some(headers)
+        }
+    };
 
     let no_body = *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -433,7 +489,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     } else if transfer_coded {
         if length.is_some() {
             // RFC 9112 §6.3: Transfer-Encoding wins; the length is a smuggling hazard.
-            headers.remove(header::CONTENT_LENGTH);
+            match (&mut headers, &mut raw) {
+                (Some(h), _) => drop(h.remove(header::CONTENT_LENGTH)),
+                (None, Some(r)) => r.drop_lengths(),
+                (None, None) => {}
+            }
             close = true;
         }
         if chunked {
@@ -454,12 +514,61 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = Version::HTTP_11;
-    parts.headers = headers;
+    if let Some(h) = headers {
+        parts.headers = h;
+    }
     Ok(Some(Parsed::Final(Head {
         parts,
+        raw,
         framing,
         keep_alive: !close,
     })))
+}
+
+/// [`parse_head`] for other modules' tests: the final head of `raw` (status, map, and the
+/// fields when kept as they came), or `None` when it is incomplete or refused.
+#[cfg(test)]
+pub(crate) fn final_head(
+    raw: &[u8],
+    method: &Method,
+) -> Option<(http::response::Parts, Option<RawFields>)> {
+    let mut buf = BytesMut::from(raw);
+    loop {
+        match parse_head(&mut buf, method).ok()?? {
+            Parsed::Final(h) => return Some((h.parts, h.raw)),
+            Parsed::Interim => continue,
+        }
+    }
+}
+
+/// What the response parser looks for in a field name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Another hop-by-hop field (see `headers::strip_hop_by_hop`).
+    HopByHop,
+    ContentType,
+    Date,
+    RequestId,
+    Other,
+}
+
+impl Field {
+    /// The field a name (in lower case) is.
+    fn of(name: &[u8]) -> Self {
+        match name {
+            b"content-length" => Self::ContentLength,
+            b"transfer-encoding" => Self::TransferEncoding,
+            b"connection" => Self::Connection,
+            b"keep-alive" | b"proxy-connection" | b"te" | b"trailer" | b"upgrade" => Self::HopByHop,
+            b"content-type" => Self::ContentType,
+            b"date" => Self::Date,
+            b"x-request-id" => Self::RequestId,
+            _ => Self::Other,
+        }
+    }
 }
 
 /// A `Content-Length` value: digits only (a list of equal values is refused too).

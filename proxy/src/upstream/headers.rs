@@ -49,7 +49,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`).
-fn hop_by_hop() -> [&'static HeaderName; 7] {
+pub(super) fn hop_by_hop() -> [&'static HeaderName; 7] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,

@@ -843,6 +843,26 @@ impl Upstream {
     }
 }
 
+/// Put the fields of `resp` that its body holds as they came ([`h1::RawFields`], taken out by
+/// `take`) in its header map, ahead of any the map has, hop-by-hop ones stripped: for every
+/// reader of the map (the response cache, hyper's server). The own HTTP/1 server's writer
+/// copies them instead.
+pub fn materialize<B>(resp: &mut Response<B>, take: impl FnOnce(&mut B) -> Option<h1::RawFields>) {
+    let Some(raw) = take(resp.body_mut()) else {
+        return;
+    };
+    let added = std::mem::take(resp.headers_mut());
+    let h = resp.headers_mut();
+    raw.append_to(h);
+    let mut name = None;
+    for (n, v) in added {
+        name = n.or(name);
+        if let Some(n) = &name {
+            h.append(n, v);
+        }
+    }
+}
+
 impl Upstream {
     /// Send an upgrade request (bodiless; `Connection: upgrade` and `Upgrade` set by the
     /// caller) on a fresh connection of its own, never a cached one: when the upstream
@@ -1022,9 +1042,9 @@ impl Upstream {
                 }
             };
             match conn.exchange(method, deadline, encode).await {
-                Ok(h) => {
+                Ok(mut h) => {
                     let home = cache.clone();
-                    let body = conn.into_body(&h, move |c| home.own.put(key, c));
+                    let body = conn.into_body(&mut h, move |c| home.own.put(key, c));
                     return Ok(Response::from_parts(h.parts, body));
                 }
                 Err((_, false)) if reused && h1::idempotent(method) => {
@@ -1386,6 +1406,15 @@ impl Tee {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
+    /// The response head's fields as the own client kept them, if it did (once): the
+    /// response's header map has none of them until they are put in it ([`materialize`]).
+    pub fn take_raw(&mut self) -> Option<h1::RawFields> {
+        match &mut self.inner {
+            Received::Own(b) => b.take_raw(),
+            _ => None,
+        }
+    }
+
     /// A body whose bytes are all here: an answer served from an interface's cache.
     pub fn buffered(body: Bytes) -> Self {
         let body = (!body.is_empty()).then_some(body);

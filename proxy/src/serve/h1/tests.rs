@@ -164,6 +164,7 @@ fn framed(
         &mut out,
         StatusCode::from_u16(status).unwrap(),
         None,
+        None,
         &h,
         exact,
         req,
@@ -349,4 +350,134 @@ fn h2_preface_prefixes() {
     assert!(h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"));
     assert!(!h2_preface(b"PRI / HTTP/1.1\r\n\r\n"));
     assert!(!h2_preface(b"GET / HTTP/1.1\r\n"));
+}
+
+mod raw_fields {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::upstream::h1::{RawFields, final_head};
+    use crate::upstream::headers::strip_hop_by_hop;
+
+    const NAMES: &[&str] = &[
+        "content-length",
+        "date",
+        "x-request-id",
+        "content-type",
+        "cache-control",
+        "set-cookie",
+        "x-a",
+        "etag",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "transfer-encoding",
+        "proxy-connection",
+    ];
+    const VALUES: &[&str] = &[
+        "5",
+        "close",
+        "Keep-Alive, close",
+        "keep-alive",
+        "chunked",
+        "gzip, chunked",
+        "text/plain",
+        "a=b; Path=/",
+        "x-a, y",
+        "",
+    ];
+
+    fn field() -> impl Strategy<Value = (String, String)> {
+        let name = proptest::sample::select(NAMES);
+        (name, proptest::sample::select(VALUES), any::<u16>()).prop_map(|(n, v, case)| {
+            // Any mix of capitals: names are matched case-insensitively.
+            let n: String = (n.chars().enumerate())
+                .map(|(i, c)| match case >> (i % 16) & 1 {
+                    1 => c.to_ascii_uppercase(),
+                    _ => c,
+                })
+                .collect();
+            let v = if n.eq_ignore_ascii_case("content-length") {
+                "5"
+            } else {
+                v
+            };
+            (n, v.to_owned())
+        })
+    }
+
+    proptest! {
+        /// A head kept as it came is written exactly as the same head would be from the
+        /// parser's header map with the hop-by-hop fields stripped (the path of every other
+        /// answer), and put in a map as that map.
+        #[test]
+        fn written_as_from_the_map(
+            status in proptest::sample::select(&[200u16, 201, 204, 304, 404, 500][..]),
+            fields in proptest::collection::vec(field(), 0..20),
+            head_only in any::<bool>(),
+            http10 in any::<bool>(),
+            keep in any::<bool>(),
+            exact in proptest::option::of(0u64..10),
+        ) {
+            let mut raw = format!("HTTP/1.1 {status} X\r\n");
+            for (n, v) in &fields {
+                raw.push_str(&format!("{n}: {v}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let method = if head_only { Method::HEAD } else { Method::GET };
+            let Some((parts, Some(kept))) = final_head(raw.as_bytes(), &method) else {
+                return Ok(()); // refused, or built as a map: nothing to compare
+            };
+            prop_assert!(parts.headers.is_empty());
+            // The map the parser makes of a head it does not keep: every field, in order,
+            // without a length that Transfer-Encoding overrides (where a body may come);
+            // then stripped, as the request path does.
+            let mut map = HeaderMap::new();
+            for (n, v) in kept.iter() {
+                map.append(
+                    http::HeaderName::from_bytes(n).unwrap(),
+                    HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            let bodiless = head_only || status == 204 || status == 304;
+            if map.contains_key(http::header::TRANSFER_ENCODING) && !bodiless {
+                map.remove(http::header::CONTENT_LENGTH);
+            }
+            strip_hop_by_hop(&mut map);
+            let mut materialized = HeaderMap::new();
+            kept.append_to(&mut materialized);
+            prop_assert_eq!(&materialized, &map);
+            let id = HeaderValue::from_static("rid-1");
+            let req = Request {
+                version: if http10 { Version::HTTP_10 } else { Version::HTTP_11 },
+                head_only,
+                id: &id,
+            };
+            let empty = HeaderMap::new();
+            let write = |raw: Option<&RawFields>, map: &HeaderMap| {
+                let mut out = Vec::new();
+                let (f, k) = head(&mut out, parts.status, None, raw, map, exact, req, keep);
+                (String::from_utf8(out).unwrap(), f, k)
+            };
+            let (a, fa, ka) = write(None, &map);
+            let (b, fb, kb) = write(Some(&kept), &empty);
+            // A map keeps a name's values together, the raw fields keep the upstream's
+            // order: the same lines, each name's values in the same order. (The date may
+            // turn over between the two writes.)
+            let lines = |s: &str| {
+                let mut l: Vec<String> = s
+                    .lines()
+                    .filter(|l| !l.starts_with("date: "))
+                    .map(str::to_owned)
+                    .collect();
+                l[1..].sort_by_key(|l| l.split(':').next().unwrap_or("").to_owned());
+                l
+            };
+            prop_assert_eq!(lines(&a), lines(&b));
+            prop_assert_eq!(a.contains("date: "), b.contains("date: "));
+            prop_assert_eq!((fa, ka), (fb, kb));
+        }
+    }
 }

@@ -13,7 +13,8 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{connection_has, digits};
-use crate::pipeline::{RespBody, X_REQUEST_ID};
+use crate::pipeline::{RespBody, X_REQUEST_ID, take_raw};
+use crate::upstream::h1::RawFields;
 
 /// Buffered body bytes flushed at this size.
 const FLUSH_AT: usize = 64 * 1024;
@@ -55,10 +56,12 @@ pub(super) async fn response<I: AsyncWrite + Unpin>(
         .extensions
         .get::<hyper::ext::ReasonPhrase>()
         .map(|r| r.as_bytes());
+    let raw = take_raw(&mut body);
     let (framing, keep) = head(
         out,
         parts.status,
         reason,
+        raw.as_ref(),
         &parts.headers,
         body.size_hint().exact(),
         req,
@@ -127,12 +130,15 @@ pub(super) async fn response<I: AsyncWrite + Unpin>(
     Ok(keep && framing != Framing::Close)
 }
 
-/// Write the response head into `out`: status line, fields, framing, `date`, `connection`
-/// as needed. Returns the body's framing and whether the connection stays open.
+/// Write the response head into `out`: status line, fields (the upstream's kept as they
+/// came, then the map's), framing, `date`, `connection` as needed. Returns the body's framing
+/// and whether the connection stays open.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn head(
     out: &mut Vec<u8>,
     status: StatusCode,
     reason: Option<&[u8]>,
+    raw: Option<&RawFields>,
     headers: &HeaderMap,
     exact: Option<u64>,
     req: Request<'_>,
@@ -159,9 +165,11 @@ pub(super) fn head(
     let can_body = !(req.head_only || no_length);
     // A length where none may be is not passed on (a 304's describes the resource).
     let drop_length = no_length && code != 304;
-    let declared = declared_field
-        .filter(|_| !drop_length)
-        .and_then(|v| digits(v.as_bytes()));
+    let declared = match raw.and_then(RawFields::declared) {
+        Some(n) => Some(n),
+        None => declared_field.and_then(|v| digits(v.as_bytes())),
+    }
+    .filter(|_| !drop_length);
     let mut add_length = None;
     let mut chunked = false;
     let mut framing = match (declared, exact) {
@@ -206,6 +214,10 @@ pub(super) fn head(
         _ => None,
     };
     let mut has_date = false;
+    if let Some(raw) = raw {
+        raw.write(out, drop_length);
+        has_date = raw.has_date();
+    }
     for (name, value) in headers.iter() {
         if name == header::DATE {
             has_date = true;

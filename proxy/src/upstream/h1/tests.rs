@@ -7,11 +7,17 @@ use tokio::net::TcpListener;
 
 use super::*;
 
+/// The head of `raw`, its fields in its map wherever the parser kept them.
 fn head_of(raw: &[u8], method: &Method) -> Result<Option<Head>, Error> {
     let mut buf = BytesMut::from(raw);
     loop {
         match parse_head(&mut buf, method)? {
-            Some(Parsed::Final(h)) => return Ok(Some(h)),
+            Some(Parsed::Final(mut h)) => {
+                if let Some(r) = h.raw.take() {
+                    r.append_to(&mut h.parts.headers);
+                }
+                return Ok(Some(h));
+            }
             Some(Parsed::Interim) => continue,
             None => return Ok(None),
         }
@@ -36,9 +42,11 @@ fn parses_a_response_head() {
     let mut buf = BytesMut::from(
         &b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello"[..],
     );
-    let Some(Parsed::Final(h)) = parse_head(&mut buf, &Method::GET).unwrap() else {
+    let Some(Parsed::Final(mut h)) = parse_head(&mut buf, &Method::GET).unwrap() else {
         panic!("complete head");
     };
+    assert!(h.parts.headers.is_empty(), "kept as they came");
+    h.raw.take().unwrap().append_to(&mut h.parts.headers);
     assert_eq!(h.parts.status, StatusCode::CREATED);
     assert_eq!(h.parts.headers["content-length"], "5");
     let xs: Vec<_> = h.parts.headers.get_all("x-a").iter().collect();
@@ -300,9 +308,9 @@ async fn each_exchange_keeps_its_own_deadline() {
 
 async fn fetch(conn: Conn, method: Method, returned: &Returned) -> Result<(u16, Vec<u8>), Error> {
     let mut conn = conn;
-    let h = (conn.exchange(&method, far(), encoder(&method)).await).map_err(|(e, _)| e)?;
+    let mut h = (conn.exchange(&method, far(), encoder(&method)).await).map_err(|(e, _)| e)?;
     let r = returned.clone();
-    let body = conn.into_body(&h, move |c| r.lock().unwrap().push(c));
+    let body = conn.into_body(&mut h, move |c| r.lock().unwrap().push(c));
     let data = body.collect().await?.to_bytes();
     Ok((h.parts.status.as_u16(), data.to_vec()))
 }
@@ -438,4 +446,146 @@ fn encodes_request_heads() {
             "cd".repeat(8)
         )
     );
+}
+
+/// The raw fields of `raw`'s head, or `None` when the parser built a map instead.
+fn raw_of(raw: &str) -> Option<RawFields> {
+    let mut buf = BytesMut::from(raw.as_bytes());
+    match parse_head(&mut buf, &Method::GET).unwrap() {
+        Some(Parsed::Final(h)) => {
+            assert_eq!(
+                h.raw.is_some(),
+                h.parts.headers.is_empty(),
+                "fields in one place: {raw:?}"
+            );
+            h.raw
+        }
+        _ => panic!("no head in {raw:?}"),
+    }
+}
+
+/// A head is kept as it came unless the gateway would change more than it notes: a
+/// `Connection` naming other fields, a gRPC content type, more than `RAW_MAX` fields. Names
+/// are kept in lower case; hop-by-hop fields and `X-Request-Id` are kept but not written.
+#[test]
+fn raw_fields_kept_and_written() {
+    let head = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nConnection: Keep-Alive\r\n\
+                KEEP-ALIVE: timeout=5\r\nX-Request-Id: up\r\nx-a: 2\r\n\r\nok";
+    let plain = raw_of(head).unwrap();
+    let fields: Vec<_> = plain
+        .iter()
+        .map(|(n, _)| String::from_utf8_lossy(n))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "content-length",
+            "x-a",
+            "connection",
+            "keep-alive",
+            "x-request-id",
+            "x-a"
+        ]
+    );
+    let mut out = Vec::new();
+    plain.write(&mut out, false);
+    assert_eq!(out, b"content-length: 2\r\nx-a: 1\r\nx-a: 2\r\n");
+    out.clear();
+    plain.write(&mut out, true);
+    assert_eq!(out, b"x-a: 1\r\nx-a: 2\r\n");
+    assert_eq!(plain.declared(), Some(2));
+    for name in super::super::headers::hop_by_hop() {
+        let value = match *name {
+            header::TRANSFER_ENCODING => "chunked",
+            _ => "close",
+        };
+        let upper = name.as_str().to_ascii_uppercase();
+        let head = format!("HTTP/1.1 200 OK\r\n{upper}: {value}\r\nContent-Length: 0\r\n\r\n");
+        let mut out = Vec::new();
+        raw_of(&head).unwrap().write(&mut out, false);
+        let out = String::from_utf8(out).unwrap();
+        // A length with Transfer-Encoding is not passed on either.
+        let want = match *name {
+            header::TRANSFER_ENCODING => "",
+            _ => "content-length: 0\r\n",
+        };
+        assert_eq!(out, want, "{name} written");
+    }
+    // Transfer-Encoding wins over a length: neither is passed on.
+    let te = raw_of("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let mut out = Vec::new();
+    te.as_ref().unwrap().write(&mut out, false);
+    assert!(out.is_empty() && te.unwrap().declared().is_none());
+    assert!(raw_of("HTTP/1.1 200 OK\r\nConnection: close, x-a\r\nx-a: 1\r\n\r\n").is_none());
+    let grpc = "HTTP/1.1 200 OK\r\ncontent-type: Application/gRPC+proto\r\n\r\n";
+    assert!(raw_of(grpc).is_none());
+    assert!(raw_of("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n").is_some());
+    let many = |n: usize| {
+        let fields: String = (0..n).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 0\r\n\r\n")
+    };
+    assert!(raw_of(&many(raw::RAW_MAX - 1)).is_some());
+    assert!(raw_of(&many(raw::RAW_MAX)).is_none());
+}
+
+/// Every name and value byte httparse accepts is one `HeaderName` and `HeaderValue` accept:
+/// raw fields always make the map the parser would have made.
+#[test]
+fn accepted_field_bytes_are_valid_headers() {
+    let mut accepted = (0, 0);
+    for b in 0..=255u8 {
+        let mut head = b"HTTP/1.1 200 OK\r\nx".to_vec();
+        head.push(b);
+        head.extend_from_slice(b": 1\r\n\r\n");
+        if let Ok(Some(Parsed::Final(h))) = parse_head(&mut BytesMut::from(&head[..]), &Method::GET)
+        {
+            let r = h.raw.expect("a plain field is kept raw");
+            for (n, _) in r.iter() {
+                assert!(http::HeaderName::from_bytes(n).is_ok(), "name byte {b:#x}");
+            }
+            accepted.0 += 1;
+        }
+        let mut head = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+        head.push(b);
+        head.extend_from_slice(b"b\r\n\r\n");
+        if let Ok(Some(Parsed::Final(h))) = parse_head(&mut BytesMut::from(&head[..]), &Method::GET)
+        {
+            let r = h.raw.expect("a plain field is kept raw");
+            for (_, v) in r.iter() {
+                assert!(HeaderValue::from_bytes(v).is_ok(), "value byte {b:#x}");
+            }
+            accepted.1 += 1;
+        }
+    }
+    // Names: the 77 token characters, and `x:` (the name `x`, the value `: 1`). Values:
+    // every byte but the controls (tab aside) and DEL.
+    assert_eq!(accepted, (77 + 1, 256 - 32 + 1 - 1));
+}
+
+/// Putting raw fields in a map keeps them ahead of any added meanwhile, in order.
+#[test]
+fn materialized_fields_come_first() {
+    let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-B: 1\r\nX-A: 2\r\nx-b: 3\r\n\r\n"[..]);
+    let Some(Parsed::Final(h)) = parse_head(&mut buf, &Method::HEAD).unwrap() else {
+        panic!("complete head");
+    };
+    let body = ResponseBody {
+        state: State::Done,
+        hint: SizeHint::default(),
+        raw: h.raw,
+    };
+    let mut resp = http::Response::from_parts(h.parts, body);
+    resp.headers_mut()
+        .append("x-c", HeaderValue::from_static("4"));
+    resp.headers_mut()
+        .append("x-c", HeaderValue::from_static("5"));
+    super::super::materialize(&mut resp, ResponseBody::take_raw);
+    let got: Vec<_> = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+        .collect();
+    // A map keeps a name's values together, in order.
+    assert_eq!(got, ["x-b=1", "x-b=3", "x-a=2", "x-c=4", "x-c=5"]);
+    assert!(resp.body_mut().take_raw().is_none(), "taken once");
 }

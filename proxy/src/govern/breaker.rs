@@ -168,7 +168,12 @@ pub fn epoch() -> Instant {
 
 /// Nanoseconds since [`epoch`].
 pub fn now() -> u64 {
-    epoch().elapsed().as_nanos() as u64
+    at(Instant::now())
+}
+
+/// Nanoseconds from [`epoch`] to `t` (a clock reading made for something else too).
+pub fn at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 // === impl State ===

@@ -243,6 +243,7 @@ pub fn finish_call(
     permit: Option<Permit>,
     outcome: Result<http::StatusCode, GatewayError>,
     latency: Duration,
+    now: std::time::Instant,
 ) {
     let Some(mut p) = permit else { return };
     let result = match outcome {
@@ -256,7 +257,7 @@ pub fn finish_call(
         ) => CallResult::Failure,
         Err(_) => return, // dropping the permit gives a probe slot back
     };
-    if let Some(t) = p.report(breaker::now(), result, latency) {
+    if let Some(t) = p.report(breaker::at(now), result, latency) {
         on_transition(metrics, p.breaker(), t);
     }
 }

@@ -181,7 +181,7 @@ impl Gateway {
         };
         let d = decide(&rt, request_parts(&parts), conn, mode);
         let req = request_parts(&parts);
-        let record = Record::start(&rt, &d, req, verdict, self.recorder(&ids), started);
+        let mut record = Record::start(&rt, &d, req, verdict, self.recorder(&ids), started);
         // Only what the later phases need is carried across the waits (a smaller future).
         // The cache key is taken now, while the classification (app, user) is at hand.
         let cached = match (&d.action, interface_cache(&rt, d.class.interface)) {
@@ -244,7 +244,10 @@ impl Gateway {
                         tunnel::refuse_unasked_switch(sent.await)
                     }
                 };
-                self.finish(result.as_ref(), permit, held, started);
+                let done = self.finish(result.as_ref(), permit, held, started);
+                if lookup.is_none() {
+                    record.done_at(done);
+                }
                 let result = match lookup {
                     Some(Lookup::Lead(lead)) => {
                         Box::pin(lead.fill(result, head_only, &rt.snapshot)).await
@@ -351,24 +354,27 @@ impl Gateway {
     }
 
     /// Give the overload slots back and report the call to the breaker. (A request that
-    /// was not forwarded drops both unjudged: the upstream was never asked.)
+    /// was not forwarded drops both unjudged: the upstream was never asked.) Returns the
+    /// time, read once for the breaker and the record.
     fn finish(
         &self,
         result: Result<&(Response<UpstreamBody>, std::time::Duration), &GatewayError>,
         permit: Option<Permit>,
         held: Option<Held>,
         started: Instant,
-    ) {
+    ) -> Instant {
+        let now = Instant::now();
         if let Some(h) = held {
             h.finish(result.ok().map(|(_, latency)| *latency));
         }
         if permit.is_some() {
             let (judged, latency) = match result {
                 Ok((resp, latency)) => (Ok(resp.status()), *latency),
-                Err(e) => (Err(*e), started.elapsed()),
+                Err(e) => (Err(*e), now.saturating_duration_since(started)),
             };
-            finish_call(&self.live.metrics, permit, judged, latency);
+            finish_call(&self.live.metrics, permit, judged, latency, now);
         }
+        now
     }
 
     /// The client's `X-Request-Id` when it sent a usable one, else a new one, and whether it
@@ -408,10 +414,11 @@ impl Gateway {
         let trusted = &rt.snapshot.trusted_proxies;
         let trusted = !trusted.is_empty() && trusted.contains(conn.remote.ip());
         // Trace and span IDs are read by others (and chosen by nobody but the gateway):
-        // drawn from the thread's CSPRNG, not the counter behind `next_random`.
-        let mut r = [0u64; 4];
-        rand::rng().fill(&mut r[..]);
-        let [draw, ids @ ..] = r;
+        // drawn from the thread's CSPRNG, not the counter behind `next_random`, which is
+        // plenty for the sampling draw.
+        let mut ids = [0u64; 3];
+        rand::rng().fill(&mut ids[..]);
+        let draw = self.next_random();
         Some(TraceContext::continue_or_start(
             headers, sampler, trusted, draw, ids,
         ))

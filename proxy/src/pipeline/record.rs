@@ -63,6 +63,8 @@ pub struct Record {
     tally: Tally,
     interface: Option<InterfaceId>,
     started: Instant,
+    /// When the answer was had, if the caller read the clock then (else it is read here).
+    done: Option<Instant>,
     /// Who asked and where it was routed, for the access log and the span (copied only
     /// when one of them is written).
     who: Option<Who>,
@@ -172,10 +174,16 @@ impl Record {
             tally,
             interface: d.class.interface,
             started,
+            done: None,
             who,
             to,
             grpc: is_grpc(req.headers),
         }
+    }
+
+    /// The answer was had at `at` (a clock reading the caller made anyway).
+    pub fn done_at(&mut self, at: Instant) {
+        self.done = Some(at);
     }
 
     /// Answer as gRPC (when `grpc`) if the gateway answers itself.
@@ -197,6 +205,7 @@ impl Record {
             interface: None,
             grpc: false,
             started,
+            done: None,
             who: (to.log || to.export.is_some()).then(|| Who {
                 client: None,
                 identity,
@@ -269,7 +278,10 @@ impl Record {
             }
         };
         let status = resp.status();
-        let elapsed = self.started.elapsed();
+        let elapsed = match self.done {
+            Some(at) => at.saturating_duration_since(self.started),
+            None => self.started.elapsed(),
+        };
         self.tally.record(class, elapsed);
         let iface = self.interface.map(|i| &rt.interface_names[i.0 as usize]);
         self.tally
@@ -308,7 +320,10 @@ impl Record {
                 "request"
             );
         }
-        if let (Some(exp), Some(w), Some(t)) = (&self.to.export, self.who, ids.trace) {
+        // The exporter first: without one, nothing is moved out of `self`.
+        if let Some(exp) = &self.to.export
+            && let (Some(w), Some(t)) = (self.who, ids.trace)
+        {
             let end_unix_ns = unix_nanos();
             exp.offer(SpanRecord {
                 trace_id: t.trace_id,

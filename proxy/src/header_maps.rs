@@ -1,7 +1,8 @@
 //! Header maps for the own HTTP/1 paths, reused per thread.
 //!
-//! Each request on the fast path builds two maps: the request's (the server's parser) and
-//! the response's (the upstream client's parser). A fresh `HeaderMap` is two allocations (its
+//! Each request on the fast path builds a map of its head (the server's parser), and so does
+//! the upstream client's parser for an answer it does not keep as it came (see
+//! `upstream::h1::RawFields`). A fresh `HeaderMap` is two allocations (its
 //! index and its entries, the latter over 1 KB for a typical head) and two frees when it
 //! drops, for memory that is the same size every time. [`take`] hands out a cleared map
 //! from this thread's spares and [`give`] returns one whose request is done with it, so a

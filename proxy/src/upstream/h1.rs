@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -388,7 +388,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     // Where each field sits in the buffer, so the values can be slices of it.
     let base = buf.as_ptr() as usize;
     let at = |p: &[u8]| (p.as_ptr() as usize - base) as u16;
-    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
     let n = res.headers.len();
     for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
         *span = (
@@ -469,12 +469,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         None => {
             // Room for the few the gateway adds (the request ID) without growing.
             let mut headers = crate::header_maps::take(n + 2);
-            for &(ns, nl, vs, vl) in &spans[..n] {
-                let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-                let name = crate::names::header_name(&head[ns..ns + nl])
-                    .map_err(|_| Error::Invalid("bad header name"))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-                    .map_err(|_| Error::Invalid("bad header value"))?;
+            for &span in &spans[..n] {
+                let (name, value) = header_field(&head, span)?;
                 headers.append(name, value);
             }
             Some(headers)
@@ -569,6 +565,19 @@ impl Field {
             _ => Self::Other,
         }
     }
+}
+
+/// Where a field sits in a head: name start, name length, value start, value length.
+type Span = (u16, u16, u16, u16);
+
+/// The field at `span` of `head` as a header map holds it (the value a slice of `head`).
+fn header_field(head: &Bytes, (ns, nl, vs, vl): Span) -> Result<(HeaderName, HeaderValue), Error> {
+    let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+    let name = crate::names::header_name(&head[ns..ns + nl])
+        .map_err(|_| Error::Invalid("bad header name"))?;
+    let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+        .map_err(|_| Error::Invalid("bad header value"))?;
+    Ok((name, value))
 }
 
 /// A `Content-Length` value: digits only (a list of equal values is refused too).

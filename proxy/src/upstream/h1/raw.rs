@@ -29,7 +29,9 @@
 use std::cell::RefCell;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
+
+use super::{Span, header_field};
 
 /// Most fields a response head may have to be kept as [`RawFields`] (one bit each in the
 /// masks).
@@ -53,8 +55,7 @@ struct Table {
     /// The head's bytes; every name in lower case.
     head: Bytes,
     len: u8,
-    /// Name start, name length, value start, value length, in `head`.
-    spans: [(u16, u16, u16, u16); RAW_MAX],
+    spans: [Span; RAW_MAX],
     /// Fields never passed on: hop-by-hop ones, and `Content-Length` when
     /// `Transfer-Encoding` came with it.
     hop: u32,
@@ -111,7 +112,7 @@ impl RawFields {
     }
 
     /// Add a field (at most [`RAW_MAX`]; the caller counts).
-    pub(super) fn push(&mut self, span: (u16, u16, u16, u16), kind: Kind) {
+    pub(super) fn push(&mut self, span: Span, kind: Kind) {
         let t = self.0.as_mut().expect("a table until dropped");
         let bit = 1u32 << t.len;
         t.spans[usize::from(t.len)] = span;
@@ -138,14 +139,7 @@ impl RawFields {
     /// Each field's name (lower case) and value, in order, every one of them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let t = self.table();
-        t.spans[..usize::from(t.len)]
-            .iter()
-            .map(move |&(ns, nl, vs, vl)| {
-                (
-                    &t.head[usize::from(ns)..][..usize::from(nl)],
-                    &t.head[usize::from(vs)..][..usize::from(vl)],
-                )
-            })
+        t.fields().map(|(_, span)| t.slices(span))
     }
 
     /// The first `Content-Length` passed on, if any.
@@ -163,13 +157,11 @@ impl RawFields {
     pub fn write(&self, out: &mut Vec<u8>, drop_length: bool) {
         let t = self.table();
         let skip = t.hop | t.ids | if drop_length { t.lengths } else { 0 };
-        for (i, &(ns, nl, vs, vl)) in t.spans[..usize::from(t.len)].iter().enumerate() {
-            if skip & (1 << i) != 0 {
-                continue;
-            }
-            out.extend_from_slice(&t.head[usize::from(ns)..][..usize::from(nl)]);
+        for (_, span) in t.fields().filter(|&(bit, _)| skip & bit == 0) {
+            let (name, value) = t.slices(span);
+            out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            out.extend_from_slice(&t.head[usize::from(vs)..][..usize::from(vl)]);
+            out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -179,21 +171,31 @@ impl RawFields {
     pub fn append_to(&self, map: &mut HeaderMap) {
         let t = self.table();
         map.reserve(usize::from(t.len));
-        for (i, &(ns, nl, vs, vl)) in t.spans[..usize::from(t.len)].iter().enumerate() {
-            if t.hop & (1 << i) != 0 {
-                continue;
-            }
-            let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-            let name = crate::names::header_name(&t.head[ns..ns + nl]);
-            let value = HeaderValue::from_maybe_shared(t.head.slice(vs..vs + vl));
-            match (name, value) {
-                (Ok(n), Ok(v)) => {
+        for (_, span) in t.fields().filter(|&(bit, _)| t.hop & bit == 0) {
+            match header_field(&t.head, span) {
+                Ok((n, v)) => {
                     map.append(n, v);
                 }
                 // Not reached: httparse accepts no other characters (tested).
-                _ => debug_assert!(false, "a field httparse accepted is not a valid header"),
+                Err(_) => debug_assert!(false, "a field httparse accepted is not a valid header"),
             }
         }
+    }
+}
+
+impl Table {
+    /// Each field's bit in the masks, and its span.
+    fn fields(&self) -> impl Iterator<Item = (u32, Span)> + '_ {
+        let spans = self.spans[..usize::from(self.len)].iter();
+        spans.enumerate().map(|(i, &span)| (1 << i, span))
+    }
+
+    /// A field's name and value.
+    fn slices(&self, (ns, nl, vs, vl): Span) -> (&[u8], &[u8]) {
+        (
+            &self.head[usize::from(ns)..][..usize::from(nl)],
+            &self.head[usize::from(vs)..][..usize::from(vl)],
+        )
     }
 }
 

@@ -447,6 +447,90 @@ async fn a_parked_connection_serves_on() {
     server.abort();
 }
 
+/// How long until the gateway closes `c` (reading and dropping what it sends), at most 8 s.
+async fn closed_after(c: &mut tokio::net::TcpStream) -> Duration {
+    let t = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(8), c.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return t.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("still open after 8 s"),
+        }
+    }
+}
+
+/// A parked connection (idle past the park delay: the task serving it has ended, a small
+/// one waits for its bytes) keeps the deadlines of the wait it was parked in: the idle
+/// timeout closes one, whether or not it has asked anything yet, and shutdown any at once.
+/// One parked before its first request may still start HTTP/2 (hyper's).
+#[tokio::test]
+async fn parked_connections_keep_their_deadlines() {
+    let up = Upstream::start().await;
+    let mut cfg = config(&[up.addr]);
+    set(&mut cfg, "server/limits/idle_timeout_ms", json!(3_500));
+    set(
+        &mut cfg,
+        "server/limits/header_read_timeout_ms",
+        json!(6_000),
+    );
+    set(&mut cfg, "server/shutdown_grace_ms", json!(10_000));
+    let gw = start_gateway(&cfg).await;
+    let addr = gw.listen_addrs[0];
+    let answered = async || {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_until(&mut c, b"}").await.starts_with("HTTP/1.1 200"));
+        c
+    };
+    let idle = async {
+        let mut c = answered().await;
+        closed_after(&mut c).await
+    };
+    let silent = async {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        closed_after(&mut c).await
+    };
+    let late_h2 = async {
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let io = hyper_util::rt::TokioIo::new(c);
+        let exec = hyper_util::rt::TokioExecutor::new();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(exec, io)
+            .await
+            .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        let req = Request::get(format!("http://{addr}/h2"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        h2.send_request(req).await.unwrap().status()
+    };
+    let (idle, silent, h2) = tokio::join!(idle, silent, late_h2);
+    assert!(
+        (Duration::from_millis(3_300)..Duration::from_millis(4_500)).contains(&idle),
+        "closed by the idle timeout (3.5 s) after {idle:?}"
+    );
+    assert!(
+        (Duration::from_millis(3_300)..Duration::from_millis(4_500)).contains(&silent),
+        "closed by the idle timeout before a first request after {silent:?}"
+    );
+    assert_eq!(h2, StatusCode::OK);
+
+    // Parked, 2.2 s before its idle timeout.
+    let mut c = answered().await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let t = Instant::now();
+    assert!(gw.shutdown().await, "every connection closed");
+    assert!(
+        t.elapsed() < Duration::from_millis(1_500),
+        "shutdown waited {:?} for a parked connection",
+        t.elapsed()
+    );
+    assert!(closed_after(&mut c).await < Duration::from_millis(500));
+}
+
 /// The own upstream client keeps an answer's fields as they came; both servers pass them
 /// on, hop-by-hop ones stripped: the fast path's writer, and hyper's, which serves a
 /// connection after a request the fast path hands to it (a chunked body). A bodiless

@@ -11,7 +11,9 @@
 //! large bodies, anything hyper would refuse). hyper stays the reference for all of those.
 //! The same task enforces the first-request deadline, each later head's deadline and the idle
 //! timeout and, on shutdown, finishes the request in flight and closes (on hyper, by asking
-//! it to).
+//! it to). A fast-path connection idle for a second is parked: its task ends, and a much
+//! smaller one waits for its next bytes, then starts a new task that serves on from them.
+//! Thousands of idle keep-alive clients then cost little more than their sockets.
 //!
 //! The first-request deadline: a connection must have delivered the head of its first
 //! request within `header_read_timeout_ms` of being accepted (TLS handshake included), or it
@@ -36,10 +38,11 @@ use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use rules::model::ConnLimits;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 pub mod h1;
 pub mod tls;
@@ -125,20 +128,84 @@ pub async fn accept_loop(
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let info = ConnInfo::new(remote, proto.clone());
+        let live = Live::new(&shared.gateway, permit);
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            shared.gateway.live.metrics.connections.inc();
-            shared.gateway.live.metrics.connections_accepted.inc();
             match tls {
-                None => serve_io(stream, info, &shared, accepted).await,
+                None => serve_io(Connection::new(stream, info, shared, accepted, live), None).await,
                 // Boxed: a task's future is as large as its largest state, and a plain
                 // connection should not carry the handshake's.
-                Some(certs) => Box::pin(serve_tls(stream, certs, info, &shared, accepted)).await,
+                Some(certs) => {
+                    Box::pin(serve_tls(stream, certs, info, shared, accepted, live)).await
+                }
             }
-            shared.gateway.live.metrics.connections.dec();
-            drop(permit);
         });
+    }
+}
+
+/// An open connection, counted in the connections gauge and holding its permit until
+/// dropped (with the last of its tasks).
+struct Live {
+    gauge: Gauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Live {
+    fn new(gateway: &Gateway, permit: OwnedSemaphorePermit) -> Self {
+        let m = &gateway.live.metrics;
+        m.connections.inc();
+        m.connections_accepted.inc();
+        Self {
+            gauge: m.connections.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// A connection and what its requests are served with, passed from task to task: the one
+/// serving requests, and the smaller one that waits while it is parked (see
+/// [`h1::Outcome::Parked`]).
+struct Connection<I> {
+    io: Tracked<I>,
+    info: Arc<ConnInfo>,
+    /// Its own upstream connections, for its HTTP/1.x requests (one at a time).
+    cache: Arc<ConnCache>,
+    activity: Arc<Activity>,
+    shared: Shared,
+    accepted: tokio::time::Instant,
+    /// Held while any of its tasks lives.
+    _live: Live,
+}
+
+impl<I> Connection<I> {
+    fn new(
+        io: I,
+        info: ConnInfo,
+        shared: Shared,
+        accepted: tokio::time::Instant,
+        live: Live,
+    ) -> Self {
+        // Untracked while the fast path serves it: its loop has its own deadlines.
+        let activity = Arc::new(Activity::untracked());
+        Self {
+            io: Tracked {
+                io,
+                activity: activity.clone(),
+            },
+            info: Arc::new(info),
+            cache: Arc::new(ConnCache::default()),
+            activity,
+            shared,
+            accepted,
+            _live: live,
+        }
     }
 }
 
@@ -147,8 +214,9 @@ async fn serve_tls(
     stream: tokio::net::TcpStream,
     certs: Arc<tls::CertStore>,
     info: ConnInfo,
-    shared: &Shared,
+    shared: Shared,
     accepted: tokio::time::Instant,
+    live: Live,
 ) {
     let remote = info.remote;
     // The pair current at accept time: certificates replaced on disk are picked up by new
@@ -156,55 +224,65 @@ async fn serve_tls(
     let acceptor = certs.acceptor();
     let deadline = accepted + shared.handshake_timeout;
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => serve_io(s, info, shared, accepted).await,
+        Ok(Ok(s)) => serve_io(Connection::new(s, info, shared, accepted, live), None).await,
         Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(client = %remote, "TLS handshake timed out"),
     }
 }
 
-/// Serve one connection, accepted at `accepted`, to completion: on the HTTP/1 fast path
-/// ([`h1`]) while its requests are ordinary, then, from the first that is not (or from the
-/// start for HTTP/2), with hyper.
-async fn serve_io<I>(io: I, info: ConnInfo, shared: &Shared, accepted: tokio::time::Instant)
+/// Serve a connection to completion: on the HTTP/1 fast path ([`h1`]) while its requests
+/// are ordinary, then, from the first that is not (or from the start for HTTP/2), with
+/// hyper. Parked, it goes on in a task of its own ([`parked`]), and this one ends.
+async fn serve_io<I>(c: Connection<I>, resume: Option<h1::Resume>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Untracked while the fast path serves it: its loop has its own deadlines.
-    let activity = Arc::new(Activity::untracked());
-    let io = Tracked {
-        io,
-        activity: activity.clone(),
-    };
-    // This connection's own upstream connection, for its HTTP/1.x requests (one at a time).
-    let upstream_conn = Arc::new(ConnCache::default());
-    let info = Arc::new(info);
     let fast = h1::Conn {
-        gateway: &shared.gateway,
-        info: &info,
-        cache: &upstream_conn,
-        activity: &activity,
-        limits: shared.h1,
-        idle_timeout: shared.idle_timeout,
-        first_deadline: accepted + shared.handshake_timeout,
-        shutdown: shared.shutdown.clone(),
+        gateway: &c.shared.gateway,
+        info: &c.info,
+        cache: &c.cache,
+        activity: &c.activity,
+        limits: c.shared.h1,
+        idle_timeout: c.shared.idle_timeout,
+        first_deadline: c.accepted + c.shared.handshake_timeout,
+        shutdown: c.shared.shutdown.clone(),
     };
-    match h1::serve(io, fast).await {
+    match h1::serve(c.io, fast, resume).await {
         h1::Outcome::Closed => {}
+        h1::Outcome::Parked(io, wait) => {
+            tokio::spawn(parked(Connection { io, ..c }, wait));
+        }
         // Boxed: hyper's connection state is larger than the fast path's, and most
         // connections never get there.
         h1::Outcome::Handoff(io) => {
-            activity.track();
+            c.activity.track();
             Box::pin(serve_hyper(
-                io,
-                info,
-                upstream_conn,
-                activity,
-                shared,
-                accepted,
+                io, c.info, c.cache, c.activity, &c.shared, c.accepted,
             ))
-            .await
+            .await;
         }
     }
+}
+
+/// A parked connection's wait for its next bytes; with them, it is served again in a new
+/// task ([`resume`]).
+async fn parked<I>(mut c: Connection<I>, wait: h1::Wait)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut shutdown = c.shared.shutdown.clone();
+    if let Some(r) = h1::park(&mut c.io, wait, &mut shutdown).await {
+        resume(c, r);
+    }
+}
+
+/// Serve a parked connection again, from the bytes that woke it. A plain function: the
+/// two tasks' futures name each other only through it.
+fn resume<I>(c: Connection<I>, r: h1::Resume)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(serve_io(c, Some(r)));
 }
 
 /// Serve the rest of a connection with hyper's auto-detecting HTTP/1.1 + HTTP/2 server.

@@ -58,10 +58,12 @@ pub const MAX_FIELDS: usize = 128;
 /// Read size: what hyper's read strategy starts with.
 const READ_CHUNK: usize = 8192;
 
-/// A connection idle this long between requests gives its buffers back (its own and its
-/// upstream connections'): thousands of idle keep-alive clients then cost their sockets and
-/// tasks, not 8 KB buffers each. Short enough that most idle time is parked; long enough
-/// that a busy connection never pays for it.
+/// A connection idle this long between requests is parked ([`Outcome::Parked`]): its
+/// buffers (its own and its upstream connections') are given back and the task serving it,
+/// sized for a request's whole path, ends; a small one waits for its next bytes.
+/// Thousands of idle keep-alive clients then cost their sockets, not 8 KB buffers and a
+/// request-sized task each. Short enough that most idle time is parked; long enough that a
+/// busy connection never pays for it.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// The head limits of a connection: hyper's settings for it (see `super::builder`).
@@ -278,6 +280,51 @@ pub enum Outcome<I> {
     Closed,
     /// Handed to hyper, with the bytes read and not yet served replayed first.
     Handoff(Rewind<I>),
+    /// Idle for [`PARK_AFTER`] with nothing read: its buffers (and its upstream
+    /// connections') given back, to wait for its next bytes with [`park`] in a task much
+    /// smaller than the one serving requests.
+    Parked(I, Wait),
+}
+
+/// The wait for a request head, as it stands when a connection is parked.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    /// The head's absolute deadline.
+    deadline: Instant,
+    /// The idle timeout's end.
+    idle_at: Instant,
+    /// Whether the head is the connection's first.
+    first: bool,
+}
+
+/// Bytes that ended a parked connection's wait, and that wait: [`serve`] goes on from them.
+pub struct Resume {
+    buf: BytesMut,
+    wait: Wait,
+}
+
+/// Wait for a parked connection's next bytes, by the deadlines of `wait`: `Some` with them
+/// (give them to [`serve`]); `None` once the connection is closed (by the client, a
+/// deadline, or shutdown).
+pub async fn park<I>(io: &mut I, wait: Wait, shutdown: &mut watch::Receiver<bool>) -> Option<Resume>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    // `read_buf` gives an empty buffer what its first read needs (64 bytes); the full chunk
+    // comes in `serve`.
+    let mut buf = BytesMut::new();
+    tokio::select! {
+        biased;
+        r = io.read_buf(&mut buf) => match r {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(Resume { buf, wait }),
+        },
+        _ = tokio::time::sleep_until(wait.deadline.min(wait.idle_at)) => None,
+        _ = crate::shutdown::stopped(shutdown) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            None
+        }
+    }
 }
 
 /// What a connection's fast path works with.
@@ -300,31 +347,40 @@ pub struct Conn<'a> {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Serve `io` on the fast path until it closes or is handed to hyper.
-pub async fn serve<I>(mut io: I, mut c: Conn<'_>) -> Outcome<I>
+/// Serve `io` on the fast path until it closes, is handed to hyper or is parked; from the
+/// start, or (`resume`) from the bytes that ended a parked wait.
+pub async fn serve<I>(mut io: I, mut c: Conn<'_>, resume: Option<Resume>) -> Outcome<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let (mut buf, mut resumed) = match resume {
+        Some(r) => (r.buf, Some(r.wait)),
+        None => (BytesMut::with_capacity(READ_CHUNK), None),
+    };
     let mut parser = Parser::default();
     let mut out: Vec<u8> = Vec::with_capacity(1024);
-    let mut first = true;
+    let mut first = resumed.is_none_or(|w| w.first);
     // One timer for the connection, armed no later than the wait's deadline: moved earlier
     // when a wait needs it, but not later (a reset per request costs a clock conversion);
     // waking early, it is moved to the deadline then.
-    let timer = tokio::time::sleep_until(c.first_deadline);
+    let first_at = resumed.map_or(c.first_deadline, |w| w.deadline);
+    let timer = tokio::time::sleep_until(first_at);
     tokio::pin!(timer);
-    let mut armed = c.first_deadline;
+    let mut armed = first_at;
     loop {
         // The wait for a head: the absolute head deadline; and, while nothing of it has
-        // come, the idle timeout.
-        let start = Instant::now();
-        let mut deadline = start + c.limits.header_read_timeout;
-        if first {
-            deadline = deadline.min(c.first_deadline);
-        }
-        let idle_at = start + c.idle_timeout;
-        let mut park_at = Some(start + PARK_AFTER);
+        // come, the idle timeout. A resumed wait is already parked.
+        let (deadline, idle_at, park_at) = match resumed.take() {
+            Some(w) => (w.deadline, w.idle_at, None),
+            None => {
+                let start = Instant::now();
+                let mut deadline = start + c.limits.header_read_timeout;
+                if first {
+                    deadline = deadline.min(c.first_deadline);
+                }
+                (deadline, start + c.idle_timeout, Some(start + PARK_AFTER))
+            }
+        };
         let head = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, &c.limits, &mut parser) {
@@ -347,10 +403,7 @@ where
                 timer.as_mut().reset(until);
                 armed = until;
             }
-            // A parked connection reads into whatever the first read allocates (tokio asks
-            // a `BytesMut` with no room for 64 bytes); the full chunk comes once bytes do.
-            let parked = park_at.is_none() && buf.is_empty();
-            if !parked && buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            if buf.capacity() - buf.len() < READ_CHUNK / 2 {
                 buf.reserve(READ_CHUNK);
             }
             tokio::select! {
@@ -366,11 +419,8 @@ where
                         continue;
                     }
                     if buf.is_empty() && park_at.is_some_and(|p| until == p) {
-                        park_at = None;
-                        buf = BytesMut::new();
-                        out = Vec::new();
                         c.cache.park();
-                        continue;
+                        return Outcome::Parked(io, Wait { deadline, idle_at, first });
                     }
                     tracing::debug!(client = %c.info.remote, "no complete request head before the deadline; closing");
                     return Outcome::Closed;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Resident memory of Tidegate and nginx holding idle keep-alive client connections.
 #
-#   benches/peers/idle-memory.sh         # CONNS (10000), SETTLE seconds before reading (3)
+#   benches/peers/idle-memory.sh         # CONNS (10000), SETTLE seconds before reading (10)
 #
 # Starts bench-backend, then each proxy in turn in front of it: Tidegate (`bench-config rules`,
 # `--workers 1`, idle timeout 10 min, max_connections 20,000) and nginx (one worker, the
@@ -10,14 +10,17 @@
 # each (`GET /envelopes/N` as app7, a distinct user per connection), reads the answer and
 # leaves the connection open and idle. Resident memory (VmRSS of /proc/PID/status; nginx's
 # master and worker summed) is read before the connections and with them, SETTLE seconds
-# after the last answer. Uses the release binaries in target/release (build them first:
+# after the last answer: the steady idle state. Tidegate parks a connection after a second
+# idle, freeing what served it, and its allocator (mimalloc) gives freed pages back to the
+# system only after a purge delay (1 s), at its next call that gets round to it; read at 3 s,
+# part of the memory of the 10,000 served and parked connections is still counted. Uses the release binaries in target/release (build them first:
 # cargo build --release -p tidegate -p tidegate-benches); TIDEGATE=/path/to/tidegate measures
 # that binary instead. Needs nginx (apt-get install nginx).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/benches/peers/common.sh"
 CONNS=${CONNS:-10000}
-SETTLE=${SETTLE:-3}
+SETTLE=${SETTLE:-10}
 BIN=$ROOT/target/release
 DIR=$(mktemp -d /tmp/tidegate-idle.XXXXXX)
 # The client, nginx and the backend each hold about CONNS descriptors; Tidegate twice that

@@ -408,9 +408,9 @@ async fn a_later_head_keeps_its_own_deadline() {
     assert!(gw.shutdown().await);
 }
 
-/// A client connection idle past the park delay (its buffers and its upstream connection's
-/// given back) serves on: the next request, arriving in pieces with a 6 KB field, is
-/// answered over the same upstream connection.
+/// A client connection idle past the park delay (its buffers given back, its upstream
+/// connection put in the endpoint's stock) serves on: the next request, arriving in pieces
+/// with a 6 KB field, is answered over the same upstream connection, taken back.
 #[tokio::test]
 async fn a_parked_connection_serves_on() {
     let (up, accepted, server) = raw_upstream(true).await;
@@ -445,6 +445,58 @@ async fn a_parked_connection_serves_on() {
     );
     assert!(gw.shutdown().await);
     server.abort();
+}
+
+/// Upstream connections outlive the client connections that opened them: a client
+/// connection that closes or parks puts its upstream connection in the endpoint's stock,
+/// and the next one without an upstream connection of its own takes it from there. With
+/// `pool_max_idle_per_endpoint: 0` none is kept, and every client connection opens its own.
+#[tokio::test]
+async fn idle_upstream_connections_pass_between_clients() {
+    for (kept, opened) in [(256, [1, 1, 1, 2]), (0, [1, 2, 3, 4])] {
+        let (up, accepted, server) = raw_upstream(true).await;
+        let mut cfg = config(&[up]);
+        set(
+            &mut cfg,
+            "upstreams/up/pool_max_idle_per_endpoint",
+            json!(kept),
+        );
+        let gw = start_gateway(&cfg).await;
+        let connect = async || {
+            tokio::net::TcpStream::connect(gw.listen_addrs[0])
+                .await
+                .unwrap()
+        };
+        let ask = async |c: &mut tokio::net::TcpStream| {
+            c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(
+                read_until(c, b"\r\n\r\nok")
+                    .await
+                    .starts_with("HTTP/1.1 200")
+            );
+            accepted.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let mut seen = Vec::new();
+        // One client asks and leaves; the next one asks and stays, past the park delay.
+        let mut a = connect().await;
+        seen.push(ask(&mut a).await);
+        drop(a);
+        let mut b = connect().await;
+        // The gateway notices the first client's close as soon as it can read it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen.push(ask(&mut b).await);
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        // A third takes the parked one's upstream connection; that one, asking again,
+        // finds none left and opens another.
+        let mut c = connect().await;
+        seen.push(ask(&mut c).await);
+        seen.push(ask(&mut b).await);
+        assert_eq!(seen, opened, "upstream connections opened, kept {kept}");
+        assert!(gw.shutdown().await);
+        server.abort();
+    }
 }
 
 /// How long until the gateway closes `c` (reading and dropping what it sends), at most 8 s.

@@ -137,6 +137,12 @@ impl Gateway {
         }
     }
 
+    /// Give a downstream connection's idle upstream connections back, as it parks or closes
+    /// ([`ConnCache::release`]).
+    pub fn release(&self, conns: &ConnCache) {
+        conns.release(&self.live.runtime.load().upstreams);
+    }
+
     /// Serve one request. `conns` is the downstream connection's own upstream connections
     /// (HTTP/1.x connections, one request at a time); without it the shared pool is used.
     ///

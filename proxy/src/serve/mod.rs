@@ -248,8 +248,9 @@ where
         shutdown: c.shared.shutdown.clone(),
     };
     match h1::serve(c.io, fast, resume).await {
-        h1::Outcome::Closed => {}
+        h1::Outcome::Closed => c.shared.gateway.release(&c.cache),
         h1::Outcome::Parked(io, wait) => {
+            c.shared.gateway.release(&c.cache);
             tokio::spawn(parked(Connection { io, ..c }, wait));
         }
         // Boxed: hyper's connection state is larger than the fast path's, and most
@@ -257,9 +258,15 @@ where
         h1::Outcome::Handoff(io) => {
             c.activity.track();
             Box::pin(serve_hyper(
-                io, c.info, c.cache, c.activity, &c.shared, c.accepted,
+                io,
+                c.info,
+                c.cache.clone(),
+                c.activity,
+                &c.shared,
+                c.accepted,
             ))
             .await;
+            c.shared.gateway.release(&c.cache);
         }
     }
 }

@@ -53,6 +53,7 @@ pub mod h1;
 pub mod h2;
 pub mod headers;
 pub mod health;
+mod idle;
 pub mod mirror;
 pub mod tls;
 
@@ -113,6 +114,8 @@ pub struct Endpoint {
     healthy_gauge: Gauge,
     /// Its `tidegate_endpoint_ejections_total` series, indexed like [`Reason::ALL`].
     ejections: [Counter; 2],
+    /// Idle connections of [`h1`] that downstream connections gave back.
+    idle: idle::IdlePool,
 }
 
 /// How an upstream with `tls` or `protocol: http2` is reached.
@@ -473,6 +476,7 @@ impl Upstream {
                 }),
                 healthy_gauge,
                 ejections,
+                idle: idle::IdlePool::default(),
             };
             ep.export(health::now_ms());
             endpoints.push(ep);
@@ -1026,7 +1030,7 @@ impl Upstream {
             let cached = if fresh_only {
                 None
             } else {
-                cache.own.take(key)
+                cache.own.take(key).or_else(|| ep.idle.take())
             };
             let (mut conn, reused) = match cached.and_then(|mut c| {
                 // A connection the upstream closed while idle is dropped here, unused.
@@ -1336,13 +1340,21 @@ impl<T> Default for Slots<T> {
 // === impl ConnCache ===
 
 impl ConnCache {
-    /// Give back the read buffers of the idle connections of our own: the downstream
-    /// connection has been idle a while, and an idle one should hold its sockets and little
-    /// else. (hyper's connections keep theirs.)
-    pub fn park(&self) {
-        let mut own = self.own.0.lock().expect("not poisoned");
-        for (_, c) in own.iter_mut() {
-            c.park();
+    /// Give back the downstream connection's idle upstream connections, as it parks or
+    /// closes: an idle one should hold its socket and little else. Those of [`h1`] go to
+    /// their endpoint's stock of idle connections, for whichever downstream connection
+    /// needs one next, while their upstream is still one of `upstreams` (the runtime's); the
+    /// rest (hyper's, and those of an upstream a reload replaced) are closed.
+    pub fn release(&self, upstreams: &[Arc<Upstream>]) {
+        let own = std::mem::take(&mut *self.own.0.lock().expect("not poisoned"));
+        let hyper = std::mem::take(&mut *self.hyper.0.lock().expect("not poisoned"));
+        drop(hyper);
+        for ((id, ep), conn) in own {
+            if let Some(u) = upstreams.iter().find(|u| u.id == id) {
+                u.endpoints[ep]
+                    .idle
+                    .put(conn, u.spec.pool_max_idle_per_endpoint);
+            }
         }
     }
 }

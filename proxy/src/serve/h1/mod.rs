@@ -59,10 +59,10 @@ pub const MAX_FIELDS: usize = 128;
 const READ_CHUNK: usize = 8192;
 
 /// A connection idle this long between requests is parked ([`Outcome::Parked`]): its
-/// buffers (its own and its upstream connections') are given back and the task serving it,
-/// sized for a request's whole path, ends; a small one waits for its next bytes.
-/// Thousands of idle keep-alive clients then cost their sockets, not 8 KB buffers and a
-/// request-sized task each. Short enough that most idle time is parked; long enough that a
+/// buffers are given back, its upstream connections go to their endpoints' shared stock,
+/// and the task serving it, sized for a request's whole path, ends; a small one waits for
+/// its next bytes. Thousands of idle keep-alive clients then cost their sockets, not 8 KB
+/// buffers, upstream connections and a request-sized task each. Short enough that most idle time is parked; long enough that a
 /// busy connection never pays for it.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
@@ -280,9 +280,9 @@ pub enum Outcome<I> {
     Closed,
     /// Handed to hyper, with the bytes read and not yet served replayed first.
     Handoff(Rewind<I>),
-    /// Idle for [`PARK_AFTER`] with nothing read: its buffers (and its upstream
-    /// connections') given back, to wait for its next bytes with [`park`] in a task much
-    /// smaller than the one serving requests.
+    /// Idle for [`PARK_AFTER`] with nothing read: its buffers given back, to wait for its
+    /// next bytes with [`park`] in a task much smaller than the one serving requests (the
+    /// caller gives its upstream connections back: `ConnCache::release`).
     Parked(I, Wait),
 }
 
@@ -419,7 +419,6 @@ where
                         continue;
                     }
                     if buf.is_empty() && park_at.is_some_and(|p| until == p) {
-                        c.cache.park();
                         return Outcome::Parked(io, Wait { deadline, idle_at, first });
                     }
                     tracing::debug!(client = %c.info.remote, "no complete request head before the deadline; closing");

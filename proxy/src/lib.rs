@@ -249,7 +249,7 @@ async fn start_inner(
 
     let limits = &server_cfg.limits;
     let conn_permits = Arc::new(Semaphore::new(limits.max_connections as usize));
-    let shared = serve::Shared {
+    let shared = Arc::new(serve::Shared {
         gateway,
         builder: Arc::new(serve::builder(limits)),
         h1: serve::h1::Limits::new(limits),
@@ -257,7 +257,7 @@ async fn start_inner(
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),
         shutdown: shutdown_rx.clone(),
-    };
+    });
 
     let mut tasks = Vec::new();
     let mut listen_addrs = Vec::new();

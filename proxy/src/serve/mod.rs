@@ -100,7 +100,7 @@ pub fn builder(l: &ConnLimits) -> auto::Builder<TokioExecutor> {
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<tls::CertStore>>,
-    shared: Shared,
+    shared: Arc<Shared>,
     name: Arc<str>,
 ) {
     let mut shutdown = shared.shutdown.clone();
@@ -178,7 +178,7 @@ struct Connection<I> {
     /// Its own upstream connections, for its HTTP/1.x requests (one at a time).
     cache: Arc<ConnCache>,
     activity: Arc<Activity>,
-    shared: Shared,
+    shared: Arc<Shared>,
     accepted: tokio::time::Instant,
     /// Held while any of its tasks lives.
     _live: Live,
@@ -188,7 +188,7 @@ impl<I> Connection<I> {
     fn new(
         io: I,
         info: ConnInfo,
-        shared: Shared,
+        shared: Arc<Shared>,
         accepted: tokio::time::Instant,
         live: Live,
     ) -> Self {
@@ -214,7 +214,7 @@ async fn serve_tls(
     stream: tokio::net::TcpStream,
     certs: Arc<tls::CertStore>,
     info: ConnInfo,
-    shared: Shared,
+    shared: Arc<Shared>,
     accepted: tokio::time::Instant,
     live: Live,
 ) {

@@ -62,8 +62,8 @@ const READ_CHUNK: usize = 8192;
 /// buffers are given back, its upstream connections go to their endpoints' shared stock,
 /// and the task serving it, sized for a request's whole path, ends; a small one waits for
 /// its next bytes. Thousands of idle keep-alive clients then cost their sockets, not 8 KB
-/// buffers, upstream connections and a request-sized task each. Short enough that most idle time is parked; long enough that a
-/// busy connection never pays for it.
+/// buffers, upstream connections and a request-sized task each. Short enough that most
+/// idle time is parked; long enough that a busy connection never pays for it.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// The head limits of a connection: hyper's settings for it (see `super::builder`).

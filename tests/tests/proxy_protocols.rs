@@ -94,6 +94,56 @@ async fn tls_alpn_h2_and_http11() {
     assert!(gw.shutdown().await);
 }
 
+/// A TLS connection idle past the park delay (its serving task ended, the TLS stream handed
+/// to the small task that waits, then to a new serving task) serves on, and says
+/// `https` to the upstream each time.
+#[tokio::test]
+async fn a_parked_tls_connection_serves_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = Upstream::start().await;
+    let cert = test_cert();
+    let mut cfg = config(&[up.addr]);
+    set(
+        &mut cfg,
+        "server/listeners/0/tls",
+        json!({
+            "cert_path": cert.cert_path.to_str().unwrap(),
+            "key_path": cert.key_path.to_str().unwrap(),
+        }),
+    );
+    let gw = start_gateway(&cfg).await;
+    let tcp = tokio::net::TcpStream::connect(gw.listen_addrs[0])
+        .await
+        .unwrap();
+    let client = tls_client(&cert, &[b"http/1.1"], &[&rustls::version::TLS13]);
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+        .expect("the TLS handshake succeeds");
+    for (i, pause) in [0, 1_300, 1_300].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let req = format!("GET /p{i} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        tls.write_all(req.as_bytes()).await.unwrap();
+        // The echo upstream's answer is one JSON object.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_ne!(n, 0, "closed after request {i}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text}");
+        assert!(text.contains(&format!("\"path\":\"/p{i}\"")), "{text}");
+        assert!(text.contains("\"x-forwarded-proto\":\"https\""), "{text}");
+    }
+    assert!(gw.shutdown().await);
+}
+
 /// A ClientHello offering only TLS 1.1 is refused with a `protocol_version` alert.
 #[tokio::test]
 async fn tls_below_1_2_is_refused() {

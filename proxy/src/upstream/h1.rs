@@ -158,6 +158,11 @@ impl Conn {
         }
     }
 
+    /// The address it is connected to (a system call: for the rare paths).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.io.peer_addr().ok()
+    }
+
     /// Whether an idle connection can take a request: the upstream has neither closed it nor
     /// sent anything unasked. Costs no system call unless the event loop saw it readable.
     pub fn is_idle_usable(&mut self) -> bool {

@@ -2,10 +2,12 @@
 //! given back by downstream connections that parked or closed, for the next downstream
 //! connection that has none of its own to the endpoint: newest first, at most the
 //! upstream's `pool_max_idle_per_endpoint` (the oldest pushed out and closed), none handed
-//! out after [`IDLE_TIMEOUT`]. The common request, on a connection that already has its
-//! own, never touches it.
+//! out after [`IDLE_TIMEOUT`] or to an endpoint whose host name now resolves to another
+//! address. The common request, on a connection that already has its own, never touches
+//! it.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,9 +16,10 @@ use super::h1;
 /// How long a connection may wait in the stock: as long as hyper's pools let theirs idle.
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One endpoint's idle connections, with when each was put in, oldest first.
+/// One endpoint's idle connections, with when each was put in and the address it is
+/// connected to, oldest first.
 #[derive(Debug, Default)]
-pub(super) struct IdlePool(Mutex<VecDeque<(Instant, h1::Conn)>>);
+pub(super) struct IdlePool(Mutex<VecDeque<(Instant, SocketAddr, h1::Conn)>>);
 
 impl IdlePool {
     /// Keep `conn`, its buffers given back, pushing out (closing) the oldest beyond `max`
@@ -25,42 +28,55 @@ impl IdlePool {
         self.put_at(conn, max, Instant::now());
     }
 
-    /// The newest connection kept, unless it has waited past [`IDLE_TIMEOUT`] (then every
-    /// one kept is closed: the others are older).
-    pub(super) fn take(&self) -> Option<h1::Conn> {
-        self.take_at(Instant::now())
+    /// The newest connection kept that is connected to `addr` (the endpoint's address now;
+    /// newer ones to another address are closed), unless it has waited past
+    /// [`IDLE_TIMEOUT`] (then every one kept is closed: the others are older).
+    pub(super) fn take(&self, addr: SocketAddr) -> Option<h1::Conn> {
+        self.take_at(addr, Instant::now())
     }
 
     fn put_at(&self, mut conn: h1::Conn, max: usize, now: Instant) {
-        if max == 0 {
+        // No address: the socket is broken, and closed here.
+        let Some(addr) = conn.peer().filter(|_| max > 0) else {
             return;
-        }
+        };
         conn.park();
         let mut out = Vec::new();
         {
             let mut q = self.0.lock().expect("not poisoned");
             while q
                 .front()
-                .is_some_and(|(at, _)| q.len() >= max || now - *at >= IDLE_TIMEOUT)
+                .is_some_and(|(at, _, _)| q.len() >= max || now - *at >= IDLE_TIMEOUT)
             {
                 out.extend(q.pop_front());
             }
-            q.push_back((now, conn));
+            q.push_back((now, addr, conn));
         }
         // Closed outside the lock.
         drop(out);
     }
 
-    fn take_at(&self, now: Instant) -> Option<h1::Conn> {
+    fn take_at(&self, addr: SocketAddr, now: Instant) -> Option<h1::Conn> {
+        let mut out = Vec::new();
         let mut q = self.0.lock().expect("not poisoned");
-        let (at, conn) = q.pop_back()?;
-        if now - at < IDLE_TIMEOUT {
-            return Some(conn);
-        }
-        let stale = std::mem::take(&mut *q);
+        let found = loop {
+            let Some((at, to, conn)) = q.pop_back() else {
+                break None;
+            };
+            if now - at >= IDLE_TIMEOUT {
+                out.extend(q.drain(..).map(|(_, _, c)| c));
+                out.push(conn);
+                break None;
+            }
+            if to == addr {
+                break Some(conn);
+            }
+            out.push(conn);
+        };
         drop(q);
-        drop((stale, conn));
-        None
+        // Closed outside the lock.
+        drop(out);
+        found
     }
 
     /// How many are kept.
@@ -76,8 +92,9 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// `n` connections to a listener, with the listener's ends in the order connected.
-    async fn conns(n: usize) -> (Vec<h1::Conn>, Vec<TcpStream>) {
+    /// `n` connections to a listener, with the listener's ends in the order connected, and
+    /// its address.
+    async fn conns(n: usize) -> (Vec<h1::Conn>, Vec<TcpStream>, SocketAddr) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -85,7 +102,7 @@ mod tests {
             ours.push(h1::Conn::new(TcpStream::connect(addr).await.unwrap()));
             theirs.push(l.accept().await.unwrap().0);
         }
-        (ours, theirs)
+        (ours, theirs, addr)
     }
 
     /// Whether the peer of `s` has closed the connection.
@@ -100,7 +117,7 @@ mod tests {
     #[tokio::test]
     async fn newest_first_and_bounded() {
         let pool = IdlePool::default();
-        let (ours, mut theirs) = conns(3).await;
+        let (ours, mut theirs, addr) = conns(3).await;
         for c in ours {
             pool.put(c, 2);
         }
@@ -111,17 +128,17 @@ mod tests {
         );
         assert!(!closed(&mut theirs[2]).await);
         // The newest comes out first: closing it shows which end it was.
-        drop(pool.take().expect("one kept"));
+        drop(pool.take(addr).expect("one kept"));
         assert!(closed(&mut theirs[2]).await);
         assert!(!closed(&mut theirs[1]).await);
-        assert!(pool.take().is_some());
-        assert!(pool.take().is_none());
+        assert!(pool.take(addr).is_some());
+        assert!(pool.take(addr).is_none());
     }
 
     #[tokio::test]
     async fn none_kept_with_a_zero_cap() {
         let pool = IdlePool::default();
-        let (mut ours, mut theirs) = conns(1).await;
+        let (mut ours, mut theirs, _) = conns(1).await;
         pool.put(ours.pop().unwrap(), 0);
         assert_eq!(pool.len(), 0);
         assert!(closed(&mut theirs[0]).await);
@@ -132,13 +149,13 @@ mod tests {
         let pool = IdlePool::default();
         let t0 = Instant::now();
         let later = t0 + IDLE_TIMEOUT;
-        let (ours, _theirs) = conns(2).await;
+        let (ours, _theirs, addr) = conns(2).await;
         for c in ours {
             pool.put_at(c, 8, t0);
         }
-        assert!(pool.take_at(later).is_none());
+        assert!(pool.take_at(addr, later).is_none());
         assert_eq!(pool.len(), 0, "the older one is closed with it");
-        let (mut ours, _theirs) = conns(2).await;
+        let (mut ours, _theirs, addr) = conns(2).await;
         pool.put_at(ours.pop().unwrap(), 8, t0);
         pool.put_at(ours.pop().unwrap(), 8, later);
         assert_eq!(
@@ -146,6 +163,25 @@ mod tests {
             1,
             "an expired one is pushed out by the next put"
         );
-        assert!(pool.take_at(later).is_some());
+        assert!(pool.take_at(addr, later).is_some());
+    }
+
+    /// After a re-resolution moves the endpoint, connections to its old address are closed
+    /// rather than handed out; one to the address it has now still is.
+    #[tokio::test]
+    async fn none_handed_out_to_another_address() {
+        let pool = IdlePool::default();
+        let (mut old, mut old_end, old_addr) = conns(1).await;
+        let (mut new, _new_end, new_addr) = conns(1).await;
+        pool.put(new.pop().unwrap(), 8);
+        pool.put(old.pop().unwrap(), 8);
+        let taken = pool.take(new_addr).expect("the one to the new address");
+        assert_eq!(taken.peer(), Some(new_addr));
+        assert!(
+            closed(&mut old_end[0]).await,
+            "the newer one, to the old address"
+        );
+        assert_eq!(pool.len(), 0);
+        assert!(pool.take(old_addr).is_none());
     }
 }

@@ -1030,7 +1030,7 @@ impl Upstream {
             let cached = if fresh_only {
                 None
             } else {
-                cache.own.take(key).or_else(|| ep.idle.take())
+                cache.own.take(key).or_else(|| ep.idle.take(ep.address()))
             };
             let (mut conn, reused) = match cached.and_then(|mut c| {
                 // A connection the upstream closed while idle is dropped here, unused.

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use http::{StatusCode, Version};
 use serde_json::json;
+use tidegate_tests::api::Server;
 use tidegate_tests::raw::exchange;
 use tidegate_tests::{
-    Upstream, config, get, h1_client, h2c_client, set, start_gateway, test_cert, tls_client,
-    tls_get,
+    TestCert, Upstream, config, get, h1_client, h2c_client, set, start_gateway, test_cert,
+    tls_client, tls_get,
 };
 
 /// A plain HTTP/1.1 request is proxied: the upstream answers 200 and sees HTTP/1.1.
@@ -48,9 +49,9 @@ async fn h2c_is_proxied() {
     assert!(gw.shutdown().await);
 }
 
-/// Over TLS 1.2 and 1.3, ALPN picks h2 or http/1.1 as offered; upstream sees https and the host.
-#[tokio::test]
-async fn tls_alpn_h2_and_http11() {
+/// An echo upstream, a test certificate, and a gateway in front of the upstream whose
+/// listener speaks TLS with that certificate.
+async fn tls_gateway() -> (Upstream, TestCert, Server) {
     let up = Upstream::start().await;
     let cert = test_cert();
     let mut cfg = config(&[up.addr]);
@@ -63,6 +64,13 @@ async fn tls_alpn_h2_and_http11() {
         }),
     );
     let gw = start_gateway(&cfg).await;
+    (up, cert, gw)
+}
+
+/// Over TLS 1.2 and 1.3, ALPN picks h2 or http/1.1 as offered; upstream sees https and the host.
+#[tokio::test]
+async fn tls_alpn_h2_and_http11() {
+    let (up, cert, gw) = tls_gateway().await;
     let addr = gw.listen_addrs[0];
 
     const BOTH: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -100,18 +108,7 @@ async fn tls_alpn_h2_and_http11() {
 #[tokio::test]
 async fn a_parked_tls_connection_serves_on() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let up = Upstream::start().await;
-    let cert = test_cert();
-    let mut cfg = config(&[up.addr]);
-    set(
-        &mut cfg,
-        "server/listeners/0/tls",
-        json!({
-            "cert_path": cert.cert_path.to_str().unwrap(),
-            "key_path": cert.key_path.to_str().unwrap(),
-        }),
-    );
-    let gw = start_gateway(&cfg).await;
+    let (_up, cert, gw) = tls_gateway().await;
     let tcp = tokio::net::TcpStream::connect(gw.listen_addrs[0])
         .await
         .unwrap();
@@ -147,18 +144,7 @@ async fn a_parked_tls_connection_serves_on() {
 /// A ClientHello offering only TLS 1.1 is refused with a `protocol_version` alert.
 #[tokio::test]
 async fn tls_below_1_2_is_refused() {
-    let up = Upstream::start().await;
-    let cert = test_cert();
-    let mut cfg = config(&[up.addr]);
-    set(
-        &mut cfg,
-        "server/listeners/0/tls",
-        json!({
-            "cert_path": cert.cert_path.to_str().unwrap(),
-            "key_path": cert.key_path.to_str().unwrap(),
-        }),
-    );
-    let gw = start_gateway(&cfg).await;
+    let (up, _cert, gw) = tls_gateway().await;
 
     // A minimal TLS 1.1 ClientHello: no supported_versions extension; otherwise acceptable
     // (a suite and a signature scheme the server supports), so only the version is wrong.

@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, Version, header};
 use rules::Snapshot;
 
 use crate::respond::GatewayError;
-use crate::upstream::headers::strip_hop_by_hop;
+use crate::upstream::headers::{has_hop_by_hop, strip_hop_by_hop};
 
 /// An HTTP/1.1 request's ask to switch to one protocol, taken before its `Upgrade` header
 /// is removed.
@@ -47,6 +47,10 @@ pub struct Sane {
 /// Check the head and remove its hop-by-hop headers (see the module docs).
 pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Sane, GatewayError> {
     let host = host(parts)?;
+    // The common request: no `Connection`, no `Upgrade`, nothing to strip.
+    if !has_hop_by_hop(&parts.headers) {
+        return Ok(Sane { ask: None, host });
+    }
     if let Some(c) = parts.headers.get(header::CONNECTION)
         && parts
             .headers
@@ -57,7 +61,6 @@ pub fn sanitize(parts: &mut Parts, snap: &Snapshot) -> Result<Sane, GatewayError
     {
         return Err(GatewayError::BadRequest);
     }
-    // One lookup for the common request without `Upgrade`.
     let ask = match parts.headers.get(header::UPGRADE) {
         Some(_) => upgrade_ask(parts),
         None => None,

@@ -23,9 +23,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, the headers it names, and the
 /// fixed set that only ever describes one connection.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (standard ones compare as enum
-    // tags) is cheaper than hashing seven names for removals that find nothing.
-    if !h.keys().any(is_hop_by_hop) {
+    if !has_hop_by_hop(h) {
         return;
     }
     if let Some(conn) = h.get(header::CONNECTION) {
@@ -59,6 +57,13 @@ pub(super) fn hop_by_hop() -> [&'static HeaderName; 7] {
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
     ]
+}
+
+/// Whether `h` has any hop-by-hop field (`Connection` among them). Most messages carry
+/// none: one pass over the names (standard ones compare as enum tags) is cheaper than
+/// hashing even two of the names for look-ups that find nothing.
+pub fn has_hop_by_hop(h: &HeaderMap) -> bool {
+    h.keys().any(is_hop_by_hop)
 }
 
 fn is_hop_by_hop(n: &HeaderName) -> bool {

@@ -162,6 +162,21 @@ impl Classifier {
     }
 }
 
+/// Fields up to which [`field`] scans rather than hashes.
+const SCAN_MAX: usize = 8;
+
+/// The first value of `name`, as [`HeaderMap::get`] gives it. A map of a few fields (what an
+/// API client sends) is scanned: comparing a name with a handful of others costs less than
+/// hashing it, and the request path looks up several names that are usually absent.
+#[inline]
+pub fn field<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h http::HeaderValue> {
+    if headers.len() > SCAN_MAX {
+        return headers.get(name);
+    }
+    // In insertion order of names, each name's values in order: the first hit is `get`'s.
+    headers.iter().find_map(|(k, v)| (k == name).then_some(v))
+}
+
 fn extract<'a>(
     e: &CompiledExtractor,
     req: &RequestParts<'a>,
@@ -169,7 +184,7 @@ fn extract<'a>(
 ) -> Option<Cow<'a, str>> {
     let v: Cow<'a, str> = match e {
         CompiledExtractor::Header(name) => Cow::Borrowed(
-            std::str::from_utf8(req.headers.get(name)?.as_bytes())
+            std::str::from_utf8(field(req.headers, name)?.as_bytes())
                 .ok()?
                 .trim(),
         ),
@@ -266,6 +281,30 @@ mod tests {
         h.insert(header::COOKIE, "a=1; uid=\"bob\"; c=3".parse().unwrap());
         assert_eq!(cookie(&h, "uid"), Some("bob"));
         assert_eq!(cookie(&h, "zz"), None);
+    }
+
+    /// `field` gives what `get` gives, scanning or hashing: the first value of a repeated
+    /// name, none for an absent one, after removals reorder the map, and past the scan's size.
+    #[test]
+    fn field_is_get() {
+        let names: Vec<HeaderName> = ["host", "x-app", "x-user", "content-length", "x-request-id"]
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        for fields in 0..=SCAN_MAX + 3 {
+            let mut h = HeaderMap::new();
+            for i in 0..fields {
+                let v = http::HeaderValue::from(i);
+                h.append(names[i % 3].clone(), v);
+            }
+            if fields > 4 {
+                h.remove(&names[0]);
+                h.append(names[3].clone(), http::HeaderValue::from(99));
+            }
+            for n in &names {
+                assert_eq!(field(&h, n), h.get(n), "{fields} fields, {n}");
+            }
+        }
     }
 
     /// A key's path parameter is read from the route match, percent-decoded (so an encoded

@@ -391,12 +391,9 @@ fn part_value<'a>(
         CompiledKeyPart::App => r.m.app.map(str::as_bytes),
         CompiledKeyPart::User => r.m.user.map(str::as_bytes),
         CompiledKeyPart::Interface => r.m.interface.map(|i| names.interface_name(i).as_bytes()),
-        CompiledKeyPart::Header(name) => {
-            r.m.headers
-                .get(name)
-                .map(|v| v.as_bytes())
-                .filter(|v| !v.is_empty())
-        }
+        CompiledKeyPart::Header(name) => crate::classify::field(r.m.headers, name)
+            .map(|v| v.as_bytes())
+            .filter(|v| !v.is_empty()),
         CompiledKeyPart::PathParam(slot, _) => {
             r.m.params
                 .get(usize::from(*slot))

@@ -7,7 +7,9 @@
 //!
 //! The four lists of an (app, interface) pair, merged, are remembered per thread (`Memo`):
 //! a stream of requests repeats a few pairs, and a remembered pair costs one hash of the app
-//! and a compare instead of the four lookups and the merge.
+//! and a compare instead of the four lookups and the merge. An index whose rules name no
+//! app (fallbacks on an interface, say) has its lists merged by interface when it is built,
+//! and a lookup is an array index.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -76,7 +78,16 @@ pub struct MatchIndex {
     id: u64,
     by_app: HashMap<Box<str>, IfaceTable, FastHash>,
     any_app: IfaceTable,
+    /// When no rule names an app (fallbacks on an interface, say), the candidates depend on
+    /// the interface alone: merged once here, by interface ID, the last entry for an
+    /// interface no rule names (or none). The lookup is then an index: no hash, no memo.
+    by_iface_merged: Option<Box<[Box<[u32]>]>>,
 }
+
+/// Most candidate IDs [`MatchIndex::by_iface_merged`] holds over all interfaces: rules for
+/// any interface are repeated in each entry, so a config with many of them and many
+/// interfaces uses the memo instead.
+const MERGED_MAX: usize = 1 << 16;
 
 /// Source of [`MatchIndex`] IDs; 0 is an index that was never built (and is not memoized).
 static NEXT_INDEX_ID: AtomicU64 = AtomicU64::new(1);
@@ -179,7 +190,7 @@ impl CompiledMatch {
         if !self
             .headers
             .iter()
-            .all(|(k, v)| r.headers.get(k) == Some(v))
+            .all(|(k, v)| crate::classify::field(r.headers, k) == Some(v))
         {
             return Err(Mismatch::Header);
         }
@@ -248,6 +259,7 @@ impl MatchIndex {
         }
         index.id = NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed);
         let key = |i: &u32| (std::cmp::Reverse(spec[*i as usize]), *i);
+        index.by_iface_merged = index.merge_by_iface(key);
         for t in index
             .by_app
             .values_mut()
@@ -260,6 +272,27 @@ impl MatchIndex {
             }
         }
         index
+    }
+
+    /// The candidates of each interface merged (see [`MatchIndex::by_iface_merged`]), when
+    /// no rule names an app and they fit in [`MERGED_MAX`]; `key` orders them.
+    fn merge_by_iface<K: Ord>(&self, key: impl Fn(&u32) -> K) -> Option<Box<[Box<[u32]>]>> {
+        let t = &self.any_app;
+        let named = t.by_iface.keys().max().map_or(0, |&m| m as usize + 1);
+        let size =
+            t.by_iface.values().map(Vec::len).sum::<usize>() + (named + 1) * t.any_iface.len();
+        if !self.by_app.is_empty() || size > MERGED_MAX {
+            return None;
+        }
+        let merged = (0..=named).map(|i| {
+            let own = t.by_iface.get(&(i as u32)).filter(|_| i < named);
+            let mut list: Vec<u32> = own.into_iter().flatten().copied().collect();
+            list.extend_from_slice(&t.any_iface);
+            list.sort_by_key(&key);
+            list.dedup();
+            list.into_boxed_slice()
+        });
+        Some(merged.collect())
     }
 
     /// The (at most four) candidate lists for a request: rules for (app, interface),
@@ -285,7 +318,8 @@ impl MatchIndex {
     }
 
     /// The candidates of (`app`, `interface`) merged, most specific first, then by rule ID,
-    /// given to `f`: from this thread's memo, or looked up (and remembered).
+    /// given to `f`: merged at build time when no rule names an app, else from this thread's
+    /// memo, or looked up (and remembered).
     fn with_candidates<'m, R>(
         &self,
         app: Option<&str>,
@@ -293,6 +327,11 @@ impl MatchIndex {
         matcher: &impl Fn(u32) -> &'m CompiledMatch,
         f: impl FnOnce(&[u32]) -> R,
     ) -> Option<R> {
+        if let Some(merged) = &self.by_iface_merged {
+            let other = merged.len() - 1;
+            let i = interface.map_or(other, |i| (i.0 as usize).min(other));
+            return Some(f(&merged[i]));
+        }
         let app_bytes = app.map_or(&[][..], str::as_bytes);
         if self.id == 0 || app_bytes.len() > MEMO_APP_MAX {
             return None;
@@ -451,8 +490,12 @@ mod tests {
     /// A pair with more candidates than a slot keeps is answered, and left out of the memo.
     #[test]
     fn long_candidate_lists_are_not_kept() {
-        let rules: Vec<CompiledMatch> = (0..MEMO_LIST_MAX + 1).map(|_| rule((0, 0, 1))).collect();
+        let rules: Vec<CompiledMatch> = (0..MEMO_LIST_MAX + 1).map(|_| rule((1, 0, 1))).collect();
         let index = MatchIndex::build(rules.iter());
+        assert!(
+            index.by_iface_merged.is_none(),
+            "rules naming an app use the memo"
+        );
         let headers = HeaderMap::new();
         let r = MatchInput {
             app: Some("a"),
@@ -478,30 +521,64 @@ mod tests {
         fn memoized_lookups_find_what_holds(
             masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..100),
         ) {
-            let rules: Vec<CompiledMatch> = masks.into_iter().map(rule).collect();
+            let rules: Vec<CompiledMatch> = masks.iter().copied().map(rule).collect();
+            lookups_find_what_holds(&rules)?;
+        }
+
+        /// The same for rules that name no app, whose candidates are merged by interface
+        /// when the index is built: interfaces the rules name, one they do not (3) and none.
+        #[test]
+        fn merged_lookups_find_what_holds(
+            masks in proptest::collection::vec((0u8..8, 0u8..4), 0..40),
+        ) {
+            let rules: Vec<CompiledMatch> =
+                masks.iter().map(|&(i, u)| rule((0, i, u))).collect();
             let index = MatchIndex::build(rules.iter());
-            let headers = HeaderMap::new();
-            let long = "x".repeat(MEMO_APP_MAX + 1);
-            let apps = [None, Some("a"), Some("b"), Some("c"), Some("zz"), Some(&*long)];
-            for app in apps {
-                for interface in [None, Some(0), Some(1), Some(2), Some(3)].map(|i| i.map(InterfaceId)) {
-                    for user in [None, Some("u1"), Some("u2"), Some("u3")] {
-                        let r = MatchInput { app, interface, user, headers: &headers, params: &[] };
-                        let want: Vec<u32> = (0..rules.len() as u32)
-                            .filter(|&i| rules[i as usize].holds(&r))
-                            .collect();
-                        let top = want.iter().map(|&i| rules[i as usize].specificity).max();
-                        for _ in 0..2 {
-                            let mut all = Vec::new();
-                            index.all(&r, |i| &rules[i as usize], &mut all);
-                            prop_assert_eq!(&all, &want);
-                            let best = index.best(&r, |i| &rules[i as usize]);
-                            prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
-                            prop_assert!(best.is_none_or(|i| want.contains(&i)));
-                        }
+            prop_assert!(index.by_iface_merged.is_some());
+            lookups_find_what_holds(&rules)?;
+        }
+    }
+
+    /// `all` and `best` over every request shape, twice each, against the rules' own
+    /// `holds`.
+    fn lookups_find_what_holds(rules: &[CompiledMatch]) -> Result<(), TestCaseError> {
+        let index = MatchIndex::build(rules.iter());
+        let headers = HeaderMap::new();
+        let long = "x".repeat(MEMO_APP_MAX + 1);
+        let apps = [
+            None,
+            Some("a"),
+            Some("b"),
+            Some("c"),
+            Some("zz"),
+            Some(&*long),
+        ];
+        for app in apps {
+            for interface in [None, Some(0), Some(1), Some(2), Some(3)].map(|i| i.map(InterfaceId))
+            {
+                for user in [None, Some("u1"), Some("u2"), Some("u3")] {
+                    let r = MatchInput {
+                        app,
+                        interface,
+                        user,
+                        headers: &headers,
+                        params: &[],
+                    };
+                    let want: Vec<u32> = (0..rules.len() as u32)
+                        .filter(|&i| rules[i as usize].holds(&r))
+                        .collect();
+                    let top = want.iter().map(|&i| rules[i as usize].specificity).max();
+                    for _ in 0..2 {
+                        let mut all = Vec::new();
+                        index.all(&r, |i| &rules[i as usize], &mut all);
+                        prop_assert_eq!(&all, &want);
+                        let best = index.best(&r, |i| &rules[i as usize]);
+                        prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
+                        prop_assert!(best.is_none_or(|i| want.contains(&i)));
                     }
                 }
             }
         }
+        Ok(())
     }
 }

@@ -202,7 +202,7 @@ impl CompiledRoute {
             RouteAction::Split(t) => t,
         };
         if let Some(h) = &self.override_header
-            && let Some(v) = r.m.headers.get(h)
+            && let Some(v) = crate::classify::field(r.m.headers, h)
             && (self.override_from.is_empty()
                 || r.client_ip
                     .is_some_and(|ip| self.override_from.contains(ip)))
@@ -336,10 +336,12 @@ pub(crate) fn bucket_of(
     match no_user_key {
         CompiledNoUserKey::ClientIp => by_ip(r.client_ip),
         CompiledNoUserKey::Random => ((r.random % u64::from(BUCKETS)) as u32, BucketKey::Random),
-        CompiledNoUserKey::Header(h) => match r.m.headers.get(h).filter(|v| !v.is_empty()) {
-            Some(v) => (bucket_bytes(salt, v.as_bytes()), BucketKey::Header),
-            None => by_ip(r.client_ip),
-        },
+        CompiledNoUserKey::Header(h) => {
+            match crate::classify::field(r.m.headers, h).filter(|v| !v.is_empty()) {
+                Some(v) => (bucket_bytes(salt, v.as_bytes()), BucketKey::Header),
+                None => by_ip(r.client_ip),
+            }
+        }
     }
 }
 

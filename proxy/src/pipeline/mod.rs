@@ -388,7 +388,7 @@ impl Gateway {
     /// ([`Outgoing`]), not through the header map (an insert, and a hash of the name, fewer
     /// per request); an unusable one is taken out of the map.
     fn request_id(&self, headers: &mut HeaderMap) -> (HeaderValue, bool) {
-        match headers.get(&X_REQUEST_ID) {
+        match rules::classify::field(headers, &X_REQUEST_ID) {
             Some(v) if !v.is_empty() && v.len() <= 128 => return (v.clone(), false),
             Some(_) => drop(headers.remove(&X_REQUEST_ID)), // every value of the name
             None => {}
@@ -531,8 +531,7 @@ pub fn request_parts(parts: &http::request::Parts) -> RequestParts<'_> {
 
 /// The declared `Content-Length`, if it is a number.
 fn declared_len(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
+    rules::classify::field(headers, &header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
 }

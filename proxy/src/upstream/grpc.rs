@@ -52,8 +52,7 @@ pub struct StatusCounts {
 /// Whether a request or response is gRPC (`content-type: application/grpc`, or a subtype
 /// such as `application/grpc+proto`).
 pub fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .is_some_and(|v| is_grpc_type(v.as_bytes()))
+    rules::classify::field(h, &header::CONTENT_TYPE).is_some_and(|v| is_grpc_type(v.as_bytes()))
 }
 
 /// Whether a `Content-Type` value is gRPC's.

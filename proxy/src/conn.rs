@@ -21,15 +21,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct ConnInfo {
     /// The peer's (socket) address.
     pub remote: SocketAddr,
-    /// The peer's IP, preformatted for `X-Forwarded-For`.
-    pub remote_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: HeaderValue,
-    /// This hop's `Forwarded` element without a host (`for=<peer>;proto=<scheme>`, RFC 7239),
-    /// preformatted: a request adds only its `;host=`.
-    pub forwarded: HeaderValue,
     /// The forwarding headers built for the last request's `Host`: the next request on the
-    /// connection with the same `Host` (nearly every one) reuses them.
+    /// connection with the same `Host` (nearly every one) reuses them. The values they are
+    /// made of are not kept beside them: an idle connection holds only its address.
     pub forwarded_last: Mutex<Option<Arc<Hop>>>,
 }
 
@@ -179,9 +175,7 @@ impl Clone for ConnInfo {
     fn clone(&self) -> Self {
         Self {
             remote: self.remote,
-            remote_ip: self.remote_ip.clone(),
             proto: self.proto.clone(),
-            forwarded: self.forwarded.clone(),
             forwarded_last: Mutex::new(None),
         }
     }
@@ -190,21 +184,40 @@ impl Clone for ConnInfo {
 impl ConnInfo {
     /// The facts of a connection from `remote` on a listener of scheme `proto`.
     pub fn new(remote: SocketAddr, proto: HeaderValue) -> Self {
-        let ip = remote.ip().to_canonical();
-        let for_ = match ip {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => format!("\"[{a}]\""),
-        };
-        let proto_s = proto.to_str().unwrap_or("http");
         Self {
             remote,
-            remote_ip: HeaderValue::from_str(&remote.ip().to_string())
-                .expect("an IP is a valid header value"),
-            forwarded: HeaderValue::from_str(&format!("for={for_};proto={proto_s}"))
-                .expect("an IP and a scheme are a valid header value"),
             proto,
             forwarded_last: Mutex::new(None),
         }
+    }
+
+    /// The peer's IP as `X-Forwarded-For` gives it.
+    pub fn remote_ip(&self) -> HeaderValue {
+        HeaderValue::from_str(&self.remote.ip().to_string()).expect("an IP is a valid header value")
+    }
+
+    /// This hop's `Forwarded` element without a host (`for=<peer>;proto=<scheme>`, RFC
+    /// 7239): the peer canonical (an IPv4-mapped IPv6 address as IPv4), IPv6 quoted.
+    pub fn forwarded(&self) -> HeaderValue {
+        let for_ = match self.remote.ip().to_canonical() {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let proto = self.proto.to_str().unwrap_or("http");
+        HeaderValue::from_str(&format!("for={for_};proto={proto}"))
+            .expect("an IP and a scheme are a valid header value")
+    }
+
+    /// Drop the forwarding headers kept for the next request (see `forwarded_last`), when
+    /// the connection parks: an idle connection then holds only its facts, and the request
+    /// that wakes it builds them again.
+    pub fn forget_hop(&self) {
+        let hop = self
+            .forwarded_last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(hop);
     }
 
     /// The client address of a request on this connection with these headers: the peer,

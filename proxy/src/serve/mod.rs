@@ -34,13 +34,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use rules::model::ConnLimits;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -251,6 +252,7 @@ where
         h1::Outcome::Closed => c.shared.gateway.release(&c.cache),
         h1::Outcome::Parked(io, wait) => {
             c.shared.gateway.release(&c.cache);
+            c.info.forget_hop();
             tokio::spawn(parked(Connection { io, ..c }, wait));
         }
         // Boxed: hyper's connection state is larger than the fast path's, and most
@@ -272,14 +274,32 @@ where
 }
 
 /// A parked connection's wait for its next bytes; with them, it is served again in a new
-/// task ([`resume`]).
-async fn parked<I>(mut c: Connection<I>, wait: h1::Wait)
+/// task ([`resume`]). An `async` block over the arguments rather than an `async fn`: the
+/// latter keeps each argument twice in its future (as passed, and moved into the body), and
+/// this future is what an idle connection costs.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn parked<I>(mut c: Connection<I>, wait: h1::Wait) -> impl Future<Output = ()> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut shutdown = c.shared.shutdown.clone();
-    if let Some(r) = h1::park(&mut c.io, wait, &mut shutdown).await {
-        resume(c, r);
+    async move {
+        let mut shutdown = c.shared.shutdown.clone();
+        // `read_buf` gives an empty buffer what its first read needs (64 bytes); the full
+        // chunk comes when it is served. The wait is written out here, not in a function of
+        // `h1`: a nested future would add its own copies of the references and padding.
+        let mut buf = BytesMut::new();
+        let woken = tokio::select! {
+            biased;
+            r = c.io.read_buf(&mut buf) => matches!(r, Ok(n) if n > 0),
+            _ = tokio::time::sleep_until(wait.until()) => false,
+            _ = crate::shutdown::stopped(&mut shutdown) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), c.io.shutdown()).await;
+                false
+            }
+        };
+        if woken {
+            resume(c, wait.resume(buf));
+        }
     }
 }
 

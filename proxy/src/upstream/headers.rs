@@ -134,7 +134,7 @@ pub fn forwarding(
 ) -> Option<Forwarding> {
     let hop = hop(conn, host);
     if peer_trusted {
-        append_list(h, &X_FORWARDED_FOR, conn.remote_ip.as_bytes());
+        append_list(h, &X_FORWARDED_FOR, hop.for_.as_bytes());
         if !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
         }
@@ -161,7 +161,7 @@ pub struct Forwarding(Arc<Hop>);
 impl Hop {
     fn new(conn: &ConnInfo, host: Option<&HeaderValue>) -> Self {
         let mut hop = Self {
-            for_: conn.remote_ip.clone(),
+            for_: conn.remote_ip(),
             proto: conn.proto.clone(),
             // A copy of its own: the request's value is a slice of the connection's read
             // buffer, which a kept reference would pin (8 KB) for the connection's life,
@@ -285,16 +285,17 @@ pub fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 /// `;host=<host>` when there is one; an IPv6 peer as `for="[v6]"`, a host that is not a
 /// token (a port's `:`) as a quoted string.
 fn forwarded_element(conn: &ConnInfo, host: Option<&HeaderValue>) -> HeaderValue {
+    let base = conn.forwarded();
     match host {
-        None => conn.forwarded.clone(),
-        Some(host) => build_forwarded(conn, host),
+        None => base,
+        Some(host) => build_forwarded(base, host),
     }
 }
 
-/// [`forwarded_element`] with a host, built.
-fn build_forwarded(conn: &ConnInfo, host: &HeaderValue) -> HeaderValue {
-    let mut v = Vec::with_capacity(conn.forwarded.len() + 8 + host.len());
-    v.extend_from_slice(conn.forwarded.as_bytes());
+/// [`forwarded_element`] with a host, built on the element without one.
+fn build_forwarded(base: HeaderValue, host: &HeaderValue) -> HeaderValue {
+    let mut v = Vec::with_capacity(base.len() + 8 + host.len());
+    v.extend_from_slice(base.as_bytes());
     v.extend_from_slice(b";host=");
     let host = host.as_bytes();
     if !host.is_empty() && host.iter().all(|&b| is_tchar(b)) {
@@ -310,7 +311,7 @@ fn build_forwarded(conn: &ConnInfo, host: &HeaderValue) -> HeaderValue {
         v.push(b'"');
     }
     // Built from a valid value and a token or a quoted string: valid.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| conn.forwarded.clone())
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or(base)
 }
 
 /// The request's ID: the client's, or one the gateway gave it; sent back on the response.
@@ -477,7 +478,7 @@ mod tests {
     }
 
     /// A connection's forwarding headers: reused while the `Host` stays, rebuilt for
-    /// another (or none), and the lines written are the fields'.
+    /// another (or none) and after a park, and the lines written are the fields'.
     #[test]
     fn hop_reused_per_host() {
         let c = conn("10.0.0.9:1234", "http");
@@ -503,6 +504,14 @@ mod tests {
         let again = hop(&c, Some(&a));
         assert!(!Arc::ptr_eq(&first, &again), "rebuilt after another host");
         assert_eq!(again.lines, first.lines);
+        // A parked connection keeps none; its next request builds the same.
+        c.forget_hop();
+        assert!(
+            c.forwarded_last.lock().unwrap().is_none(),
+            "kept while parked"
+        );
+        let woken = hop(&c, Some(&a));
+        assert!(!Arc::ptr_eq(&again, &woken) && woken.lines == again.lines);
     }
 
     /// The kept `Host` is a copy, not a slice of the head it came in (which would keep the

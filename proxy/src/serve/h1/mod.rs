@@ -303,27 +303,16 @@ pub struct Resume {
     wait: Wait,
 }
 
-/// Wait for a parked connection's next bytes, by the deadlines of `wait`: `Some` with them
-/// (give them to [`serve`]); `None` once the connection is closed (by the client, a
-/// deadline, or shutdown).
-pub async fn park<I>(io: &mut I, wait: Wait, shutdown: &mut watch::Receiver<bool>) -> Option<Resume>
-where
-    I: AsyncRead + AsyncWrite + Unpin,
-{
-    // `read_buf` gives an empty buffer what its first read needs (64 bytes); the full chunk
-    // comes in `serve`.
-    let mut buf = BytesMut::new();
-    tokio::select! {
-        biased;
-        r = io.read_buf(&mut buf) => match r {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(Resume { buf, wait }),
-        },
-        _ = tokio::time::sleep_until(wait.deadline.min(wait.idle_at)) => None,
-        _ = crate::shutdown::stopped(shutdown) => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-            None
-        }
+impl Wait {
+    /// When a parked connection stops waiting: the head's deadline or the idle timeout's
+    /// end, whichever comes first.
+    pub fn until(&self) -> Instant {
+        self.deadline.min(self.idle_at)
+    }
+
+    /// The bytes that ended the wait, to serve the connection on from.
+    pub fn resume(self, buf: BytesMut) -> Resume {
+        Resume { buf, wait: self }
     }
 }
 

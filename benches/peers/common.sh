@@ -1,5 +1,6 @@
-# Helpers of the peer scripts (run.sh, profile.sh, idle-memory.sh): sourced, not run. The
-# caller sets DIR (where the started processes log) and PIDS (what it started).
+# Helpers of the peer scripts (run.sh, profile.sh, idle-memory.sh, idle-heap.sh): sourced,
+# not run. The caller sets DIR (where the started processes log), PIDS (what it started)
+# and BIN (where the release binaries are).
 
 # A free loopback port.
 port() {
@@ -22,4 +23,15 @@ wait_port() {
 stop_started() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+}
+
+# A gateway config that holds idle connections: `bench-config $1` (rules|norules) listening
+# on port $2, admin on $3, backend on $4, with a 10 min idle timeout (a 5 min head deadline:
+# under valgrind a first head may be slow to be read) and room for 20,000 connections.
+idle_config() {
+    "$BIN/bench-config" "$1" "127.0.0.1:$2" "127.0.0.1:$3" "127.0.0.1:$4" |
+        python3 -c 'import json,sys; c=json.load(sys.stdin)
+c["server"]["limits"] = {"idle_timeout_ms": 600000, "max_connections": 20000,
+                         "header_read_timeout_ms": 300000}
+json.dump(c, sys.stdout)'
 }

@@ -9,7 +9,8 @@ use tidegate::control::history::History;
 /// mimalloc rather than the C library's allocator: fewer instructions per allocation on the
 /// request path (its thread-local free lists), and an allocation's cost no longer depends on
 /// what other tasks (span export, reloads) allocated and freed in between (measured in
-/// docs/benchmarks.md).
+/// docs/benchmarks.md). The `system-allocator` feature leaves it out, for heap profilers.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -84,9 +84,9 @@ pub struct MatchIndex {
     by_iface_merged: Option<Box<[Box<[u32]>]>>,
 }
 
-/// Most candidate IDs [`MatchIndex::by_iface_merged`] holds over all interfaces: rules for
-/// any interface are repeated in each entry, so a config with many of them and many
-/// interfaces uses the memo instead.
+/// Most entries and candidate IDs [`MatchIndex::by_iface_merged`] holds, together: rules for
+/// any interface are repeated in each entry, and there is an entry for every interface up to
+/// the highest a rule names, so a config with many of both uses the memo instead.
 const MERGED_MAX: usize = 1 << 16;
 
 /// Source of [`MatchIndex`] IDs; 0 is an index that was never built (and is not memoized).
@@ -279,8 +279,8 @@ impl MatchIndex {
     fn merge_by_iface<K: Ord>(&self, key: impl Fn(&u32) -> K) -> Option<Box<[Box<[u32]>]>> {
         let t = &self.any_app;
         let named = t.by_iface.keys().max().map_or(0, |&m| m as usize + 1);
-        let size =
-            t.by_iface.values().map(Vec::len).sum::<usize>() + (named + 1) * t.any_iface.len();
+        let size = t.by_iface.values().map(Vec::len).sum::<usize>()
+            + (named + 1) * (1 + t.any_iface.len());
         if !self.by_app.is_empty() || size > MERGED_MAX {
             return None;
         }

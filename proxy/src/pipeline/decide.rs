@@ -278,7 +278,7 @@ pub fn decide_classified<'r>(
     let route = (on && fallback.is_none())
         .then(|| rt.snapshot.route(&input))
         .flatten();
-    let breaker = match &route {
+    let mut breaker = match &route {
         Some(r) => (rt.governors).breaker(&rt.snapshot, r, serve.then_some(&*rt.metrics)),
         None => BreakerVerdict::Unchecked,
     };
@@ -289,7 +289,17 @@ pub fn decide_classified<'r>(
     if on && rt.snapshot.has_shadow() {
         shadow_rules(rt, &input, route.as_ref(), serve, &mut shadow);
     }
-    let mut d = Decision {
+    let verdicts = Verdicts {
+        identity_refused,
+        admitted,
+        limited: limited.as_ref(),
+        fallback: fallback.as_ref(),
+        route: route.as_ref(),
+    };
+    let action = action(rt, verdicts, &mut breaker, serve);
+    // Built in place as the return value: a `Decision` (about 470 bytes) made first and
+    // completed after would be copied out whole.
+    Decision {
         class,
         client_ip,
         identity_refused,
@@ -301,10 +311,8 @@ pub fn decide_classified<'r>(
         route,
         breaker,
         shadow,
-        action: Action::NoRoute,
-    };
-    d.action = action(rt, &mut d, serve);
-    d
+        action,
+    }
 }
 
 /// Replay a logged request (`tidegate replay`): [`decide_classified`]'s phases, with
@@ -437,7 +445,21 @@ fn shadow_rules<'r>(
 }
 
 /// The action the phases add up to. Takes the breaker's permit out of the decision.
-fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
+/// What the phases before the action decided, as [`action`] reads them.
+struct Verdicts<'a, 'r> {
+    identity_refused: bool,
+    admitted: bool,
+    limited: Option<&'a Rejection>,
+    fallback: Option<&'a FallbackDecision<'r>>,
+    route: Option<&'a RouteDecision<'r>>,
+}
+
+fn action(
+    rt: &Runtime,
+    d: Verdicts<'_, '_>,
+    breaker: &mut BreakerVerdict<'_>,
+    serve: bool,
+) -> Action {
     if d.identity_refused {
         return Action::Answer(
             Box::new(GatewayError::InvalidIdentity.response()),
@@ -447,10 +469,10 @@ fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
     if !d.admitted {
         return Action::Answer(Box::new(rt.overload.refusal()), Class::Shed);
     }
-    if let Some(rej) = &d.limited {
+    if let Some(rej) = d.limited {
         return Action::Answer(Box::new(rej.response()), Class::Limited);
     }
-    if let Some(fb) = &d.fallback {
+    if let Some(fb) = d.fallback {
         if serve {
             rt.governors.count_fallback(&rt.metrics, fb.rule_id);
         }
@@ -459,10 +481,10 @@ fn action(rt: &Runtime, d: &mut Decision<'_>, serve: bool) -> Action {
             Class::Degraded,
         );
     }
-    let Some(route) = &d.route else {
+    let Some(route) = d.route else {
         return Action::NoRoute;
     };
-    match &mut d.breaker {
+    match breaker {
         BreakerVerdict::Open { breaker } => match &breaker.def.when_open {
             WhenOpen::Respond(r) => Action::Answer(Box::new(respond::canned(r)), Class::Degraded),
             WhenOpen::Alternate(id) => Action::Forward {

@@ -2,7 +2,7 @@
 //! the fixed-size key it is counted by.
 //!
 //! This module decides *what* is counted; the counting itself (GCRA, per key, against a
-//! clock) is the proxy's, on governor. A request's key is the XXH3-64 hash of its key tuple,
+//! clock) is the proxy's, with governor's arithmetic and clock. A request's key is the XXH3-64 hash of its key tuple,
 //! so a tracked key costs a `u64` whatever the length of the user ID, and hashing allocates
 //! nothing. Two distinct tuples share a quota only on a 64-bit hash collision: with a million
 //! active keys in one rule, about one chance in 30 million.

@@ -1,8 +1,8 @@
-//! Rate limit enforcement: one keyed GCRA limiter (governor) per limit rule and quota.
+//! Rate limit enforcement: one keyed GCRA limiter per limit rule and quota.
 //!
 //! The rules crate says which limits apply to a request, under which quota, and hands over a
-//! 64-bit key; this module counts. Each quota of each rule is one governor `RateLimiter`
-//! over a [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
+//! 64-bit key; this module counts. Each quota of each rule is one [`Gcra`] over a
+//! [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
 //! theoretical arrival time, another `u64`), so a tracked key costs about 16 bytes of table
 //! plus hash-table slack, whatever the length of the user ID (a rule with one key for every
 //! request, a global or pair limit, keeps it in one atomic instead). Keys whose state has become
@@ -18,18 +18,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::StateInformationMiddleware;
-use governor::nanos::Nanos;
-use governor::state::StateStore;
-use governor::state::keyed::ShrinkableKeyedStateStore;
-use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue, Response, header};
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
@@ -75,9 +69,6 @@ type Table = HashMap<u64, u64, BuildHasherDefault<MixHasher>>;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MixHasher(u64);
 
-/// A keyed GCRA limiter over a [`KeyStore`].
-pub type KeyedLimiter<C = DefaultClock> = RateLimiter<u64, KeyStore, C, StateInformationMiddleware>;
-
 /// The runtime limiter of one limit rule.
 #[derive(Debug)]
 pub struct RuleLimiter<C: Clock = DefaultClock> {
@@ -88,11 +79,13 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
     pub fingerprint: u64,
     /// Enforce or dry run.
     pub mode: LimitMode,
-    /// For a `scope: cluster` rule: its leases of the shared Redis quota. The governor
-    /// limiters in `quotas` then go unused except for their policy headers.
+    /// For a `scope: cluster` rule: its leases of the shared Redis quota. Its `quotas` then
+    /// go unused except for their policy headers.
     pub cluster: Option<ClusterLimiter>,
     /// One per quota, indexed like [`CompiledLimit::quotas`].
     quotas: Vec<QuotaLimiter<C>>,
+    /// What the quotas' arrival times are read from.
+    clock: C,
     /// For a paced rule (`max_delay_ms`): how long a request may wait, and the queue.
     pub pacing: Option<PaceQueue>,
     /// `{"error":"rate_limited","rule":"NAME"` (the rest is added per answer).
@@ -107,19 +100,19 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
 
 #[derive(Debug)]
 struct QuotaLimiter<C: Clock> {
-    /// Counts the requests of an unpaced rule (unused when `paced` is set).
-    limiter: KeyedLimiter<C>,
+    gcra: Gcra<C>,
     /// `RateLimit-Policy` for this quota, built once.
     policy: HeaderValue,
-    /// A paced rule's GCRA with reservations (governor has none: a refused request there
-    /// leaves the state as it was, so waiters could not be given distinct turns).
-    paced: Option<PacedQuota<C>>,
 }
 
-/// One quota of a paced rule: GCRA state in a [`KeyStore`] of its own, kept by our
-/// arithmetic (the same as governor's, plus reserving a future turn).
+/// One quota's GCRA (virtual scheduling): governor's arithmetic, over a [`KeyStore`], plus
+/// reserving a future turn for paced rules.
+///
+/// Not governor's `RateLimiter`, whose `check_key` reads the clock each time: a request
+/// meets several limits, and they all count it at the one instant the caller read
+/// ([`Limiters::check`]). `gcra_decides_as_governor` checks it against governor's limiter.
 #[derive(Debug)]
-struct PacedQuota<C: Clock> {
+struct Gcra<C: Clock> {
     store: KeyStore,
     /// Zero of the stored theoretical arrival times.
     start: C::Instant,
@@ -325,29 +318,55 @@ impl KeyStore {
         }
     }
 
-    /// [`StateStore::measure_and_replace`] on a [`KeyStore::single`] store's state `a`.
-    fn replace_single<T, E>(
+    /// Replace `key`'s state (`None`: fresh) with what `f` makes of it, or leave it as it
+    /// was when `f` refuses; nothing is stored while [`peeking`].
+    fn update<E>(&self, key: u64, f: impl Fn(Option<u64>) -> Result<u64, E>) -> Result<(), E> {
+        if let Some(a) = &self.single {
+            return self.update_single(a, f);
+        }
+        let mut table = Self::lock(self.shard(key));
+        if PEEKING.with(Cell::get) {
+            return f(table.get(&key).copied()).map(drop);
+        }
+        match table.entry(key) {
+            Entry::Occupied(mut e) => {
+                *e.get_mut() = f(Some(*e.get()))?;
+            }
+            // A refused request never creates an entry.
+            Entry::Vacant(e) => {
+                e.insert(f(None)?);
+                self.mark_used();
+            }
+        }
+        Ok(())
+    }
+
+    /// [`KeyStore::update`] on a [`KeyStore::single`] store's state `a`.
+    fn update_single<E>(
         &self,
         a: &AtomicU64,
-        f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    ) -> Result<T, E> {
-        let state = |v: u64| (v != NO_TAT).then(|| Nanos::from(v));
+        f: impl Fn(Option<u64>) -> Result<u64, E>,
+    ) -> Result<(), E> {
+        let state = |v: u64| (v != NO_TAT).then_some(v);
         let mut cur = a.load(Ordering::Acquire);
         if PEEKING.with(Cell::get) {
-            return f(state(cur)).map(|(out, _)| out);
+            return f(state(cur)).map(drop);
         }
         loop {
-            // A refused request leaves the state as it was.
-            let (out, tat) = f(state(cur))?;
-            match a.compare_exchange_weak(cur, tat.into(), Ordering::AcqRel, Ordering::Acquire) {
+            let tat = f(state(cur))?;
+            match a.compare_exchange_weak(cur, tat, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    if !self.used.load(Ordering::Relaxed) {
-                        self.used.store(true, Ordering::Relaxed);
-                    }
-                    return Ok(out);
+                    self.mark_used();
+                    return Ok(());
                 }
                 Err(now) => cur = now,
             }
+        }
+    }
+
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
         }
     }
 
@@ -382,61 +401,18 @@ impl KeyStore {
             return Err(wait);
         }
         if !PEEKING.with(Cell::get) {
-            table.insert(key, tat.max(now) + interval);
-            if !self.used.load(Ordering::Relaxed) {
-                self.used.store(true, Ordering::Relaxed);
-            }
+            table.insert(key, tat.max(now).saturating_add(interval));
+            self.mark_used();
         }
         Ok(wait)
     }
-}
 
-impl Default for KeyStore {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl StateStore for KeyStore {
-    type Key = u64;
-
-    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        if let Some(a) = &self.single {
-            return self.replace_single(a, f);
-        }
-        let mut table = Self::lock(self.shard(*key));
-        if PEEKING.with(Cell::get) {
-            return f(table.get(key).map(|&tat| Nanos::from(tat))).map(|(out, _)| out);
-        }
-        match table.entry(*key) {
-            Entry::Occupied(mut e) => {
-                let (out, tat) = f(Some(Nanos::from(*e.get())))?;
-                *e.get_mut() = tat.into();
-                Ok(out)
-            }
-            // A refused request never creates an entry.
-            Entry::Vacant(e) => {
-                let (out, tat) = f(None)?;
-                e.insert(tat.into());
-                if !self.used.load(Ordering::Relaxed) {
-                    self.used.store(true, Ordering::Relaxed);
-                }
-                Ok(out)
-            }
-        }
-    }
-}
-
-impl ShrinkableKeyedStateStore<u64> for KeyStore {
-    fn retain_recent(&self, drop_below: Nanos) {
+    /// Drop every key whose theoretical arrival time is at or below `drop_below`.
+    fn retain_recent(&self, drop_below: u64) {
         // Cleared first: a key inserted while the sweep runs sets it again.
         if !self.used.swap(false, Ordering::Relaxed) {
             return;
         }
-        let drop_below: u64 = drop_below.into();
         if let Some(a) = &self.single {
             let cur = a.load(Ordering::Acquire);
             if cur != NO_TAT && cur <= drop_below {
@@ -466,7 +442,8 @@ impl ShrinkableKeyedStateStore<u64> for KeyStore {
         }
     }
 
-    fn len(&self) -> usize {
+    /// Keys tracked.
+    pub fn len(&self) -> usize {
         // A store no key was inserted into since a sweep emptied it is empty: one load, not
         // 64 locks (the housekeeping sweep counts the keys of every rule, most unused).
         if !self.used.load(Ordering::Relaxed) {
@@ -478,8 +455,15 @@ impl ShrinkableKeyedStateStore<u64> for KeyStore {
         self.shards.iter().map(|s| Self::lock(s).len()).sum()
     }
 
-    fn is_empty(&self) -> bool {
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -493,16 +477,15 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             .quotas
             .iter()
             .map(|q| QuotaLimiter {
-                limiter: KeyedLimiter::<C>::new(
-                    governor_quota(q),
+                gcra: Gcra::new(
+                    q,
                     match rule.single_key() && rule.pacing.is_none() {
                         true => KeyStore::single(),
                         false => KeyStore::new(),
                     },
-                    clock.clone(),
+                    clock,
                 ),
                 policy: policy_header(&rule.name, q),
-                paced: rule.pacing.map(|_| PacedQuota::new(q, clock)),
             })
             .collect();
         let mut body_prefix = br#"{"error":"rate_limited","rule":"#.to_vec();
@@ -514,6 +497,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             cluster: (rule.scope == LimitScope::Cluster)
                 .then(|| ClusterLimiter::build(rule, lease)),
             quotas,
+            clock: clock.clone(),
             pacing: rule.pacing.map(PaceQueue::new),
             body_prefix: body_prefix.into(),
             sf_name: sf_string(&rule.name).into(),
@@ -521,29 +505,43 @@ impl<C: Clock + Clone> RuleLimiter<C> {
         }
     }
 
+    /// The limiter's clock, read now: the instant to pass to [`Self::check_at`].
+    pub fn now(&self) -> C::Instant {
+        self.clock.now()
+    }
+
     /// Count one request under `quota` and `key`: `Ok(())` if admitted, or the time until
     /// it would be.
     pub fn check(&self, quota: u16, key: u64) -> Result<(), Duration> {
-        let q = &self.quotas[quota as usize].limiter;
-        match q.check_key(&key) {
-            Ok(_) => Ok(()),
-            Err(not_until) => Err(not_until.wait_time_from(q.clock().now())),
-        }
+        self.check_at(quota, key, self.now())
     }
 
-    /// Count one request of a paced rule under `quota` and `key`: `Ok(wait)` if admitted
-    /// after `wait` (zero: now; else its turn is reserved), or `Err(wait)` if refused (it
-    /// would wait over `max_delay_ms`, or the queue is full). Unpaced rules: [`Self::check`].
-    pub fn pace(&self, quota: u16, key: u64) -> Result<Duration, Duration> {
-        let (Some(queue), q) = (&self.pacing, &self.quotas[quota as usize]) else {
-            return self.check(quota, key).map(|()| Duration::ZERO);
+    /// [`Self::check`] at `now`, a reading of this limiter's clock (or a clone of it).
+    pub fn check_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<(), Duration> {
+        let g = &self.quotas[quota as usize].gcra;
+        g.check(key, g.since_start(now))
+            .map_err(Duration::from_nanos)
+    }
+
+    /// Count one request of a paced rule under `quota` and `key` at `now`: `Ok(wait)` if
+    /// admitted after `wait` (zero: now; else its turn is reserved), or `Err(wait)` if
+    /// refused (it would wait over `max_delay_ms`, or the queue is full). Unpaced rules:
+    /// [`Self::check_at`].
+    pub fn pace_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<Duration, Duration> {
+        let Some(queue) = &self.pacing else {
+            return self.check_at(quota, key, now).map(|()| Duration::ZERO);
         };
-        let p = q.paced.as_ref().expect("a paced rule has paced quotas");
-        let now = p.now(q.limiter.clock());
+        let g = &self.quotas[quota as usize].gcra;
         // A dry run never waits, so it takes no place in the queue.
         let room = || self.mode == LimitMode::DryRun || queue.has_room();
-        p.store
-            .reserve(key, now, (p.interval, p.tolerance), queue.max_delay, room)
+        (g.store)
+            .reserve(
+                key,
+                g.since_start(now),
+                (g.interval, g.tolerance),
+                queue.max_delay,
+                room,
+            )
             .map(Duration::from_nanos)
             .map_err(Duration::from_nanos)
     }
@@ -552,7 +550,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     pub fn tracked_keys(&self) -> usize {
         self.quotas
             .iter()
-            .map(|q| q.limiter.len() + q.paced.as_ref().map_or(0, |p| p.store.len()))
+            .map(|q| q.gcra.store.len())
             .sum::<usize>()
             + self
                 .cluster
@@ -562,13 +560,9 @@ impl<C: Clock + Clone> RuleLimiter<C> {
 
     /// Drop keys whose state is indistinguishable from a fresh one.
     pub fn retain_recent(&self) {
+        let now = self.now();
         for q in &self.quotas {
-            q.limiter.retain_recent();
-            if let Some(p) = &q.paced {
-                // As governor sweeps: a key whose next turn is already due is like a new one.
-                let drop_below = p.now(q.limiter.clock()).saturating_sub(p.interval);
-                p.store.retain_recent(Nanos::from(drop_below));
-            }
+            q.gcra.retain_recent(now);
         }
         if let Some(c) = &self.cluster {
             c.retain_recent();
@@ -606,12 +600,6 @@ pub fn ceil_secs(d: Duration) -> u64 {
     d.as_nanos().div_ceil(1_000_000_000).max(1) as u64
 }
 
-fn governor_quota(q: &LimitQuota) -> Quota {
-    Quota::with_period(q.rate.interval())
-        .expect("validated: the interval is at least 1ns")
-        .allow_burst(NonZeroU32::new(q.burst).expect("validated: burst ≥ 1"))
-}
-
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09): `"NAME";q=QUOTA;w=WINDOW`,
 /// the window in whole seconds. Sub-second periods are stated per second.
 fn policy_header(name: &str, q: &LimitQuota) -> HeaderValue {
@@ -644,23 +632,44 @@ fn sf_string(s: &str) -> String {
     out
 }
 
-// === impl PacedQuota ===
+// === impl Gcra ===
 
-impl<C: Clock> PacedQuota<C> {
-    fn new(q: &LimitQuota, clock: &C) -> Self {
+impl<C: Clock> Gcra<C> {
+    fn new(q: &LimitQuota, store: KeyStore, clock: &C) -> Self {
         // Governor's arithmetic: `t` is the interval (at least 1ns), `tau` is `t × (burst − 1)`.
         let interval = (q.rate.interval().as_nanos() as u64).max(1);
         Self {
-            store: KeyStore::new(),
+            store,
             start: clock.now(),
             interval,
             tolerance: interval.saturating_mul(u64::from(q.burst.saturating_sub(1))),
         }
     }
 
-    /// Nanoseconds since the store's zero.
-    fn now(&self, clock: &C) -> u64 {
-        u64::from(clock.now().duration_since(self.start))
+    /// Nanoseconds from the zero to `now`.
+    fn since_start(&self, now: C::Instant) -> u64 {
+        u64::from(now.duration_since(self.start))
+    }
+
+    /// Admit a request of `key` at `now` (nanoseconds since the zero) if it conforms, moving
+    /// the key's theoretical arrival time on by one interval; else the wait until it would
+    /// conform, the state untouched. Governor's `test_and_update`, term for term.
+    fn check(&self, key: u64, now: u64) -> Result<(), u64> {
+        self.store.update(key, |tat| {
+            let tat = tat.unwrap_or(now);
+            let earliest = tat.saturating_sub(self.tolerance);
+            match now < earliest {
+                true => Err(earliest - now),
+                false => Ok(tat.max(now).saturating_add(self.interval)),
+            }
+        })
+    }
+
+    /// Drop the keys whose state is as good as none at `now`: their next turn is already
+    /// due (governor's sweep).
+    fn retain_recent(&self, now: C::Instant) {
+        let drop_below = self.since_start(now).saturating_sub(self.interval);
+        self.store.retain_recent(drop_below);
     }
 }
 
@@ -819,6 +828,9 @@ impl<C: Clock + Clone> Limiters<C> {
         if self.rules.is_empty() {
             return None;
         }
+        // One clock reading for every limit the request meets: the limiters of a process
+        // share one clock ([`super::Governors::build`]), as a test's share its fake one.
+        let mut now = None;
         SCRATCH.with(|s| {
             let mut ids = s.borrow_mut();
             snap.limits_for(&r.m, &mut ids);
@@ -829,8 +841,10 @@ impl<C: Clock + Clone> Limiters<C> {
                 };
                 let lim = &self.rules[i as usize];
                 let verdict = match (&lim.cluster, remote.as_deref_mut()) {
-                    (None, _) if lim.pacing.is_some() => lim.pace(key.quota, key.hash),
-                    (None, _) => lim.check(key.quota, key.hash).map(|()| Duration::ZERO),
+                    (None, _) => {
+                        let now = *now.get_or_insert_with(|| lim.now());
+                        lim.pace_at(key.quota, key.hash, now)
+                    }
                     (Some(_), None) => continue,
                     (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
                         Local::Admit { refill } => {

@@ -5,7 +5,7 @@
 //! a new one from the previous: limiters and breakers whose rule is unchanged are carried
 //! over, state and all.
 //!
-//! - [`limit`]: keyed GCRA limiters (governor), one per limit rule and quota.
+//! - [`limit`]: keyed GCRA limiters, one per limit rule and quota.
 //! - [`cluster`]: cluster-scope limits: GCRA in Redis, token leases spent locally.
 //! - [`breaker`]: circuit breaker state (closed, open, half-open) over a sliding window.
 
@@ -13,10 +13,11 @@ pub mod breaker;
 pub mod cluster;
 pub mod limit;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use governor::clock::DefaultClock;
 use http::Response;
 use http_body_util::Full;
 use rules::model::{LimitMode, OnStoreError};
@@ -77,6 +78,13 @@ pub enum BreakerVerdict<'r> {
     },
 }
 
+/// The clock of every limiter in the process: one, so that a limiter kept over a reload and
+/// a new one read the same time ([`Limiters::check`] reads it once per request).
+fn limiter_clock() -> &'static DefaultClock {
+    static CLOCK: OnceLock<DefaultClock> = OnceLock::new();
+    CLOCK.get_or_init(DefaultClock::default)
+}
+
 // === impl Governors ===
 
 impl Governors {
@@ -98,7 +106,7 @@ impl Governors {
             cluster,
             limiters: Limiters::build_leased(
                 snap,
-                &governor::clock::DefaultClock::default(),
+                limiter_clock(),
                 previous.map(|p| &p.limiters),
                 lease,
             ),

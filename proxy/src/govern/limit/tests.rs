@@ -501,43 +501,97 @@ fn a_pace_holds_its_places_until_dropped() {
     assert_eq!((waiting(0), waiting(1)), (0, 0));
 }
 
+fn quota(count: u32, period: Duration, burst: u32) -> LimitQuota {
+    LimitQuota {
+        rate: rules::limit::Rate { count, period },
+        burst,
+        label: "default".into(),
+    }
+}
+
+/// One verdict of `g` for `key` at the fake clock's time: admitted, or the wait.
+fn verdict(g: &Gcra<FakeRelativeClock>, clock: &FakeRelativeClock, key: u64) -> Result<(), u64> {
+    g.check(key, g.since_start(clock.now()))
+}
+
+/// Our GCRA decides as governor's keyed limiter, request by request: the same admissions,
+/// the same waits, over irregular arrivals of a few keys, for bursts of 1 to 20 and
+/// intervals from 1 ns to 1 s (an odd period, and rates it does not divide).
+#[test]
+fn gcra_decides_as_governor() {
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let quotas = [
+        (10, Duration::from_secs(1), 5),
+        (1, Duration::from_secs(1), 1),
+        (3, Duration::from_millis(700), 20),
+        (1_000_000_000, Duration::from_secs(1), 2),
+        (7, Duration::from_millis(333), 3),
+    ];
+    for (qi, &(count, period, burst)) in quotas.iter().enumerate() {
+        let clock = FakeRelativeClock::default();
+        let q = quota(count, period, burst);
+        let ours = Gcra::new(&q, KeyStore::new(), &clock);
+        let gq = Quota::with_period(q.rate.interval())
+            .unwrap()
+            .allow_burst(NonZeroU32::new(burst).unwrap());
+        let theirs = RateLimiter::hashmap_with_clock(gq, clock.clone());
+        let (mut admitted, mut refused) = (0, 0);
+        for (i, gap) in irregular_gaps(qi as u64 + 7, 3000).enumerate() {
+            // Bunched arrivals as well as spread ones.
+            clock.advance(Duration::from_nanos(gap / (1 + (i as u64 % 5) * 1000)));
+            let key = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % 3;
+            let want = theirs
+                .check_key(&key)
+                .map_err(|n| n.wait_time_from(clock.now()).as_nanos() as u64);
+            let got = verdict(&ours, &clock, key);
+            assert_eq!(got, want, "quota {qi}, arrival {i}");
+            match got {
+                Ok(()) => admitted += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(admitted > 0, "quota {qi}");
+        assert!(refused > 0 || count == 1_000_000_000, "quota {qi}");
+    }
+}
+
 /// A one-key store (an atomic) decides as the sharded one, request by request, over 2,000
 /// irregular arrivals of one key; its idle state is dropped by the same sweep; a peek
 /// leaves it as it was.
 #[test]
 fn single_key_store_decides_as_the_sharded_one() {
     let clock = FakeRelativeClock::default();
-    let quota = Quota::with_period(100 * MS)
-        .unwrap()
-        .allow_burst(NonZeroU32::new(5).unwrap());
-    let single = KeyedLimiter::new(quota, KeyStore::single(), clock.clone());
-    let sharded = KeyedLimiter::new(quota, KeyStore::new(), clock.clone());
-    let verdict = |l: &KeyedLimiter<FakeRelativeClock>| {
-        l.check_key(&7)
-            .map(|_| ())
-            .map_err(|n| n.wait_time_from(clock.now()))
-    };
-    assert_eq!(single.len(), 0);
+    let q = quota(10, Duration::from_secs(1), 5);
+    let single = Gcra::new(&q, KeyStore::single(), &clock);
+    let sharded = Gcra::new(&q, KeyStore::new(), &clock);
+    assert_eq!(single.store.len(), 0);
     let mut refused = 0;
     for (i, gap) in irregular_gaps(99, 2000).enumerate() {
         clock.advance(Duration::from_nanos(gap));
-        let (a, b) = (verdict(&single), verdict(&sharded));
+        let (a, b) = (verdict(&single, &clock, 7), verdict(&sharded, &clock, 7));
         assert_eq!(a, b, "arrival {i}");
         refused += usize::from(a.is_err());
     }
     assert!(refused > 100, "{refused}");
     // Idle long enough, the state is as fresh as none and goes.
-    single.retain_recent();
-    assert_eq!(single.len(), 1);
+    single.retain_recent(clock.now());
+    assert_eq!(single.store.len(), 1);
     clock.advance(Duration::from_secs(2));
-    single.retain_recent();
-    assert_eq!(single.len(), 0);
+    single.retain_recent(clock.now());
+    assert_eq!(single.store.len(), 0);
     // Peeks answer without spending: the whole burst is still there after ten.
-    let peeked: Vec<bool> = peeking(|| (0..10).map(|_| verdict(&single).is_ok()).collect());
+    let peeked: Vec<bool> = peeking(|| {
+        (0..10)
+            .map(|_| verdict(&single, &clock, 7).is_ok())
+            .collect()
+    });
     assert_eq!(peeked, [true; 10]);
-    let burst: Vec<bool> = (0..6).map(|_| verdict(&single).is_ok()).collect();
+    let burst: Vec<bool> = (0..6)
+        .map(|_| verdict(&single, &clock, 7).is_ok())
+        .collect();
     assert_eq!(burst, [true, true, true, true, true, false]);
-    assert_eq!(single.len(), 1);
+    assert_eq!(single.store.len(), 1);
 }
 
 /// Rules without key parts (a global limit) get the one-key store, decide by the reference
@@ -546,7 +600,7 @@ fn single_key_store_decides_as_the_sharded_one() {
 fn a_global_limit_matches_the_reference() {
     let rig = Rig::new(r#"[{"name": "global", "rate": "10/s", "burst": 5}]"#);
     assert!(rig.snap.governance.limits[0].single_key());
-    assert!(rig.lim.rules[0].quotas[0].limiter.is_empty());
+    assert!(rig.lim.rules[0].quotas[0].gcra.store.is_empty());
     let mut now = 0u64;
     let mut arrivals = Vec::new();
     let mut got = Vec::new();

@@ -286,15 +286,12 @@ impl ResponseCache {
 }
 
 /// The answer of a request that went upstream without sharing: marked `miss`.
-pub fn mark_miss(
-    mut result: Result<(Response<UpstreamBody>, std::time::Duration), GatewayError>,
-) -> Result<(Response<UpstreamBody>, std::time::Duration), GatewayError> {
-    if let Ok((resp, _)) = &mut result {
+pub fn mark_miss(result: &mut Result<(Response<UpstreamBody>, std::time::Duration), GatewayError>) {
+    if let Ok((resp, _)) = result {
         crate::upstream::materialize(resp, UpstreamBody::take_raw);
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static("miss"));
     }
-    result
 }
 
 // === impl Kept ===

@@ -320,6 +320,7 @@ impl KeyStore {
 
     /// Replace `key`'s state (`None`: fresh) with what `f` makes of it, or leave it as it
     /// was when `f` refuses; nothing is stored while [`peeking`].
+    #[inline]
     fn update<E>(&self, key: u64, f: impl Fn(Option<u64>) -> Result<u64, E>) -> Result<(), E> {
         if let Some(a) = &self.single {
             return self.update_single(a, f);
@@ -517,6 +518,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     }
 
     /// [`Self::check`] at `now`, a reading of this limiter's clock (or a clone of it).
+    #[inline]
     pub fn check_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<(), Duration> {
         let g = &self.quotas[quota as usize].gcra;
         g.check(key, g.since_start(now))
@@ -654,6 +656,7 @@ impl<C: Clock> Gcra<C> {
     /// Admit a request of `key` at `now` (nanoseconds since the zero) if it conforms, moving
     /// the key's theoretical arrival time on by one interval; else the wait until it would
     /// conform, the state untouched. Governor's `test_and_update`, term for term.
+    #[inline]
     fn check(&self, key: u64, now: u64) -> Result<(), u64> {
         self.store.update(key, |tat| {
             let tat = tat.unwrap_or(now);
@@ -843,7 +846,12 @@ impl<C: Clock + Clone> Limiters<C> {
                 let verdict = match (&lim.cluster, remote.as_deref_mut()) {
                     (None, _) => {
                         let now = *now.get_or_insert_with(|| lim.now());
-                        lim.pace_at(key.quota, key.hash, now)
+                        match lim.pacing {
+                            None => lim
+                                .check_at(key.quota, key.hash, now)
+                                .map(|()| Duration::ZERO),
+                            Some(_) => lim.pace_at(key.quota, key.hash, now),
+                        }
                     }
                     (Some(_), None) => continue,
                     (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {

@@ -155,8 +155,21 @@ impl Gateway {
         conn: &ConnInfo,
         conns: Option<&Arc<ConnCache>>,
     ) -> (Response<RespBody>, HeaderValue) {
-        let started = Instant::now();
         let (mut parts, body) = req.into_parts();
+        self.handle_parts(&mut parts, body, conn, conns).await
+    }
+
+    /// [`Gateway::handle`] of a request whose head stays where its caller keeps it: the
+    /// request path works on it in place and forwards it by reference, so its parts (over
+    /// 200 bytes) are not copied from one future's state into the next on the way.
+    pub async fn handle_parts(
+        &self,
+        parts: &mut http::request::Parts,
+        body: ReqBody,
+        conn: &ConnInfo,
+        conns: Option<&Arc<ConnCache>>,
+    ) -> (Response<RespBody>, HeaderValue) {
+        let started = Instant::now();
         let (request_id, fresh_id) = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
         let trace = self.trace(&mut parts.headers, conn, &rt);
@@ -166,7 +179,7 @@ impl Gateway {
         };
         // One function (a nested one would move the request's parts into its own state).
         let id = move |resp| (resp, request_id);
-        let (ask, host) = match head::sanitize(&mut parts, &rt.snapshot) {
+        let (ask, host) = match head::sanitize(parts, &rt.snapshot) {
             // The client's side of the connection goes with the ask (hyper offers it only
             // for an HTTP/1.1 request carrying `Upgrade`), never to anyone else.
             Ok(head::Sane { ask, host }) => (
@@ -185,13 +198,13 @@ impl Gateway {
         let mode = Mode::Serve {
             draw: self.next_random(),
         };
-        let d = decide(&rt, request_parts(&parts), conn, mode);
-        let req = request_parts(&parts);
+        let d = decide(&rt, request_parts(parts), conn, mode);
+        let req = request_parts(parts);
         let mut record = Record::start(&rt, &d, req, verdict, self.recorder(&ids), started);
         // Only what the later phases need is carried across the waits (a smaller future).
         // The cache key is taken now, while the classification (app, user) is at hand.
         let cached = match (&d.action, interface_cache(&rt, d.class.interface)) {
-            (Action::Forward { .. }, Some(c)) => c.key(&parts, &d.class).map(|key| (c, key)),
+            (Action::Forward { .. }, Some(c)) => c.key(parts, &d.class).map(|key| (c, key)),
             _ => None,
         };
         let (interface, action, cluster, pace) = (d.class.interface, d.action, d.cluster, d.pace);
@@ -224,14 +237,14 @@ impl Gateway {
                 }
                 let head_only = parts.method == http::Method::HEAD;
                 let trusted = &rt.snapshot.trusted_proxies;
-                let forwarding = hygiene(&mut parts, host, conn, trusted);
+                let forwarding = hygiene(parts, host, conn, trusted);
                 let mut extra = Outgoing {
                     request_id: fresh_id.then(|| ids.request.clone()),
                     trace: ids.trace,
                     forwarding,
                 };
                 let upstream = &rt.upstreams[up.0 as usize];
-                let result = match &mut upgrade {
+                let mut result = match &mut upgrade {
                     Some(u) => {
                         u.restore(&mut parts.headers);
                         extra.put(&mut parts.headers);
@@ -244,23 +257,26 @@ impl Gateway {
                         if mirror.is_some() {
                             std::mem::take(&mut extra).put(&mut parts.headers);
                         }
-                        let tee = mirror.and_then(|m| m.start(&parts, body.is_end_stream()));
+                        let tee = mirror.and_then(|m| m.start(parts, body.is_end_stream()));
                         let max_body = self.settings.max_body_bytes;
                         let sent = upstream.forward(parts, body, max_body, conns, tee, extra);
-                        tunnel::refuse_unasked_switch(sent.await)
+                        let mut result = sent.await;
+                        tunnel::refuse_unasked_switch(&mut result);
+                        result
                     }
                 };
                 let done = self.finish(result.as_ref(), permit, held, started);
                 if lookup.is_none() {
                     record.done_at(done);
                 }
-                let result = match lookup {
+                // In place: the answer moves once more, into the `Answer`.
+                match lookup {
                     Some(Lookup::Lead(lead)) => {
-                        Box::pin(lead.fill(result, head_only, &rt.snapshot)).await
+                        result = Box::pin(lead.fill(result, head_only, &rt.snapshot)).await;
                     }
-                    Some(_) => cache::mark_miss(result),
-                    None => result,
-                };
+                    Some(_) => cache::mark_miss(&mut result),
+                    None => {}
+                }
                 Answer::Exchange(Some(up), result)
             }
         };

@@ -199,16 +199,15 @@ impl Approved {
 }
 
 /// The answer to a request that is not an approved upgrade: a 101 is refused (502), since
-/// nobody asked for the switch it announces.
+/// nobody asked for the switch it announces. In place: the answer is not moved.
 pub fn refuse_unasked_switch(
-    result: Result<(Response<UpstreamBody>, Duration), GatewayError>,
-) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
-    match result {
-        Ok((resp, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            tracing::debug!("upstream answered 101 to a request that did not ask to upgrade");
-            Err(GatewayError::UpstreamReset)
-        }
-        other => other,
+    result: &mut Result<(Response<UpstreamBody>, Duration), GatewayError>,
+) {
+    if let Ok((resp, _)) = result
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        tracing::debug!("upstream answered 101 to a request that did not ask to upgrade");
+        *result = Err(GatewayError::UpstreamReset);
     }
 }
 

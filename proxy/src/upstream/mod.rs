@@ -655,7 +655,7 @@ impl Upstream {
     /// connection of our own, put in the header map for hyper's.
     pub async fn forward(
         &self,
-        parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: ReqBody,
         max_body: u64,
         cache: Option<&Arc<ConnCache>>,
@@ -694,7 +694,8 @@ impl Upstream {
         // Only a cluster with another endpoint to try keeps a copy for the retry.
         let mut spare =
             (self.endpoints.len() > 1).then(|| (parts.method.clone(), parts.headers.clone()));
-        let mut head = Some(parts);
+        // hyper's request owns its head: the caller's is left as a bare `GET /`.
+        let mut head = Some(std::mem::replace(parts, Request::new(()).into_parts().0));
         let mut avoid = None;
         loop {
             let ep_idx = self.pick(avoid);
@@ -785,7 +786,7 @@ impl Upstream {
     /// connect failure needs no copy of it, and no `Request` or absolute target is built.
     async fn forward_own(
         &self,
-        mut parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         cache: &Arc<ConnCache>,
         extra: &Outgoing,
         started: Instant,
@@ -804,11 +805,11 @@ impl Upstream {
             };
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             // The deadline is the exchange's own (see `h1::Conn::exchange`).
-            let sent = self.send_own(cache, ep_idx, &parts, extra, deadline).await;
+            let sent = self.send_own(cache, ep_idx, parts, extra, deadline).await;
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match sent {
                 Ok(resp) => {
-                    crate::header_maps::give(parts.headers);
+                    crate::header_maps::give(std::mem::take(&mut parts.headers));
                     return Ok(self.received(ep, resp.map(Received::Own), started));
                 }
                 Err(e) => {
@@ -876,7 +877,7 @@ impl Upstream {
     /// `request_timeout_ms`, as for any request.
     pub async fn forward_upgrade(
         &self,
-        parts: http::request::Parts,
+        parts: &http::request::Parts,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;

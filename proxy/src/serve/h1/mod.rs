@@ -370,7 +370,7 @@ where
                 (deadline, start + c.idle_timeout, Some(start + PARK_AFTER))
             }
         };
-        let head = loop {
+        let mut head = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, &c.limits, &mut parser) {
                     Parsed::Request(h) => break h,
@@ -419,19 +419,18 @@ where
             }
         };
         first = false;
-        let Head {
-            parts,
-            body,
-            keep_alive,
-        } = head;
-        let version = parts.version;
-        let head_only = parts.method == Method::HEAD;
+        let (version, keep_alive) = (head.parts.version, head.keep_alive);
+        let head_only = head.parts.method == Method::HEAD;
         c.activity.started.store(true, Ordering::Relaxed);
         c.activity.inflight.fetch_add(1, Ordering::Relaxed);
-        let req = Request::from_parts(parts, ReqBody::Full(body));
         // Inline (a box would cost an allocation and a copy per request): the request's
-        // rarer paths are boxed where they start, so this state stays small.
-        let (resp, id) = c.gateway.handle(req, c.info, Some(c.cache)).await;
+        // rarer paths are boxed where they start, so this state stays small. The head stays
+        // here, lent to the request path.
+        let body = ReqBody::Full(head.body.take());
+        let (resp, id) = (c.gateway)
+            .handle_parts(&mut head.parts, body, c.info, Some(c.cache))
+            .await;
+        drop(head); // not held across the write
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
         // On shutdown the answer in flight is the connection's last.
         let keep = keep_alive && !*c.shutdown.borrow();

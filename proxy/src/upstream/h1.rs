@@ -40,6 +40,9 @@ pub use raw::RawFields;
 
 /// Most header fields accepted in an upstream's response (hyper's default).
 const MAX_HEADERS: usize = 100;
+
+/// Response heads with at most this many fields keep their spans on the stack.
+const SMALL_HEAD: usize = 16;
 /// Largest response head accepted (status line and header fields); offsets in it fit a u16.
 const MAX_HEAD_BYTES: usize = u16::MAX as usize;
 /// Longest chunk-size line (with extensions) or trailer section accepted.
@@ -370,8 +373,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     if buf.is_empty() {
         return Ok(None);
     }
-    // Neither array is zeroed: the parser writes the fields it finds (on the stack, no
-    // allocation), and only the spans of those are read.
+    // Not zeroed: the parser writes the fields it finds (on the stack, no allocation), and
+    // only those are read.
     let mut fields = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -393,8 +396,17 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     // Where each field sits in the buffer, so the values can be slices of it.
     let base = buf.as_ptr() as usize;
     let at = |p: &[u8]| (p.as_ptr() as usize - base) as u16;
-    let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    // The spans of a usual head on the stack, zeroed (128 bytes, where all 100 would be 800
+    // written to cold memory per response); a longer head's in a `Vec`.
     let n = res.headers.len();
+    let (mut small, mut large) = ([(0, 0, 0, 0); SMALL_HEAD], Vec::new());
+    let spans: &mut [Span] = match n <= SMALL_HEAD {
+        true => &mut small[..n],
+        false => {
+            large.resize(n, (0, 0, 0, 0));
+            &mut large
+        }
+    };
     for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
         *span = (
             at(f.name.as_bytes()),
@@ -405,7 +417,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     }
     // Names in lower case, as a header map has them: kept as they came, they are written
     // as they are.
-    for &(ns, nl, _, _) in &spans[..n] {
+    for &(ns, nl, _, _) in &*spans {
         buf[usize::from(ns)..][..usize::from(nl)].make_ascii_lowercase();
     }
     let head = buf.split_to(len).freeze();
@@ -422,7 +434,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     let mut close = minor == 0; // HTTP/1.0: no persistent connections assumed
     // Kept as they came unless the gateway would change more than it notes (see `raw`).
     let mut raw = (n <= raw::RAW_MAX).then(|| RawFields::new(head.clone()));
-    for &span in &spans[..n] {
+    for &span in &*spans {
         let (ns, nl, vs, vl) = span;
         let name = &head[usize::from(ns)..][..usize::from(nl)];
         let value = &head[usize::from(vs)..][..usize::from(vl)];
@@ -474,7 +486,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         None => {
             // Room for the few the gateway adds (the request ID) without growing.
             let mut headers = crate::header_maps::take(n + 2);
-            for &span in &spans[..n] {
+            for &span in &*spans {
                 let (name, value) = header_field(&head, span)?;
                 headers.append(name, value);
             }

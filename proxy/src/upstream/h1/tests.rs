@@ -55,6 +55,23 @@ fn parses_a_response_head() {
     assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
 }
 
+/// Every field of a head reaches the map, in order, on both sides of the count whose spans
+/// stay on the stack: 0 to 100 fields, with a `Content-Length` last so framing reads a
+/// span from the end.
+#[test]
+fn heads_of_any_field_count_parse_whole() {
+    for n in [0, 1, SMALL_HEAD - 1, SMALL_HEAD, SMALL_HEAD + 1, 40, MAX_HEADERS - 1] {
+        let fields: String = (0..n).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 2\r\n\r\nok");
+        let h = head_of(raw.as_bytes(), &Method::GET).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Length(2), "{n} fields");
+        assert_eq!(h.parts.headers.len(), n + 1, "{n} fields");
+        for i in 0..n {
+            assert_eq!(h.parts.headers[format!("x-f{i}")], format!("v{i}"), "{n} fields");
+        }
+    }
+}
+
 /// RFC 9112 §6.3 framing, and when a connection may be reused.
 #[test]
 fn framing_rules() {

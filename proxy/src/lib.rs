@@ -133,6 +133,17 @@ pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     start_inner(read.loaded, read.secrets, Some(file)).await
 }
 
+/// The future `make` returns, boxed by a function of its own: for the rare paths of the
+/// request path. An `async` function's poll reserves stack for every future it builds, and
+/// `Box::pin(f())` builds `f`'s (several KB for hyper's exchanges) in the caller's frame
+/// before moving it to the heap; built here, the caller's frame holds a pointer. Every
+/// wake-up of every connection runs those polls, touching their whole frames' worth of
+/// stack pages.
+#[inline(never)]
+pub fn out_of_line<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
+}
+
 /// Where a config's history is kept: `server.data_dir/history`, resolved against the
 /// config file's directory; `None` when `server.history_keep` is 0.
 pub fn history_of(path: &std::path::Path, server: &rules::model::Server) -> Option<History> {

@@ -227,7 +227,7 @@ impl Gateway {
             Step::Fail(upstream, e) => Answer::Exchange(upstream, Err(e)),
             Step::Forward(up, permit, held) => {
                 let lookup = match cached {
-                    Some((c, key)) => Some(Box::pin(c.lookup(key)).await),
+                    Some((c, key)) => Some(crate::out_of_line(|| c.lookup(key)).await),
                     None => None,
                 };
                 if let Some(Lookup::Answered(resp)) = lookup {
@@ -248,7 +248,10 @@ impl Gateway {
                     Some(u) => {
                         u.restore(&mut parts.headers);
                         extra.put(&mut parts.headers);
-                        u.check(Box::pin(upstream.forward_upgrade(parts)).await, metrics)
+                        u.check(
+                            crate::out_of_line(|| upstream.forward_upgrade(parts)).await,
+                            metrics,
+                        )
                     }
                     None => {
                         // The copy starts here, after hygiene (it carries the same
@@ -272,7 +275,8 @@ impl Gateway {
                 // In place: the answer moves once more, into the `Answer`.
                 match lookup {
                     Some(Lookup::Lead(lead)) => {
-                        result = Box::pin(lead.fill(result, head_only, &rt.snapshot)).await;
+                        result =
+                            crate::out_of_line(|| lead.fill(result, head_only, &rt.snapshot)).await;
                     }
                     Some(_) => cache::mark_miss(&mut result),
                     None => {}
@@ -304,7 +308,7 @@ impl Gateway {
         // Boxed, as every rarer path of a request is: the request's future is as large as
         // its largest state, and it lives inline in each HTTP/1 connection's task.
         if let Some(c) = cluster
-            && let Some((resp, class)) = Box::pin(c.resolve(&self.live.metrics)).await
+            && let Some((resp, class)) = crate::out_of_line(|| c.resolve(&self.live.metrics)).await
         {
             action = Action::Answer(Box::new(resp), class);
         }

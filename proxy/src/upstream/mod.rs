@@ -662,16 +662,39 @@ impl Upstream {
         tee: Option<Tee>,
         extra: Outgoing,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
-        // One clock read for both.
-        let now = tokio::time::Instant::now();
-        let (started, deadline) = (now.into_std(), now + self.request_timeout);
         // TLS and HTTP/2 connections are shared, never a downstream connection's own.
         let cache = cache.filter(|_| self.secure.is_none());
         if let Some(c) = cache
             && body.is_end_stream()
         {
+            let (started, deadline) = self.deadline();
             return self.forward_own(parts, c, &extra, started, deadline).await;
         }
+        // hyper's request owns its head: the caller's is left as a bare `GET /`.
+        let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+        let shared = || self.forward_hyper(parts, body, max_body, cache, tee, extra);
+        crate::out_of_line(shared).await
+    }
+
+    /// Now and the exchange's deadline, from one clock reading.
+    fn deadline(&self) -> (Instant, tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        (now.into_std(), now + self.request_timeout)
+    }
+
+    /// [`Upstream::forward`] through hyper: a request with a body, or to a TLS or HTTP/2
+    /// upstream. Boxed by the caller ([`crate::out_of_line`]): its future, with hyper's
+    /// exchange, is several KB, which the common request's should not carry.
+    async fn forward_hyper(
+        &self,
+        parts: http::request::Parts,
+        body: ReqBody,
+        max_body: u64,
+        cache: Option<&Arc<ConnCache>>,
+        tee: Option<Tee>,
+        extra: Outgoing,
+    ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
+        let (started, deadline) = self.deadline();
         let path = parts
             .uri
             .path_and_query()
@@ -694,8 +717,7 @@ impl Upstream {
         // Only a cluster with another endpoint to try keeps a copy for the retry.
         let mut spare =
             (self.endpoints.len() > 1).then(|| (parts.method.clone(), parts.headers.clone()));
-        // hyper's request owns its head: the caller's is left as a bare `GET /`.
-        let mut head = Some(std::mem::replace(parts, Request::new(()).into_parts().0));
+        let mut head = Some(parts);
         let mut avoid = None;
         loop {
             let ep_idx = self.pick(avoid);

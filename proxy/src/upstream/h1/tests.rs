@@ -60,14 +60,26 @@ fn parses_a_response_head() {
 /// span from the end.
 #[test]
 fn heads_of_any_field_count_parse_whole() {
-    for n in [0, 1, SMALL_HEAD - 1, SMALL_HEAD, SMALL_HEAD + 1, 40, MAX_HEADERS - 1] {
+    for n in [
+        0,
+        1,
+        SMALL_HEAD - 1,
+        SMALL_HEAD,
+        SMALL_HEAD + 1,
+        40,
+        MAX_HEADERS - 1,
+    ] {
         let fields: String = (0..n).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
         let raw = format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 2\r\n\r\nok");
         let h = head_of(raw.as_bytes(), &Method::GET).unwrap().unwrap();
         assert_eq!(h.framing, Framing::Length(2), "{n} fields");
         assert_eq!(h.parts.headers.len(), n + 1, "{n} fields");
         for i in 0..n {
-            assert_eq!(h.parts.headers[format!("x-f{i}")], format!("v{i}"), "{n} fields");
+            assert_eq!(
+                h.parts.headers[format!("x-f{i}")],
+                format!("v{i}"),
+                "{n} fields"
+            );
         }
     }
 }

@@ -764,14 +764,13 @@ impl Upstream {
                     // hyper's paths are boxed: their futures are several KB, and the
                     // common request's (`forward_own`) lives inline in its connection's task.
                     let direct = Box::pin(self.send_direct(c, ep_idx, req));
-                    tokio::time::timeout_at(deadline, direct).await.map(|r| {
-                        r.map(|resp| resp.map(Received::Hyper))
-                            .map_err(DirectError::answer)
-                    })
+                    tokio::time::timeout_at(deadline, direct)
+                        .await
+                        .map(|r| r.map_err(DirectError::answer))
                 }
-                None => tokio::time::timeout_at(deadline, Box::pin(self.send_pooled(ep_idx, req)))
-                    .await
-                    .map(|r| r.map(|resp| resp.map(Received::Hyper))),
+                None => {
+                    tokio::time::timeout_at(deadline, Box::pin(self.send_pooled(ep_idx, req))).await
+                }
             };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {
@@ -783,7 +782,7 @@ impl Upstream {
                     }
                     return Err(GatewayError::UpstreamTimeout);
                 }
-                Ok(Ok(resp)) => return Ok(self.received(ep, resp, started)),
+                Ok(Ok(resp)) => return Ok(self.received(ep, resp, Received::Hyper, started)),
                 Ok(Err((is_connect, answer))) => {
                     if upstream_at_fault(&answer) {
                         self.failed(ep_idx);
@@ -832,7 +831,7 @@ impl Upstream {
             match sent {
                 Ok(resp) => {
                     crate::header_maps::give(std::mem::take(&mut parts.headers));
-                    return Ok(self.received(ep, resp.map(Received::Own), started));
+                    return Ok(self.received(ep, resp, Received::Own, started));
                 }
                 Err(e) => {
                     let (is_connect, answer) = e.answer();
@@ -852,19 +851,21 @@ impl Upstream {
         }
     }
 
-    /// A response head received from `ep`: counted as the endpoint's success, its body set
-    /// to count gRPC statuses when it is gRPC, with the time it took.
-    fn received(
+    /// A response head received from `ep`: counted as the endpoint's success, its body
+    /// (`as_received` says which client's it is) set to count gRPC statuses when it is gRPC,
+    /// with the time it took. One `map`: each is a move of the whole response.
+    fn received<B>(
         &self,
         ep: &Endpoint,
-        resp: Response<Received>,
+        resp: Response<B>,
+        as_received: impl FnOnce(B) -> Received,
         started: Instant,
     ) -> (Response<UpstreamBody>, Duration) {
         ep.health.succeeded();
         let grpc = self.grpc_status(resp.headers());
         let resp = resp.map(|b| UpstreamBody {
             grpc,
-            ..UpstreamBody::new(b, self.read_timeout)
+            ..UpstreamBody::new(as_received(b), self.read_timeout)
         });
         (resp, started.elapsed())
     }

@@ -427,7 +427,7 @@ where
         // rarer paths are boxed where they start, so this state stays small. The head stays
         // here, lent to the request path.
         let body = ReqBody::Full(head.body.take());
-        let (resp, id) = (c.gateway)
+        let (mut resp, id) = (c.gateway)
             .handle_parts(&mut head.parts, body, c.info, Some(c.cache))
             .await;
         drop(head); // not held across the write
@@ -439,7 +439,11 @@ where
             head_only,
             id: &id,
         };
-        match write::response(&mut io, &mut out, resp, framing, keep).await {
+        // Written from where it lies (no move into the writer's future), then dropped at once:
+        // its body may hold an upstream connection, to go back before anything else.
+        let written = write::response(&mut io, &mut out, &mut resp, framing, keep).await;
+        drop(resp);
+        match written {
             Ok(true) if !*c.shutdown.borrow() => {}
             Ok(_) => return close(io).await,
             Err(e) => {

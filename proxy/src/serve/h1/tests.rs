@@ -325,14 +325,14 @@ async fn small_response_is_one_write() {
     }
     let mut w = Writes(Vec::new());
     let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
-    let resp = http::Response::new(http_body_util::Either::Right(body));
+    let mut resp = http::Response::new(http_body_util::Either::Right(body));
     let id = HeaderValue::from_static("rid-1");
     let req = Request {
         version: Version::HTTP_11,
         head_only: false,
         id: &id,
     };
-    let keep = write::response(&mut w, &mut Vec::new(), resp, req, true)
+    let keep = write::response(&mut w, &mut Vec::new(), &mut resp, req, true)
         .await
         .unwrap();
     assert!(keep);

@@ -46,28 +46,27 @@ pub(super) enum Framing {
 pub(super) async fn response<I: AsyncWrite + Unpin>(
     io: &mut I,
     out: &mut Vec<u8>,
-    resp: Response<RespBody>,
+    resp: &mut Response<RespBody>,
     req: Request<'_>,
     keep_alive: bool,
 ) -> std::io::Result<bool> {
-    let (mut parts, mut body) = resp.into_parts();
     out.clear();
-    let reason = parts
-        .extensions
+    let raw = take_raw(resp.body_mut());
+    let reason = (resp.extensions())
         .get::<hyper::ext::ReasonPhrase>()
         .map(|r| r.as_bytes());
-    let raw = take_raw(&mut body);
     let (framing, keep) = head(
         out,
-        parts.status,
+        resp.status(),
         reason,
         raw.as_ref(),
-        &parts.headers,
-        body.size_hint().exact(),
+        resp.headers(),
+        resp.body().size_hint().exact(),
         req,
         keep_alive,
     );
-    crate::header_maps::give(std::mem::take(&mut parts.headers));
+    crate::header_maps::give(std::mem::take(resp.headers_mut()));
+    let body = resp.body_mut();
     if framing == Framing::None {
         io.write_all(out).await?;
         io.flush().await?;

@@ -761,16 +761,13 @@ impl Upstream {
             ep.inflight.fetch_add(1, Ordering::Relaxed);
             let res = match &cache {
                 Some(c) => {
-                    // hyper's paths are boxed: their futures are several KB, and the
-                    // common request's (`forward_own`) lives inline in its connection's task.
-                    let direct = Box::pin(self.send_direct(c, ep_idx, req));
+                    // Inline: this whole function is boxed by its caller.
+                    let direct = self.send_direct(c, ep_idx, req);
                     tokio::time::timeout_at(deadline, direct)
                         .await
                         .map(|r| r.map_err(DirectError::answer))
                 }
-                None => {
-                    tokio::time::timeout_at(deadline, Box::pin(self.send_pooled(ep_idx, req))).await
-                }
+                None => tokio::time::timeout_at(deadline, self.send_pooled(ep_idx, req)).await,
             };
             ep.inflight.fetch_sub(1, Ordering::Relaxed);
             match res {

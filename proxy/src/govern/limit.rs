@@ -1,7 +1,7 @@
 //! Rate limit enforcement: one keyed GCRA limiter per limit rule and quota.
 //!
 //! The rules crate says which limits apply to a request, under which quota, and hands over a
-//! 64-bit key; this module counts. Each quota of each rule is one [`Gcra`] over a
+//! 64-bit key; this module counts. Each quota of each rule is one `Gcra` over a
 //! [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
 //! theoretical arrival time, another `u64`), so a tracked key costs about 16 bytes of table
 //! plus hash-table slack, whatever the length of the user ID (a rule with one key for every
@@ -511,13 +511,8 @@ impl<C: Clock + Clone> RuleLimiter<C> {
         self.clock.now()
     }
 
-    /// Count one request under `quota` and `key`: `Ok(())` if admitted, or the time until
-    /// it would be.
-    pub fn check(&self, quota: u16, key: u64) -> Result<(), Duration> {
-        self.check_at(quota, key, self.now())
-    }
-
-    /// [`Self::check`] at `now`, a reading of this limiter's clock (or a clone of it).
+    /// Count one request under `quota` and `key` at `now`, a reading of this limiter's
+    /// clock (or a clone of it): `Ok(())` if admitted, or the time until it would be.
     #[inline]
     pub fn check_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<(), Duration> {
         let g = &self.quotas[quota as usize].gcra;

@@ -444,7 +444,6 @@ fn shadow_rules<'r>(
     }
 }
 
-/// The action the phases add up to. Takes the breaker's permit out of the decision.
 /// What the phases before the action decided, as [`action`] reads them.
 struct Verdicts<'a, 'r> {
     identity_refused: bool,
@@ -454,6 +453,7 @@ struct Verdicts<'a, 'r> {
     route: Option<&'a RouteDecision<'r>>,
 }
 
+/// The action the phases add up to. Takes the breaker's permit out of `breaker`.
 fn action(
     rt: &Runtime,
     d: Verdicts<'_, '_>,

@@ -130,7 +130,7 @@ fn gcra_sequence_10_per_s_burst_5() {
             },
         )
         .unwrap();
-    assert_eq!(lim.check(key.quota, key.hash), Err(100 * MS));
+    assert_eq!(lim.check_at(key.quota, key.hash, lim.now()), Err(100 * MS));
     rig.clock.advance(99 * MS);
     assert!(!rig.admitted("a", "u"), "not yet at 99 ms");
     rig.clock.advance(MS);
@@ -253,7 +253,8 @@ impl Rig {
                 },
             )
             .unwrap();
-        self.lim.rules[i].check(key.quota, key.hash).is_ok()
+        let lim = &self.lim.rules[i];
+        lim.check_at(key.quota, key.hash, lim.now()).is_ok()
     }
 }
 

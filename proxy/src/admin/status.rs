@@ -185,6 +185,7 @@ fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
 /// large config's interfaces, limits and split targets see no request in a given second,
 /// and the sampler then only reads their counters. Readers take a short ring as zeros
 /// before its first entry.
+#[inline]
 fn push_sparse<T: Copy + Default + PartialEq>(ring: &mut VecDeque<T>, len: usize, v: T) {
     if ring.is_empty() && v == T::default() {
         return;
@@ -360,32 +361,32 @@ impl History {
         }
 
         for (li, lim) in rt.governors.limiters.rules.iter().enumerate() {
+            // A limiter gets its counters at its first decision; one without (most of a
+            // thousand rules, any second) has nothing to take.
+            let Some(cs) = lim.counters.get() else {
+                push_sparse(self.limits.at(li), len, [0; 3]);
+                continue;
+            };
             // Paced requests were admitted (after their turn): the dashboard counts them as
             // allowed.
-            let now: [u64; 3] = lim.counters.get().map_or([0; 3], |cs| {
-                let n = |o: Outcome| cs[o as usize].get();
-                [
-                    n(Outcome::Allowed) + n(Outcome::Paced) + n(Outcome::DryRunPaced),
-                    n(Outcome::Limited),
-                    n(Outcome::DryRunLimited),
-                ]
-            });
-            let before = self.limit_prev.at(li).replace(now).unwrap_or(now);
+            let n = |o: Outcome| cs[o as usize].get();
+            let now = [
+                n(Outcome::Allowed) + n(Outcome::Paced) + n(Outcome::DryRunPaced),
+                n(Outcome::Limited),
+                n(Outcome::DryRunLimited),
+            ];
+            // The rule's counters are cumulative and outlive a reload: a rebuilt limiter's
+            // first take continues from the last one's, and a new rule's counters (no take
+            // before) started at 0.
+            let before = self.limit_prev.at(li).replace(now).unwrap_or([0; 3]);
             let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
             push_sparse(self.limits.at(li), len, delta);
         }
 
-        // Split targets, in the order `bind` gave them.
-        let mut si = 0;
-        for (ri, r) in snap.routes.iter().enumerate() {
-            let RouteAction::Split(targets) = &r.action else {
-                continue;
-            };
-            for ti in 0..targets.len() {
-                let n = crate::stats::take(&c.splits[ri][ti]) as u32;
-                push_sparse(self.splits.at(si), len, n);
-                si += 1;
-            }
+        // Split targets, in the order `bind` gave them (a route that does not split has
+        // none).
+        for (si, t) in c.splits.iter().flatten().enumerate() {
+            push_sparse(self.splits.at(si), len, crate::stats::take(t) as u32);
         }
 
         for r in &snap.ramps {
@@ -1013,6 +1014,52 @@ mod tests {
         }
         assert_eq!(r.len(), HISTORY_SECS);
         assert_eq!(last_n(&r, RATE_WINDOW_SECS).count(), RATE_WINDOW_SECS);
+    }
+
+    /// A limit's series counts each second's decisions, the first second's too. A reload
+    /// that rebuilds the limiter (its rate changed) carries on from the rule's cumulative
+    /// counters, without a jump; a new rule counts from its first decision.
+    #[test]
+    fn limit_series_count_each_second_across_a_rebuild() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let build = |limits: serde_json::Value, previous: Option<&Runtime>| {
+            let c = serde_json::json!({
+                "schema_version": 1,
+                "upstreams": { "v1": { "endpoints": ["127.0.0.1:1"] } },
+                "routes": [ { "name": "default", "upstream": "v1" } ],
+                "limits": limits,
+            });
+            let snap = rules::load("t.json", c.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"))
+                .snapshot;
+            Runtime::offline(snap, previous, &metrics)
+        };
+        let decide = |rt: &Runtime, name: &str, n: usize| {
+            let rules = &rt.governors.limiters.rules;
+            let lim = rules.iter().find(|l| *l.name.0 == *name).unwrap();
+            for _ in 0..n {
+                crate::govern::count_limit(&metrics, lim, Outcome::Allowed);
+            }
+        };
+        let series = |h: &History, name: &str| -> Vec<u32> {
+            h.limits.get(name).unwrap().iter().map(|s| s[0]).collect()
+        };
+        let a = build(serde_json::json!([{ "name": "l", "rate": "10/s" }]), None);
+        let mut h = History::new(0);
+        decide(&a, "l", 1);
+        h.push(&a, 1000);
+        decide(&a, "l", 3);
+        h.push(&a, 2000);
+        let b = build(
+            serde_json::json!([{ "name": "l", "rate": "20/s" }, { "name": "m", "rate": "5/s" }]),
+            Some(&a),
+        );
+        h.push(&b, 3000);
+        decide(&b, "l", 2);
+        decide(&b, "m", 4);
+        h.push(&b, 4000);
+        assert_eq!(series(&h, "l"), [1, 3, 0, 2]);
+        assert_eq!(series(&h, "m"), [0, 0, 0, 4]);
     }
 
     /// A series that has been zero all along takes no room; its first count is placed in

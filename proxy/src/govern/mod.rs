@@ -339,7 +339,7 @@ impl ClusterPending {
     }
 }
 
-fn count_limit(metrics: &Metrics, lim: &RuleLimiter, outcome: Outcome) {
+pub(crate) fn count_limit(metrics: &Metrics, lim: &RuleLimiter, outcome: Outcome) {
     let counters = lim.counters.get_or_init(|| {
         Outcome::ALL.map(|o| {
             metrics

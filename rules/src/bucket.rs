@@ -72,22 +72,41 @@ pub fn bucket_ip(salt: &str, ip: IpAddr) -> u32 {
     bucket_bytes(salt, &v6.octets())
 }
 
+/// Longest `salt ‖ 0 ‖ key` hashed from a small stack buffer: a route name and a user ID.
+const SHORT: usize = 64;
+
+#[inline]
 pub(crate) fn bucket_bytes(salt: &str, key: &[u8]) -> u32 {
     let len = salt.len() + 1 + key.len();
-    let h = if len <= 256 {
-        // Common case: hash one contiguous stack buffer, no allocation.
+    let h = match len <= SHORT {
+        true => {
+            let mut buf = [0u8; SHORT];
+            buf[..salt.len()].copy_from_slice(salt.as_bytes());
+            buf[salt.len() + 1..len].copy_from_slice(key);
+            xxh3_64_with_seed(&buf[..len], SEED)
+        }
+        false => long_hash(salt, key),
+    };
+    (h % u64::from(BUCKETS)) as u32
+}
+
+/// [`bucket_bytes`]'s hash of a longer key: from a larger buffer, or streamed (no
+/// allocation either way). Out of line, so the common case's frame stays small.
+#[cold]
+#[inline(never)]
+fn long_hash(salt: &str, key: &[u8]) -> u64 {
+    let len = salt.len() + 1 + key.len();
+    if len <= 256 {
         let mut buf = [0u8; 256];
         buf[..salt.len()].copy_from_slice(salt.as_bytes());
         buf[salt.len() + 1..len].copy_from_slice(key);
-        xxh3_64_with_seed(&buf[..len], SEED)
-    } else {
-        let mut s = Xxh3::with_seed(SEED);
-        s.update(salt.as_bytes());
-        s.update(&[0]);
-        s.update(key);
-        s.digest()
-    };
-    (h % u64::from(BUCKETS)) as u32
+        return xxh3_64_with_seed(&buf[..len], SEED);
+    }
+    let mut s = Xxh3::with_seed(SEED);
+    s.update(salt.as_bytes());
+    s.update(&[0]);
+    s.update(key);
+    s.digest()
 }
 
 /// Parse a weight: `"rest"`, or a percentage with up to four decimals (`"0.0125%"`,

@@ -250,6 +250,7 @@ impl CompiledLimit {
 
     /// The quota a request falls under: an exception for its user, interface or app (in
     /// that order), else the base quota (0).
+    #[inline]
     pub fn quota_of(&self, m: &MatchInput<'_>) -> u16 {
         if self.quotas.len() == 1 {
             return 0; // no exceptions: skip hashing the user
@@ -286,17 +287,30 @@ impl CompiledLimit {
     /// What a request this rule matched is counted as, or `None` when part of the key is
     /// missing and the rule says `skip`. `names` names interfaces (keys hash the name, not the
     /// ID, so they survive a reload that reorders interfaces); pass the snapshot.
+    #[inline]
     pub fn key_of(
         &self,
         names: &(impl InterfaceNames + ?Sized),
         r: &RouteInput<'_>,
     ) -> Option<LimitKey> {
-        if let Some(hash) = self.fixed_hash {
-            return Some(LimitKey {
+        match self.fixed_hash {
+            Some(hash) => Some(LimitKey {
                 quota: self.quota_of(&r.m),
                 hash,
-            });
+            }),
+            None => self.hashed_key_of(names, r),
         }
+    }
+
+    /// [`CompiledLimit::key_of`] of a rule with key parts: the request's values hashed. Its
+    /// own function, so that a rule with one shared key (most of a large config's) costs
+    /// its caller a branch, not this one's frame.
+    #[inline(never)]
+    fn hashed_key_of(
+        &self,
+        names: &(impl InterfaceNames + ?Sized),
+        r: &RouteInput<'_>,
+    ) -> Option<LimitKey> {
         // The common shape, one part present and short (a user ID): the bytes the general
         // path would hash, laid out in a small buffer at once.
         if let [part] = &self.key[..]
@@ -312,6 +326,18 @@ impl CompiledLimit {
                 hash: xxh3_64(&buf[..5 + v.len()]),
             });
         }
+        self.streamed_key_of(names, r)
+    }
+
+    /// [`CompiledLimit::hashed_key_of`] of a key of several parts or a long value, through
+    /// the streaming hasher (whose state is most of a kilobyte of stack).
+    #[cold]
+    #[inline(never)]
+    fn streamed_key_of(
+        &self,
+        names: &(impl InterfaceNames + ?Sized),
+        r: &RouteInput<'_>,
+    ) -> Option<LimitKey> {
         let mut h = KeyHasher::new();
         let found = self.walk_key(names, r, |piece| match piece {
             KeyPiece::Value(_, v) => {

@@ -322,9 +322,21 @@ impl KeyStore {
     /// was when `f` refuses; nothing is stored while [`peeking`].
     #[inline]
     fn update<E>(&self, key: u64, f: impl Fn(Option<u64>) -> Result<u64, E>) -> Result<(), E> {
-        if let Some(a) = &self.single {
-            return self.update_single(a, f);
+        match &self.single {
+            Some(a) => self.update_single(a, f),
+            None => self.update_keyed(key, f),
         }
+    }
+
+    /// [`KeyStore::update`] of a keyed store: out of line, so that the one-key stores'
+    /// compare-and-swap inlines into the limit phase without the lock's and the table's
+    /// code around it.
+    #[inline(never)]
+    fn update_keyed<E>(
+        &self,
+        key: u64,
+        f: impl Fn(Option<u64>) -> Result<u64, E>,
+    ) -> Result<(), E> {
         let mut table = Self::lock(self.shard(key));
         if PEEKING.with(Cell::get) {
             return f(table.get(&key).copied()).map(drop);
@@ -343,6 +355,7 @@ impl KeyStore {
     }
 
     /// [`KeyStore::update`] on a [`KeyStore::single`] store's state `a`.
+    #[inline]
     fn update_single<E>(
         &self,
         a: &AtomicU64,

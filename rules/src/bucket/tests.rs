@@ -21,15 +21,18 @@ fn golden_vectors() {
 /// wraps the C library): `xxh3_64_intdigest(salt + b"\0" + user, seed=0) % 1000000`.
 const GOLDEN: [u32; 5] = [801_883, 207_493, 864_615, 425_425, 203_356];
 
-/// Long keys take the streaming path and agree with the one-shot layout.
+/// Keys of every length, on both sides of the small buffer's and the large buffer's bounds
+/// (the longest take the streaming path), agree with the one-shot hash of the layout.
 #[test]
-fn long_keys_same_layout() {
-    let user = "u".repeat(300);
-    let mut bytes = b"s".to_vec();
-    bytes.push(0);
-    bytes.extend_from_slice(user.as_bytes());
-    let expect = (xxh3_64_with_seed(&bytes, SEED) % u64::from(BUCKETS)) as u32;
-    assert_eq!(bucket("s", &user), expect);
+fn keys_of_any_length_same_layout() {
+    for n in (0..=SHORT + 2).chain(250..=260).chain([300, 1000]) {
+        let user: String = (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let mut bytes = b"s".to_vec();
+        bytes.push(0);
+        bytes.extend_from_slice(user.as_bytes());
+        let expect = (xxh3_64_with_seed(&bytes, SEED) % u64::from(BUCKETS)) as u32;
+        assert_eq!(bucket("s", &user), expect, "user of {n} bytes");
+    }
 }
 
 /// An IPv4 client and its mapped IPv6 form share a bucket.

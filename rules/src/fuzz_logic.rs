@@ -116,9 +116,8 @@ pub fn request(data: &[u8]) {
     } else {
         panic!("the base config has a default route: every request routes");
     }
-    let mut limits = Vec::new();
-    snap.limits_for(&input.m, &mut limits);
-    for &l in &limits {
+    let mut scratch = Vec::new();
+    for &l in snap.limits_for(&input.m, &mut scratch) {
         assert!((l as usize) < snap.governance.limits.len());
     }
     let _ = snap.fallback(&input);
@@ -221,9 +220,8 @@ pub fn decide(data: &[u8]) {
         .route(&input)
         .expect("the base config has a default route");
     assert!((d.upstream.0 as usize) < snap.upstreams.len());
-    let mut limits = Vec::new();
-    snap.limits_for(&input.m, &mut limits);
-    for &l in &limits {
+    let mut scratch = Vec::new();
+    for &l in snap.limits_for(&input.m, &mut scratch) {
         let limit = &snap.governance.limits[l as usize];
         let _ = limit.key_of(snap, &input);
         let _ = limit.quota_of(&input.m);

@@ -8,7 +8,7 @@ use crate::bucket::BUCKETS;
 use crate::degrade::{CompiledBreaker, CompiledFallback, FallbackDecision};
 use crate::ids::UpstreamId;
 use crate::limit::CompiledLimit;
-use crate::matcher::{MatchIndex, MatchInput};
+use crate::matcher::{MatchIndex, MatchInput, Order};
 use crate::model::RuleMode;
 use crate::route::RouteInput;
 
@@ -51,7 +51,7 @@ impl Governance {
         breakers: Vec<CompiledBreaker>,
         active_plans: Vec<Box<str>>,
     ) -> Self {
-        let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher));
+        let limit_index = MatchIndex::build(limits.iter().map(|l| &l.matcher), Order::RuleId);
         // Enforced first, so the request path's index is over a prefix and its rule IDs are
         // IDs into `fallbacks`.
         let (mut fallbacks, dry): (Vec<_>, Vec<_>) = fallbacks
@@ -59,9 +59,12 @@ impl Governance {
             .partition(|f| f.mode == RuleMode::Enforce);
         let enforced = fallbacks.len();
         fallbacks.extend(dry);
-        let fallback_index = MatchIndex::build(fallbacks[..enforced].iter().map(|f| &f.matcher));
+        let fallback_index = MatchIndex::build(
+            fallbacks[..enforced].iter().map(|f| &f.matcher),
+            Order::MostSpecific,
+        );
         let shadow_fallback_index = (enforced < fallbacks.len())
-            .then(|| MatchIndex::build(fallbacks.iter().map(|f| &f.matcher)));
+            .then(|| MatchIndex::build(fallbacks.iter().map(|f| &f.matcher), Order::MostSpecific));
         let mut breaker_by = HashMap::new();
         let mut breaker_by_upstream = Vec::new();
         for (i, b) in breakers.iter().enumerate() {
@@ -109,11 +112,11 @@ impl Governance {
         &self.breaker_names[id as usize]
     }
 
-    /// The limit rules that apply to a request, in check order (config order), written into
-    /// `out` (cleared first; reuse it across requests to avoid allocating).
-    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
-        self.limit_index
-            .all(m, |i| &self.limits[i as usize].matcher, out);
+    /// The limit rules that apply to a request, in check order (config order): from the
+    /// index, or written into `out` (see [`MatchIndex::all`]; reuse it across requests to
+    /// avoid allocating).
+    pub fn limits_for<'s>(&'s self, m: &MatchInput<'_>, out: &'s mut Vec<u32>) -> &'s [u32] {
+        (self.limit_index).all(m, |i| &self.limits[i as usize].matcher, out)
     }
 
     /// The fallback that answers this request, if any: the most specific matching enforced

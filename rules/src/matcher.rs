@@ -5,11 +5,13 @@
 //! apply to a request costs at most four hash lookups, whatever the number of rules. Within a
 //! bucket rules are sorted most specific first.
 //!
-//! The four lists of an (app, interface) pair, merged, are remembered per thread (`Memo`):
-//! a stream of requests repeats a few pairs, and a remembered pair costs one hash of the app
-//! and a compare instead of the four lookups and the merge. An index whose rules name no
-//! app (fallbacks on an interface, say) has its lists merged by interface when it is built,
-//! and a lookup is an array index.
+//! The four lists of every (app, interface) pair some rule names are merged when the index is
+//! built ([`Merged`]), in the order its lookups want (most specific first for `best`, rule
+//! ID for `all`): a lookup is one hash of the app and an array index, and `all` over rules
+//! that only name apps and interfaces returns the merged list itself. When the merged lists
+//! would be too large (many apps times many interfaces), the pairs a thread meets are merged
+//! on first use and remembered per thread instead (`Memo`): a stream of requests repeats a
+//! few pairs.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -76,17 +78,56 @@ type FastHash = foldhash::fast::RandomState;
 pub struct MatchIndex {
     /// This index among all built in the process (never reused): the memo's key.
     id: u64,
+    /// The order of the merged and memoized candidate lists.
+    order: Order,
     by_app: HashMap<Box<str>, IfaceTable, FastHash>,
     any_app: IfaceTable,
-    /// When no rule names an app (fallbacks on an interface, say), the candidates depend on
-    /// the interface alone: merged once here, by interface ID, the last entry for an
-    /// interface no rule names (or none). The lookup is then an index: no hash, no memo.
-    by_iface_merged: Option<Box<[Box<[u32]>]>>,
+    /// Every pair's candidates, merged when the index was built; `None` when they would
+    /// exceed [`MERGED_MAX`] (the memo is used then).
+    merged: Option<Merged>,
 }
 
-/// Most entries and candidate IDs [`MatchIndex::by_iface_merged`] holds, together: rules for
-/// any interface are repeated in each entry, and there is an entry for every interface up to
-/// the highest a rule names, so a config with many of both uses the memo instead.
+/// The order of an index's merged candidate lists: what its lookups want. Either lookup is
+/// right on either order; the other order costs it a sort or the four lists.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Most specific first, then by rule ID: for [`MatchIndex::best`].
+    #[default]
+    MostSpecific,
+    /// By rule ID: for [`MatchIndex::all`].
+    RuleId,
+}
+
+/// The candidates of every (app, interface) pair, merged: each app some rule names has a
+/// list per interface ID up to the highest one a rule for it (or for any app) names, and a
+/// last list for any other interface or none; requests of other apps, or none, take
+/// `other`'s lists. Lists lie end to end in `ids`.
+#[derive(Debug)]
+struct Merged {
+    /// Per app of up to 15 bytes (most are: `douyin`, `1128`), by [`short_app`]: the index
+    /// in `spans` of its first list, and how many it has.
+    by_short_app: HashMap<u128, (u32, u32), FastHash>,
+    /// The same for longer app IDs.
+    by_long_app: HashMap<Box<str>, (u32, u32), FastHash>,
+    /// Whether either map has an app (an index whose rules name none skips the hash).
+    has_apps: bool,
+    other: (u32, u32),
+    spans: Box<[Span]>,
+    ids: Box<[u32]>,
+}
+
+/// One merged list: `ids[start..end]`, and whether a rule in it narrows (users, buckets or
+/// headers), so that its conditions must be checked per request.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+    narrows: bool,
+}
+
+/// Most lists and candidate IDs [`Merged`] holds, together: rules for any app or interface
+/// are repeated in each list, and there is a list per app and interface, so a config with
+/// many of both uses the memo instead.
 const MERGED_MAX: usize = 1 << 16;
 
 /// Source of [`MatchIndex`] IDs; 0 is an index that was never built (and is not memoized).
@@ -115,7 +156,7 @@ struct Slot {
     interface: u32,
     app_len: u8,
     app: [u8; MEMO_APP_MAX],
-    /// The candidates: most specific first, then by rule ID, each once.
+    /// The candidates, in the index's order, each once.
     list: Vec<u32>,
 }
 
@@ -239,12 +280,27 @@ impl CompiledMatch {
 // === impl MatchIndex ===
 
 impl MatchIndex {
-    /// Index rules; `rules` yields each rule's matcher in rule-ID order.
-    pub fn build<'a>(rules: impl Iterator<Item = &'a CompiledMatch>) -> Self {
-        let mut index = Self::default();
+    /// Index rules; `rules` yields each rule's matcher in rule-ID order; `order` is what
+    /// the caller's lookups want.
+    pub fn build<'a>(rules: impl Iterator<Item = &'a CompiledMatch>, order: Order) -> Self {
+        Self::build_merging(rules, order, MERGED_MAX)
+    }
+
+    /// [`MatchIndex::build`], merging candidates up to `merged_max` (tests: 0, the memo).
+    fn build_merging<'a>(
+        rules: impl Iterator<Item = &'a CompiledMatch>,
+        order: Order,
+        merged_max: usize,
+    ) -> Self {
+        let mut index = Self {
+            order,
+            ..Self::default()
+        };
         let mut spec = Vec::new();
+        let mut narrows = Vec::new();
         for (ri, m) in rules.enumerate() {
             spec.push(m.specificity);
+            narrows.push(m.narrows());
             let ri = ri as u32;
             match &m.apps {
                 None => push_rule(&mut index.any_app, m.interfaces.as_deref(), ri),
@@ -259,7 +315,6 @@ impl MatchIndex {
         }
         index.id = NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed);
         let key = |i: &u32| (std::cmp::Reverse(spec[*i as usize]), *i);
-        index.by_iface_merged = index.merge_by_iface(key);
         for t in index
             .by_app
             .values_mut()
@@ -271,28 +326,62 @@ impl MatchIndex {
                 v.dedup();
             }
         }
+        let sort = |list: &mut Vec<u32>| match order {
+            Order::MostSpecific => list.sort_by_key(key),
+            Order::RuleId => list.sort_unstable(),
+        };
+        index.merged = index.merge(merged_max, sort, &narrows);
         index
     }
 
-    /// The candidates of each interface merged (see [`MatchIndex::by_iface_merged`]), when
-    /// no rule names an app and they fit in [`MERGED_MAX`]; `key` orders them.
-    fn merge_by_iface<K: Ord>(&self, key: impl Fn(&u32) -> K) -> Option<Box<[Box<[u32]>]>> {
-        let t = &self.any_app;
-        let named = t.by_iface.keys().max().map_or(0, |&m| m as usize + 1);
-        let size = t.by_iface.values().map(Vec::len).sum::<usize>()
-            + (named + 1) * (1 + t.any_iface.len());
-        if !self.by_app.is_empty() || size > MERGED_MAX {
-            return None;
+    /// Every pair's candidates merged (see [`Merged`]), each list ordered by `sort`; `None`
+    /// when they would exceed `max` lists and IDs. `narrows` says which rules narrow.
+    fn merge(&self, max: usize, sort: impl Fn(&mut Vec<u32>), narrows: &[bool]) -> Option<Merged> {
+        let any = &self.any_app;
+        let top = |t: &IfaceTable| t.by_iface.keys().max().map_or(0, |&m| m as usize + 1);
+        let (mut spans, mut ids) = (Vec::new(), Vec::new());
+        // The lists of requests under app table `t` (`None`: an app no rule names): the
+        // index of the first in `spans`, and how many.
+        let mut lists_of = |t: Option<&IfaceTable>| {
+            let n = t.map_or(0, top).max(top(any)) + 1;
+            let first = spans.len() as u32;
+            for i in 0..n {
+                let named = (i + 1 < n).then_some(i as u32);
+                let mut list: Vec<u32> = (any.rules_for(named))
+                    .chain(t.into_iter().flat_map(|t| t.rules_for(named)))
+                    .collect();
+                sort(&mut list);
+                list.dedup();
+                let start = ids.len() as u32;
+                ids.extend_from_slice(&list);
+                spans.push(Span {
+                    start,
+                    end: ids.len() as u32,
+                    narrows: list.iter().any(|&i| narrows[i as usize]),
+                });
+                if spans.len() + ids.len() > max {
+                    return None;
+                }
+            }
+            Some((first, n as u32))
+        };
+        let (mut by_short_app, mut by_long_app) = (HashMap::default(), HashMap::default());
+        for (app, t) in &self.by_app {
+            let lists = lists_of(Some(t))?;
+            match short_app(app) {
+                Some(k) => by_short_app.insert(k, lists),
+                None => by_long_app.insert(app.clone(), lists),
+            };
         }
-        let merged = (0..=named).map(|i| {
-            let own = t.by_iface.get(&(i as u32)).filter(|_| i < named);
-            let mut list: Vec<u32> = own.into_iter().flatten().copied().collect();
-            list.extend_from_slice(&t.any_iface);
-            list.sort_by_key(&key);
-            list.dedup();
-            list.into_boxed_slice()
-        });
-        Some(merged.collect())
+        let other = lists_of(None)?;
+        Some(Merged {
+            by_short_app,
+            by_long_app,
+            has_apps: !self.by_app.is_empty(),
+            other,
+            spans: spans.into(),
+            ids: ids.into(),
+        })
     }
 
     /// The (at most four) candidate lists for a request: rules for (app, interface),
@@ -317,9 +406,9 @@ impl MatchIndex {
         ]
     }
 
-    /// The candidates of (`app`, `interface`) merged, most specific first, then by rule ID,
-    /// given to `f`: merged at build time when no rule names an app, else from this thread's
-    /// memo, or looked up (and remembered).
+    /// The candidates of (`app`, `interface`) merged, in the index's order, given to `f`:
+    /// merged when the index was built, else from this thread's memo, or merged now (and
+    /// remembered); `None` when the pair is not memoized (`f` not called).
     fn with_candidates<'m, R>(
         &self,
         app: Option<&str>,
@@ -327,10 +416,8 @@ impl MatchIndex {
         matcher: &impl Fn(u32) -> &'m CompiledMatch,
         f: impl FnOnce(&[u32]) -> R,
     ) -> Option<R> {
-        if let Some(merged) = &self.by_iface_merged {
-            let other = merged.len() - 1;
-            let i = interface.map_or(other, |i| (i.0 as usize).min(other));
-            return Some(f(&merged[i]));
+        if let Some(merged) = &self.merged {
+            return Some(f(merged.list(app, interface).0));
         }
         let app_bytes = app.map_or(&[][..], str::as_bytes);
         if self.id == 0 || app_bytes.len() > MEMO_APP_MAX {
@@ -359,8 +446,12 @@ impl MatchIndex {
                 for list in lists {
                     slot.list.extend_from_slice(list);
                 }
-                slot.list
-                    .sort_unstable_by_key(|&i| (std::cmp::Reverse(matcher(i).specificity), i));
+                match self.order {
+                    Order::MostSpecific => slot
+                        .list
+                        .sort_unstable_by_key(|&i| (std::cmp::Reverse(matcher(i).specificity), i)),
+                    Order::RuleId => slot.list.sort_unstable(),
+                }
                 slot.list.dedup();
                 slot.index = self.id;
                 slot.interface = iface;
@@ -378,6 +469,9 @@ impl MatchIndex {
         r: &MatchInput<'_>,
         matcher: impl Fn(u32) -> &'m CompiledMatch,
     ) -> Option<u32> {
+        if self.order != Order::MostSpecific {
+            return self.best_looked_up(r, matcher);
+        }
         let merged = self.with_candidates(r.app, r.interface, &matcher, |list| {
             list.iter()
                 .copied()
@@ -411,35 +505,94 @@ impl MatchIndex {
         best.map(|(_, ri)| ri)
     }
 
-    /// Every rule whose conditions hold, in rule-ID order, written into `out` (cleared
-    /// first). For rule kinds where all matching rules apply (limits).
-    pub fn all<'m>(
-        &self,
+    /// Every rule whose conditions hold, in rule-ID order: the merged list itself when
+    /// none of its rules narrows (and the index is in [`Order::RuleId`]), else written into
+    /// `out` (cleared first; reuse it across requests to avoid allocating). For rule kinds
+    /// where all matching rules apply (limits).
+    pub fn all<'s, 'm>(
+        &'s self,
         r: &MatchInput<'_>,
         matcher: impl Fn(u32) -> &'m CompiledMatch,
-        out: &mut Vec<u32>,
-    ) {
+        out: &'s mut Vec<u32>,
+    ) -> &'s [u32] {
         out.clear();
-        let merged = self.with_candidates(r.app, r.interface, &matcher, |list| {
-            out.extend(
-                list.iter()
-                    .copied()
-                    .filter(|&ri| matcher(ri).holds_as_candidate(r)),
-            );
-        });
-        if merged.is_some() {
+        let holds = |&ri: &u32| matcher(ri).holds_as_candidate(r);
+        if let Some(merged) = &self.merged {
+            let (list, narrows) = merged.list(r.app, r.interface);
+            if !narrows && self.order == Order::RuleId {
+                return list;
+            }
+            out.extend(list.iter().copied().filter(holds));
+        } else {
+            let memo = self.with_candidates(r.app, r.interface, &matcher, |list| {
+                out.extend(list.iter().copied().filter(holds));
+            });
+            if memo.is_none() {
+                for list in self.candidates(r.app, r.interface) {
+                    out.extend(list.iter().copied().filter(holds));
+                }
+                out.sort_unstable();
+                out.dedup();
+                return out;
+            }
+        }
+        if self.order != Order::RuleId {
             out.sort_unstable();
-            return;
         }
-        for list in self.candidates(r.app, r.interface) {
-            out.extend(
-                list.iter()
-                    .copied()
-                    .filter(|&ri| matcher(ri).holds_as_candidate(r)),
-            );
-        }
-        out.sort_unstable();
-        out.dedup();
+        out
+    }
+}
+
+// === impl Merged ===
+
+impl Merged {
+    /// The merged candidates of (`app`, `interface`), and whether one of them narrows.
+    #[inline]
+    fn list(&self, app: Option<&str>, interface: Option<InterfaceId>) -> (&[u32], bool) {
+        let (first, n) = match app {
+            Some(app) if self.has_apps => self.lists_of(app),
+            _ => self.other,
+        };
+        let i = interface.map_or(n - 1, |i| i.0.min(n - 1));
+        let span = self.spans[(first + i) as usize];
+        (
+            &self.ids[span.start as usize..span.end as usize],
+            span.narrows,
+        )
+    }
+
+    /// The lists of `app`: for a short ID, one integer hashed and compared, not a string.
+    #[inline(never)]
+    fn lists_of(&self, app: &str) -> (u32, u32) {
+        let lists = match short_app(app) {
+            Some(k) => self.by_short_app.get(&k),
+            None => self.by_long_app.get(app),
+        };
+        lists.copied().unwrap_or(self.other)
+    }
+}
+
+/// An app ID of up to 15 bytes as one integer: its bytes, zero-padded, and its length in
+/// the last byte (so `a` and `a\0` differ).
+#[inline]
+fn short_app(app: &str) -> Option<u128> {
+    let b = app.as_bytes();
+    if b.len() > 15 {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    k[..b.len()].copy_from_slice(b);
+    k[15] = b.len() as u8;
+    Some(u128::from_le_bytes(k))
+}
+
+impl IfaceTable {
+    /// The rules for `interface` (`None`: one no rule names, or none) and for any.
+    fn rules_for(&self, interface: Option<u32>) -> impl Iterator<Item = u32> + '_ {
+        let own = interface.and_then(|i| self.by_iface.get(&i));
+        (own.map_or(&[][..], Vec::as_slice).iter())
+            .chain(&self.any_iface)
+            .copied()
     }
 }
 
@@ -460,7 +613,8 @@ mod tests {
 
     use super::*;
 
-    const APPS: [&str; 3] = ["a", "b", "c"];
+    /// Apps the rules name: short ones, and one over [`short_app`]'s 15 bytes.
+    const APPS: [&str; 3] = ["a", "b", "c-is-a-longer-id"];
     const USERS: [&str; 2] = ["u1", "u2"];
 
     /// A rule from three masks: apps, interfaces (0..3) and users it lists (0: any).
@@ -487,14 +641,33 @@ mod tests {
         CompiledMatch::new(&m, "salt", interfaces, Vec::new())
     }
 
+    /// Merging stops at its bound: a thousand apps on a hundred interfaces use the memo.
+    #[test]
+    fn merging_is_bounded() {
+        let apps: Vec<String> = (0..1000).map(|i| format!("app{i}")).collect();
+        let rules: Vec<CompiledMatch> = (0..1000)
+            .map(|i| {
+                let m = Match {
+                    apps: Some(vec![apps[i].clone()]),
+                    ..Match::default()
+                };
+                CompiledMatch::new(&m, "salt", Some(vec![InterfaceId(99)]), Vec::new())
+            })
+            .collect();
+        let index = MatchIndex::build(rules.iter(), Order::RuleId);
+        assert!(index.merged.is_none());
+        let few = MatchIndex::build(rules[..10].iter(), Order::RuleId);
+        assert!(few.merged.is_some());
+    }
+
     /// A pair with more candidates than a slot keeps is answered, and left out of the memo.
     #[test]
     fn long_candidate_lists_are_not_kept() {
         let rules: Vec<CompiledMatch> = (0..MEMO_LIST_MAX + 1).map(|_| rule((1, 0, 1))).collect();
-        let index = MatchIndex::build(rules.iter());
+        let index = MatchIndex::build_merging(rules.iter(), Order::MostSpecific, 0);
         assert!(
-            index.by_iface_merged.is_none(),
-            "rules naming an app use the memo"
+            index.merged.is_none(),
+            "too many to merge: the memo is used"
         );
         let headers = HeaderMap::new();
         let r = MatchInput {
@@ -504,8 +677,8 @@ mod tests {
             headers: &headers,
             params: &[],
         };
-        let mut all = Vec::new();
-        index.all(&r, |i| &rules[i as usize], &mut all);
+        let mut scratch = Vec::new();
+        let all = index.all(&r, |i| &rules[i as usize], &mut scratch);
         assert_eq!(all.len(), MEMO_LIST_MAX + 1);
         assert!(index.best(&r, |i| &rules[i as usize]).is_some());
         let kept = MEMO.with(|m| m.borrow().slots.iter().any(|s| s.index == index.id));
@@ -513,44 +686,58 @@ mod tests {
     }
 
     proptest! {
-        /// Through the memo (a first request fills a slot, a second hits it), `all` finds
-        /// exactly the rules that hold, in ID order, and `best` one of the most specific;
-        /// each case's index is new, so slots left by earlier cases must not be taken. Over 64
-        /// candidates, a pair is looked up each time instead.
+        /// With the candidates merged when the index is built, `all` finds exactly the
+        /// rules that hold, in ID order, and `best` one of the most specific, whatever the
+        /// index's order: apps the rules name, one they do not and none; interfaces the
+        /// rules name, one they do not (3) and none.
+        #[test]
+        fn merged_lookups_find_what_holds(
+            masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..100),
+        ) {
+            let rules: Vec<CompiledMatch> = masks.iter().copied().map(rule).collect();
+            lookups_find_what_holds(&rules, MERGED_MAX)?;
+        }
+
+        /// The same through the memo (a first request fills a slot, a second hits it);
+        /// each case's index is new, so slots left by earlier cases must not be taken. Over
+        /// 64 candidates, a pair is looked up each time instead.
         #[test]
         fn memoized_lookups_find_what_holds(
             masks in proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..100),
         ) {
             let rules: Vec<CompiledMatch> = masks.iter().copied().map(rule).collect();
-            lookups_find_what_holds(&rules)?;
-        }
-
-        /// The same for rules that name no app, whose candidates are merged by interface
-        /// when the index is built: interfaces the rules name, one they do not (3) and none.
-        #[test]
-        fn merged_lookups_find_what_holds(
-            masks in proptest::collection::vec((0u8..8, 0u8..4), 0..40),
-        ) {
-            let rules: Vec<CompiledMatch> =
-                masks.iter().map(|&(i, u)| rule((0, i, u))).collect();
-            let index = MatchIndex::build(rules.iter());
-            prop_assert!(index.by_iface_merged.is_some());
-            lookups_find_what_holds(&rules)?;
+            lookups_find_what_holds(&rules, 0)?;
         }
     }
 
     /// `all` and `best` over every request shape, twice each, against the rules' own
-    /// `holds`.
-    fn lookups_find_what_holds(rules: &[CompiledMatch]) -> Result<(), TestCaseError> {
-        let index = MatchIndex::build(rules.iter());
+    /// `holds`, on indexes of both orders that merge up to `merged_max`.
+    fn lookups_find_what_holds(
+        rules: &[CompiledMatch],
+        merged_max: usize,
+    ) -> Result<(), TestCaseError> {
+        for order in [Order::MostSpecific, Order::RuleId] {
+            let index = MatchIndex::build_merging(rules.iter(), order, merged_max);
+            prop_assert_eq!(index.merged.is_some(), merged_max > 0);
+            index_finds_what_holds(&index, rules)?;
+        }
+        Ok(())
+    }
+
+    fn index_finds_what_holds(
+        index: &MatchIndex,
+        rules: &[CompiledMatch],
+    ) -> Result<(), TestCaseError> {
         let headers = HeaderMap::new();
         let long = "x".repeat(MEMO_APP_MAX + 1);
         let apps = [
             None,
-            Some("a"),
-            Some("b"),
-            Some("c"),
+            Some(APPS[0]),
+            Some(APPS[1]),
+            Some(APPS[2]),
             Some("zz"),
+            Some("a\0"),
+            Some("c-is-a-longer-i"),
             Some(&*long),
         ];
         for app in apps {
@@ -569,9 +756,9 @@ mod tests {
                         .collect();
                     let top = want.iter().map(|&i| rules[i as usize].specificity).max();
                     for _ in 0..2 {
-                        let mut all = Vec::new();
-                        index.all(&r, |i| &rules[i as usize], &mut all);
-                        prop_assert_eq!(&all, &want);
+                        let mut scratch = Vec::new();
+                        let all = index.all(&r, |i| &rules[i as usize], &mut scratch);
+                        prop_assert_eq!(all, &want[..]);
                         let best = index.best(&r, |i| &rules[i as usize]);
                         prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
                         prop_assert!(best.is_none_or(|i| want.contains(&i)));

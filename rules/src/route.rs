@@ -16,7 +16,7 @@ use http::HeaderName;
 
 use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges};
 use crate::ids::UpstreamId;
-use crate::matcher::{CompiledMatch, MatchIndex, MatchInput};
+use crate::matcher::{CompiledMatch, MatchIndex, MatchInput, Order};
 use crate::trusted::TrustedProxies;
 
 /// The route rules in force: in config order, indexed by (app, interface), with the upstream
@@ -350,7 +350,7 @@ pub(crate) fn bucket_of(
 impl Routes {
     /// Index compiled rules; `upstream_names` names upstreams by ID.
     pub(crate) fn new(rules: Vec<CompiledRoute>, upstream_names: Arc<[Arc<str>]>) -> Self {
-        let index = MatchIndex::build(rules.iter().map(|r| &r.matcher));
+        let index = MatchIndex::build(rules.iter().map(|r| &r.matcher), Order::MostSpecific);
         let rule_names = rules.iter().map(|r| Arc::from(&*r.name)).collect();
         Self {
             rules,

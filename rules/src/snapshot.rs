@@ -138,10 +138,10 @@ impl Snapshot {
         self.routes.route(r)
     }
 
-    /// The limit rules that apply to a request, in check order (config order), written into
-    /// `out` (cleared first; reuse it across requests to avoid allocating).
-    pub fn limits_for(&self, m: &MatchInput<'_>, out: &mut Vec<u32>) {
-        self.governance.limits_for(m, out);
+    /// The limit rules that apply to a request, in check order (config order): see
+    /// [`Governance::limits_for`](crate::govern::Governance::limits_for).
+    pub fn limits_for<'s>(&'s self, m: &MatchInput<'_>, out: &'s mut Vec<u32>) -> &'s [u32] {
+        self.governance.limits_for(m, out)
     }
 
     /// The fallback that answers this request, if any: the most specific matching fallback

@@ -297,11 +297,10 @@ fn limit_reports(
         client_ip,
         random: 0,
     };
-    let mut ids = Vec::new();
-    snap.limits_for(&input.m, &mut ids);
+    let mut scratch = Vec::new();
     let mut refused = false;
-    ids.into_iter()
-        .map(|i| {
+    (snap.limits_for(&input.m, &mut scratch).iter())
+        .map(|&i| {
             let rule = &snap.governance.limits[i as usize];
             let lim = &rt.governors.limiters.rules[i as usize];
             let heard = verdicts

@@ -843,9 +843,8 @@ impl<C: Clock + Clone> Limiters<C> {
         // share one clock ([`super::Governors::build`]), as a test's share its fake one.
         let mut now = None;
         SCRATCH.with(|s| {
-            let mut ids = s.borrow_mut();
-            snap.limits_for(&r.m, &mut ids);
-            for &i in ids.iter() {
+            let mut scratch = s.borrow_mut();
+            for &i in snap.limits_for(&r.m, &mut scratch) {
                 let rule = &snap.governance.limits[i as usize];
                 let Some(key) = rule.key_of(snap, r) else {
                     continue;

@@ -92,7 +92,6 @@ pub(crate) fn bucket_bytes(salt: &str, key: &[u8]) -> u32 {
 
 /// [`bucket_bytes`]'s hash of a longer key: from a larger buffer, or streamed (no
 /// allocation either way). Out of line, so the common case's frame stays small.
-#[cold]
 #[inline(never)]
 fn long_hash(salt: &str, key: &[u8]) -> u64 {
     let len = salt.len() + 1 + key.len();

@@ -331,7 +331,6 @@ impl CompiledLimit {
 
     /// [`CompiledLimit::hashed_key_of`] of a key of several parts or a long value, through
     /// the streaming hasher (whose state is most of a kilobyte of stack).
-    #[cold]
     #[inline(never)]
     fn streamed_key_of(
         &self,

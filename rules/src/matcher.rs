@@ -339,7 +339,7 @@ impl MatchIndex {
     fn merge(&self, max: usize, sort: impl Fn(&mut Vec<u32>), narrows: &[bool]) -> Option<Merged> {
         let any = &self.any_app;
         let top = |t: &IfaceTable| t.by_iface.keys().max().map_or(0, |&m| m as usize + 1);
-        let (mut spans, mut ids) = (Vec::new(), Vec::new());
+        let (mut spans, mut ids, mut list) = (Vec::new(), Vec::new(), Vec::new());
         // The lists of requests under app table `t` (`None`: an app no rule names): the
         // index of the first in `spans`, and how many.
         let mut lists_of = |t: Option<&IfaceTable>| {
@@ -347,9 +347,9 @@ impl MatchIndex {
             let first = spans.len() as u32;
             for i in 0..n {
                 let named = (i + 1 < n).then_some(i as u32);
-                let mut list: Vec<u32> = (any.rules_for(named))
-                    .chain(t.into_iter().flat_map(|t| t.rules_for(named)))
-                    .collect();
+                list.clear();
+                list.extend(any.rules_for(named));
+                list.extend(t.into_iter().flat_map(|t| t.rules_for(named)));
                 sort(&mut list);
                 list.dedup();
                 let start = ids.len() as u32;
@@ -573,7 +573,6 @@ impl Merged {
 
     /// [`Merged::lists_of`] for an app ID over 15 bytes: out of line, so that the string
     /// compare's call does not spill the short path's registers.
-    #[cold]
     #[inline(never)]
     fn lists_of_long(&self, app: &str) -> (u32, u32) {
         (self.by_long_app.get(app).copied()).unwrap_or(self.other)

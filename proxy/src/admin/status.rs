@@ -181,18 +181,6 @@ fn push_ring<T: Copy + Default>(ring: &mut VecDeque<T>, len: usize, v: T) {
     }
 }
 
-/// [`push_ring`], except that a series that has been zero all along stays empty: most of a
-/// large config's interfaces, limits and split targets see no request in a given second,
-/// and the sampler then only reads their counters. Readers take a short ring as zeros
-/// before its first entry.
-#[inline]
-fn push_sparse<T: Copy + Default + PartialEq>(ring: &mut VecDeque<T>, len: usize, v: T) {
-    if ring.is_empty() && v == T::default() {
-        return;
-    }
-    push_ring(ring, len, v);
-}
-
 /// The ring of `name` in `map`, created empty (to be zero-filled by [`push_ring`]) for a new
 /// name. A lookup by `&str`: no allocation unless the name is new.
 fn ring_of<'m, T>(map: &'m mut ByName<VecDeque<T>>, name: &str) -> &'m mut VecDeque<T> {
@@ -215,6 +203,10 @@ struct Series<V> {
     names: Vec<Box<str>>,
     /// The slot of each of the bound runtime's series, in its order.
     bound: Vec<usize>,
+    /// For a series of rings, in the bound order: whether its ring has an entry yet. A
+    /// second's zero for a series without one is skipped on this flag alone, without
+    /// reaching its ring (most of a large config's series, any second).
+    live: Vec<bool>,
 }
 
 impl<V: Default> Series<V> {
@@ -245,7 +237,38 @@ impl<V: Default> Series<V> {
     fn at(&mut self, i: usize) -> &mut V {
         &mut self.values[self.bound[i]]
     }
+}
 
+impl<T: Copy + Default + PartialEq> Series<VecDeque<T>> {
+    /// [`Series::bind`] for a series of rings, noting which have an entry.
+    fn bind_rings<N: AsRef<str>>(&mut self, names: impl Iterator<Item = N>) {
+        self.bind(names);
+        self.live = (self.bound.iter())
+            .map(|&slot| !self.values[slot].is_empty())
+            .collect();
+    }
+
+    /// [`push_ring`] onto the bound runtime's `i`-th ring, except that a series that has
+    /// been zero all along stays empty: most of a large config's interfaces, limits and
+    /// split targets see no request in a given second, and the sampler then only reads
+    /// their counters. Readers take a short ring as zeros before its first entry.
+    #[inline(always)]
+    fn push_sparse(&mut self, i: usize, len: usize, v: T) {
+        if self.live[i] || v != T::default() {
+            self.push_at(i, len, v);
+        }
+    }
+
+    /// [`Series::push_sparse`] of a series that has, or now gets, an entry: out of line, so
+    /// that the sampler's loops over a thousand series stay a flag and a compare each.
+    #[inline(never)]
+    fn push_at(&mut self, i: usize, len: usize, v: T) {
+        self.live[i] = true;
+        push_ring(&mut self.values[self.bound[i]], len, v);
+    }
+}
+
+impl<V: Default> Series<V> {
     /// Drop the series the bound runtime does not have.
     fn prune(&mut self) {
         let mut keep = vec![false; self.values.len()];
@@ -336,7 +359,7 @@ impl History {
                 shed: n(Class::Shed),
                 degraded: n(Class::Degraded),
             });
-            push_sparse(self.interfaces.at(i), len, counts.map(|n| n as u32));
+            (self.interfaces).push_sparse(i, len, counts.map(|n| n as u32));
         }
         let none = c.interfaces[snap.interfaces.len()].take().map(|n| n as u32);
         push_ring(&mut self.unclassified, len, none);
@@ -364,7 +387,7 @@ impl History {
             // A limiter gets its counters at its first decision; one without (most of a
             // thousand rules, any second) has nothing to take.
             let Some(cs) = lim.counters.get() else {
-                push_sparse(self.limits.at(li), len, [0; 3]);
+                self.limits.push_sparse(li, len, [0; 3]);
                 continue;
             };
             // Paced requests were admitted (after their turn): the dashboard counts them as
@@ -380,13 +403,17 @@ impl History {
             // before) started at 0.
             let before = self.limit_prev.at(li).replace(now).unwrap_or([0; 3]);
             let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]) as u32);
-            push_sparse(self.limits.at(li), len, delta);
+            self.limits.push_sparse(li, len, delta);
         }
 
         // Split targets, in the order `bind` gave them (a route that does not split has
         // none).
-        for (si, t) in c.splits.iter().flatten().enumerate() {
-            push_sparse(self.splits.at(si), len, crate::stats::take(t) as u32);
+        let mut si = 0;
+        for targets in &c.splits {
+            for t in targets {
+                (self.splits).push_sparse(si, len, crate::stats::take(t) as u32);
+                si += 1;
+            }
         }
 
         for r in &snap.ramps {
@@ -409,9 +436,9 @@ impl History {
     /// Bind the per-rule series to a new runtime's rules (see [`Series`]).
     fn bind(&mut self, rt: &Runtime) {
         let snap = &rt.snapshot;
-        (self.interfaces).bind(snap.interfaces.iter().map(|i| &*i.name));
+        (self.interfaces).bind_rings(snap.interfaces.iter().map(|i| &*i.name));
         let limits = || rt.governors.limiters.rules.iter().map(|l| &*l.name.0);
-        self.limits.bind(limits());
+        self.limits.bind_rings(limits());
         self.limit_prev.bind(limits());
         let splits = snap.routes.iter().flat_map(|r| {
             let targets = match &r.action {
@@ -422,7 +449,7 @@ impl History {
                 .iter()
                 .map(|t| split_key(&r.name, &snap.upstreams[t.upstream.0 as usize].name))
         });
-        self.splits.bind(splits);
+        self.splits.bind_rings(splits);
     }
 
     /// Drop the series of names the runtime no longer has.
@@ -720,7 +747,7 @@ impl History {
                 .interfaces
                 .iter()
                 .map(|itf| {
-                    // Zeros before a sparse ring's first entry (see `push_sparse`).
+                    // Zeros before a sparse ring's first entry (see `Series::push_sparse`).
                     let ring = self.interfaces.get(&itf.name);
                     let have = ring.map_or(0, VecDeque::len);
                     let ring: Vec<_> = std::iter::repeat_n([0; CLASSES], self.t_ms.len() - have)
@@ -1064,16 +1091,23 @@ mod tests {
 
     /// A series that has been zero all along takes no room; its first count is placed in
     /// its second like any other (the zeros before it filled in), and after that every
-    /// second is kept, zeros too.
+    /// second is kept, zeros too, also after a rebind.
     #[test]
     fn a_zero_series_stays_empty_until_its_first_count() {
-        let mut r: VecDeque<u32> = VecDeque::new();
+        let mut s: Series<VecDeque<u32>> = Series::default();
+        s.bind_rings(["a"].into_iter());
         for len in 1..=4 {
-            push_sparse(&mut r, len, 0);
+            s.push_sparse(0, len, 0);
         }
-        assert!(r.is_empty());
-        push_sparse(&mut r, 5, 3);
-        push_sparse(&mut r, 6, 0);
-        assert_eq!(r, [0, 0, 0, 0, 3, 0]);
+        assert!(s.get("a").unwrap().is_empty());
+        s.push_sparse(0, 5, 3);
+        s.push_sparse(0, 6, 0);
+        assert_eq!(*s.get("a").unwrap(), [0, 0, 0, 0, 3, 0]);
+        // A new runtime binds "a" second: its ring keeps its seconds; "b" stays empty.
+        s.bind_rings(["b", "a"].into_iter());
+        s.push_sparse(0, 7, 0);
+        s.push_sparse(1, 7, 0);
+        assert_eq!(*s.get("a").unwrap(), [0, 0, 0, 0, 3, 0, 0]);
+        assert!(s.get("b").unwrap().is_empty());
     }
 }

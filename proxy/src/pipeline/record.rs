@@ -66,8 +66,9 @@ pub struct Record {
     /// When the answer was had, if the caller read the clock then (else it is read here).
     done: Option<Instant>,
     /// Who asked and where it was routed, for the access log and the span (copied only
-    /// when one of them is written).
-    who: Option<Who>,
+    /// when one of them is written). Boxed: a record without one is moved through the
+    /// request path's futures in a few words, not 200 bytes.
+    who: Option<Box<Who>>,
     /// The request is gRPC: the gateway's own answers to it are gRPC statuses.
     grpc: bool,
     to: Recorder,
@@ -148,7 +149,7 @@ impl Record {
             let (answered, rule) = d.answered();
             // A span carries neither the user, the path nor the inputs: copied for the log.
             let log = to.log;
-            Who {
+            Box::new(Who {
                 client: d.client_ip,
                 identity: identity.log_field(),
                 app: d.class.app.as_deref().map(str::to_owned),
@@ -168,7 +169,7 @@ impl Record {
                 },
                 answered,
                 rule: rule.cloned(),
-            }
+            })
         });
         Self {
             tally,
@@ -206,18 +207,20 @@ impl Record {
             grpc: false,
             started,
             done: None,
-            who: (to.log || to.export.is_some()).then(|| Who {
-                client: None,
-                identity,
-                app: None,
-                user: None,
-                route: None,
-                at_us: unix_micros(),
-                method: None,
-                path: String::new(),
-                inputs: String::new(),
-                answered: Answered::Refused,
-                rule: None,
+            who: (to.log || to.export.is_some()).then(|| {
+                Box::new(Who {
+                    client: None,
+                    identity,
+                    app: None,
+                    user: None,
+                    route: None,
+                    at_us: unix_micros(),
+                    method: None,
+                    path: String::new(),
+                    inputs: String::new(),
+                    answered: Answered::Refused,
+                    rule: None,
+                })
             }),
             to,
         }
@@ -227,7 +230,7 @@ impl Record {
     pub fn finish(
         self,
         rt: &Runtime,
-        answer: Answer,
+        mut answer: Answer,
         ids: Ids,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
@@ -239,20 +242,17 @@ impl Record {
         };
         let up = upstream.map(|u| &rt.upstreams[u.0 as usize]);
         let own = matches!(answer, Answer::Local(..) | Answer::Exchange(_, Err(_)));
-        let (mut resp, class) = match answer {
-            Answer::Local(resp, class) => ((*resp).map(Either::Right), class),
-            Answer::Cached(_, resp) => {
-                let class = Class::of(resp.status(), true);
-                (resp.map(Either::Left), class)
-            }
+        // Judged and counted where the answer lies; it is turned into the response once, at
+        // the end (each move of a response is a copy of its head, about 200 bytes).
+        let (status, class) = match &mut answer {
+            Answer::Local(resp, class) => (resp.status(), *class),
+            Answer::Cached(_, resp) => (resp.status(), Class::of(resp.status(), true)),
             Answer::Exchange(_, Ok((resp, latency))) => {
                 if let Some(u) = up {
                     u.latency_histogram(metrics).observe(latency.as_secs_f64());
                 }
-                let (mut rp, rb) = resp.into_parts();
-                strip_hop_by_hop(&mut rp.headers);
-                let class = Class::of(rp.status, true);
-                (Response::from_parts(rp, Either::Left(rb)), class)
+                strip_hop_by_hop(resp.headers_mut());
+                (resp.status(), Class::of(resp.status(), true))
             }
             Answer::Exchange(_, Err(e)) => {
                 if let (
@@ -261,7 +261,7 @@ impl Record {
                     | GatewayError::UpstreamUnavailable
                     | GatewayError::UpstreamReset
                     | GatewayError::UpstreamTls,
-                ) = (up, e)
+                ) = (up, &*e)
                 {
                     metrics
                         .upstream_errors
@@ -271,13 +271,9 @@ impl Record {
                         })
                         .inc();
                 }
-                (
-                    e.response().map(Either::Right),
-                    Class::of(e.status(), false),
-                )
+                (e.status(), Class::of(e.status(), false))
             }
         };
-        let status = resp.status();
         let elapsed = match self.done {
             Some(at) => at.saturating_duration_since(self.started),
             None => self.started.elapsed(),
@@ -345,11 +341,27 @@ impl Record {
         }
         // Counted and logged above under the status it stands for (429, 503, ...), so the
         // dashboards and metrics read the same for gRPC and other clients.
-        if own && self.grpc {
-            let empty = Either::Right(Full::default());
-            resp = respond::grpc(resp, class == Class::Degraded, empty);
+        match (own && self.grpc, answer) {
+            (false, answer) => answer.into_response(),
+            (true, answer) => {
+                let empty = Either::Right(Full::default());
+                respond::grpc(answer.into_response(), class == Class::Degraded, empty)
+            }
         }
-        resp
+    }
+}
+
+// === impl Answer ===
+
+impl Answer {
+    /// The response to send: the upstream's (already judged and stripped by
+    /// [`Record::finish`]) or the gateway's own.
+    fn into_response(self) -> Response<RespBody> {
+        match self {
+            Answer::Local(resp, _) => (*resp).map(Either::Right),
+            Answer::Cached(_, resp) | Answer::Exchange(_, Ok((resp, _))) => resp.map(Either::Left),
+            Answer::Exchange(_, Err(e)) => e.response().map(Either::Right),
+        }
     }
 }
 

@@ -237,6 +237,31 @@ impl<V: Default> Series<V> {
     fn at(&mut self, i: usize) -> &mut V {
         &mut self.values[self.bound[i]]
     }
+
+    /// Drop the series the bound runtime does not have.
+    fn prune(&mut self) {
+        let mut keep = vec![false; self.values.len()];
+        for &i in &self.bound {
+            keep[i] = true;
+        }
+        let mut remap = vec![usize::MAX; self.values.len()];
+        let values = std::mem::take(&mut self.values);
+        let names = std::mem::take(&mut self.names);
+        for (i, (v, n)) in values.into_iter().zip(names).enumerate() {
+            if keep[i] {
+                remap[i] = self.values.len();
+                self.values.push(v);
+                self.names.push(n);
+            }
+        }
+        self.slots = (self.names.iter())
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        for i in &mut self.bound {
+            *i = remap[*i];
+        }
+    }
 }
 
 impl<T: Copy + Default + PartialEq> Series<VecDeque<T>> {
@@ -265,33 +290,6 @@ impl<T: Copy + Default + PartialEq> Series<VecDeque<T>> {
     fn push_at(&mut self, i: usize, len: usize, v: T) {
         self.live[i] = true;
         push_ring(&mut self.values[self.bound[i]], len, v);
-    }
-}
-
-impl<V: Default> Series<V> {
-    /// Drop the series the bound runtime does not have.
-    fn prune(&mut self) {
-        let mut keep = vec![false; self.values.len()];
-        for &i in &self.bound {
-            keep[i] = true;
-        }
-        let mut remap = vec![usize::MAX; self.values.len()];
-        let values = std::mem::take(&mut self.values);
-        let names = std::mem::take(&mut self.names);
-        for (i, (v, n)) in values.into_iter().zip(names).enumerate() {
-            if keep[i] {
-                remap[i] = self.values.len();
-                self.values.push(v);
-                self.names.push(n);
-            }
-        }
-        self.slots = (self.names.iter())
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
-        for i in &mut self.bound {
-            *i = remap[*i];
-        }
     }
 }
 

@@ -155,6 +155,9 @@ pub struct Waiter(Arc<AtomicU32>);
 pub struct Limiters<C: Clock = DefaultClock> {
     /// One per limit rule.
     pub rules: Vec<Arc<RuleLimiter<C>>>,
+    /// Whether some rule is cluster-scope: without one, a request has nothing to set aside
+    /// for Redis ([`Limiters::check_remote`]).
+    pub any_cluster: bool,
 }
 
 /// What one limit did with a request.
@@ -778,7 +781,7 @@ impl<C: Clock + Clone> Limiters<C> {
                     .collect()
             })
             .unwrap_or_default();
-        let rules = snap
+        let rules: Vec<_> = snap
             .governance
             .limits
             .iter()
@@ -787,7 +790,8 @@ impl<C: Clock + Clone> Limiters<C> {
                 None => Arc::new(RuleLimiter::build(l, clock, lease)),
             })
             .collect();
-        Self { rules }
+        let any_cluster = rules.iter().any(|r| r.cluster.is_some());
+        Self { rules, any_cluster }
     }
 
     /// Check every limit that applies to a request, in order, until one enforced limit

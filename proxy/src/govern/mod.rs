@@ -132,13 +132,20 @@ impl Governors {
         serve: bool,
         observe: impl FnMut(&RuleLimiter, Outcome, Duration),
     ) -> (Option<Rejection>, Option<ClusterPending>) {
+        if !serve {
+            return (
+                limit::peeking(|| self.limiters.check_local(snap, input, observe)),
+                None,
+            );
+        }
+        // Without a cluster-scope rule there is nothing to set aside (and no list to drop).
+        if !self.limiters.any_cluster {
+            return (self.limiters.check_local(snap, input, observe), None);
+        }
         let mut remote = Vec::new();
-        let rejection = match serve {
-            true => self
-                .limiters
-                .check_remote(snap, input, observe, &mut remote),
-            false => limit::peeking(|| self.limiters.check_local(snap, input, observe)),
-        };
+        let rejection = self
+            .limiters
+            .check_remote(snap, input, observe, &mut remote);
         let pending = (rejection.is_none() && !remote.is_empty()).then(|| ClusterPending {
             store: self.cluster.clone(),
             checks: remote,

@@ -320,7 +320,7 @@ impl CompiledLimit {
             let mut buf = [0u8; 5 + SHORT_VALUE];
             buf[0] = 1;
             buf[1..5].copy_from_slice(&(v.len() as u32).to_le_bytes());
-            buf[5..5 + v.len()].copy_from_slice(v);
+            crate::bucket::copy_short(&mut buf[5..], v);
             return Some(LimitKey {
                 quota: self.quota_of(&r.m),
                 hash: xxh3_64(&buf[..5 + v.len()]),

@@ -75,3 +75,19 @@ fn edges_in_order() {
         vec![500_000, 1_000_000]
     );
 }
+
+/// The short copy writes exactly `src` at the start of `dst`, for every length across its
+/// cases' bounds, and nothing past it.
+#[test]
+fn copy_short_copies_exactly() {
+    for n in 0..=40 {
+        let src: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+        let mut dst = [0xEEu8; 48];
+        copy_short(&mut dst, &src);
+        assert_eq!(&dst[..n], &src[..], "length {n}");
+        assert!(
+            dst[n..].iter().all(|&b| b == 0xEE),
+            "length {n}: wrote past the end"
+        );
+    }
+}

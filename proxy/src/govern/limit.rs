@@ -810,7 +810,8 @@ impl<C: Clock + Clone> Limiters<C> {
     }
 
     /// [`Limiters::check`] of the limits counted in this gateway only: cluster-scope rules
-    /// are passed over unobserved (used with [`peeking`], which must not spend leases).
+    /// are passed over unobserved (used with [`peeking`], which must not spend leases, and
+    /// to serve when no rule is cluster-scope, [`Limiters::any_cluster`]).
     pub fn check_local(
         &self,
         snap: &Snapshot,

@@ -12,7 +12,8 @@
 //! The same task enforces the first-request deadline, each later head's deadline and the idle
 //! timeout and, on shutdown, finishes the request in flight and closes (on hyper, by asking
 //! it to). A fast-path connection idle for a second is parked: its task ends, and a much
-//! smaller one waits for its next bytes, then starts a new task that serves on from them.
+//! smaller one waits for its next bytes, then starts a new task that serves on from them;
+//! its deadline and shutdown are watched for all parked connections at once ([`park`]).
 //! Thousands of idle keep-alive clients then cost little more than their sockets.
 //!
 //! The first-request deadline: a connection must have delivered the head of its first
@@ -46,11 +47,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 pub mod h1;
+pub mod park;
 pub mod tls;
 
 use crate::conn::{Activity, ConnInfo, Tracked};
 use crate::pipeline::Gateway;
 use crate::upstream::{ConnCache, ReqBody};
+use park::ParkLot;
 
 /// What every connection of every listener shares.
 #[derive(Clone)]
@@ -69,6 +72,8 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// Flips to `true` on shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// The deadlines of parked connections, and their shutdown.
+    pub parked: Arc<ParkLot>,
 }
 
 /// hyper's server builder with Tidegate's protective limits.
@@ -273,33 +278,40 @@ where
 }
 
 /// A parked connection's wait for its next bytes; with them, it is served again in a new
-/// task ([`resume`]). An `async` block over the arguments rather than an `async fn`: the
-/// latter keeps each argument twice in its future (as passed, and moved into the body), and
-/// this future is what an idle connection costs.
+/// task ([`resume`]). Its deadline and shutdown are watched by the server's [`ParkLot`]
+/// rather than by a timer and a shutdown wait of its own: this future is what an idle
+/// connection costs. An `async` block over the arguments rather than an `async fn`: the
+/// latter keeps each argument twice in its future (as passed, and moved into the body).
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 fn parked<I>(mut c: Connection<I>, wait: h1::Wait) -> impl Future<Output = ()> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        let mut shutdown = c.shared.shutdown.clone();
         // `read_buf` gives an empty buffer what its first read needs (64 bytes); the full
         // chunk comes when it is served. The wait is written out here, not in a function of
         // `h1`: a nested future would add its own copies of the references and padding.
         let mut buf = BytesMut::new();
-        let woken = tokio::select! {
+        let stop = tokio::select! {
             biased;
-            r = c.io.read_buf(&mut buf) => matches!(r, Ok(n) if n > 0),
-            _ = tokio::time::sleep_until(wait.until()) => false,
-            _ = crate::shutdown::stopped(&mut shutdown) => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), c.io.shutdown()).await;
-                false
-            }
+            r = c.io.read_buf(&mut buf) => match r {
+                Ok(n) if n > 0 => None,
+                _ => Some(park::Stop::Expired),
+            },
+            s = c.shared.parked.park(wait.until()) => Some(s),
         };
-        if woken {
-            resume(c, wait.resume(buf));
+        match stop {
+            None => resume(c, wait.resume(buf)),
+            // Boxed: the close's timer would otherwise be part of every parked future.
+            Some(park::Stop::Shutdown) => crate::out_of_line(|| close(c.io)).await,
+            Some(park::Stop::Expired) => {}
         }
     }
+}
+
+/// Close a connection on shutdown: a TLS close or FIN, given a second.
+async fn close<I: AsyncWrite + Unpin>(mut io: I) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
 }
 
 /// Serve a parked connection again, from the bytes that woke it. A plain function: the

@@ -35,7 +35,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -288,23 +287,25 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        // `read_buf` gives an empty buffer what its first read needs (64 bytes); the full
-        // chunk comes when it is served. The wait is written out here, not in a function of
-        // `h1`: a nested future would add its own copies of the references and padding.
-        let mut buf = BytesMut::new();
-        let stop = tokio::select! {
+        // The first few bytes only, into the future itself: a buffer would be an allocation
+        // per idle connection, and a resumed connection reads twice either way (these, then
+        // the rest of its head into the serving task's chunk). The wait is written out here,
+        // not in a function of `h1`: a nested future would add its own copies of the
+        // references and padding.
+        let mut first = [0u8; 8];
+        let read = tokio::select! {
             biased;
-            r = c.io.read_buf(&mut buf) => match r {
-                Ok(n) if n > 0 => None,
-                _ => Some(park::Stop::Expired),
+            r = c.io.read(&mut first) => match r {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(park::Stop::Expired),
             },
-            s = c.shared.parked.park(wait.until()) => Some(s),
+            s = c.shared.parked.park(wait.until()) => Err(s),
         };
-        match stop {
-            None => resume(c, wait.resume(buf)),
+        match read {
+            Ok(n) => resume(c, wait.resume(&first[..n])),
             // Boxed: the close's timer would otherwise be part of every parked future.
-            Some(park::Stop::Shutdown) => crate::out_of_line(|| close(c.io)).await,
-            Some(park::Stop::Expired) => {}
+            Err(park::Stop::Shutdown) => crate::out_of_line(|| close(c.io)).await,
+            Err(park::Stop::Expired) => {}
         }
     }
 }

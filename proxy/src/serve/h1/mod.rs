@@ -310,8 +310,10 @@ impl Wait {
         self.deadline.min(self.idle_at)
     }
 
-    /// The bytes that ended the wait, to serve the connection on from.
-    pub fn resume(self, buf: BytesMut) -> Resume {
+    /// The bytes that ended the wait (`read`), to serve the connection on from.
+    pub fn resume(self, read: &[u8]) -> Resume {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(read);
         Resume { buf, wait: self }
     }
 }

@@ -191,6 +191,22 @@ measure() { # split|shared
                     (t == "direct" ? "-" : sprintf("%.2f", C[t] / C["nginx"])),
                     (t == "direct" ? "-" : sprintf("%.1f", med(usr, t))), med(f50, t), med(f99, t), err[t]
             }
+            # Each round measures every target within about a minute; a host that gets busier
+            # between rounds moves the medians above, not these ratios.
+            printf "\nagainst nginx in the same round: median of the per-round ratios (rounds at or better than nginx)\n\n"
+            printf "| target | CPU per request | req/s | p99 |\n|---|---|---|---|\n"
+            for (i = 1; i <= nt; i++) {
+                t = order[i]
+                if (t == "direct" || t == "nginx") continue
+                bc = br = bp = 0
+                for (k = 1; k <= n[t]; k++) {
+                    rc[t, k] = cpu[t, k] / cpu["nginx", k]; bc += rc[t, k] <= 1
+                    rr[t, k] = rps[t, k] / rps["nginx", k]; br += rr[t, k] >= 1
+                    rp[t, k] = p99[t, k] / p99["nginx", k]; bp += rp[t, k] <= 1
+                }
+                printf "| %s | %.2f (%d of %d) | %.2f (%d of %d) | %.2f (%d of %d) |\n", t,
+                    med(rc, t), bc, n[t], med(rr, t), br, n[t], med(rp, t), bp, n[t]
+            }
             printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
             if (R["tidegate-baseline"] > 0)
                 printf "tidegate-rules against the baseline binary: %.2fx req/s, %.2fx CPU per request\n", R["tidegate-rules"] / R["tidegate-baseline"], C["tidegate-rules"] / C["tidegate-baseline"]

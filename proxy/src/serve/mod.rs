@@ -31,8 +31,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -41,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use rules::model::ConnLimits;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -52,7 +53,7 @@ pub mod tls;
 use crate::conn::{Activity, ConnInfo, Tracked};
 use crate::pipeline::Gateway;
 use crate::upstream::{ConnCache, ReqBody};
-use park::ParkLot;
+use park::{ParkLot, ReadReady, Sleeper};
 
 /// What every connection of every listener shares.
 #[derive(Clone)]
@@ -242,10 +243,10 @@ async fn serve_tls(
 
 /// Serve a connection to completion: on the HTTP/1 fast path ([`h1`]) while its requests
 /// are ordinary, then, from the first that is not (or from the start for HTTP/2), with
-/// hyper. Parked, it goes on in a task of its own ([`parked`]), and this one ends.
+/// hyper. Parked ([`park`]), it waits without a task, and this one ends.
 async fn serve_io<I>(c: Connection<I>, resume: Option<h1::Resume>)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let fast = h1::Conn {
         gateway: &c.shared.gateway,
@@ -262,7 +263,7 @@ where
         h1::Outcome::Parked(io, wait) => {
             c.shared.gateway.release(&c.cache);
             c.info.forget_hop();
-            tokio::spawn(parked(Connection { io, ..c }, wait));
+            park(Connection { io, ..c }, wait);
         }
         // Boxed: hyper's connection state is larger than the fast path's, and most
         // connections never get there.
@@ -276,52 +277,84 @@ where
     }
 }
 
-/// A parked connection's wait for its next bytes; with them, it is served again in a new
-/// task ([`resume`]). Its deadline and shutdown are watched by the server's [`ParkLot`]
-/// rather than by a timer and a shutdown wait of its own: this future is what an idle
-/// connection costs. An `async` block over the arguments rather than an `async fn`: the
-/// latter keeps each argument twice in its future (as passed, and moved into the body).
-#[allow(clippy::manual_async_fn)] // on purpose: see above
-fn parked<I>(mut c: Connection<I>, wait: h1::Wait) -> impl Future<Output = ()> + Send
+/// Park a connection: no task waits for its next bytes; its socket's readiness holds it
+/// (a [`Sleeping`]) as the waker of its read interest, and the server's [`ParkLot`] holds
+/// its deadline. Bytes start a task that serves it on; the deadline or shutdown closes it.
+fn park<I>(c: Connection<I>, wait: h1::Wait)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    async move {
-        // The first few bytes only, into the future itself: a buffer would be an allocation
-        // per idle connection, and a resumed connection reads twice either way (these, then
-        // the rest of its head into the serving task's chunk). The wait is written out here,
-        // not in a function of `h1`: a nested future would add its own copies of the
-        // references and padding.
-        let mut first = [0u8; 8];
-        let read = tokio::select! {
-            biased;
-            r = c.io.read(&mut first) => match r {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(park::Stop::Expired),
-            },
-            s = c.shared.parked.park(wait.until()) => Err(s),
-        };
-        match read {
-            Ok(n) => resume(c, wait.resume(&first[..n])),
-            // Boxed: the close's timer would otherwise be part of every parked future.
-            Err(park::Stop::Shutdown) => crate::out_of_line(|| close(c.io)).await,
-            Err(park::Stop::Expired) => {}
-        }
+    let lot = c.shared.parked.clone();
+    let key = lot.key(wait.until());
+    let s = Arc::new(Sleeping {
+        key,
+        state: Mutex::new(Some((c, wait))),
+    });
+    if !lot.enter(key, Arc::downgrade(&s) as Weak<dyn Sleeper>) {
+        return s.stop(park::Stop::Shutdown);
+    }
+    let waker = Waker::from(s.clone());
+    let ready = match &*s.lock() {
+        Some((c, _)) => c.io.poll_read_ready(&mut Context::from_waker(&waker)),
+        None => return, // stopped meanwhile
+    };
+    // Bytes (or an error) already: serve it on now.
+    if ready.is_ready() {
+        waker.wake();
     }
 }
 
-/// Close a connection on shutdown: a TLS close or FIN, given a second.
-async fn close<I: AsyncWrite + Unpin>(mut io: I) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+/// A parked connection: the connection and its wait, until its bytes come (it is woken) or
+/// its lot stops it.
+struct Sleeping<I> {
+    key: park::Key,
+    state: Mutex<Option<(Connection<I>, h1::Wait)>>,
 }
 
-/// Serve a parked connection again, from the bytes that woke it. A plain function: the
-/// two tasks' futures name each other only through it.
-fn resume<I>(c: Connection<I>, r: h1::Resume)
+impl<I> Sleeping<I> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Connection<I>, h1::Wait)>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection, to the first of its wake-up and its stop.
+    fn take(&self) -> Option<(Connection<I>, h1::Wait)> {
+        self.lock().take()
+    }
+}
+
+impl<I> Wake for Sleeping<I>
+where
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+{
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    /// Its socket is readable: serve it on in a new task.
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some((c, wait)) = self.take() else { return };
+        let lot = c.shared.parked.clone();
+        lot.leave(self.key);
+        lot.spawn(serve_io(c, Some(wait.resume())));
+    }
+}
+
+impl<I> Sleeper for Sleeping<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(serve_io(c, Some(r)));
+    fn stop(self: Arc<Self>, why: park::Stop) {
+        let Some((mut c, _)) = self.take() else {
+            return;
+        };
+        match why {
+            park::Stop::Expired => drop(c),
+            // A TLS close or FIN, given a second; the connection counts as open until then.
+            park::Stop::Shutdown => c.shared.parked.clone().spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), c.io.shutdown()).await;
+            }),
+        }
+    }
 }
 
 /// Serve the rest of a connection with hyper's auto-detecting HTTP/1.1 + HTTP/2 server.

@@ -281,8 +281,8 @@ pub enum Outcome<I> {
     /// Handed to hyper, with the bytes read and not yet served replayed first.
     Handoff(Rewind<I>),
     /// Idle for [`PARK_AFTER`] with nothing read: its buffers given back, to wait for its
-    /// next bytes with [`park`] in a task much smaller than the one serving requests (the
-    /// caller gives its upstream connections back: `ConnCache::release`).
+    /// next bytes without a task (`serve::park`; the caller gives its upstream connections
+    /// back: `ConnCache::release`).
     Parked(I, Wait),
 }
 
@@ -297,7 +297,7 @@ pub struct Wait {
     first: bool,
 }
 
-/// Bytes that ended a parked connection's wait, and that wait: [`serve`] goes on from them.
+/// A parked connection's wait, ended by bytes to read: [`serve`] goes on from it.
 pub struct Resume {
     buf: BytesMut,
     wait: Wait,
@@ -310,11 +310,12 @@ impl Wait {
         self.deadline.min(self.idle_at)
     }
 
-    /// The bytes that ended the wait (`read`), to serve the connection on from.
-    pub fn resume(self, read: &[u8]) -> Resume {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        buf.extend_from_slice(read);
-        Resume { buf, wait: self }
+    /// The wait, to serve the connection on from once it has bytes to read.
+    pub fn resume(self) -> Resume {
+        Resume {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            wait: self,
+        }
     }
 }
 

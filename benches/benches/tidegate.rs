@@ -57,7 +57,7 @@ mod governance {
     use std::sync::Arc;
 
     use criterion::{Criterion, Throughput};
-    use http::{HeaderMap, HeaderValue, Method};
+    use http::{HeaderMap, Method};
     use rules::RequestParts;
     use tidegate::conn::ConnInfo;
     use tidegate::metrics::Metrics;
@@ -93,10 +93,7 @@ mod governance {
             .expect("valid config")
             .snapshot;
         let rt = Runtime::offline(snap, None, &Arc::new(Metrics::new()));
-        let conn = ConnInfo::new(
-            "10.0.0.1:40000".parse().unwrap(),
-            HeaderValue::from_static("http"),
-        );
+        let conn = ConnInfo::new("10.0.0.1:40000".parse().unwrap(), false);
         let method = Method::POST;
         let path = "/envelopes/42/grab";
         let decide = |headers: &HeaderMap| {

@@ -83,10 +83,7 @@ fn decide_allocates_nothing_per_request() {
         .expect("the peer config is valid")
         .snapshot;
     let rt = Runtime::offline(snap, None, &Arc::new(Metrics::new()));
-    let conn = ConnInfo::new(
-        "10.0.0.1:40000".parse().unwrap(),
-        HeaderValue::from_static("http"),
-    );
+    let conn = ConnInfo::new("10.0.0.1:40000".parse().unwrap(), false);
     let requests: Vec<HeaderMap> = (0..USERS)
         .map(|i| {
             let mut h = HeaderMap::new();

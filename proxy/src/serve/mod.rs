@@ -36,7 +36,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
-use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -110,7 +109,6 @@ pub async fn accept_loop(
     name: Arc<str>,
 ) {
     let mut shutdown = shared.shutdown.clone();
-    let proto = HeaderValue::from_static(if tls.is_some() { "https" } else { "http" });
     loop {
         let permit = tokio::select! {
             p = shared.conn_permits.clone().acquire_owned() => match p {
@@ -133,7 +131,7 @@ pub async fn accept_loop(
         };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo::new(remote, proto.clone());
+        let info = ConnInfo::new(remote, tls.is_some());
         let live = Live::new(&shared.gateway, permit);
         let shared = shared.clone();
         // Each kind of connection is a task of its own type, not one wrapper awaiting either:

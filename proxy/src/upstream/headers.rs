@@ -136,7 +136,7 @@ pub fn forwarding(
     if peer_trusted {
         append_list(h, &X_FORWARDED_FOR, hop.for_.as_bytes());
         if !h.contains_key(&X_FORWARDED_PROTO) {
-            h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+            h.insert(&X_FORWARDED_PROTO, conn.proto());
         }
         if let (false, Some(host)) = (h.contains_key(&X_FORWARDED_HOST), &hop.host) {
             h.insert(&X_FORWARDED_HOST, host.clone());
@@ -162,7 +162,7 @@ impl Hop {
     fn new(conn: &ConnInfo, host: Option<&HeaderValue>) -> Self {
         let mut hop = Self {
             for_: conn.remote_ip(),
-            proto: conn.proto.clone(),
+            proto: conn.proto(),
             // A copy of its own: the request's value is a slice of the connection's read
             // buffer, which a kept reference would pin (8 KB) for the connection's life,
             // parked or not.
@@ -420,7 +420,7 @@ mod tests {
     }
 
     fn conn(addr: &str, proto: &'static str) -> ConnInfo {
-        ConnInfo::new(addr.parse().unwrap(), HeaderValue::from_static(proto))
+        ConnInfo::new(addr.parse().unwrap(), proto == "https")
     }
 
     /// From an untrusted peer every client claim goes; the gateway's own view replaces it.

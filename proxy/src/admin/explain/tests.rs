@@ -49,10 +49,7 @@ fn serve(rt: &Runtime, path: &str, user: &str) -> Action {
     let mut h = HeaderMap::new();
     h.insert("x-user-id", user.parse().unwrap());
     h.insert("x-app-id", "douyin".parse().unwrap());
-    let conn = crate::conn::ConnInfo::new(
-        "10.0.0.1:1000".parse().unwrap(),
-        HeaderValue::from_static("http"),
-    );
+    let conn = crate::conn::ConnInfo::new("10.0.0.1:1000".parse().unwrap(), false);
     let req = RequestParts {
         method: &Method::POST,
         path,

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,8 +47,7 @@ pub struct Hop {
 /// When a connection last moved bytes, how many requests it has in flight, and whether it
 /// has made any.
 pub struct Activity {
-    epoch: tokio::time::Instant,
-    /// Milliseconds since `epoch` of the last read or write.
+    /// Milliseconds since [`epoch`] of the last read or write.
     last_ms: AtomicU64,
     /// Requests in flight on it (a connection with one is not idle, whatever its bytes say).
     pub inflight: AtomicUsize,
@@ -62,8 +61,7 @@ impl Activity {
     /// No bytes moved yet: idle from now.
     pub fn new() -> Self {
         Self {
-            epoch: tokio::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last_ms: AtomicU64::new(since_epoch_ms()),
             inflight: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             tracking: AtomicBool::new(true),
@@ -91,15 +89,24 @@ impl Activity {
 
     /// Bytes moved now.
     pub fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }
 
     /// How long since bytes last moved.
     pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
+        let last = self.last_ms.load(Ordering::Relaxed);
+        Duration::from_millis(since_epoch_ms().saturating_sub(last))
     }
+}
+
+/// Milliseconds since the process's first reading: one epoch for every connection's
+/// activity record, not 16 bytes of its own in each (idle connections included).
+fn since_epoch_ms() -> u64 {
+    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
+    EPOCH
+        .get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 impl Default for Activity {

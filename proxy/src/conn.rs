@@ -47,7 +47,8 @@ pub struct Hop {
 /// When a connection last moved bytes, how many requests it has in flight, and whether it
 /// has made any.
 pub struct Activity {
-    /// Milliseconds since [`epoch`] of the last read or write.
+    /// When it last read or wrote, in milliseconds since the process's epoch
+    /// ([`since_epoch_ms`]).
     last_ms: AtomicU64,
     /// Requests in flight on it (a connection with one is not idle, whatever its bytes say).
     pub inflight: AtomicUsize,

@@ -11,9 +11,9 @@
 //! large bodies, anything hyper would refuse). hyper stays the reference for all of those.
 //! The same task enforces the first-request deadline, each later head's deadline and the idle
 //! timeout and, on shutdown, finishes the request in flight and closes (on hyper, by asking
-//! it to). A fast-path connection idle for a second is parked: its task ends, and a much
-//! smaller one waits for its next bytes, then starts a new task that serves on from them;
-//! its deadline and shutdown are watched for all parked connections at once ([`park`]).
+//! it to). A fast-path connection idle for a second is parked: its task ends and no task
+//! waits for its next bytes; they start a new task that serves on from them, and its
+//! deadline and shutdown are watched for all parked connections at once ([`mod@park`]).
 //! Thousands of idle keep-alive clients then cost little more than their sockets.
 //!
 //! The first-request deadline: a connection must have delivered the head of its first
@@ -241,7 +241,7 @@ async fn serve_tls(
 
 /// Serve a connection to completion: on the HTTP/1 fast path ([`h1`]) while its requests
 /// are ordinary, then, from the first that is not (or from the start for HTTP/2), with
-/// hyper. Parked ([`park`]), it waits without a task, and this one ends.
+/// hyper. Parked ([`park()`]), it waits without a task, and this one ends.
 async fn serve_io<I>(c: Connection<I>, resume: Option<h1::Resume>)
 where
     I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,

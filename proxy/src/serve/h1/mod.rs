@@ -92,8 +92,8 @@ impl Limits {
     }
 }
 
-/// What the start of the buffer holds.
-// Returned by value once per request: boxing the head would cost an allocation each time.
+/// What the start of the buffer holds, as [`parse`] returns it: the head by value, for the
+/// tests and the fuzz target (a connection parses in place, [`parse_into`]).
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Parsed {
@@ -103,6 +103,24 @@ pub enum Parsed {
     Handoff,
     /// A head the fast path serves; the head and its body have been taken off the buffer.
     Request(Head),
+}
+
+/// What the start of the buffer holds, the head itself written into the caller's
+/// [`http::request::Parts`] ([`parse_into`]).
+#[derive(Debug)]
+pub enum Taken {
+    /// An incomplete head: read more.
+    Partial,
+    /// Not for the fast path: the connection goes to hyper (the buffer is as it was).
+    Handoff,
+    /// A head the fast path serves, now in the caller's parts; it and its body have been
+    /// taken off the buffer.
+    Request {
+        /// The body (`Content-Length` bytes, read whole), if any.
+        body: Option<Bytes>,
+        /// Whether the connection stays open after the response, by the request's rules.
+        keep_alive: bool,
+    },
 }
 
 /// A request head the fast path serves, and its body.
@@ -127,6 +145,28 @@ pub struct Parser {
 /// Parse the request head at the start of `buf` (see the module docs for what is taken).
 /// A request taken is removed from `buf` (head and body); otherwise `buf` is unchanged.
 pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
+    let mut parts = Request::new(()).into_parts().0;
+    match parse_into(buf, limits, p, &mut parts) {
+        Taken::Partial => Parsed::Partial,
+        Taken::Handoff => Parsed::Handoff,
+        Taken::Request { body, keep_alive } => Parsed::Request(Head {
+            parts,
+            body,
+            keep_alive,
+        }),
+    }
+}
+
+/// [`parse`], the head written into `parts` (method, target, version and fields replaced,
+/// extensions cleared), which a connection keeps from one request to the next: the head
+/// is built where the request path reads it, not built and then moved there. On a handoff
+/// `parts` holds nothing of use.
+pub fn parse_into(
+    buf: &mut BytesMut,
+    limits: &Limits,
+    p: &mut Parser,
+    parts: &mut http::request::Parts,
+) -> Taken {
     p.fields.clear();
     let cap = limits.max_headers.min(MAX_FIELDS);
     let mut content_length: Option<u64> = None;
@@ -139,22 +179,22 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         let head_len = match req.parse_with_uninit_headers(bytes, &mut raw[..cap]) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if bytes.len() < limits.max_buf => {
-                return Parsed::Partial;
+                return Taken::Partial;
             }
             // Too large, too many fields, or malformed: hyper answers it.
-            _ => return Parsed::Handoff,
+            _ => return Taken::Handoff,
         };
         let (Some(m), Some(path), Some(v)) = (req.method, req.path, req.version) else {
-            return Parsed::Handoff;
+            return Taken::Handoff;
         };
         if head_len > limits.max_buf || path.len() > MAX_URI_LEN {
-            return Parsed::Handoff;
+            return Taken::Handoff;
         }
         let Ok(method) = Method::from_bytes(m.as_bytes()) else {
-            return Parsed::Handoff;
+            return Taken::Handoff;
         };
         if method == Method::CONNECT {
-            return Parsed::Handoff;
+            return Taken::Handoff;
         }
         let version = if v == 1 {
             keep_alive = true;
@@ -166,18 +206,18 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         let base = bytes.as_ptr() as usize;
         for h in req.headers.iter() {
             let Ok(name) = crate::names::header_name(h.name.as_bytes()) else {
-                return Parsed::Handoff;
+                return Taken::Handoff;
             };
             // Values are checked as they become `HeaderValue`s, below.
             match name {
                 header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT => {
-                    return Parsed::Handoff;
+                    return Taken::Handoff;
                 }
                 header::CONTENT_LENGTH => {
                     // One plain number, or hyper decides.
                     match (content_length, digits(h.value)) {
                         (None, Some(n)) => content_length = Some(n),
-                        _ => return Parsed::Handoff,
+                        _ => return Taken::Handoff,
                     }
                 }
                 header::CONNECTION => {
@@ -200,14 +240,21 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
     };
     let body_len = content_length.unwrap_or(0);
     if body_len > limits.max_inline_body as u64 || buf.len() - head_len < body_len as usize {
-        return Parsed::Handoff;
+        return Taken::Handoff;
     }
     let head = buf.split_to(head_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
         return give_back(head, buf);
     };
     // Room for what the gateway adds (request ID, forwarding headers): no regrowth later.
-    let mut headers = crate::header_maps::take(p.fields.len() + 8);
+    // The last request's map, when the request path left it here, else a spare one.
+    let headers = &mut parts.headers;
+    if headers.capacity() == 0 {
+        *headers = crate::header_maps::take(p.fields.len() + 8);
+    } else {
+        headers.clear();
+        headers.reserve(p.fields.len() + 8);
+    }
     for (name, a, b) in p.fields.drain(..) {
         // The http crate's rule is hyper's: visible ASCII, obs-text, space and tab.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(a..b)) else {
@@ -223,25 +270,20 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, p: &mut Parser) -> Parsed {
         }
         n => Some(buf.split_to(n as usize).freeze()),
     };
-    let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
     parts.version = version;
-    parts.headers = headers;
-    Parsed::Request(Head {
-        parts,
-        body,
-        keep_alive,
-    })
+    parts.extensions.clear();
+    Taken::Request { body, keep_alive }
 }
 
 /// Put a head taken from `buf` back in front of it: hyper answers it.
-fn give_back(head: Bytes, buf: &mut BytesMut) -> Parsed {
+fn give_back(head: Bytes, buf: &mut BytesMut) -> Taken {
     let mut whole = BytesMut::with_capacity(head.len() + buf.len());
     whole.extend_from_slice(&head);
     whole.extend_from_slice(buf);
     *buf = whole;
-    Parsed::Handoff
+    Taken::Handoff
 }
 
 /// Whether `buf` starts the HTTP/2 connection preface (as far as it goes).
@@ -350,6 +392,8 @@ where
         None => (BytesMut::with_capacity(READ_CHUNK), None),
     };
     let mut parser = Parser::default();
+    // Each request's head, written in place by the parser and lent to the request path.
+    let mut parts = Request::new(()).into_parts().0;
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut first = resumed.is_none_or(|w| w.first);
     // One timer for the connection, armed no later than the wait's deadline: moved earlier
@@ -373,15 +417,15 @@ where
                 (deadline, start + c.idle_timeout, Some(start + PARK_AFTER))
             }
         };
-        let mut head = loop {
+        let (body, keep_alive) = loop {
             if !buf.is_empty() {
-                match parse(&mut buf, &c.limits, &mut parser) {
-                    Parsed::Request(h) => break h,
+                match parse_into(&mut buf, &c.limits, &mut parser, &mut parts) {
+                    Taken::Request { body, keep_alive } => break (body, keep_alive),
                     // The HTTP/2 preface after HTTP/1 requests: hyper's HTTP/1 server closes
                     // on it; its auto-detection would wait for the rest with no deadline.
-                    Parsed::Handoff if !first && h2_preface(&buf) => return Outcome::Closed,
-                    Parsed::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
-                    Parsed::Partial => {}
+                    Taken::Handoff if !first && h2_preface(&buf) => return Outcome::Closed,
+                    Taken::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
+                    Taken::Partial => {}
                 }
             } else if *c.shutdown.borrow() {
                 return close(io).await;
@@ -422,18 +466,24 @@ where
             }
         };
         first = false;
-        let (version, keep_alive) = (head.parts.version, head.keep_alive);
-        let head_only = head.parts.method == Method::HEAD;
+        let version = parts.version;
+        let head_only = parts.method == Method::HEAD;
         c.activity.started.store(true, Ordering::Relaxed);
         c.activity.inflight.fetch_add(1, Ordering::Relaxed);
         // Inline (a box would cost an allocation and a copy per request): the request's
         // rarer paths are boxed where they start, so this state stays small. The head stays
         // here, lent to the request path.
-        let body = ReqBody::Full(head.body.take());
         let (mut resp, id) = (c.gateway)
-            .handle_parts(&mut head.parts, body, c.info, Some(c.cache))
+            .handle_parts(&mut parts, ReqBody::Full(body), c.info, Some(c.cache))
             .await;
-        drop(head); // not held across the write
+        // The head's target and values are slices of the read buffer: let go of them before
+        // the write, so the buffer's memory is free to take the next request. (The map is
+        // most often empty by now: the upstream's encoder gave it back to the spares.)
+        parts.uri = Uri::default();
+        if !parts.headers.is_empty() {
+            parts.headers.clear();
+        }
+        parts.extensions.clear();
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
         // On shutdown the answer in flight is the connection's last.
         let keep = keep_alive && !*c.shutdown.borrow();

@@ -68,6 +68,57 @@ fn takes_a_small_buffered_body_and_keeps_what_follows() {
     );
 }
 
+/// A connection's parts carry nothing of one request into the next: the second head's
+/// method, target, version and fields are its own, the first's extensions gone.
+#[test]
+fn parts_reused_in_place_start_clean() {
+    let mut buf = BytesMut::from(
+        &b"POST /one HTTP/1.1\r\nX-User-Id: alice\r\nContent-Length: 1\r\n\r\nx\
+           GET /two HTTP/1.0\r\nHost: b\r\n\r\n"[..],
+    );
+    let mut p = Parser::default();
+    let mut parts = http::Request::new(()).into_parts().0;
+    let first = parse_into(&mut buf, &L, &mut p, &mut parts);
+    assert!(
+        matches!(
+            first,
+            Taken::Request {
+                body: Some(_),
+                keep_alive: true
+            }
+        ),
+        "{first:?}"
+    );
+    assert_eq!(parts.headers["x-user-id"], "alice");
+    // What the request path may leave behind: a field it added, an extension.
+    parts
+        .headers
+        .insert("x-added", HeaderValue::from_static("1"));
+    parts.extensions.insert(7u8);
+    let second = parse_into(&mut buf, &L, &mut p, &mut parts);
+    assert!(
+        matches!(
+            second,
+            Taken::Request {
+                body: None,
+                keep_alive: false
+            }
+        ),
+        "{second:?}"
+    );
+    assert_eq!(parts.method, Method::GET);
+    assert_eq!(parts.uri, "/two");
+    assert_eq!(parts.version, Version::HTTP_10);
+    let fields: Vec<_> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+        .collect();
+    assert_eq!(fields, [("host", "b")]);
+    assert!(parts.extensions.get::<u8>().is_none());
+    assert!(buf.is_empty());
+}
+
 /// Everything unusual goes to hyper, the buffer untouched.
 #[test]
 fn hands_off_the_unusual() {

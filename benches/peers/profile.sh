@@ -16,6 +16,9 @@
 # gateway's `server.tracing` to that object (rules|norules), `@BACKEND@` replaced by the
 # backend's address: bench-backend answers every POST 200, so it stands in for the OTLP
 # collector and the export's whole cost (encoding, the POSTs) is counted.
+# Where two profiles differ, per request and by function (the rules' cost: profile `rules`,
+# then `norules`, then `benches/peers/profile_diff.py /tmp/tidegate-profile-rules.out
+# /tmp/tidegate-profile-norules.out`; an A/B: copy the first build's profile aside first).
 # CACHE=1 also simulates the caches (valgrind's --cache-sim, several times slower) and
 # prints the L1 misses per request: instructions, data reads and data writes. User time
 # follows them as well as the instruction count (an L1 miss costs about ten cycles).
@@ -101,4 +104,5 @@ PY
 fi
 callgrind_annotate --inclusive=no "$OUTF" 2>/dev/null | sed -n '/file:function/,$p' | head -45
 cp "$OUTF" "/tmp/tidegate-profile-$MODE.out"
-echo "profile kept in /tmp/tidegate-profile-$MODE.out"
+echo "$REQS" >"/tmp/tidegate-profile-$MODE.requests"
+echo "profile kept in /tmp/tidegate-profile-$MODE.out (benches/peers/profile_diff.py compares two)"

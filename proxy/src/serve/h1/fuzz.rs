@@ -10,7 +10,9 @@
 //!   chunked body);
 //! - a head the fast path finds incomplete, hyper does not take;
 //! - a head the fast path hands to hyper agrees by construction (hyper decides it);
-//! - what the fast path takes off the buffer is exactly its head and body.
+//! - what the fast path takes off the buffer is exactly its head and body;
+//! - a connection's parts, reused after another request (and what the request path may
+//!   leave in them: a field, an extension), read the same bytes exactly as fresh ones do.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
 use http_body::Body as _;
 use http_body_util::Empty;
 use hyper::body::Incoming;
@@ -25,7 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Limits, Parsed, Parser, parse};
+use super::{Limits, Parsed, Parser, Taken, parse, parse_into};
 
 /// The limits both sides run with: small, so the fuzzer reaches them.
 pub const LIMITS: Limits = Limits {
@@ -54,6 +57,7 @@ pub struct Seen {
 pub fn differential(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     let ours = parse(&mut buf, &LIMITS, &mut Parser::default());
+    reused_reads_the_same(data, &ours, &buf);
     match ours {
         Parsed::Handoff => {}
         Parsed::Partial => {
@@ -85,6 +89,39 @@ pub fn differential(data: &[u8]) {
                 "the fast path and hyper read the head differently"
             );
         }
+    }
+}
+
+/// `data` parsed into parts that served a request before gives what [`parse`] gave
+/// (`fresh`, leaving `rest` in the buffer).
+fn reused_reads_the_same(data: &[u8], fresh: &Parsed, rest: &[u8]) {
+    let mut parts = http::Request::new(()).into_parts().0;
+    let mut p = Parser::default();
+    let mut before = BytesMut::from(
+        &b"POST /before HTTP/1.1\r\nX-User-Id: before\r\nContent-Length: 1\r\n\r\nx"[..],
+    );
+    let served = parse_into(&mut before, &LIMITS, &mut p, &mut parts);
+    assert!(matches!(served, Taken::Request { .. }), "{served:?}");
+    parts
+        .headers
+        .insert("x-left-behind", HeaderValue::from_static("1"));
+    parts.extensions.insert(1u8);
+    let mut buf = BytesMut::from(data);
+    let reused = parse_into(&mut buf, &LIMITS, &mut p, &mut parts);
+    assert_eq!(
+        &buf[..],
+        rest,
+        "reused parts take the same bytes off the buffer"
+    );
+    match (fresh, reused) {
+        (Parsed::Partial, Taken::Partial) | (Parsed::Handoff, Taken::Handoff) => {}
+        (Parsed::Request(h), Taken::Request { body, keep_alive }) => {
+            let len = |b: &Option<Bytes>| Some(b.as_ref().map_or(0, |b| b.len() as u64));
+            assert_eq!(seen(&parts, len(&body)), seen(&h.parts, len(&h.body)));
+            assert_eq!((body, keep_alive), (h.body.clone(), h.keep_alive));
+            assert!(parts.extensions.is_empty(), "no extension carried over");
+        }
+        (fresh, reused) => panic!("fresh parts: {fresh:?}; reused: {reused:?}"),
     }
 }
 

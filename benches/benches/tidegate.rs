@@ -43,6 +43,7 @@ mod routing {
                         },
                         client_ip: None,
                         random: 0,
+                        pair: Default::default(),
                     });
                     black_box(r.map(|r| r.upstream))
                 })

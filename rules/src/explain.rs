@@ -133,6 +133,7 @@ impl Snapshot {
             },
             client_ip,
             random: 0,
+            pair: Default::default(),
         };
         let decision = self.route(&input);
         let mut ids: Vec<u32> = self

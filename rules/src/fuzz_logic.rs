@@ -107,6 +107,7 @@ pub fn request(data: &[u8]) {
         },
         client_ip: data.first().map(|b| std::net::IpAddr::from([10, 0, 0, *b])),
         random: (data.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        pair: Default::default(),
     };
     if let Some(d) = snap.route(&input) {
         assert!((d.upstream.0 as usize) < snap.upstreams.len());
@@ -180,6 +181,7 @@ impl DecideInput {
             },
             client_ip: self.client_ip,
             random: self.random,
+            pair: Default::default(),
         }
     }
 }
@@ -210,25 +212,36 @@ pub fn base_snapshot() -> Snapshot {
 
 /// Decision bytes → route, limits and fallback for an arbitrary (app, interface, user,
 /// headers, client IP, random draw), without going through the extractors (see
-/// [`DecideInput`]). Never panics. The gateway's whole decision on the same input is fuzzed
-/// by the proxy's `pipeline::fuzz`.
+/// [`DecideInput`]). Never panics. Each lookup from the request's pair (as the gateway
+/// makes them) finds what it finds by itself. The gateway's whole decision on the same
+/// input is fuzzed by the proxy's `pipeline::fuzz`.
 pub fn decide(data: &[u8]) {
     let snap = snapshot();
     let decoded = DecideInput::decode(data, snap);
-    let input = decoded.route_input();
+    let alone = decoded.route_input();
+    let input = RouteInput {
+        pair: snap.pair(&alone.m),
+        ..alone
+    };
     let d = snap
         .route(&input)
         .expect("the base config has a default route");
     assert!((d.upstream.0 as usize) < snap.upstreams.len());
-    let mut scratch = Vec::new();
-    for &l in snap.limits_for(&input.m, &mut scratch) {
+    assert_eq!(Some(d), snap.route(&alone), "route from the pair");
+    let (mut scratch, mut own) = (Vec::new(), Vec::new());
+    let limits = snap.limits_of(&input, &mut scratch);
+    assert_eq!(
+        limits,
+        snap.limits_for(&alone.m, &mut own),
+        "limits from the pair"
+    );
+    for &l in limits {
         let limit = &snap.governance.limits[l as usize];
         let _ = limit.key_of(snap, &input);
         let _ = limit.quota_of(&input.m);
     }
-    if let Some(f) = snap.fallback(&input) {
-        let _ = f;
-    }
+    let fallback = |r| snap.fallback(r).map(|f| (f.rule_id, f.bucket));
+    assert_eq!(fallback(&input), fallback(&alone), "fallback from the pair");
 }
 
 #[cfg(test)]

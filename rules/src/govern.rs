@@ -119,15 +119,40 @@ impl Governance {
         (self.limit_index).all(m, |i| &self.limits[i as usize].matcher, out)
     }
 
+    /// [`Governance::limits_for`] from the limit index's candidates of the request's pair
+    /// (and whether one of them narrows).
+    #[inline]
+    pub(crate) fn limits_in<'s>(
+        &self,
+        (list, narrows): (&'s [u32], bool),
+        m: &MatchInput<'_>,
+        out: &'s mut Vec<u32>,
+    ) -> &'s [u32] {
+        let matcher = |i: u32| &self.limits[i as usize].matcher;
+        (self.limit_index).all_in(list, narrows, m, matcher, out)
+    }
+
     /// The fallback that answers this request, if any: the most specific matching enforced
     /// fallback rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
-        if self.fallbacks.is_empty() {
-            return None;
-        }
-        let rule_id = self
-            .fallback_index
-            .best(&r.m, |i| &self.fallbacks[i as usize].matcher)?;
+        self.fallback_in(None, r)
+    }
+
+    /// [`Governance::fallback`], from the enforced fallback index's candidates of the
+    /// request's pair when the caller has them.
+    #[inline]
+    pub(crate) fn fallback_in(
+        &self,
+        candidates: Option<&[u32]>,
+        r: &RouteInput<'_>,
+    ) -> Option<FallbackDecision<'_>> {
+        let matcher = |i: u32| &self.fallbacks[i as usize].matcher;
+        let rule_id = match candidates {
+            Some([]) => return None,
+            Some(list) => self.fallback_index.best_in(list, &r.m, matcher),
+            None if self.fallbacks.is_empty() => return None,
+            None => self.fallback_index.best(&r.m, matcher),
+        }?;
         self.fallback_at(rule_id, r)
     }
 

@@ -75,7 +75,7 @@ pub mod validate;
 pub use classify::{CacheSpec, Classified, RequestParts};
 pub use error::{ConfigError, ConfigErrors, JsonPath};
 pub use ids::{InterfaceId, UpstreamId};
-pub use matcher::MatchInput;
+pub use matcher::{MatchInput, Pair};
 pub use model::{Config, DEFAULT_EMBEDDED_DATA_DIR};
 pub use route::{RouteDecision, RouteInput, Via};
 pub use snapshot::Snapshot;

@@ -104,25 +104,57 @@ pub enum Order {
 /// `other`'s lists. Lists lie end to end in `ids`.
 #[derive(Debug)]
 struct Merged {
-    /// Per app of up to 15 bytes (most are: `douyin`, `1128`), by [`short_app`]: the index
-    /// in `spans` of its first list, and how many it has.
-    by_short_app: HashMap<u128, (u32, u32), FastHash>,
-    /// The same for longer app IDs.
-    by_long_app: HashMap<Box<str>, (u32, u32), FastHash>,
-    /// Whether either map has an app (an index whose rules name none skips the hash).
-    has_apps: bool,
-    other: (u32, u32),
+    apps: AppLists,
     spans: Box<[Span]>,
     ids: Box<[u32]>,
 }
 
+/// Where the lists of each app lie, in a table of lists per (app, interface): the index of
+/// its first list and how many it has (see [`Merged`] and [`PairTable`]).
+#[derive(Debug, Default)]
+struct AppLists {
+    /// Per app of up to 15 bytes (most are: `douyin`, `1128`), by [`short_app`].
+    by_short_app: HashMap<u128, (u32, u32), FastHash>,
+    /// The same for longer app IDs.
+    by_long_app: HashMap<Box<str>, (u32, u32), FastHash>,
+    /// Whether either map has an app (a table whose rules name none skips the hash).
+    has_apps: bool,
+    /// The lists of an app no rule names, or of a request without one.
+    other: (u32, u32),
+}
+
 /// One merged list: `ids[start..end]`, and whether a rule in it narrows (users, buckets or
 /// headers), so that its conditions must be checked per request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Span {
     start: u32,
     end: u32,
     narrows: bool,
+}
+
+/// The candidate lists of several indexes ([`PAIR_INDEXES`]: the route, limit and fallback
+/// indexes) for every (app, interface) pair, under one app look-up: a request's candidates
+/// of all three are found with one hash of its app, not one per index. Built from indexes
+/// that merged their lists ([`Merged`]); laid out as they are, each index's lists copied.
+#[derive(Debug)]
+pub struct PairTable {
+    /// This table among all built in the process: a [`Pair`] is only read by its own.
+    id: u64,
+    apps: AppLists,
+    /// Per (app, interface) position, each index's list.
+    pairs: Box<[[Span; PAIR_INDEXES]]>,
+    ids: Box<[u32]>,
+}
+
+/// Indexes a [`PairTable`] covers.
+pub const PAIR_INDEXES: usize = 3;
+
+/// A request's candidate lists in a [`PairTable`], looked up once for all its lookups. The
+/// default (or one from another table) has none: each lookup then finds its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pair<'a> {
+    table: u64,
+    lists: Option<(&'a [Span; PAIR_INDEXES], &'a [u32])>,
 }
 
 /// Most lists and candidate IDs [`Merged`] holds, together: rules for any app or interface
@@ -365,20 +397,13 @@ impl MatchIndex {
             }
             Some((first, n as u32))
         };
-        let (mut by_short_app, mut by_long_app) = (HashMap::default(), HashMap::default());
+        let mut apps = AppLists::default();
         for (app, t) in &self.by_app {
-            let lists = lists_of(Some(t))?;
-            match short_app(app) {
-                Some(k) => by_short_app.insert(k, lists),
-                None => by_long_app.insert(app.clone(), lists),
-            };
+            apps.insert(app, lists_of(Some(t))?);
         }
-        let other = lists_of(None)?;
+        apps.other = lists_of(None)?;
         Some(Merged {
-            by_short_app,
-            by_long_app,
-            has_apps: !self.by_app.is_empty(),
-            other,
+            apps,
             spans: spans.into(),
             ids: ids.into(),
         })
@@ -505,6 +530,23 @@ impl MatchIndex {
         best.map(|(_, ri)| ri)
     }
 
+    /// [`MatchIndex::best`] over `list`, this index's merged candidates of the request's
+    /// pair (from a [`PairTable`] built with it).
+    #[inline]
+    pub(crate) fn best_in<'m>(
+        &self,
+        list: &[u32],
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+    ) -> Option<u32> {
+        if self.order != Order::MostSpecific {
+            return self.best_looked_up(r, matcher);
+        }
+        list.iter()
+            .copied()
+            .find(|&ri| matcher(ri).holds_as_candidate(r))
+    }
+
     /// Every rule whose conditions hold, in rule-ID order: the merged list itself when
     /// none of its rules narrows (and the index is in [`Order::RuleId`]), else written into
     /// `out` (cleared first; reuse it across requests to avoid allocating). For rule kinds
@@ -515,31 +557,135 @@ impl MatchIndex {
         matcher: impl Fn(u32) -> &'m CompiledMatch,
         out: &'s mut Vec<u32>,
     ) -> &'s [u32] {
-        out.clear();
-        let holds = |&ri: &u32| matcher(ri).holds_as_candidate(r);
         if let Some(merged) = &self.merged {
             let (list, narrows) = merged.list(r.app, r.interface);
-            if !narrows && self.order == Order::RuleId {
-                return list;
-            }
+            return self.all_in(list, narrows, r, matcher, out);
+        }
+        out.clear();
+        let holds = |&ri: &u32| matcher(ri).holds_as_candidate(r);
+        let memo = self.with_candidates(r.app, r.interface, &matcher, |list| {
             out.extend(list.iter().copied().filter(holds));
-        } else {
-            let memo = self.with_candidates(r.app, r.interface, &matcher, |list| {
+        });
+        if memo.is_none() {
+            for list in self.candidates(r.app, r.interface) {
                 out.extend(list.iter().copied().filter(holds));
-            });
-            if memo.is_none() {
-                for list in self.candidates(r.app, r.interface) {
-                    out.extend(list.iter().copied().filter(holds));
-                }
-                out.sort_unstable();
-                out.dedup();
-                return out;
             }
+            out.sort_unstable();
+            out.dedup();
+            return out;
         }
         if self.order != Order::RuleId {
             out.sort_unstable();
         }
         out
+    }
+
+    /// [`MatchIndex::all`] over `list`, this index's merged candidates of the request's pair
+    /// (`narrows`: whether one of them narrows).
+    #[inline]
+    pub(crate) fn all_in<'s, 'm>(
+        &self,
+        list: &'s [u32],
+        narrows: bool,
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+        out: &'s mut Vec<u32>,
+    ) -> &'s [u32] {
+        if !narrows && self.order == Order::RuleId {
+            return list;
+        }
+        out.clear();
+        out.extend(
+            list.iter()
+                .copied()
+                .filter(|&ri| matcher(ri).holds_as_candidate(r)),
+        );
+        if self.order != Order::RuleId {
+            out.sort_unstable();
+        }
+        out
+    }
+}
+
+// === impl PairTable ===
+
+impl PairTable {
+    /// The lists of `indexes` per (app, interface); `None` unless each merged its lists, or
+    /// when the table would hold over [`MERGED_MAX`] lists and IDs.
+    pub fn build(indexes: [&MatchIndex; PAIR_INDEXES]) -> Option<Self> {
+        let mut merged = Vec::with_capacity(PAIR_INDEXES);
+        for index in indexes {
+            merged.push(index.merged.as_ref()?);
+        }
+        let mut names: Vec<&str> = (indexes.iter())
+            .flat_map(|i| i.by_app.keys().map(|a| &**a))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let (mut pairs, mut ids) = (Vec::new(), Vec::new());
+        // The positions of `app`'s lists: as many as the index with the most has for it (an
+        // interface past another's last is that one's last list, as for no interface).
+        let mut lists_of = |app: Option<&str>| {
+            let n = (merged.iter())
+                .map(|m| match app {
+                    Some(a) if m.apps.has_apps => m.apps.lists_of(a).1,
+                    _ => m.apps.other.1,
+                })
+                .max()
+                .unwrap_or(1);
+            let first = pairs.len() as u32;
+            for j in 0..n {
+                let interface = (j + 1 < n).then_some(InterfaceId(j));
+                let mut spans = [Span::default(); PAIR_INDEXES];
+                for (span, m) in spans.iter_mut().zip(&merged) {
+                    let (list, narrows) = m.list(app, interface);
+                    let start = ids.len() as u32;
+                    ids.extend_from_slice(list);
+                    *span = Span {
+                        start,
+                        end: ids.len() as u32,
+                        narrows,
+                    };
+                }
+                pairs.push(spans);
+                if pairs.len() * PAIR_INDEXES + ids.len() > MERGED_MAX {
+                    return None;
+                }
+            }
+            Some((first, n))
+        };
+        let mut apps = AppLists::default();
+        for app in names {
+            apps.insert(app, lists_of(Some(app))?);
+        }
+        apps.other = lists_of(None)?;
+        Some(Self {
+            id: NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed),
+            apps,
+            pairs: pairs.into(),
+            ids: ids.into(),
+        })
+    }
+
+    /// The lists of (`app`, `interface`).
+    #[inline]
+    pub fn pair(&self, app: Option<&str>, interface: Option<InterfaceId>) -> Pair<'_> {
+        Pair {
+            table: self.id,
+            lists: Some((
+                &self.pairs[self.apps.position(app, interface) as usize],
+                &self.ids,
+            )),
+        }
+    }
+
+    /// Index `k`'s list in `pair` and whether one of its rules narrows; `None` when the pair
+    /// is not from this table.
+    #[inline(always)]
+    pub(crate) fn list<'p>(&self, pair: &Pair<'p>, k: usize) -> Option<(&'p [u32], bool)> {
+        let (spans, ids) = pair.lists.filter(|_| pair.table == self.id)?;
+        let span = spans[k];
+        Some((span.of(ids), span.narrows))
     }
 }
 
@@ -550,16 +696,31 @@ impl Merged {
     /// Inlined into each lookup, so an index whose rules name no app pays no call.
     #[inline(always)]
     fn list(&self, app: Option<&str>, interface: Option<InterfaceId>) -> (&[u32], bool) {
+        let span = self.spans[self.apps.position(app, interface) as usize];
+        (span.of(&self.ids), span.narrows)
+    }
+}
+
+// === impl AppLists ===
+
+impl AppLists {
+    fn insert(&mut self, app: &str, lists: (u32, u32)) {
+        match short_app(app) {
+            Some(k) => self.by_short_app.insert(k, lists),
+            None => self.by_long_app.insert(app.into(), lists),
+        };
+        self.has_apps = true;
+    }
+
+    /// The position in the table of the list of (`app`, `interface`): an interface past the
+    /// app's named ones, or none, takes its last list.
+    #[inline(always)]
+    fn position(&self, app: Option<&str>, interface: Option<InterfaceId>) -> u32 {
         let (first, n) = match app {
             Some(app) if self.has_apps => self.lists_of(app),
             _ => self.other,
         };
-        let i = interface.map_or(n - 1, |i| i.0.min(n - 1));
-        let span = self.spans[(first + i) as usize];
-        (
-            &self.ids[span.start as usize..span.end as usize],
-            span.narrows,
-        )
+        first + interface.map_or(n - 1, |i| i.0.min(n - 1))
     }
 
     /// The lists of `app`: for a short ID, one integer hashed and compared, not a string.
@@ -571,11 +732,20 @@ impl Merged {
         }
     }
 
-    /// [`Merged::lists_of`] for an app ID over 15 bytes: out of line, so that the string
+    /// [`AppLists::lists_of`] for an app ID over 15 bytes: out of line, so that the string
     /// compare's call does not spill the short path's registers.
     #[inline(never)]
     fn lists_of_long(&self, app: &str) -> (u32, u32) {
         (self.by_long_app.get(app).copied()).unwrap_or(self.other)
+    }
+}
+
+// === impl Span ===
+
+impl Span {
+    #[inline(always)]
+    fn of(self, ids: &[u32]) -> &[u32] {
+        &ids[self.start as usize..self.end as usize]
     }
 }
 
@@ -733,6 +903,44 @@ mod tests {
             lookups_find_what_holds(&rules, MERGED_MAX)?;
         }
 
+        /// A pair table over three indexes (two ordered most specific first, one by rule
+        /// ID, as the route, limit and fallback indexes are) gives each index's lookups
+        /// what they find by themselves, for every request shape; a pair from another
+        /// table is not read.
+        #[test]
+        fn pair_lookups_match_each_index(
+            sets in proptest::array::uniform3(
+                proptest::collection::vec((0u8..8, 0u8..8, 0u8..4), 0..40),
+            ),
+        ) {
+            let rules: Vec<Vec<CompiledMatch>> =
+                sets.iter().map(|s| s.iter().copied().map(rule).collect()).collect();
+            let orders = [Order::MostSpecific, Order::RuleId, Order::MostSpecific];
+            let indexes: Vec<MatchIndex> = (rules.iter().zip(orders))
+                .map(|(r, o)| MatchIndex::build(r.iter(), o))
+                .collect();
+            let table = PairTable::build([&indexes[0], &indexes[1], &indexes[2]])
+                .expect("merged indexes make a table");
+            let other = PairTable::build([&indexes[0], &indexes[1], &indexes[2]])
+                .expect("merged indexes make a table");
+            let headers = HeaderMap::new();
+            for_each_request(&headers, |r| {
+                let pair = table.pair(r.app, r.interface);
+                prop_assert!(other.list(&pair, 0).is_none(), "another table's pair was read");
+                for (k, (index, rules)) in indexes.iter().zip(&rules).enumerate() {
+                    let matcher = |i: u32| &rules[i as usize];
+                    let (list, narrows) = table.list(&pair, k).expect("the table's own pair");
+                    prop_assert_eq!(index.best_in(list, r, matcher), index.best(r, matcher));
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    prop_assert_eq!(
+                        index.all_in(list, narrows, r, matcher, &mut a),
+                        index.all(r, matcher, &mut b)
+                    );
+                }
+                Ok(())
+            })?;
+        }
+
         /// The same through the memo (a first request fills a slot, a second hits it);
         /// each case's index is new, so slots left by earlier cases must not be taken. Over
         /// 64 candidates, a pair is looked up each time instead.
@@ -759,11 +967,13 @@ mod tests {
         Ok(())
     }
 
-    fn index_finds_what_holds(
-        index: &MatchIndex,
-        rules: &[CompiledMatch],
+    /// Every request shape the index tests try: apps the rules name, one they do not, a
+    /// look-alike, long ones and none; interfaces the rules name, one they do not (3) and
+    /// none; users listed, one not and none.
+    fn for_each_request(
+        headers: &HeaderMap,
+        mut f: impl FnMut(&MatchInput<'_>) -> Result<(), TestCaseError>,
     ) -> Result<(), TestCaseError> {
-        let headers = HeaderMap::new();
         let long = "x".repeat(MEMO_APP_MAX + 1);
         let apps = [
             None,
@@ -779,28 +989,38 @@ mod tests {
             for interface in [None, Some(0), Some(1), Some(2), Some(3)].map(|i| i.map(InterfaceId))
             {
                 for user in [None, Some("u1"), Some("u2"), Some("u3")] {
-                    let r = MatchInput {
+                    f(&MatchInput {
                         app,
                         interface,
                         user,
-                        headers: &headers,
+                        headers,
                         params: &[],
-                    };
-                    let want: Vec<u32> = (0..rules.len() as u32)
-                        .filter(|&i| rules[i as usize].holds(&r))
-                        .collect();
-                    let top = want.iter().map(|&i| rules[i as usize].specificity).max();
-                    for _ in 0..2 {
-                        let mut scratch = Vec::new();
-                        let all = index.all(&r, |i| &rules[i as usize], &mut scratch);
-                        prop_assert_eq!(all, &want[..]);
-                        let best = index.best(&r, |i| &rules[i as usize]);
-                        prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
-                        prop_assert!(best.is_none_or(|i| want.contains(&i)));
-                    }
+                    })?;
                 }
             }
         }
         Ok(())
+    }
+
+    fn index_finds_what_holds(
+        index: &MatchIndex,
+        rules: &[CompiledMatch],
+    ) -> Result<(), TestCaseError> {
+        let headers = HeaderMap::new();
+        for_each_request(&headers, |r| {
+            let want: Vec<u32> = (0..rules.len() as u32)
+                .filter(|&i| rules[i as usize].holds(r))
+                .collect();
+            let top = want.iter().map(|&i| rules[i as usize].specificity).max();
+            for _ in 0..2 {
+                let mut scratch = Vec::new();
+                let all = index.all(r, |i| &rules[i as usize], &mut scratch);
+                prop_assert_eq!(all, &want[..]);
+                let best = index.best(r, |i| &rules[i as usize]);
+                prop_assert_eq!(best.map(|i| rules[i as usize].specificity), top);
+                prop_assert!(best.is_none_or(|i| want.contains(&i)));
+            }
+            Ok(())
+        })
     }
 }

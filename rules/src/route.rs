@@ -16,7 +16,7 @@ use http::HeaderName;
 
 use crate::bucket::{BUCKETS, Weight, bucket, bucket_bytes, bucket_ip, edges};
 use crate::ids::UpstreamId;
-use crate::matcher::{CompiledMatch, MatchIndex, MatchInput, Order};
+use crate::matcher::{CompiledMatch, MatchIndex, MatchInput, Order, Pair};
 use crate::trusted::TrustedProxies;
 
 /// The route rules in force: in config order, indexed by (app, interface), with the upstream
@@ -122,6 +122,10 @@ pub struct RouteInput<'a> {
     /// A random number drawn for this request (for `no_user_key: random`). The caller draws
     /// it, so this crate stays free of hidden randomness.
     pub random: u64,
+    /// The request's candidate rules, looked up once for the route, limit and fallback
+    /// lookups ([`Snapshot::pair`](crate::Snapshot::pair)); the default leaves each lookup
+    /// to find its own.
+    pub pair: Pair<'a>,
 }
 
 /// The outcome of routing.
@@ -362,7 +366,22 @@ impl Routes {
 
     /// Route a request: the most specific matching rule, and its choice.
     pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
-        let rule_id = self.index.best(&r.m, |i| &self.rules[i as usize].matcher)?;
+        self.route_in(None, r)
+    }
+
+    /// [`Routes::route`], from the index's candidates of the request's pair when the caller
+    /// has them.
+    #[inline]
+    pub(crate) fn route_in(
+        &self,
+        candidates: Option<&[u32]>,
+        r: &RouteInput<'_>,
+    ) -> Option<RouteDecision<'_>> {
+        let matcher = |i: u32| &self.rules[i as usize].matcher;
+        let rule_id = match candidates {
+            Some(list) => self.index.best_in(list, &r.m, matcher),
+            None => self.index.best(&r.m, matcher),
+        }?;
         let rule = &self.rules[rule_id as usize];
         let (upstream, via) = rule.choose(&self.upstream_names, r);
         let mirrored = rule.mirror.is_some() && rule.mirror_of(r).is_some_and(|(m, _)| m);

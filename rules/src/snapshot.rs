@@ -14,7 +14,7 @@ use crate::degrade::FallbackDecision;
 use crate::govern::Governance;
 use crate::identity::CompiledJwt;
 use crate::ids::{InterfaceId, InterfaceNames, UpstreamId};
-use crate::matcher::MatchInput;
+use crate::matcher::{MatchInput, Pair, PairTable};
 use crate::model::Config;
 use crate::overload::CompiledOverload;
 use crate::route::{RouteDecision, RouteInput, Routes};
@@ -54,7 +54,15 @@ pub struct Snapshot {
     /// Some fallback is a dry run or some route has a shadow split (see
     /// [`Snapshot::has_shadow`]).
     shadow: bool,
+    /// The route, limit and enforced fallback indexes' candidates per (app, interface), when
+    /// each merged its own (see [`Snapshot::pair`]).
+    pairs: Option<PairTable>,
 }
+
+/// The [`PairTable`] positions of the indexes it covers.
+const ROUTES: usize = 0;
+const LIMITS: usize = 1;
+const FALLBACKS: usize = 2;
 
 // === impl Snapshot ===
 
@@ -81,7 +89,12 @@ impl Snapshot {
             parts.active_plans,
         );
         let shadow = governance.has_shadow_fallbacks() || routes.iter().any(|r| r.shadow.is_some());
+        let mut pair_indexes = [routes.index(), routes.index(), routes.index()];
+        pair_indexes[LIMITS] = &governance.limit_index;
+        pair_indexes[FALLBACKS] = &governance.fallback_index;
+        let pairs = PairTable::build(pair_indexes);
         Ok(Self {
+            pairs,
             interfaces: parts.interfaces,
             classifier: parts.classifier,
             interface_names,
@@ -133,9 +146,28 @@ impl Snapshot {
         self.classifier.rejects_invalid_id()
     }
 
+    /// The candidate rules of a request's app and interface, looked up once: put it in the
+    /// request's [`RouteInput::pair`] and [`Snapshot::route`], [`Snapshot::limits_of`] and
+    /// [`Snapshot::fallback`] each start from it instead of hashing the app again. Read with
+    /// another snapshot, it is ignored.
+    #[inline]
+    pub fn pair(&self, m: &MatchInput<'_>) -> Pair<'_> {
+        match &self.pairs {
+            Some(t) => t.pair(m.app, m.interface),
+            None => Pair::default(),
+        }
+    }
+
+    /// Index `k`'s candidates in the request's pair, if it has one from this snapshot.
+    #[inline(always)]
+    fn in_pair<'p>(&self, r: &RouteInput<'p>, k: usize) -> Option<(&'p [u32], bool)> {
+        self.pairs.as_ref()?.list(&r.pair, k)
+    }
+
     /// Route a request: the most specific matching rule, and its choice.
     pub fn route(&self, r: &RouteInput<'_>) -> Option<RouteDecision<'_>> {
-        self.routes.route(r)
+        let candidates = self.in_pair(r, ROUTES).map(|(list, _)| list);
+        self.routes.route_in(candidates, r)
     }
 
     /// The limit rules that apply to a request, in check order (config order): see
@@ -144,10 +176,20 @@ impl Snapshot {
         self.governance.limits_for(m, out)
     }
 
+    /// [`Snapshot::limits_for`] a request, from its pair when it has one.
+    #[inline]
+    pub fn limits_of<'s>(&'s self, r: &RouteInput<'s>, out: &'s mut Vec<u32>) -> &'s [u32] {
+        match self.in_pair(r, LIMITS) {
+            Some(lists) => self.governance.limits_in(lists, &r.m, out),
+            None => self.governance.limits_for(&r.m, out),
+        }
+    }
+
     /// The fallback that answers this request, if any: the most specific matching fallback
     /// rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
-        self.governance.fallback(r)
+        let candidates = self.in_pair(r, FALLBACKS).map(|(list, _)| list);
+        self.governance.fallback_in(candidates, r)
     }
 
     /// Whether the decision has shadow rules to evaluate after routing (dry-run fallbacks,

@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             },
             client_ip: Some(IpAddr::from([127, 0, 0, 1])),
             random: 0,
+            pair: Default::default(),
         };
         limiters.check(&snap, &input, |_, _, _| {}).is_none()
     };

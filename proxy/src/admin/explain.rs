@@ -296,6 +296,7 @@ fn limit_reports(
         },
         client_ip,
         random: 0,
+        pair: Default::default(),
     };
     let mut scratch = Vec::new();
     let mut refused = false;

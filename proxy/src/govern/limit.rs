@@ -849,7 +849,7 @@ impl<C: Clock + Clone> Limiters<C> {
         let mut now = None;
         SCRATCH.with(|s| {
             let mut scratch = s.borrow_mut();
-            for &i in snap.limits_for(&r.m, &mut scratch) {
+            for &i in snap.limits_of(r, &mut scratch) {
                 let rule = &snap.governance.limits[i as usize];
                 let Some(key) = rule.key_of(snap, r) else {
                     continue;

@@ -35,7 +35,9 @@ use http::{HeaderMap, Response};
 use http_body_util::Full;
 use rules::degrade::{FallbackDecision, WhenOpen};
 use rules::overload::UserKey;
-use rules::{Classified, MatchInput, RequestParts, RouteDecision, RouteInput, UpstreamId};
+use rules::{
+    Classified, MatchInput, RequestParts, RouteDecision, RouteInput, Snapshot, UpstreamId,
+};
 
 use crate::conn::ConnInfo;
 use crate::govern::limit::{Limiters, Outcome, Pace, Rejection, RuleLimiter};
@@ -249,7 +251,7 @@ pub fn decide_classified<'r>(
     mut on_limit: impl FnMut(&RuleLimiter, Outcome, Duration),
 ) -> Decision<'r> {
     let serve = matches!(mode, Mode::Serve { .. });
-    let input = route_input(&class, headers, client_ip, mode);
+    let input = route_input(&rt.snapshot, &class, headers, client_ip, mode);
     // Each phase runs only if every phase before it let the request on.
     let identity_refused = class.invalid_id && rt.snapshot.rejects_invalid_id();
     let (admitted, shed) = match identity_refused {
@@ -331,7 +333,13 @@ pub fn replay<'r, C: Clock + Clone>(
     limiters: &Limiters<C>,
     on_limit: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
 ) -> Replayed<'r, C> {
-    let input = route_input(class, headers, client_ip, Mode::Peek { level: None });
+    let input = route_input(
+        &rt.snapshot,
+        class,
+        headers,
+        client_ip,
+        Mode::Peek { level: None },
+    );
     // Admission in dry run sheds nobody, at any level.
     let admitted = rt.overload.dry_run()
         || admission.is_none_or(|(level, secs)| {
@@ -355,26 +363,29 @@ pub fn replay<'r, C: Clock + Clone>(
     }
 }
 
-/// What the phases read of a request.
+/// What the phases read of a request, with its candidate rules looked up once for them all.
 fn route_input<'a>(
+    snap: &'a Snapshot,
     class: &'a Classified<'_>,
     headers: &'a HeaderMap,
     client_ip: Option<IpAddr>,
     mode: Mode,
 ) -> RouteInput<'a> {
+    let m = MatchInput {
+        app: class.app.as_deref(),
+        interface: class.interface,
+        user: class.user.as_deref(),
+        headers,
+        params: &class.params,
+    };
     RouteInput {
-        m: MatchInput {
-            app: class.app.as_deref(),
-            interface: class.interface,
-            user: class.user.as_deref(),
-            headers,
-            params: &class.params,
-        },
+        m,
         client_ip,
         random: match mode {
             Mode::Serve { draw } => draw,
             Mode::Peek { .. } => 0,
         },
+        pair: snap.pair(&m),
     }
 }
 

@@ -59,6 +59,7 @@ fn routed(l: &Loaded, user: &str) -> String {
         },
         client_ip: None,
         random: 0,
+        pair: Default::default(),
     };
     let d = l.snapshot.route(&input).expect("a route");
     l.snapshot.upstream_name(d.upstream).to_string()

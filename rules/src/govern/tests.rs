@@ -170,6 +170,7 @@ fn input<'a>(h: &'a HeaderMap, app: Option<&'a str>, user: Option<&'a str>) -> R
         },
         client_ip: Some(IpAddr::from([10, 1, 2, 3])),
         random: 7,
+        pair: Default::default(),
     }
 }
 
@@ -355,6 +356,7 @@ fn path_param_keys() {
             },
             client_ip: Some(IpAddr::from([10, 1, 2, 3])),
             random: 0,
+            pair: Default::default(),
         };
         let g = &s.governance;
         (

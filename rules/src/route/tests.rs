@@ -37,6 +37,7 @@ fn input<'a>(user: Option<&'a str>, app: Option<&'a str>, h: &'a HeaderMap) -> R
         },
         client_ip: None,
         random: 0,
+        pair: Default::default(),
     }
 }
 

@@ -49,6 +49,7 @@ fn route_name<'s>(
         },
         client_ip: None,
         random: 0,
+        pair: Default::default(),
     };
     &s.route(&input).expect("a default route exists").rule.name
 }
@@ -238,6 +239,7 @@ fn names_by_id() {
         },
         client_ip: None,
         random: 0,
+        pair: Default::default(),
     };
     let d = s.route(&input).unwrap();
     assert_eq!(&**d.rule_name, "douyin");

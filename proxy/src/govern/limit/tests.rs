@@ -64,6 +64,7 @@ impl Rig {
             },
             client_ip: Some(IpAddr::from([10, 0, 0, 1])),
             random: 0,
+            pair: Default::default(),
         };
         let rej = self.lim.check(&self.snap, &input, |r, o, _| {
             seen.push((r.name.0.to_string(), o))
@@ -127,6 +128,7 @@ fn gcra_sequence_10_per_s_burst_5() {
                 },
                 client_ip: None,
                 random: 0,
+                pair: Default::default(),
             },
         )
         .unwrap();
@@ -250,6 +252,7 @@ impl Rig {
                     },
                     client_ip: None,
                     random: 0,
+                    pair: Default::default(),
                 },
             )
             .unwrap();
@@ -355,6 +358,7 @@ impl Rig {
             },
             client_ip: Some(IpAddr::from([10, 0, 0, 1])),
             random: 0,
+            pair: Default::default(),
         };
         let rej = self
             .lim

@@ -354,6 +354,10 @@ pub struct GrpcStatusLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Bumped whenever a per-rule series (a limit's counters, a split target's count) is
+    /// used for the first time: the dashboard's sampler visits only series that were, and
+    /// lists them again when this moves. Not exported.
+    pub series_activated: Arc<AtomicU64>,
     /// Requests answered, by interface, upstream and status class.
     pub requests: Family<RequestLabels, Counter>,
     /// Time from sending a request upstream to its response head, by upstream.
@@ -828,6 +832,7 @@ impl Metrics {
         );
         Self {
             registry,
+            series_activated: Arc::default(),
             trace_spans_exported,
             trace_spans_dropped,
             grpc_status,

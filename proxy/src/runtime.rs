@@ -237,6 +237,7 @@ impl Runtime {
         let stats = Arc::new(Counters::build(
             &snapshot,
             previous.map(|p| (&p.snapshot, &*p.stats)),
+            &metrics.series_activated,
         ));
         let access_inputs = (snapshot.headers_read().into_iter())
             .filter(|h| {

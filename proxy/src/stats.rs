@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rules::route::RouteAction;
@@ -50,7 +50,9 @@ pub struct Counters {
     pub(crate) upstreams: Vec<Arc<Latency>>,
     /// By route rule (indexed like `snapshot.routes`): forwarded requests per split target;
     /// empty for a rule with one upstream.
-    pub(crate) splits: Vec<Vec<Arc<AtomicU64>>>,
+    pub(crate) splits: Vec<Vec<Arc<SplitCount>>>,
+    /// The metrics' `series_activated`, which a split target's first count bumps.
+    activated: Arc<AtomicU64>,
     /// By route rule, for a ramped split only: the ramp's target and baseline, with what
     /// they answered (see [`Guarded`]). Empty when no split is ramped.
     pub(crate) guarded: Vec<Option<Arc<Guarded>>>,
@@ -82,6 +84,16 @@ pub struct Side {
     pub(crate) latency: Latency,
 }
 
+/// Requests forwarded to one split target since the sampler last took them.
+#[derive(Debug, Default)]
+pub struct SplitCount {
+    pub(crate) n: AtomicU64,
+    /// Whether a request was ever counted here (see [`Metrics::series_activated`]).
+    ///
+    /// [`Metrics::series_activated`]: crate::metrics::Metrics::series_activated
+    seen: AtomicBool,
+}
+
 /// Requests by [`Class`].
 #[derive(Debug, Default)]
 pub struct ClassCounts([AtomicU64; CLASSES]);
@@ -99,6 +111,32 @@ pub struct Tally {
     upstream: Option<u32>,
     /// For a ramped split: the route and the side (0 target, 1 baseline) it went to.
     guarded: Option<(u32, u8)>,
+}
+
+// === impl SplitCount ===
+
+impl SplitCount {
+    /// Count one request; the first ever bumps `activated`.
+    #[inline]
+    fn count(&self, activated: &AtomicU64) {
+        // A count from zero (once a second at most, per target the sampler takes) checks
+        // whether it is the first ever.
+        if self.n.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.first(activated);
+        }
+    }
+
+    #[cold]
+    fn first(&self, activated: &AtomicU64) {
+        if !self.seen.swap(true, Ordering::Relaxed) {
+            activated.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Whether a request was ever counted here.
+    pub(crate) fn seen(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
+    }
 }
 
 // === impl ClassCounts ===
@@ -144,7 +182,11 @@ impl Counters {
     /// Counters for `snap`. Those of interfaces, upstreams and split targets that `previous`
     /// (the runtime a reload replaces) also had are shared with it, so counts made by
     /// requests still in flight on the old runtime are not lost.
-    pub fn build(snap: &Snapshot, previous: Option<(&Snapshot, &Counters)>) -> Self {
+    pub fn build(
+        snap: &Snapshot,
+        previous: Option<(&Snapshot, &Counters)>,
+        activated: &Arc<AtomicU64>,
+    ) -> Self {
         let old_ifaces: HashMap<&str, usize> = previous
             .map(|(s, _)| {
                 s.interfaces
@@ -221,6 +263,7 @@ impl Counters {
         let guarded = guarded(snap, previous.map(|(s, c)| (s, c, &old_routes)));
         Self {
             guarded,
+            activated: Arc::clone(activated),
             requests: crate::metrics::RequestSeries::new(
                 snap.interfaces.len(),
                 snap.upstreams.len(),
@@ -246,7 +289,7 @@ impl Counters {
                 && let RouteAction::Split(targets) = &r.rule.action
                 && let Some(t) = targets.iter().position(|t| t.upstream == r.upstream)
             {
-                self.splits[r.rule_id as usize][t].fetch_add(1, Ordering::Relaxed);
+                self.splits[r.rule_id as usize][t].count(&self.activated);
                 if let Some(Some(g)) = self.guarded.get(r.rule_id as usize) {
                     guarded = (g.slots.iter())
                         .position(|&s| s == t as u32)

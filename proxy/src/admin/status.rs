@@ -11,6 +11,7 @@
 //! counters (already one atomic per decision) and takes differences.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -160,6 +161,14 @@ struct History {
     /// Identity of the runtime sampled last (its counters' address): a change means a
     /// reload, after which series of names that left the config are dropped.
     layout: usize,
+    /// [`Metrics::series_activated`](crate::metrics::Metrics::series_activated) when the
+    /// active series were last listed.
+    activated: u64,
+    /// The limits (by index) and split targets (by series index, route and target) that
+    /// were ever used, or have a ring: the only ones a second's sample visits. A thousand
+    /// rules of which a few see traffic cost a few visits a second, not a thousand.
+    active_limits: Vec<usize>,
+    active_splits: Vec<(usize, usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -317,6 +326,9 @@ impl History {
             limit_prev: Series::default(),
             splits: Series::default(),
             layout: 0,
+            activated: 0,
+            active_limits: Vec::new(),
+            active_splits: Vec::new(),
         }
     }
 
@@ -345,6 +357,11 @@ impl History {
         let reloaded = std::mem::replace(&mut self.layout, layout) != layout;
         if reloaded {
             self.bind(rt);
+        }
+        let activated = rt.metrics.series_activated.load(Ordering::Acquire);
+        if reloaded || std::mem::replace(&mut self.activated, activated) != activated {
+            self.activated = activated;
+            self.list_active(rt);
         }
 
         for i in 0..snap.interfaces.len() {
@@ -381,9 +398,10 @@ impl History {
             }
         }
 
-        for (li, lim) in rt.governors.limiters.rules.iter().enumerate() {
-            // A limiter gets its counters at its first decision; one without (most of a
-            // thousand rules, any second) has nothing to take.
+        for &li in &self.active_limits {
+            let lim = &rt.governors.limiters.rules[li];
+            // A limiter gets its counters at its first decision; one without has nothing to
+            // take (listed for its ring, from before a reload rebuilt it).
             let Some(cs) = lim.counters.get() else {
                 self.limits.push_sparse(li, len, [0; 3]);
                 continue;
@@ -404,14 +422,9 @@ impl History {
             self.limits.push_sparse(li, len, delta);
         }
 
-        // Split targets, in the order `bind` gave them (a route that does not split has
-        // none).
-        let mut si = 0;
-        for targets in &c.splits {
-            for t in targets {
-                (self.splits).push_sparse(si, len, crate::stats::take(t) as u32);
-                si += 1;
-            }
+        for &(si, ri, ti) in &self.active_splits {
+            let n = crate::stats::take(&c.splits[ri][ti].n);
+            (self.splits).push_sparse(si, len, n as u32);
         }
 
         for r in &snap.ramps {
@@ -448,6 +461,27 @@ impl History {
                 .map(|t| split_key(&r.name, &snap.upstreams[t.upstream.0 as usize].name))
         });
         self.splits.bind_rings(splits);
+    }
+
+    /// List the limits and split targets a sample visits: those used since their counters
+    /// were made, and those with a ring (which takes a zero each second it sees nothing).
+    /// Split targets are in the order `bind` gave them (a route that does not split has
+    /// none).
+    fn list_active(&mut self, rt: &Runtime) {
+        let limiters = &rt.governors.limiters.rules;
+        self.active_limits = (0..limiters.len())
+            .filter(|&li| limiters[li].counters.get().is_some() || self.limits.live[li])
+            .collect();
+        self.active_splits.clear();
+        let mut si = 0;
+        for (ri, targets) in rt.stats.splits.iter().enumerate() {
+            for (ti, t) in targets.iter().enumerate() {
+                if t.seen() || self.splits.live[si] {
+                    self.active_splits.push((si, ri, ti));
+                }
+                si += 1;
+            }
+        }
     }
 
     /// Drop the series of names the runtime no longer has.
@@ -1085,6 +1119,65 @@ mod tests {
         h.push(&b, 4000);
         assert_eq!(series(&h, "l"), [1, 3, 0, 2]);
         assert_eq!(series(&h, "m"), [0, 0, 0, 4]);
+    }
+
+    /// A limit and a split target first used between two samples (in different seconds),
+    /// with no reload, are counted from that second on: each first use has the sampler
+    /// list them.
+    #[test]
+    fn series_first_used_between_samples_are_counted() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let c = serde_json::json!({
+            "schema_version": 1,
+            "upstreams": {
+                "v1": { "endpoints": ["127.0.0.1:1"] },
+                "v2": { "endpoints": ["127.0.0.1:2"] },
+            },
+            "routes": [ { "name": "s", "split": [
+                { "upstream": "v2", "weight": "50%" }, { "upstream": "v1", "weight": "rest" },
+            ] } ],
+            "limits": [ { "name": "idle", "rate": "10/s" }, { "name": "l", "rate": "10/s" } ],
+        });
+        let snap = rules::load("t.json", c.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .snapshot;
+        let rt = Runtime::offline(snap, None, &metrics);
+        let mut h = History::new(0);
+        h.push(&rt, 1000);
+        let lim = (rt.governors.limiters.rules.iter())
+            .find(|l| *l.name.0 == *"l")
+            .unwrap();
+        crate::govern::count_limit(&metrics, lim, Outcome::Allowed);
+        crate::govern::count_limit(&metrics, lim, Outcome::Allowed);
+        h.push(&rt, 2000);
+        let headers = http::HeaderMap::new();
+        let input = rules::RouteInput {
+            m: rules::MatchInput {
+                app: None,
+                interface: None,
+                user: Some("u1"),
+                headers: &headers,
+                params: &[],
+            },
+            client_ip: None,
+            random: 0,
+            pair: Default::default(),
+        };
+        let route = rt.snapshot.route(&input).unwrap();
+        for _ in 0..3 {
+            rt.stats.tally(None, Some(&route), Some(route.upstream));
+        }
+        h.push(&rt, 3000);
+        h.push(&rt, 4000);
+        let limit = |name: &str| -> Vec<u32> {
+            (h.limits.get(name).into_iter().flatten())
+                .map(|s| s[0])
+                .collect()
+        };
+        assert_eq!(limit("l"), [0, 2, 0, 0]);
+        assert_eq!(limit("idle"), [0u32; 0], "a rule never used takes no room");
+        let split = split_key("s", route.upstream_name);
+        assert_eq!(h.splits.get(&split).unwrap(), &[0, 0, 3, 0]);
     }
 
     /// A series that has been zero all along takes no room; its first count is placed in

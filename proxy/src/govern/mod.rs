@@ -20,6 +20,7 @@ use bytes::Bytes;
 use governor::clock::DefaultClock;
 use http::Response;
 use http_body_util::Full;
+use prometheus_client::metrics::counter::Counter;
 use rules::model::{LimitMode, OnStoreError};
 use rules::{RouteDecision, RouteInput, Snapshot};
 
@@ -347,6 +348,19 @@ impl ClusterPending {
 }
 
 pub(crate) fn count_limit(metrics: &Metrics, lim: &RuleLimiter, outcome: Outcome) {
+    let counters = match lim.counters.get() {
+        Some(c) => c,
+        None => limit_counters(metrics, lim),
+    };
+    counters[outcome as usize].inc();
+}
+
+/// A limiter's counters, at its first decision: the sampler is told after they are set.
+#[cold]
+fn limit_counters<'l>(
+    metrics: &Metrics,
+    lim: &'l RuleLimiter,
+) -> &'l [Counter; Outcome::ALL.len()] {
     let counters = lim.counters.get_or_init(|| {
         Outcome::ALL.map(|o| {
             metrics
@@ -358,7 +372,8 @@ pub(crate) fn count_limit(metrics: &Metrics, lim: &RuleLimiter, outcome: Outcome
                 .clone()
         })
     });
-    counters[outcome as usize].inc();
+    (metrics.series_activated).fetch_add(1, std::sync::atomic::Ordering::Release);
+    counters
 }
 
 fn breaker_labels(b: &Breaker) -> BreakerLabels {

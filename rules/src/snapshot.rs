@@ -160,7 +160,7 @@ impl Snapshot {
 
     /// Index `k`'s candidates in the request's pair, if it has one from this snapshot.
     #[inline(always)]
-    fn in_pair<'p>(&self, r: &RouteInput<'p>, k: usize) -> Option<(&'p [u32], bool)> {
+    fn in_pair(&self, r: &RouteInput<'_>, k: usize) -> Option<(&[u32], bool)> {
         self.pairs.as_ref()?.list(&r.pair, k)
     }
 
@@ -178,7 +178,7 @@ impl Snapshot {
 
     /// [`Snapshot::limits_for`] a request, from its pair when it has one.
     #[inline]
-    pub fn limits_of<'s>(&'s self, r: &RouteInput<'s>, out: &'s mut Vec<u32>) -> &'s [u32] {
+    pub fn limits_of<'s>(&'s self, r: &RouteInput<'_>, out: &'s mut Vec<u32>) -> &'s [u32] {
         match self.in_pair(r, LIMITS) {
             Some(lists) => self.governance.limits_in(lists, &r.m, out),
             None => self.governance.limits_for(&r.m, out),
@@ -188,6 +188,9 @@ impl Snapshot {
     /// The fallback that answers this request, if any: the most specific matching fallback
     /// rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
+        if self.governance.fallbacks.is_empty() {
+            return None;
+        }
         let candidates = self.in_pair(r, FALLBACKS).map(|(list, _)| list);
         self.governance.fallback_in(candidates, r)
     }

@@ -571,11 +571,16 @@ impl<C: Clock + Clone> RuleLimiter<C> {
                 .map_or(0, ClusterLimiter::retain_recent)
     }
 
+    /// Whether the limiter holds no key (nothing to sweep or count): most of a large
+    /// config's, whose sweep then reads no clock.
+    fn idle(&self) -> bool {
+        let unused = |q: &QuotaLimiter<C>| !q.gcra.store.used.load(Ordering::Relaxed);
+        self.cluster.is_none() && self.quotas.iter().all(unused)
+    }
+
     /// Drop keys whose state is indistinguishable from a fresh one.
     pub fn retain_recent(&self) {
-        // Most of a large config's limiters hold no key: no clock reading for them.
-        let idle = |q: &QuotaLimiter<C>| !q.gcra.store.used.load(Ordering::Relaxed);
-        if self.cluster.is_none() && self.quotas.iter().all(idle) {
+        if self.idle() {
             return;
         }
         let now = self.now();
@@ -920,8 +925,8 @@ impl<C: Clock + Clone> Limiters<C> {
 
     /// Drop idle keys from every limiter; returns the keys still tracked.
     pub fn retain_recent(&self) -> usize {
-        self.rules
-            .iter()
+        (self.rules.iter())
+            .filter(|r| !r.idle())
             .map(|r| {
                 r.retain_recent();
                 r.tracked_keys()

@@ -113,7 +113,6 @@ fn decide_allocates_nothing_per_request() {
                     permit,
                     Ok(StatusCode::OK),
                     Duration::from_millis(1),
-                    std::time::Instant::now(),
                 );
                 true
             }

@@ -81,7 +81,7 @@ pub enum BreakerVerdict<'r> {
 
 /// The clock of every limiter in the process: one, so that a limiter kept over a reload and
 /// a new one read the same time ([`Limiters::check`] reads it once per request).
-fn limiter_clock() -> &'static DefaultClock {
+pub(crate) fn limiter_clock() -> &'static DefaultClock {
     static CLOCK: OnceLock<DefaultClock> = OnceLock::new();
     CLOCK.get_or_init(DefaultClock::default)
 }
@@ -259,7 +259,6 @@ pub fn finish_call(
     permit: Option<Permit>,
     outcome: Result<http::StatusCode, GatewayError>,
     latency: Duration,
-    now: std::time::Instant,
 ) {
     let Some(mut p) = permit else { return };
     let result = match outcome {
@@ -273,7 +272,7 @@ pub fn finish_call(
         ) => CallResult::Failure,
         Err(_) => return, // dropping the permit gives a probe slot back
     };
-    if let Some(t) = p.report(breaker::at(now), result, latency) {
+    if let Some(t) = p.report(breaker::now(), result, latency) {
         on_transition(metrics, p.breaker(), t);
     }
 }

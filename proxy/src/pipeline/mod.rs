@@ -398,7 +398,7 @@ impl Gateway {
                 Ok((resp, latency)) => (Ok(resp.status()), *latency),
                 Err(e) => (Err(*e), now.saturating_duration_since(started)),
             };
-            finish_call(&self.live.metrics, permit, judged, latency, now);
+            finish_call(&self.live.metrics, permit, judged, latency);
         }
         now
     }

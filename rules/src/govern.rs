@@ -115,13 +115,14 @@ impl Governance {
     /// The limit rules that apply to a request, in check order (config order): from the
     /// index, or written into `out` (see [`MatchIndex::all`]; reuse it across requests to
     /// avoid allocating).
+    #[inline(never)]
     pub fn limits_for<'s>(&'s self, m: &MatchInput<'_>, out: &'s mut Vec<u32>) -> &'s [u32] {
         (self.limit_index).all(m, |i| &self.limits[i as usize].matcher, out)
     }
 
     /// [`Governance::limits_for`] from the limit index's candidates of the request's pair
     /// (and whether one of them narrows).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn limits_in<'s>(
         &self,
         (list, narrows): (&'s [u32], bool),
@@ -140,7 +141,7 @@ impl Governance {
 
     /// [`Governance::fallback`], from the enforced fallback index's candidates of the
     /// request's pair when the caller has them.
-    #[inline]
+    #[inline(never)]
     pub(crate) fn fallback_in(
         &self,
         candidates: Option<&[u32]>,

@@ -582,7 +582,7 @@ impl MatchIndex {
 
     /// [`MatchIndex::all`] over `list`, this index's merged candidates of the request's pair
     /// (`narrows`: whether one of them narrows).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn all_in<'s, 'm>(
         &self,
         list: &'s [u32],
@@ -594,6 +594,19 @@ impl MatchIndex {
         if !narrows && self.order == Order::RuleId {
             return list;
         }
+        self.all_filtered(list, r, matcher, out)
+    }
+
+    /// [`MatchIndex::all_in`] of a list to filter (or sort): out of line, so that returning
+    /// the list as it is needs no frame.
+    #[inline(never)]
+    fn all_filtered<'s, 'm>(
+        &self,
+        list: &[u32],
+        r: &MatchInput<'_>,
+        matcher: impl Fn(u32) -> &'m CompiledMatch,
+        out: &'s mut Vec<u32>,
+    ) -> &'s [u32] {
         out.clear();
         out.extend(
             list.iter()

@@ -176,8 +176,9 @@ impl Snapshot {
         self.governance.limits_for(m, out)
     }
 
-    /// [`Snapshot::limits_for`] a request, from its pair when it has one.
-    #[inline]
+    /// [`Snapshot::limits_for`] a request, from its pair when it has one. Inlined where it
+    /// is called: from a pair, a list no rule of which narrows is returned as it is.
+    #[inline(always)]
     pub fn limits_of<'s>(&'s self, r: &RouteInput<'_>, out: &'s mut Vec<u32>) -> &'s [u32] {
         match self.in_pair(r, LIMITS) {
             Some(lists) => self.governance.limits_in(lists, &r.m, out),
@@ -187,11 +188,18 @@ impl Snapshot {
 
     /// The fallback that answers this request, if any: the most specific matching fallback
     /// rule, when the request's user falls in its fraction.
+    ///
+    /// Inlined where it is called: no fallbacks, or none among the pair's candidates, is a
+    /// compare or two.
+    #[inline(always)]
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {
         if self.governance.fallbacks.is_empty() {
             return None;
         }
         let candidates = self.in_pair(r, FALLBACKS).map(|(list, _)| list);
+        if candidates.is_some_and(<[u32]>::is_empty) {
+            return None;
+        }
         self.governance.fallback_in(candidates, r)
     }
 

@@ -162,7 +162,8 @@ pub struct Pair<'a> {
 /// many of both uses the memo instead.
 const MERGED_MAX: usize = 1 << 16;
 
-/// Source of [`MatchIndex`] IDs; 0 is an index that was never built (and is not memoized).
+/// Source of [`MatchIndex`] and [`PairTable`] IDs; 0 is an index that was never built (and is
+/// not memoized).
 static NEXT_INDEX_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Per-thread memo of merged candidate lists, direct-mapped (see the module docs). A slot's

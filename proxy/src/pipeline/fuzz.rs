@@ -59,11 +59,16 @@ pub fn decide(data: &[u8]) {
     let started = Instant::now();
     let (a, b) = (run(peek), run(peek));
     // The limiters read the real clock, and earlier inputs served requests: a key refused by
-    // the first peek may conform by the second, when its wait ran out in between (a peek
-    // that spent quota would do the reverse). Any other difference is a peek's doing.
+    // the first peek may conform by the second, when its wait ran out in between (the
+    // second is then forwarded, or refused by a limit checked after it). A peek that spent
+    // quota would make the second more limited than the first; any difference but a wait
+    // that ran out is a peek's doing.
     let waited_out = match (&a.limited, &b.limited) {
-        (Some(r), None) => r.retry_after <= started.elapsed() + CLOCK_SLACK,
-        _ => false,
+        (Some(r), then) => {
+            then.as_ref().is_none_or(|t| !Arc::ptr_eq(&t.rule, &r.rule))
+                && r.retry_after <= started.elapsed() + CLOCK_SLACK
+        }
+        (None, _) => false,
     };
     if !waited_out {
         assert_eq!(summary(&a), summary(&b), "two peeks disagree");

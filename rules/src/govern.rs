@@ -149,7 +149,6 @@ impl Governance {
     ) -> Option<FallbackDecision<'_>> {
         let matcher = |i: u32| &self.fallbacks[i as usize].matcher;
         let rule_id = match candidates {
-            Some([]) => return None,
             Some(list) => self.fallback_index.best_in(list, &r.m, matcher),
             None if self.fallbacks.is_empty() => return None,
             None => self.fallback_index.best(&r.m, matcher),

@@ -59,7 +59,8 @@ pub struct Snapshot {
     pairs: Option<PairTable>,
 }
 
-/// The [`PairTable`] positions of the indexes it covers.
+/// The [`PairTable`] positions of the indexes it covers, in the order [`Snapshot::compile`]
+/// passes them.
 const ROUTES: usize = 0;
 const LIMITS: usize = 1;
 const FALLBACKS: usize = 2;
@@ -89,10 +90,11 @@ impl Snapshot {
             parts.active_plans,
         );
         let shadow = governance.has_shadow_fallbacks() || routes.iter().any(|r| r.shadow.is_some());
-        let mut pair_indexes = [routes.index(), routes.index(), routes.index()];
-        pair_indexes[LIMITS] = &governance.limit_index;
-        pair_indexes[FALLBACKS] = &governance.fallback_index;
-        let pairs = PairTable::build(pair_indexes);
+        let pairs = PairTable::build([
+            routes.index(),
+            &governance.limit_index,
+            &governance.fallback_index,
+        ]);
         Ok(Self {
             pairs,
             interfaces: parts.interfaces,

@@ -359,7 +359,7 @@ impl History {
             self.bind(rt);
         }
         let activated = rt.metrics.series_activated.load(Ordering::Acquire);
-        if reloaded || std::mem::replace(&mut self.activated, activated) != activated {
+        if reloaded || activated != self.activated {
             self.activated = activated;
             self.list_active(rt);
         }

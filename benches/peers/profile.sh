@@ -22,6 +22,10 @@
 # CACHE=1 also simulates the caches (valgrind's --cache-sim, several times slower) and
 # prints the L1 misses per request: instructions, data reads and data writes. User time
 # follows them as well as the instruction count (an L1 miss costs about ten cycles).
+# INSTR=1 keeps costs per instruction address (valgrind's --dump-instr), to read a profile
+# instruction by instruction (kcachegrind's machine-code view, or the addresses matched
+# against `objdump -d -l` of the binary): which instructions of an inlined path a change
+# removed, where a function-level diff only shows the caller's total.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/benches/peers/common.sh"
@@ -63,6 +67,7 @@ PY
 esac
 VGOPTS=()
 [ -n "${CACHE:-}" ] && VGOPTS+=(--cache-sim=yes)
+[ -n "${INSTR:-}" ] && VGOPTS+=(--dump-instr=yes)
 valgrind --tool=callgrind --instr-atstart=no ${VGOPTS[@]+"${VGOPTS[@]}"} \
     --callgrind-out-file="$DIR/callgrind.out" \
     "${PROXY[@]}" >"$DIR/gw.log" 2>&1 &

@@ -276,7 +276,7 @@ fn admission_report(
 /// Every limit that applies, with the verdict `decide` heard for it, or why it heard none.
 fn limit_reports(
     rt: &Runtime,
-    d: &Decision<'_>,
+    d: &Decision<'_, '_>,
     headers: &HeaderMap,
     client_ip: Option<IpAddr>,
     verdicts: &[(
@@ -360,7 +360,7 @@ fn breaker_report(v: &BreakerVerdict<'_>) -> Option<BreakerReport> {
     })
 }
 
-fn answer_report(rt: &Runtime, d: &Decision<'_>) -> AnswerReport {
+fn answer_report(rt: &Runtime, d: &Decision<'_, '_>) -> AnswerReport {
     let name = |id: rules::UpstreamId| rt.snapshot.upstreams[id.0 as usize].name.to_string();
     let (kind, rule) = match &d.action {
         Action::Forward { upstream, .. } => {

@@ -131,22 +131,25 @@ struct Bucket {
 
 /// The breaker's verdict on one request.
 #[derive(Debug)]
-pub enum Admission {
+pub enum Admission<'b> {
     /// Go ahead; report the outcome through the permit.
-    Pass(Permit),
+    Pass(Permit<'b>),
     /// Do not call the upstream.
     Reject,
     /// A dry-run breaker would not call the upstream: go ahead; the permit's outcome is not
     /// counted.
-    Shadow(Permit),
+    Shadow(Permit<'b>),
 }
 
 /// Leave to call the upstream. Report the outcome with [`Permit::finish`]; a permit dropped
 /// unreported (the client went away, the body was refused) tells the breaker nothing, and a
 /// half-open probe slot it held is given back.
+///
+/// It borrows its breaker (a request holds the runtime its decision was made by until the
+/// outcome is reported): no reference count taken and given back per call.
 #[derive(Debug)]
-pub struct Permit {
-    breaker: Arc<Breaker>,
+pub struct Permit<'b> {
+    breaker: &'b Breaker,
     probe: bool,
     /// Issued by a dry-run breaker in place of a refusal: its outcome is not recorded.
     shadow: bool,
@@ -258,16 +261,13 @@ impl Breaker {
 
     /// May a request call the upstream at `now`? Also returns the transition to half-open
     /// when this request is the one that ends the open period.
-    pub fn admit(self: &Arc<Self>, now: u64) -> (Admission, Option<Transition>) {
+    pub fn admit(&self, now: u64) -> (Admission<'_>, Option<Transition>) {
         self.admit_at(|| now)
     }
 
     /// [`Breaker::admit`], reading the time only when the breaker is not closed (a closed
     /// breaker admits whatever the time).
-    pub fn admit_at(
-        self: &Arc<Self>,
-        now: impl FnOnce() -> u64,
-    ) -> (Admission, Option<Transition>) {
+    pub fn admit_at(&self, now: impl FnOnce() -> u64) -> (Admission<'_>, Option<Transition>) {
         if self.core.fast.load(Ordering::Acquire) == State::Closed as u8 {
             return (Admission::Pass(self.permit(false)), None);
         }
@@ -298,7 +298,7 @@ impl Breaker {
     }
 
     /// A refusal: or for a dry-run breaker, a shadow permit.
-    fn refuse(self: &Arc<Self>) -> Admission {
+    fn refuse(&self) -> Admission<'_> {
         match self.def.dry_run {
             true => {
                 let mut p = self.permit(false);
@@ -309,9 +309,9 @@ impl Breaker {
         }
     }
 
-    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+    fn permit(&self, probe: bool) -> Permit<'_> {
         Permit {
-            breaker: Arc::clone(self),
+            breaker: self,
             probe,
             shadow: false,
             done: false,
@@ -504,15 +504,15 @@ fn oldest(epoch: u64) -> u64 {
 
 // === impl Permit ===
 
-impl Permit {
+impl<'b> Permit<'b> {
     /// Whether this call is a half-open probe.
     pub fn is_probe(&self) -> bool {
         self.probe
     }
 
     /// The breaker that issued it.
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
+    pub fn breaker(&self) -> &'b Breaker {
+        self.breaker
     }
 
     /// Report how the call went; returns the state change it caused, if any.
@@ -540,7 +540,7 @@ impl Permit {
     }
 }
 
-impl Drop for Permit {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.done {
             self.breaker.release_probe();

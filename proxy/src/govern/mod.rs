@@ -68,7 +68,7 @@ pub enum BreakerVerdict<'r> {
         /// The breaker.
         breaker: &'r Arc<Breaker>,
         /// Leave to call, with the duty to report.
-        permit: Option<Permit>,
+        permit: Option<Permit<'r>>,
         /// A dry-run breaker that would have refused the request (shadow verdict).
         would_reject: bool,
     },
@@ -256,7 +256,7 @@ impl Governors {
 /// that are the client's (a body too large) say nothing and are not reported.
 pub fn finish_call(
     metrics: &Metrics,
-    permit: Option<Permit>,
+    permit: Option<Permit<'_>>,
     outcome: Result<http::StatusCode, GatewayError>,
     latency: Duration,
 ) {

@@ -65,9 +65,11 @@ pub enum Mode {
     },
 }
 
-/// Everything decided about one request.
+/// Everything decided about one request: `'r` borrows the request and the runtime, `'g` the
+/// runtime alone (the breaker's permit, which the request keeps after its head is given
+/// back to be forwarded).
 #[derive(Debug)]
-pub struct Decision<'r> {
+pub struct Decision<'r, 'g> {
     /// App, interface and user.
     pub class: Classified<'r>,
     /// The client address the request was decided for (the peer, or with a trusted proxy
@@ -90,11 +92,11 @@ pub struct Decision<'r> {
     /// The route rule and the upstream it chose.
     pub route: Option<RouteDecision<'r>>,
     /// The chosen upstream's breaker.
-    pub breaker: BreakerVerdict<'r>,
+    pub breaker: BreakerVerdict<'g>,
     /// What the dry-run rules would have done with it.
     pub shadow: Shadow<'r>,
     /// What to do with it.
-    pub action: Action,
+    pub action: Action<'g>,
 }
 
 /// The shadow verdicts of a request: what rules in shadow mode would have done, had they
@@ -112,14 +114,14 @@ pub struct Shadow<'r> {
 
 /// What the gateway does with a request.
 #[derive(Debug)]
-pub enum Action {
+pub enum Action<'g> {
     /// Forward to this upstream (the route's choice, or a breaker's alternate), reporting
     /// the outcome to its breaker through the permit, if there is one.
     Forward {
         /// The upstream.
         upstream: UpstreamId,
         /// The breaker's permit.
-        permit: Option<crate::govern::breaker::Permit>,
+        permit: Option<crate::govern::breaker::Permit<'g>>,
     },
     /// Answer locally: shed, limited, or degraded (a fallback or an open breaker). Boxed: a
     /// forwarded request (the common case) then moves a small action through the pipeline.
@@ -202,7 +204,7 @@ impl Answered {
 
 // === impl Decision ===
 
-impl Decision<'_> {
+impl Decision<'_, '_> {
     /// What it came to, and the rule that answered (limit, fallback or breaker), if one did.
     pub fn answered(&self) -> (Answered, Option<&Arc<str>>) {
         if self.identity_refused {
@@ -229,12 +231,12 @@ impl Decision<'_> {
 
 /// Decide what to do with a request (see the module docs for the phases), for the client
 /// address `conn` and the runtime's trusted proxies give it (resolved once, here).
-pub fn decide<'r>(
-    rt: &'r Runtime,
+pub fn decide<'r, 'g: 'r>(
+    rt: &'g Runtime,
     req: RequestParts<'r>,
     conn: &ConnInfo,
     mode: Mode,
-) -> Decision<'r> {
+) -> Decision<'r, 'g> {
     let client_ip = conn.client_ip(req.headers, &rt.snapshot.trusted_proxies);
     let class = rt.snapshot.classify(req);
     decide_classified(rt, class, req.headers, Some(client_ip), mode, |_, _, _| {})
@@ -242,14 +244,14 @@ pub fn decide<'r>(
 
 /// [`decide`] after classification (which `explain` may override), telling `on_limit`
 /// each limit's verdict as it is made.
-pub fn decide_classified<'r>(
-    rt: &'r Runtime,
+pub fn decide_classified<'r, 'g: 'r>(
+    rt: &'g Runtime,
     class: Classified<'r>,
     headers: &'r HeaderMap,
     client_ip: Option<IpAddr>,
     mode: Mode,
     mut on_limit: impl FnMut(&RuleLimiter, Outcome, Duration),
-) -> Decision<'r> {
+) -> Decision<'r, 'g> {
     let serve = matches!(mode, Mode::Serve { .. });
     let input = route_input(&rt.snapshot, &class, headers, client_ip, mode);
     // Each phase runs only if every phase before it let the request on.
@@ -465,12 +467,12 @@ struct Verdicts<'a, 'r> {
 }
 
 /// The action the phases add up to. Takes the breaker's permit out of `breaker`.
-fn action(
+fn action<'g>(
     rt: &Runtime,
     d: Verdicts<'_, '_>,
-    breaker: &mut BreakerVerdict<'_>,
+    breaker: &mut BreakerVerdict<'g>,
     serve: bool,
-) -> Action {
+) -> Action<'g> {
     if d.identity_refused {
         return Action::Answer(
             Box::new(GatewayError::InvalidIdentity.response()),

@@ -78,7 +78,7 @@ pub fn decide(data: &[u8]) {
 }
 
 /// What a decision came to, comparable across runs.
-fn summary(d: &Decision<'_>) -> (bool, Option<String>, Option<u32>, Option<u32>, String) {
+fn summary(d: &Decision<'_, '_>) -> (bool, Option<String>, Option<u32>, Option<u32>, String) {
     (
         d.admitted,
         d.limited.as_ref().map(|r| r.rule.name.0.to_string()),
@@ -88,7 +88,7 @@ fn summary(d: &Decision<'_>) -> (bool, Option<String>, Option<u32>, Option<u32>,
     )
 }
 
-fn check(rt: &Runtime, d: &Decision<'_>) {
+fn check(rt: &Runtime, d: &Decision<'_, '_>) {
     match &d.action {
         Action::Forward { upstream, .. } => {
             assert!(d.admitted && d.limited.is_none() && d.fallback.is_none());

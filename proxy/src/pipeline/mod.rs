@@ -98,13 +98,13 @@ pub struct Gateway {
 }
 
 /// Where a request stands once the checks that may wait are done.
-enum Step {
+enum Step<'r> {
     /// Answered locally (decided, or refused by a cluster limit or an overload cap).
     Answer(Box<Response<Full<Bytes>>>, Class),
     /// An error standing in for the exchange (no route, body too large).
     Fail(Option<UpstreamId>, GatewayError),
     /// Forward, holding the breaker's permit and the overload slots.
-    Forward(UpstreamId, Option<Permit>, Option<Held>),
+    Forward(UpstreamId, Option<Permit<'r>>, Option<Held>),
 }
 
 // === impl Gateway ===
@@ -296,15 +296,15 @@ impl Gateway {
     /// holding the slots, so waiting requests count against the concurrency caps). A request
     /// answered locally takes no slot and does not wait, and an upstream is never asked for
     /// a request refused here.
-    async fn wait_checks(
+    async fn wait_checks<'r>(
         &self,
         rt: &Runtime,
         interface: Option<InterfaceId>,
-        mut action: Action,
+        mut action: Action<'r>,
         cluster: Option<ClusterPending>,
         pace: Option<Pace>,
         headers: &HeaderMap,
-    ) -> Step {
+    ) -> Step<'r> {
         // Boxed, as every rarer path of a request is: the request's future is as large as
         // its largest state, and it lives inline in each HTTP/1 connection's task.
         if let Some(c) = cluster
@@ -385,7 +385,7 @@ impl Gateway {
     fn finish(
         &self,
         result: Result<&(Response<UpstreamBody>, std::time::Duration), &GatewayError>,
-        permit: Option<Permit>,
+        permit: Option<Permit<'_>>,
         held: Option<Held>,
         started: Instant,
     ) -> Instant {

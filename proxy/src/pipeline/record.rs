@@ -132,7 +132,7 @@ impl Record {
     /// Take what the decision says the request is counted under; count a split's choice.
     pub fn start(
         rt: &Runtime,
-        d: &Decision<'_>,
+        d: &Decision<'_, '_>,
         req: RequestParts<'_>,
         identity: Verdict,
         to: Recorder,

@@ -94,7 +94,7 @@ impl Tunnels {
         &self,
         (ask, downstream): (UpgradeAsk, OnUpgrade),
         route: Option<&RouteDecision<'_>>,
-        action: &Action,
+        action: &Action<'_>,
         metrics: &Metrics,
     ) -> Option<Result<Approved, GatewayError>> {
         let route = route.filter(|r| r.rule.allows_upgrade(ask.protocol.as_bytes()))?;

@@ -45,7 +45,7 @@ fn query(path: &str, user: &str) -> ExplainQuery {
 }
 
 /// Serve one request through `decide`, as the gateway would.
-fn serve(rt: &Runtime, path: &str, user: &str) -> Action {
+fn serve<'g>(rt: &'g Runtime, path: &str, user: &str) -> Action<'g> {
     let mut h = HeaderMap::new();
     h.insert("x-user-id", user.parse().unwrap());
     h.insert("x-app-id", "douyin".parse().unwrap());

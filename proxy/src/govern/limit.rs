@@ -82,8 +82,15 @@ pub struct RuleLimiter<C: Clock = DefaultClock> {
     /// For a `scope: cluster` rule: its leases of the shared Redis quota. Its `quotas` then
     /// go unused except for their policy headers.
     pub cluster: Option<ClusterLimiter>,
-    /// One per quota, indexed like [`CompiledLimit::quotas`].
-    quotas: Vec<QuotaLimiter<C>>,
+    /// Counted here, unpaced, one key for every request and no exceptions (a global or
+    /// pair limit, most of a large config's): its check needs neither the compiled rule
+    /// (key, quota) nor anything but [`RuleLimiter::base`], so the limit phase takes a
+    /// short path for it.
+    simple: bool,
+    /// The base quota ([`CompiledLimit::quotas`]`[0]`): inline, where the limit phase reads it.
+    base: QuotaLimiter<C>,
+    /// The exceptions' quotas, indexed like [`CompiledLimit::quotas`]`[1..]`.
+    exceptions: Box<[QuotaLimiter<C>]>,
     /// What the quotas' arrival times are read from.
     clock: C,
     /// For a paced rule (`max_delay_ms`): how long a request may wait, and the queue.
@@ -445,7 +452,7 @@ impl KeyStore {
         for shard in &*self.shards {
             // One shard at a time: requests wait for at most one shard's sweep.
             let mut t = Self::lock(shard);
-            t.retain(|_, tat| *tat > drop_below);
+            Self::drop_expired(&mut t, drop_below);
             left |= !t.is_empty();
             // Give memory back once the table is mostly empty (not on every sweep: regrowing
             // costs more than the slack).
@@ -456,6 +463,34 @@ impl KeyStore {
         }
         if left {
             self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Drop the keys of `t` whose theoretical arrival time is at or below `drop_below`.
+    ///
+    /// Where most go (many users, each seen now and then: the common shape), the survivors
+    /// are set aside, the table emptied at once and they are put back: erasing keys one by
+    /// one costs about three times as much per key as reading them (each erasure decides,
+    /// from its neighbours, how to mark its slot), and the sweep drops as many keys as the
+    /// requests insert. Where most stay, they are erased in place.
+    fn drop_expired(t: &mut Table, drop_below: u64) {
+        // Survivors are set aside while they are at most half the keys (one pass either way).
+        let most = t.len() / 2;
+        let mut kept = Vec::new();
+        let mut in_place = false;
+        for (&key, &tat) in t.iter().filter(|&(_, &tat)| tat > drop_below) {
+            if kept.len() == most {
+                in_place = true;
+                break;
+            }
+            kept.push((key, tat));
+        }
+        match in_place {
+            true => t.retain(|_, tat| *tat > drop_below),
+            false => {
+                t.clear();
+                t.extend(kept);
+            }
         }
     }
 
@@ -490,21 +525,20 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     /// The limiter of a compiled limit rule, reading time from `clock`. A cluster-scope rule
     /// leases `lease` worth of its rate at a time (`server.redis.lease_ms`).
     pub fn build(rule: &CompiledLimit, clock: &C, lease: Duration) -> Self {
-        let quotas = rule
-            .quotas
-            .iter()
-            .map(|q| QuotaLimiter {
-                gcra: Gcra::new(
-                    q,
-                    match rule.single_key() && rule.pacing.is_none() {
-                        true => KeyStore::single(),
-                        false => KeyStore::new(),
-                    },
-                    clock,
-                ),
-                policy: policy_header(&rule.name, q),
-            })
-            .collect();
+        let single = rule.single_key() && rule.pacing.is_none();
+        let mut quotas = rule.quotas.iter().map(|q| QuotaLimiter {
+            gcra: Gcra::new(
+                q,
+                match single {
+                    true => KeyStore::single(),
+                    false => KeyStore::new(),
+                },
+                clock,
+            ),
+            policy: policy_header(&rule.name, q),
+        });
+        let base = quotas.next().expect("a limit has its base quota");
+        let exceptions = quotas.collect();
         let mut body_prefix = br#"{"error":"rate_limited","rule":"#.to_vec();
         serde_json::to_writer(&mut body_prefix, &*rule.name).expect("writing to a Vec");
         Self {
@@ -513,7 +547,9 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             mode: rule.mode,
             cluster: (rule.scope == LimitScope::Cluster)
                 .then(|| ClusterLimiter::build(rule, lease)),
-            quotas,
+            simple: single && rule.quotas.len() == 1 && rule.scope == LimitScope::Local,
+            base,
+            exceptions,
             clock: clock.clone(),
             pacing: rule.pacing.map(PaceQueue::new),
             body_prefix: body_prefix.into(),
@@ -531,7 +567,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     /// clock (or a clone of it): `Ok(())` if admitted, or the time until it would be.
     #[inline]
     pub fn check_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<(), Duration> {
-        let g = &self.quotas[quota as usize].gcra;
+        let g = &self.quota(quota).gcra;
         g.check(key, g.since_start(now))
             .map_err(Duration::from_nanos)
     }
@@ -544,7 +580,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
         let Some(queue) = &self.pacing else {
             return self.check_at(quota, key, now).map(|()| Duration::ZERO);
         };
-        let g = &self.quotas[quota as usize].gcra;
+        let g = &self.quota(quota).gcra;
         // A dry run never waits, so it takes no place in the queue.
         let room = || self.mode == LimitMode::DryRun || queue.has_room();
         (g.store)
@@ -561,10 +597,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
 
     /// Keys tracked over all quotas.
     pub fn tracked_keys(&self) -> usize {
-        self.quotas
-            .iter()
-            .map(|q| q.gcra.store.len())
-            .sum::<usize>()
+        self.quotas().map(|q| q.gcra.store.len()).sum::<usize>()
             + self
                 .cluster
                 .as_ref()
@@ -575,7 +608,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     /// config's, whose sweep then reads no clock.
     fn idle(&self) -> bool {
         let unused = |q: &QuotaLimiter<C>| !q.gcra.store.used.load(Ordering::Relaxed);
-        self.cluster.is_none() && self.quotas.iter().all(unused)
+        self.cluster.is_none() && self.quotas().all(unused)
     }
 
     /// Drop keys whose state is indistinguishable from a fresh one.
@@ -584,7 +617,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             return;
         }
         let now = self.now();
-        for q in &self.quotas {
+        for q in self.quotas() {
             q.gcra.retain_recent(now);
         }
         if let Some(c) = &self.cluster {
@@ -594,7 +627,29 @@ impl<C: Clock + Clone> RuleLimiter<C> {
 
     /// The `RateLimit-Policy` header value of a quota.
     pub fn policy(&self, quota: u16) -> &HeaderValue {
-        &self.quotas[quota as usize].policy
+        &self.quota(quota).policy
+    }
+
+    /// Quota `q`'s limiter (an index into [`CompiledLimit::quotas`]).
+    #[inline(always)]
+    fn quota(&self, q: u16) -> &QuotaLimiter<C> {
+        match q {
+            0 => &self.base,
+            _ => &self.exceptions[q as usize - 1],
+        }
+    }
+
+    /// Every quota's limiter, the base first.
+    fn quotas(&self) -> impl Iterator<Item = &QuotaLimiter<C>> {
+        std::iter::once(&self.base).chain(&*self.exceptions)
+    }
+
+    /// [`Self::check_at`] of a [`RuleLimiter::simple`] rule, at `now` read from its clock:
+    /// nanoseconds to wait, or 0 if admitted.
+    #[inline(always)]
+    fn check_simple(&self, now: C::Instant) -> Result<u64, u64> {
+        let g = &self.base.gcra;
+        g.check(0, g.since_start(now)).map(|()| 0)
     }
 
     /// The 429 body: `{"error":"rate_limited","rule":NAME,"retry_after_ms":N}`.
@@ -854,73 +909,102 @@ impl<C: Clock + Clone> Limiters<C> {
         if self.rules.is_empty() {
             return None;
         }
-        // One clock reading for every limit the request meets: the limiters of a process
-        // share one clock ([`super::Governors::build`]), as a test's share its fake one.
-        let mut now = None;
         SCRATCH.with(|s| {
             let mut scratch = s.borrow_mut();
-            for &i in snap.limits_of(r, &mut scratch) {
-                let rule = &snap.governance.limits[i as usize];
-                let Some(key) = rule.key_of(snap, r) else {
-                    continue;
-                };
+            let list = snap.limits_of(r, &mut scratch);
+            // One clock reading for every limit the request meets: the limiters of a process
+            // share one clock ([`super::Governors::build`]), as a test's share its fake one.
+            let now = self.rules[*list.first()? as usize].now();
+            for &i in list {
                 let lim = &self.rules[i as usize];
-                let verdict = match (&lim.cluster, remote.as_deref_mut()) {
-                    (None, _) => {
-                        let now = *now.get_or_insert_with(|| lim.now());
-                        match lim.pacing {
-                            None => lim
-                                .check_at(key.quota, key.hash, now)
-                                .map(|()| Duration::ZERO),
-                            Some(_) => lim.pace_at(key.quota, key.hash, now),
-                        }
-                    }
-                    (Some(_), None) => continue,
-                    (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
-                        Local::Admit { refill } => {
-                            if refill {
-                                remote.push(RemoteCheck {
-                                    rule: Arc::clone(lim),
-                                    quota: key.quota,
-                                    key: key.hash,
-                                    refill_only: true,
-                                });
-                            }
-                            Ok(Duration::ZERO)
-                        }
-                        Local::Limited(wait) => Err(wait),
-                        Local::Remote => {
-                            remote.push(RemoteCheck {
-                                rule: Arc::clone(lim),
-                                quota: key.quota,
-                                key: key.hash,
-                                refill_only: false,
-                            });
-                            continue;
-                        }
+                // Nanoseconds: `Ok(0)` admitted now, `Ok(wait)` paced, `Err(wait)` refused.
+                let (quota, verdict) = match lim.simple {
+                    true => (0, lim.check_simple(now)),
+                    false => match self.check_rule(snap, r, i, now, remote.as_deref_mut()) {
+                        Some(checked) => checked,
+                        None => continue,
                     },
                 };
+                let dry_run = lim.mode == LimitMode::DryRun;
                 match verdict {
-                    Ok(Duration::ZERO) => observe(lim, Outcome::Allowed, Duration::ZERO),
-                    Ok(wait) if lim.mode == LimitMode::DryRun => {
-                        observe(lim, Outcome::DryRunPaced, wait)
+                    Ok(0) => observe(lim, Outcome::Allowed, Duration::ZERO),
+                    Ok(wait) => {
+                        let outcome = match dry_run {
+                            true => Outcome::DryRunPaced,
+                            false => Outcome::Paced,
+                        };
+                        observe(lim, outcome, Duration::from_nanos(wait))
                     }
-                    Ok(wait) => observe(lim, Outcome::Paced, wait),
-                    Err(wait) if lim.mode == LimitMode::DryRun => {
-                        observe(lim, Outcome::DryRunLimited, wait)
+                    Err(wait) if dry_run => {
+                        observe(lim, Outcome::DryRunLimited, Duration::from_nanos(wait))
                     }
                     Err(wait) => {
-                        observe(lim, Outcome::Limited, wait);
+                        let retry_after = Duration::from_nanos(wait);
+                        observe(lim, Outcome::Limited, retry_after);
                         return Some(Rejection {
                             rule: Arc::clone(lim),
-                            quota: key.quota,
-                            retry_after: wait,
+                            quota,
+                            retry_after,
                         });
                     }
                 }
             }
             None
         })
+    }
+
+    /// The limit phase's check of limit `i` when it is not [`RuleLimiter::simple`]: the
+    /// request's quota and verdict (as [`Limiters::check_inner`] reads it), or `None` when
+    /// the rule passes over the request (part of its key missing, or a cluster-scope check
+    /// set aside or not made). Out of line: the simple rules' loop stays short.
+    #[inline(never)]
+    fn check_rule(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        i: u32,
+        now: C::Instant,
+        remote: Option<&mut Vec<RemoteCheck<C>>>,
+    ) -> Option<(u16, Result<u64, u64>)> {
+        let nanos = |d: Duration| d.as_nanos() as u64;
+        let key = snap.governance.limits[i as usize].key_of(snap, r)?;
+        let lim = &self.rules[i as usize];
+        let verdict = match (&lim.cluster, remote) {
+            (None, _) => match lim.pacing {
+                None => {
+                    let g = &lim.quota(key.quota).gcra;
+                    g.check(key.hash, g.since_start(now)).map(|()| 0)
+                }
+                Some(_) => (lim.pace_at(key.quota, key.hash, now))
+                    .map(nanos)
+                    .map_err(nanos),
+            },
+            (Some(_), None) => return None,
+            (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
+                Local::Admit { refill } => {
+                    if refill {
+                        remote.push(RemoteCheck {
+                            rule: Arc::clone(lim),
+                            quota: key.quota,
+                            key: key.hash,
+                            refill_only: true,
+                        });
+                    }
+                    Ok(0)
+                }
+                Local::Limited(wait) => Err(nanos(wait)),
+                Local::Remote => {
+                    remote.push(RemoteCheck {
+                        rule: Arc::clone(lim),
+                        quota: key.quota,
+                        key: key.hash,
+                        refill_only: false,
+                    });
+                    return None;
+                }
+            },
+        };
+        Some((key.quota, verdict))
     }
 
     /// Drop idle keys from every limiter; returns the keys still tracked.

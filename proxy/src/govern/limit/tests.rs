@@ -605,7 +605,7 @@ fn single_key_store_decides_as_the_sharded_one() {
 fn a_global_limit_matches_the_reference() {
     let rig = Rig::new(r#"[{"name": "global", "rate": "10/s", "burst": 5}]"#);
     assert!(rig.snap.governance.limits[0].single_key());
-    assert!(rig.lim.rules[0].quotas[0].gcra.store.is_empty());
+    assert!(rig.lim.rules[0].base.gcra.store.is_empty());
     let mut now = 0u64;
     let mut arrivals = Vec::new();
     let mut got = Vec::new();
@@ -618,4 +618,41 @@ fn a_global_limit_matches_the_reference() {
     }
     assert_eq!(got, reference(&arrivals, 100_000_000, 5));
     assert_eq!(rig.lim.rules[0].tracked_keys(), 1);
+}
+
+/// A sweep keeps exactly the keys whose arrival time is still ahead of the cut, with their
+/// times, whether most of a table's keys go (moved out and back) or most stay (erased in
+/// place), and leaves a table it found all live or all expired as it should.
+#[test]
+fn a_sweep_keeps_exactly_the_live_keys() {
+    let mut next = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rand = move || {
+        next ^= next << 13;
+        next ^= next >> 7;
+        next ^= next << 17;
+        next
+    };
+    for (keys, live_pct) in [(0, 0), (50, 0), (50, 10), (500, 30), (500, 70), (200, 100)] {
+        let mut t = Table::default();
+        for _ in 0..keys {
+            let live = rand() % 100 < live_pct;
+            let tat = match live {
+                true => 1_000 + rand() % 1_000,
+                false => rand() % 1_001,
+            };
+            t.insert(rand(), tat);
+        }
+        let want: HashMap<u64, u64> = t
+            .iter()
+            .filter(|&(_, &tat)| tat > 1_000)
+            .map(|(&k, &v)| (k, v))
+            .collect();
+        KeyStore::drop_expired(&mut t, 1_000);
+        let got: HashMap<u64, u64> = t.iter().map(|(&k, &v)| (k, v)).collect();
+        assert_eq!(got, want, "{keys} keys, {live_pct}% live");
+        // The table still finds and updates what it kept.
+        for (k, v) in &want {
+            assert_eq!(t.get(k), Some(v));
+        }
+    }
 }

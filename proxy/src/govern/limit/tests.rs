@@ -656,3 +656,58 @@ fn a_sweep_keeps_exactly_the_live_keys() {
         }
     }
 }
+
+/// A limit with one key for all requests and exceptions: each quota has its own shared
+/// state, and a request is counted under its exception's, not the base quota's (such a rule
+/// is not on the limit phase's short path, which reads only the base quota).
+#[test]
+fn a_shared_key_limit_with_exceptions_counts_each_quota() {
+    let rig =
+        Rig::new(r#"[{"name": "all", "rate": "2/s", "exceptions": {"app:internal": "10/s"}}]"#);
+    let count = |app: &str, user: &str| (0..100).filter(|_| rig.admitted(app, user)).count();
+    assert_eq!(count("a", "bob"), 2);
+    assert_eq!(count("b", "carol"), 0, "one key for every request");
+    assert_eq!(count("internal", "dave"), 10);
+    assert_eq!(count("internal", "erin"), 0);
+    rig.clock.advance(1000 * MS);
+    assert_eq!(count("internal", "erin"), 10);
+    assert_eq!(count("a", "bob"), 2);
+}
+
+/// A cluster-scope limit with one key is set aside for Redis, not counted here (such a rule
+/// is not on the limit phase's short path, which counts locally).
+#[test]
+fn a_shared_key_cluster_limit_is_set_aside() {
+    let config = serde_json::json!({
+        "schema_version": 1,
+        "server": { "redis": { "url": "redis://127.0.0.1:6379" } },
+        "upstreams": { "up": { "endpoints": ["127.0.0.1:9"] } },
+        "routes": [{ "name": "default", "upstream": "up" }],
+        "limits": [{ "name": "all", "rate": "2/s", "scope": "cluster" }]
+    });
+    let snap = rules::load("t.json", &serde_json::to_vec(&config).unwrap())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .snapshot;
+    let lim = Limiters::build(&snap, &FakeRelativeClock::default(), None);
+    let headers = HeaderMap::new();
+    let input = RouteInput {
+        m: MatchInput {
+            app: Some("a"),
+            interface: None,
+            user: Some("bob"),
+            headers: &headers,
+            params: &[],
+        },
+        client_ip: Some(IpAddr::from([10, 0, 0, 1])),
+        random: 0,
+        pair: Default::default(),
+    };
+    for _ in 0..5 {
+        let mut remote = Vec::new();
+        let mut observed = 0;
+        let rej = lim.check_remote(&snap, &input, |_, _, _| observed += 1, &mut remote);
+        assert!(rej.is_none());
+        assert_eq!((observed, remote.len()), (0, 1), "decided in Redis");
+        assert!(!remote[0].refill_only);
+    }
+}

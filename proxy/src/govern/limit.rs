@@ -19,13 +19,14 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock, Reference};
 use http::{HeaderName, HeaderValue, Response, header};
 use http_body_util::Full;
+use parking_lot::{Mutex, MutexGuard};
 use prometheus_client::metrics::counter::Counter;
 use rules::limit::{CompiledLimit, LimitQuota, Pacing};
 use rules::model::{LimitMode, LimitScope};
@@ -44,8 +45,10 @@ const SHARDS: usize = 64;
 /// Keyed GCRA state: `u64` key → theoretical arrival time (nanoseconds since the limiter's
 /// start), sharded by the key's top bits, each shard under its own mutex.
 ///
-/// A `std` mutex rather than atomics per entry: the critical section is one hash probe and
-/// one store (tens of nanoseconds), and a plain `u64` value keeps entries at 16 bytes.
+/// A mutex rather than atomics per entry: the critical section is one hash probe and one
+/// store (tens of nanoseconds), and a plain `u64` value keeps entries at 16 bytes.
+/// `parking_lot`'s: no poisoning to check on each lock and unlock (a panic while holding it
+/// cannot leave a half-written `u64` behind).
 #[derive(Debug)]
 pub struct KeyStore {
     /// Empty for a [`KeyStore::single`] store.
@@ -398,9 +401,8 @@ impl KeyStore {
         &self.shards[(key >> 58) as usize % SHARDS]
     }
 
-    fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
-        // A panic while holding the lock cannot leave a half-written u64 behind.
-        m.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
+        m.lock()
     }
 
     /// GCRA with reservations, at `now` (nanoseconds since the store's zero): a request

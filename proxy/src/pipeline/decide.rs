@@ -66,8 +66,8 @@ pub enum Mode {
 }
 
 /// Everything decided about one request: `'r` borrows the request and the runtime, `'g` the
-/// runtime alone (the breaker's permit, which the request keeps after its head is given
-/// back to be forwarded).
+/// runtime alone (the breaker and its permit, which the request keeps while its head is
+/// lent out again to be forwarded).
 #[derive(Debug)]
 pub struct Decision<'r, 'g> {
     /// App, interface and user.

@@ -569,32 +569,37 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     /// clock (or a clone of it): `Ok(())` if admitted, or the time until it would be.
     #[inline]
     pub fn check_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<(), Duration> {
-        let g = &self.quota(quota).gcra;
-        g.check(key, g.since_start(now))
+        (self.check_ns(quota, key, now))
+            .map(drop)
             .map_err(Duration::from_nanos)
     }
 
-    /// Count one request of a paced rule under `quota` and `key` at `now`: `Ok(wait)` if
-    /// admitted after `wait` (zero: now; else its turn is reserved), or `Err(wait)` if
-    /// refused (it would wait over `max_delay_ms`, or the queue is full). Unpaced rules:
-    /// [`Self::check_at`].
-    pub fn pace_at(&self, quota: u16, key: u64, now: C::Instant) -> Result<Duration, Duration> {
+    /// [`Self::check_at`] in the limit phase's terms: `Ok(0)` if admitted, else `Err` with
+    /// the nanoseconds until it would be.
+    #[inline(always)]
+    fn check_ns(&self, quota: u16, key: u64, now: C::Instant) -> Result<u64, u64> {
+        let g = &self.quota(quota).gcra;
+        g.check(key, g.since_start(now)).map(|()| 0)
+    }
+
+    /// Count one request under `quota` and `key` at `now`, in nanoseconds: for a paced rule
+    /// `Ok(wait)` if admitted after `wait` (zero: now; else its turn is reserved), or
+    /// `Err(wait)` if refused (it would wait over `max_delay_ms`, or the queue is full); for
+    /// an unpaced one [`Self::check_ns`].
+    fn pace_ns(&self, quota: u16, key: u64, now: C::Instant) -> Result<u64, u64> {
         let Some(queue) = &self.pacing else {
-            return self.check_at(quota, key, now).map(|()| Duration::ZERO);
+            return self.check_ns(quota, key, now);
         };
         let g = &self.quota(quota).gcra;
         // A dry run never waits, so it takes no place in the queue.
         let room = || self.mode == LimitMode::DryRun || queue.has_room();
-        (g.store)
-            .reserve(
-                key,
-                g.since_start(now),
-                (g.interval, g.tolerance),
-                queue.max_delay,
-                room,
-            )
-            .map(Duration::from_nanos)
-            .map_err(Duration::from_nanos)
+        (g.store).reserve(
+            key,
+            g.since_start(now),
+            (g.interval, g.tolerance),
+            queue.max_delay,
+            room,
+        )
     }
 
     /// Keys tracked over all quotas.
@@ -644,14 +649,6 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     /// Every quota's limiter, the base first.
     fn quotas(&self) -> impl Iterator<Item = &QuotaLimiter<C>> {
         std::iter::once(&self.base).chain(&*self.exceptions)
-    }
-
-    /// [`Self::check_at`] of a [`RuleLimiter::simple`] rule, at `now` read from its clock:
-    /// nanoseconds to wait, or 0 if admitted.
-    #[inline(always)]
-    fn check_simple(&self, now: C::Instant) -> Result<u64, u64> {
-        let g = &self.base.gcra;
-        g.check(0, g.since_start(now)).map(|()| 0)
     }
 
     /// The 429 body: `{"error":"rate_limited","rule":NAME,"retry_after_ms":N}`.
@@ -921,7 +918,7 @@ impl<C: Clock + Clone> Limiters<C> {
                 let lim = &self.rules[i as usize];
                 // Nanoseconds: `Ok(0)` admitted now, `Ok(wait)` paced, `Err(wait)` refused.
                 let (quota, verdict) = match lim.simple {
-                    true => (0, lim.check_simple(now)),
+                    true => (0, lim.check_ns(0, 0, now)),
                     false => match self.check_rule(snap, r, i, now, remote.as_deref_mut()) {
                         Some(checked) => checked,
                         None => continue,
@@ -968,19 +965,10 @@ impl<C: Clock + Clone> Limiters<C> {
         now: C::Instant,
         remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<(u16, Result<u64, u64>)> {
-        let nanos = |d: Duration| d.as_nanos() as u64;
         let key = snap.governance.limits[i as usize].key_of(snap, r)?;
         let lim = &self.rules[i as usize];
         let verdict = match (&lim.cluster, remote) {
-            (None, _) => match lim.pacing {
-                None => {
-                    let g = &lim.quota(key.quota).gcra;
-                    g.check(key.hash, g.since_start(now)).map(|()| 0)
-                }
-                Some(_) => (lim.pace_at(key.quota, key.hash, now))
-                    .map(nanos)
-                    .map_err(nanos),
-            },
+            (None, _) => lim.pace_ns(key.quota, key.hash, now),
             (Some(_), None) => return None,
             (Some(c), Some(remote)) => match c.try_local(key.quota, key.hash) {
                 Local::Admit { refill } => {
@@ -994,7 +982,7 @@ impl<C: Clock + Clone> Limiters<C> {
                     }
                     Ok(0)
                 }
-                Local::Limited(wait) => Err(nanos(wait)),
+                Local::Limited(wait) => Err(wait.as_nanos() as u64),
                 Local::Remote => {
                     remote.push(RemoteCheck {
                         rule: Arc::clone(lim),

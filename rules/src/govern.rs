@@ -133,6 +133,13 @@ impl Governance {
         (self.limit_index).all_in(list, narrows, m, matcher, out)
     }
 
+    /// [`Governance::limits_in`] when it needs neither filtering nor `out`: the pair's list
+    /// itself, none of whose rules narrows.
+    #[inline(always)]
+    pub(crate) fn limits_as_is<'s>(&self, (list, narrows): (&'s [u32], bool)) -> Option<&'s [u32]> {
+        self.limit_index.as_is(list, narrows)
+    }
+
     /// The fallback that answers this request, if any: the most specific matching enforced
     /// fallback rule, when the request's user falls in its fraction.
     pub fn fallback(&self, r: &RouteInput<'_>) -> Option<FallbackDecision<'_>> {

@@ -592,10 +592,17 @@ impl MatchIndex {
         matcher: impl Fn(u32) -> &'m CompiledMatch,
         out: &'s mut Vec<u32>,
     ) -> &'s [u32] {
-        if !narrows && self.order == Order::RuleId {
-            return list;
+        match self.as_is(list, narrows) {
+            Some(list) => list,
+            None => self.all_filtered(list, r, matcher, out),
         }
-        self.all_filtered(list, r, matcher, out)
+    }
+
+    /// [`MatchIndex::all_in`] when it needs no filtering (no rule of `list` narrows, and
+    /// the index is in [`Order::RuleId`]): `list` itself.
+    #[inline(always)]
+    pub(crate) fn as_is<'s>(&self, list: &'s [u32], narrows: bool) -> Option<&'s [u32]> {
+        (!narrows && self.order == Order::RuleId).then_some(list)
     }
 
     /// [`MatchIndex::all_in`] of a list to filter (or sort): out of line, so that returning

@@ -188,6 +188,14 @@ impl Snapshot {
         }
     }
 
+    /// [`Snapshot::limits_of`] a request when it needs no list of its own: its pair's list,
+    /// none of whose rules narrows (every one applies), so the caller need not find a
+    /// scratch list; `None` when it does (call `limits_of`).
+    #[inline(always)]
+    pub fn limits_as_is(&self, r: &RouteInput<'_>) -> Option<&[u32]> {
+        self.governance.limits_as_is(self.in_pair(r, LIMITS)?)
+    }
+
     /// The fallback that answers this request, if any: the most specific matching fallback
     /// rule, when the request's user falls in its fraction.
     ///

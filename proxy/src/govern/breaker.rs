@@ -20,10 +20,10 @@
 //! half-open probes.
 
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use governor::clock::{Clock, QuantaInstant, Reference};
+use governor::clock::{Clock, Reference};
 use rules::Snapshot;
 use rules::degrade::CompiledBreaker;
 
@@ -169,10 +169,8 @@ pub struct Breakers {
 /// epoch is a subtraction; a `std` instant's is a `timespec` difference made nanoseconds
 /// (about 40 instructions, on every forwarded call's outcome).
 pub fn now() -> u64 {
-    static EPOCH: OnceLock<QuantaInstant> = OnceLock::new();
-    let clock = super::limiter_clock();
-    let epoch = *EPOCH.get_or_init(|| clock.now());
-    u64::from(clock.now().duration_since(epoch))
+    let (clock, epoch) = super::clock_and_epoch();
+    u64::from(clock.now().duration_since(*epoch))
 }
 
 // === impl State ===

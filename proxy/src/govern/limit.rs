@@ -341,10 +341,10 @@ impl KeyStore {
         }
     }
 
-    /// [`KeyStore::update`] of a keyed store: out of line, so that the one-key stores'
-    /// compare-and-swap inlines into the limit phase without the lock's and the table's
-    /// code around it.
-    #[inline(never)]
+    /// [`KeyStore::update`] of a keyed store: inlined into the limit phase's out-of-line
+    /// path for keyed rules (`Limiters::check_rule`), whose frame it shares; the one-key
+    /// stores' short path does not reach it (`RuleLimiter::check_simple`).
+    #[inline(always)]
     fn update_keyed<E>(
         &self,
         key: u64,
@@ -574,6 +574,27 @@ impl<C: Clock + Clone> RuleLimiter<C> {
             .map_err(Duration::from_nanos)
     }
 
+    /// [`Self::check_ns`] of a [`RuleLimiter::simple`] limiter, the limit phase's short
+    /// path: its base quota's one state, compare-and-swapped in place (no key, no lock).
+    #[inline(always)]
+    fn check_simple(&self, now: C::Instant) -> Result<u64, u64> {
+        let g = &self.base.gcra;
+        match &g.store.single {
+            Some(a) => {
+                let now = g.since_start(now);
+                (g.store.update_single(a, |tat| g.step(tat, now))).map(|()| 0)
+            }
+            // Not built so (`simple` implies a one-key store); kept out of the loop.
+            None => self.check_cold(now),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn check_cold(&self, now: C::Instant) -> Result<u64, u64> {
+        self.check_ns(0, 0, now)
+    }
+
     /// [`Self::check_at`] in the limit phase's terms: `Ok(0)` if admitted, else `Err` with
     /// the nanoseconds until it would be.
     #[inline(always)]
@@ -733,14 +754,19 @@ impl<C: Clock> Gcra<C> {
     /// conform, the state untouched. Governor's `test_and_update`, term for term.
     #[inline]
     fn check(&self, key: u64, now: u64) -> Result<(), u64> {
-        self.store.update(key, |tat| {
-            let tat = tat.unwrap_or(now);
-            let earliest = tat.saturating_sub(self.tolerance);
-            match now < earliest {
-                true => Err(earliest - now),
-                false => Ok(tat.max(now).saturating_add(self.interval)),
-            }
-        })
+        self.store.update(key, |tat| self.step(tat, now))
+    }
+
+    /// [`Gcra::check`]'s step on a key's state `tat` (`None`: fresh): its new state, or the
+    /// wait.
+    #[inline(always)]
+    fn step(&self, tat: Option<u64>, now: u64) -> Result<u64, u64> {
+        let tat = tat.unwrap_or(now);
+        let earliest = tat.saturating_sub(self.tolerance);
+        match now < earliest {
+            true => Err(earliest - now),
+            false => Ok(tat.max(now).saturating_add(self.interval)),
+        }
     }
 
     /// Drop the keys whose state is as good as none at `now`: their next turn is already
@@ -902,54 +928,91 @@ impl<C: Clock + Clone> Limiters<C> {
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
-        mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
-        mut remote: Option<&mut Vec<RemoteCheck<C>>>,
+        observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<Rejection<C>> {
         if self.rules.is_empty() {
             return None;
         }
+        match snap.limits_as_is(r) {
+            Some(list) => self.check_list(list, snap, r, observe, remote),
+            None => self.check_filtered(snap, r, observe, remote),
+        }
+    }
+
+    /// [`Limiters::check_inner`] of a request whose limits are a list of its own (some
+    /// rule of its pair narrows, or it has no pair): written into a reused list.
+    #[inline(never)]
+    fn check_filtered(
+        &self,
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        remote: Option<&mut Vec<RemoteCheck<C>>>,
+    ) -> Option<Rejection<C>> {
         SCRATCH.with(|s| {
             let mut scratch = s.borrow_mut();
             let list = snap.limits_of(r, &mut scratch);
-            // One clock reading for every limit the request meets: the limiters of a process
-            // share one clock ([`super::Governors::build`]), as a test's share its fake one.
-            let now = self.rules[*list.first()? as usize].now();
-            for &i in list {
-                let lim = &self.rules[i as usize];
-                // Nanoseconds: `Ok(0)` admitted now, `Ok(wait)` paced, `Err(wait)` refused.
-                let (quota, verdict) = match lim.simple {
-                    true => (0, lim.check_ns(0, 0, now)),
-                    false => match self.check_rule(snap, r, i, now, remote.as_deref_mut()) {
-                        Some(checked) => checked,
-                        None => continue,
-                    },
-                };
-                let dry_run = lim.mode == LimitMode::DryRun;
-                match verdict {
-                    Ok(0) => observe(lim, Outcome::Allowed, Duration::ZERO),
-                    Ok(wait) => {
-                        let outcome = match dry_run {
-                            true => Outcome::DryRunPaced,
-                            false => Outcome::Paced,
-                        };
-                        observe(lim, outcome, Duration::from_nanos(wait))
+            self.check_list(list, snap, r, observe, remote)
+        })
+    }
+
+    /// Check limits `list` (indices of [`Limiters::rules`], in order) until an enforced one
+    /// refuses.
+    #[inline(always)]
+    fn check_list(
+        &self,
+        list: &[u32],
+        snap: &Snapshot,
+        r: &RouteInput<'_>,
+        mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
+        mut remote: Option<&mut Vec<RemoteCheck<C>>>,
+    ) -> Option<Rejection<C>> {
+        // One clock reading for every limit the request meets: the limiters of a process
+        // share one clock ([`super::Governors::build`]), as a test's share its fake one.
+        let now = self.rules[*list.first()? as usize].now();
+        for &i in list {
+            let lim = &self.rules[i as usize];
+            // Nanoseconds: `Ok(0)` admitted now, `Ok(wait)` paced, `Err(wait)` refused.
+            let (quota, verdict) = match lim.simple {
+                // Unpaced: admitted is admitted now (the common case, told at once).
+                true => match lim.check_simple(now) {
+                    Ok(_) => {
+                        observe(lim, Outcome::Allowed, Duration::ZERO);
+                        continue;
                     }
-                    Err(wait) if dry_run => {
-                        observe(lim, Outcome::DryRunLimited, Duration::from_nanos(wait))
-                    }
-                    Err(wait) => {
-                        let retry_after = Duration::from_nanos(wait);
-                        observe(lim, Outcome::Limited, retry_after);
-                        return Some(Rejection {
-                            rule: Arc::clone(lim),
-                            quota,
-                            retry_after,
-                        });
-                    }
+                    Err(wait) => (0, Err(wait)),
+                },
+                false => match self.check_rule(snap, r, i, now, remote.as_deref_mut()) {
+                    Some(checked) => checked,
+                    None => continue,
+                },
+            };
+            let dry_run = lim.mode == LimitMode::DryRun;
+            match verdict {
+                Ok(0) => observe(lim, Outcome::Allowed, Duration::ZERO),
+                Ok(wait) => {
+                    let outcome = match dry_run {
+                        true => Outcome::DryRunPaced,
+                        false => Outcome::Paced,
+                    };
+                    observe(lim, outcome, Duration::from_nanos(wait))
+                }
+                Err(wait) if dry_run => {
+                    observe(lim, Outcome::DryRunLimited, Duration::from_nanos(wait))
+                }
+                Err(wait) => {
+                    let retry_after = Duration::from_nanos(wait);
+                    observe(lim, Outcome::Limited, retry_after);
+                    return Some(Rejection {
+                        rule: Arc::clone(lim),
+                        quota,
+                        retry_after,
+                    });
                 }
             }
-            None
-        })
+        }
+        None
     }
 
     /// The limit phase's check of limit `i` when it is not [`RuleLimiter::simple`]: the

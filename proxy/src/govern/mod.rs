@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use governor::clock::DefaultClock;
+use governor::clock::{Clock, DefaultClock, QuantaInstant};
 use http::Response;
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
@@ -82,8 +82,18 @@ pub enum BreakerVerdict<'r> {
 /// The clock of every limiter in the process: one, so that a limiter kept over a reload and
 /// a new one read the same time ([`Limiters::check`] reads it once per request).
 pub(crate) fn limiter_clock() -> &'static DefaultClock {
-    static CLOCK: OnceLock<DefaultClock> = OnceLock::new();
-    CLOCK.get_or_init(DefaultClock::default)
+    &clock_and_epoch().0
+}
+
+/// [`limiter_clock`] and its first reading (the zero of [`breaker::now`]): one lazily made
+/// static, so that breaker time costs one check that it is made, not two.
+pub(crate) fn clock_and_epoch() -> &'static (DefaultClock, QuantaInstant) {
+    static CLOCK: OnceLock<(DefaultClock, QuantaInstant)> = OnceLock::new();
+    CLOCK.get_or_init(|| {
+        let clock = DefaultClock::default();
+        let epoch = clock.now();
+        (clock, epoch)
+    })
 }
 
 // === impl Governors ===

@@ -43,28 +43,30 @@ impl Rig {
         }
     }
 
-    /// One request; the refusing rule's name, and every outcome seen, in order.
+    /// One request, with its pair as the gateway makes it; the refusing rule's name, and
+    /// every outcome seen, in order.
     fn send(&self, app: &str, user: Option<&str>) -> (Option<String>, Vec<(String, Outcome)>) {
         let mut seen = Vec::new();
+        let m = MatchInput {
+            app: Some(app),
+            interface: self
+                .snap
+                .classify(rules::RequestParts {
+                    method: &http::Method::POST,
+                    path: "/envelopes/1/grab",
+                    query: None,
+                    headers: &self.headers,
+                })
+                .interface,
+            user,
+            headers: &self.headers,
+            params: &[],
+        };
         let input = RouteInput {
-            m: MatchInput {
-                app: Some(app),
-                interface: self
-                    .snap
-                    .classify(rules::RequestParts {
-                        method: &http::Method::POST,
-                        path: "/envelopes/1/grab",
-                        query: None,
-                        headers: &self.headers,
-                    })
-                    .interface,
-                user,
-                headers: &self.headers,
-                params: &[],
-            },
+            pair: self.snap.pair(&m),
+            m,
             client_ip: Some(IpAddr::from([10, 0, 0, 1])),
             random: 0,
-            pair: Default::default(),
         };
         let rej = self.lim.check(&self.snap, &input, |r, o, _| {
             seen.push((r.name.0.to_string(), o))
@@ -278,6 +280,26 @@ fn missing_key_parts() {
     let (rej, seen) = rig.send("s", None);
     assert_eq!(rej, None);
     assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+/// From a request's pair, as the gateway checks: a limit that narrows (to some users) is
+/// checked only for the requests it covers, beside one of the same app that does not; a
+/// pair none of whose limits narrows is checked as it is.
+#[test]
+fn a_narrowing_limit_in_a_pair_applies_only_where_it_holds() {
+    let rig = Rig::new(
+        r#"[{"name": "app", "rate": "100/s", "match": {"apps": ["a"]}},
+            {"name": "vip", "rate": "100/s", "match": {"apps": ["a"], "users": ["vip"]}},
+            {"name": "other", "rate": "100/s", "match": {"apps": ["b"]}}]"#,
+    );
+    let names = |app, user| {
+        let seen = rig.send(app, Some(user)).1;
+        seen.into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+    };
+    assert_eq!(names("a", "u"), ["app"]);
+    assert_eq!(names("a", "vip"), ["app", "vip"]);
+    assert_eq!(names("b", "vip"), ["other"]);
+    assert!(names("c", "vip").is_empty());
 }
 
 /// Keys seen once are evicted once their state is fresh again; memory follows active keys.

@@ -589,6 +589,9 @@ impl<C: Clock + Clone> RuleLimiter<C> {
         }
     }
 
+    /// [`Self::check_simple`] of a limiter whose store is keyed after all: the general
+    /// check, out of line, so that the keyed store's lock and probe stay out of the limit
+    /// loop for a case the limiter's build rules out.
     #[cold]
     #[inline(never)]
     fn check_cold(&self, now: C::Instant) -> Result<u64, u64> {

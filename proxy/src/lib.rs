@@ -268,7 +268,7 @@ async fn start_inner(
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),
         shutdown: shutdown_rx.clone(),
-        parked: serve::park::ParkLot::new(shutdown_rx.clone()),
+        parked: serve::park::ParkLot::new(shutdown_rx.clone(), serve::resume_dormant),
     });
 
     let mut tasks = Vec::new();

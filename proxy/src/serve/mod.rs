@@ -72,7 +72,7 @@ pub struct Shared {
     /// Flips to `true` on shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// The deadlines of parked connections, and their shutdown.
-    pub parked: Arc<ParkLot>,
+    pub parked: Arc<ParkLot<Dormant>>,
 }
 
 /// hyper's server builder with Tidegate's protective limits.
@@ -275,13 +275,25 @@ where
     }
 }
 
-/// Park a connection: no task waits for its next bytes; its socket's readiness holds it
-/// (a [`Sleeping`]) as the waker of its read interest, and the server's [`ParkLot`] holds
-/// its deadline. Bytes start a task that serves it on; the deadline or shutdown closes it.
-fn park<I>(c: Connection<I>, wait: h1::Wait)
+/// Park a connection: no task waits for its next bytes; the server's [`ParkLot`] holds its
+/// deadline and, for plain TCP, its socket and what it needs to go on (a [`Dormant`]);
+/// otherwise its socket's readiness holds it (a [`Sleeping`]) as the waker of its read
+/// interest. Bytes start a task that serves it on; the deadline or shutdown closes it.
+fn park<I>(c: Connection<I>, mut wait: h1::Wait)
 where
     I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
+    let c = if c.shared.parked.takes_dormant() {
+        match park_dormant(c, wait) {
+            Ok(()) => return,
+            Err((c, w)) => {
+                wait = w;
+                c
+            }
+        }
+    } else {
+        c
+    };
     let lot = c.shared.parked.clone();
     let key = lot.key(wait.until());
     let s = Arc::new(Sleeping {
@@ -300,6 +312,90 @@ where
     if ready.is_ready() {
         waker.wake();
     }
+}
+
+/// Park a plain connection dormant: its socket out of the runtime's event loop, in the
+/// lot with its wait and permit; the rest (its facts, its empty upstream cache, its
+/// activity record, its registration) dropped and made again when it wakes
+/// ([`resume_dormant`]). `Err` gives back a connection that is not plain TCP.
+fn park_dormant<I>(c: Connection<I>, wait: h1::Wait) -> Result<(), (Connection<I>, h1::Wait)>
+where
+    I: ReadReady,
+{
+    let Connection {
+        io,
+        info,
+        cache,
+        activity,
+        shared,
+        accepted,
+        _live,
+    } = c;
+    let Tracked { io, activity: a } = io;
+    let stream = match io.into_dormant() {
+        Ok(Ok(s)) => s,
+        // Its descriptor could not leave the event loop: the socket is closed.
+        Ok(Err(e)) => {
+            tracing::debug!(client = %info.remote, error = %e, "parking an idle connection");
+            return Ok(());
+        }
+        Err(io) => {
+            let io = Tracked { io, activity: a };
+            let c = Connection {
+                io,
+                info,
+                cache,
+                activity,
+                shared,
+                accepted,
+                _live,
+            };
+            return Err((c, wait));
+        }
+    };
+    let until = wait.until();
+    let d = Dormant {
+        shared: Arc::downgrade(&shared),
+        accepted,
+        wait,
+        _live,
+    };
+    // Refused only once shutdown has begun: both are dropped, and the socket closes.
+    let _ = shared.parked.park_dormant(stream, until, d);
+    Ok(())
+}
+
+/// What a dormant connection keeps besides its socket, in its lot's table.
+pub struct Dormant {
+    /// Its server's (weak: the lot is the server's).
+    shared: Weak<Shared>,
+    accepted: tokio::time::Instant,
+    wait: h1::Wait,
+    _live: Live,
+}
+
+/// Serve a dormant connection on: its bytes came.
+pub fn resume_dormant(stream: tokio::net::TcpStream, d: Dormant) {
+    let Some(shared) = d.shared.upgrade() else {
+        return;
+    };
+    // Its peer's address from the socket, not kept while it slept.
+    let Ok(remote) = stream.peer_addr() else {
+        return; // already gone
+    };
+    let c = Connection::new(
+        stream,
+        ConnInfo::new(remote, false),
+        shared,
+        d.accepted,
+        d._live,
+    );
+    // What the kept record said: whether a request was ever made (hyper's first-request
+    // deadline, after a handoff, asks).
+    if !d.wait.first() {
+        c.activity.started.store(true, Ordering::Relaxed);
+    }
+    tokio::spawn(serve_io(c, Some(d.wait.resume())));
 }
 
 /// A parked connection: the connection and its wait, until its bytes come (it is woken) or

@@ -352,6 +352,11 @@ impl Wait {
         self.deadline.min(self.idle_at)
     }
 
+    /// Whether the head awaited is the connection's first (it has made no request).
+    pub fn first(&self) -> bool {
+        self.first
+    }
+
     /// The wait, to serve the connection on from once it has bytes to read.
     pub fn resume(self) -> Resume {
         Resume {

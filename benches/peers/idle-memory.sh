@@ -12,9 +12,9 @@
 # leaves the connection open and idle. Resident memory (VmRSS of /proc/PID/status; nginx's
 # master and worker summed) is read SETTLE seconds after start-up, before the connections,
 # and SETTLE seconds after the last answer; the client fails if the proxy closed any
-# connection meanwhile. Tidegate's figure falls with SETTLE (its allocator gives the pages
-# freed after serving back lazily); benches/peers/idle-heap.sh counts its heap per idle
-# connection exactly. Uses the release binaries in target/release (build them first: cargo
+# connection meanwhile. Tidegate's workers ask the allocator to give freed pages back as
+# they go idle (at most once a second), so its figure settles a few seconds after the
+# burst; benches/peers/idle-heap.sh counts its heap per idle connection exactly. Uses the release binaries in target/release (build them first: cargo
 # build --release -p tidegate -p tidegate-benches); TIDEGATE=/path/to/tidegate measures that
 # binary instead. Needs nginx (apt-get install nginx).
 set -euo pipefail

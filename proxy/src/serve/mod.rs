@@ -358,7 +358,7 @@ where
         shared: Arc::downgrade(&shared),
         accepted,
         wait,
-        _live,
+        live: _live,
     };
     // Refused only once shutdown has begun: both are dropped, and the socket closes.
     let _ = shared.parked.park_dormant(stream, until, d);
@@ -371,7 +371,8 @@ pub struct Dormant {
     shared: Weak<Shared>,
     accepted: tokio::time::Instant,
     wait: h1::Wait,
-    _live: Live,
+    /// Held while it sleeps: the connection counts as open.
+    live: Live,
 }
 
 /// Serve a dormant connection on: its bytes came.
@@ -388,7 +389,7 @@ pub fn resume_dormant(stream: tokio::net::TcpStream, d: Dormant) {
         ConnInfo::new(remote, false),
         shared,
         d.accepted,
-        d._live,
+        d.live,
     );
     // What the kept record said: whether a request was ever made (hyper's first-request
     // deadline, after a handoff, asks).

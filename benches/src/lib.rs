@@ -1,7 +1,39 @@
-//! Shared helpers for Tidegate's benchmarks: synthetic configs of a given size, and the
-//! pressure-test driver ([`pressure`]).
+//! Shared helpers for Tidegate's benchmarks: synthetic configs of a given size, an
+//! in-process backend, and the pressure-test driver ([`pressure`]).
 
 pub mod pressure;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+/// What [`hello_backend`] answers every request with.
+pub const HELLO: &[u8] = b"hello, world\n";
+
+/// An HTTP/1.1 keep-alive backend in this process on a port of 127.0.0.1 chosen now,
+/// answering every request with 200 and [`HELLO`]; it serves until the runtime ends.
+pub async fn hello_backend() -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let body = http_body_util::Full::new(bytes::Bytes::from_static(HELLO));
+                    Ok::<_, Infallible>(http::Response::new(body))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
 
 /// A valid config (compact: 100,000 rules fit the 16 MiB file limit) with `n`
 /// route rules spread over apps and interfaces (one rule per (app,

@@ -12,20 +12,13 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use tidegate_benches::peer_config;
-use tokio::net::TcpListener;
+use tidegate_benches::{HELLO, hello_backend, peer_config};
 
 /// [`System`], counting the bytes live in the process.
 struct Counting;
@@ -82,7 +75,7 @@ fn a_parked_connection_keeps_little_heap() {
         .build()
         .expect("a runtime");
     let server = rt.block_on(async {
-        let backend = backend().await;
+        let backend = hello_backend().await.expect("a backend");
         let text = peer_config(false, "127.0.0.1:0", "127.0.0.1:0", &backend.to_string());
         let mut config: serde_json::Value = serde_json::from_str(&text).expect("json");
         // Nothing closed while the test looks: idle and head deadlines of minutes.
@@ -128,7 +121,7 @@ fn open(gw: SocketAddr, n: usize) -> Vec<TcpStream> {
         c.write_all(req.as_bytes()).expect("sends");
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
-        while !got.ends_with(b"hello, world\n") {
+        while !got.ends_with(HELLO) {
             let n = c.read(&mut buf).expect("answered within 5 s");
             assert!(
                 n > 0,
@@ -160,28 +153,4 @@ fn settled() -> i64 {
         last = now;
     }
     last
-}
-
-/// A keep-alive HTTP/1.1 backend answering every request with a fixed body.
-async fn backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"hello, world\n",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }

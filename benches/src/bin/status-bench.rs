@@ -11,20 +11,17 @@
 //!
 //! `cargo run --release -p tidegate-benches --bin status-bench [SECONDS] [CONNS] [RATE]`
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::service::service_fn;
+use http::Request;
+use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tidegate_benches::peer_config;
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
+use tidegate_benches::{hello_backend, peer_config};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -36,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let backend = backend().await?;
+        let backend = hello_backend().await?;
         println!("| config | load req/s | status.json bytes | samples | p50 | p99 | max |");
         println!("|---|---|---|---|---|---|---|");
         for (label, rules) in [("plain", false), ("1,000 routes + 1,000 limits", true)] {
@@ -124,29 +121,4 @@ async fn run(
     );
     server.shutdown().await;
     Ok(())
-}
-
-/// A backend answering every request with 200 and a short body.
-async fn backend() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"hello, world\n",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }

@@ -322,35 +322,23 @@ fn park_dormant<I>(c: Connection<I>, wait: h1::Wait) -> Result<(), (Connection<I
 where
     I: ReadReady,
 {
+    if !c.io.io.parks_dormant() {
+        return Err((c, wait));
+    }
     let Connection {
         io,
         info,
-        cache,
-        activity,
         shared,
         accepted,
         _live,
+        ..
     } = c;
-    let Tracked { io, activity: a } = io;
-    let stream = match io.into_dormant() {
-        Ok(Ok(s)) => s,
+    let stream = match io.io.into_dormant() {
+        Ok(s) => s,
         // Its descriptor could not leave the event loop: the socket is closed.
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::debug!(client = %info.remote, error = %e, "parking an idle connection");
             return Ok(());
-        }
-        Err(io) => {
-            let io = Tracked { io, activity: a };
-            let c = Connection {
-                io,
-                info,
-                cache,
-                activity,
-                shared,
-                accepted,
-                _live,
-            };
-            return Err((c, wait));
         }
     };
     let until = wait.until();

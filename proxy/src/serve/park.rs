@@ -60,13 +60,20 @@ pub trait ReadReady {
     /// waker registered, while it has none.
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
+    /// Whether it can park by its socket's descriptor ([`ReadReady::into_dormant`]); not a
+    /// stream with state of its own (TLS), which parks as a [`Sleeper`].
+    fn parks_dormant(&self) -> bool {
+        false
+    }
+
     /// The plain socket under it, out of the runtime's event loop, to park by its
-    /// descriptor; `Err(self)` for a stream that must park as a [`Sleeper`] (TLS).
-    fn into_dormant(self) -> Result<io::Result<std::net::TcpStream>, Self>
+    /// descriptor. For a stream that [`parks_dormant`](ReadReady::parks_dormant) only (the
+    /// others give `Unsupported`, and are lost).
+    fn into_dormant(self) -> io::Result<std::net::TcpStream>
     where
         Self: Sized,
     {
-        Err(self)
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -501,8 +508,12 @@ impl ReadReady for tokio::net::TcpStream {
         tokio::net::TcpStream::poll_read_ready(self, cx)
     }
 
-    fn into_dormant(self) -> Result<io::Result<std::net::TcpStream>, Self> {
-        Ok(self.into_std())
+    fn parks_dormant(&self) -> bool {
+        true
+    }
+
+    fn into_dormant(self) -> io::Result<std::net::TcpStream> {
+        self.into_std()
     }
 }
 

@@ -122,6 +122,28 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
     start_inner(loaded, runtime::Secrets::default(), None).await
 }
 
+/// `tidegate run`: serve from the config file at `path` on `rt` until SIGTERM or SIGINT,
+/// then drain the requests in flight.
+///
+/// A plain function that blocks, not an `async fn` for the binary to await: an `async fn`
+/// of the library awaited from another crate is compiled again in that crate, the request
+/// path with it. The server was compiled into the binary twice (the parked connections'
+/// resumption makes its own copy here), and with two callers each, none of the request
+/// path's phases was inlined (`benches/peers/profile.sh`: 245 instructions per request).
+pub fn serve_until_signal(
+    rt: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    rt.block_on(async {
+        let server = start_from_file(path).await?;
+        shutdown::signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let drained = server.shutdown().await;
+        tracing::info!(drained, "stopped");
+        Ok(())
+    })
+}
+
 /// Start a gateway from a config file, and keep it in step with the file: edits (and
 /// SIGHUP) reload the rules without a restart (see [`reload`]).
 pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {

@@ -459,7 +459,7 @@ fn main() -> ExitCode {
                 tidegate::control::housekeep::on_memory_freed(collect_when_idle);
             }
             let rt = rt.enable_all().build().expect("building the tokio runtime");
-            let result = rt.block_on(run(&config));
+            let result = tidegate::serve_until_signal(&rt, &config);
             // Never wait long for blocking tasks still running (the reload's reader is a
             // detached thread already; this covers any other): the drain is done.
             rt.shutdown_timeout(SHUTDOWN_BLOCKING_WAIT);
@@ -715,15 +715,6 @@ fn rollback(config: &std::path::Path, data_dir: Option<PathBuf>, to: u64) -> Exi
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(config: &std::path::Path) -> anyhow::Result<()> {
-    let server = tidegate::start_from_file(config).await?;
-    tidegate::shutdown::signal().await;
-    tracing::info!("shutting down: draining in-flight requests");
-    let drained = server.shutdown().await;
-    tracing::info!(drained, "stopped");
-    Ok(())
 }
 
 fn init_tracing(format: rules::model::LogFormat) {

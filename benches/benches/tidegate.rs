@@ -104,7 +104,17 @@ mod governance {
                 query: None,
                 headers,
             };
-            match decide(&rt, req, &conn, Mode::Serve { draw: 0 }).action {
+            match decide(
+                &rt,
+                req,
+                &conn,
+                Mode::Serve {
+                    draw: 0,
+                    at: tidegate::clock::Stamp::now(),
+                },
+            )
+            .action
+            {
                 Action::Forward { upstream, .. } => Ok(upstream),
                 Action::Answer(r, _) => Err(r.status()),
                 Action::NoRoute => Err(http::StatusCode::NOT_FOUND),

@@ -102,7 +102,15 @@ fn decide_allocates_nothing_per_request() {
             query: None,
             headers: &requests[i],
         };
-        let mut d = decide(&rt, req, &conn, Mode::Serve { draw });
+        let mut d = decide(
+            &rt,
+            req,
+            &conn,
+            Mode::Serve {
+                draw,
+                at: tidegate::clock::Stamp::now(),
+            },
+        );
         let action = std::mem::replace(&mut d.action, Action::NoRoute);
         black_box(d);
         match action {
@@ -113,6 +121,7 @@ fn decide_allocates_nothing_per_request() {
                     permit,
                     Ok(StatusCode::OK),
                     Duration::from_millis(1),
+                    tidegate::clock::Stamp::now(),
                 );
                 true
             }

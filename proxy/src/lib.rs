@@ -53,6 +53,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod clock;
 pub mod conn;
 pub mod control;
 pub mod govern;

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use governor::clock::{Clock, Reference};
 use rules::Snapshot;
 use rules::degrade::CompiledBreaker;
 
@@ -165,12 +164,9 @@ pub struct Breakers {
 
 /// Breaker time: nanoseconds since the first reading in this process (one epoch for all
 /// breakers, so a breaker carried over a reload keeps meaningful timestamps), on the
-/// limiters' clock. That clock's instants are nanosecond counts, so the time since the
-/// epoch is a subtraction; a `std` instant's is a `timespec` difference made nanoseconds
-/// (about 40 instructions, on every forwarded call's outcome).
+/// request path's clock ([`crate::clock::Stamp`]).
 pub fn now() -> u64 {
-    let (clock, epoch) = super::clock_and_epoch();
-    u64::from(clock.now().duration_since(*epoch))
+    crate::clock::Stamp::now().nanos()
 }
 
 // === impl State ===

@@ -899,19 +899,21 @@ impl<C: Clock + Clone> Limiters<C> {
         r: &RouteInput<'_>,
         observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
     ) -> Option<Rejection<C>> {
-        self.check_remote(snap, r, observe, &mut Vec::new())
+        self.check_remote(snap, r, None, observe, &mut Vec::new())
     }
 
     /// [`Limiters::check`] of the limits counted in this gateway only: cluster-scope rules
     /// are passed over unobserved (used with [`peeking`], which must not spend leases, and
-    /// to serve when no rule is cluster-scope, [`Limiters::any_cluster`]).
+    /// to serve when no rule is cluster-scope, [`Limiters::any_cluster`]). At `now`, a
+    /// reading of the limiters' clock the caller made, or else one made here.
     pub fn check_local(
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        now: Option<C::Instant>,
         observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
     ) -> Option<Rejection<C>> {
-        self.check_inner(snap, r, observe, None)
+        self.check_inner(snap, r, now, observe, None)
     }
 
     /// [`Limiters::check`], setting aside in `remote` the cluster-scope checks that need
@@ -921,16 +923,18 @@ impl<C: Clock + Clone> Limiters<C> {
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        now: Option<C::Instant>,
         observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
         remote: &mut Vec<RemoteCheck<C>>,
     ) -> Option<Rejection<C>> {
-        self.check_inner(snap, r, observe, Some(remote))
+        self.check_inner(snap, r, now, observe, Some(remote))
     }
 
     fn check_inner(
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        now: Option<C::Instant>,
         observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
         remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<Rejection<C>> {
@@ -938,8 +942,8 @@ impl<C: Clock + Clone> Limiters<C> {
             return None;
         }
         match snap.limits_as_is(r) {
-            Some(list) => self.check_list(list, snap, r, observe, remote),
-            None => self.check_filtered(snap, r, observe, remote),
+            Some(list) => self.check_list(list, snap, r, now, observe, remote),
+            None => self.check_filtered(snap, r, now, observe, remote),
         }
     }
 
@@ -950,13 +954,14 @@ impl<C: Clock + Clone> Limiters<C> {
         &self,
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        now: Option<C::Instant>,
         observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
         remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<Rejection<C>> {
         SCRATCH.with(|s| {
             let mut scratch = s.borrow_mut();
             let list = snap.limits_of(r, &mut scratch);
-            self.check_list(list, snap, r, observe, remote)
+            self.check_list(list, snap, r, now, observe, remote)
         })
     }
 
@@ -968,12 +973,14 @@ impl<C: Clock + Clone> Limiters<C> {
         list: &[u32],
         snap: &Snapshot,
         r: &RouteInput<'_>,
+        now: Option<C::Instant>,
         mut observe: impl FnMut(&RuleLimiter<C>, Outcome, Duration),
         mut remote: Option<&mut Vec<RemoteCheck<C>>>,
     ) -> Option<Rejection<C>> {
         // One clock reading for every limit the request meets: the limiters of a process
         // share one clock ([`super::Governors::build`]), as a test's share its fake one.
-        let now = self.rules[*list.first()? as usize].now();
+        let first = &self.rules[*list.first()? as usize];
+        let now = now.unwrap_or_else(|| first.now());
         for &i in list {
             let lim = &self.rules[i as usize];
             // Nanoseconds: `Ok(0)` admitted now, `Ok(wait)` paced, `Err(wait)` refused.

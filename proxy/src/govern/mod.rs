@@ -13,11 +13,10 @@ pub mod breaker;
 pub mod cluster;
 pub mod limit;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use governor::clock::{Clock, DefaultClock, QuantaInstant};
 use http::Response;
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +26,7 @@ use rules::{RouteDecision, RouteInput, Snapshot};
 use self::breaker::{Admission, Breaker, Breakers, CallResult, Permit, State, Transition};
 use self::cluster::ClusterStore;
 use self::limit::{Limiters, Outcome, Rejection, RemoteCheck, RuleLimiter};
+use crate::clock::Stamp;
 use crate::metrics::{
     BreakerLabels, LimitLabels, Metrics, Name, RuleLabels, ShadowBreakerLabels, TransitionLabels,
 };
@@ -79,23 +79,6 @@ pub enum BreakerVerdict<'r> {
     },
 }
 
-/// The clock of every limiter in the process: one, so that a limiter kept over a reload and
-/// a new one read the same time ([`Limiters::check`] reads it once per request).
-pub(crate) fn limiter_clock() -> &'static DefaultClock {
-    &clock_and_epoch().0
-}
-
-/// [`limiter_clock`] and its first reading (the zero of [`breaker::now`]): one lazily made
-/// static, so that breaker time costs one check that it is made, not two.
-pub(crate) fn clock_and_epoch() -> &'static (DefaultClock, QuantaInstant) {
-    static CLOCK: OnceLock<(DefaultClock, QuantaInstant)> = OnceLock::new();
-    CLOCK.get_or_init(|| {
-        let clock = DefaultClock::default();
-        let epoch = clock.now();
-        (clock, epoch)
-    })
-}
-
 // === impl Governors ===
 
 impl Governors {
@@ -117,7 +100,7 @@ impl Governors {
             cluster,
             limiters: Limiters::build_leased(
                 snap,
-                limiter_clock(),
+                crate::clock::limiter_clock(),
                 previous.map(|p| &p.limiters),
                 lease,
             ),
@@ -134,29 +117,31 @@ impl Governors {
     /// The limit phase: every limit that applies, in rule order, until an enforced one
     /// refuses. `observe` hears each verdict. Returns the refusal, and the cluster-scope
     /// checks that need Redis (to be [`ClusterPending::resolve`]d before forwarding; none when
-    /// the request is refused). Without `serve`, nothing is spent and cluster-scope rules are
-    /// passed over (they are decided in Redis).
+    /// the request is refused). Serving, the limits are counted at `at` (the request's start:
+    /// its limits need no reading of their own); without `at`, nothing is spent and
+    /// cluster-scope rules are passed over (they are decided in Redis).
     pub fn check_limits(
         &self,
         snap: &Snapshot,
         input: &RouteInput<'_>,
-        serve: bool,
+        at: Option<Stamp>,
         observe: impl FnMut(&RuleLimiter, Outcome, Duration),
     ) -> (Option<Rejection>, Option<ClusterPending>) {
-        if !serve {
+        let Some(at) = at else {
             return (
-                limit::peeking(|| self.limiters.check_local(snap, input, observe)),
+                limit::peeking(|| self.limiters.check_local(snap, input, None, observe)),
                 None,
             );
-        }
+        };
+        let now = Some(at.limiter_instant());
         // Without a cluster-scope rule there is nothing to set aside (and no list to drop).
         if !self.limiters.any_cluster {
-            return (self.limiters.check_local(snap, input, observe), None);
+            return (self.limiters.check_local(snap, input, now, observe), None);
         }
         let mut remote = Vec::new();
         let rejection = self
             .limiters
-            .check_remote(snap, input, observe, &mut remote);
+            .check_remote(snap, input, now, observe, &mut remote);
         let pending = (rejection.is_none() && !remote.is_empty()).then(|| ClusterPending {
             store: self.cluster.clone(),
             checks: remote,
@@ -262,13 +247,15 @@ impl Governors {
     }
 }
 
-/// Report a forwarded call to its breaker: 5xx and upstream failures are failures; errors
-/// that are the client's (a body too large) say nothing and are not reported.
+/// Report a forwarded call to its breaker, as done at `now`: 5xx and upstream failures are
+/// failures; errors that are the client's (a body too large) say nothing and are not
+/// reported.
 pub fn finish_call(
     metrics: &Metrics,
     permit: Option<Permit<'_>>,
     outcome: Result<http::StatusCode, GatewayError>,
     latency: Duration,
+    now: crate::clock::Stamp,
 ) {
     let Some(mut p) = permit else { return };
     let result = match outcome {
@@ -282,7 +269,7 @@ pub fn finish_call(
         ) => CallResult::Failure,
         Err(_) => return, // dropping the permit gives a probe slot back
     };
-    if let Some(t) = p.report(breaker::now(), result, latency) {
+    if let Some(t) = p.report(now.nanos(), result, latency) {
         on_transition(metrics, p.breaker(), t);
     }
 }

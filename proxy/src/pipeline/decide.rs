@@ -39,6 +39,7 @@ use rules::{
     Classified, MatchInput, RequestParts, RouteDecision, RouteInput, Snapshot, UpstreamId,
 };
 
+use crate::clock::Stamp;
 use crate::conn::ConnInfo;
 use crate::govern::limit::{Limiters, Outcome, Pace, Rejection, RuleLimiter};
 use crate::govern::{BreakerVerdict, ClusterPending};
@@ -56,6 +57,8 @@ pub enum Mode {
     Serve {
         /// The random draw.
         draw: u64,
+        /// The request's start: the time its limits are counted at.
+        at: Stamp,
     },
     /// Decide as the live gateway would now, changing nothing (`explain`); overload
     /// admission at `level` when given, else at the live level.
@@ -252,7 +255,11 @@ pub fn decide_classified<'r, 'g: 'r>(
     mode: Mode,
     mut on_limit: impl FnMut(&RuleLimiter, Outcome, Duration),
 ) -> Decision<'r, 'g> {
-    let serve = matches!(mode, Mode::Serve { .. });
+    let at = match mode {
+        Mode::Serve { at, .. } => Some(at),
+        Mode::Peek { .. } => None,
+    };
+    let serve = at.is_some();
     let input = route_input(&rt.snapshot, &class, headers, client_ip, mode);
     // Each phase runs only if every phase before it let the request on.
     let identity_refused = class.invalid_id && rt.snapshot.rejects_invalid_id();
@@ -264,7 +271,7 @@ pub fn decide_classified<'r, 'g: 'r>(
     let (limited, cluster) = match admitted {
         true => rt
             .governors
-            .check_limits(&rt.snapshot, &input, serve, |l, o, w| {
+            .check_limits(&rt.snapshot, &input, at, |l, o, w| {
                 if serve {
                     crate::govern::observe_limit(&rt.metrics, l, o, w, &input);
                     if o == Outcome::Paced {
@@ -349,7 +356,7 @@ pub fn replay<'r, C: Clock + Clone>(
             (rt.overload).would_admit_at(input.m.interface, user, level, secs)
         });
     let limited = match admitted {
-        true => limiters.check_local(&rt.snapshot, &input, on_limit),
+        true => limiters.check_local(&rt.snapshot, &input, None, on_limit),
         false => None,
     };
     let on = admitted && limited.is_none();
@@ -384,7 +391,7 @@ fn route_input<'a>(
         m,
         client_ip,
         random: match mode {
-            Mode::Serve { draw } => draw,
+            Mode::Serve { draw, .. } => draw,
             Mode::Peek { .. } => 0,
         },
         pair: snap.pair(&m),

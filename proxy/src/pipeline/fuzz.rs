@@ -74,7 +74,13 @@ pub fn decide(data: &[u8]) {
         assert_eq!(summary(&a), summary(&b), "two peeks disagree");
     }
     assert_eq!(tracked(), before, "peeking added limiter keys");
-    check(rt, &run(Mode::Serve { draw: input.random }));
+    check(
+        rt,
+        &run(Mode::Serve {
+            draw: input.random,
+            at: crate::clock::Stamp::now(),
+        }),
+    );
 }
 
 /// What a decision came to, comparable across runs.

@@ -34,7 +34,7 @@ pub mod tunnel;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -47,6 +47,7 @@ use self::decide::{Action, Mode, decide};
 use self::record::{Answer, Ids, Record, Recorder};
 pub use self::record::{RespBody, X_REQUEST_ID, take_raw};
 use crate::cache::{self, Lookup, ResponseCache};
+use crate::clock::Stamp;
 use crate::conn::ConnInfo;
 use crate::govern::breaker::Permit;
 use crate::govern::limit::Pace;
@@ -169,7 +170,7 @@ impl Gateway {
         conn: &ConnInfo,
         conns: Option<&Arc<ConnCache>>,
     ) -> (Response<RespBody>, HeaderValue) {
-        let started = Instant::now();
+        let started = Stamp::now();
         let (request_id, fresh_id) = self.request_id(&mut parts.headers);
         let rt = self.live.runtime.load_full();
         let trace = self.trace(&mut parts.headers, conn, &rt);
@@ -197,6 +198,7 @@ impl Gateway {
         };
         let mode = Mode::Serve {
             draw: self.next_random(),
+            at: started,
         };
         let d = decide(&rt, request_parts(parts), conn, mode);
         let req = request_parts(parts);
@@ -352,7 +354,7 @@ impl Gateway {
         version: http::Version,
         ids: Ids,
         conn: &ConnInfo,
-        started: Instant,
+        started: Stamp,
     ) -> Response<RespBody> {
         let record = Record::unclassified(rt, "unverified", self.recorder(&ids), started);
         let mut resp = record.finish(rt, Answer::Exchange(None, Err(e)), ids, conn);
@@ -372,7 +374,7 @@ impl Gateway {
         grpc: bool,
         ids: Ids,
         conn: &ConnInfo,
-        started: Instant,
+        started: Stamp,
     ) -> Response<RespBody> {
         let record = Record::unclassified(rt, e.code(), self.recorder(&ids), started).grpc(grpc);
         let answer = Answer::Exchange(None, Err(GatewayError::Unauthorized(e)));
@@ -387,18 +389,18 @@ impl Gateway {
         result: Result<&(Response<UpstreamBody>, std::time::Duration), &GatewayError>,
         permit: Option<Permit<'_>>,
         held: Option<Held>,
-        started: Instant,
-    ) -> Instant {
-        let now = Instant::now();
+        started: Stamp,
+    ) -> Stamp {
+        let now = Stamp::now();
         if let Some(h) = held {
             h.finish(result.ok().map(|(_, latency)| *latency));
         }
         if permit.is_some() {
             let (judged, latency) = match result {
                 Ok((resp, latency)) => (Ok(resp.status()), *latency),
-                Err(e) => (Err(*e), now.saturating_duration_since(started)),
+                Err(e) => (Err(*e), started.until(now)),
             };
-            finish_call(&self.live.metrics, permit, judged, latency);
+            finish_call(&self.live.metrics, permit, judged, latency, now);
         }
         now
     }

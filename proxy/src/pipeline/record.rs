@@ -6,7 +6,7 @@
 //! anything: the [`Class`] of a local answer comes from the phase that made it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response};
@@ -17,6 +17,7 @@ use rules::RequestParts;
 
 use super::decide::{Action, Answered, Decision};
 use super::identity::Verdict;
+use crate::clock::Stamp;
 use crate::conn::ConnInfo;
 use crate::metrics::{Name, RequestLabels, UpstreamErrorLabels, status_class};
 use crate::respond::{self, GatewayError};
@@ -62,9 +63,9 @@ pub enum Answer {
 pub struct Record {
     tally: Tally,
     interface: Option<InterfaceId>,
-    started: Instant,
+    started: Stamp,
     /// When the answer was had, if the caller read the clock then (else it is read here).
-    done: Option<Instant>,
+    done: Option<Stamp>,
     /// Who asked and where it was routed, for the access log and the span (copied only
     /// when one of them is written). Boxed: a record without one is moved through the
     /// request path's futures in a few words, not 200 bytes.
@@ -136,7 +137,7 @@ impl Record {
         req: RequestParts<'_>,
         identity: Verdict,
         to: Recorder,
-        started: Instant,
+        started: Stamp,
     ) -> Self {
         let forwarded = match &d.action {
             Action::Forward { upstream, .. } => Some(*upstream),
@@ -183,7 +184,7 @@ impl Record {
     }
 
     /// The answer was had at `at` (a clock reading the caller made anyway).
-    pub fn done_at(&mut self, at: Instant) {
+    pub fn done_at(&mut self, at: Stamp) {
         self.done = Some(at);
     }
 
@@ -199,7 +200,7 @@ impl Record {
         rt: &Runtime,
         identity: &'static str,
         to: Recorder,
-        started: Instant,
+        started: Stamp,
     ) -> Self {
         Self {
             tally: rt.stats.tally(None, None, None),
@@ -275,7 +276,7 @@ impl Record {
             }
         };
         let elapsed = match self.done {
-            Some(at) => at.saturating_duration_since(self.started),
+            Some(at) => self.started.until(at),
             None => self.started.elapsed(),
         };
         self.tally.record(class, elapsed);

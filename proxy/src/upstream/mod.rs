@@ -57,6 +57,7 @@ mod idle;
 pub mod mirror;
 pub mod tls;
 
+use crate::clock::Stamp;
 use crate::metrics::{EjectionLabels, EndpointLabels, Metrics, Name};
 use crate::respond::GatewayError;
 use headers::Outgoing;
@@ -676,10 +677,13 @@ impl Upstream {
         crate::out_of_line(shared).await
     }
 
-    /// Now and the exchange's deadline, from one clock reading.
-    fn deadline(&self) -> (Instant, tokio::time::Instant) {
-        let now = tokio::time::Instant::now();
-        (now.into_std(), now + self.request_timeout)
+    /// Now (on the request path's clock, which times the exchange) and the exchange's
+    /// deadline (on tokio's, whose timers enforce it).
+    fn deadline(&self) -> (Stamp, tokio::time::Instant) {
+        (
+            Stamp::now(),
+            tokio::time::Instant::now() + self.request_timeout,
+        )
     }
 
     /// [`Upstream::forward`] through hyper: a request with a body, or to a TLS or HTTP/2
@@ -807,7 +811,7 @@ impl Upstream {
         parts: &mut http::request::Parts,
         cache: &Arc<ConnCache>,
         extra: &Outgoing,
-        started: Instant,
+        started: Stamp,
         deadline: tokio::time::Instant,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let mut avoid = None;
@@ -856,7 +860,7 @@ impl Upstream {
         ep: &Endpoint,
         resp: Response<B>,
         as_received: impl FnOnce(B) -> Received,
-        started: Instant,
+        started: Stamp,
     ) -> (Response<UpstreamBody>, Duration) {
         ep.health.succeeded();
         let grpc = self.grpc_status(resp.headers());

@@ -56,7 +56,16 @@ fn serve<'g>(rt: &'g Runtime, path: &str, user: &str) -> Action<'g> {
         query: None,
         headers: &h,
     };
-    decide(rt, req, &conn, Mode::Serve { draw: 0 }).action
+    decide(
+        rt,
+        req,
+        &conn,
+        Mode::Serve {
+            draw: 0,
+            at: crate::clock::Stamp::now(),
+        },
+    )
+    .action
 }
 
 /// Each limit: its key and quota; on live state, whether it would refuse now. Explaining

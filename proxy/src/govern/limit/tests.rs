@@ -727,7 +727,7 @@ fn a_shared_key_cluster_limit_is_set_aside() {
     for _ in 0..5 {
         let mut remote = Vec::new();
         let mut observed = 0;
-        let rej = lim.check_remote(&snap, &input, |_, _, _| observed += 1, &mut remote);
+        let rej = lim.check_remote(&snap, &input, None, |_, _, _| observed += 1, &mut remote);
         assert!(rej.is_none());
         assert_eq!((observed, remote.len()), (0, 1), "decided in Redis");
         assert!(!remote[0].refill_only);

@@ -291,6 +291,7 @@ async fn start_inner(
         idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.header_read_timeout_ms),
         shutdown: shutdown_rx.clone(),
+        stop: shutdown::Stop::new(shutdown_rx.clone()),
         parked: serve::park::ParkLot::new(shutdown_rx.clone(), serve::resume_dormant),
     });
 

@@ -31,6 +31,12 @@ use crate::metrics::Name;
 /// Buckets of the sliding window.
 const BUCKETS: usize = 10;
 
+/// The ring the window's buckets rotate through: more slots than buckets, a power of two, so
+/// an interval's slot is a mask of its number rather than a division's remainder; a slot
+/// whose interval has left the window is not counted (its epoch says so).
+const SLOTS: usize = 16;
+const _: () = assert!(SLOTS.is_power_of_two() && SLOTS >= BUCKETS);
+
 /// A breaker's state, as exported (`tidegate_breaker_state`: 0, 1, 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -99,7 +105,7 @@ enum Phase {
 #[derive(Debug)]
 struct Window {
     bucket_ns: u64,
-    buckets: [Bucket; BUCKETS],
+    buckets: [Bucket; SLOTS],
     /// One past the latest epoch a failure or slow call was counted in (0: none yet). A
     /// good call when every bad one has left the window cannot trip the breaker (no
     /// failures, no slow calls), so it skips summing the buckets. Never lowered (a clear
@@ -419,7 +425,7 @@ impl Window {
     /// interval (see [`Added`]). `zero_ratio`: a good call may trip it too.
     fn add(&self, now: u64, failure: bool, slow: bool, zero_ratio: bool) -> Added {
         let epoch = now / self.bucket_ns;
-        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let b = &self.buckets[(epoch % SLOTS as u64) as usize];
         if b.epoch.load(Ordering::Acquire) != epoch {
             return Added::Rotate;
         }
@@ -451,7 +457,7 @@ impl Window {
     /// (its counts reset) first if it counts another.
     fn add_locked(&self, now: u64, failure: bool, slow: bool) -> (u32, u32, u32) {
         let epoch = now / self.bucket_ns;
-        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let b = &self.buckets[(epoch % SLOTS as u64) as usize];
         if b.epoch.load(Ordering::Acquire) != epoch {
             // Counts first, then the epoch that lets lock-free adds in (Release): an add
             // that sees the new epoch lands after the reset.

@@ -51,6 +51,7 @@ pub mod tls;
 
 use crate::conn::{Activity, ConnInfo, Tracked};
 use crate::pipeline::Gateway;
+use crate::shutdown::Stop;
 use crate::upstream::{ConnCache, ReqBody};
 use park::{ParkLot, ReadReady, Sleeper};
 
@@ -71,6 +72,8 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// Flips to `true` on shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// The same signal, as the HTTP/1 connection loops watch it.
+    pub stop: Arc<Stop>,
     /// The deadlines of parked connections, and their shutdown.
     pub parked: Arc<ParkLot<Dormant>>,
 }
@@ -254,7 +257,7 @@ where
         limits: c.shared.h1,
         idle_timeout: c.shared.idle_timeout,
         first_deadline: c.accepted + c.shared.handshake_timeout,
-        shutdown: c.shared.shutdown.clone(),
+        stop: &c.shared.stop,
     };
     match h1::serve(c.io, fast, resume).await {
         h1::Outcome::Closed => c.shared.gateway.release(&c.cache),

@@ -41,11 +41,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Method, Request, Uri, Version, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::conn::{Activity, ConnInfo};
 use crate::pipeline::Gateway;
+use crate::shutdown::Stop;
 use crate::upstream::{ConnCache, ReqBody};
 
 /// hyper's limit on a request target (`MAX_URI_LEN` in its `proto/h1/role.rs`): longer ones
@@ -382,13 +382,13 @@ pub struct Conn<'a> {
     pub idle_timeout: Duration,
     /// The first request's head deadline (from accept).
     pub first_deadline: Instant,
-    /// Flips to `true` on shutdown.
-    pub shutdown: watch::Receiver<bool>,
+    /// Fires on shutdown.
+    pub stop: &'a Stop,
 }
 
 /// Serve `io` on the fast path until it closes, is handed to hyper or is parked; from the
 /// start, or (`resume`) from the bytes that ended a parked wait.
-pub async fn serve<I>(mut io: I, mut c: Conn<'_>, resume: Option<Resume>) -> Outcome<I>
+pub async fn serve<I>(mut io: I, c: Conn<'_>, resume: Option<Resume>) -> Outcome<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -397,6 +397,8 @@ where
         None => (BytesMut::with_capacity(READ_CHUNK), None),
     };
     let mut parser = Parser::default();
+    // Woken on shutdown while it waits for a head; registered once, not on every wait.
+    let stop = c.stop.watch().await;
     // Each request's head, written in place by the parser and lent to the request path.
     let mut parts = Request::new(()).into_parts().0;
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -432,7 +434,7 @@ where
                     Taken::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
                     Taken::Partial => {}
                 }
-            } else if *c.shutdown.borrow() {
+            } else if stop.is_stopping() {
                 return close(io).await;
             }
             let until = if buf.is_empty() {
@@ -465,7 +467,7 @@ where
                     tracing::debug!(client = %c.info.remote, "no complete request head before the deadline; closing");
                     return Outcome::Closed;
                 }
-                _ = crate::shutdown::stopped(&mut c.shutdown), if buf.is_empty() => {
+                _ = stop.stopped(), if buf.is_empty() => {
                     return close(io).await;
                 }
             }
@@ -491,7 +493,7 @@ where
         parts.extensions.clear();
         c.activity.inflight.fetch_sub(1, Ordering::Relaxed);
         // On shutdown the answer in flight is the connection's last.
-        let keep = keep_alive && !*c.shutdown.borrow();
+        let keep = keep_alive && !stop.is_stopping();
         let framing = write::Request {
             version,
             head_only,
@@ -502,7 +504,7 @@ where
         let written = write::response(&mut io, &mut out, &mut resp, framing, keep).await;
         drop(resp);
         match written {
-            Ok(true) if !*c.shutdown.borrow() => {}
+            Ok(true) if !stop.is_stopping() => {}
             Ok(_) => return close(io).await,
             Err(e) => {
                 tracing::debug!(client = %c.info.remote, error = %e, "writing the response failed");

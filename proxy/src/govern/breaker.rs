@@ -309,6 +309,13 @@ impl Breaker {
         }
     }
 
+    /// A closed breaker's permit (it admits whatever the time); `None` otherwise.
+    #[inline]
+    pub fn admit_closed(&self) -> Option<Permit<'_>> {
+        let closed = self.core.fast.load(Ordering::Acquire) == State::Closed as u8;
+        closed.then(|| self.permit(false))
+    }
+
     fn permit(&self, probe: bool) -> Permit<'_> {
         Permit {
             breaker: self,

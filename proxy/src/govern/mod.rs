@@ -162,6 +162,10 @@ impl Governors {
     /// The breaker phase: the say of the chosen upstream's breaker. With `metrics` (serving),
     /// a permit is taken and transitions and rejections are counted; without, the breaker's
     /// state is only read.
+    ///
+    /// Inlined where the decision calls it: a closed breaker's permit, the common case when
+    /// serving, is a look-up and a load; the rest is out of line ([`Governors::breaker_at`]).
+    #[inline]
     pub fn breaker(
         &self,
         snap: &Snapshot,
@@ -172,6 +176,21 @@ impl Governors {
             return BreakerVerdict::None;
         };
         let b = &self.breakers.by_id[bi as usize];
+        if metrics.is_some()
+            && let Some(permit) = b.admit_closed()
+        {
+            return BreakerVerdict::Pass {
+                breaker: b,
+                permit: Some(permit),
+                would_reject: false,
+            };
+        }
+        Self::breaker_at(b, metrics)
+    }
+
+    /// [`Governors::breaker`] of breaker `b` when it is not closed, or when not serving.
+    #[inline(never)]
+    fn breaker_at<'g>(b: &'g Arc<Breaker>, metrics: Option<&Metrics>) -> BreakerVerdict<'g> {
         let Some(metrics) = metrics else {
             let breaker = b;
             return match (b.would_admit(breaker::now()), b.def.dry_run) {

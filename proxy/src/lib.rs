@@ -42,8 +42,8 @@
 //! Prometheus registry), [`respond`] (the gateway's own answers), [`conn`] (per-connection
 //! facts), [`names`] and [`header_maps`] (the HTTP/1 parsers' header names and header
 //! maps, reused per thread), [`jwt`]
-//! (token verification: keys, the cache, and minting for `tidegate token`) and [`shutdown`]
-//! (the stop signal).
+//! (token verification: keys, the cache, and minting for `tidegate token`), [`shutdown`]
+//! (the stop signal) and [`clock`] (the request path's clock).
 //!
 //! `cargo test -p tidegate-tests --test layout` fails on any import circle among these
 //! modules (and those of `rules`).

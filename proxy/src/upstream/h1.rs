@@ -178,14 +178,29 @@ impl Conn {
         }
     }
 
-    /// Give back the buffers and the timer while the connection idles (they are taken
-    /// again at the next exchange).
-    pub fn park(&mut self) {
-        if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
+    /// The bare socket, out of the event loop, to wait in an endpoint's stock: buffers,
+    /// timer and the runtime's registration are given back (a stocked connection is then a
+    /// descriptor, not a few small allocations pinning the allocator's pages a burst left
+    /// behind). `None` when bytes nobody asked for have come (the connection is unusable) or
+    /// the socket cannot leave the event loop; it is closed then.
+    pub fn into_idle(self) -> Option<std::net::TcpStream> {
+        match self.rbuf.is_empty() {
+            true => self.io.into_std().ok(),
+            false => None,
         }
-        self.wbuf = Vec::new();
-        self.timer = None;
+    }
+
+    /// A stocked socket ([`Conn::into_idle`]) back in the event loop, for an exchange; `None`
+    /// (and closed) when the upstream closed it or wrote to it unasked while it waited. The
+    /// runtime's registration, made new here, has seen none of that, so the socket is asked
+    /// (a peek that does not wait): stale bytes taken for the next request's answer would
+    /// hand one client another's response.
+    pub fn from_idle(s: std::net::TcpStream) -> Option<Self> {
+        match s.peek(&mut [0u8; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => return None,
+        }
+        TcpStream::from_std(s).ok().map(Self::new)
     }
 
     /// Send a request head (the request has no body; `encode` writes it into the buffer it

@@ -4,7 +4,8 @@
 //! upstream's `pool_max_idle_per_endpoint` (the oldest pushed out and closed), none handed
 //! out after [`IDLE_TIMEOUT`] or to an endpoint whose host name now resolves to another
 //! address. The common request, on a connection that already has its own, never touches
-//! it.
+//! it. A stocked connection is its bare socket, out of the runtime's event loop
+//! ([`h1::Conn::into_idle`]): registered again when it is taken.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// One endpoint's idle connections, with when each was put in and the address it is
 /// connected to, oldest first.
 #[derive(Debug, Default)]
-pub(super) struct IdlePool(Mutex<VecDeque<(Instant, SocketAddr, h1::Conn)>>);
+pub(super) struct IdlePool(Mutex<VecDeque<(Instant, SocketAddr, std::net::TcpStream)>>);
 
 impl IdlePool {
     /// Keep `conn`, its buffers given back, pushing out (closing) the oldest beyond `max`
@@ -35,12 +36,14 @@ impl IdlePool {
         self.take_at(addr, Instant::now())
     }
 
-    fn put_at(&self, mut conn: h1::Conn, max: usize, now: Instant) {
+    fn put_at(&self, conn: h1::Conn, max: usize, now: Instant) {
         // No address: the socket is broken, and closed here.
         let Some(addr) = conn.peer().filter(|_| max > 0) else {
             return;
         };
-        conn.park();
+        let Some(conn) = conn.into_idle() else {
+            return;
+        };
         let mut out = Vec::new();
         {
             let mut q = self.0.lock().expect("not poisoned");
@@ -69,7 +72,11 @@ impl IdlePool {
                 break None;
             }
             if to == addr {
-                break Some(conn);
+                // One closed or written to while it waited is closed here; the next is tried.
+                match h1::Conn::from_idle(conn) {
+                    Some(c) => break Some(c),
+                    None => continue,
+                }
             }
             out.push(conn);
         };
@@ -164,6 +171,34 @@ mod tests {
             "an expired one is pushed out by the next put"
         );
         assert!(pool.take_at(addr, later).is_some());
+    }
+
+    /// A stocked connection the upstream wrote to unasked, or closed, while it waited is
+    /// not handed out (its bytes would be taken for the next request's answer), and is
+    /// closed; one left alone still is handed out.
+    #[tokio::test]
+    async fn none_handed_out_with_unasked_bytes_or_closed() {
+        use tokio::io::AsyncWriteExt;
+        let pool = IdlePool::default();
+        let (mut ours, mut theirs, addr) = conns(3).await;
+        for c in ours.drain(..) {
+            pool.put(c, 8);
+        }
+        // Newest first: the third is left alone, the second written to, the first closed.
+        theirs[1]
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
+        drop(theirs.remove(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let taken = pool.take(addr).expect("the one left alone");
+        drop(taken);
+        assert!(
+            pool.take(addr).is_none(),
+            "written to, then closed: neither"
+        );
+        assert!(closed(&mut theirs[0]).await, "the one written to is closed");
+        assert_eq!(pool.len(), 0);
     }
 
     /// After a re-resolution moves the endpoint, connections to its old address are closed

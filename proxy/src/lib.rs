@@ -130,7 +130,8 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Server> {
 /// of the library awaited from another crate is compiled again in that crate, the request
 /// path with it. The server was compiled into the binary twice (the parked connections'
 /// resumption makes its own copy here), and with two callers each, none of the request
-/// path's phases was inlined (`benches/peers/profile.sh rules`: 139 instructions per request more).
+/// path's phases was inlined (`benches/peers/profile.sh rules`: 139 more instructions per
+/// request).
 pub fn serve_until_signal(
     rt: &tokio::runtime::Runtime,
     path: &std::path::Path,

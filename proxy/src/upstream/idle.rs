@@ -23,14 +23,15 @@ pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub(super) struct IdlePool(Mutex<VecDeque<(Instant, SocketAddr, std::net::TcpStream)>>);
 
 impl IdlePool {
-    /// Keep `conn`, its buffers given back, pushing out (closing) the oldest beyond `max`
-    /// and any that have waited past [`IDLE_TIMEOUT`].
+    /// Keep `conn` as its bare socket, pushing out (closing) the oldest beyond `max` and any
+    /// that have waited past [`IDLE_TIMEOUT`].
     pub(super) fn put(&self, conn: h1::Conn, max: usize) {
         self.put_at(conn, max, Instant::now());
     }
 
     /// The newest connection kept that is connected to `addr` (the endpoint's address now;
-    /// newer ones to another address are closed), unless it has waited past
+    /// newer ones to another address are closed) and still idle (one the upstream closed or
+    /// wrote to meanwhile is closed, and the next tried), unless it has waited past
     /// [`IDLE_TIMEOUT`] (then every one kept is closed: the others are older).
     pub(super) fn take(&self, addr: SocketAddr) -> Option<h1::Conn> {
         self.take_at(addr, Instant::now())

@@ -83,19 +83,24 @@ mod tests {
 
     #[test]
     fn intervals_follow_the_wall_clock() {
-        let s = Stamp::now();
-        let std = std::time::Instant::now();
-        std::thread::sleep(Duration::from_millis(20));
-        let (ours, theirs) = (s.elapsed(), std.elapsed());
-        // Within 5 ms of std's measure of the same sleep (the two readings are not at the
-        // same instant, and the TSC's scale is calibrated).
-        let diff = ours.abs_diff(theirs);
+        // Within 5 ms of std's measure of the same sleep (the readings are not at the same
+        // instants, and the TSC's scale is calibrated). A thread descheduled between two
+        // readings on a loaded machine spoils one try, not all of them; a wrong clock does.
+        let diffs: Vec<Duration> = (0..5)
+            .map(|_| {
+                let s = Stamp::now();
+                let std = std::time::Instant::now();
+                std::thread::sleep(Duration::from_millis(20));
+                let (ours, theirs) = (s.elapsed(), std.elapsed());
+                ours.abs_diff(theirs)
+            })
+            .collect();
         assert!(
-            diff < Duration::from_millis(5),
-            "{ours:?} against {theirs:?}"
+            diffs.iter().any(|d| *d < Duration::from_millis(5)),
+            "{diffs:?}"
         );
         assert_eq!(
-            s.until(Stamp(0)),
+            Stamp::now().until(Stamp(0)),
             Duration::ZERO,
             "an earlier stamp is zero"
         );

@@ -15,6 +15,9 @@
 # LAYOUT="split shared" (the default) measures both, one after the other, with the same
 # processes (the backend is re-pinned between them), and prints one table per layout.
 # OUT (target/peers): where results go (rounds-LAYOUT.tsv, table-LAYOUT.md, table.md).
+# PGO=1 measures the profile-guided build (scripts/pgo-build.sh, the build to ship; made
+# first unless SKIP_BUILD is set, then target/pgo/release/tidegate is used as it is);
+# TIDEGATE=/path/to/a/tidegate measures that binary instead of target/release/tidegate.
 # BASELINE=/path/to/an/older/tidegate adds a sixth target, `tidegate-baseline`: that binary
 # with the realistic rules, in the same rounds, for an A/B of a code change under the same
 # noise.
@@ -56,13 +59,18 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 if [ -z "${SKIP_BUILD:-}" ]; then
     echo "building (release)"
     cargo build --release -q -p tidegate -p tidegate-benches
+    [ "${PGO:-0}" = 1 ] && "$ROOT/scripts/pgo-build.sh"
 fi
+TIDEGATE=${TIDEGATE:-$BIN/tidegate}
+[ "${PGO:-0}" = 1 ] && TIDEGATE=$ROOT/target/pgo/release/tidegate
+echo "measuring $TIDEGATE"
 
 rm -rf "$OUT"; mkdir -p "$OUT"
 DIR=$(mktemp -d /tmp/tidegate-peers.XXXXXX)
 # Private copies: a concurrent build in the shared target dir cannot swap them mid-run.
 mkdir -p "$DIR/bin"
-cp "$BIN"/{tidegate,tidegate-pressure,bench-backend,bench-config} "$DIR/bin/"
+cp "$BIN"/{tidegate-pressure,bench-backend,bench-config} "$DIR/bin/"
+cp "$TIDEGATE" "$DIR/bin/tidegate"
 [ -n "${BASELINE:-}" ] && cp "$BASELINE" "$DIR/bin/tidegate-baseline"
 BIN=$DIR/bin
 PIDS=()

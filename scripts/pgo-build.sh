@@ -25,23 +25,24 @@ export CARGO_INCREMENTAL=0
 host=$(rustc -vV | awk '/^host:/ {print $2}')
 PROFDATA=$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata
 if [ ! -x "$PROFDATA" ]; then
+    command -v rustup >/dev/null || { echo "llvm-profdata not found at $PROFDATA and no rustup to add llvm-tools with" >&2; exit 1; }
     rustup component add llvm-tools
 fi
 
 DIR=$(mktemp -d /tmp/tidegate-pgo.XXXXXX)
 PIDS=()
-cleanup() {
-    stop_started
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+trap stop_and_clean EXIT
 
 echo "building the load tool and the backend (release)"
 cargo build --release -q -p tidegate-benches --bin tidegate-pressure --bin bench-backend --bin bench-config
 BIN=$ROOT/target/release
 
 echo "building the instrumented gateway (target/pgo-gen)"
-RUSTFLAGS="-Cprofile-generate=$DIR/raw" cargo build --release -q -p tidegate --target-dir target/pgo-gen
+# A fixed place for the counts, so that a second run reuses the instrumented build (the
+# flag is part of what cargo compares); emptied before each training.
+RAW=$ROOT/target/pgo-gen/profiles
+RUSTFLAGS="-Cprofile-generate=$RAW" cargo build --release -q -p tidegate --target-dir target/pgo-gen
+rm -rf "$RAW"
 
 # One training run: the instrumented gateway with bench-config $1 (rules|norules) in front of
 # bench-backend, the scenario $2 sent at it with the load tool's extra arguments after it;
@@ -88,7 +89,10 @@ train norules benches/scenarios/peer-get.json --rate-scale 0.6
 train rules "$DIR/mixed.json"
 train rules benches/scenarios/peer-get.json --protocol h2 --rate-scale 0.5
 
-"$PROFDATA" merge -o "$DIR/merged.profdata" "$DIR/raw"
+# A training run that wrote nothing (a gateway killed before its exit handler) would leave
+# a build without counts: as slow as a plain one, and silently so.
+ls "$RAW"/*.profraw >/dev/null 2>&1 || { echo "the training wrote no profile" >&2; exit 1; }
+"$PROFDATA" merge -o "$DIR/merged.profdata" "$RAW"
 
 echo "building the profile-guided gateway (target/pgo)"
 RUSTFLAGS="-Cprofile-use=$DIR/merged.profdata" cargo build --release -q -p tidegate --target-dir target/pgo

@@ -25,6 +25,12 @@ stop_started() {
     wait 2>/dev/null || true
 }
 
+# Stop what the script started and remove its scratch directory $DIR: `trap stop_and_clean EXIT`.
+stop_and_clean() {
+    stop_started
+    rm -rf "$DIR"
+}
+
 # A gateway config that holds idle connections: `bench-config $1` (rules|norules) listening
 # on port $2, admin on $3, backend on $4, with a 10 min idle timeout (a 5 min head deadline:
 # under valgrind a first head may be slow to be read) and room for 20,000 connections.

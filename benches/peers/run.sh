@@ -74,11 +74,7 @@ cp "$TIDEGATE" "$DIR/bin/tidegate"
 [ -n "${BASELINE:-}" ] && cp "$BASELINE" "$DIR/bin/tidegate-baseline"
 BIN=$DIR/bin
 PIDS=()
-cleanup() {
-    stop_started
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+trap stop_and_clean EXIT
 
 # CPU time (clock ticks) of a process and its children (nginx's workers): utime + stime, or
 # utime alone with `user`.

@@ -23,11 +23,7 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 DIR=$(mktemp -d /tmp/tidegate-syscalls.XXXXXX)
 PIDS=()
-cleanup() {
-    stop_started
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+trap stop_and_clean EXIT
 
 CALLS=(recvfrom sendto read write readv writev recvmsg sendmsg epoll_wait epoll_ctl futex madvise)
 EVENTS=raw_syscalls:sys_enter

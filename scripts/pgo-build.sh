@@ -13,7 +13,8 @@
 # with bodies; about 30 s), merge the counts with llvm-profdata (rustup's llvm-tools
 # component, added when missing), build again with them (target/pgo). Prints the binary's
 # path: target/pgo/release/tidegate. Code the training does not run (TLS, WebSocket,
-# cluster limits) is compiled as in a plain build, only placed away from the hot path.
+# cluster limits) is treated as cold: placed away from the hot path and, in some passes,
+# optimized for size; add a `train` run of any traffic the deployment depends on.
 # The profile is made from the current source each time: one from another commit would
 # leave every changed function without counts.
 set -euo pipefail

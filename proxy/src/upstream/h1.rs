@@ -190,16 +190,18 @@ impl Conn {
         }
     }
 
-    /// A stocked socket ([`Conn::into_idle`]) back in the event loop, for an exchange; `None`
-    /// (and closed) when the upstream closed it or wrote to it unasked while it waited. The
-    /// runtime's registration, made new here, has seen none of that, so the socket is asked
-    /// (a peek that does not wait): stale bytes taken for the next request's answer would
-    /// hand one client another's response.
+    /// Whether a stocked socket ([`Conn::into_idle`]) is still idle: not closed by the
+    /// upstream nor written to unasked while it waited. A registration made new by
+    /// [`Conn::from_idle`] has seen none of that, so the socket is asked (a peek that does
+    /// not wait): stale bytes taken for the next request's answer would hand one client
+    /// another's response.
+    pub fn still_idle(s: &std::net::TcpStream) -> bool {
+        matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// A stocked socket that is [`Conn::still_idle`] back in the event loop, for an
+    /// exchange; `None` (and closed) when it cannot be registered.
     pub fn from_idle(s: std::net::TcpStream) -> Option<Self> {
-        match s.peek(&mut [0u8; 1]) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            _ => return None,
-        }
         TcpStream::from_std(s).ok().map(Self::new)
     }
 

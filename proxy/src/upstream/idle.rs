@@ -72,19 +72,16 @@ impl IdlePool {
                 out.push(conn);
                 break None;
             }
-            if to == addr {
-                // One closed or written to while it waited is closed here; the next is tried.
-                match h1::Conn::from_idle(conn) {
-                    Some(c) => break Some(c),
-                    None => continue,
-                }
+            // One closed or written to while it waited is closed (below); the next is tried.
+            if to == addr && h1::Conn::still_idle(&conn) {
+                break Some(conn);
             }
             out.push(conn);
         };
         drop(q);
-        // Closed outside the lock.
+        // Closed, and the one taken registered with the runtime, outside the lock.
         drop(out);
-        found
+        found.and_then(h1::Conn::from_idle)
     }
 
     /// How many are kept.

@@ -157,15 +157,32 @@ pub async fn start_from_file(path: &std::path::Path) -> anyhow::Result<Server> {
     start_inner(read.loaded, read.secrets, Some(file)).await
 }
 
-/// The future `make` returns, boxed by a function of its own: for the rare paths of the
-/// request path. An `async` function's poll reserves stack for every future it builds, and
-/// `Box::pin(f())` builds `f`'s (several KB for hyper's exchanges) in the caller's frame
-/// before moving it to the heap; built here, the caller's frame holds a pointer. Every
-/// wake-up of every connection runs those polls, touching their whole frames' worth of
-/// stack pages.
+/// The future `make` returns, boxed by a function of its own, and polled by one: for the
+/// rare paths of the request path. An `async` function's poll reserves stack for every
+/// future it builds and for the locals of every poll inlined into it: `Box::pin(f())` builds
+/// `f`'s future (several KB for hyper's exchanges) in the caller's frame before moving it
+/// to the heap, and polling a `Pin<Box<F>>` inlines `F::poll`, whose locals (a task spawned,
+/// a hyper handshake) then sit in the caller's frame too. Built and polled here, they take
+/// stack only when they run. Every wake-up of every connection runs the common polls, and a
+/// frame over a page is probed page by page on entry: their frames are touched in full.
 #[inline(never)]
-pub fn out_of_line<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    Box::pin(make())
+pub fn out_of_line<F: std::future::Future>(make: impl FnOnce() -> F) -> OutOfLine<F> {
+    OutOfLine(Box::pin(make()))
+}
+
+/// A boxed future whose poll is never inlined into its caller's ([`out_of_line`]).
+pub struct OutOfLine<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for OutOfLine<F> {
+    type Output = F::Output;
+
+    #[inline(never)]
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.0.as_mut().poll(cx)
+    }
 }
 
 /// Where a config's history is kept: `server.data_dir/history`, resolved against the

@@ -159,7 +159,9 @@ impl Approved {
 
     /// The answer to send: a 101 (already [`check`](Self::check)ed) gets its `Connection`
     /// and `Upgrade` back and starts the tunnel's task; anything else is sent as it is (and
-    /// the place under the cap is freed).
+    /// the place under the cap is freed). Out of line: the task it spawns is built on the
+    /// stack first, which the request path's frame should not reserve for every request.
+    #[inline(never)]
     pub fn open(
         self,
         mut resp: Response<super::RespBody>,

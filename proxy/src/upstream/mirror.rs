@@ -132,7 +132,10 @@ impl Mirror {
     /// Start a copy of a request about to be forwarded. `parts` is its head after header
     /// hygiene, so the copy carries the same forwarding headers; `body_empty` says the
     /// client's body is known to be empty. Returns the [`Tee`] the primary's body must feed
-    /// when the copy waits for a body; `None` when it does not (no body, or no copy).
+    /// when the copy waits for a body; `None` when it does not (no body, or no copy). Out of
+    /// line, as every path that spawns a task from the request path is (the task is built
+    /// on the caller's stack before it moves to the heap).
+    #[inline(never)]
     pub fn start(self: &Arc<Self>, parts: &http::request::Parts, body_empty: bool) -> Option<Tee> {
         if !body_empty {
             let declared = parts

@@ -323,6 +323,28 @@ fn idle_keys_are_evicted() {
     assert_eq!(rig.lim.retain_recent(), 0);
 }
 
+/// A one-key limit's state says whether it is in use (its check sets no flag): a sweep
+/// counts it while it is live, clears it once it is fresh again, and skips it unused.
+#[test]
+fn a_one_key_limit_is_swept_by_its_state() {
+    let rig = Rig::new(r#"[{"name": "all", "rate": "10/s", "burst": 2}]"#);
+    assert!(rig.lim.rules[0].simple, "the limit phase's short path");
+    assert!(rig.lim.rules[0].idle(), "unused");
+    assert_eq!(rig.lim.retain_recent(), 0);
+    assert!(rig.admitted("a", "bob"));
+    assert!(!rig.lim.rules[0].idle(), "its state is set");
+    assert_eq!(rig.lim.retain_recent(), 1, "live: kept and counted");
+    rig.clock.advance(1000 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0, "fresh again: cleared");
+    assert!(rig.lim.rules[0].idle());
+    assert!(rig.admitted("a", "bob"));
+    assert!(rig.admitted("a", "carol"));
+    assert!(
+        !rig.admitted("a", "dave"),
+        "the burst of 2 is spent: the state was kept"
+    );
+}
+
 /// A rebuild keeps the limiter (and its state) of unchanged rules and replaces changed ones.
 #[test]
 fn state_carries_over_unchanged_rules() {

@@ -515,13 +515,13 @@ impl KeyStore {
 
     /// Keys tracked.
     pub fn len(&self) -> usize {
-        // A store no key was inserted into since a sweep emptied it is empty: one load, not
-        // 64 locks (the housekeeping sweep counts the keys of every rule, most unused).
-        if !self.in_use() {
-            return 0;
-        }
         if let Some(a) = &self.single {
             return usize::from(a.load(Ordering::Acquire) != NO_TAT);
+        }
+        // A store no key was inserted into since a sweep emptied it is empty: one load, not
+        // 64 locks (the housekeeping sweep counts the keys of every rule, most unused).
+        if !self.used.load(Ordering::Relaxed) {
+            return 0;
         }
         self.shards.iter().map(|s| Self::lock(s).len()).sum()
     }

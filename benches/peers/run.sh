@@ -149,8 +149,12 @@ measure() { # split|shared
     taskset -a -p -c "$backend_cpu" "$BACKEND_PID" >/dev/null
     echo "layout=$1 rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU backend-cpu=$backend_cpu"
     echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors user_us_per_req" | tee "$OUT/rounds-$1.tsv"
+    local nt=${#TARGETS[@]} k t
     for r in $(seq "$ROUNDS"); do
-        for t in "${TARGETS[@]}"; do
+        # Each round starts one target later: none is always measured first, and a host
+        # whose load drifts within a round does not favour the same target every round.
+        for ((k = 0; k < nt; k++)); do
+            t=${TARGETS[$(( (k + r - 1) % nt ))]}
             load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
             before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
             ubefore=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
@@ -211,7 +215,16 @@ measure() { # split|shared
                 printf "| %s | %.2f (%d of %d) | %.2f (%d of %d) | %.2f (%d of %d) |\n", t,
                     med(rc, t), bc, n[t], med(rr, t), br, n[t], med(rp, t), bp, n[t]
             }
-            printf "\ntidegate rules cost: %.1f%% of its no-rule req/s\n", (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
+            # The cost of the rules paired by round too: the two Tidegate builds of one round ran
+            # under the same host load.
+            for (k = 1; k <= n["tidegate-rules"]; k++) {
+                costc["rules", k] = cpu["tidegate-rules", k] / cpu["tidegate-norules", k] - 1
+                costr["rules", k] = 1 - rps["tidegate-rules", k] / rps["tidegate-norules", k]
+            }
+            n["rules"] = n["tidegate-rules"]
+            printf "\ntidegate rules cost: %.1f%% of its no-rule CPU per request and %.1f%% of its req/s by the medians of the per-round ratios; %.1f%% and %.1f%% by the medians above\n",
+                med(costc, "rules") * 100, med(costr, "rules") * 100,
+                (C["tidegate-rules"] / C["tidegate-norules"] - 1) * 100, (1 - R["tidegate-rules"] / R["tidegate-norules"]) * 100
             if (R["tidegate-baseline"] > 0)
                 printf "tidegate-rules against the baseline binary: %.2fx req/s, %.2fx CPU per request\n", R["tidegate-rules"] / R["tidegate-baseline"], C["tidegate-rules"] / C["tidegate-baseline"]
         }' "$OUT/rounds-$1.tsv" | tee "$OUT/table-$1.md"

@@ -1,6 +1,6 @@
-# Helpers of the peer scripts (run.sh, profile.sh, idle-memory.sh, idle-heap.sh): sourced,
-# not run. The caller sets DIR (where the started processes log), PIDS (what it started)
-# and BIN (where the release binaries are).
+# Helpers of the peer scripts (run.sh, rules-cost.sh, profile.sh, syscalls.sh,
+# idle-memory.sh, idle-heap.sh): sourced, not run. The caller sets DIR (where the started
+# processes log), PIDS (what it started) and BIN (where the release binaries are).
 
 # A free loopback port.
 port() {
@@ -40,4 +40,15 @@ idle_config() {
 c["server"]["limits"] = {"idle_timeout_ms": 600000, "max_connections": 20000,
                          "header_read_timeout_ms": 300000}
 json.dump(c, sys.stdout)'
+}
+
+# CPU time (clock ticks, `getconf CLK_TCK` per second) of process $1 and its children
+# (nginx's workers): utime + stime, or utime alone with `user` as $2.
+cpu_ticks() {
+    local t=0 p expr='$12 + $13'
+    [ "${2:-}" = user ] && expr='$12'
+    for p in $1 $(pgrep -P "$1" || true); do
+        t=$((t + $(awk "{sub(/.*\\) /, \"\"); print $expr}" "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
 }

@@ -76,16 +76,6 @@ BIN=$DIR/bin
 PIDS=()
 trap stop_and_clean EXIT
 
-# CPU time (clock ticks) of a process and its children (nginx's workers): utime + stime, or
-# utime alone with `user`.
-cpu_ticks() { # pid [user]
-    local t=0 p expr='$12 + $13'
-    [ "${2:-}" = user ] && expr='$12'
-    for p in $1 $(pgrep -P "$1" || true); do
-        t=$((t + $(awk "{sub(/.*\\) /, \"\"); print $expr}" "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$t"
-}
 TICK=$(getconf CLK_TCK)
 
 BACKEND_PORT=$(port)
@@ -149,29 +139,37 @@ measure() { # split|shared
     taskset -a -p -c "$backend_cpu" "$BACKEND_PID" >/dev/null
     echo "layout=$1 rounds=$ROUNDS secs=$SECS conns=$CONNS fixed-rate=$RATE proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU backend-cpu=$backend_cpu"
     echo "round target rps p50_ms p99_ms cpu_us_per_req fixed_p50_ms fixed_p99_ms errors user_us_per_req" | tee "$OUT/rounds-$1.tsv"
-    local nt=${#TARGETS[@]} k t
+    local nt=${#TARGETS[@]} k t order
+    local -A cpu ucpu
     for r in $(seq "$ROUNDS"); do
         # Each round starts one target later: none is always measured first, and a host
         # whose load drifts within a round does not favour the same target every round.
-        for ((k = 0; k < nt; k++)); do
-            t=${TARGETS[$(( (k + r - 1) % nt ))]}
+        order=()
+        for ((k = 0; k < nt; k++)); do order+=("${TARGETS[$(( (k + r - 1) % nt ))]}"); done
+        # The closed-loop runs back to back, then the fixed-rate ones: the CPU figures that
+        # are compared (each target against nginx, the rules against none) are taken
+        # seconds apart, under the same host load.
+        for t in "${order[@]}"; do
             load "$t" closed 1 "$DIR/warm.json" # warm-up: connections, pools, limiter keys
             before=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
             ubefore=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
-            load "$t" closed "$SECS" "$DIR/max.json"
+            load "$t" closed "$SECS" "$DIR/max-$t.json"
             after=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}")
             uafter=$( [ "$t" = direct ] && echo 0 || cpu_ticks "${PID[$t]}" user)
-            load "$t" open "$SECS" "$DIR/fixed.json"
-            reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max.json")
-            errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max.json")
-            errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed.json")))
-            line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "$(( after - before ))" \
-                --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed.json" \
-                --argjson ucpu "$(( uafter - ubefore ))" \
+            cpu[$t]=$(( after - before )); ucpu[$t]=$(( uafter - ubefore ))
+        done
+        for t in "${order[@]}"; do
+            load "$t" open "$SECS" "$DIR/fixed-$t.json"
+            reqs=$(jq '.overall.succeeded + .overall.failed + .overall.limited + .overall.shed + .overall.degraded' "$DIR/max-$t.json")
+            errs=$(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/max-$t.json")
+            errs=$((errs + $(jq '.overall.errors + .overall.failed + .overall.unsent' "$DIR/fixed-$t.json")))
+            line=$(jq -r --arg r "$r" --arg t "$t" --argjson reqs "$reqs" --argjson cpu "${cpu[$t]}" \
+                --argjson tick "$TICK" --argjson errs "$errs" --slurpfile f "$DIR/fixed-$t.json" \
+                --argjson ucpu "${ucpu[$t]}" \
                 '[$r, $t, (.overall.rps|floor), .overall.latency_ms.p50, .overall.latency_ms.p99,
                   (if $reqs > 0 then ($cpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end),
                   $f[0].overall.latency_ms.p50, $f[0].overall.latency_ms.p99, $errs,
-                  (if $reqs > 0 then ($ucpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end)] | @tsv' "$DIR/max.json")
+                  (if $reqs > 0 then ($ucpu / $tick * 1e6 / $reqs * 100 | round / 100) else 0 end)] | @tsv' "$DIR/max-$t.json")
             echo "$line" | tee -a "$OUT/rounds-$1.tsv"
         done
     done

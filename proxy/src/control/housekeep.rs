@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use crate::runtime::Live;
 
-/// How often idle limiter keys are swept.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often idle limiter keys are swept. A keyed limit's table holds the keys seen since
+/// the last sweep (most are fresh again long before it: a key's state outlives its last
+/// request by its burst's worth of intervals), so the interval sets how far a busy per-user
+/// limit's table spreads: at 40,000 requests/s over 100,000 users, every 5 s held all the
+/// users (about 2 MB, a cache miss or two per look-up), every second a third of them.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What gives the memory a sweep freed back to the system: set by the binary for the
 /// allocator it chose ([`on_memory_freed`]); nothing by default.

@@ -58,8 +58,8 @@ pub struct KeyStore {
     /// A [`KeyStore::single`] store's one state ([`NO_TAT`]: none).
     single: Option<AtomicU64>,
     /// Whether a keyed store may track a key: set when one is inserted, cleared by a sweep
-    /// that leaves every shard empty, so sweeping a limiter nobody used costs one load (a
-    /// thousand rules with a few busy ones is the common shape). A one-key store's state
+    /// that leaves every shard empty and small, so sweeping a limiter nobody used costs one
+    /// load (a thousand rules with a few busy ones is the common shape). A one-key store's state
     /// says it itself ([`KeyStore::in_use`]); its check does not touch this.
     used: AtomicBool,
     /// Empty for a [`KeyStore::single`] store.
@@ -471,14 +471,19 @@ impl KeyStore {
         for shard in &*self.shards {
             // One shard at a time: requests wait for at most one shard's sweep.
             let mut t = Self::lock(shard);
+            // Keys leave only here, so the count before the drop is the most the table held
+            // since the last sweep.
+            let peak = t.len();
             Self::drop_expired(&mut t, drop_below);
-            left |= !t.is_empty();
-            // Give memory back once the table is mostly empty (not on every sweep: regrowing
-            // costs more than the slack).
-            if t.capacity() > 64 && t.len() * 4 < t.capacity() {
+            // Give memory back once the table went a whole interval mostly empty, not as
+            // soon as a sweep drops most keys: where many keys come and go (many users, each
+            // seen now and then), the next interval's keys would grow it back, rehashing.
+            if t.capacity() > 64 && peak * 4 < t.capacity() {
                 let keep = t.len() * 2;
                 t.shrink_to(keep);
             }
+            // A table emptied with its room kept is looked at again by the next sweep.
+            left |= !t.is_empty() || t.capacity() > 64;
         }
         if left {
             self.used.store(true, Ordering::Relaxed);
@@ -524,6 +529,12 @@ impl KeyStore {
             return 0;
         }
         self.shards.iter().map(|s| Self::lock(s).len()).sum()
+    }
+
+    /// Keys the tables have room for.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.shards.iter().map(|s| Self::lock(s).capacity()).sum()
     }
 
     /// Whether no key is tracked.

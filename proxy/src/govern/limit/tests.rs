@@ -323,6 +323,35 @@ fn idle_keys_are_evicted() {
     assert_eq!(rig.lim.retain_recent(), 0);
 }
 
+/// A sweep gives a keyed table's room back once the table went a whole interval mostly
+/// empty, not as soon as it drops most keys: where many keys come and go each interval, the
+/// next interval's keys would grow it back, rehashing every key again.
+#[test]
+fn a_swept_table_keeps_its_room_while_keys_come_and_go() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
+    let room = || rig.lim.rules[0].base.gcra.store.capacity();
+    let wave = |n: usize| {
+        for i in 0..10_000 {
+            assert!(rig.admitted("a", &format!("user-{n}-{i}")));
+        }
+    };
+    wave(0);
+    let grown = room();
+    assert!(grown >= 10_000, "{grown}");
+    rig.clock.advance(1000 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0, "all fresh again: dropped");
+    assert_eq!(room(), grown, "busy last interval: the room is kept");
+    wave(1);
+    assert_eq!(room(), grown, "the next wave fits without growing");
+    rig.clock.advance(1000 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0);
+    assert_eq!(room(), grown);
+    rig.clock.advance(1000 * MS);
+    assert_eq!(rig.lim.retain_recent(), 0, "an idle interval");
+    assert_eq!(room(), 0, "given back");
+    assert!(rig.lim.rules[0].idle(), "and the limit is idle again");
+}
+
 /// A one-key limit's state says whether it is in use (its check sets no flag): a sweep
 /// counts it while it is live, clears it once it is fresh again, and skips it unused.
 #[test]

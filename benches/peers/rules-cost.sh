@@ -18,6 +18,9 @@
 # (shared: the backend on PROXY_CPU with the proxy, as run.sh's `shared`; split: on
 # LOAD_CPU with the load tool), PROXY_CPU (0), LOAD_CPU (1). Uses target/release (build
 # it first), PGO=1 the profile-guided build, TIDEGATE= another binary. Needs jq.
+# PERF=1 also samples each variant's process during the last round with `perf record`
+# (PERF_HZ, 4999 a second; needs perf with access to the process) and prints its top
+# PERF_TOP (25) symbols in µs per request.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/benches/peers/common.sh"
@@ -25,6 +28,8 @@ BIN=$ROOT/target/release
 TIDEGATE=${TIDEGATE:-$BIN/tidegate}
 [ "${PGO:-0}" = 1 ] && TIDEGATE=$ROOT/target/pgo/release/tidegate
 VARIANTS=${VARIANTS:-rules}
+PERF_HZ=${PERF_HZ:-4999}
+PERF_TOP=${PERF_TOP:-25}
 ROUNDS=${ROUNDS:-10}
 SECS=${SECS:-4}
 CONNS=${CONNS:-50}
@@ -94,11 +99,18 @@ for r in $(seq "$ROUNDS"); do
     for ((k = 0; k < nt; k++)); do
         v=${TARGETS[$(( (k + r - 1) % nt ))]}
         load "$v" 1 "$DIR/warm.json"
+        perf=
+        if [ "${PERF:-0}" = 1 ] && [ "$r" = "$ROUNDS" ]; then
+            perf record -q -F "$PERF_HZ" -p "${PID[$v]}" -o "$DIR/perf-$v.data" 2>/dev/null &
+            perf=$!
+        fi
         before=$(cpu_ticks "${PID[$v]}")
         load "$v" "$SECS" "$DIR/run.json"
         after=$(cpu_ticks "${PID[$v]}")
+        [ -n "$perf" ] && { kill -INT "$perf"; wait "$perf" || true; }
         reqs=$(jq '.overall.succeeded + .overall.limited + .overall.shed + .overall.degraded' "$DIR/run.json")
         [ "$reqs" -gt 0 ] || { echo "$v answered no request; its log:" >&2; tail -n 5 "$DIR/$v.log" >&2; exit 1; }
+        echo "$reqs" >"$DIR/reqs-$v"
         us=$(awk "BEGIN{printf \"%.2f\", ($after - $before) / $TICK * 1e6 / $reqs}")
         printf '%s\t%s\t%s\n' "$r" "$v" "$us" >>"$DIR/rounds.tsv"
         line+=" $v=$us"
@@ -121,3 +133,17 @@ awk -F'\t' -v variants="$VARIANTS" '
             printf "%-12s %5.1f%% (%.1f%%)  %d of %d rounds above 5%%\n", v, med * 100, sum / rounds * 100, over, rounds
         }
     }' "$DIR/rounds.tsv"
+
+# The last round's samples by symbol, in µs per request: where the variants' time differs.
+if [ "${PERF:-0}" = 1 ]; then
+    for v in "${TARGETS[@]}"; do
+        perf report -i "$DIR/perf-$v.data" -n --no-children --sort dso,sym --stdio 2>/dev/null |
+            awk -v hz="$PERF_HZ" -v reqs="$(cat "$DIR/reqs-$v")" -v top="$PERF_TOP" -v v="$v" '
+                /^#/ || NF < 4 { next }
+                { n = $2; $1 = ""; $2 = ""; all += n; sym[++k] = $0; cnt[k] = n }
+                END {
+                    printf "\n%s: %.2f µs per request sampled; the top %d symbols, µs per request:\n", v, all / hz * 1e6 / reqs, top
+                    for (i = 1; i <= k && i <= top; i++) printf "%8.3f %s\n", cnt[i] / hz * 1e6 / reqs, sym[i]
+                }'
+    done
+fi

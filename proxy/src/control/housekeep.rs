@@ -7,12 +7,17 @@ use std::time::Duration;
 
 use crate::runtime::Live;
 
-/// How often idle limiter keys are swept. A keyed limit's table holds the keys seen since
-/// the last sweep (most are fresh again long before it: a key's state outlives its last
-/// request by its burst's worth of intervals), so the interval sets how far a busy per-user
-/// limit's table spreads: at 40,000 requests/s over 100,000 users, every 5 s held all the
-/// users (about 2 MB, a cache miss or two per look-up), every second a third of them.
+/// How often the keyed limiters' idle keys are swept. A keyed limit's table holds the keys
+/// seen since the last sweep (most are fresh again long before it: a key's state outlives
+/// its last request by its burst's worth of intervals), so the interval sets how far a busy
+/// per-user limit's table spreads: at 40,000 requests/s over 100,000 users, every 5 s held
+/// all the users (about 2 MB, a cache miss or two per look-up), every second a third.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every how many sweeps the one-key limiters are swept too (their state needs no sweep to
+/// be right, only to be counted and to let the sweep skip them when idle; a config of a
+/// thousand pair limits makes that pass the sweep's larger part).
+pub const FULL_SWEEP_EVERY: u32 = 5;
 
 /// What gives the memory a sweep freed back to the system: set by the binary for the
 /// allocator it chose ([`on_memory_freed`]); nothing by default.
@@ -26,24 +31,36 @@ pub fn on_memory_freed(f: fn()) {
     let _ = MEMORY_FREED.set(f);
 }
 
-/// Sweep idle keys out of the live runtime's limiters every [`SWEEP_INTERVAL`] until
-/// shutdown, so limiter memory follows the active users. Each sweep locks one shard at a
-/// time, so requests wait for at most one shard's sweep.
+/// Sweep idle keys out of the live runtime's keyed limiters every [`SWEEP_INTERVAL`], and
+/// out of all of them every [`FULL_SWEEP_EVERY`] sweeps, until shutdown, so limiter memory
+/// follows the active users. Each sweep locks one shard at a time, so requests wait for at
+/// most one shard's sweep.
 pub async fn sweep_limiters(live: Arc<Live>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeps = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
+        let full = sweeps.is_multiple_of(FULL_SWEEP_EVERY);
+        sweeps = sweeps.wrapping_add(1);
         let rt = live.runtime.load_full();
-        if rt.governors.limiters.rules.is_empty() {
+        let limiters = &rt.governors.limiters;
+        if limiters.rules.is_empty() || (!full && limiters.keyed_idle()) {
             continue;
         }
         // Off the async workers: a sweep of a million keys takes milliseconds.
         let tracked = tokio::task::spawn_blocking(move || {
-            let tracked = rt.governors.limiters.retain_recent();
+            let limiters = &rt.governors.limiters;
+            let tracked = match full {
+                true => Some(limiters.retain_recent()),
+                false => {
+                    limiters.retain_recent_keyed();
+                    None
+                }
+            };
             drop(rt);
             if let Some(freed) = MEMORY_FREED.get() {
                 freed();
@@ -51,8 +68,11 @@ pub async fn sweep_limiters(live: Arc<Live>, mut shutdown: tokio::sync::watch::R
             tracked
         })
         .await
-        .unwrap_or(0);
-        tracing::debug!(target: "tidegate::limit", tracked_keys = tracked, "limiter sweep");
+        .ok()
+        .flatten();
+        if let Some(tracked) = tracked {
+            tracing::debug!(target: "tidegate::limit", tracked_keys = tracked, "limiter sweep");
+        }
     }
 }
 

@@ -182,6 +182,9 @@ pub struct Limiters<C: Clock = DefaultClock> {
     /// Whether some rule is cluster-scope: without one, a request has nothing to set aside
     /// for Redis ([`Limiters::check_remote`]).
     pub any_cluster: bool,
+    /// The rules keyed by something (user, IP, header, ...): their tables grow with the keys
+    /// seen, so they are swept more often ([`Limiters::retain_recent_keyed`]).
+    keyed: Box<[u32]>,
 }
 
 /// What one limit did with a request.
@@ -912,7 +915,18 @@ impl<C: Clock + Clone> Limiters<C> {
             })
             .collect();
         let any_cluster = rules.iter().any(|r| r.cluster.is_some());
-        Self { rules, any_cluster }
+        let keyed = (0..rules.len() as u32)
+            .filter(|&i| {
+                rules[i as usize]
+                    .quotas()
+                    .any(|q| q.gcra.store.single.is_none())
+            })
+            .collect();
+        Self {
+            rules,
+            any_cluster,
+            keyed,
+        }
     }
 
     /// Check every limit that applies to a request, in order, until one enforced limit
@@ -1096,6 +1110,23 @@ impl<C: Clock + Clone> Limiters<C> {
             },
         };
         Some((key.quota, verdict))
+    }
+
+    /// Drop idle keys from the keyed limiters only, whose tables hold memory: a one-key
+    /// limiter's state needs no sweep to be right (a fresh one reads as none), and a large
+    /// config's thousand of them cost a pass each ([`Limiters::retain_recent`] visits them).
+    pub fn retain_recent_keyed(&self) {
+        for &i in &*self.keyed {
+            let r = &self.rules[i as usize];
+            if !r.idle() {
+                r.retain_recent();
+            }
+        }
+    }
+
+    /// Whether no keyed limiter holds a key: nothing for [`Limiters::retain_recent_keyed`].
+    pub fn keyed_idle(&self) -> bool {
+        self.keyed.iter().all(|&i| self.rules[i as usize].idle())
     }
 
     /// Drop idle keys from every limiter; returns the keys still tracked.

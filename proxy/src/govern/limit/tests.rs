@@ -352,6 +352,32 @@ fn a_swept_table_keeps_its_room_while_keys_come_and_go() {
     assert!(rig.lim.rules[0].idle(), "and the limit is idle again");
 }
 
+/// The frequent sweep visits the keyed limiters only: their idle keys go, a one-key
+/// limiter's state stays for the full sweep (it reads as fresh either way).
+#[test]
+fn the_keyed_sweep_leaves_one_key_limiters_alone() {
+    let rig = Rig::new(
+        r#"[{"name": "all", "rate": "1000/s", "burst": 1000},
+            {"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 2}]"#,
+    );
+    assert!(rig.lim.keyed_idle());
+    for i in 0..100 {
+        rig.send("a", Some(&format!("user-{i}")));
+    }
+    assert!(!rig.lim.keyed_idle());
+    let tracked = |i: usize| rig.lim.rules[i].tracked_keys();
+    assert_eq!((tracked(0), tracked(1)), (1, 100));
+    rig.clock.advance(1000 * MS);
+    rig.lim.retain_recent_keyed();
+    assert_eq!(
+        (tracked(0), tracked(1)),
+        (1, 0),
+        "only the keyed limiter swept"
+    );
+    assert_eq!(rig.lim.retain_recent(), 0, "the full sweep takes the rest");
+    assert!(rig.lim.keyed_idle());
+}
+
 /// A one-key limit's state says whether it is in use (its check sets no flag): a sweep
 /// counts it while it is live, clears it once it is fresh again, and skips it unused.
 #[test]

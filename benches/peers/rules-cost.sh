@@ -55,9 +55,12 @@ filter() {
         no-per-user) echo 'del(.limits[] | select(.name == "per-user"))' ;;
         no-dry-run) echo 'del(.limits[] | select(.name == "global-dry"))' ;;
         no-breaker) echo '.breakers = []' ;;
-        *) echo "unknown variant $1" >&2; return 1 ;;
+        *) echo "unknown variant $1: rules, no-splits, no-routes, no-limits, no-per-user, no-dry-run, no-breaker or baseline" >&2
+            return 1 ;;
     esac
 }
+# Every variant checked before anything starts: a misspelt one must not run as another.
+for v in $VARIANTS; do filter "$v" >/dev/null || exit 2; done
 
 BACK=$(port)
 taskset -c "$BACKEND_CPU" "$BIN/bench-backend" "127.0.0.1:$BACK" 1 >"$DIR/backend.log" 2>&1 &

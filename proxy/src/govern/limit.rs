@@ -2,9 +2,9 @@
 //!
 //! The rules crate says which limits apply to a request, under which quota, and hands over a
 //! 64-bit key; this module counts. Each quota of each rule is one `Gcra` over a
-//! [`KeyStore`]: a sharded hash map from the `u64` key to the key's GCRA state (its
-//! theoretical arrival time, another `u64`), so a tracked key costs about 16 bytes of table
-//! plus hash-table slack, whatever the length of the user ID (a rule with one key for every
+//! [`KeyStore`]: a sharded hash table from the `u64` key to the key's GCRA state (its
+//! theoretical arrival time, another `u64`), so a tracked key costs one 16-byte slot in a
+//! table kept between a quarter and half full, whatever the length of the user ID (a rule with one key for every
 //! request, a global or pair limit, keeps it in one atomic instead). Keys whose state has become
 //! indistinguishable from a fresh one are dropped by [`Limiters::retain_recent`], which a
 //! housekeeping task runs periodically, so memory follows the active users, not every user
@@ -16,8 +16,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -35,6 +33,9 @@ use rules::{RouteInput, Snapshot};
 use super::cluster::{ClusterLimiter, Local};
 use crate::metrics::Name;
 use crate::respond::{self, GatewayError};
+use table::{Entry, KeyTable};
+
+mod table;
 
 /// Lease length of cluster-scope rules when `server.redis` gives none.
 pub const DEFAULT_LEASE: Duration = Duration::from_millis(100);
@@ -69,13 +70,7 @@ pub struct KeyStore {
 /// No state for the key (a [`KeyStore::single`] store's empty value).
 const NO_TAT: u64 = u64::MAX;
 
-type Table = HashMap<u64, u64, BuildHasherDefault<MixHasher>>;
-
-/// Hasher for keys that are already XXH3 hashes: one multiply, so both the low bits (bucket
-/// position) and the top bits (hashbrown's tag) vary, although the top 6 bits of every key
-/// in one shard are equal.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MixHasher(u64);
+type Table = KeyTable;
 
 /// The runtime limiter of one limit rule.
 ///
@@ -304,32 +299,17 @@ impl Outcome {
     }
 }
 
-// === impl MixHasher ===
-
-impl Hasher for MixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed; keep a correct fallback anyway.
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, k: u64) {
-        self.0 = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 // === impl KeyStore ===
 
 impl KeyStore {
     /// An empty store.
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+            shards: {
+                // One seed for the store's tables, unknown to clients (see `table`).
+                let seed = rand::random::<u64>();
+                (0..SHARDS).map(|_| Mutex::new(Table::new(seed))).collect()
+            },
             used: AtomicBool::new(false),
             single: None,
         }
@@ -369,11 +349,11 @@ impl KeyStore {
     ) -> Result<(), E> {
         let mut table = Self::lock(self.shard(key));
         if PEEKING.with(Cell::get) {
-            return f(table.get(&key).copied()).map(drop);
+            return f(table.get(key)).map(drop);
         }
         match table.entry(key) {
-            Entry::Occupied(mut e) => {
-                *e.get_mut() = f(Some(*e.get()))?;
+            Entry::Occupied(tat) => {
+                *tat = f(Some(*tat))?;
             }
             // A refused request never creates an entry.
             Entry::Vacant(e) => {
@@ -444,7 +424,7 @@ impl KeyStore {
     ) -> Result<u64, u64> {
         let (interval, tolerance) = q;
         let mut table = Self::lock(self.shard(key));
-        let tat = table.get(&key).copied().unwrap_or(now);
+        let tat = table.get(key).unwrap_or(now);
         let wait = tat.saturating_sub(tolerance).saturating_sub(now);
         if wait > max_wait || (wait > 0 && !room()) {
             return Err(wait);
@@ -477,7 +457,7 @@ impl KeyStore {
             // Keys leave only here, so the count before the drop is the most the table held
             // since the last sweep.
             let peak = t.len();
-            Self::drop_expired(&mut t, drop_below);
+            t.drop_at_or_below(drop_below);
             // Give memory back once the table went a whole interval mostly empty, not as
             // soon as a sweep drops most keys: where many keys come and go (many users, each
             // seen now and then), the next interval's keys would grow it back, rehashing.
@@ -490,34 +470,6 @@ impl KeyStore {
         }
         if left {
             self.used.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Drop the keys of `t` whose theoretical arrival time is at or below `drop_below`.
-    ///
-    /// Where most go (many users, each seen now and then: the common shape), the survivors
-    /// are set aside, the table emptied at once and they are put back: erasing keys one by
-    /// one costs about three times as much per key as reading them (each erasure decides,
-    /// from its neighbours, how to mark its slot), and the sweep drops as many keys as the
-    /// requests insert. Where most stay, they are erased in place.
-    fn drop_expired(t: &mut Table, drop_below: u64) {
-        // Survivors are set aside while they are at most half the keys (one pass either way).
-        let most = t.len() / 2;
-        let mut kept = Vec::new();
-        let mut in_place = false;
-        for (&key, &tat) in t.iter().filter(|&(_, &tat)| tat > drop_below) {
-            if kept.len() == most {
-                in_place = true;
-                break;
-            }
-            kept.push((key, tat));
-        }
-        match in_place {
-            true => t.retain(|_, tat| *tat > drop_below),
-            false => {
-                t.clear();
-                t.extend(kept);
-            }
         }
     }
 

@@ -14,8 +14,9 @@ use crate::runtime::Live;
 /// all the users (about 2 MB, a cache miss or two per look-up), every second a third.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Every how many sweeps the one-key limiters are swept too (their state needs no sweep to
-/// be right, only to be counted and to let the sweep skip them when idle; a config of a
+/// Every how many sweeps the one-key limiters, and the keyed ones that are not busy
+/// ([`crate::govern::limit::BUSY_KEYS`]), are swept too (a one-key state needs no sweep to
+/// be right, only to be counted and to let the sweep skip it when idle; a config of a
 /// thousand pair limits makes that pass the sweep's larger part).
 pub const FULL_SWEEP_EVERY: u32 = 5;
 

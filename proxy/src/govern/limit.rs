@@ -4,11 +4,11 @@
 //! 64-bit key; this module counts. Each quota of each rule is one `Gcra` over a
 //! [`KeyStore`]: a sharded hash table from the `u64` key to the key's GCRA state (its
 //! theoretical arrival time, another `u64`), so a tracked key costs one 16-byte slot in a
-//! table kept between a quarter and half full, whatever the length of the user ID (a rule with one key for every
-//! request, a global or pair limit, keeps it in one atomic instead). Keys whose state has become
-//! indistinguishable from a fresh one are dropped by [`Limiters::retain_recent`], which a
-//! housekeeping task runs periodically, so memory follows the active users, not every user
-//! ever seen.
+//! table at most half full, whatever the length of the user ID (a rule with one key for
+//! every request, a global or pair limit, keeps it in one atomic instead). Keys whose state
+//! has become indistinguishable from a fresh one are dropped by [`Limiters::retain_recent`],
+//! which a housekeeping task runs periodically, so memory follows the active users, not
+//! every user ever seen.
 //!
 //! Limits apply in rule order; the first enforced limit that refuses rejects the request and
 //! the limits after it are not consulted, so they spend no quota on a request that will not
@@ -16,7 +16,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,13 +64,23 @@ pub struct KeyStore {
     /// says it itself ([`KeyStore::in_use`]); its check does not touch this.
     used: AtomicBool,
     /// Empty for a [`KeyStore::single`] store.
-    shards: Box<[Mutex<Table>]>,
+    shards: Box<[Mutex<KeyTable>]>,
+    /// The most keys a keyed store held between its last two sweeps (`usize::MAX` before its
+    /// first): whether the frequent sweep visits it ([`BUSY_KEYS`]).
+    peak: AtomicUsize,
 }
+
+/// Keys a keyed store must have held since its last sweep for the frequent sweep to visit
+/// it ([`Limiters::retain_recent_keyed`]); a quieter store waits for the full sweep, every
+/// few seconds. A sweep costs per shard as well as per key (a lock, a walk over every slot
+/// of 64 small, mostly empty tables), so a store of a few hundred keys a second costs more
+/// per key swept every second than every few (at 400 requests/s over 100,000 users: 84 → 64
+/// instructions per request), while a few thousand keys held a few seconds longer are a few
+/// hundred KB at most.
+pub const BUSY_KEYS: usize = 4096;
 
 /// No state for the key (a [`KeyStore::single`] store's empty value).
 const NO_TAT: u64 = u64::MAX;
-
-type Table = KeyTable;
 
 /// The runtime limiter of one limit rule.
 ///
@@ -308,10 +318,13 @@ impl KeyStore {
             shards: {
                 // One seed for the store's tables, unknown to clients (see `table`).
                 let seed = rand::random::<u64>();
-                (0..SHARDS).map(|_| Mutex::new(Table::new(seed))).collect()
+                (0..SHARDS)
+                    .map(|_| Mutex::new(KeyTable::new(seed)))
+                    .collect()
             },
             used: AtomicBool::new(false),
             single: None,
+            peak: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -325,6 +338,7 @@ impl KeyStore {
             shards: Box::new([]),
             used: AtomicBool::new(false),
             single: Some(AtomicU64::new(NO_TAT)),
+            peak: AtomicUsize::new(0),
         }
     }
 
@@ -400,11 +414,11 @@ impl KeyStore {
         }
     }
 
-    fn shard(&self, key: u64) -> &Mutex<Table> {
+    fn shard(&self, key: u64) -> &Mutex<KeyTable> {
         &self.shards[(key >> 58) as usize % SHARDS]
     }
 
-    fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    fn lock(m: &Mutex<KeyTable>) -> MutexGuard<'_, KeyTable> {
         m.lock()
     }
 
@@ -451,26 +465,36 @@ impl KeyStore {
             return;
         }
         let mut left = false;
+        let mut held = 0;
         for shard in &*self.shards {
             // One shard at a time: requests wait for at most one shard's sweep.
             let mut t = Self::lock(shard);
             // Keys leave only here, so the count before the drop is the most the table held
             // since the last sweep.
             let peak = t.len();
+            held += peak;
             t.drop_at_or_below(drop_below);
             // Give memory back once the table went a whole interval mostly empty, not as
             // soon as a sweep drops most keys: where many keys come and go (many users, each
             // seen now and then), the next interval's keys would grow it back, rehashing.
-            if t.capacity() > 64 && peak * 4 < t.capacity() {
+            // Small tables too: the sweep walks every slot, so room kept from a busier
+            // minute costs every sweep after it.
+            if peak * 4 < t.capacity() {
                 let keep = t.len() * 2;
                 t.shrink_to(keep);
             }
             // A table emptied with its room kept is looked at again by the next sweep.
-            left |= !t.is_empty() || t.capacity() > 64;
+            left |= !t.is_empty() || t.capacity() > 0;
         }
         if left {
             self.used.store(true, Ordering::Relaxed);
         }
+        self.peak.store(held, Ordering::Relaxed);
+    }
+
+    /// Whether the store held [`BUSY_KEYS`] keys or more between its last two sweeps.
+    fn busy(&self) -> bool {
+        self.peak.load(Ordering::Relaxed) >= BUSY_KEYS
     }
 
     /// Keys tracked.
@@ -623,6 +647,12 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     fn idle(&self) -> bool {
         let unused = |q: &QuotaLimiter<C>| !q.gcra.store.in_use();
         self.cluster.is_none() && self.quotas().all(unused)
+    }
+
+    /// Whether the frequent sweep visits this limiter: it holds keys, and one of its stores
+    /// held [`BUSY_KEYS`] or more at the last sweep.
+    fn keyed_sweep_due(&self) -> bool {
+        !self.idle() && self.quotas().any(|q| q.gcra.store.busy())
     }
 
     /// Drop keys whose state is indistinguishable from a fresh one.
@@ -1064,21 +1094,24 @@ impl<C: Clock + Clone> Limiters<C> {
         Some((key.quota, verdict))
     }
 
-    /// Drop idle keys from the keyed limiters only, whose tables hold memory: a one-key
-    /// limiter's state needs no sweep to be right (a fresh one reads as none), and a large
-    /// config's thousand of them cost a pass each ([`Limiters::retain_recent`] visits them).
+    /// Drop idle keys from the busy keyed limiters only, whose tables hold memory: a one-key
+    /// limiter's state needs no sweep to be right (a fresh one reads as none), a large
+    /// config's thousand of them cost a pass each ([`Limiters::retain_recent`] visits them),
+    /// and a keyed one with few keys costs its sweep's fixed part for little memory
+    /// ([`BUSY_KEYS`]).
     pub fn retain_recent_keyed(&self) {
         for &i in &*self.keyed {
             let r = &self.rules[i as usize];
-            if !r.idle() {
+            if r.keyed_sweep_due() {
                 r.retain_recent();
             }
         }
     }
 
-    /// Whether no keyed limiter holds a key: nothing for [`Limiters::retain_recent_keyed`].
+    /// Whether no keyed limiter is busy and holds a key: nothing for
+    /// [`Limiters::retain_recent_keyed`].
     pub fn keyed_idle(&self) -> bool {
-        self.keyed.iter().all(|&i| self.rules[i as usize].idle())
+        !(self.keyed.iter()).any(|&i| self.rules[i as usize].keyed_sweep_due())
     }
 
     /// Drop idle keys from every limiter; returns the keys still tracked.

@@ -17,6 +17,8 @@
 //! Keys are removed only by [`KeyTable::drop_at_or_below`], in one pass that moves each
 //! survivor back along its probe path, so no tombstones are needed.
 
+use std::ops::Range;
+
 /// A key of 0 marks an empty slot; key 0 itself is kept beside the slots.
 const EMPTY: u64 = 0;
 
@@ -163,10 +165,18 @@ impl KeyTable {
         let Some(start) = self.slots.iter().position(|s| s.key == EMPTY) else {
             return self.len;
         };
-        let mask = self.slots.len() - 1;
-        let mut hole = false;
-        for step in 1..self.slots.len() {
-            let i = (start + step) & mask;
+        // From the empty slot to the end, then round from the start: two plain loops, no
+        // wrapped index (most slots are read and passed over).
+        let hole = self.drop_in(start + 1..self.slots.len(), drop_below, false);
+        self.drop_in(0..start, drop_below, hole);
+        self.len
+    }
+
+    /// [`KeyTable::drop_at_or_below`] over the slots `range`, `hole` saying whether a slot of
+    /// the run reaching into it was emptied; returns the same for the run reaching out of it.
+    #[inline(always)]
+    fn drop_in(&mut self, range: Range<usize>, drop_below: u64, mut hole: bool) -> bool {
+        for i in range {
             let slot = self.slots[i];
             if slot.key == EMPTY {
                 hole = false;
@@ -184,7 +194,7 @@ impl KeyTable {
             let at = self.find(slot.key).unwrap_err();
             self.slots[at] = slot;
         }
-        self.len
+        hole
     }
 
     /// Reallocate for `keys` keys (at least those it holds), nothing when `keys` is 0 and it

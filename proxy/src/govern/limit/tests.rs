@@ -353,6 +353,26 @@ fn a_swept_table_keeps_its_room_while_keys_come_and_go() {
     assert!(rig.lim.rules[0].idle(), "and the limit is idle again");
 }
 
+/// A small table that quiets down gives its room back too: the sweep walks every slot, so
+/// room kept from a busier time would cost each sweep after it.
+#[test]
+fn a_small_table_that_quiets_down_shrinks() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 5}]"#);
+    let room = || rig.lim.rules[0].base.gcra.store.capacity();
+    for i in 0..2_000 {
+        assert!(rig.admitted("a", &format!("busy-{i}")));
+    }
+    rig.clock.advance(1000 * MS);
+    rig.lim.retain_recent();
+    let busy = room();
+    assert!((2_000..=64 * 64).contains(&busy), "{busy}");
+    for i in 0..64 {
+        assert!(rig.admitted("a", &format!("quiet-{i}")));
+    }
+    assert_eq!(rig.lim.retain_recent(), 64, "the quiet keys are live");
+    assert!(room() * 4 <= busy, "{} of {busy}", room());
+}
+
 /// The frequent sweep visits the keyed limiters only: their idle keys go, a one-key
 /// limiter's state stays for the full sweep (it reads as fresh either way).
 #[test]
@@ -377,6 +397,34 @@ fn the_keyed_sweep_leaves_one_key_limiters_alone() {
     );
     assert_eq!(rig.lim.retain_recent(), 0, "the full sweep takes the rest");
     assert!(rig.lim.keyed_idle());
+}
+
+/// The frequent sweep visits a keyed limiter only while it is busy (it held [`BUSY_KEYS`]
+/// keys at its last sweep, or has not been swept yet); a quiet one waits for the full sweep.
+#[test]
+fn the_keyed_sweep_visits_busy_limiters_only() {
+    let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 2}]"#);
+    let tracked = || rig.lim.rules[0].tracked_keys();
+    let wave = |n: usize, tag: &str| {
+        for i in 0..n {
+            rig.send("a", Some(&format!("{tag}-{i}")));
+        }
+        rig.clock.advance(1000 * MS);
+    };
+    wave(100, "first");
+    rig.lim.retain_recent_keyed();
+    assert_eq!(tracked(), 0, "not measured yet: swept");
+    wave(100, "quiet");
+    assert!(rig.lim.keyed_idle());
+    rig.lim.retain_recent_keyed();
+    assert_eq!(tracked(), 100, "quiet: left for the full sweep");
+    assert_eq!(rig.lim.retain_recent(), 0, "which takes them");
+    wave(BUSY_KEYS, "busy");
+    assert_eq!(rig.lim.retain_recent(), 0);
+    wave(10, "after");
+    assert!(!rig.lim.keyed_idle());
+    rig.lim.retain_recent_keyed();
+    assert_eq!(tracked(), 0, "busy: swept every second");
 }
 
 /// A one-key limit's state says whether it is in use (its check sets no flag): a sweep

@@ -18,7 +18,7 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`crate::govern::limit::BUSY_KEYS`]), are swept too (a one-key state needs no sweep to
 /// be right, only to be counted and to let the sweep skip it when idle; a config of a
 /// thousand pair limits makes that pass the sweep's larger part).
-pub const FULL_SWEEP_EVERY: u32 = 5;
+pub const FULL_SWEEP_EVERY: u32 = crate::govern::limit::QUIET_PERIODS as u32;
 
 /// What gives the memory a sweep freed back to the system: set by the binary for the
 /// allocator it chose ([`on_memory_freed`]); nothing by default.

@@ -65,19 +65,26 @@ pub struct KeyStore {
     used: AtomicBool,
     /// Empty for a [`KeyStore::single`] store.
     shards: Box<[Mutex<KeyTable>]>,
-    /// The most keys a keyed store held between its last two sweeps (`usize::MAX` before its
-    /// first): whether the frequent sweep visits it ([`BUSY_KEYS`]).
+    /// The keys a keyed store held at its last sweep, per sweep period since the one before
+    /// (`usize::MAX` before its first): whether the frequent sweep visits it ([`BUSY_KEYS`]).
     peak: AtomicUsize,
 }
 
-/// Keys a keyed store must have held since its last sweep for the frequent sweep to visit
-/// it ([`Limiters::retain_recent_keyed`]); a quieter store waits for the full sweep, every
-/// few seconds. A sweep costs per shard as well as per key (a lock, a walk over every slot
-/// of 64 small, mostly empty tables), so a store of a few hundred keys a second costs more
-/// per key swept every second than every few (at 400 requests/s over 100,000 users: 84 → 64
-/// instructions per request), while a few thousand keys held a few seconds longer are a few
-/// hundred KB at most.
+/// Keys a keyed store must take in per sweep period for the frequent sweep to visit it
+/// ([`Limiters::retain_recent_keyed`]); a quieter store waits for the full sweep, every
+/// [`QUIET_PERIODS`] periods. A sweep costs per shard as well as per key (a lock, a walk over
+/// every slot of 64 small, mostly empty tables), so a store of a few hundred keys a second
+/// costs more per key swept every period than every few (at 400 requests/s over 100,000
+/// users: 84 → 64 instructions per request), while the keys of a store below this, held a
+/// few seconds longer, are a few hundred KB at most.
 pub const BUSY_KEYS: usize = 4096;
+
+/// Every how many sweep periods the full sweep comes, the one that visits quiet stores
+/// (`control::housekeep::FULL_SWEEP_EVERY`): what a quiet store held at its sweep is that
+/// many periods' keys, so it is measured per period before it is weighed against
+/// [`BUSY_KEYS`] (else a store of 1,000 keys a second, 5,000 at the full sweep, would be
+/// busy for one period after each, its tables shrunk and grown again every time).
+pub const QUIET_PERIODS: usize = 5;
 
 /// No state for the key (a [`KeyStore::single`] store's empty value).
 const NO_TAT: u64 = u64::MAX;
@@ -489,10 +496,13 @@ impl KeyStore {
         if left {
             self.used.store(true, Ordering::Relaxed);
         }
-        self.peak.store(held, Ordering::Relaxed);
+        // A busy store was swept a period ago, a quiet one at the last full sweep (or, once,
+        // fewer periods ago, when it turned quiet: measured low then, it stays quiet).
+        let periods = if self.busy() { 1 } else { QUIET_PERIODS };
+        self.peak.store(held / periods, Ordering::Relaxed);
     }
 
-    /// Whether the store held [`BUSY_KEYS`] keys or more between its last two sweeps.
+    /// Whether the store took in [`BUSY_KEYS`] keys or more per period before its last sweep.
     fn busy(&self) -> bool {
         self.peak.load(Ordering::Relaxed) >= BUSY_KEYS
     }

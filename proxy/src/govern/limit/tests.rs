@@ -399,8 +399,9 @@ fn the_keyed_sweep_leaves_one_key_limiters_alone() {
     assert!(rig.lim.keyed_idle());
 }
 
-/// The frequent sweep visits a keyed limiter only while it is busy (it held [`BUSY_KEYS`]
-/// keys at its last sweep, or has not been swept yet); a quiet one waits for the full sweep.
+/// The frequent sweep visits a keyed limiter only while it is busy (it took in [`BUSY_KEYS`]
+/// keys a period before its last sweep, or has not been swept yet); a quiet one waits for
+/// the full sweep.
 #[test]
 fn the_keyed_sweep_visits_busy_limiters_only() {
     let rig = Rig::new(r#"[{"name": "per-user", "key": ["user"], "rate": "10/s", "burst": 2}]"#);
@@ -419,7 +420,16 @@ fn the_keyed_sweep_visits_busy_limiters_only() {
     rig.lim.retain_recent_keyed();
     assert_eq!(tracked(), 100, "quiet: left for the full sweep");
     assert_eq!(rig.lim.retain_recent(), 0, "which takes them");
-    wave(BUSY_KEYS, "busy");
+    // What a quiet store gathered until the full sweep is several periods' keys.
+    wave(BUSY_KEYS, "a period's worth over several");
+    assert_eq!(rig.lim.retain_recent(), 0);
+    wave(10, "still quiet");
+    assert!(
+        rig.lim.keyed_idle(),
+        "not busy for a period after the full sweep"
+    );
+    assert_eq!(rig.lim.retain_recent(), 0);
+    wave(BUSY_KEYS * QUIET_PERIODS, "busy");
     assert_eq!(rig.lim.retain_recent(), 0);
     wave(10, "after");
     assert!(!rig.lim.keyed_idle());

@@ -40,7 +40,7 @@ pub(super) struct KeyTable {
     len: usize,
     /// Key 0's value.
     zero: Option<u64>,
-    /// `64 - log2(slots.len())`: a home is the product's top bits.
+    /// `64 - log2(slots.len())`: a home is the mixed key's top bits.
     shift: u32,
     /// Random, the same for the table's life (its slots are placed by it).
     seed: u64,

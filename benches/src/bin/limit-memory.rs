@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     let quiet = rss_bytes();
 
     let growth = after.saturating_sub(before);
+    let returned = |rss: u64| 100.0 * after.saturating_sub(rss) as f64 / growth.max(1) as f64;
     println!("users                 {users}");
     println!(
         "insert                {:.0} ns/key",
@@ -112,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     println!("rss after sweep       {:.1} MiB", mib(swept));
     println!(
         "returned by sweep     {:.0}% of the growth (the tables' room is kept a period)",
-        100.0 * after.saturating_sub(swept) as f64 / growth.max(1) as f64
+        returned(swept)
     );
     println!(
         "quiet sweep           {:.1} ms",
@@ -121,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     println!("rss after quiet sweep {:.1} MiB", mib(quiet));
     println!(
         "returned by then      {:.0}% of the growth",
-        100.0 * after.saturating_sub(quiet) as f64 / growth.max(1) as f64
+        returned(quiet)
     );
     Ok(())
 }

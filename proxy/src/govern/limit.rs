@@ -660,7 +660,7 @@ impl<C: Clock + Clone> RuleLimiter<C> {
     }
 
     /// Whether the frequent sweep visits this limiter: it holds keys, and one of its stores
-    /// held [`BUSY_KEYS`] or more at the last sweep.
+    /// is busy ([`BUSY_KEYS`]).
     fn keyed_sweep_due(&self) -> bool {
         !self.idle() && self.quotas().any(|q| q.gcra.store.busy())
     }

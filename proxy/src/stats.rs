@@ -286,13 +286,12 @@ impl Counters {
         if let (Some(r), Some(u)) = (route, forwarded_to) {
             // Only when the split's own choice is forwarded (not a breaker's alternate).
             if r.upstream == u
-                && let RouteAction::Split(targets) = &r.rule.action
-                && let Some(t) = targets.iter().position(|t| t.upstream == r.upstream)
+                && let Some(t) = r.target
             {
-                self.splits[r.rule_id as usize][t].count(&self.activated);
+                self.splits[r.rule_id as usize][t as usize].count(&self.activated);
                 if let Some(Some(g)) = self.guarded.get(r.rule_id as usize) {
                     guarded = (g.slots.iter())
-                        .position(|&s| s == t as u32)
+                        .position(|&s| s == t)
                         .map(|side| (r.rule_id, side as u8));
                 }
             }

@@ -143,6 +143,10 @@ pub struct RouteDecision<'s> {
     pub upstream_name: &'s Arc<str>,
     /// How it was chosen.
     pub via: Via,
+    /// For a split, the index among its targets of the one chosen, when one was (the
+    /// override header or a whitelist may name an upstream the split does not): counted per
+    /// target without looking it up again.
+    pub target: Option<u32>,
     /// Whether a copy goes to the rule's mirror (always `false` without one).
     pub mirrored: bool,
 }
@@ -198,13 +202,20 @@ impl CompiledRoute {
             .any(|p| p.as_bytes().eq_ignore_ascii_case(protocol))
     }
 
-    /// Choose the upstream for a request this rule matched; `upstream_names` names upstreams
-    /// by ID (for the override header).
-    pub fn choose(&self, upstream_names: &[Arc<str>], r: &RouteInput<'_>) -> (UpstreamId, Via) {
+    /// Choose the upstream for a request this rule matched, how, and (for a split) which of
+    /// its targets that is; `upstream_names` names upstreams by ID (for the override header).
+    pub fn choose(
+        &self,
+        upstream_names: &[Arc<str>],
+        r: &RouteInput<'_>,
+    ) -> (UpstreamId, Via, Option<u32>) {
         let targets = match &self.action {
-            RouteAction::Upstream(u) => return (*u, Via::Direct),
+            RouteAction::Upstream(u) => return (*u, Via::Direct, None),
             RouteAction::Split(t) => t,
         };
+        // The override and the whitelists are the exceptions: their target is looked up.
+        let target_of = |u: UpstreamId| targets.iter().position(|t| t.upstream == u);
+        let pinned = |u: UpstreamId, via| (u, via, target_of(u).map(|t| t as u32));
         if let Some(h) = &self.override_header
             && let Some(v) = crate::classify::field(r.m.headers, h)
             && (self.override_from.is_empty()
@@ -215,21 +226,22 @@ impl CompiledRoute {
                 .iter()
                 .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
             if let Some(t) = named {
-                return (t.upstream, Via::Override);
+                return pinned(t.upstream, Via::Override);
             }
         }
         if let Some(u) = r.m.user.and_then(|u| self.pinned_users.get(u)) {
-            return (*u, Via::WhitelistUser);
+            return pinned(*u, Via::WhitelistUser);
         }
         if let Some(u) = r.m.app.and_then(|a| self.pinned_apps.get(a)) {
-            return (*u, Via::WhitelistApp);
+            return pinned(*u, Via::WhitelistApp);
         }
         let (b, key) = self.bucket_of(r);
         let t = targets
             .iter()
-            .find(|t| b < t.edge)
+            .position(|t| b < t.edge)
             .expect("the last edge is 1,000,000 and buckets are below it");
-        (t.upstream, Via::Split { bucket: b, key })
+        let via = Via::Split { bucket: b, key };
+        (targets[t].upstream, via, Some(t as u32))
     }
 
     /// The request's bucket under this rule's salt, and what it was computed from.
@@ -383,7 +395,7 @@ impl Routes {
             None => self.index.best(&r.m, matcher),
         }?;
         let rule = &self.rules[rule_id as usize];
-        let (upstream, via) = rule.choose(&self.upstream_names, r);
+        let (upstream, via, target) = rule.choose(&self.upstream_names, r);
         let mirrored = rule.mirror.is_some() && rule.mirror_of(r).is_some_and(|(m, _)| m);
         Some(RouteDecision {
             rule,
@@ -392,6 +404,7 @@ impl Routes {
             upstream,
             upstream_name: &self.upstream_names[upstream.0 as usize],
             via,
+            target,
             mirrored,
         })
     }

@@ -170,6 +170,41 @@ fn whitelist_and_override() {
     );
 }
 
+/// A decision names the split's target it chose, whichever way it was chosen (the counters
+/// of each target's share are indexed by it); a rule with one upstream names none.
+#[test]
+fn the_decision_names_its_target() {
+    let s = snap(
+        r#"[{"name": "canary", "split": [{"upstream": "v2", "weight": "20%"}, {"upstream": "v3", "weight": "30%"}, {"upstream": "v1", "weight": "rest"}],
+             "whitelist": [{"upstream": "v3", "users": ["tester"]}],
+             "override_header": "x-canary"},
+            {"name": "plain", "match": {"apps": ["other"]}, "upstream": "v2"}]"#,
+    );
+    let target_of = |d: &RouteDecision<'_>| {
+        let RouteAction::Split(t) = &d.rule.action else {
+            panic!("not a split")
+        };
+        t[d.target.expect("a split names its target") as usize].upstream
+    };
+    let none = HeaderMap::new();
+    let mut seen = [0; 3];
+    for i in 0..300 {
+        let user = format!("user-{i}");
+        let d = s.route(&input(Some(&user), None, &none)).unwrap();
+        assert_eq!(target_of(&d), d.upstream, "{user}");
+        seen[d.target.unwrap() as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 0), "every target chosen: {seen:?}");
+    let d = s.route(&input(Some("tester"), None, &none)).unwrap();
+    assert_eq!((d.via, d.target), (Via::WhitelistUser, Some(1)));
+    let mut h = HeaderMap::new();
+    h.insert("x-canary", "v1".parse().unwrap());
+    let d = s.route(&input(Some("bob"), None, &h)).unwrap();
+    assert_eq!((d.via, d.target), (Via::Override, Some(2)));
+    let d = s.route(&input(Some("bob"), Some("other"), &none)).unwrap();
+    assert_eq!((d.via, d.target), (Via::Direct, None));
+}
+
 /// Requests without a user are spread by client IP (or a random draw), never into one bucket.
 #[test]
 fn no_user_spreads() {

@@ -84,9 +84,7 @@ impl KeyTable {
 
     #[inline(always)]
     fn home(&self, key: u64) -> usize {
-        // `shift` is 64 (an overlong shift) only while there are no slots, and no home is
-        // asked for then.
-        (mix(key ^ self.seed) >> self.shift) as usize
+        home_of(key, self.seed, self.shift)
     }
 
     /// Where `key` is (`Ok`) or would go (`Err`); `Err(0)` in a table with no slots.
@@ -95,19 +93,7 @@ impl KeyTable {
         if self.slots.is_empty() {
             return Err(0);
         }
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(key);
-        // Ends: the table is at most half full, so a run of slots ends in an empty one.
-        loop {
-            let k = self.slots[i].key;
-            if k == key {
-                return Ok(i);
-            }
-            if k == EMPTY {
-                return Err(i);
-            }
-            i = (i + 1) & mask;
-        }
+        probe(&self.slots, self.home(key), key)
     }
 
     #[inline(always)]
@@ -176,24 +162,41 @@ impl KeyTable {
     /// the run reaching into it was emptied; returns the same for the run reaching out of it.
     #[inline(always)]
     fn drop_in(&mut self, range: Range<usize>, drop_below: u64, mut hole: bool) -> bool {
-        for i in range {
-            let slot = self.slots[i];
+        let (seed, shift) = (self.seed, self.shift);
+        let slots = &mut *self.slots;
+        let (mut i, end) = (range.start, range.end);
+        let mut dropped = 0;
+        loop {
+            // Outside a run with a hole, the slots up to the next key to drop are read and
+            // passed over (most of them): a plain scan.
+            if !hole {
+                let next = slots[i..end]
+                    .iter()
+                    .position(|s| s.key != EMPTY && s.val <= drop_below);
+                match next {
+                    Some(n) => i += n,
+                    None => break,
+                }
+            }
+            if i == end {
+                break;
+            }
+            let slot = slots[i];
+            i += 1;
             if slot.key == EMPTY {
                 hole = false;
                 continue;
             }
-            if slot.val > drop_below && !hole {
-                continue;
-            }
-            self.slots[i] = Slot::default();
+            slots[i - 1] = Slot::default();
             hole = true;
             if slot.val <= drop_below {
-                self.len -= 1;
+                dropped += 1;
                 continue;
             }
-            let at = self.find(slot.key).unwrap_err();
-            self.slots[at] = slot;
+            let at = probe(slots, home_of(slot.key, seed, shift), slot.key).unwrap_err();
+            slots[at] = slot;
         }
+        self.len -= dropped;
         hole
     }
 
@@ -260,6 +263,31 @@ impl VacantEntry<'_> {
             false => self.at,
         };
         t.slots[at] = Slot { key: self.key, val };
+    }
+}
+
+/// The slot `key` is placed from in a table of `64 - shift` bits seeded by `seed`. `shift`
+/// is 64 (an overlong shift) only while there are no slots, and no home is asked for then.
+#[inline(always)]
+fn home_of(key: u64, seed: u64, shift: u32) -> usize {
+    (mix(key ^ seed) >> shift) as usize
+}
+
+/// Where `key` is (`Ok`) or would go (`Err`) in `slots`, from `home` on.
+#[inline(always)]
+fn probe(slots: &[Slot], home: usize, key: u64) -> Result<usize, usize> {
+    let mask = slots.len() - 1;
+    let mut i = home;
+    // Ends: the table is at most half full, so a run of slots ends in an empty one.
+    loop {
+        let k = slots[i].key;
+        if k == key {
+            return Ok(i);
+        }
+        if k == EMPTY {
+            return Err(i);
+        }
+        i = (i + 1) & mask;
     }
 }
 

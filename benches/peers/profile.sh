@@ -77,9 +77,10 @@ wait_port "$BACK"; wait_port "$LISTEN"
 sed -e "s#http://127.0.0.1:8080#http://127.0.0.1:$LISTEN#" \
     -e "s#\"from\": 10000#\"from\": $RATE#" -e "s#\"secs\": 5#\"secs\": $SECS#" \
     "$ROOT/benches/scenarios/peer-get.json" >"$DIR/scenario.json"
-# Warm-up: connections opened, limiter keys and metric series created; 6 s, several limiter
-# sweep periods (1 s), so that the per-user limit's tables have grown to their steady size
-# (the profile is of the steady state, not of the first period's growth).
+# Warm-up: connections opened, limiter keys and metric series created; 6 s, past the limiter
+# sweep's first periods (a busy store is swept every second, a quiet one every fifth), so
+# that the per-user limit's tables have grown to about their steady size (the profile is of
+# the steady state, not of the first period's growth; a 12 s warm-up counts the same).
 "$BIN/tidegate-pressure" "$DIR/scenario.json" --connections "$CONNS" --threads 1 --quiet \
     --time-scale 0.6 --seed 7 >/dev/null
 callgrind_control -i on "$VG" >/dev/null

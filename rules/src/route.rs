@@ -213,9 +213,11 @@ impl CompiledRoute {
             RouteAction::Upstream(u) => return (*u, Via::Direct, None),
             RouteAction::Split(t) => t,
         };
-        // The override and the whitelists are the exceptions: their target is looked up.
-        let target_of = |u: UpstreamId| targets.iter().position(|t| t.upstream == u);
-        let pinned = |u: UpstreamId, via| (u, via, target_of(u).map(|t| t as u32));
+        // A whitelist names an upstream: its target is looked up (the exception).
+        let pinned = |u: UpstreamId, via| {
+            let target = targets.iter().position(|t| t.upstream == u);
+            (u, via, target.map(|t| t as u32))
+        };
         if let Some(h) = &self.override_header
             && let Some(v) = crate::classify::field(r.m.headers, h)
             && (self.override_from.is_empty()
@@ -224,9 +226,9 @@ impl CompiledRoute {
         {
             let named = targets
                 .iter()
-                .find(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
+                .position(|t| upstream_names[t.upstream.0 as usize].as_bytes() == v.as_bytes());
             if let Some(t) = named {
-                return pinned(t.upstream, Via::Override);
+                return (targets[t].upstream, Via::Override, Some(t as u32));
             }
         }
         if let Some(u) = r.m.user.and_then(|u| self.pinned_users.get(u)) {

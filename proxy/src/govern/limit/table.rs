@@ -266,8 +266,9 @@ impl VacantEntry<'_> {
     }
 }
 
-/// The slot `key` is placed from in a table of `64 - shift` bits seeded by `seed`. `shift`
-/// is 64 (an overlong shift) only while there are no slots, and no home is asked for then.
+/// The slot `key` is placed from in a table of `2^(64 - shift)` slots seeded by `seed`.
+/// `shift` is 64 (an overlong shift) only while there are no slots, and no home is asked
+/// for then.
 #[inline(always)]
 fn home_of(key: u64, seed: u64, shift: u32) -> usize {
     (mix(key ^ seed) >> shift) as usize

@@ -143,9 +143,9 @@ pub struct RouteDecision<'s> {
     pub upstream_name: &'s Arc<str>,
     /// How it was chosen.
     pub via: Via,
-    /// For a split, the index among its targets of the one chosen, when one was (the
-    /// override header or a whitelist may name an upstream the split does not): counted per
-    /// target without looking it up again.
+    /// For a split, the index among its targets of the one chosen, when one was (a
+    /// whitelist may pin an upstream the split does not name; the override header picks
+    /// among the targets only): counted per target without looking it up again.
     pub target: Option<u32>,
     /// Whether a copy goes to the rule's mirror (always `false` without one).
     pub mirrored: bool,

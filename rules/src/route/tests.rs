@@ -203,6 +203,14 @@ fn the_decision_names_its_target() {
     assert_eq!((d.via, d.target), (Via::Override, Some(2)));
     let d = s.route(&input(Some("bob"), Some("other"), &none)).unwrap();
     assert_eq!((d.via, d.target), (Via::Direct, None));
+    // A whitelist may pin an upstream the split does not name: no target to count.
+    let s = snap(
+        r#"[{"name": "canary", "split": [{"upstream": "v2", "weight": "5%"}, {"upstream": "v1", "weight": "rest"}],
+             "whitelist": [{"upstream": "v3", "users": ["tester"]}]}]"#,
+    );
+    let d = s.route(&input(Some("tester"), None, &none)).unwrap();
+    assert_eq!(upstream_of(&s, &input(Some("tester"), None, &none)), "v3");
+    assert_eq!((d.via, d.target), (Via::WhitelistUser, None));
 }
 
 /// Requests without a user are spread by client IP (or a random draw), never into one bucket.
